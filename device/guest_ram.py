@@ -1,0 +1,151 @@
+"""Guest RAM: one memfd shared by the VMM and the guest process.
+
+The VMM creates the memfd (sparse: an idle guest costs no host memory), both sides
+map all of it MAP_SHARED. Discarding ballooned memory is a real system call on the
+VMM's mapping: madvise(MADV_REMOVE) frees the memfd pages for every mapping, or
+fallocate(PUNCH_HOLE|KEEP_SIZE) as the alternative. What was freed is measured from
+the memfd itself (fstat st_blocks, SEEK_DATA/SEEK_HOLE), never from bookkeeping.
+Scans of guest RAM go through pread into a reused buffer so untouched memory is
+never faulted in (ENVIRONMENT.md).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from typing import Iterator
+
+import numpy as np
+
+from device.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+DISCARD_METHODS = ("madvise", "punch-hole")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE): free the file's blocks in the range."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"fallocate(PUNCH_HOLE) failed: {os.strerror(e)}")
+
+
+class GuestRAM:
+    """The memfd and a MAP_SHARED mapping of all of it."""
+
+    def __init__(self, fd: int, layout: GuestLayout, *, owner: bool = False) -> None:
+        self.fd = fd
+        self.layout = layout
+        self.size = layout.ram_bytes
+        self.owner = owner
+        self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # A byte view of the whole mapping: slicing is zero-copy, touching faults in.
+        self.mem = memoryview(self.mm)
+
+    @classmethod
+    def create(cls, layout: GuestLayout, name: str = "balloon-lab-guest-ram") -> "GuestRAM":
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, layout.ram_bytes)
+        return cls(fd, layout, owner=True)
+
+    def close(self) -> None:
+        try:
+            self.mem.release()
+        except Exception:
+            pass
+        try:
+            self.mm.close()
+        except Exception:
+            pass
+        if self.owner:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+    # --- access by guest-physical address (validated) ------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        """Zero-copy view of guest-physical [gpa, gpa+length); BadAddress if not RAM."""
+        off = self.layout.translate(gpa, length)
+        return self.mem[off : off + length]
+
+    def np_view(self, gpa: int, length: int, dtype=np.uint8) -> np.ndarray:
+        return np.frombuffer(self.view(gpa, length), dtype=dtype)
+
+    def page_view(self, pfn: int) -> memoryview:
+        return self.view(pfn << PAGE_SHIFT, PAGE_SIZE)
+
+    # --- discard ------------------------------------------------------------------
+    def discard(self, offset: int, length: int, method: str = "madvise") -> None:
+        """One system call freeing memfd [offset, offset+length)."""
+        if method == "madvise":
+            self.mm.madvise(mmap.MADV_REMOVE, offset, length)
+        elif method == "punch-hole":
+            punch_hole(self.fd, offset, length)
+        else:
+            raise ValueError(f"unknown discard method {method!r}; choose from {DISCARD_METHODS}")
+
+    # --- what the memfd really holds ------------------------------------------------
+    def allocated_bytes(self) -> int:
+        """Bytes of memory the memfd really holds (st_blocks * 512)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def data_extents(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) of every range of the memfd that holds data, from the
+        kernel's SEEK_DATA/SEEK_HOLE: an oracle independent of the lab's bookkeeping."""
+        yield from memfd_data_extents(self.fd, self.size)
+
+    def data_page_mask(self) -> np.ndarray:
+        """Boolean per memfd page: True where the kernel says the page holds data."""
+        mask = np.zeros(self.size >> PAGE_SHIFT, dtype=bool)
+        for off, ln in self.data_extents():
+            mask[off >> PAGE_SHIFT : (off + ln + PAGE_SIZE - 1) >> PAGE_SHIFT] = True
+        return mask
+
+    # --- scans that never fault untouched memory in ---------------------------------
+    def scan(self, chunk_bytes: int = 64 << 20) -> Iterator[tuple[int, memoryview]]:
+        """Yield (memfd_offset, bytes) over the data extents only, read with pread into
+        one reused buffer: holes are skipped, nothing is faulted into the mappings."""
+        buf = bytearray(chunk_bytes)
+        mv = memoryview(buf)
+        for off, ln in self.data_extents():
+            pos, end = off, off + ln
+            while pos < end:
+                n = os.preadv(self.fd, [mv[: min(chunk_bytes, end - pos)]], pos)
+                if n <= 0:
+                    break
+                yield pos, mv[:n]
+                pos += n
+
+
+def memfd_data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        end = min(end, size)
+        if end <= start:
+            return
+        yield start, end - start
+        pos = end
+
+
+def process_rss_bytes(pid: int) -> int:
+    """Resident set of a process (VmRSS, includes shared memfd pages it has mapped)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,161 @@
+"""Guest-physical memory layout of a PC-like guest, and address translation.
+
+RAM below 3 GiB, an MMIO hole from 3 GiB to 4 GiB, the rest of RAM from 4 GiB up.
+Each RAM region maps to a contiguous range of the guest-RAM memfd. Translation
+(guest-physical address -> memfd offset) is a bisect over the sorted region starts
+plus a bounds check; the device treats every address it is given as hostile.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+MiB = 1 << 20
+GiB = 1 << 30
+HOLE_START = 3 * GiB
+HOLE_END = 4 * GiB
+
+
+class BadAddress(ValueError):
+    """A guest-physical address (or range) that is not guest RAM."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """One contiguous RAM region: guest-physical [gpa, gpa+size) at memfd [offset, offset+size)."""
+
+    gpa: int
+    size: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def first_pfn(self) -> int:
+        return self.gpa >> PAGE_SHIFT
+
+    @property
+    def end_pfn(self) -> int:
+        return self.end >> PAGE_SHIFT
+
+
+@dataclass(frozen=True)
+class GuestLayout:
+    """The RAM regions of one guest, sorted by guest-physical address."""
+
+    regions: tuple[Region, ...]
+
+    def __post_init__(self) -> None:
+        # cached for the per-page bisect of the PFN path
+        object.__setattr__(self, "_starts", [r.gpa for r in self.regions])
+        object.__setattr__(self, "_ends", [r.end for r in self.regions])
+
+    @classmethod
+    def pc(cls, guest_mib: int) -> "GuestLayout":
+        if guest_mib <= 0 or guest_mib % 4:
+            raise ValueError(f"guest size must be a positive multiple of 4 MiB, got {guest_mib}")
+        size = guest_mib * MiB
+        low = min(size, HOLE_START)
+        regions = [Region(0, low, 0)]
+        if size > low:
+            regions.append(Region(HOLE_END, size - low, low))
+        return cls(tuple(regions))
+
+    # --- sizes --------------------------------------------------------------------
+    @property
+    def ram_bytes(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    @property
+    def ram_pages(self) -> int:
+        return self.ram_bytes >> PAGE_SHIFT
+
+    @property
+    def max_pfn(self) -> int:
+        """One past the highest RAM PFN (what the seed's get_max_pfn() returns)."""
+        return self.regions[-1].end_pfn
+
+    @property
+    def starts(self) -> list[int]:
+        return [r.gpa for r in self.regions]
+
+    # --- translation --------------------------------------------------------------
+    def region_index(self, gpa: int) -> int:
+        """Index of the region holding gpa, or -1 (hole, beyond RAM, negative)."""
+        if gpa < 0:
+            return -1
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or gpa >= self._ends[i]:
+            return -1
+        return i
+
+    def translate(self, gpa: int, length: int) -> int:
+        """memfd offset of guest-physical [gpa, gpa+length); raises BadAddress unless
+        the whole range lies inside one RAM region."""
+        i = self.region_index(gpa)
+        if i < 0 or length < 0:
+            raise BadAddress(f"GPA {gpa:#x} is not guest RAM")
+        r = self.regions[i]
+        if gpa + length > r.end:
+            raise BadAddress(f"GPA range {gpa:#x}+{length:#x} leaves RAM region {r.gpa:#x}-{r.end:#x}")
+        return r.offset + (gpa - r.gpa)
+
+    def split_runs(self, start_pfn: int, npages: int) -> list[tuple[int, int]]:
+        """Split a PFN run at region edges into (memfd_offset, length) pieces.
+        Raises BadAddress if any page of the run is not RAM."""
+        out: list[tuple[int, int]] = []
+        pfn, left = start_pfn, npages
+        while left > 0:
+            gpa = pfn << PAGE_SHIFT
+            i = self.region_index(gpa)
+            if i < 0:
+                raise BadAddress(f"PFN {pfn:#x} is not guest RAM")
+            r = self.regions[i]
+            n = min(left, r.end_pfn - pfn)
+            out.append((r.offset + (gpa - r.gpa), n << PAGE_SHIFT))
+            pfn += n
+            left -= n
+        return out
+
+    # --- vectorized helpers (numpy, for GiB-scale page sets) -----------------------
+    def ram_pfn_mask(self, pfns: np.ndarray) -> np.ndarray:
+        """Boolean mask: which PFNs are RAM."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        ok = np.zeros(pfns.shape, dtype=bool)
+        for r in self.regions:
+            ok |= (pfns >= r.first_pfn) & (pfns < r.end_pfn)
+        return ok
+
+    def pfn_to_offset(self, pfns: np.ndarray) -> np.ndarray:
+        """memfd byte offsets of RAM PFNs (caller has checked ram_pfn_mask)."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        idx = np.searchsorted(np.asarray(self._starts, dtype=np.int64) >> PAGE_SHIFT, pfns, side="right") - 1
+        idx = np.clip(idx, 0, len(self.regions) - 1)
+        base_pfn = np.array([r.first_pfn for r in self.regions], dtype=np.int64)[idx]
+        base_off = np.array([r.offset for r in self.regions], dtype=np.int64)[idx]
+        return base_off + ((pfns - base_pfn) << PAGE_SHIFT)
+
+    def offset_to_pfn(self, offsets: np.ndarray) -> np.ndarray:
+        """Guest PFNs of memfd byte offsets (inverse of pfn_to_offset)."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        offs = np.array([r.offset for r in self.regions], dtype=np.int64)
+        idx = np.searchsorted(offs, offsets, side="right") - 1
+        base_pfn = np.array([r.first_pfn for r in self.regions], dtype=np.int64)[idx]
+        return base_pfn + ((offsets - offs[idx]) >> PAGE_SHIFT)
+
+    def ram_pfns(self) -> np.ndarray:
+        """All RAM PFNs in ascending order (int64; 32 MiB for a 16 GiB guest)."""
+        return np.concatenate([np.arange(r.first_pfn, r.end_pfn, dtype=np.int64) for r in self.regions])
+
+    def to_dict(self) -> dict:
+        return {"regions": [{"gpa": r.gpa, "size": r.size, "offset": r.offset} for r in self.regions]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GuestLayout":
+        return cls(tuple(Region(int(x["gpa"]), int(x["size"]), int(x["offset"])) for x in d["regions"]))

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# balloon-lab set-up: everything a fresh Debian 12 machine needs for the eBPF lab.
+#
+# Idempotent and quiet: on a ready machine it checks and changes nothing (a few seconds).
+# Steps (see ../shared/ENVIRONMENT.md for why each is needed):
+#   1. Debian packages: BCC (python3-bpfcc, bpfcc-tools), kernel headers, venv, Chromium.
+#   2. Kernel headers linked where BCC looks: /lib/modules/$(uname -r)/{build,source}.
+#   3. tracefs on /sys/kernel/tracing and debugfs on /sys/kernel/debug.
+#   4. .venv from Debian's /usr/bin/python3 (the one with BCC and USDT markers),
+#      --system-site-packages, with the project installed editable with test extras.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+SYS_PY=/usr/bin/python3
+say() { [ "${BALLOON_LAB_SETUP_VERBOSE:-0}" = 1 ] && echo "setup: $*" >&2 || true; }
+act() { echo "setup: $*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    cat >&2 <<EOF
+setup: must run as root. balloon-lab needs root to:
+  - install Debian packages (apt-get install python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv chromium chromium-driver)
+  - link kernel headers into /lib/modules/$(uname -r)/
+  - mount tracefs (/sys/kernel/tracing) and debugfs (/sys/kernel/debug)
+  - load eBPF programs (CAP_BPF + CAP_PERFMON)
+Re-run as root, e.g.: sudo $0
+EOF
+    exit 1
+fi
+
+# 1. Debian packages ---------------------------------------------------------------
+PKGS=(python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv python3-dev chromium chromium-driver)
+missing=()
+for p in "${PKGS[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    act "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. Kernel headers where BCC looks for them ---------------------------------------
+KREL="$(uname -r)"
+MODDIR="/lib/modules/$KREL"
+if [ ! -e "$MODDIR/build/include" ]; then
+    hdr="$(ls -d /usr/src/linux-headers-*-cloud-amd64 2>/dev/null | sort -V | tail -n1)"
+    common="$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)"
+    if [ -z "$hdr" ] || [ -z "$common" ]; then
+        echo "setup: linux-headers-cloud-amd64 is installed but no /usr/src/linux-headers-*-cloud-amd64 found" >&2
+        exit 1
+    fi
+    act "linking kernel headers $hdr -> $MODDIR/build"
+    mkdir -p "$MODDIR"
+    ln -sfn "$hdr" "$MODDIR/build"
+    ln -sfn "$common" "$MODDIR/source"
+fi
+
+# 3. tracefs and debugfs ------------------------------------------------------------
+if ! mountpoint -q /sys/kernel/tracing; then
+    act "mounting tracefs on /sys/kernel/tracing"
+    mount -t tracefs nodev /sys/kernel/tracing
+fi
+if ! mountpoint -q /sys/kernel/debug; then
+    act "mounting debugfs on /sys/kernel/debug"
+    mount -t debugfs nodev /sys/kernel/debug
+fi
+
+# 4. The virtual environment -------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; sys.exit(0 if sys.base_prefix == "/usr" else 1)' 2>/dev/null; then
+    act "creating $VENV from $SYS_PY (--system-site-packages, for BCC)"
+    rm -rf "$VENV"
+    "$SYS_PY" -m venv --system-site-packages "$VENV"
+fi
+stamp="$VENV/.balloon-lab-installed"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c 'import lab, numpy, scipy, click' 2>/dev/null; then
+    act "installing balloon-lab into $VENV (editable, with test extras)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+    echo "$want" > "$stamp"
+fi
+say "ready"
