@@ -1,0 +1,396 @@
+"""The virtio-balloon device model: config space, inflate/deflate/stats queues.
+
+The inflate path, by wire format (DESIGN.md section 4):
+  pfn         -> _inflate_pfns_per_page: one translation and one discard per page,
+                 as QEMU does (the protocol is per page, so is the Python loop)
+  pfn-ranges  -> decode PFNs, merge into runs (numpy), _discard_runs
+  bitmap      -> wire.decode_bitmap -> runs (numpy), _discard_runs
+  chunks      -> each descriptor is one run, _discard_runs
+Every page the guest names is validated (RAM, not already in the balloon) before
+anything is discarded; refusals are counted by reason. Stage times (translate,
+discard) are measured here and marked for the USDT probe with sys.audit per request.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device import wire
+from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_PAGE_CHUNKS, PFN_BATCH_MAX,
+                             Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
+from device.guest_ram import GuestRAM, punch_hole
+from device.layout import PAGE_SHIFT, PAGE_SIZE
+from device.transport import VirtioTransport
+from device.virtqueue import DescChain, RingError
+
+log = logging.getLogger("balloon-lab.device")
+_now = time.perf_counter_ns
+_audit = sys.audit
+
+# Upper bound on what one request may make the device copy out of guest RAM.
+MAX_REQUEST_BYTES = 16 << 20
+
+
+@dataclass
+class OpCounters:
+    """What the device did for one direction (inflate or deflate)."""
+
+    requests: int = 0
+    pages: int = 0
+    discard_calls: int = 0
+    translations: int = 0
+    bytes_on_ring: int = 0
+    descriptors: int = 0
+    translate_ns: int = 0
+    discard_ns: int = 0
+    refused_pages: int = 0
+    _run_lengths: list = field(default_factory=list, repr=False)
+
+    def add_runs(self, lengths: np.ndarray) -> None:
+        self._run_lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def snapshot(self) -> dict:
+        lengths = np.concatenate(self._run_lengths) if self._run_lengths else np.zeros(0, np.int64)
+        return {
+            "requests": self.requests, "pages": self.pages, "discard_calls": self.discard_calls,
+            "translations": self.translations, "bytes_on_ring": self.bytes_on_ring,
+            "descriptors": self.descriptors, "translate_ns": self.translate_ns,
+            "discard_ns": self.discard_ns, "refused_pages": self.refused_pages,
+            "runs": int(lengths.size),
+            "run_length_hist": {str(k): v for k, v in wire.run_length_hist(lengths).items()},
+        }
+
+
+class BalloonDevice(VirtioTransport):
+    def __init__(self, ram: GuestRAM, device_features: int, *, ranges_policy: bool = False,
+                 discard: str = "madvise") -> None:
+        super().__init__(ram, device_features)
+        self.layout = ram.layout
+        self.config = BalloonConfig()
+        self.ranges_policy = ranges_policy      # pfn-ranges: merge PFNs into runs first
+        self.discard_method = discard
+        # One byte per PFN up to max_pfn: 1 = in the balloon. A bytearray is fast to
+        # index from the per-page PFN loop; the numpy view serves the range paths.
+        self.ballooned = bytearray(self.layout.max_pfn)
+        self.ballooned_np = np.frombuffer(self.ballooned, dtype=np.uint8)
+        self.inflate = OpCounters()
+        self.deflate = OpCounters()
+        self.stats: dict[str, int] = {}
+        self.stats_updated: float = 0.0
+        self.stats_head: int | None = None       # the stats buffer the device holds
+        self.stats_waiters: list = []
+        self._starts = [r.gpa for r in self.layout.regions]
+        self._ends = [r.end for r in self.layout.regions]
+        self._offs = [r.offset for r in self.layout.regions]
+
+    # --- config space --------------------------------------------------------------------
+    def read_config(self) -> bytes:
+        return self.config.pack()
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        raw = bytearray(self.config.pack())
+        # Only `actual` (and poison_val) are driver-writable; num_pages and the hint
+        # command id belong to the device and silently keep their values, as in QEMU.
+        keep = {CFG_NUM_PAGES: self.config.num_pages, 8: self.config.free_page_hint_cmd_id}
+        raw[offset:offset + len(data)] = data
+        new = BalloonConfig.unpack(bytes(raw))
+        new.num_pages = keep[CFG_NUM_PAGES]
+        new.free_page_hint_cmd_id = keep[8]
+        if new.actual != self.config.actual:
+            log.debug("actual: %d -> %d pages", self.config.actual, new.actual)
+        self.config = new
+        self.on_actual_changed(new.actual)
+
+    def on_actual_changed(self, actual: int) -> None:
+        pass
+
+    def set_target_pages(self, num_pages: int) -> None:
+        self.config.num_pages = num_pages
+        self.signal_config()
+
+    @property
+    def ballooned_pages(self) -> int:
+        return int(np.count_nonzero(self.ballooned_np))
+
+    def on_reset(self) -> None:
+        # Pages stay discarded; the balloon is empty again from the guest's view
+        # (a reset guest driver starts over with all its memory).
+        self.ballooned_np[:] = 0
+        self.config.actual = 0
+        self.stats_head = None
+
+    # --- queue processing -----------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        """A kick arrived on `index`: serve every available chain, then re-arm."""
+        if not self.live:
+            self.refuse("queue-before-driver-ok" if not self.status & 4 else "queue-after-reset",
+                        f"kick on queue {index} while the device is not live (status {self.status:#x})")
+            return
+        q = self.queues.get(index)
+        if q is None:
+            self.refuse("queue-not-set-up", f"kick on queue {index}, which was not set up")
+            return
+        handler = {Q_INFLATE: self._inflate_chain, Q_DEFLATE: self._deflate_chain,
+                   Q_STATS: self._stats_chain}.get(index)
+        if handler is None:
+            handler = self.extra_queue_handler(index)
+        try:
+            while True:
+                chain = q.pop_avail()
+                if chain is None:
+                    # Re-arm kicks (EVENT_IDX: avail_event), then look once more so a
+                    # buffer added meanwhile is not left waiting for a kick that won't come.
+                    if q.enable_notifications():
+                        continue
+                    break
+                written = handler(chain)
+                if written is None:          # held (stats buffer): not used yet
+                    continue
+                q.push_used(chain.head, written)
+                if q.need_call():
+                    self.signal_call(index)
+        except RingError as e:
+            self.needs_reset(f"ring-{e.reason}", f"queue {index}: {e}")
+
+    def extra_queue_handler(self, index: int):
+        return lambda chain: 0
+
+    # --- inflate / deflate --------------------------------------------------------------
+    def _inflate_chain(self, chain: DescChain) -> int:
+        return self._balloon_chain(chain, self.inflate, inflate=True)
+
+    def _deflate_chain(self, chain: DescChain) -> int:
+        return self._balloon_chain(chain, self.deflate, inflate=False)
+
+    def _balloon_chain(self, chain: DescChain, ctr: OpCounters, *, inflate: bool) -> int:
+        ctr.requests += 1
+        ctr.descriptors += len(chain.elements)
+        if any(e[2] for e in chain.elements):
+            self.refuse("writable-buffer", "inflate/deflate buffers must be device-readable")
+            return 0
+        if self.has(F_PAGE_CHUNKS):
+            ctr.bytes_on_ring += 16 * len(chain.elements)
+            runs = self._decode_chunks(chain)
+        elif self.has(F_PAGE_BITMAP):
+            runs = self._decode_bitmap(chain, ctr)
+        else:
+            raw = chain.gather(MAX_REQUEST_BYTES)
+            ctr.bytes_on_ring += len(raw)
+            try:
+                pfns = wire.decode_pfns(raw)
+            except wire.WireError as e:
+                self.refuse(f"pfn-{e.reason}", str(e))
+                return 0
+            if len(pfns) > PFN_BATCH_MAX:
+                self.refuse("pfn-array-too-long", f"{len(pfns)} PFNs in one request (max {PFN_BATCH_MAX})")
+                return 0
+            if self.ranges_policy:
+                runs = wire.pfns_to_runs(pfns.astype(np.int64))
+            else:
+                self._pfns_per_page(pfns, ctr, inflate)
+                return 0
+        if runs is None:
+            return 0
+        self._runs(runs[0], runs[1], ctr, inflate)
+        return 0
+
+    def _pfns_per_page(self, pfns: np.ndarray, ctr: OpCounters, inflate: bool) -> None:
+        """The PFN protocol as QEMU serves it: per page, translate then discard.
+        This is the one place with a Python loop per page, because the protocol is."""
+        starts, ends, offs = self._starts, self._ends, self._offs
+        ballooned = self.ballooned
+        max_pfn = len(ballooned)
+        want = 1 if inflate else 0
+        accepted: list[int] = []
+        hvas: list[int] = []
+        bad: Counter[str] = Counter()
+        first_bad = None
+        _audit("balloon-lab:translate:b")
+        t0 = _now()
+        for pfn in pfns.tolist():
+            gpa = pfn << PAGE_SHIFT
+            i = bisect.bisect_right(starts, gpa) - 1
+            if i < 0 or gpa >= ends[i] or pfn >= max_pfn:
+                bad["pfn-not-ram"] += 1
+                first_bad = first_bad if first_bad is not None else pfn
+                continue
+            if ballooned[pfn] == want:
+                bad["already-inflated" if inflate else "deflate-not-inflated"] += 1
+                first_bad = first_bad if first_bad is not None else pfn
+                continue
+            ballooned[pfn] = want
+            accepted.append(pfn)
+            hvas.append(offs[i] + gpa - starts[i])
+        t1 = _now()
+        _audit("balloon-lab:translate:e")
+        ctr.translations += len(pfns)
+        ctr.translate_ns += t1 - t0
+        if inflate and hvas:
+            _audit("balloon-lab:discard:b")
+            t1 = _now()
+            if self.discard_method == "madvise":
+                madvise, remove = self.ram.mm.madvise, mmap.MADV_REMOVE
+                for off in hvas:
+                    madvise(remove, off, PAGE_SIZE)
+            else:
+                fd = self.ram.fd
+                for off in hvas:
+                    punch_hole(fd, off, PAGE_SIZE)
+            t2 = _now()
+            _audit("balloon-lab:discard:e")
+            ctr.discard_calls += len(hvas)
+            ctr.discard_ns += t2 - t1
+        ctr.pages += len(accepted)
+        if accepted:
+            ctr.add_runs(wire.pfns_to_runs(np.asarray(accepted, dtype=np.int64))[1])
+        self._report_bad(bad, first_bad, ctr)
+
+    def _runs(self, starts: np.ndarray, lengths: np.ndarray, ctr: OpCounters, inflate: bool) -> None:
+        """Range protocols: validate all pages (numpy), translate per run, one discard per run."""
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if starts.size == 0:
+            return
+        _audit("balloon-lab:translate:b")
+        t0 = _now()
+        pfns = wire.runs_to_pfns(starts, lengths)
+        ok = self.layout.ram_pfn_mask(pfns)
+        bad: Counter[str] = Counter()
+        first_bad = None
+        if not ok.all():
+            bad["pfn-not-ram"] += int((~ok).sum())
+            first_bad = int(pfns[~ok][0])
+        inram = pfns[ok]
+        state = self.ballooned_np[inram]
+        want = 1 if inflate else 0
+        dup = state == want
+        if dup.any():
+            bad["already-inflated" if inflate else "deflate-not-inflated"] += int(dup.sum())
+            first_bad = first_bad if first_bad is not None else int(inram[dup][0])
+        good = np.unique(inram[~dup])
+        self.ballooned_np[good] = want
+        gstarts, glens = wire.pfns_to_runs(good) if good.size else (good, good)
+        # Translation per run, split where a run crosses a region edge.
+        pieces: list[tuple[int, int]] = []
+        split = self.layout.split_runs
+        for s, n in zip(gstarts.tolist(), glens.tolist()):
+            pieces.extend(split(s, n))
+        t1 = _now()
+        _audit("balloon-lab:translate:e")
+        ctr.translations += len(pieces)
+        ctr.translate_ns += t1 - t0
+        if inflate and pieces:
+            _audit("balloon-lab:discard:b")
+            t1 = _now()
+            for off, ln in pieces:
+                self.ram.discard(off, ln, self.discard_method)
+            t2 = _now()
+            _audit("balloon-lab:discard:e")
+            ctr.discard_calls += len(pieces)
+            ctr.discard_ns += t2 - t1
+        ctr.pages += int(good.size)
+        ctr.add_runs(glens)
+        self._report_bad(bad, first_bad, ctr)
+
+    def _report_bad(self, bad: Counter, first_bad: int | None, ctr: OpCounters) -> None:
+        for reason, n in bad.items():
+            ctr.refused_pages += n
+            self.errors[reason] += n
+        if bad:
+            log.warning("refused %d page(s) of one request (%s); first bad PFN %#x; nothing discarded for them",
+                        sum(bad.values()), dict(bad), first_bad)
+
+    def _decode_bitmap(self, chain: DescChain, ctr: OpCounters):
+        bufs = chain.readable()
+        total = sum(len(b) for b in bufs)
+        if total > MAX_REQUEST_BYTES:
+            self.refuse("bitmap-too-large", f"bitmap request of {total} bytes exceeds {MAX_REQUEST_BYTES}")
+            return None
+        ctr.bytes_on_ring += total
+        try:
+            _hdr, starts, lengths = wire.decode_bitmap(bufs, max_pfn=self.layout.max_pfn)
+        except wire.WireError as e:
+            self.refuse(f"bitmap-{e.reason}", str(e))
+            return None
+        return starts, lengths
+
+    def _decode_chunks(self, chain: DescChain):
+        try:
+            return wire.chunks_to_runs([(e[0], e[1]) for e in chain.elements], max_pfn=self.layout.max_pfn)
+        except wire.WireError as e:
+            self.refuse(f"chunks-{e.reason}", str(e))
+            return None
+
+    # --- stats queue: the device polls by returning the buffer -----------------------------
+    def _stats_chain(self, chain: DescChain) -> int | None:
+        raw = chain.gather(STAT_ENTRY.size * 64)
+        if len(raw) % STAT_ENTRY.size:
+            self.refuse("stats-len", f"stats buffer of {len(raw)} bytes is not a multiple of {STAT_ENTRY.size}")
+        stats: dict[str, int] = {}
+        for i in range(len(raw) // STAT_ENTRY.size):
+            tag, val = STAT_ENTRY.unpack_from(raw, i * STAT_ENTRY.size)
+            if tag < len(STAT_TAGS):
+                stats[STAT_TAGS[tag]] = val
+            else:
+                self.refuse("stats-tag", f"unknown stats tag {tag}")
+        self.stats = stats
+        self.stats_updated = time.time()
+        self.stats_head = chain.head
+        for cb in self.stats_waiters:
+            cb()
+        self.stats_waiters.clear()
+        return None   # hold the buffer until the next poll
+
+    def request_stats(self) -> bool:
+        """Return the held stats buffer so the guest refills it. False if none held."""
+        q = self.queues.get(Q_STATS)
+        if q is None or self.stats_head is None or not self.live:
+            return False
+        head, self.stats_head = self.stats_head, None
+        q.push_used(head, 0)
+        if q.need_call():
+            self.signal_call(Q_STATS)
+        return True
+
+    # --- reporting -------------------------------------------------------------------------
+    def counters(self) -> dict:
+        return {
+            "inflate": self.inflate.snapshot(),
+            "deflate": self.deflate.snapshot(),
+            "errors": dict(self.errors),
+            "ballooned_pages": self.ballooned_pages,
+            "num_pages": self.config.num_pages,
+            "actual": self.config.actual,
+            "status": self.status,
+            "memfd_allocated_bytes": self.ram.allocated_bytes(),
+            "queues": {str(i): {"chains": q.chains, "calls": q.calls, "calls_suppressed": q.calls_suppressed}
+                       for i, q in self.queues.items()},
+        }
+
+    def reset_counters(self) -> None:
+        self.inflate = OpCounters()
+        self.deflate = OpCounters()
+        self.errors.clear()
+
+    def verify_discarded(self) -> dict:
+        """Ask the kernel (SEEK_DATA/SEEK_HOLE on the memfd) whether any ballooned page
+        still holds data: the check is independent of the device's bookkeeping."""
+        data = self.ram.data_page_mask()                      # per memfd page
+        pfns = np.flatnonzero(self.ballooned_np)
+        offs = self.layout.pfn_to_offset(pfns) >> PAGE_SHIFT if pfns.size else pfns
+        still = pfns[data[offs]] if pfns.size else pfns
+        return {"ballooned_pages": int(pfns.size), "ballooned_with_data": int(still.size),
+                "first": [int(x) for x in still[:8]],
+                "ballooned_digest": _digest(pfns)}
+
+
+def _digest(pfns: np.ndarray) -> str:
+    import hashlib
+    return hashlib.blake2b(np.ascontiguousarray(pfns, dtype=np.int64).tobytes(), digest_size=16).hexdigest()

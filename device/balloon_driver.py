@@ -1,0 +1,420 @@
+"""The guest's virtio-balloon driver: negotiation, rings in guest RAM, inflate, deflate, stats.
+
+Modelled on Linux's drivers/virtio/virtio_balloon.c: the driver allocates pages from
+the guest kernel's allocator, tells the device about them one request at a time
+(waiting for each to be used before the next, as Linux does), and updates `actual`
+in config space after each request. What differs by protocol is only how a batch
+of pages is encoded on the ring:
+
+  pfn / pfn-ranges  le32 PFN arrays, at most 256 per request (the device decides
+                    whether to merge them into ranges)
+  bitmap            the seed's 32-byte header + bitmap, split across descriptors
+  chunks            one descriptor per contiguous run (indirect table when long)
+
+Allocation happens in the same batches for every protocol so its cost is equal and
+reported as its own stage.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import select
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from device import control as C
+from device import wire
+from device.buddy import BuddyAllocator
+from device.control import Channel, ControlError, Req
+from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_PAGE_BITMAP,
+                             F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_STATS_VQ, F_VERSION_1,
+                             PFN_BATCH_MAX, Q_DEFLATE, Q_INFLATE, Q_STATS, QUEUE_NAMES, S_ACKNOWLEDGE,
+                             S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, STAT_ENTRY, STAT_TAGS, bit)
+from device.guest_memory import GuestMemory
+from device.guest_ram import GuestRAM
+from device.layout import PAGE_SHIFT, PAGE_SIZE
+from device.virtqueue import DriverQueue, ring_bytes
+
+log = logging.getLogger("balloon-lab.driver")
+_now = time.perf_counter_ns
+_audit = sys.audit
+
+QUEUE_SIZE = 256
+ALLOC_BATCH = 65536            # pages the allocator hands out per call, for every protocol
+DEFAULT_RANGE_BATCH = 262144   # pages per bitmap/chunks request (1 GiB), a driver parameter
+MAX_CHUNKS_PER_REQUEST = 4096  # descriptors in one chunks request (indirect table of 64 KiB)
+MAX_CHUNK_BYTES = 1 << 30      # a descriptor's le32 len caps one chunk; split longer runs
+
+
+class DeviceTimeout(RuntimeError):
+    """The device did not use a buffer in time (a stalled or dead VMM)."""
+
+
+@dataclass
+class OpReport:
+    """One inflate or deflate as the guest saw it."""
+
+    kind: str
+    target_pages: int
+    pages: int = 0
+    requests: int = 0
+    kicks: int = 0
+    interrupts: int = 0
+    bytes_on_ring: int = 0
+    descriptors: int = 0
+    alloc_ns: int = 0
+    encode_ns: int = 0
+    wait_ns: int = 0        # ring + kick + waiting for used: includes the device's own work
+    config_ns: int = 0      # writing `actual` after each request, as Linux does
+    total_ns: int = 0
+    short_pages: int = 0    # pages the allocator could not give
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DriverOptions:
+    protocol: str = "auto"              # which wire format to accept if offered: auto|pfn|bitmap|chunks
+    batch_pages: int | None = None      # pages per request; None: 256 for pfn, 1 GiB for ranges
+    event_idx: bool = True
+    indirect: bool = True
+    timeout_s: float = 30.0
+
+
+class BalloonDriver:
+    def __init__(self, chan: Channel, ram: GuestRAM, allocator: BuddyAllocator, memory: GuestMemory,
+                 opts: DriverOptions) -> None:
+        self.chan = chan
+        self.ram = ram
+        self.alloc = allocator
+        self.memory = memory
+        self.opts = opts
+        self.features = 0
+        self.queues: dict[int, DriverQueue] = {}
+        self.kick_fds: dict[int, int] = {}
+        self.call_fds: dict[int, int] = {}
+        self.config_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.balloon: list[np.ndarray] = []      # pages in the balloon, one array per request
+        self.actual = 0
+        self.lock = threading.RLock()
+        self.failed: str | None = None
+        self.reports: list[OpReport] = []
+        self.wire_format = "pfn"
+
+    # --- probe: negotiation and queue set-up -------------------------------------------------
+    def probe(self) -> None:
+        ch = self.chan
+        ch.call_result(Req.SET_STATUS, C.U32.pack(S_ACKNOWLEDGE | S_DRIVER))
+        offered = C.U64.unpack(ch.call(Req.GET_FEATURES).payload)[0]
+        want = bit(F_MUST_TELL_HOST) | bit(F_STATS_VQ) | bit(F_DEFLATE_ON_OOM) | bit(F_VERSION_1)
+        if self.opts.event_idx:
+            want |= bit(F_RING_EVENT_IDX)
+        if self.opts.indirect:
+            want |= bit(F_RING_INDIRECT_DESC)
+        if self.opts.protocol in ("auto", "chunks") and offered & bit(F_PAGE_CHUNKS):
+            want |= bit(F_PAGE_CHUNKS)
+            self.wire_format = "chunks"
+        elif self.opts.protocol in ("auto", "bitmap") and offered & bit(F_PAGE_BITMAP):
+            want |= bit(F_PAGE_BITMAP)
+            self.wire_format = "bitmap"
+        self.features = want & offered
+        ch.call_result(Req.SET_FEATURES, C.U64.pack(self.features))
+        ch.call_result(Req.SET_STATUS, C.U32.pack(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK))
+        status = C.U32.unpack(ch.call(Req.GET_STATUS).payload)[0]
+        if not status & S_FEATURES_OK:
+            raise ControlError("device did not accept FEATURES_OK")
+        ch.call_result(Req.SET_CONFIG_CALL, b"", [self.config_fd])
+        queues = [Q_INFLATE, Q_DEFLATE] + ([Q_STATS] if self.has(F_STATS_VQ) else [])
+        for index in queues:
+            self._setup_queue(index)
+        self._setup_buffers()
+        ch.call_result(Req.SET_STATUS, C.U32.pack(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK))
+        if Q_STATS in self.queues:
+            self._fill_stats()
+            self.queues[Q_STATS].add_buf([(self.stats_gpa, STAT_ENTRY.size * len(STAT_TAGS))], [], "stats")
+            self.queues[Q_STATS].kick_if_needed()
+        log.info("driver ready: wire format %s, batch %d pages", self.wire_format, self.batch_pages)
+
+    def has(self, f: int) -> bool:
+        return bool(self.features & bit(f))
+
+    def _alloc_contig(self, nbytes: int) -> int:
+        """Guest-physical address of a fresh, physically contiguous, zeroed buffer."""
+        pages = -(-nbytes // PAGE_SIZE)
+        order = max(0, (pages - 1).bit_length())
+        pfn = self.alloc.alloc_block(order)
+        if pfn is None:
+            raise MemoryError(f"no free order-{order} block for a {nbytes}-byte driver buffer")
+        gpa = int(pfn) << PAGE_SHIFT
+        self.ram.view(gpa, (1 << order) * PAGE_SIZE)[:] = bytes((1 << order) * PAGE_SIZE)
+        return gpa
+
+    def _setup_queue(self, index: int) -> None:
+        d, a, u = ring_bytes(QUEUE_SIZE)
+        avail_off = d
+        used_off = (avail_off + a + 3) & ~3
+        base = self._alloc_contig(used_off + u)
+        kick = os.eventfd(0, os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        indirect_area = None
+        if self.has(F_RING_INDIRECT_DESC) and index in (Q_INFLATE, Q_DEFLATE):
+            indirect_area = (self._alloc_contig(16 * MAX_CHUNKS_PER_REQUEST), 16 * MAX_CHUNKS_PER_REQUEST)
+        q = DriverQueue(self.ram, index, QUEUE_SIZE, base, base + avail_off, base + used_off,
+                        event_idx=self.has(F_RING_EVENT_IDX), indirect=self.has(F_RING_INDIRECT_DESC),
+                        kick=lambda fd=kick: os.eventfd_write(fd, 1), indirect_area=indirect_area)
+        self.chan.call_result(Req.SET_VRING, C.VRING.pack(index, QUEUE_SIZE, base, base + avail_off, base + used_off))
+        self.chan.call_result(Req.SET_VRING_KICK, C.U32.pack(index), [kick])
+        self.chan.call_result(Req.SET_VRING_CALL, C.U32.pack(index), [call])
+        self.queues[index] = q
+        self.kick_fds[index] = kick
+        self.call_fds[index] = call
+
+    def _setup_buffers(self) -> None:
+        fmt = self.wire_format
+        if self.opts.batch_pages is not None:
+            self.batch_pages = int(self.opts.batch_pages)
+        else:
+            self.batch_pages = PFN_BATCH_MAX if fmt == "pfn" else DEFAULT_RANGE_BATCH
+        if fmt == "pfn" and not 1 <= self.batch_pages <= PFN_BATCH_MAX:
+            raise ValueError(f"batch_pages must be 1..{PFN_BATCH_MAX} for the pfn protocol, got {self.batch_pages}")
+        if fmt == "bitmap":
+            self.req_bytes = 32 + -(-self.batch_pages // 8)
+        else:
+            self.req_bytes = 4 * PFN_BATCH_MAX
+        self.req_gpa = self._alloc_contig(self.req_bytes) if fmt != "chunks" else 0
+        self.stats_gpa = self._alloc_contig(STAT_ENTRY.size * len(STAT_TAGS))
+
+    # --- config change: the host asked for a new balloon size --------------------------------
+    def read_config_u32(self, off: int) -> int:
+        msg = self.chan.call(Req.GET_CONFIG, C.CONFIG_ACCESS.pack(off, 4))
+        return C.U32.unpack_from(msg.payload, C.CONFIG_ACCESS.size)[0]
+
+    def write_actual(self) -> None:
+        self.chan.call_result(Req.SET_CONFIG, C.CONFIG_ACCESS.pack(CFG_ACTUAL, 4) + C.U32.pack(self.actual))
+
+    def device_status(self) -> int:
+        return C.U32.unpack(self.chan.call(Req.GET_STATUS).payload)[0]
+
+    def on_config_change(self) -> OpReport | None:
+        try:
+            os.eventfd_read(self.config_fd)
+        except BlockingIOError:
+            pass
+        if self.device_status() & S_NEEDS_RESET:
+            self.failed = "device set NEEDS_RESET"
+            log.error("device needs reset; the driver stops using it")
+            return None
+        target = self.read_config_u32(CFG_NUM_PAGES)
+        with self.lock:
+            if target > self.actual:
+                rep = self.inflate(target - self.actual, target)
+            elif target < self.actual:
+                rep = self.deflate(self.actual - target, target)
+            else:
+                return None
+        self.reports.append(rep)
+        return rep
+
+    # --- inflate -------------------------------------------------------------------------------
+    def inflate(self, n: int, target: int | None = None) -> OpReport:
+        rep = OpReport("inflate", target if target is not None else self.actual + n)
+        q = self.queues[Q_INFLATE]
+        t_start = _now()
+        _audit("balloon-lab:inflate:b")
+        left = n
+        step = max(ALLOC_BATCH, self.batch_pages if self.wire_format != "pfn" else 0)
+        try:
+            while left > 0:
+                _audit("balloon-lab:alloc:b")
+                t0 = _now()
+                pages = self.alloc.alloc_pages(min(step, left))
+                rep.alloc_ns += _now() - t0
+                _audit("balloon-lab:alloc:e")
+                if pages.size == 0:
+                    rep.short_pages = left
+                    log.warning("guest out of memory: %d pages short of the inflate target", left)
+                    break
+                left -= int(pages.size)
+                self._send_pages(q, pages, rep)
+        except Exception as e:
+            rep.error = f"{type(e).__name__}: {e}"
+            self.failed = rep.error
+            log.error("inflate failed: %s", rep.error)
+        rep.total_ns = _now() - t_start
+        _audit("balloon-lab:inflate:e")
+        return rep
+
+    # --- deflate -------------------------------------------------------------------------------
+    def deflate(self, n: int, target: int | None = None) -> OpReport:
+        rep = OpReport("deflate", target if target is not None else self.actual - n)
+        q = self.queues[Q_DEFLATE]
+        t_start = _now()
+        _audit("balloon-lab:deflate:b")
+        try:
+            left = n
+            while left > 0 and self.balloon:
+                last = self.balloon[-1]
+                take = min(left, int(last.size))
+                pages = last[last.size - take:]
+                self.balloon[-1] = last[: last.size - take]
+                if self.balloon[-1].size == 0:
+                    self.balloon.pop()
+                left -= take
+                # Tell the host first (MUST_TELL_HOST), then give the pages back to the allocator.
+                self._send_pages(q, np.sort(pages), rep, inflate=False)
+                _audit("balloon-lab:alloc:b")
+                t0 = _now()
+                self.alloc.free_pages(pages)
+                rep.alloc_ns += _now() - t0
+                _audit("balloon-lab:alloc:e")
+        except Exception as e:
+            rep.error = f"{type(e).__name__}: {e}"
+            self.failed = rep.error
+            log.error("deflate failed: %s", rep.error)
+        rep.total_ns = _now() - t_start
+        _audit("balloon-lab:deflate:e")
+        return rep
+
+    def deflate_on_oom(self, shortfall: int) -> int:
+        """DEFLATE_ON_OOM: the guest takes pages back from the balloon under pressure."""
+        if not self.has(F_DEFLATE_ON_OOM) or not self.balloon:
+            return 0
+        with self.lock:
+            before = self.actual
+            rep = self.deflate(min(shortfall, self.actual))
+            rep.kind = "deflate-on-oom"
+            self.reports.append(rep)
+            return before - self.actual
+
+    # --- one batch of pages onto the ring, by wire format ------------------------------------
+    def _send_pages(self, q: DriverQueue, pages: np.ndarray, rep: OpReport, inflate: bool = True) -> None:
+        fmt = self.wire_format
+        if fmt == "pfn":
+            for i in range(0, pages.size, self.batch_pages):
+                part = pages[i:i + self.batch_pages]
+                _audit("balloon-lab:encode:b")
+                t0 = _now()
+                nbytes = 4 * part.size
+                self.ram.np_view(self.req_gpa, nbytes, np.dtype("<u4"))[:] = part
+                rep.encode_ns += _now() - t0
+                _audit("balloon-lab:encode:e")
+                self._transmit(q, [(self.req_gpa, nbytes)], rep, part, inflate)
+        elif fmt == "bitmap":
+            sorted_pages = np.sort(pages)
+            _audit("balloon-lab:encode:b")
+            t0 = _now()
+            reqs = wire.encode_bitmap_requests(sorted_pages, pages_per_request=self.batch_pages,
+                                               cmd=0 if inflate else 1, req_id_start=rep.requests)
+            rep.encode_ns += _now() - t0
+            _audit("balloon-lab:encode:e")
+            for raw, part in reqs:
+                _audit("balloon-lab:encode:b")
+                t0 = _now()
+                self.ram.view(self.req_gpa, len(raw))[:] = raw
+                # Header in its own descriptor, bitmap split per page: the seed's v3 SG bitmaps.
+                bufs = [(self.req_gpa, 32)] + [(self.req_gpa + off, min(PAGE_SIZE, len(raw) - off))
+                                               for off in range(32, len(raw), PAGE_SIZE)]
+                rep.encode_ns += _now() - t0
+                _audit("balloon-lab:encode:e")
+                self._transmit(q, bufs, rep, part, inflate)
+        else:  # chunks
+            _audit("balloon-lab:encode:b")
+            t0 = _now()
+            starts, lengths = wire.pfns_to_runs(np.sort(pages))
+            chunks = wire.runs_to_chunks(starts, lengths, max_bytes=MAX_CHUNK_BYTES)
+            rep.encode_ns += _now() - t0
+            _audit("balloon-lab:encode:e")
+            for i in range(0, len(chunks), MAX_CHUNKS_PER_REQUEST):
+                part_chunks = chunks[i:i + MAX_CHUNKS_PER_REQUEST]
+                part = wire.runs_to_pfns(*wire.chunks_to_runs(part_chunks, max_pfn=self.ram.layout.max_pfn))
+                self._transmit(q, part_chunks, rep, part, inflate)
+
+    def _transmit(self, q: DriverQueue, bufs: list[tuple[int, int]], rep: OpReport, pages: np.ndarray,
+                  inflate: bool) -> None:
+        _audit("balloon-lab:transmit:b")
+        t0 = _now()
+        kicks0 = q.kicks
+        q.add_buf(bufs, [], rep.requests)
+        q.kick_if_needed()
+        self._wait_used(q, rep)
+        t1 = _now()
+        _audit("balloon-lab:transmit:e")
+        rep.wait_ns += t1 - t0
+        rep.kicks += q.kicks - kicks0
+        rep.requests += 1
+        rep.descriptors += len(bufs)
+        rep.bytes_on_ring += sum(n for _, n in bufs) if self.wire_format != "chunks" else 16 * len(bufs)
+        rep.pages += int(pages.size)
+        if inflate:
+            self.balloon.append(np.asarray(pages, dtype=np.int64))
+            self.actual += int(pages.size)
+        else:
+            self.actual -= int(pages.size)
+        self.write_actual()
+        rep.config_ns += _now() - t1
+
+    def _wait_used(self, q: DriverQueue, rep: OpReport) -> None:
+        fd = self.call_fds[q.index]
+        deadline = time.monotonic() + self.opts.timeout_s
+        while True:
+            if q.get_used():
+                return
+            q.enable_interrupts()
+            if q.get_used():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise DeviceTimeout(f"device did not use the {QUEUE_NAMES[q.index]} request within "
+                                    f"{self.opts.timeout_s:.0f} s (stalled or dead VMM)")
+            try:
+                os.eventfd_read(fd)
+                rep.interrupts += 1
+            except BlockingIOError:
+                pass
+
+    # --- stats -----------------------------------------------------------------------------------
+    def _fill_stats(self) -> None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        free = self.alloc.free_pages_count * PAGE_SIZE
+        total = self.ram.layout.ram_bytes - (self.actual << PAGE_SHIFT)
+        values = {"swap-in": 0, "swap-out": 0, "major-faults": ru.ru_majflt, "minor-faults": ru.ru_minflt,
+                  "free-memory": free, "total-memory": total, "available-memory": free,
+                  "disk-caches": 0, "hugetlb-allocations": 0, "hugetlb-failures": 0, "oom-kills": 0,
+                  "alloc-stalls": 0, "async-scans": 0, "direct-scans": 0, "async-reclaims": 0,
+                  "direct-reclaims": 0}
+        raw = b"".join(STAT_ENTRY.pack(tag, int(values[name])) for tag, name in enumerate(STAT_TAGS))
+        self.ram.view(self.stats_gpa, len(raw))[:] = raw
+
+    def on_stats_interrupt(self) -> None:
+        q = self.queues.get(Q_STATS)
+        fd = self.call_fds.get(Q_STATS)
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        with self.lock:
+            if q.get_used():
+                self._fill_stats()
+                q.add_buf([(self.stats_gpa, STAT_ENTRY.size * len(STAT_TAGS))], [], "stats")
+                q.kick_if_needed()
+            q.enable_interrupts()
+
+    # --- what the orchestrator may ask -------------------------------------------------------------
+    def balloon_pfns(self) -> np.ndarray:
+        return np.sort(np.concatenate(self.balloon)) if self.balloon else np.zeros(0, np.int64)
+
+    def info(self) -> dict:
+        return {
+            "features": self.features, "wire_format": self.wire_format, "batch_pages": self.batch_pages,
+            "kick_fds": {str(i): fd for i, fd in self.kick_fds.items()},
+            "call_fds": {str(i): fd for i, fd in self.call_fds.items()},
+            "config_fd": self.config_fd, "actual": self.actual,
+            "kicks": {str(i): q.kicks for i, q in self.queues.items()},
+        }

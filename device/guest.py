@@ -1,0 +1,221 @@
+"""The guest process: guest kernel model, virtio-balloon driver, workloads, agent.
+
+    python -m device.guest --control-fd FD --agent SOCK [--protocol P] [--batch-pages N]
+
+Spawned by the VMM with one end of the control socket. It maps guest RAM (the memfd
+the VMM sends in GET_MEM_TABLE), builds the buddy allocator over the guest's RAM
+PFNs, probes the balloon device, and runs one event loop over the config-change and
+stats interrupts (eventfds) and the agent socket. The agent speaks JSON lines, like
+qemu-guest-agent, and is how the orchestrator starts workloads, waits for the driver
+to reach a target, and asks the guest to verify its memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+import numpy as np
+
+from device import control as C
+from device.balloon_driver import BalloonDriver, DriverOptions
+from device.buddy import BuddyAllocator
+from device.control import Channel, PeerGone, Req
+from device.features import Q_STATS
+from device.guest_memory import GuestMemory
+from device.guest_ram import GuestRAM, process_rss_bytes
+from device.layout import GuestLayout, Region
+
+log = logging.getLogger("balloon-lab.guest")
+
+
+def fetch_memory(chan: Channel) -> GuestRAM:
+    msg = chan.call(Req.GET_MEM_TABLE)
+    n, _ = C.MEM_TABLE_HEAD.unpack_from(msg.payload)
+    regions = tuple(Region(*C.REGION.unpack_from(msg.payload, C.MEM_TABLE_HEAD.size + i * C.REGION.size))
+                    for i in range(n))
+    if len(msg.fds) != 1:
+        raise C.ControlError("GET_MEM_TABLE reply carried no memfd")
+    return GuestRAM(msg.fds[0], GuestLayout(regions), owner=True)
+
+
+class Guest:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.chan = Channel(socket.socket(fileno=args.control_fd))
+        self.ram = fetch_memory(self.chan)
+        self.alloc = BuddyAllocator(self.ram.layout)
+        self.memory = GuestMemory(self.ram, self.alloc)
+        self.driver = BalloonDriver(self.chan, self.ram, self.alloc, self.memory,
+                                    DriverOptions(protocol=args.protocol, batch_pages=args.batch_pages,
+                                                  timeout_s=args.timeout))
+        self.workload = None
+        self.sel = selectors.DefaultSelector()
+        self.running = True
+        self.waiters: list[tuple[float, int, socket.socket, object]] = []
+        self.agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.agent.bind(args.agent)
+        self.agent.listen(4)
+        self._reports_sent = 0
+
+    # --- agent ------------------------------------------------------------------------------
+    def _agent_reply(self, conn: socket.socket, rid, obj: dict) -> None:
+        if rid is not None:
+            obj["id"] = rid
+        try:
+            conn.sendall(json.dumps(obj).encode() + b"\n")
+        except OSError:
+            pass
+
+    def _agent_command(self, conn: socket.socket, line: bytes) -> None:
+        rid = None
+        try:
+            req = json.loads(line)
+            rid = req.get("id")
+            name = req["execute"]
+            args = req.get("arguments") or {}
+            handler = getattr(self, "_cmd_" + name.replace("-", "_"), None)
+            if handler is None:
+                raise ValueError(f"unknown agent command {name!r}")
+            result = handler(conn, rid, args)
+        except Exception as e:
+            log.warning("agent command failed: %s", e)
+            self._agent_reply(conn, rid, {"error": {"class": type(e).__name__, "desc": str(e)}})
+            return
+        if result is not _DEFERRED:
+            self._agent_reply(conn, rid, {"return": result})
+
+    def _cmd_ping(self, conn, rid, args) -> dict:
+        return {"pid": os.getpid()}
+
+    def _cmd_info(self, conn, rid, args) -> dict:
+        return {"pid": os.getpid(), "driver": self.driver.info(), "rss_bytes": process_rss_bytes(os.getpid()),
+                "free_pages": self.alloc.free_pages_count, "ram_pages": self.ram.layout.ram_pages}
+
+    def _cmd_workload_prepare(self, conn, rid, args) -> dict:
+        from workloads import make_workload
+        self.workload = make_workload(args["name"], args.get("params") or {}, int(args.get("seed", 0)))
+        summary = self.workload.prepare(self.memory)
+        return {"workload": args["name"], "summary": summary}
+
+    def _cmd_workload_start(self, conn, rid, args) -> dict:
+        if self.workload is None:
+            raise ValueError("no workload prepared")
+        self.workload.start(self.memory)
+        return {}
+
+    def _cmd_workload_stop(self, conn, rid, args) -> dict:
+        if self.workload is None:
+            return {}
+        return self.workload.stop() or {}
+
+    def _cmd_wait_target(self, conn, rid, args):
+        """Answer once the driver's `actual` equals target_pages (or it failed / timed out)."""
+        target = int(args["target_pages"])
+        deadline = time.monotonic() + float(args.get("timeout_s", 300))
+        self.waiters.append((deadline, target, conn, rid))
+        self._check_waiters()
+        return _DEFERRED
+
+    def _check_waiters(self) -> None:
+        keep = []
+        for deadline, target, conn, rid in self.waiters:
+            d = self.driver
+            if d.actual == target or d.failed or time.monotonic() >= deadline:
+                reports = [r.to_json() for r in d.reports[self._reports_sent:]]
+                self._reports_sent = len(d.reports)
+                err = d.failed
+                if err is None and d.actual != target:
+                    err = f"timed out waiting for actual={target} pages (actual={d.actual})"
+                self._agent_reply(conn, rid, {"return": {"actual": d.actual, "reports": reports, "error": err}})
+            else:
+                keep.append((deadline, target, conn, rid))
+        self.waiters = keep
+
+    def _cmd_verify(self, conn, rid, args) -> dict:
+        res = self.memory.verify()
+        pfns = self.driver.balloon_pfns()
+        import hashlib
+        digest = hashlib.blake2b(np.ascontiguousarray(pfns, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+        return {"held_ok": bool(res.ok), "pages_checked": int(res.pages_checked),
+                "bad_pfns": [int(x) for x in res.bad_pfns], "balloon_pages": int(pfns.size),
+                "balloon_digest": digest, "actual": self.driver.actual}
+
+    def _cmd_shutdown(self, conn, rid, args) -> dict:
+        self.running = False
+        return {}
+
+    # --- loop ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.driver.probe()
+        self.sel.register(self.agent, selectors.EVENT_READ, ("listen", None))
+        self.sel.register(self.driver.config_fd, selectors.EVENT_READ, ("config", None))
+        if Q_STATS in self.driver.call_fds:
+            self.sel.register(self.driver.call_fds[Q_STATS], selectors.EVENT_READ, ("stats", None))
+        self.sel.register(self.chan.sock, selectors.EVENT_READ, ("control", None))
+        bufs: dict[int, bytearray] = {}
+        while self.running:
+            for key, _ in self.sel.select(timeout=0.2):
+                kind, conn = key.data
+                if kind == "config":
+                    self.driver.on_config_change()
+                    self._check_waiters()
+                elif kind == "stats":
+                    self.driver.on_stats_interrupt()
+                elif kind == "control":
+                    # The device only ever replies; readable here means it went away.
+                    raise PeerGone("the VMM closed the control socket")
+                elif kind == "listen":
+                    c, _ = self.agent.accept()
+                    bufs[c.fileno()] = bytearray()
+                    self.sel.register(c, selectors.EVENT_READ, ("agent", c))
+                elif kind == "agent":
+                    data = conn.recv(65536)
+                    if not data:
+                        self.sel.unregister(conn)
+                        bufs.pop(conn.fileno(), None)
+                        conn.close()
+                        continue
+                    buf = bufs[conn.fileno()]
+                    buf += data
+                    while b"\n" in buf:
+                        line, _, rest = bytes(buf).partition(b"\n")
+                        buf[:] = rest
+                        if line.strip():
+                            self._agent_command(conn, line)
+            self._check_waiters()
+        if self.workload is not None:
+            self.workload.stop()
+
+
+_DEFERRED = object()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="device.guest")
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--agent", required=True)
+    p.add_argument("--protocol", default="auto", choices=("auto", "pfn", "bitmap", "chunks"))
+    p.add_argument("--batch-pages", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="guest[%(process)d] %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    guest = Guest(args)
+    try:
+        guest.run()
+    except PeerGone as e:
+        log.error("%s; guest exits", e)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

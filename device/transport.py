@@ -1,0 +1,279 @@
+"""Device side of the control plane: the virtio transport a device sits behind.
+
+Serves the requests of docs/PROTOCOL.md: feature negotiation, the memory table,
+config space, vring set-up, eventfds and device status. Everything the guest sends
+is validated here before the device model sees it; a refusal is a RESULT with a
+negative errno and a reason, counted and logged, never an exception that kills
+the VMM.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+from device import control as C
+from device.control import Channel, Message, Req
+from device.features import (CONFIG_SIZE, QUEUE_FEATURE, QUEUE_NAMES, S_ACKNOWLEDGE, S_DRIVER,
+                             S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET, bit, feature_names)
+from device.guest_ram import GuestRAM
+from device.layout import BadAddress
+from device.virtqueue import DeviceQueue, RingError
+
+log = logging.getLogger("balloon-lab.device")
+
+MAX_QUEUE_SIZE = 32768
+
+
+@dataclass
+class VringConfig:
+    size: int
+    desc: int
+    avail: int
+    used: int
+
+
+class VirtioTransport:
+    """Per-device transport state; subclasses implement config semantics and queues."""
+
+    NUM_QUEUES = 6
+
+    def __init__(self, ram: GuestRAM, device_features: int) -> None:
+        self.ram = ram
+        self.device_features = device_features
+        self.driver_features = 0
+        self.status = 0
+        self.vrings: dict[int, VringConfig] = {}
+        self.queues: dict[int, DeviceQueue] = {}
+        self.kick_fds: dict[int, int] = {}
+        self.call_fds: dict[int, int] = {}
+        self.config_call_fd: int | None = None
+        self.dirty_log_fd: int | None = None
+        self.errors: Counter[str] = Counter()
+        self.on_kick_fds_changed = lambda: None
+
+    # --- errors ------------------------------------------------------------------------
+    def refuse(self, reason: str, message: str) -> None:
+        """Count and log one refused piece of guest input (never raises)."""
+        self.errors[reason] += 1
+        if self.errors[reason] <= 20 or self.errors[reason] % 10000 == 0:
+            log.warning("refused guest input [%s] (%d so far): %s", reason, self.errors[reason], message)
+
+    def needs_reset(self, reason: str, message: str) -> None:
+        """The spec's answer to a broken ring: stop using the device until reset."""
+        self.refuse(reason, message)
+        if not self.status & S_NEEDS_RESET:
+            self.status |= S_NEEDS_RESET
+            log.error("device NEEDS_RESET: %s", message)
+            self.signal_config()
+
+    def has(self, feature: int) -> bool:
+        return bool(self.driver_features & bit(feature))
+
+    @property
+    def live(self) -> bool:
+        return bool(self.status & S_DRIVER_OK) and not self.status & (S_NEEDS_RESET | S_FAILED)
+
+    # --- notifications -----------------------------------------------------------------
+    def signal_call(self, index: int) -> None:
+        fd = self.call_fds.get(index)
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as e:
+                log.warning("call eventfd write for queue %d failed: %s", index, e)
+
+    def signal_config(self) -> None:
+        if self.config_call_fd is not None:
+            try:
+                os.eventfd_write(self.config_call_fd, 1)
+            except OSError as e:
+                log.warning("config eventfd write failed: %s", e)
+
+    # --- the control requests ------------------------------------------------------------
+    def handle(self, ch: Channel, msg: Message) -> None:
+        """Serve one control request and send its reply. Closes fds the request does not keep."""
+        if msg.is_reply:
+            C._close(msg.fds)
+            self.refuse("control-unexpected-reply", f"unexpected reply message {msg.req}")
+            return
+        try:
+            req = Req(msg.req)
+        except ValueError:
+            C._close(msg.fds)
+            self.refuse("control-unknown-request", f"unknown control request {msg.req}")
+            ch.reply_result(msg.req, -errno.ENOSYS, f"unknown request {msg.req}")
+            return
+        handler = getattr(self, f"_req_{req.name.lower()}")
+        try:
+            handler(ch, req, msg)
+        except _Refused as e:
+            C._close(msg.fds)
+            self.refuse(e.reason, f"{req.name}: {e.message}")
+            ch.reply_result(req, -e.err, e.message)
+
+    def _payload(self, msg: Message, st, what: str) -> tuple:
+        if len(msg.payload) < st.size:
+            raise _Refused("control-truncated", errno.EINVAL, f"{what} needs {st.size} payload bytes, got {len(msg.payload)}")
+        return st.unpack_from(msg.payload)
+
+    def _one_fd(self, msg: Message) -> int:
+        if len(msg.fds) != 1:
+            raise _Refused("control-fd", errno.EBADF, f"expected exactly one file descriptor, got {len(msg.fds)}")
+        return msg.fds[0]
+
+    def _req_get_features(self, ch: Channel, req: Req, msg: Message) -> None:
+        ch.send(req, C.U64.pack(self.device_features), reply=True)
+
+    def _req_set_features(self, ch: Channel, req: Req, msg: Message) -> None:
+        (features,) = self._payload(msg, C.U64, "SET_FEATURES")
+        if self.status & S_FEATURES_OK:
+            raise _Refused("features-after-ok", errno.EBUSY, "features cannot change after FEATURES_OK")
+        unknown = features & ~self.device_features
+        if unknown:
+            raise _Refused("feature-not-offered", errno.EINVAL,
+                           f"driver accepted features the device does not offer: {unknown:#x} {feature_names(unknown)}")
+        self.driver_features = features
+        log.info("features negotiated: %s", ", ".join(feature_names(features)))
+        ch.reply_result(req)
+
+    def _req_get_mem_table(self, ch: Channel, req: Req, msg: Message) -> None:
+        regions = self.ram.layout.regions
+        payload = C.MEM_TABLE_HEAD.pack(len(regions), 0) + b"".join(
+            C.REGION.pack(r.gpa, r.size, r.offset) for r in regions)
+        ch.send(req, payload, [self.ram.fd], reply=True)
+
+    def _req_get_config(self, ch: Channel, req: Req, msg: Message) -> None:
+        off, size = self._payload(msg, C.CONFIG_ACCESS, "GET_CONFIG")
+        if off + size > CONFIG_SIZE:
+            raise _Refused("config-range", errno.EINVAL, f"config read {off}+{size} beyond {CONFIG_SIZE} bytes")
+        ch.send(req, C.CONFIG_ACCESS.pack(off, size) + self.read_config()[off:off + size], reply=True)
+
+    def _req_set_config(self, ch: Channel, req: Req, msg: Message) -> None:
+        off, size = self._payload(msg, C.CONFIG_ACCESS, "SET_CONFIG")
+        data = msg.payload[C.CONFIG_ACCESS.size:]
+        if off + size > CONFIG_SIZE or len(data) != size:
+            raise _Refused("config-range", errno.EINVAL, f"config write {off}+{size} with {len(data)} bytes is out of range")
+        self.write_config(off, data)
+        ch.reply_result(req)
+
+    def _req_set_vring(self, ch: Channel, req: Req, msg: Message) -> None:
+        index, size, desc, avail, used = self._payload(msg, C.VRING, "SET_VRING")
+        self._check_queue_index(index)
+        if self.status & S_DRIVER_OK:
+            raise _Refused("vring-after-driver-ok", errno.EBUSY, "queues cannot be set up after DRIVER_OK")
+        if size == 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
+            raise _Refused("vring-size", errno.EINVAL, f"queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+        self.vrings[index] = VringConfig(size, desc, avail, used)
+        ch.reply_result(req)
+
+    def _req_set_vring_kick(self, ch: Channel, req: Req, msg: Message) -> None:
+        (index,) = self._payload(msg, C.U32, "SET_VRING_KICK")
+        self._check_queue_index(index)
+        fd = self._one_fd(msg)
+        old = self.kick_fds.pop(index, None)
+        if old is not None:
+            os.close(old)
+        self.kick_fds[index] = fd
+        self.on_kick_fds_changed()
+        ch.reply_result(req)
+
+    def _req_set_vring_call(self, ch: Channel, req: Req, msg: Message) -> None:
+        (index,) = self._payload(msg, C.U32, "SET_VRING_CALL")
+        self._check_queue_index(index)
+        fd = self._one_fd(msg)
+        old = self.call_fds.pop(index, None)
+        if old is not None:
+            os.close(old)
+        self.call_fds[index] = fd
+        ch.reply_result(req)
+
+    def _req_set_config_call(self, ch: Channel, req: Req, msg: Message) -> None:
+        fd = self._one_fd(msg)
+        if self.config_call_fd is not None:
+            os.close(self.config_call_fd)
+        self.config_call_fd = fd
+        ch.reply_result(req)
+
+    def _req_set_dirty_log(self, ch: Channel, req: Req, msg: Message) -> None:
+        # The VMM hands the dirty log to the guest, never the other way round.
+        raise _Refused("control-direction", errno.EPERM, "SET_DIRTY_LOG is sent by the VMM, not the guest")
+
+    def _req_set_status(self, ch: Channel, req: Req, msg: Message) -> None:
+        (status,) = self._payload(msg, C.U32, "SET_STATUS")
+        status &= 0xFF
+        if status == 0:
+            self.reset()
+            ch.reply_result(req)
+            return
+        if status & S_FEATURES_OK and not self.status & S_FEATURES_OK:
+            if not status & (S_ACKNOWLEDGE | S_DRIVER):
+                raise _Refused("status-order", errno.EINVAL, "FEATURES_OK before ACKNOWLEDGE|DRIVER")
+        if status & S_DRIVER_OK and not self.status & S_DRIVER_OK:
+            if not status & S_FEATURES_OK:
+                raise _Refused("status-order", errno.EINVAL, "DRIVER_OK without FEATURES_OK")
+            try:
+                self.activate()
+            except (RingError, BadAddress, ValueError) as e:
+                self.status |= S_FAILED
+                raise _Refused("activate", errno.EINVAL, f"cannot activate: {e}") from e
+        self.status = (self.status & S_NEEDS_RESET) | status
+        ch.reply_result(req)
+
+    def _req_get_status(self, ch: Channel, req: Req, msg: Message) -> None:
+        ch.send(req, C.U32.pack(self.status), reply=True)
+
+    def _req_reset(self, ch: Channel, req: Req, msg: Message) -> None:
+        self.reset()
+        ch.reply_result(req)
+
+    def _check_queue_index(self, index: int) -> None:
+        if index >= self.NUM_QUEUES:
+            raise _Refused("queue-index", errno.EINVAL, f"queue {index} does not exist")
+        need = QUEUE_FEATURE.get(index)
+        if need is not None and not self.has(need):
+            raise _Refused("queue-not-negotiated", errno.EINVAL,
+                           f"queue {index} ({QUEUE_NAMES[index]}) needs a feature that was not negotiated")
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def activate(self) -> None:
+        """DRIVER_OK: build the device-side queues; the ring addresses are validated here."""
+        event_idx = self.has(29)
+        indirect = self.has(28)
+        for index, v in sorted(self.vrings.items()):
+            self.queues[index] = DeviceQueue(self.ram, index, v.size, v.desc, v.avail, v.used,
+                                             event_idx=event_idx, indirect=indirect)
+        log.info("device live: queues %s", [QUEUE_NAMES[i] for i in sorted(self.queues)])
+
+    def reset(self) -> None:
+        self.status = 0
+        self.driver_features = 0
+        self.vrings.clear()
+        self.queues.clear()
+        for fds in (self.kick_fds, self.call_fds):
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
+        if self.config_call_fd is not None:
+            os.close(self.config_call_fd)
+            self.config_call_fd = None
+        self.on_kick_fds_changed()
+        self.on_reset()
+
+    # --- for subclasses --------------------------------------------------------------------
+    def read_config(self) -> bytes:
+        raise NotImplementedError
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_reset(self) -> None:
+        pass
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, err: int, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.err, self.message = reason, err, message

@@ -1,0 +1,274 @@
+"""The VMM process: owns guest RAM, serves the balloon device and the monitor.
+
+    python -m device.vmm --guest-mib N --protocol P --monitor SOCK --agent SOCK [...]
+
+It creates guest RAM as one memfd, spawns the guest process with one end of a
+SOCK_SEQPACKET control socket, and runs one event loop over: the monitor socket,
+the control socket, and each queue's kick eventfd (every kick is a real write(2) by
+the guest and a real read(2) here). A guest that dies or breaks the protocol is
+reported on the monitor; the VMM itself keeps running until `quit`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from device.balloon_device import BalloonDevice
+from device.control import Channel, ControlError, PeerGone
+from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
+from device.guest_ram import GuestRAM, process_rss_bytes
+from device.layout import PAGE_SHIFT, GuestLayout
+from device.monitor import CommandError, Deferred, Monitor
+
+log = logging.getLogger("balloon-lab.vmm")
+
+
+class VMM:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.layout = GuestLayout.pc(args.guest_mib)
+        self.ram = GuestRAM.create(self.layout)
+        self.device = BalloonDevice(self.ram, protocol_device_features(args.protocol),
+                                    ranges_policy=args.protocol == "pfn-ranges", discard=args.discard)
+        self.device.on_kick_fds_changed = self._rearm_kicks
+        self.device.on_actual_changed = self._actual_changed
+        self.sel = selectors.DefaultSelector()
+        self.running = True
+        self.guest: subprocess.Popen | None = None
+        self.guest_exit: str | None = None
+        self.chan: Channel | None = None
+        self._kick_registered: dict[int, int] = {}
+        self._deadlines: list[tuple[float, Deferred, object]] = []
+        self.wakeups = 0
+        self.monitor = Monitor(args.monitor, self._commands(), version="balloon-lab vmm")
+        self.sel.register(self.monitor.listener, selectors.EVENT_READ, ("listen", None))
+
+    # --- guest process -----------------------------------------------------------------
+    def spawn_guest(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = [sys.executable, "-m", "device.guest", "--control-fd", str(theirs.fileno()),
+               "--agent", self.args.agent] + list(self.args.guest_args)
+        self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        self.chan = Channel(mine)
+        self.sel.register(mine, selectors.EVENT_READ, ("control", None))
+        log.info("guest process %d started", self.guest.pid)
+
+    def _guest_gone(self, why: str) -> None:
+        if self.chan is None:
+            return
+        code = self.guest.poll() if self.guest else None
+        if code is None and self.guest:
+            try:
+                code = self.guest.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                code = None
+        self.guest_exit = f"{why}; exit status {code}"
+        log.error("guest process lost: %s", self.guest_exit)
+        self.sel.unregister(self.chan.sock)
+        self.chan.close()
+        self.chan = None
+        for fd in list(self._kick_registered.values()):
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        self._kick_registered.clear()
+        self.monitor.event("GUEST_LOST", {"reason": self.guest_exit})
+
+    def _rearm_kicks(self) -> None:
+        for idx, fd in list(self._kick_registered.items()):
+            if self.device.kick_fds.get(idx) != fd:
+                try:
+                    self.sel.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+                del self._kick_registered[idx]
+        for idx, fd in self.device.kick_fds.items():
+            if idx not in self._kick_registered:
+                self.sel.register(fd, selectors.EVENT_READ, ("kick", idx))
+                self._kick_registered[idx] = fd
+
+    def _actual_changed(self, actual: int) -> None:
+        self.monitor.event("BALLOON_CHANGE", {"actual": self.layout.ram_bytes - (actual << PAGE_SHIFT)})
+
+    # --- the monitor's commands ------------------------------------------------------------
+    def _commands(self) -> dict:
+        return {
+            "balloon": self._cmd_balloon,
+            "query-balloon": self._cmd_query_balloon,
+            "qom-get": self._cmd_qom_get,
+            "query-status": lambda a: {"running": self.guest_exit is None, "status":
+                                       "running" if self.guest_exit is None else "guest-lost"},
+            "quit": self._cmd_quit,
+            "x-balloon-lab-info": self._cmd_info,
+            "x-balloon-lab-counters": lambda a: self._counters(),
+            "x-balloon-lab-reset-counters": lambda a: self.device.reset_counters(),
+            "x-balloon-lab-verify": lambda a: self.device.verify_discarded(),
+        }
+
+    def _cmd_balloon(self, args: dict) -> None:
+        value = args.get("value")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CommandError("Parameter 'value' expects an integer (target guest memory in bytes)")
+        if value <= 0 or value > self.layout.ram_bytes:
+            raise CommandError(f"Parameter 'value' must be in 1..{self.layout.ram_bytes} bytes")
+        if self.guest_exit is not None or not self.device.live:
+            raise CommandError("No balloon device has been activated", "DeviceNotActive")
+        self.device.set_target_pages((self.layout.ram_bytes - value) >> PAGE_SHIFT)
+
+    def _cmd_query_balloon(self, args: dict) -> dict:
+        if not self.device.live:
+            raise CommandError("No balloon device has been activated", "DeviceNotActive")
+        return {"actual": self.layout.ram_bytes - (self.device.config.actual << PAGE_SHIFT)}
+
+    def _cmd_qom_get(self, args: dict):
+        prop = args.get("property")
+        if prop == "guest-stats-polling-interval":
+            return 0
+        if prop != "guest-stats":
+            raise CommandError(f"Property '{prop}' not found")
+
+        def answer() -> dict:
+            stats = {QEMU_STAT_NAMES[i]: self.device.stats.get(t, -1) for i, t in enumerate(STAT_TAGS)}
+            return {"stats": stats, "last-update": int(self.device.stats_updated)}
+
+        if not self.device.request_stats():
+            return answer()
+        d = Deferred()
+        self.device.stats_waiters.append(lambda: d.resolve(answer()))
+        self._deadlines.append((time.monotonic() + 2.0, d, answer))
+        return d
+
+    def _cmd_quit(self, args: dict) -> None:
+        self.running = False
+
+    def _cmd_info(self, args: dict) -> dict:
+        return {
+            "vmm_pid": os.getpid(),
+            "guest_pid": self.guest.pid if self.guest else None,
+            "guest_exit": self.guest_exit,
+            "protocol": self.args.protocol,
+            "discard": self.args.discard,
+            "layout": self.layout.to_dict(),
+            "ram_bytes": self.layout.ram_bytes,
+            "features": self.device.driver_features,
+            "kick_fds": {str(i): fd for i, fd in self.device.kick_fds.items()},
+            "call_fds": {str(i): fd for i, fd in self.device.call_fds.items()},
+            "config_call_fd": self.device.config_call_fd,
+        }
+
+    def _counters(self) -> dict:
+        c = self.device.counters()
+        c["device_wakeups"] = self.wakeups
+        c["vmm_rss_bytes"] = process_rss_bytes(os.getpid())
+        c["guest_rss_bytes"] = process_rss_bytes(self.guest.pid) if self.guest and self.guest_exit is None else 0
+        return c
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        self.spawn_guest()
+        while self.running:
+            for key, _ in self.sel.select(timeout=0.2):
+                kind, idx = key.data
+                if kind == "kick":
+                    try:
+                        os.eventfd_read(key.fd)
+                    except BlockingIOError:
+                        pass
+                    self.wakeups += 1
+                    self.device.process_queue(idx)
+                elif kind == "control":
+                    self._control()
+                elif kind == "listen":
+                    conn = self.monitor.accept()
+                    self.sel.register(conn.sock, selectors.EVENT_READ, ("monitor", conn))
+                elif kind == "monitor":
+                    conn = idx
+                    self.monitor.readable(conn)
+                    if conn.sock.fileno() == -1 or conn.sock.fileno() not in self.monitor.conns:
+                        try:
+                            self.sel.unregister(conn.sock)
+                        except (KeyError, ValueError):
+                            pass
+            self._expire_deadlines()
+            if self.guest and self.guest_exit is None and self.guest.poll() is not None:
+                self._guest_gone("guest process exited")
+        self.shutdown()
+
+    def _control(self) -> None:
+        try:
+            msg = self.chan.recv()
+        except PeerGone as e:
+            self._guest_gone(str(e))
+            return
+        except ControlError as e:
+            self.device.refuse("control-malformed", str(e))
+            return
+        try:
+            self.device.handle(self.chan, msg)
+        except PeerGone as e:
+            self._guest_gone(str(e))
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for deadline, d, fallback in self._deadlines:
+            if d.done:
+                continue
+            if now >= deadline:
+                d.resolve(fallback())       # stale stats, as QEMU returns between polls
+            else:
+                keep.append((deadline, d, fallback))
+        self._deadlines = keep
+
+    def shutdown(self) -> None:
+        if self.guest and self.guest.poll() is None:
+            self.guest.terminate()
+            try:
+                self.guest.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.guest.kill()
+                self.guest.wait()
+        for conn in list(self.monitor.conns.values()):
+            self.monitor.close(conn)
+        self.monitor.listener.close()
+        try:
+            os.unlink(self.args.monitor)
+        except OSError:
+            pass
+        self.ram.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="device.vmm", description=__doc__.splitlines()[0])
+    p.add_argument("--guest-mib", type=int, required=True)
+    p.add_argument("--protocol", default="pfn", choices=("pfn", "pfn-ranges", "bitmap", "chunks"))
+    p.add_argument("--discard", default="madvise", choices=("madvise", "punch-hole"))
+    p.add_argument("--monitor", required=True, help="unix socket path for the QMP-like monitor")
+    p.add_argument("--agent", required=True, help="unix socket path for the guest agent")
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("guest_args", nargs=argparse.REMAINDER, help="arguments after -- go to the guest")
+    args = p.parse_args(argv)
+    if args.guest_args and args.guest_args[0] == "--":
+        args.guest_args = args.guest_args[1:]
+    logging.basicConfig(level=args.log_level.upper(), format="vmm[%(process)d] %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(SystemExit(143)))
+    vmm = VMM(args)
+    try:
+        vmm.run()
+    except SystemExit:
+        vmm.shutdown()
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`balloon-lab run`: one trial of one protocol, printed as text or one JSON object."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from device.features import PROTOCOLS
+from lab.runner import BalloonTrial, TrialFailed, run_balloon
+
+
+def parse_params(items: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
+        try:
+            out[key] = json.loads(val)
+        except ValueError:
+            out[key] = val
+    return out
+
+
+def open_probes(enabled: bool):
+    """A probe session, or None when probes are off. Degrades (backend none) without eBPF."""
+    if not enabled:
+        return None
+    from probes.session import ProbeSession
+    return ProbeSession(enabled=True)
+
+
+def format_result(r: dict) -> str:
+    lines = [f"protocol {r['protocol']} ({r['wire_format']} wire format, {r['batch_pages']} pages/request), "
+             f"guest {r['guest_mib']} MiB, inflate {r['inflate_mib']} MiB, workload {r['workload']['name']}",
+             f"  verified: {'yes' if r['verified'] else 'NO'}",
+             f"  pages {r['pages']}  requests {r['requests']}  kicks {r['kicks']}  interrupts {r['interrupts']}",
+             f"  discard calls {r['discard_calls']}  runs {r['runs']}  translations {r['translations']}",
+             f"  memfd freed {r['memfd_freed_bytes'] / 2**20:.1f} MiB"]
+    for op, st in r["stages_ns"].items():
+        tot = st["total"] or 1
+        parts = "  ".join(f"{k} {st[k] / 1e6:.1f} ms ({100 * st[k] / tot:.1f} %)"
+                          for k in ("alloc", "encode", "transmit", "translate", "discard"))
+        lines.append(f"  {op}: total {st['total'] / 1e6:.1f} ms = {parts}")
+    p = r.get("probes") or {}
+    if p.get("backend") == "bcc":
+        lines.append(f"  probes (bcc): madvise calls {p.get('madvise_calls')}, kernel time "
+                     f"{p.get('madvise_kernel_ns', 0) / 1e6:.1f} ms, kicks {p.get('kicks')}, "
+                     f"interrupts {p.get('interrupts')}, page faults {p.get('page_faults')}")
+    else:
+        lines.append(f"  probes: none ({p.get('reason', 'unavailable')})")
+    if r["errors"]:
+        lines.append(f"  device refused: {r['errors']}")
+    return "\n".join(lines)
+
+
+@click.command("run")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="pfn", show_default=True)
+@click.option("--guest-mib", type=int, default=1024, show_default=True)
+@click.option("--inflate-mib", type=int, default=512, show_default=True)
+@click.option("--workload", default="aged", show_default=True, help="idle, aged, hog, fragment, churn, dirty")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="workload parameter (repeatable)")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--batch-pages", type=int, default=None, help="pages per request (default: 256 for pfn, 1 GiB for ranges)")
+@click.option("--discard", type=click.Choice(("madvise", "punch-hole")), default="madvise", show_default=True)
+@click.option("--no-deflate", is_flag=True, help="inflate only")
+@click.option("--probes/--no-probes", default=True, show_default=True, help="attach the BCC probes")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, no_deflate, probes,
+            as_json) -> None:
+    """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
+    try:
+        trial = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
+                             workload_params=parse_params(params), seed=seed, batch_pages=batch_pages,
+                             discard=discard, deflate=not no_deflate)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    session = open_probes(probes)
+    try:
+        result = run_balloon(trial, session)
+    except TrialFailed as e:
+        click.echo(f"balloon-lab run: trial failed: {e}", err=True)
+        sys.exit(1)
+    finally:
+        if session is not None:
+            session.detach()
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(format_result(result))
+    sys.exit(0 if result["verified"] else 1)

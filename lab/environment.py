@@ -1,0 +1,113 @@
+"""What the machine looked like when a run started.
+
+Timings are only comparable on the same kernel, CPU, Python build and code; the gate
+warns when any of these differ between baseline and candidate, and the report
+prints them so a number can be defended (or discounted) later.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lab.paths import REPO_ROOT
+
+# Fields whose difference makes timings across two runs suspect (see differences()).
+COMPARABILITY_KEYS = ("kernel", "cpu_model", "cores", "python_version", "python_executable",
+                      "numpy", "scipy", "probe_backend")
+
+
+def collect(probe_backend: str | None = None, repo: Path = REPO_ROOT) -> dict[str, Any]:
+    """A JSON-ready description of this machine, process and checkout."""
+    uname = platform.uname()
+    commit, dirty = git_state(repo)
+    return {
+        "hostname": socket.gethostname(),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kernel": uname.release,
+        "kernel_version": uname.version,
+        "machine": uname.machine,
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_bytes": meminfo_bytes("MemTotal"),
+        "memory_available_bytes": meminfo_bytes("MemAvailable"),
+        "loadavg": loadavg(),
+        "python_version": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "python_executable": sys.executable,
+        "numpy": _version("numpy"),
+        "scipy": _version("scipy"),
+        "balloon_lab": _version("balloon-lab"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "probe_backend": probe_backend,
+    }
+
+
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def meminfo_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def loadavg() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def git_state(repo: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether tracked files differ from it); (None, None) outside git."""
+    base = ["git", "-c", f"safe.directory={repo}", "-C", str(repo)]
+    try:
+        head = subprocess.run(base + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None, None
+        status = subprocess.run(base + ["status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return head.stdout.strip(), dirty
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable differences in the fields that make timings incomparable."""
+    out = []
+    for key in COMPARABILITY_KEYS:
+        va, vb = a.get(key), b.get(key)
+        if va is not None and vb is not None and va != vb:
+            out.append(f"{key}: {va} vs {vb}")
+    return out

@@ -1,0 +1,271 @@
+"""One balloon trial, end to end, as real processes.
+
+Starts a VMM (which starts its guest), attaches the probes to both pids, shapes the
+guest's memory with a workload, inflates to the target through the monitor's
+`balloon` command exactly as a management tool would drive QEMU, verifies, deflates,
+verifies, and shuts everything down. The result is one JSON-able dict (the
+`balloon-lab run --json` object). `verified` is true only when every check passed:
+kept pages hash the same, ballooned pages hold no data in the memfd (the kernel's
+SEEK_DATA view), the device's and the driver's balloon agree, and `actual` reached
+the target.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from device.layout import MiB, PAGE_SHIFT
+from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
+
+STAGES = ("alloc", "encode", "transmit", "translate", "discard", "total")
+
+
+class TrialFailed(RuntimeError):
+    """A trial that cannot produce a trustworthy number (a peer died, a check failed)."""
+
+
+@dataclass
+class BalloonTrial:
+    protocol: str = "pfn"
+    guest_mib: int = 1024
+    inflate_mib: int = 512
+    workload: str = "aged"
+    workload_params: dict = field(default_factory=dict)
+    seed: int = 1
+    batch_pages: int | None = None
+    discard: str = "madvise"
+    deflate: bool = True
+    timeout_s: float = 600.0
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        if self.inflate_mib <= 0 or self.inflate_mib >= self.guest_mib:
+            raise ValueError(f"inflate_mib must be in 1..{self.guest_mib - 1}, got {self.inflate_mib}")
+
+
+class LabProcesses:
+    """The VMM + guest pair of one trial, with their monitor and agent connections.
+    Always torn down, whatever happens: no process outlives the trial."""
+
+    def __init__(self, t: BalloonTrial, extra_vmm_args: list[str] | None = None) -> None:
+        self.t = t
+        self.dir = tempfile.mkdtemp(prefix="balloon-lab-")
+        self.monitor_path = os.path.join(self.dir, "monitor.sock")
+        self.agent_path = os.path.join(self.dir, "agent.sock")
+        guest_args = ["--protocol", _driver_protocol(t.protocol), "--log-level", t.log_level]
+        if t.batch_pages is not None:
+            guest_args += ["--batch-pages", str(t.batch_pages)]
+        cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
+               "--discard", t.discard, "--monitor", self.monitor_path, "--agent", self.agent_path,
+               "--log-level", t.log_level] + (extra_vmm_args or []) + ["--"] + guest_args
+        self.vmm = subprocess.Popen(cmd)
+        self.qmp: QMPClient | None = None
+        self.agent: AgentClient | None = None
+        try:
+            alive = lambda: self.vmm.poll() is None
+            wait_for_socket(self.monitor_path, 30, alive)
+            self.qmp = QMPClient(self.monitor_path, timeout=t.timeout_s)
+            wait_for_socket(self.agent_path, 60, alive)
+            self.agent = AgentClient(self.agent_path, timeout=t.timeout_s)
+            self.info = self.qmp.execute("x-balloon-lab-info")
+            self.guest_info = self.agent.execute("info")
+        except Exception:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {"vmm": self.vmm.pid, "guest": self.info["guest_pid"]}
+
+    def check_alive(self) -> None:
+        if self.vmm.poll() is not None:
+            raise TrialFailed(f"VMM process {self.vmm.pid} died (exit status {self.vmm.returncode})")
+        st = self.qmp.execute("x-balloon-lab-info")
+        if st.get("guest_exit"):
+            raise TrialFailed(f"guest process {st['guest_pid']} lost: {st['guest_exit']}")
+
+    def close(self) -> None:
+        try:
+            if self.qmp is not None and self.vmm.poll() is None:
+                self.qmp.execute("quit", timeout=10)
+        except Exception:
+            pass
+        for c in (self.qmp, self.agent):
+            if c is not None:
+                c.close()
+        try:
+            self.vmm.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.vmm.kill()
+            self.vmm.wait()
+        gp = getattr(self, "info", {}).get("guest_pid") if hasattr(self, "info") else None
+        if gp:
+            try:
+                os.kill(gp, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _driver_protocol(protocol: str) -> str:
+    return {"pfn": "pfn", "pfn-ranges": "pfn", "bitmap": "bitmap", "chunks": "chunks"}[protocol]
+
+
+def _stages(guest_rep: dict, dev_before: dict, dev_after: dict, kind: str) -> dict:
+    """The SG series' breakdown: transmit is the guest's wait minus the device's own work."""
+    d0, d1 = dev_before[kind], dev_after[kind]
+    translate = d1["translate_ns"] - d0["translate_ns"]
+    discard = d1["discard_ns"] - d0["discard_ns"]
+    return {
+        "alloc": guest_rep["alloc_ns"],
+        "encode": guest_rep["encode_ns"],
+        "transmit": max(0, guest_rep["wait_ns"] + guest_rep["config_ns"] - translate - discard),
+        "translate": translate,
+        "discard": discard,
+        "total": guest_rep["total_ns"],
+    }
+
+
+def _merge_reports(reports: list[dict], kind: str) -> dict:
+    keys = ("pages", "requests", "kicks", "interrupts", "bytes_on_ring", "descriptors",
+            "alloc_ns", "encode_ns", "wait_ns", "config_ns", "total_ns", "short_pages")
+    mine = [r for r in reports if r["kind"] == kind]
+    out = {k: sum(r[k] for r in mine) for k in keys}
+    out["errors"] = [r["error"] for r in mine if r.get("error")]
+    return out
+
+
+def _delta(after: dict, before: dict, keys: tuple[str, ...]) -> dict:
+    return {k: after[k] - before[k] for k in keys}
+
+
+def _hist_delta(after: dict, before: dict) -> dict:
+    out = {k: v - before.get(k, 0) for k, v in after.items()}
+    return {k: v for k, v in out.items() if v}
+
+
+def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
+    """Drive one inflate or deflate through the monitor and collect both sides' view."""
+    t = lp.t
+    ram = lp.info["ram_bytes"]
+    dev0 = lp.qmp.execute("x-balloon-lab-counters")
+    if probes is not None:
+        probes.clear()
+    t0 = time.perf_counter_ns()
+    lp.qmp.execute("balloon", {"value": ram - (target_pages << PAGE_SHIFT)})
+    res = lp.agent.execute("wait-target", {"target_pages": target_pages, "timeout_s": t.timeout_s},
+                           timeout=t.timeout_s + 30)
+    wall = time.perf_counter_ns() - t0
+    reading = probes.read().to_json() if probes is not None else None
+    if res.get("error"):
+        lp.check_alive()
+        raise TrialFailed(f"{kind} did not complete: {res['error']}")
+    dev1 = lp.qmp.execute("x-balloon-lab-counters")
+    g = _merge_reports(res["reports"], kind)
+    if g["errors"]:
+        raise TrialFailed(f"{kind} failed in the guest: {g['errors'][0]}")
+    keys = ("requests", "pages", "discard_calls", "translations", "bytes_on_ring", "descriptors",
+            "refused_pages", "runs")
+    dev = _delta(dev1[kind], dev0[kind], keys)
+    q = dev1["queues"]
+    return {
+        "kind": kind, "target_pages": target_pages, "actual": res["actual"], "wall_ns": wall,
+        "pages": g["pages"], "requests": g["requests"], "kicks": g["kicks"], "interrupts": g["interrupts"],
+        "bytes_on_ring": g["bytes_on_ring"], "descriptors": g["descriptors"],
+        "discard_calls": dev["discard_calls"], "translations": dev["translations"], "runs": dev["runs"],
+        "device_requests": dev["requests"], "device_pages": dev["pages"], "refused_pages": dev["refused_pages"],
+        "run_length_hist": _hist_delta(dev1[kind]["run_length_hist"], dev0[kind]["run_length_hist"]),
+        "stages_ns": _stages(g, dev0, dev1, kind),
+        "device_wakeups": dev1["device_wakeups"] - dev0["device_wakeups"],
+        "device_errors": {k: v - dev0["errors"].get(k, 0) for k, v in dev1["errors"].items()
+                          if v - dev0["errors"].get(k, 0)},
+        "memfd_bytes_before": dev0["memfd_allocated_bytes"], "memfd_bytes_after": dev1["memfd_allocated_bytes"],
+        "rss_bytes": {"vmm": dev1["vmm_rss_bytes"], "guest": dev1["guest_rss_bytes"]},
+        "probes": reading,
+    }
+
+
+def verify(lp: LabProcesses, target_pages: int) -> dict:
+    g = lp.agent.execute("verify")
+    d = lp.qmp.execute("x-balloon-lab-verify")
+    checks = {
+        "kept_pages_intact": g["held_ok"],
+        "balloon_gone_from_memfd": d["ballooned_with_data"] == 0,
+        "device_and_driver_agree": g["balloon_digest"] == d["ballooned_digest"]
+                                    and g["balloon_pages"] == d["ballooned_pages"],
+        "actual_is_target": g["actual"] == target_pages,
+    }
+    return {"ok": all(checks.values()), "checks": checks, "kept_pages_checked": g["pages_checked"],
+            "bad_kept_pfns": g["bad_pfns"], "ballooned_with_data": d["ballooned_with_data"],
+            "balloon_pages": g["balloon_pages"]}
+
+
+def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
+    """Run one trial; raises TrialFailed (never returns a half-measured result)."""
+    wall0 = time.perf_counter_ns()
+    lp = LabProcesses(t)
+    try:
+        if on_started is not None:
+            on_started(lp)
+        if probes is not None:
+            probes.attach(list(lp.pids.values()))
+            for q, fd in lp.guest_info["driver"]["kick_fds"].items():
+                probes.register_eventfd(lp.pids["guest"], fd, int(q), "kick")
+            for q, fd in lp.info["call_fds"].items():
+                probes.register_eventfd(lp.pids["vmm"], fd, int(q), "call")
+            for q, fd in lp.info["kick_fds"].items():
+                probes.register_eventfd(lp.pids["vmm"], fd, int(q), "wakeup")
+        prep = lp.agent.execute("workload-prepare", {"name": t.workload, "params": t.workload_params,
+                                                     "seed": t.seed})
+        lp.agent.execute("workload-start")
+        target = (t.inflate_mib * MiB) >> PAGE_SHIFT
+        inflate = balloon_op(lp, "inflate", target, probes)
+        v_inflate = verify(lp, target)
+        freed = inflate["memfd_bytes_before"] - inflate["memfd_bytes_after"]
+        deflate = v_deflate = None
+        if t.deflate:
+            deflate = balloon_op(lp, "deflate", 0, probes)
+            v_deflate = verify(lp, 0)
+        wl = lp.agent.execute("workload-stop")
+        final = lp.qmp.execute("x-balloon-lab-counters")
+        lp.check_alive()
+    finally:
+        lp.close()
+    verified = v_inflate["ok"] and (v_deflate is None or v_deflate["ok"])
+    probes_json = _probe_summary(inflate, deflate, probes)
+    result = {
+        "protocol": t.protocol, "guest_mib": t.guest_mib, "inflate_mib": t.inflate_mib,
+        "workload": {"name": t.workload, "params": t.workload_params, "seed": t.seed,
+                     "prepare": prep.get("summary"), "stop": wl},
+        "wire_format": lp.guest_info["driver"]["wire_format"], "batch_pages": lp.guest_info["driver"]["batch_pages"],
+        "discard": t.discard,
+        "pages": inflate["pages"], "requests": inflate["requests"], "kicks": inflate["kicks"],
+        "interrupts": inflate["interrupts"], "discard_calls": inflate["discard_calls"], "runs": inflate["runs"],
+        "translations": inflate["translations"], "run_length_hist": inflate["run_length_hist"],
+        "memfd_freed_bytes": freed,
+        "stages_ns": {"inflate": inflate["stages_ns"], **({"deflate": deflate["stages_ns"]} if deflate else {})},
+        "inflate": inflate, "deflate": deflate,
+        "verification": {"after_inflate": v_inflate, "after_deflate": v_deflate},
+        "verified": bool(verified),
+        "errors": final["errors"],
+        "rss_peak_bytes": inflate["rss_bytes"],
+        "probes": probes_json,
+        "wall_ns": time.perf_counter_ns() - wall0,
+    }
+    return result
+
+
+def _probe_summary(inflate: dict, deflate: dict | None, probes) -> dict:
+    if probes is None:
+        return {"backend": "none", "reason": "probes off"}
+    out = dict(inflate["probes"] or {})
+    out["inflate"] = inflate["probes"]
+    if deflate is not None:
+        out["deflate"] = deflate["probes"]
+    return out

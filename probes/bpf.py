@@ -1,0 +1,171 @@
+"""Compose and load the probes' BPF module; say exactly why eBPF is unavailable.
+
+One module per session: common.h plus each concern's C file, compiled once by BCC
+(clang costs 1-3 s per compile on the lab's machines), reused across trials. The
+concerns share the target-pid map, and the stage probe shares its per-thread stage
+stack with the madvise probe, which is why they are one module and not four.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROBES_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PROBES_DIR.parent
+
+
+class ProbeUnavailable(RuntimeError):
+    """eBPF cannot be used here; `reason` says what is missing and `fix` what to run."""
+
+    def __init__(self, reason: str, fix: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fix = fix
+
+
+class ConcernUnavailable(RuntimeError):
+    """One probe cannot be built on this kernel (a tracepoint or field is missing)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    check: str
+    detail: str
+    fix: str
+
+
+def setup_fix() -> str:
+    return f"sudo bash {PROJECT_ROOT / 'scripts' / 'setup.sh'}"
+
+
+def bcc_fix() -> str:
+    venv = PROJECT_ROOT / ".venv"
+    return (f"{setup_fix()}   (or by hand: sudo apt-get install python3-bpfcc bpfcc-tools && "
+            f"rm -rf {venv} && /usr/bin/python3 -m venv --system-site-packages {venv} && "
+            f"{venv}/bin/pip install -e '{PROJECT_ROOT}[test]')")
+
+
+def headers_dir() -> Path:
+    return Path("/lib/modules") / platform.release() / "build"
+
+
+def headers_fix() -> str:
+    krel = platform.release()
+    src = sorted(Path("/usr/src").glob("linux-headers-*-cloud-amd64"))
+    common = sorted(Path("/usr/src").glob("linux-headers-*-common"))
+    hdr = str(src[-1]) if src else "/usr/src/linux-headers-<version>-cloud-amd64"
+    com = str(common[-1]) if common else "/usr/src/linux-headers-<version>-common"
+    return (f"{setup_fix()}   (or by hand: sudo apt-get install linux-headers-cloud-amd64 && "
+            f"sudo ln -sfn {hdr} /lib/modules/{krel}/build && sudo ln -sfn {com} /lib/modules/{krel}/source)")
+
+
+TRACEFS_FIX = "sudo mount -t tracefs nodev /sys/kernel/tracing && sudo mount -t debugfs nodev /sys/kernel/debug"
+
+
+def import_bcc() -> Any:
+    """The bcc module (Debian's python3-bpfcc), or ProbeUnavailable saying how to get it."""
+    try:
+        return importlib.import_module("bcc")
+    except Exception as e:  # ImportError, or libbcc failing to load
+        raise ProbeUnavailable(f"BCC is not importable from {os.path.realpath(sys.executable)}: {e}",
+                               bcc_fix()) from e
+
+
+def preflight() -> list[Problem]:
+    """Everything eBPF needs that can be checked without loading a program."""
+    from probes.tracefs import tracefs_root
+
+    problems: list[Problem] = []
+    if os.geteuid() != 0:
+        problems.append(Problem("root", f"running as uid {os.geteuid()}; loading eBPF programs needs root "
+                                "(CAP_BPF + CAP_PERFMON)", "re-run as root, e.g. sudo .venv/bin/balloon-lab ..."))
+    try:
+        import_bcc()
+    except ProbeUnavailable as e:
+        problems.append(Problem("bcc", e.reason, e.fix))
+    if not (headers_dir() / "include").is_dir():
+        problems.append(Problem("headers", f"no kernel headers at {headers_dir()}/include (BCC compiles against them)",
+                                headers_fix()))
+    if tracefs_root() is None:
+        problems.append(Problem("tracefs", "tracefs is not mounted (no /sys/kernel/tracing/events)", TRACEFS_FIX))
+    return problems
+
+
+class Concern:
+    """One probe: its C file, the -D flags it needs on this kernel, and how to read/clear its maps."""
+
+    name: str = ""
+    c_file: str = ""
+    order: int = 0            # composition order: stages.c must come before madvise.c
+
+    def cflags(self) -> list[str]:
+        """-D flags for this kernel; raises ConcernUnavailable if the probe cannot be built."""
+        return []
+
+    def source(self) -> str:
+        return (PROBES_DIR / self.c_file).read_text()
+
+    def read(self, bpf: Any) -> Any:
+        raise NotImplementedError
+
+    def clear(self, bpf: Any) -> None:
+        raise NotImplementedError
+
+
+class BpfModule:
+    """The compiled, loaded module; tracepoint programs attach at load (BCC autoload)."""
+
+    def __init__(self, concerns: list[Concern], usdt_text: str = "", debug: int = 0) -> None:
+        bcc = import_bcc()
+        self.concerns = sorted(concerns, key=lambda c: c.order)
+        cflags: list[str] = []
+        parts = [(PROBES_DIR / "common.h").read_text()]
+        for c in self.concerns:
+            cflags += c.cflags()
+            parts.append(f"/* ---- {c.c_file} ---- */\n" + c.source())
+        self.text = usdt_text + "\n".join(parts)
+        self.bpf = bcc.BPF(text=self.text, cflags=cflags, debug=debug)
+        self.tracepoints: list[bytes] = list(self.bpf.tracepoint_fds.keys())
+        self.suspended = False
+
+    def set_targets(self, pids: list[int]) -> None:
+        table = self.bpf["target_pids"]
+        table.clear()
+        for pid in pids:
+            table[table.Key(pid)] = table.Leaf(1)
+
+    def suspend(self) -> None:
+        """Detach the tracepoint programs (the module stays loaded: resume() costs no compile)."""
+        if not self.suspended:
+            for tp in self.tracepoints:
+                self.bpf.detach_tracepoint(tp)
+            self.suspended = True
+
+    def resume(self) -> None:
+        if self.suspended:
+            for tp in self.tracepoints:
+                cat, ev = tp.split(b":", 1)
+                self.bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + cat + b"__" + ev)
+            self.suspended = False
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def log2_buckets(slots: dict[int, int]) -> list[dict[str, int]]:
+    """Log2 slots from common.h's lab_log2_slot as [{lo, hi, count}] (slot 0 is the value 0)."""
+    out = []
+    for slot in sorted(slots):
+        lo = 0 if slot == 0 else 1 << (slot - 1)
+        hi = 0 if slot == 0 else (1 << slot) - 1
+        out.append({"lo": lo, "hi": hi, "count": int(slots[slot])})
+    return out
+
+
+def table_items(bpf: Any, name: str) -> list[tuple[Any, Any]]:
+    return list(bpf[name].items())

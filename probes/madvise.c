@@ -1,0 +1,122 @@
+/* madvise.c: madvise(2) and fallocate(2) made by the target pids.
+ *
+ * How the device discards ballooned memory: madvise(MADV_REMOVE) on its mapping,
+ * or fallocate(PUNCH_HOLE|KEEP_SIZE) on the memfd. Enter and exit are paired per
+ * thread id, so every completed call yields its kernel time. Per (pid, syscall,
+ * advice-or-mode): calls, kernel ns, errors (negative return), bytes asked for.
+ * Log2 histograms of length and of kernel time per syscall.
+ *
+ * Composed after common.h (target_pids, lab_is_target, lab_log2_slot) and, when the
+ * stage probe is loaded too, after stages.c, which defines LAB_STAGES and
+ * stage_account_syscall() so a call is also charged to the stages it ran inside.
+ *
+ * Field names come from the running kernel's tracepoint formats; the loader passes
+ * them in as MADV_LEN_FIELD, MADV_ADVICE_FIELD, FALLOC_LEN_FIELD, FALLOC_MODE_FIELD.
+ */
+#define SC_MADVISE   0
+#define SC_FALLOCATE 1
+
+struct sc_inflight {
+    u64 ts;
+    u64 len;
+    u32 kind;
+    u32 op;              /* madvise advice, or fallocate mode */
+};
+
+struct sc_key {
+    u32 tgid;
+    u32 kind;
+    u32 op;
+    u32 pad;
+};
+
+struct sc_val {
+    u64 calls;
+    u64 ns;
+    u64 errors;
+    u64 bytes;
+};
+
+struct sc_hist_key {
+    u32 kind;
+    u32 slot;
+};
+
+BPF_HASH(sc_inflight, u32, struct sc_inflight, 10240);   /* tid -> call in progress */
+BPF_HASH(sc_stats, struct sc_key, struct sc_val, 4096);
+BPF_HASH(sc_len_hist, struct sc_hist_key, u64, 1024);
+BPF_HASH(sc_ns_hist, struct sc_hist_key, u64, 1024);
+
+static __always_inline int sc_enter(u32 kind, u32 op, u64 len)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!lab_is_target(id >> 32))
+        return 0;
+    u32 tid = id;
+    struct sc_inflight s = {};
+    s.ts = bpf_ktime_get_ns();
+    s.len = len;
+    s.kind = kind;
+    s.op = op;
+    sc_inflight.update(&tid, &s);
+    return 0;
+}
+
+static __always_inline int sc_exit(u32 kind, long ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = id;
+    struct sc_inflight *sp = sc_inflight.lookup(&tid);
+    if (!sp)
+        return 0;              /* not a target, or the call began before we attached */
+    struct sc_inflight s = *sp;
+    sc_inflight.delete(&tid);
+    if (s.kind != kind)
+        return 0;
+    u64 dt = bpf_ktime_get_ns() - s.ts;
+
+    struct sc_key k = {};
+    k.tgid = id >> 32;
+    k.kind = kind;
+    k.op = s.op;
+    struct sc_val zero = {};
+    struct sc_val *v = sc_stats.lookup_or_try_init(&k, &zero);
+    if (v) {
+        __sync_fetch_and_add(&v->calls, 1);
+        __sync_fetch_and_add(&v->ns, dt);
+        if (ret < 0)
+            __sync_fetch_and_add(&v->errors, 1);
+        else
+            __sync_fetch_and_add(&v->bytes, s.len);
+    }
+    struct sc_hist_key hk = {};
+    hk.kind = kind;
+    hk.slot = lab_log2_slot(s.len);
+    sc_len_hist.increment(hk);
+    hk.slot = lab_log2_slot(dt);
+    sc_ns_hist.increment(hk);
+#ifdef LAB_STAGES
+    stage_account_syscall(id, kind, dt);
+#endif
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
+{
+    return sc_enter(SC_MADVISE, (u32)args->MADV_ADVICE_FIELD, (u64)args->MADV_LEN_FIELD);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
+{
+    return sc_exit(SC_MADVISE, (long)args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_fallocate)
+{
+    return sc_enter(SC_FALLOCATE, (u32)args->FALLOC_MODE_FIELD, (u64)args->FALLOC_LEN_FIELD);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_fallocate)
+{
+    return sc_exit(SC_FALLOCATE, (long)args->ret);
+}

@@ -1,0 +1,142 @@
+"""Loader for stages.c: the lab's stages via Python's `python:audit` USDT marker.
+
+USDT needs a pid: BCC's USDT(pid) bumps the marker's semaphore in that process (so
+Python fires it at all) and names the uprobe's address. The argument-reading code
+BCC generates depends only on the interpreter binary, so the module is compiled once
+with the readers of one process, and every further process of the same binary gets
+the same program attached at its own uprobe (checked: its generated readers must be
+identical, else that pid is refused with the reason).
+Standalone: `python -m probes.stages -p PID [-d SECONDS] [--json]`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from probes.bpf import Concern, import_bcc
+from probes.elfnotes import has_marker
+from probes.markers import prefix_words
+
+USDT_PROBE = "python:audit"
+FN_NAME = "on_audit"
+ANOMALIES = ("unmatched_end", "unclosed", "too_deep", "malformed")
+
+
+def exe_has_audit(pid: int) -> bool:
+    """True when the process's executable carries the python:audit marker."""
+    return has_marker(f"/proc/{pid}/exe", "python", "audit")
+
+
+@dataclass
+class StageStats:
+    count: int = 0
+    ns: int = 0
+    madvise_calls: int = 0
+    madvise_kernel_ns: int = 0
+    fallocate_calls: int = 0
+    fallocate_kernel_ns: int = 0
+
+    def add(self, o: "StageStats") -> None:
+        for f in self.__dataclass_fields__:
+            setattr(self, f, getattr(self, f) + getattr(o, f))
+
+
+@dataclass
+class StagesReading:
+    per_pid: dict[int, dict[str, StageStats]] = field(default_factory=dict)
+    anomalies: dict[str, int] = field(default_factory=dict)
+
+    def stages(self) -> dict[str, StageStats]:
+        """Summed over pids (the device's and the guest's stages have different names)."""
+        out: dict[str, StageStats] = {}
+        for stages in self.per_pid.values():
+            for name, s in stages.items():
+                out.setdefault(name, StageStats()).add(s)
+        return out
+
+
+class UsdtMismatch(RuntimeError):
+    pass
+
+
+class StagesProbe(Concern):
+    name = "stages"
+    c_file = "stages.c"
+    order = 10               # before madvise.c: it defines stage_account_syscall()
+
+    def __init__(self) -> None:
+        self.usdt_text = ""
+        self.attached: dict[int, tuple[Any, list[bytes]]] = {}   # pid -> (USDT context, uprobe events)
+
+    def cflags(self) -> list[str]:
+        w0, w1 = prefix_words()
+        return [f"-DSTAGE_PREFIX_W0={w0:#x}ULL", f"-DSTAGE_PREFIX_W1={w1:#x}U"]
+
+    def _context(self, pid: int) -> tuple[Any, str]:
+        bcc = import_bcc()
+        u = bcc.USDT(pid=pid)
+        u.enable_probe(USDT_PROBE, FN_NAME)
+        return u, u.get_text()
+
+    def prepare(self, pid: int) -> str:
+        """Generate the USDT argument readers from `pid`'s interpreter; returns them for the module text."""
+        u, text = self._context(pid)
+        del u                     # releases the semaphore again; attach() takes it for real
+        self.usdt_text = text
+        return text
+
+    def attach(self, bpf: Any, pid: int) -> None:
+        """Attach on_audit at `pid`'s python:audit (raises with the reason if it cannot)."""
+        if pid in self.attached:
+            return
+        u, text = self._context(pid)
+        if text != self.usdt_text:
+            raise UsdtMismatch(f"pid {pid}: its interpreter's python:audit arguments differ from the "
+                               f"compiled probe's ({os.path.realpath(f'/proc/{pid}/exe')})")
+        before = set(bpf.uprobe_fds)
+        try:
+            for binpath, fn, addr, p in u.enumerate_active_probes():
+                bpf.attach_uprobe(name=binpath, addr=addr, fn_name=fn, pid=p)
+        except Exception:
+            for ev in set(bpf.uprobe_fds) - before:
+                bpf.detach_uprobe_event(ev)
+            raise
+        self.attached[pid] = (u, sorted(set(bpf.uprobe_fds) - before))
+
+    def detach(self, bpf: Any, pid: int) -> None:
+        u, events = self.attached.pop(pid)
+        for ev in events:
+            try:
+                bpf.detach_uprobe_event(ev)
+            except Exception:
+                pass              # the process is gone: nothing left to detach
+        del u                     # bcc_usdt_close: the semaphore drops back in a live process
+
+    def detach_all(self, bpf: Any) -> None:
+        for pid in list(self.attached):
+            self.detach(bpf, pid)
+
+    def read(self, bpf: Any) -> StagesReading:
+        r = StagesReading()
+        for k, v in bpf["stage_stats"].items():
+            name = bytes(k.name.w[0].to_bytes(8, "little") + k.name.w[1].to_bytes(8, "little"))
+            name_s = name.rstrip(b"\0").decode(errors="replace")
+            r.per_pid.setdefault(k.tgid, {})[name_s] = StageStats(
+                v.count, v.ns, v.sc_calls[0], v.sc_ns[0], v.sc_calls[1], v.sc_ns[1])
+        table = bpf["stage_anomalies"]
+        for i, n in enumerate(ANOMALIES):
+            r.anomalies[n] = table[table.Key(i)].value
+        return r
+
+    def clear(self, bpf: Any) -> None:
+        bpf["stage_stats"].clear()
+        table = bpf["stage_anomalies"]
+        for i in range(len(ANOMALIES)):
+            table[table.Key(i)] = table.Leaf(0)
+
+
+if __name__ == "__main__":
+    from probes.standalone import main
+
+    raise SystemExit(main(["stages"]))
