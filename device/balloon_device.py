@@ -274,7 +274,7 @@ class BalloonDevice(VirtioTransport):
         if dup.any():
             bad["already-inflated" if inflate else "deflate-not-inflated"] += int(dup.sum())
             first_bad = first_bad if first_bad is not None else int(inram[dup][0])
-        good = np.unique(inram[~dup])
+        good = wire.sorted_unique(inram[~dup])
         self.ballooned_np[good] = want
         gstarts, glens = wire.pfns_to_runs(good) if good.size else (good, good)
         # Translation per run, split where a run crosses a region edge.

@@ -21,7 +21,6 @@ row fancy-index on the state array reshaped to (-1, 2**k): no per-page loop.
 """
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Callable
 
@@ -233,7 +232,6 @@ class BuddyAllocator:
                     more = self._alloc_locked(short)
                     self.stats["pages_allocated"] += len(more)
                 pages = np.concatenate([pages, more])
-        sys.audit("balloon_lab.buddy.alloc", n, len(pages))
         return pages
 
     def alloc_block(self, order: int) -> int | None:
@@ -374,7 +372,6 @@ class BuddyAllocator:
             self._free_locked(pfns)
             self.stats["free_calls"] += 1
             self.stats["pages_freed"] += len(pfns)
-        sys.audit("balloon_lab.buddy.free", len(pfns))
         return len(pfns)
 
     def _free_locked(self, cur: np.ndarray) -> None:

@@ -12,6 +12,7 @@ to reach a target, and asks the guest to verify its memory.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -54,7 +55,8 @@ class Guest:
         self.memory = GuestMemory(self.ram, self.alloc)
         self.driver = BalloonDriver(self.chan, self.ram, self.alloc, self.memory,
                                     DriverOptions(protocol=args.protocol, batch_pages=args.batch_pages,
-                                                  timeout_s=args.timeout))
+                                                  timeout_s=args.timeout, halt_poll_us=args.halt_poll_us))
+        self.alloc.set_oom_notifier(self.driver.deflate_on_oom)
         self.workload = None
         self.sel = selectors.DefaultSelector()
         self.running = True
@@ -204,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", default="auto", choices=("auto", "pfn", "bitmap", "chunks"))
     p.add_argument("--batch-pages", type=int, default=None)
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--halt-poll-us", type=int, default=DriverOptions.halt_poll_us,
+                   help="poll for used buffers this long before sleeping (like KVM halt polling)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="guest[%(process)d] %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     guest = Guest(args)
     try:

@@ -13,7 +13,8 @@ Fingerprint: sum_i word[i] * V[i] (mod 2**64) with fixed random odd V[i]. Any ch
 to a single word changes it (V[i] odd is invertible mod 2**64). For a pattern page
 it is h * C with C = sum_i M[i] * V[i]: expected values cost O(1) per page.
 
-Writes go through the mapping as numpy row fancy-indexing in ~64 MiB chunks.
+Writes go through the mapping as numpy row fancy-indexing in 4 MiB chunks (pwrite
+was tried: no faster for fresh pages here, 4x slower for rewrites).
 Reads go through pread into one reused buffer (ENVIRONMENT.md): reading a hole via
 the shared mapping would allocate memfd pages and undo the very discard we check.
 """
@@ -27,20 +28,22 @@ import numpy as np
 
 from device.buddy import BuddyAllocator
 from device.guest_ram import GuestRAM
+from device.wire import sorted_unique
 from device.layout import PAGE_SHIFT, PAGE_SIZE
 
 WORDS = PAGE_SIZE // 8
-CHUNK_PAGES = 16384  # 64 MiB per write/read chunk
+CHUNK_PAGES = 1024  # 4 MiB per write/read chunk: measured 3-4x faster here than 64 MiB (stays in cache)
 GAP_PAGES = 64  # read sparse pages in one pread when they are at most 256 KiB apart
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    with np.errstate(over="ignore"):  # wrapping mod 2**64 is the point
+        z = np.asarray(x).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def _seed_key(seeds: np.ndarray) -> np.ndarray:
@@ -186,7 +189,8 @@ class GuestMemory:
         seg_first = np.concatenate(([0], gap_break))
         key = seg_id * (1 << 40) + (so - so[seg_first][seg_id]) // (CHUNK_PAGES * PAGE_SIZE)
         brk = np.concatenate(([0], np.flatnonzero(np.diff(key) != 0) + 1, [len(so)]))
-        buf = bytearray(CHUNK_PAGES * PAGE_SIZE)
+        seg_bytes = so[brk[1:] - 1] - so[brk[:-1]] + PAGE_SIZE
+        buf = bytearray(min(int(seg_bytes.sum()), CHUNK_PAGES * PAGE_SIZE))
         mv = memoryview(buf)
         words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, WORDS)
         fp = np.empty(len(so), dtype=np.uint64)
@@ -224,7 +228,8 @@ class GuestMemory:
     def expected_fingerprints(pfns, seed) -> np.ndarray:
         """What write_pattern(pfns, seed) leaves, computed from (pfn, seed) alone
         (seed a scalar or one per page); touches no guest RAM."""
-        return page_hash(pfns, seed) * FP_CONST
+        with np.errstate(over="ignore"):
+            return page_hash(pfns, seed) * FP_CONST
 
     # ------------------------------------------------------------------ holdings
     def hold(self, name: str, pfns, seed: int) -> int:
@@ -261,7 +266,7 @@ class GuestMemory:
     def rewrite(self, pfns, seed: int) -> int:
         """Write a new pattern into held pages and record it (they stay held)."""
         seed = seed_ok(seed)
-        pfns = np.unique(self._check_pfns(pfns, "rewrite"))
+        pfns = sorted_unique(self._check_pfns(pfns, "rewrite"))
         with self.lock:
             nh = np.flatnonzero(self._gen[pfns] == 0)
             if len(nh):
@@ -289,6 +294,11 @@ class GuestMemory:
             if name not in self._holdings:
                 raise ValueError(f"no holding named {name!r}; holdings are {sorted(self._holdings)}")
             return self._holdings[name].copy()
+
+    def is_held(self, pfns) -> np.ndarray:
+        """bool per PFN: currently part of some holding."""
+        pfns = self._check_pfns(pfns, "is_held")
+        return self._gen[pfns] != 0
 
     def holder_of(self, pfn: int) -> str | None:
         with self.lock:

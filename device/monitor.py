@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -58,6 +59,8 @@ class Monitor:
         self.listener.listen(8)
         self.listener.setblocking(False)
         self.conns: dict[int, MonitorConn] = {}
+        self._last_event: dict[str, float] = {}
+        self.events_dropped = 0
 
     def accept(self) -> MonitorConn:
         s, _ = self.listener.accept()
@@ -73,13 +76,24 @@ class Monitor:
         except OSError:
             self.close(conn)
 
-    def event(self, name: str, data: dict) -> None:
-        import time
+    def event(self, name: str, data: dict, throttle_s: float = 0.0) -> None:
+        """Emit an event to every negotiated client. Events never block the VMM: a
+        client that does not read loses events (counted), and throttled events (QEMU
+        throttles BALLOON_CHANGE to one a second) are dropped inside the window."""
         t = time.time()
+        if throttle_s and t - self._last_event.get(name, 0.0) < throttle_s:
+            return
+        self._last_event[name] = t
+        line = json.dumps({"event": name, "data": data,
+                           "timestamp": {"seconds": int(t), "microseconds": int((t % 1) * 1e6)}}).encode() + b"\r\n"
         for conn in list(self.conns.values()):
             if conn.negotiated:
-                self._send(conn, {"event": name, "data": data,
-                                  "timestamp": {"seconds": int(t), "microseconds": int((t % 1) * 1e6)}})
+                try:
+                    conn.sock.send(line, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    self.events_dropped += 1
+                except OSError:
+                    self.close(conn)
 
     def close(self, conn: MonitorConn) -> None:
         self.conns.pop(conn.sock.fileno(), None)

@@ -301,6 +301,11 @@ class DriverQueue:
         return self._num_free
 
     @property
+    def indirect_free(self) -> int:
+        """Free descriptor slots in the indirect-table area."""
+        return self._ind_alloc.free_units
+
+    @property
     def in_flight(self) -> int:
         """Chains added and not yet returned used."""
         return (self._avail_shadow - self.last_used_idx) & 0xFFFF
@@ -516,6 +521,20 @@ class DescChain:
     writable_bytes: int
     indirect: bool
     _mem: memoryview = field(repr=False)
+    _gpas: np.ndarray | None = field(default=None, repr=False)
+    _lens: np.ndarray | None = field(default=None, repr=False)
+
+    def gpas(self) -> np.ndarray:
+        """Buffer addresses as a uint64 array (for vectorized decoding of chunks)."""
+        if self._gpas is None:
+            self._gpas = np.fromiter((e[0] for e in self.elements), dtype=np.uint64, count=len(self.elements))
+        return self._gpas
+
+    def lens(self) -> np.ndarray:
+        """Buffer lengths as a uint64 array."""
+        if self._lens is None:
+            self._lens = np.fromiter((e[1] for e in self.elements), dtype=np.uint64, count=len(self.elements))
+        return self._lens
 
     def readable(self) -> list[memoryview]:
         """Zero-copy views of the device-readable buffers (live guest memory: copy
@@ -576,8 +595,8 @@ class DeviceQueue:
         self._off = _RingOffsets(ram, size, desc_gpa, avail_gpa, used_gpa)
         self.mask = size - 1
         self.max_chain = DEFAULT_MAX_CHAIN if max_chain is None else int(max_chain)
-        if self.max_chain < 1:
-            raise ValueError(f"max_chain must be >= 1, got {max_chain}")
+        if not 1 <= self.max_chain <= 1 << 16:  # le16 next: no chain can be longer
+            raise ValueError(f"max_chain must be in 1..65536, got {max_chain}")
         self._mem = ram.mem
         regions = ram.layout.regions
         self._r_start = np.array([r.gpa for r in regions], dtype=np.uint64)
@@ -680,7 +699,6 @@ class DeviceQueue:
             raise self._fail("indirect-not-ram", f"indirect table {addr:#x}+{ln:#x} of chain {head} is not inside one RAM region ({e})") from None
         # snapshot: the guest cannot change the table while the device walks it
         tbl = np.frombuffer(bytes(self._mem[off : off + ln]), dtype=DESC_DTYPE)
-        self.descriptors += n
         flags = tbl["flags"]
         nexts = tbl["next"]
         if (flags[: n - 1] & VIRTQ_DESC_F_NEXT).all() and not flags[n - 1] & VIRTQ_DESC_F_NEXT and \
@@ -708,11 +726,14 @@ class DeviceQueue:
                 if i >= n:
                     raise self._fail("desc-index", f"indirect descriptor of chain {head} has next {i} >= table size {n}")
             m = len(order)
+        self.descriptors += m
         if m > budget:
             raise self._fail("chain-too-long", f"chain from head {head} has {n_direct + m} elements, more than max_chain {self.max_chain}")
         return tbl if order is None else tbl[order]
 
     def _finish(self, head: int, addrs: list[int], lens: list[int], writ: list[bool], ind: np.ndarray | None) -> DescChain:
+        a: np.ndarray | None = None
+        ln: np.ndarray | None = None
         if ind is not None:
             a = np.concatenate([np.array(addrs, dtype=np.uint64), ind["addr"]])
             ln = np.concatenate([np.array(lens, dtype=np.uint64), ind["len"].astype(np.uint64)])
@@ -732,7 +753,7 @@ class DeviceQueue:
             rbytes = sum(lens[:n_read])
             wbytes = sum(lens) - rbytes
         else:
-            if ind is None:
+            if a is None or ln is None:
                 a, ln = np.array(addrs, dtype=np.uint64), np.array(lens, dtype=np.uint64)
             offsets = self._translate_many(head, a, ln)
             rbytes = int(ln[:n_read].sum())
@@ -741,7 +762,8 @@ class DeviceQueue:
             raise self._fail("chain-bytes", f"chain {head} covers {rbytes + wbytes} bytes, more than the spec's 2^32")
         if ind is not None:
             self.indirect_chains += 1
-        return DescChain(head, list(zip(addrs, lens, writ)), offsets, n_read, rbytes, wbytes, ind is not None, self._mem)
+        return DescChain(head, list(zip(addrs, lens, writ)), offsets, n_read, rbytes, wbytes, ind is not None,
+                         self._mem, a, ln)
 
     def _translate_few(self, head: int, addrs: list[int], lens: list[int]) -> list[int]:
         """memfd offsets of a short chain's buffers; each must lie inside one RAM region."""
@@ -817,6 +839,24 @@ class DeviceQueue:
         if not self.event_idx and not self._used_flags & VIRTQ_USED_F_NO_NOTIFY:
             self._used_flags |= VIRTQ_USED_F_NO_NOTIFY
             _U16.pack_into(self._mem, self._off.used, self._used_flags)
+
+    # --- queue state (vhost-user GET/SET_VRING_BASE, migration) ------------------------------
+    def state(self) -> dict[str, int]:
+        return {"last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx}
+
+    def restore(self, last_avail_idx: int, used_idx: int | None = None) -> None:
+        """Resume a queue another device instance served (e.g. after migration):
+        last_avail_idx comes from that device; used_idx defaults to the used ring's
+        idx, which lives in (migrated) guest RAM."""
+        if used_idx is None:
+            used_idx = _U16.unpack_from(self._mem, self._off.used + 2)[0]
+        if not (0 <= last_avail_idx <= 0xFFFF and 0 <= used_idx <= 0xFFFF):
+            raise ValueError(f"ring indices must be 16-bit, got {last_avail_idx}, {used_idx}")
+        if (last_avail_idx - used_idx) & 0xFFFF > self.size:
+            raise RingError("avail-idx", f"queue {self.index}: last_avail_idx {last_avail_idx} is more than "
+                                         f"{self.size} ahead of used idx {used_idx}")
+        self.last_avail_idx = last_avail_idx
+        self.used_idx = self._signalled_used = used_idx
 
     def counters(self) -> dict[str, Any]:
         return {"chains": self.chains, "descriptors": self.descriptors, "indirect_chains": self.indirect_chains,

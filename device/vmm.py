@@ -11,6 +11,7 @@ reported on the monitor; the VMM itself keeps running until `quit`.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import selectors
@@ -97,7 +98,8 @@ class VMM:
                 self._kick_registered[idx] = fd
 
     def _actual_changed(self, actual: int) -> None:
-        self.monitor.event("BALLOON_CHANGE", {"actual": self.layout.ram_bytes - (actual << PAGE_SHIFT)})
+        self.monitor.event("BALLOON_CHANGE", {"actual": self.layout.ram_bytes - (actual << PAGE_SHIFT)},
+                           throttle_s=1.0)
 
     # --- the monitor's commands ------------------------------------------------------------
     def _commands(self) -> dict:
@@ -175,8 +177,17 @@ class VMM:
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> None:
         self.spawn_guest()
+        poll_ns = self.args.poll_us * 1000
+        busy_until = 0
         while self.running:
-            for key, _ in self.sel.select(timeout=0.2):
+            # Adaptive busy polling, like QEMU's aio polling and vhost's busyloop: right
+            # after serving something, poll without sleeping for a while, since waking a
+            # sleeping (v)CPU costs far more than a short poll.
+            now = time.perf_counter_ns()
+            events = self.sel.select(timeout=0 if now < busy_until else 0.2)
+            if events and poll_ns:
+                busy_until = time.perf_counter_ns() + poll_ns
+            for key, _ in events:
                 kind, idx = key.data
                 if kind == "kick":
                     try:
@@ -189,7 +200,8 @@ class VMM:
                     self._control()
                 elif kind == "listen":
                     conn = self.monitor.accept()
-                    self.sel.register(conn.sock, selectors.EVENT_READ, ("monitor", conn))
+                    if conn.sock.fileno() != -1:
+                        self.sel.register(conn.sock, selectors.EVENT_READ, ("monitor", conn))
                 elif kind == "monitor":
                     conn = idx
                     self.monitor.readable(conn)
@@ -254,12 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--discard", default="madvise", choices=("madvise", "punch-hole"))
     p.add_argument("--monitor", required=True, help="unix socket path for the QMP-like monitor")
     p.add_argument("--agent", required=True, help="unix socket path for the guest agent")
+    p.add_argument("--poll-us", type=int, default=2000,
+                   help="after serving an event, poll this long before sleeping (0: always sleep)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("guest_args", nargs=argparse.REMAINDER, help="arguments after -- go to the guest")
     args = p.parse_args(argv)
     if args.guest_args and args.guest_args[0] == "--":
         args.guest_args = args.guest_args[1:]
     logging.basicConfig(level=args.log_level.upper(), format="vmm[%(process)d] %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(SystemExit(143)))
     vmm = VMM(args)
     try:

@@ -8,6 +8,9 @@ import click
 # Each module in lab/commands/ defines one click command (or group) named `command`.
 COMMAND_MODULES: tuple[str, ...] = (
     "doctor",
+    "probe",
+    "run",
+    "runs", "show", "gate",
 )
 
 

@@ -1,19 +1,24 @@
 """Turn a trial's result object into named metrics, and say how each is compared.
 
 A result is nested JSON. Every number at any depth becomes a metric named by its
-dotted path ("inflate.stages_ns.total", "probes.madvise_calls"); booleans and strings
-are not metrics; histogram dicts ({bucket: count}) are kept apart as histograms.
+dotted path ("inflate.stages_ns.total", "probes.madvise_calls"); booleans, strings
+and lists are not metrics; histograms are kept apart. Two histogram shapes are
+recognised: {bucket: count} under a key ending in "hist" or inside "hists", and the
+probes' {"unit": ..., "buckets": [{"lo", "hi", "count"}, ...]} (bucket named by lo).
+Maps keyed by process id ("per_pid") are skipped: pids change every trial, so those
+entries never line up across trials (their totals exist one level up).
 
 The classification lives here and only here, because the store, the statistics, the
 gate and the reports must all agree on it:
-- "timing": durations (a unit token ns/us/ms/s in the leaf name, as in "total_ns" or
-  "cpu_s_source", or "stages_ns"/"time" anywhere in the path). Noisy: compared
-  statistically, lower is better.
-- "gauge": quantities measured from the live kernel for whole processes (RSS, page
-  faults, page allocations). They include the interpreter's own activity, so they
-  vary run to run: compared statistically like timings, lower is better.
+- "timing": durations (a unit token ns/us/ms/s/seconds in the leaf name, as in
+  "total_ns", "ns" or "cpu_s_source", or "stages_ns"/"time" anywhere in the path).
+  Noisy: compared statistically, lower is better.
+- "gauge": quantities the kernel counts for whole processes or that depend on
+  scheduling (RSS, page allocations and faults, interrupts and eventfd wake-ups, what
+  a background workload managed to do before it was stopped). They vary from trial to trial:
+  compared statistically like timings, lower is better.
 - "counter": everything else numeric (pages, requests, kicks, madvise calls, bytes on
-  the ring). Determined by the protocol: compared exactly.
+  the ring). Determined by the protocol and the seed: compared exactly.
 """
 from __future__ import annotations
 
@@ -26,21 +31,29 @@ COUNTER = "counter"
 KINDS = (TIMING, GAUGE, COUNTER)
 STATISTICAL_KINDS = frozenset({TIMING, GAUGE})
 
-_TIME_UNITS = ("ns", "us", "ms", "s")
+_TIME_UNITS = {"ns": "ns", "us": "us", "ms": "ms", "s": "s", "seconds": "s", "secs": "s"}
 _TIMING_WORDS = ("stages_ns", "time")
-# Leaf names counted by the kernel for the whole process (see module docstring).
-_GAUGE_LEAVES = frozenset({"rss_peak_bytes", "page_allocs", "page_frees", "page_faults"})
-# A dict under one of these keys, or whose own key ends in "hist", is a histogram.
+# Path components counted by the kernel for whole processes or set by scheduling.
+# Interrupts are among them: with VIRTIO_RING_F_EVENT_IDX the device skips a call when
+# the driver is still busy with the previous one, which depends on timing (seen: 125
+# to 128 interrupts for 128 requests in the same round of two runs).
+_GAUGE_PARTS = frozenset({
+    "rss_bytes", "rss_peak_bytes",
+    "page_allocs", "page_alloc_pages", "page_frees", "page_free_pages", "page_frees_batched", "page_faults",
+    "device_wakeups", "interrupt_reads", "empty_reads", "kick_read", "kick_reads", "call_read", "call_reads",
+    "interrupts", "call_write", "call_writes", "eventfd_writes",
+})
+_GAUGE_PREFIXES = ("workload.stop.",)  # background workloads report how much they did before stop()
 _HISTOGRAM_PARENTS = frozenset({"hists", "histograms"})
+_SKIPPED_KEYS = frozenset({"per_pid"})
 
 
 def classify(name: str) -> str:
     """Kind of a flattened metric name: "timing", "gauge" or "counter"."""
     parts = name.split(".")
-    leaf = parts[-1]
-    if _time_unit(leaf) or any(w in p for p in parts for w in _TIMING_WORDS):
+    if _time_unit(parts[-1]) or any(w in p for p in parts for w in _TIMING_WORDS):
         return TIMING
-    if leaf in _GAUGE_LEAVES:
+    if name.startswith(_GAUGE_PREFIXES) or any(p in _GAUGE_PARTS for p in parts):
         return GAUGE
     return COUNTER
 
@@ -54,60 +67,63 @@ def _time_unit(leaf: str) -> str:
     """The time unit named by a leaf's "_"-separated tokens ("cpu_s_source" -> "s")."""
     for t in reversed(leaf.split("_")):
         if t in _TIME_UNITS:
-            return t
+            return _TIME_UNITS[t]
     return ""
 
 
 def unit(name: str) -> str:
     """Unit of a metric, for display: "ns", "us", "ms", "s", "bytes" or ""."""
-    leaf = name.rsplit(".", 1)[-1]
-    u = _time_unit(leaf)
+    parts = name.split(".")
+    u = _time_unit(parts[-1])
     if u:
         return u
-    if "stages_ns" in name:
+    if "stages_ns" in parts:
         return "ns"
-    if leaf == "bytes" or leaf.endswith("_bytes") or leaf.startswith("bytes_"):
+    if any(p == "bytes" or p.endswith("_bytes") or p.startswith("bytes_") for p in parts):
         return "bytes"
     return ""
 
 
-def _is_histogram(key: str, parent: str | None, value: Mapping) -> bool:
-    return (key.endswith("hist") or parent in _HISTOGRAM_PARENTS) and all(
-        _is_number(v) for v in value.values()
-    )
-
-
 def _is_number(v: Any) -> bool:
-    # bool is an int subclass but a flag, not a measurement
-    if isinstance(v, bool):
+    if isinstance(v, bool):  # an int subclass, but a flag, not a measurement
         return False
     if isinstance(v, (int, float)):
         return math.isfinite(v)
-    # numpy scalars without importing numpy here
+    # numpy scalars, without importing numpy here
     return hasattr(v, "dtype") and getattr(v, "shape", None) == () and v.dtype.kind in "iuf"
+
+
+def _as_histogram(key: str, parent: str | None, value: Mapping) -> dict[str, int] | None:
+    """The histogram a mapping holds, or None if it is not one."""
+    buckets = value.get("buckets")
+    if isinstance(buckets, list) and all(isinstance(b, Mapping) and "count" in b and "lo" in b for b in buckets):
+        return {str(b["lo"]): int(b["count"]) for b in buckets}
+    if (key.endswith("hist") or parent in _HISTOGRAM_PARENTS) and value and all(
+            _is_number(v) for v in value.values()):
+        return {str(b): int(c) for b, c in value.items()}
+    return None
 
 
 def flatten(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
     """(metrics {dotted name: value}, histograms {dotted name: {bucket: count}})."""
     metrics: dict[str, float] = {}
     hists: dict[str, dict[str, int]] = {}
-    for name, kind, value in _walk(result, "", None):
-        if kind == "hist":
-            hists[name] = value
-        else:
-            metrics[name] = value
+    for name, is_hist, value in _walk(result, "", None):
+        (hists if is_hist else metrics)[name] = value
     return metrics, hists
 
 
-def _walk(node: Mapping[str, Any], prefix: str, parent: str | None) -> Iterator[tuple[str, str, Any]]:
+def _walk(node: Mapping[str, Any], prefix: str, parent: str | None) -> Iterator[tuple[str, bool, Any]]:
     for key, value in node.items():
         key = str(key)
+        if key in _SKIPPED_KEYS:
+            continue
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            if value and _is_histogram(key, parent, value):
-                yield name, "hist", {str(b): int(c) for b, c in value.items()}
-            else:
+            hist = _as_histogram(key, parent, value)
+            if hist is None:
                 yield from _walk(value, name + ".", key)
+            elif hist:
+                yield name, True, hist
         elif _is_number(value):
-            v = value.item() if hasattr(value, "item") else value
-            yield name, "metric", v
+            yield name, False, value.item() if hasattr(value, "item") else value

@@ -23,7 +23,14 @@ class _JsonLineClient:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        for attempt in range(100):   # the socket file exists between bind() and listen()
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.01)
         self.buf = b""
         self.ids = itertools.count(1)
         self.events: list[dict] = []
@@ -94,13 +101,6 @@ def wait_for_socket(path: str, timeout: float, alive=lambda: True) -> None:
         if not alive():
             raise MonitorError(f"process died before creating {path}")
         if os.path.exists(path):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
+            return
         time.sleep(0.02)
     raise MonitorError(f"{path} did not appear within {timeout:.0f} s")

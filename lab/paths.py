@@ -27,3 +27,11 @@ def default_db_path() -> Path:
     if env:
         return Path(env)
     return out_dir(create=False) / "balloon-lab.db"
+
+
+def db_option(fn):
+    """The `--db PATH` option every command shares (default: default_db_path())."""
+    import click
+
+    return click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help=f"Results database (default: ${DB_ENV} or <repo>/out/balloon-lab.db).")(fn)

@@ -35,7 +35,7 @@ class BalloonTrial:
     protocol: str = "pfn"
     guest_mib: int = 1024
     inflate_mib: int = 512
-    workload: str = "aged"
+    workload: str = "aged"     # every free page touched once: each discard frees real memory
     workload_params: dict = field(default_factory=dict)
     seed: int = 1
     batch_pages: int | None = None

@@ -313,7 +313,7 @@ FIELDS: tuple[Field, ...] = (
           to_text=lambda v: [f"{k}={toml_value(x)}" for k, x in v.items()]),
     Field("trials", "--trials", "Measured trials per arm (>= 1).", int),
     Field("warmups", "--warmups", "Warm-up trials per arm, not in the statistics (>= 0).", int),
-    Field("seed", "--seed", "Random seed (workload layout, bootstrap).", int),
+    Field("seed", "--seed", "Random seed of the workload layout (round r uses seed + r).", int),
     Field("probes", "--probes", "Attach eBPF probes.", is_flag_pair=True),
     Field("batch_pages", "--batch-pages", "Pages per driver request (default: as Linux).", int),
     Field("bitmap_pages_per_request", "--bitmap-pages-per-request",
@@ -385,12 +385,14 @@ def load_spec(path: str | Path | None, overrides: Mapping[str, Any] | None = Non
 
 def validate_workload(spec: ExperimentSpec) -> None:
     """Let the workloads package refuse a bad workload name or parameters now, before
-    any trial runs. Skipped while the workloads package has no make_workload."""
+    any trial runs (building a workload only validates; it touches no memory)."""
     try:
-        from workloads import make_workload  # type: ignore[attr-defined]
+        from workloads import WORKLOADS, make_workload
     except ImportError:
         return
+    if spec.workload not in WORKLOADS:
+        raise SpecError("workload", f"unknown workload {spec.workload!r}", list(WORKLOADS))
     try:
-        make_workload(spec.workload, dict(spec.workload_params))
-    except (ValueError, KeyError, TypeError) as e:
-        raise SpecError("workload", str(e).strip("'\"")) from None
+        make_workload(spec.workload, dict(spec.workload_params), seed=spec.seed)
+    except (ValueError, TypeError) as e:
+        raise SpecError("workload_params", str(e)) from None

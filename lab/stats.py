@@ -191,11 +191,14 @@ class Comparison:
     summaries: list[Summary]
     pairs: list[PairResult]
     notes: list[str] = field(default_factory=list)
+    folded: dict[str, str] = field(default_factory=dict)  # duplicate metric -> the metric kept
 
     def summary(self, arm: str, metric: str) -> Summary | None:
+        metric = self.folded.get(metric, metric)
         return next((s for s in self.summaries if s.arm == arm and s.metric == metric), None)
 
     def pair(self, arm: str, metric: str) -> PairResult | None:
+        metric = self.folded.get(metric, metric)
         return next((p for p in self.pairs if p.arm == arm and p.metric == metric), None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,12 +227,18 @@ def _nan_for_none(d: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
 
 
 # --- comparisons ------------------------------------------------------------------
-def verdict(kind: str, ratio: float, significant: bool | None) -> str:
+def verdict(kind: str, ratio: float, significant: bool | None, *, identical: bool = False,
+            underpowered: bool = False) -> str:
+    """The word for one comparison. For timings and gauges "too few trials" means no
+    difference could have been significant with these sample sizes after Holm
+    (so "no difference" would be a claim the data cannot support)."""
     if not M.is_statistical(kind):
         if ratio == 1.0:
             return "equal"
-        return "more" if ratio > 1.0 or ratio == math.inf else "fewer"
-    if significant is None:
+        return "more" if ratio > 1.0 else "fewer"
+    if identical:
+        return "equal"
+    if significant is None or (not significant and underpowered):
         return "too few trials"
     if not significant:
         return "no difference"
@@ -238,14 +247,47 @@ def verdict(kind: str, ratio: float, significant: bool | None) -> str:
     return "higher" if ratio > 1.0 else "lower"
 
 
+def duplicates(groups: Sequence[Mapping[str, np.ndarray]], *, all_kinds: bool = False) -> dict[str, str]:
+    """{metric: the metric it duplicates}: metrics with the same leaf name whose samples
+    are identical, value for value, in every group (arm).
+
+    Result objects carry some measurements twice (inflate.stages_ns.total and
+    stages_ns.inflate.total); testing both would inflate Holm's family and weaken it
+    for nothing. The shallowest (then alphabetically first) name is kept. By default only
+    timings and gauges that vary are folded: two different counters are often equal
+    (inflate.kicks and deflate.kicks), and folding them would hide one from a table.
+    all_kinds=True folds counters and constants too (the gate, where identical samples
+    give identical verdicts and listing both only repeats a finding).
+    """
+    if not groups:
+        return {}
+    common = set.intersection(*(set(g) for g in groups))
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for name in sorted(common, key=lambda n: (n.count("."), n)):
+        if not all_kinds and not M.is_statistical(M.classify(name)):
+            continue
+        arrays = [np.asarray(g[name], dtype=float) for g in groups]
+        if not all_kinds and all(a.size == 0 or np.ptp(a) == 0 for a in arrays):
+            continue
+        key = (name.rsplit(".", 1)[-1], M.classify(name), *(a.tobytes() for a in arrays))
+        if key in seen:
+            out[name] = seen[key]
+        else:
+            seen[key] = name
+    return out
+
+
 def compare_samples(base: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], *,
                     baseline_label: str, label: str, metrics: Iterable[str] | None = None,
                     alpha: float = ALPHA, confidence: float = CONFIDENCE,
                     n_resamples: int = N_RESAMPLES, seed: int = SEED) -> list[PairResult]:
-    """Compare `other` to `base` on every metric both have (or on `metrics`); Holm's
-    correction runs over the statistical metrics of this one comparison."""
+    """Compare `other` to `base` on every metric both have (or on `metrics`). Holm's
+    correction runs over the timings and gauges of this one comparison that can be
+    tested at all (samples that are all one identical value are "equal", untested)."""
     names = sorted(set(base) & set(other)) if metrics is None else [m for m in metrics if m in base and m in other]
     out: list[PairResult] = []
+    identical: set[str] = set()
     for name in names:
         kind = M.classify(name)
         b, o = np.asarray(base[name], dtype=float), np.asarray(other[name], dtype=float)
@@ -256,17 +298,22 @@ def compare_samples(base: Mapping[str, np.ndarray], other: Mapping[str, np.ndarr
                        n_baseline=int(b.size), n=int(o.size), baseline_median=mb, median=mo,
                        ratio=ratio_of_medians(b, o), ratio_ci_low=None, ratio_ci_high=None,
                        difference=mo - mb)
-        if M.is_statistical(kind):
+        if not M.is_statistical(kind):
+            r.varies = bool(np.ptp(b) > 0 or np.ptp(o) > 0)
+        elif np.ptp(b) == 0 and np.ptp(o) == 0 and mb == mo:
+            identical.add(name)
+            r.ratio_ci_low = r.ratio_ci_high = r.ratio
+        else:
             _, r.ratio_ci_low, r.ratio_ci_high = ratio_ci(b, o, confidence=confidence,
                                                           n_resamples=n_resamples, seed=seed)
             r.p_value, r.cliffs_delta, r.cles = mann_whitney(b, o)
-        else:
-            r.varies = bool(np.ptp(b) > 0 or np.ptp(o) > 0)
         out.append(r)
+    family = sum(r.p_value is not None for r in out)
     for r, ph in zip(out, holm([r.p_value for r in out])):
         r.p_holm = ph
-        sig = None if ph is None else ph < alpha
-        r.verdict = verdict(r.kind, r.ratio, sig)
+        underpowered = family > 0 and min_mann_whitney_p(r.n_baseline, r.n) >= alpha / family
+        r.verdict = verdict(r.kind, r.ratio, None if ph is None else ph < alpha,
+                            identical=r.metric in identical, underpowered=underpowered)
     return out
 
 
@@ -278,27 +325,41 @@ def compare_arms(table: Table, baseline_arm: str, *, alpha: float = ALPHA, confi
                          f"(arms with data: {', '.join(a for a in table if table[a]) or 'none'})")
     arms = [a for a in table if table[a]]
     metrics = sorted({m for a in arms for m in table[a]})
+    folded = duplicates([table[a] for a in arms])
     summaries = []
     notes = []
     for arm in arms:
         for m in metrics:
-            if m not in table[arm] or len(table[arm][m]) == 0:
+            if m in folded or m not in table[arm] or len(table[arm][m]) == 0:
                 continue
             x = np.asarray(table[arm][m], dtype=float)
             med, lo, hi = median_ci(x, confidence=confidence, n_resamples=n_resamples, seed=seed)
             summaries.append(Summary(metric=m, kind=M.classify(m), arm=arm, n=int(x.size), median=med,
                                      ci_low=lo, ci_high=hi, min=float(x.min()), max=float(x.max())))
+    kept = [m for m in metrics if m not in folded]
     pairs: list[PairResult] = []
     for arm in arms:
         if arm == baseline_arm:
             continue
         pairs += compare_samples(table[baseline_arm], table[arm], baseline_label=baseline_arm, label=arm,
-                                 alpha=alpha, confidence=confidence, n_resamples=n_resamples, seed=seed)
+                                 metrics=kept, alpha=alpha, confidence=confidence, n_resamples=n_resamples,
+                                 seed=seed)
     small = sorted({s.arm for s in summaries if s.n < MIN_BOOTSTRAP_N})
     if small:
         notes.append(f"fewer than {MIN_BOOTSTRAP_N} measured trials in {', '.join(small)}: no CIs there")
-    return Comparison(baseline_arm=baseline_arm, arms=arms, metrics=metrics, alpha=alpha, confidence=confidence,
-                      n_resamples=n_resamples, seed=seed, summaries=summaries, pairs=pairs, notes=notes)
+    if folded:
+        example = next(iter(folded.items()))
+        notes.append(f"{len(folded)} metric(s) had samples identical to another and were folded into it "
+                     f"(e.g. {example[0]} = {example[1]})")
+    weak = sorted({p.arm for p in pairs if p.verdict == "too few trials"})
+    if weak:
+        family = max(sum(p.p_value is not None for p in pairs if p.arm == a) for a in weak)
+        need = next(k for k in range(2, 10_000) if min_mann_whitney_p(k, k) < alpha / family)
+        notes.append(f"too few trials for {', '.join(weak)}: with Holm over {family} timings/gauges, "
+                     f"Mann-Whitney needs at least {need} trials per arm to reach p < {alpha:g}")
+    return Comparison(baseline_arm=baseline_arm, arms=arms, metrics=kept, alpha=alpha, confidence=confidence,
+                      n_resamples=n_resamples, seed=seed, summaries=summaries, pairs=pairs, notes=notes,
+                      folded=folded)
 
 
 # --- terminal rendering -------------------------------------------------------------
@@ -399,10 +460,11 @@ def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, show
                     verdict_ = pr.verdict
             rows.append((m if first else "", arm, str(s.n), med, ratio, p, effect, verdict_))
             first = False
-    return _align(header, rows, right={2})
+    return format_columns(header, rows, right={2})
 
 
-def _align(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> str:
+def format_columns(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> str:
+    """Left-aligned (or, for columns in `right`, right-aligned) text columns under a header rule."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(r: Sequence[str]) -> str:
@@ -433,4 +495,4 @@ def render_summaries(comp: Comparison, metrics: Sequence[str] | None = None) -> 
             else:
                 cells.append(fmt(s.median))
         rows.append((m, M.classify(m), *cells))
-    return _align(header, rows)
+    return format_columns(header, rows)

@@ -1,8 +1,8 @@
 """The results store: one embedded SQLite database (WAL) holding every run and trial.
 
 A trial (its row, its flattened metrics, its histograms) is written in ONE
-transaction with SIGINT/SIGTERM held off, so neither Ctrl-C nor SIGKILL can leave
-half a trial behind: SQLite's atomic commit covers the kill, the signal mask covers
+transaction with SIGINT/SIGTERM deferred, so neither Ctrl-C nor SIGKILL can leave
+half a trial behind: SQLite's atomic commit covers the kill, the deferral covers
 Python raising KeyboardInterrupt between two INSERTs. A run whose process died
 without finishing is recognised by its recorded pid (and that pid's start time, so
 a reused pid is not mistaken for it) and reported as "interrupted".
@@ -18,6 +18,7 @@ import re
 import signal
 import socket
 import sqlite3
+import threading
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,6 +148,7 @@ class Baseline:
     spec: dict[str, Any]
     environment: dict[str, Any]
     table: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    rounds: dict[str, dict[str, np.ndarray]] | None = None  # the round of each sample, if recorded
 
 
 def now_iso() -> str:
@@ -175,26 +177,41 @@ def dumps(obj: Any, **kw: Any) -> str:
 
 
 def _proc_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (field 22 of /proc/pid/stat)."""
+    """Start time of a live process in clock ticks since boot (field 22 of
+    /proc/pid/stat); None if there is no such process or it is a zombie (dead, unreaped)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
     # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back (delivered right after) so Python cannot raise
-    KeyboardInterrupt between two statements of one transaction."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+def _signals_deferred() -> Iterator[None]:
+    """Defer SIGINT/SIGTERM until the block is done, then deliver them to the handlers
+    that were in place, so Python cannot raise KeyboardInterrupt between two statements
+    of one transaction. (A signal mask would not do: a process-directed signal goes to
+    any thread not blocking it, e.g. a BLAS worker, and Python then runs the handler in
+    the main thread anyway.) Handlers only run in the main thread, so a write from
+    another thread needs no protection."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: h for s, h in old.items() if h is not None}  # None: installed from C, leave it alone
+    for s in old:
+        signal.signal(s, lambda signum, _frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in pending:
+            signal.raise_signal(s)
 
 
 class Store:
@@ -236,7 +253,7 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with _signals_held():
+        with _signals_deferred():
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
@@ -378,9 +395,17 @@ class Store:
     def metric_table(self, run_id: str) -> dict[str, dict[str, np.ndarray]]:
         """{arm: {metric: samples}} over the measured (non-warm-up) ok trials, arms in
         schedule order, samples in trial order."""
+        return self._table(run_id, "m.value")
+
+    def round_table(self, run_id: str) -> dict[str, dict[str, np.ndarray]]:
+        """Same shape as metric_table, holding each sample's round: samples of one round
+        saw the same seed, so counters can be compared round by round."""
+        return self._table(run_id, "t.round")
+
+    def _table(self, run_id: str, column: str) -> dict[str, dict[str, np.ndarray]]:
         table: dict[str, dict[str, list[float]]] = {a: {} for a in self._arm_order(run_id)}
         rows = self.db.execute(
-            "SELECT t.arm, m.name, m.value FROM metrics m JOIN trials t ON t.id = m.trial_id"
+            f"SELECT t.arm, m.name, {column} FROM metrics m JOIN trials t ON t.id = m.trial_id"
             " WHERE t.run_id=? AND t.warmup=0 AND t.status='ok' ORDER BY t.idx, m.name", (run_id,))
         for arm, name, value in rows:
             table.setdefault(arm, {}).setdefault(name, []).append(value)
@@ -424,7 +449,7 @@ class Store:
         if run.status != "complete" and not allow_incomplete:
             raise StoreError(f"run {run.id} is {run.status}, not complete: a baseline must come from a "
                              "finished run (pass allow_incomplete to export it anyway)")
-        table = self.metric_table(run.id)
+        table, rounds = self.metric_table(run.id), self.round_table(run.id)
         if not table:
             raise StoreError(f"run {run.id} has no measured ok trials to export")
         doc = {
@@ -435,7 +460,8 @@ class Store:
                                                  "command_line", "probe_backend", "trials_ok", "trials_failed")},
             "spec": run.spec,
             "environment": run.environment,
-            "arms": {arm: {m: {"kind": M.classify(m), "samples": v.tolist()} for m, v in ms.items()}
+            "arms": {arm: {m: {"kind": M.classify(m), "samples": v.tolist(),
+                               "rounds": rounds[arm][m].astype(int).tolist()} for m, v in ms.items()}
                      for arm, ms in table.items()},
         }
         path = Path(path)
@@ -465,18 +491,28 @@ def load_baseline(path: str | Path) -> Baseline:
     if not isinstance(arms, dict) or not arms:
         raise BaselineError(f"{p} has no \"arms\" with samples")
     table: dict[str, dict[str, np.ndarray]] = {}
+    rounds: dict[str, dict[str, np.ndarray]] = {}
     for arm, ms in arms.items():
         if not isinstance(ms, dict):
             raise BaselineError(f"{p}: arms.{arm} is not a table of metrics")
-        table[arm] = {}
+        table[arm], rounds[arm] = {}, {}
         for m, entry in ms.items():
             samples = entry.get("samples") if isinstance(entry, dict) else None
-            if (not isinstance(samples, list) or not samples
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in samples)):
+            if not _numbers(samples):
                 raise BaselineError(f"{p}: arms.{arm}.{m}.samples must be a non-empty list of numbers")
             table[arm][m] = np.asarray(samples, dtype=float)
+            if "rounds" in entry:
+                if not _numbers(entry["rounds"]) or len(entry["rounds"]) != len(samples):
+                    raise BaselineError(f"{p}: arms.{arm}.{m}.rounds must list one round per sample")
+                rounds[arm][m] = np.asarray(entry["rounds"], dtype=float)
     for key in ("run", "spec", "environment"):
         if not isinstance(doc.get(key, {}), dict):
             raise BaselineError(f"{p}: \"{key}\" must be an object")
+    complete = all(set(rounds[a]) == set(table[a]) for a in table)
     return Baseline(path=str(p), run=doc.get("run", {}), spec=doc.get("spec", {}),
-                    environment=doc.get("environment", {}), table=table)
+                    environment=doc.get("environment", {}), table=table, rounds=rounds if complete else None)
+
+
+def _numbers(xs: Any) -> bool:
+    return (isinstance(xs, list) and bool(xs)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs))

@@ -37,6 +37,7 @@ class Problem:
     check: str
     detail: str
     fix: str
+    needs_root: bool = False          # the fix is simply to run as root
 
 
 def setup_fix() -> str:
@@ -78,12 +79,12 @@ def import_bcc() -> Any:
 
 def preflight() -> list[Problem]:
     """Everything eBPF needs that can be checked without loading a program."""
-    from probes.tracefs import tracefs_root
+    from probes.tracefs import tracefs_mounts, tracefs_root
 
     problems: list[Problem] = []
     if os.geteuid() != 0:
         problems.append(Problem("root", f"running as uid {os.geteuid()}; loading eBPF programs needs root "
-                                "(CAP_BPF + CAP_PERFMON)", "re-run as root, e.g. sudo .venv/bin/balloon-lab ..."))
+                                "(CAP_BPF + CAP_PERFMON)", "re-run as root, e.g. sudo .venv/bin/balloon-lab ...", True))
     try:
         import_bcc()
     except ProbeUnavailable as e:
@@ -92,7 +93,12 @@ def preflight() -> list[Problem]:
         problems.append(Problem("headers", f"no kernel headers at {headers_dir()}/include (BCC compiles against them)",
                                 headers_fix()))
     if tracefs_root() is None:
-        problems.append(Problem("tracefs", "tracefs is not mounted (no /sys/kernel/tracing/events)", TRACEFS_FIX))
+        mounts = tracefs_mounts()
+        if mounts:
+            problems.append(Problem("tracefs", f"tracefs is mounted ({', '.join(mounts)}) but its events/ is not "
+                                    f"readable by uid {os.geteuid()} (needs root)", "re-run as root", True))
+        else:
+            problems.append(Problem("tracefs", "tracefs is not mounted (no /sys/kernel/tracing/events)", TRACEFS_FIX))
     return problems
 
 
@@ -129,12 +135,12 @@ class BpfModule:
             cflags += c.cflags()
             parts.append(f"/* ---- {c.c_file} ---- */\n" + c.source())
         self.text = usdt_text + "\n".join(parts)
-        self.bpf = bcc.BPF(text=self.text, cflags=cflags, debug=debug)
+        self.bpf = bcc.BPF(text=self.text.encode(), cflags=cflags, debug=debug)
         self.tracepoints: list[bytes] = list(self.bpf.tracepoint_fds.keys())
         self.suspended = False
 
     def set_targets(self, pids: list[int]) -> None:
-        table = self.bpf["target_pids"]
+        table = self.bpf[b"target_pids"]
         table.clear()
         for pid in pids:
             table[table.Key(pid)] = table.Leaf(1)
@@ -166,6 +172,3 @@ def log2_buckets(slots: dict[int, int]) -> list[dict[str, int]]:
         out.append({"lo": lo, "hi": hi, "count": int(slots[slot])})
     return out
 
-
-def table_items(bpf: Any, name: str) -> list[tuple[Any, Any]]:
-    return list(bpf[name].items())

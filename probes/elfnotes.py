@@ -74,6 +74,18 @@ def _parse_notes(data: bytes) -> list[UsdtNote]:
     return out
 
 
+ET_EXEC = 2
+
+
+def elf_type(path: str) -> int:
+    """e_type of the ELF file (2 = ET_EXEC: fixed addresses; 3 = ET_DYN: PIE or shared object)."""
+    with open(path, "rb") as f:
+        head = f.read(18)
+    if len(head) < 18 or head[:4] != b"\x7fELF":
+        raise NotElf(f"{path}: not an ELF file")
+    return struct.unpack_from("<H", head, 16)[0]
+
+
 def has_marker(path: str, provider: str, name: str) -> bool:
     """True when `path` is an ELF file carrying the USDT marker provider:name."""
     try:

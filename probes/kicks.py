@@ -5,6 +5,8 @@ Register each eventfd of each process with its queue index and kind:
   call   device -> guest interrupt: the device writes it, the guest reads it
   config config-change notification
   other  an eventfd whose role is unknown (e.g. found in /proc/PID/fd by `balloon-lab probe`)
+"wakeup" is accepted for the device's end of a kick eventfd and stored as "kick"
+(its reads are the device's wake-ups either way).
 Standalone: `python -m probes.kicks -p PID [-d SECONDS] [--json]` (registers all of
 the pid's eventfds as "other").
 """
@@ -18,6 +20,7 @@ from probes.bpf import Concern, ConcernUnavailable
 from probes.tracefs import pick_field, tracepoint_exists
 
 KINDS = ("kick", "call", "config", "other")
+ALIASES = {"wakeup": "kick"}
 NO_QUEUE = 0xFFFFFFFF          # queue index unknown (stored as u32)
 OPS = ("write", "read", "read_empty")
 
@@ -91,40 +94,43 @@ class KicksProbe(Concern):
         return flags
 
     @staticmethod
-    def check(pid: int, fd: int, queue: int | None, kind: str) -> None:
+    def check(pid: int, fd: int, queue: int | None, kind: str) -> str:
+        """Validate a registration; returns the canonical kind."""
+        kind = ALIASES.get(kind, kind)
         if kind not in KINDS:
-            raise ValueError(f"eventfd kind {kind!r}: must be one of {', '.join(KINDS)}")
+            raise ValueError(f"eventfd kind {kind!r}: must be one of {', '.join(KINDS)} (or 'wakeup' = kick)")
         for what, v in (("pid", pid), ("fd", fd)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 0x7FFFFFFF:
                 raise ValueError(f"eventfd {what} {v!r}: must be a non-negative int")
         if queue is not None and (not isinstance(queue, int) or isinstance(queue, bool) or not 0 <= queue < NO_QUEUE):
             raise ValueError(f"queue {queue!r}: must be a non-negative int or None")
+        return kind
 
     def register(self, bpf: Any, pid: int, fd: int, queue: int | None, kind: str) -> None:
-        self.check(pid, fd, queue, kind)
-        t = bpf["eventfds"]
+        kind = self.check(pid, fd, queue, kind)
+        t = bpf[b"eventfds"]
         key = t.Key(pid, fd)
         t[key] = t.Leaf(NO_QUEUE if queue is None else queue, KINDS.index(kind))
 
     def unregister(self, bpf: Any, pid: int | None = None) -> None:
-        t = bpf["eventfds"]
+        t = bpf[b"eventfds"]
         for k in list(t.keys()):
             if pid is None or k.tgid == pid:
                 del t[k]
 
     def registered(self, bpf: Any) -> dict[tuple[int, int], tuple[int | None, str]]:
         return {(k.tgid, k.fd): (None if v.queue == NO_QUEUE else v.queue, KINDS[v.kind])
-                for k, v in bpf["eventfds"].items()}
+                for k, v in bpf[b"eventfds"].items()}
 
     def read(self, bpf: Any) -> KicksReading:
         r = KicksReading()
-        for k, v in bpf["notify_counts"].items():
+        for k, v in bpf[b"notify_counts"].items():
             q = None if k.queue == NO_QUEUE else k.queue
             r.counts[(k.tgid, q, KINDS[k.kind] if k.kind < len(KINDS) else str(k.kind), OPS[k.op])] = v.value
         return r
 
     def clear(self, bpf: Any) -> None:
-        bpf["notify_counts"].clear()
+        bpf[b"notify_counts"].clear()
 
 
 if __name__ == "__main__":

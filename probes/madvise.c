@@ -37,15 +37,31 @@ struct sc_val {
     u64 bytes;
 };
 
-struct sc_hist_key {
-    u32 kind;
-    u32 slot;
-};
+#define SC_HIST_SLOTS 65          /* lab_log2_slot() of a u64 is 0..64 */
 
 BPF_HASH(sc_inflight, u32, struct sc_inflight, 10240);   /* tid -> call in progress */
 BPF_HASH(sc_stats, struct sc_key, struct sc_val, 4096);
-BPF_HASH(sc_len_hist, struct sc_hist_key, u64, 1024);
-BPF_HASH(sc_ns_hist, struct sc_hist_key, u64, 1024);
+/* Histograms as arrays (cheaper than hash maps on this path): index kind * SC_HIST_SLOTS + slot. */
+BPF_ARRAY(sc_len_hist, u64, 2 * SC_HIST_SLOTS);
+BPF_ARRAY(sc_ns_hist, u64, 2 * SC_HIST_SLOTS);
+
+/* One function per table: BCC rewrites a map only where it is named (not via pointers or macros). */
+static __always_inline void sc_len_hist_add(u32 kind, u64 v)
+{
+    int idx = kind * SC_HIST_SLOTS + lab_log2_slot(v);
+    u64 *c = sc_len_hist.lookup(&idx);
+    if (c)
+        __sync_fetch_and_add(c, 1);
+}
+
+static __always_inline void sc_ns_hist_add(u32 kind, u64 v)
+{
+    int idx = kind * SC_HIST_SLOTS + lab_log2_slot(v);
+    u64 *c = sc_ns_hist.lookup(&idx);
+    if (c)
+        __sync_fetch_and_add(c, 1);
+}
+
 
 static __always_inline int sc_enter(u32 kind, u32 op, u64 len)
 {
@@ -89,12 +105,8 @@ static __always_inline int sc_exit(u32 kind, long ret)
         else
             __sync_fetch_and_add(&v->bytes, s.len);
     }
-    struct sc_hist_key hk = {};
-    hk.kind = kind;
-    hk.slot = lab_log2_slot(s.len);
-    sc_len_hist.increment(hk);
-    hk.slot = lab_log2_slot(dt);
-    sc_ns_hist.increment(hk);
+    sc_len_hist_add(kind, s.len);
+    sc_ns_hist_add(kind, dt);
 #ifdef LAB_STAGES
     stage_account_syscall(id, kind, dt);
 #endif

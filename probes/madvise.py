@@ -12,6 +12,7 @@ from probes.tracefs import pick_field, tracepoint_exists
 
 SC_MADVISE, SC_FALLOCATE = 0, 1
 SYSCALLS = {SC_MADVISE: "madvise", SC_FALLOCATE: "fallocate"}
+HIST_SLOTS = 65                      # madvise.c's SC_HIST_SLOTS
 
 # linux/mman-common.h
 ADVICE_NAMES = {
@@ -114,17 +115,22 @@ class MadviseProbe(Concern):
 
     def read(self, bpf: Any) -> MadviseReading:
         r = MadviseReading()
-        for k, v in bpf["sc_stats"].items():
+        for k, v in bpf[b"sc_stats"].items():
             r.stats[(k.tgid, SYSCALLS.get(k.kind, str(k.kind)), k.op)] = SyscallStats(
                 v.calls, v.ns, v.errors, v.bytes)
-        for table, dest in (("sc_len_hist", r.len_hist), ("sc_ns_hist", r.ns_hist)):
+        for table, dest in ((b"sc_len_hist", r.len_hist), (b"sc_ns_hist", r.ns_hist)):
             for k, v in bpf[table].items():
-                dest.setdefault(SYSCALLS.get(k.kind, str(k.kind)), {})[k.slot] = v.value
+                if v.value:
+                    kind, slot = divmod(k.value, HIST_SLOTS)
+                    dest.setdefault(SYSCALLS.get(kind, str(kind)), {})[slot] = v.value
         return r
 
     def clear(self, bpf: Any) -> None:
-        for t in ("sc_stats", "sc_len_hist", "sc_ns_hist"):
-            bpf[t].clear()
+        bpf[b"sc_stats"].clear()
+        for t in (b"sc_len_hist", b"sc_ns_hist"):
+            table = bpf[t]
+            for i in range(len(SYSCALLS) * HIST_SLOTS):
+                table[table.Key(i)] = table.Leaf(0)
 
 
 if __name__ == "__main__":

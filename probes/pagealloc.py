@@ -61,20 +61,20 @@ class PageAllocProbe(Concern):
 
     def read(self, bpf: Any) -> PageAllocReading:
         r = PageAllocReading(missing=list(self.missing))
-        for k, v in bpf["pa_allocs"].items():
+        for k, v in bpf[b"pa_allocs"].items():
             p = r.per_pid.setdefault(k.tgid, PidPageEvents())
             p.allocs += v.value
             if k.order != ORDER_UNKNOWN:
                 p.alloc_pages += v.value << k.order
             r.alloc_orders[k.order] = r.alloc_orders.get(k.order, 0) + v.value
-        for k, v in bpf["pa_events"].items():
+        for k, v in bpf[b"pa_events"].items():
             p = r.per_pid.setdefault(k.value, PidPageEvents())
             p.frees, p.free_pages, p.frees_batched, p.faults = v.frees, v.free_pages, v.frees_batched, v.faults
         return r
 
     def clear(self, bpf: Any) -> None:
-        bpf["pa_allocs"].clear()
-        bpf["pa_events"].clear()
+        bpf[b"pa_allocs"].clear()
+        bpf[b"pa_events"].clear()
 
 
 if __name__ == "__main__":

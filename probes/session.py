@@ -19,7 +19,7 @@ from probes.bpf import BpfModule, ConcernUnavailable, Concern, ProbeUnavailable,
 from probes.kicks import KINDS, KicksProbe, KicksReading
 from probes.madvise import MadviseProbe, MadviseReading
 from probes.pagealloc import PageAllocProbe, PageAllocReading
-from probes.stages import StagesProbe, StagesReading, exe_has_audit
+from probes.stages import StagesProbe, StagesReading, audit_semaphore, exe_has_audit
 
 CONCERNS = ("madvise", "kicks", "pagealloc", "stages")
 _banner_shown = False
@@ -73,6 +73,7 @@ class ProbeReading:
     fallocate_modes: dict[str, int] = field(default_factory=dict)
     per_pid: dict[int, dict[str, Any]] = field(default_factory=dict)
     per_queue: dict[str, dict[str, int]] = field(default_factory=dict)
+    eventfds: list[dict[str, Any]] = field(default_factory=list)    # registered: {pid, fd, queue, kind}
     stages: dict[str, dict[str, int]] = field(default_factory=dict)
     stage_anomalies: dict[str, int] = field(default_factory=dict)
     hists: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +115,7 @@ class ProbeSession:
         self.pids: list[int] = []
         self.module: BpfModule | None = None
         self.probes: dict[str, Concern] = {}
+        self.closed = False
         self._t0 = time.monotonic()
         if not enabled:
             self._degrade("probes disabled by the caller (enabled=False)", "", banner=False)
@@ -159,6 +161,8 @@ class ProbeSession:
             return False
         if self.module is not None:
             return True
+        if self.closed:
+            return False
         return bool(self._guard("loading the BPF probes", self._load, usdt_pid))
 
     def _load(self, usdt_pid: int | None) -> bool:
@@ -175,7 +179,8 @@ class ProbeSession:
             usable[name] = c
         usdt_text = ""
         if "stages" in usable:
-            source = next((p for p in ([usdt_pid] if usdt_pid else []) + [os.getpid()] if exe_has_audit(p)), None)
+            candidates = ([usdt_pid] if usdt_pid else []) + [os.getpid()]
+            source = next((p for p in candidates if exe_has_audit(p)), None)
             if source is None:
                 self.missing["stages"] = "no interpreter with the python:audit USDT marker to build the stage probe from"
                 del usable["stages"]
@@ -240,6 +245,9 @@ class ProbeSession:
                 self.missing.pop(f"stages:{p}", None)
             except Exception as e:       # e.g. the process exited, or another interpreter build
                 self.missing[f"stages:{p}"] = f"pid {p}: {e}"
+                continue
+            if audit_semaphore(p) == 0:  # attached, but Python would never fire the marker
+                self.missing[f"stages:{p}"] = f"pid {p}: python:audit semaphore still 0 after attach"
 
     def _stages_detach_all(self) -> None:
         st = self.probes.get("stages")
@@ -283,19 +291,22 @@ class ProbeSession:
     def clear(self) -> None:
         """Zero every counter and histogram (registrations and targets stay)."""
         if self.active and self.module is not None:
-            bpf = self.module.bpf
-            for c in self.probes.values():
-                if self._guard(f"clearing the {c.name} probe", c.clear, bpf) is None and not self.active:
-                    return
+            self._guard("clearing the probes", self._clear)
         self._t0 = time.monotonic()
+
+    def _clear(self) -> None:
+        assert self.module is not None
+        for c in self.probes.values():
+            c.clear(self.module.bpf)
 
     def read(self) -> ProbeReading:
         if self.active and self.module is not None:
             r = self._guard("reading the probes", self._read)
             if r is not None:
                 return r
-        return ProbeReading(backend=self.backend, reason=self.reason or (None if self.active else "not loaded"),
-                            pids=list(self.pids), seconds=time.monotonic() - self._t0, missing=dict(self.missing))
+        why = self.reason or ("probes detached" if self.closed else "probes not loaded yet (call attach())")
+        return ProbeReading(backend="none", reason=why, pids=list(self.pids),
+                            seconds=time.monotonic() - self._t0, missing=dict(self.missing))
 
     def _read(self) -> ProbeReading:
         assert self.module is not None
@@ -325,6 +336,8 @@ class ProbeSession:
             r.device_wakeups, r.interrupt_reads = kr.device_wakeups, kr.interrupt_reads
             r.empty_reads, r.eventfd_writes = kr.total(op="read_empty"), kr.total(op="write")
             r.per_queue = kr.per_queue()
+            r.eventfds = [{"pid": p, "fd": fd, "queue": q, "kind": kind}
+                          for (p, fd), (q, kind) in sorted(k.registered(bpf).items())]
             for p in {key[0] for key in kr.counts} | set(self.pids):
                 d = per_pid.setdefault(p, {})
                 for kind in KINDS:
@@ -365,9 +378,7 @@ class ProbeSession:
             except Exception:
                 pass
             self.module = None
-        if self.active:
-            self.reason = "detached"
-            self.backend = "none"
+        self.closed = True
 
     def __enter__(self) -> "ProbeSession":
         return self

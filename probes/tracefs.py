@@ -15,6 +15,15 @@ TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 _FIELD_RE = re.compile(r"field:[^;]*?([A-Za-z_][A-Za-z0-9_]*)(\[[^\]]*\])?;")
 
 
+def tracefs_mounts() -> list[str]:
+    """Mount points of tracefs (from /proc/self/mounts; readable without root)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            return [line.split()[1] for line in f if len(line.split()) > 2 and line.split()[2] == "tracefs"]
+    except OSError:
+        return []
+
+
 def tracefs_root() -> str | None:
     """The first mounted tracefs (the one with an events/ directory), or None."""
     for root in TRACEFS_CANDIDATES:

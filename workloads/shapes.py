@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from device.wire import pfns_to_runs
+
 from device.buddy import MAX_BLOCK, BuddyAllocator
 
 
 def run_lengths(pfns: np.ndarray) -> np.ndarray:
     """Lengths of the maximal runs of consecutive PFNs in a PFN set (any order)."""
-    p = np.unique(np.asarray(pfns, dtype=np.int64))
-    if not len(p):
-        return np.empty(0, dtype=np.int64)
-    brk = np.flatnonzero(np.diff(p) != 1)
-    edges = np.concatenate(([0], brk + 1, [len(p)]))
-    return np.diff(edges)
+    return pfns_to_runs(pfns)[1]
 
 
 def split_even(total: int, parts: int) -> list[int]:
@@ -44,11 +41,14 @@ def place_regions(alloc: BuddyAllocator, sizes: list[int], rng: np.random.Genera
     """Choose, for each requested size (pages), a cluster of free pages made of
     consecutive free order-10 slots at a random position, without overlaps, in a
     random order of clusters; allocate them and return each cluster's PFNs (sorted).
-    Sizes are clamped (largest first) to what the free order-10 slots can hold."""
+    When the free order-10 slots cannot hold them all, the last sizes are cut first
+    (callers list what matters most first)."""
     slots = alloc.free_blocks(10)
     need = [-(-s // MAX_BLOCK) for s in sizes]
-    while sum(need) > len(slots):
-        i = int(np.argmax(need))
+    i = len(need) - 1
+    while sum(need) > len(slots):  # clamp from the end: later sizes matter less
+        while need[i] == 0:
+            i -= 1
         need[i] -= 1
     nseg = len(sizes)
     spare = len(slots) - sum(need)
@@ -62,6 +62,7 @@ def place_regions(alloc: BuddyAllocator, sizes: list[int], rng: np.random.Genera
         seg = slots[pos : pos + need[i]]
         pos += need[i]
         pages = (seg[:, None] + np.arange(MAX_BLOCK, dtype=np.int64)).ravel()[: sizes[i]]
+        # note: a cut size gives fewer pages, reported by the caller as clamped
         alloc_pfns(alloc, pages)
         out[i] = pages
     return out

@@ -10,17 +10,12 @@ from device.features import PROTOCOLS
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
 
 
-def parse_params(items: tuple[str, ...]) -> dict:
-    out: dict = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
-        try:
-            out[key] = json.loads(val)
-        except ValueError:
-            out[key] = val
-    return out
+def workload_params(workload: str, items: tuple[str, ...]) -> dict:
+    from workloads import parse_params
+    try:
+        return parse_params(workload, list(items))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--param")
 
 
 def open_probes(enabled: bool):
@@ -59,7 +54,7 @@ def format_result(r: dict) -> str:
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="pfn", show_default=True)
 @click.option("--guest-mib", type=int, default=1024, show_default=True)
 @click.option("--inflate-mib", type=int, default=512, show_default=True)
-@click.option("--workload", default="aged", show_default=True, help="idle, aged, hog, fragment, churn, dirty")
+@click.option("--workload", default="aged", show_default=True, help="aged, idle, hog, fragment, churn, dirty")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="workload parameter (repeatable)")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--batch-pages", type=int, default=None, help="pages per request (default: 256 for pfn, 1 GiB for ranges)")
@@ -72,7 +67,7 @@ def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_page
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
     try:
         trial = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
-                             workload_params=parse_params(params), seed=seed, batch_pages=batch_pages,
+                             workload_params=workload_params(workload, params), seed=seed, batch_pages=batch_pages,
                              discard=discard, deflate=not no_deflate)
     except ValueError as e:
         raise click.UsageError(str(e))

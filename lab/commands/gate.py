@@ -1,0 +1,73 @@
+"""`balloon-lab gate`: pass/fail a candidate run against a baseline, for CI.
+
+Exit 0 pass, 1 regression, 2 unusable input. --json and --junit give the verdict to
+machines; the text output names every regressed metric with both values.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import click
+
+from lab.gate import EXIT_UNUSABLE, GateInputError, Thresholds, load_input, run_gate
+from lab.paths import db_option, default_db_path
+from lab.store import dumps
+
+
+def _junit_error(message: str) -> str:
+    suites = ET.Element("testsuites", name="balloon-lab gate", tests="1", failures="0", errors="1")
+    suite = ET.SubElement(suites, "testsuite", name="balloon-lab gate", tests="1", failures="0", errors="1")
+    tc = ET.SubElement(suite, "testcase", classname="balloon-lab.gate", name="gate input")
+    ET.SubElement(tc, "error", message=message, type="unusable input")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+@click.command("gate")
+@click.option("--baseline", required=True, metavar="RUN_OR_FILE", help="Baseline: run id (prefix) or baseline JSON file.")
+@click.option("--candidate", required=True, metavar="RUN_OR_FILE", help="Candidate: run id (prefix) or baseline JSON file.")
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON on stdout.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write JUnit XML (one testcase per arm x metric) to this file.")
+@click.option("--threshold", "threshold_items", multiple=True, metavar="METRIC=VALUE",
+              help="Per-metric limit, METRIC may be a glob: 'inflate.stages_ns.*=15%', 'inflate.kicks=2', "
+                   "'probes.page_faults=ignore'. Repeatable; the last match wins.")
+@click.option("--thresholds", "thresholds_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML/JSON file with alpha, timing, counter and a [metrics] table of pattern = limit.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Significance level after Holm correction (default 0.05).")
+@click.option("--allow-spec-change", is_flag=True, help="Gate runs whose experiment specs differ.")
+@click.option("--relative", is_flag=True,
+              help="Gate timings as ratios to each run's reference (first) arm: cancels machine-wide drift "
+                   "between the runs; the reference arm's own timings are then not gated.")
+@click.option("-v", "--verbose", is_flag=True, help="List every check, not only regressions and improvements.")
+def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path | None, threshold_items,
+            thresholds_file: Path | None, alpha: float | None, allow_spec_change: bool, relative: bool,
+            verbose: bool) -> None:
+    """Compare a candidate run with a baseline: exit 0 pass, 1 regression, 2 unusable input."""
+    path = db_path or default_db_path()
+    try:
+        th = Thresholds.from_file(thresholds_file) if thresholds_file else Thresholds()
+        th.add_cli(threshold_items)
+        if alpha is not None:
+            th.alpha = alpha
+        result = run_gate(load_input(baseline, path, "baseline"), load_input(candidate, path, "candidate"), th,
+                          allow_spec_change=allow_spec_change, relative=relative)
+    except GateInputError as e:
+        click.echo(f"gate: unusable input: {e}", err=True)
+        if as_json:
+            click.echo(json.dumps({"verdict": "unusable", "exit_code": EXIT_UNUSABLE, "error": str(e)}, indent=1))
+        if junit:
+            junit.write_text(_junit_error(str(e)))
+        sys.exit(EXIT_UNUSABLE)
+    if junit:
+        junit.write_text(result.to_junit())
+    if as_json:
+        click.echo(dumps(result.to_dict(), indent=1))
+        click.echo(result.render_text(verbose=verbose), err=True)
+    else:
+        click.echo(result.render_text(verbose=verbose))
+    sys.exit(result.exit_code)

@@ -1,0 +1,104 @@
+"""`balloon-lab show RUN`: one run's spec, environment, trials and statistics."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lab.commands.runs import local_time
+from lab.experiment import load_comparison
+from lab.paths import db_option, default_db_path
+from lab.stats import Comparison, render_summaries, render_table
+from lab.store import RunInfo, Store, StoreError, dumps
+
+
+def _gib(b: int | None) -> str:
+    return "?" if b is None else f"{b / (1 << 30):.1f} GiB"
+
+
+def describe_environment(env: dict[str, Any]) -> list[str]:
+    git = env.get("git_commit")
+    git_s = "not a git checkout" if not git else git[:12] + (" (dirty)" if env.get("git_dirty") else "")
+    load = env.get("loadavg")
+    return [
+        f"host {env.get('hostname')}, kernel {env.get('kernel')} ({env.get('machine')})",
+        f"CPU {env.get('cpu_model')}, {env.get('cores')} cores ({env.get('cores_usable')} usable), "
+        f"memory {_gib(env.get('memory_bytes'))} ({_gib(env.get('memory_available_bytes'))} available)",
+        f"Python {env.get('python_version')} ({env.get('python_executable')}), numpy {env.get('numpy')}, "
+        f"scipy {env.get('scipy')}",
+        f"git {git_s}, probe backend {env.get('probe_backend') or '?'}, "
+        f"load at start {' '.join(map(str, load)) if load else '?'}",
+    ]
+
+
+def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_now: bool,
+                 metrics: tuple[str, ...], all_counters: bool) -> str:
+    s = run.spec
+    out = [f"run {run.id}  {run.name}  ({run.status})",
+           f"  created {local_time(run.created_at)}, finished {local_time(run.finished_at)}",
+           f"  command: {run.command_line}",
+           f"  spec: {s.get('kind')}, guest {s.get('guest_mib')} MiB, inflate {s.get('inflate_mib')} MiB, "
+           f"arms {', '.join(run.arms)}, workload {s.get('workload')}"
+           + (f" {s['workload_params']}" if s.get("workload_params") else "") + ", "
+           f"{s.get('trials')} trials + {s.get('warmups')} warm-up per arm, seed {s.get('seed')}, "
+           f"probes {'on' if s.get('probes') else 'off'} (backend {run.probe_backend or '?'})",
+           "  environment:"]
+    out += ["    " + line for line in describe_environment(run.environment)]
+    out.append(f"  trials: {run.trials_ok} ok, {run.trials_failed} failed, {run.warmups} warm-up")
+    failed = [t for t in store.trials(run.id, include_warmups=True) if t.status == "failed"]
+    for t in failed[:5]:
+        out.append(f"    failed #{t.idx} {t.arm} (round {t.round}): {(t.error or '').splitlines()[0]}")
+    if len(failed) > 5:
+        out.append(f"    ... and {len(failed) - 5} more failed trials (--json has them all)")
+    if run.notes:
+        out += ["  notes:"] + ["    " + n for n in run.notes.splitlines()]
+    if comp is None:
+        out.append("\nno statistics: the baseline arm has no successful measured trial")
+        return "\n".join(out)
+    out.append(f"\nper-arm medians [{comp.confidence:.0%} bootstrap CI]:")
+    out.append(render_summaries(comp, metrics or None))
+    when = " (computed now: the run did not finish)" if computed_now else ""
+    out.append(f"\ncomparison with {comp.baseline_arm}{when}: ratio = arm / {comp.baseline_arm}, "
+               f"Mann-Whitney p with Holm correction, d = Cliff's delta, alpha {comp.alpha:g}"
+               + ("" if all_counters else "; counters equal in every arm hidden (--all-counters)"))
+    out.append(render_table(comp, metrics or None, show_equal_counters=all_counters))
+    out += [f"note: {n}" for n in comp.notes]
+    return "\n".join(out)
+
+
+@click.command("show")
+@click.argument("run_ref", metavar="RUN")
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="Print the run, its trials and statistics as JSON.")
+@click.option("--metrics", "metrics", multiple=True, metavar="PATTERN",
+              help="Only metrics matching this glob (repeatable), e.g. 'inflate.stages_ns.*'.")
+@click.option("--all-counters", is_flag=True, help="Also list counters that are equal in every arm.")
+@click.option("--export-baseline", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the run as a baseline JSON file for `balloon-lab gate` (and CI).")
+@click.option("--allow-incomplete", is_flag=True, help="With --export-baseline: export a run that did not complete.")
+def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_counters: bool,
+            export_baseline: Path | None, allow_incomplete: bool) -> None:
+    """Show one run (id, unique id prefix, or "latest")."""
+    path = db_path or default_db_path()
+    try:
+        with Store(path, create=False) as store:
+            run = store.get_run(run_ref)
+            if export_baseline:
+                store.export_baseline(run.id, export_baseline, allow_incomplete=allow_incomplete)
+                click.echo(f"wrote baseline of run {run.id} to {export_baseline}", err=True)
+                return
+            computed_now = store.get_comparison(run.id) is None
+            comp = load_comparison(store, run.id)
+            if as_json:
+                click.echo(dumps({"run": run.to_dict(),
+                                  "trials": [t.__dict__ for t in store.trials(run.id, include_warmups=True)],
+                                  "comparison": comp.to_dict() if comp else None,
+                                  "comparison_computed_now": computed_now}, indent=1))
+            else:
+                click.echo(describe_run(run, store, comp, computed_now, metrics, all_counters))
+    except StoreError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)

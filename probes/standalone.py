@@ -1,0 +1,172 @@
+"""Point the probes at any running process (a real QEMU, a lab process, anything).
+
+Shared by `balloon-lab probe` and the loaders' own `python -m probes.<name>` mains.
+The lab cannot know another program's virtqueue fds, so every eventfd the process
+has open when probing starts is registered as kind "other" (cheap: one readlink per
+fd), unless the caller names fds explicitly (FD[:QUEUE[:KIND]]).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from probes.kicks import KINDS, eventfds_of
+from probes.session import CONCERNS, ProbeReading, ProbeSession
+
+
+class NoSuchProcess(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class EventfdSpec:
+    fd: int
+    queue: int | None = None
+    kind: str = "other"
+
+
+def parse_eventfd(spec: str) -> EventfdSpec:
+    """'FD', 'FD:QUEUE' or 'FD:QUEUE:KIND' (KIND one of kick/call/config/other; QUEUE may be '-')."""
+    parts = spec.split(":")
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"--eventfd {spec!r}: expected FD[:QUEUE[:KIND]]")
+    try:
+        fd = int(parts[0])
+        queue = None if len(parts) < 2 or parts[1] in ("", "-") else int(parts[1])
+    except ValueError:
+        raise ValueError(f"--eventfd {spec!r}: FD and QUEUE must be integers") from None
+    kind = parts[2] if len(parts) == 3 else ("kick" if queue is not None else "other")
+    if kind not in KINDS:
+        raise ValueError(f"--eventfd {spec!r}: kind must be one of {', '.join(KINDS)}")
+    if fd < 0 or (queue is not None and queue < 0):
+        raise ValueError(f"--eventfd {spec!r}: FD and QUEUE must be non-negative")
+    return EventfdSpec(fd, queue, kind)
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        raise NoSuchProcess(f"no process with pid {pid}") from None
+
+
+def probe_pid(pid: int, duration: float, concerns: Iterable[str] = CONCERNS,
+              eventfds: list[EventfdSpec] | None = None, quiet: bool = False) -> ProbeReading:
+    """Attach to `pid`, count for `duration` seconds (or until it exits), return the reading."""
+    if duration <= 0:
+        raise ValueError(f"duration {duration!r}: must be > 0 seconds")
+    process_name(pid)                            # NoSuchProcess before any compile
+    s = ProbeSession(concerns=concerns, quiet=quiet)
+    try:
+        s.attach([pid])
+        if s.active and "kicks" in s.probes:
+            specs = eventfds if eventfds else [EventfdSpec(fd) for fd in _safe_eventfds(pid)]
+            for e in specs:
+                s.register_eventfd(pid, e.fd, e.queue, e.kind)
+        # No clear(): the maps are new, and counting starts the moment the pid is a target.
+        end = time.monotonic() + duration
+        while time.monotonic() < end and _alive(pid):
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        return s.read()
+    finally:
+        s.detach()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _safe_eventfds(pid: int) -> list[int]:
+    try:
+        return eventfds_of(pid)
+    except OSError:
+        return []
+
+
+def _ms(ns: int | None) -> str:
+    return "-" if ns is None else f"{ns / 1e6:.3f} ms"
+
+
+def _hist_lines(h: dict[str, Any], width: int = 30) -> list[str]:
+    buckets = h.get("buckets", [])
+    if not buckets:
+        return []
+    top = max(b["count"] for b in buckets) or 1
+    out = []
+    for b in buckets:
+        rng = f"{b['lo']}" if b["lo"] == b["hi"] else f"{b['lo']} -> {b['hi']}"
+        out.append(f"      {rng:>25} {h['unit']:<5} {b['count']:>9} |{'*' * max(1, round(width * b['count'] / top)):<{width}}|")
+    return out
+
+
+def format_summary(r: ProbeReading, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"  backend {r.backend}, {r.seconds:.2f} s" + (f" - {r.reason}" if r.reason else ""))
+    if r.backend == "none":
+        return "\n".join(lines)
+    for sc in ("madvise", "fallocate"):
+        calls = getattr(r, f"{sc}_calls")
+        if calls is None:
+            continue
+        ns = getattr(r, f"{sc}_kernel_ns")
+        per = f" ({ns / calls / 1e3:.2f} us/call)" if calls else ""
+        lines.append(f"  {sc:<10} calls {calls}  kernel {_ms(ns)}{per}  errors {getattr(r, f'{sc}_errors')}  "
+                     f"bytes {getattr(r, f'{sc}_bytes')}")
+        ops = r.advice if sc == "madvise" else r.fallocate_modes
+        if ops:
+            lines.append("    " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
+        if calls:
+            lines.append("    length:")
+            lines += _hist_lines(r.hists.get(f"{sc}_len_log2", {}))
+            lines.append("    kernel time:")
+            lines += _hist_lines(r.hists.get(f"{sc}_ns_log2", {}))
+    if r.eventfd_writes is not None:
+        lines.append(f"  eventfds   writes {r.eventfd_writes} (kicks {r.kicks}, interrupts {r.interrupts}, "
+                     f"config {r.config_notifications}), device wake-ups {r.device_wakeups}, "
+                     f"interrupt reads {r.interrupt_reads}, empty reads {r.empty_reads}")
+        fds = ", ".join(f"{e['fd']}" + ("" if e["queue"] is None else f":q{e['queue']}") + f":{e['kind']}"
+                        for e in r.eventfds)
+        lines.append(f"    registered fds: {fds or 'none (the process had no eventfd open)'}")
+        for q, counts in r.per_queue.items():
+            lines.append(f"    queue {q}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if r.page_allocs is not None:
+        lines.append(f"  pages      allocs {r.page_allocs} ({r.page_alloc_pages} pages), frees {r.page_frees} "
+                     f"({r.page_free_pages} pages), batched frees {r.page_frees_batched}, user faults {r.page_faults}")
+        lines += _hist_lines(r.hists.get("page_alloc_order", {}))
+    if r.stages:
+        lines.append(f"  {'stage':<16}{'count':>8}{'total':>14}{'mean':>12}{'madvise':>10}{'madvise kernel':>16}")
+        for name, s in r.stages.items():
+            mean = f"{s['ns'] / s['count'] / 1e3:.1f} us" if s["count"] else "-"
+            lines.append(f"  {name:<16}{s['count']:>8}{_ms(s['ns']):>14}{mean:>12}{s['madvise_calls']:>10}"
+                         f"{_ms(s['madvise_kernel_ns']):>16}")
+    for what, why in r.missing.items():
+        lines.append(f"  note: {what}: {why}")
+    return "\n".join(lines)
+
+
+def main(concerns: list[str], argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m probes.{concerns[0]}",
+                                 description=f"balloon-lab {', '.join(concerns)} probe on one process")
+    ap.add_argument("-p", "--pid", type=int, required=True)
+    ap.add_argument("-d", "--duration", type=float, default=5.0)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        r = probe_pid(a.pid, a.duration, concerns)
+    except NoSuchProcess as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r.to_json(), indent=1) if a.json else format_summary(r, f"pid {a.pid}"))
+    return 0 if r.backend == "bcc" else 1

@@ -1,0 +1,38 @@
+"""aged: an idle guest that has been up long enough to have touched all its RAM.
+
+Like `idle`, a share of memory is in use (held, verified) in a few clusters; every
+other free page holds stale data from earlier use, as in a guest whose page cache
+was dropped. This is the lab's default for inflate/deflate: every page the balloon
+takes is backed by host memory, so every discard frees something real, and the
+memfd shrinks by exactly the ballooned size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from device.guest_memory import GuestMemory
+from workloads.base import Workload, param
+from workloads.idle import IdleParams, shape_idle
+
+
+@dataclass(frozen=True)
+class AgedParams:
+    used_share: float = param(0.05, 0.0, 1.0, help="share of guest RAM in use (held, verified)")
+    regions: int = param(4, 1, 64, help="clusters the in-use memory is spread over")
+
+
+class Aged(Workload):
+    name = "aged"
+    Params = AgedParams
+
+    def prepare(self, mem: GuestMemory) -> dict:
+        p = self.params
+        summary = shape_idle(mem, IdleParams(used_share=p.used_share, stale_share=0.0, regions=p.regions),
+                             self.seed, "aged")
+        # Touch every remaining free page once: allocate all, write, free (buddy merging
+        # restores the large blocks, so the free memory's shape is the idle one).
+        free = mem.alloc.alloc_pages(mem.alloc.free_pages_count, notify_oom=False)
+        stale = mem.touch_stale(free, self.seed ^ 0xA6ED) if free.size else 0
+        summary.update(stale_pages=int(free.size), untouched_free_pages=mem.alloc.free_pages_count - int(free.size),
+                       free_pages=mem.alloc.free_pages_count)
+        return summary
