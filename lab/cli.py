@@ -10,6 +10,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "doctor",
     "probe",
     "run",
+    "compare",
     "runs", "show", "gate",
 )
 

@@ -103,7 +103,7 @@ def check_tracepoint_program() -> Check:
         module.set_targets([os.getpid()])
         for i in range(MADVISE_CALLS):
             mm.madvise(mmap.MADV_REMOVE, i * PAGE, PAGE)
-        reading = probe.read(module.bpf)
+        reading = probe.read(module.bpf, module.targets)
         mm.close()
     finally:
         os.close(fd)
@@ -159,7 +159,7 @@ def check_usdt_audit() -> Check:
         child.stdin.flush()
         if child.stdout.readline().strip() != "done":
             return Check(name, False, "the child did not finish firing its markers", _venv_fix())
-        reading = probe.read(module.bpf)
+        reading = probe.read(module.bpf, module.targets)
     finally:
         if module is not None:
             probe.detach_all(module.bpf)

@@ -238,34 +238,51 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
     finally:
         lp.close()
     verified = v_inflate["ok"] and (v_deflate is None or v_deflate["ok"])
-    probes_json = _probe_summary(inflate, deflate, probes)
+    # The top level is the inflate (the operation the protocols are compared on);
+    # `deflate` holds the same fields for the way back. No number appears twice.
+    ops = {"inflate": inflate, "deflate": deflate}
+    for op in ops.values():
+        if op is not None:
+            op.pop("kind")
+    stages = {k: v.pop("stages_ns") for k, v in ops.items() if v is not None}
+    probe_readings = {k: v.pop("probes") for k, v in ops.items() if v is not None}
     result = {
         "protocol": t.protocol, "guest_mib": t.guest_mib, "inflate_mib": t.inflate_mib,
         "workload": {"name": t.workload, "params": t.workload_params, "seed": t.seed,
                      "prepare": prep.get("summary"), "stop": wl},
         "wire_format": lp.guest_info["driver"]["wire_format"], "batch_pages": lp.guest_info["driver"]["batch_pages"],
         "discard": t.discard,
-        "pages": inflate["pages"], "requests": inflate["requests"], "kicks": inflate["kicks"],
-        "interrupts": inflate["interrupts"], "discard_calls": inflate["discard_calls"], "runs": inflate["runs"],
-        "translations": inflate["translations"], "run_length_hist": inflate["run_length_hist"],
+        **inflate,
         "memfd_freed_bytes": freed,
-        "stages_ns": {"inflate": inflate["stages_ns"], **({"deflate": deflate["stages_ns"]} if deflate else {})},
-        "inflate": inflate, "deflate": deflate,
+        "stages_ns": stages,
+        "deflate": deflate,
         "verification": {"after_inflate": v_inflate, "after_deflate": v_deflate},
         "verified": bool(verified),
         "errors": final["errors"],
-        "rss_peak_bytes": inflate["rss_bytes"],
-        "probes": probes_json,
-        "wall_ns": time.perf_counter_ns() - wall0,
+        "probes": _probe_summary(probe_readings, probes),
+        "trial_wall_ns": time.perf_counter_ns() - wall0,
     }
     return result
 
 
-def _probe_summary(inflate: dict, deflate: dict | None, probes) -> dict:
+def run_trial(spec, arm: str, probe_session=None) -> dict:
+    """lab.experiment's trial function: one balloon trial of `arm` under an ExperimentSpec."""
+    if spec.kind != "balloon":
+        raise ValueError(f"run_trial runs balloon experiments, not {spec.kind!r}")
+    batch = spec.batch_pages_for(arm)
+    if arm == "bitmap" and spec.bitmap_pages_per_request is not None:
+        batch = spec.bitmap_pages_per_request
+    t = BalloonTrial(protocol=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib, workload=spec.workload,
+                     workload_params=dict(spec.workload_params), seed=spec.seed, batch_pages=batch,
+                     discard=spec.discard)
+    return run_balloon(t, probe_session if spec.probes else None)
+
+
+def _probe_summary(readings: dict, probes) -> dict:
+    """What the probes saw during the inflate at the top level, the deflate beside it."""
     if probes is None:
         return {"backend": "none", "reason": "probes off"}
-    out = dict(inflate["probes"] or {})
-    out["inflate"] = inflate["probes"]
-    if deflate is not None:
-        out["deflate"] = deflate["probes"]
+    out = dict(readings.get("inflate") or {})
+    if readings.get("deflate") is not None:
+        out["deflate"] = readings["deflate"]
     return out

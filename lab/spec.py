@@ -130,7 +130,7 @@ class ExperimentSpec:
     guest_mib: int = 1024
     inflate_mib: int = 512
     arms: list[str] = field(default_factory=list)  # empty -> every arm of the kind
-    workload: str = "idle"
+    workload: str = "aged"
     workload_params: dict[str, Any] = field(default_factory=dict)
     trials: int = 10
     warmups: int = 1

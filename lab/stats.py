@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -193,13 +194,19 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     folded: dict[str, str] = field(default_factory=dict)  # duplicate metric -> the metric kept
 
+    @cached_property
+    def _index(self) -> dict[tuple[str, str, str], Any]:
+        idx: dict[tuple[str, str, str], Any] = {("s", s.arm, s.metric): s for s in self.summaries}
+        idx.update({("p", p.arm, p.metric): p for p in self.pairs})
+        return idx
+
     def summary(self, arm: str, metric: str) -> Summary | None:
-        metric = self.folded.get(metric, metric)
-        return next((s for s in self.summaries if s.arm == arm and s.metric == metric), None)
+        """One arm's summary of a metric (a folded duplicate resolves to the metric kept)."""
+        return self._index.get(("s", arm, self.folded.get(metric, metric)))
 
     def pair(self, arm: str, metric: str) -> PairResult | None:
-        metric = self.folded.get(metric, metric)
-        return next((p for p in self.pairs if p.arm == arm and p.metric == metric), None)
+        """An arm's comparison with the baseline on a metric (folded names resolve too)."""
+        return self._index.get(("p", arm, self.folded.get(metric, metric)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -116,11 +116,57 @@ class Concern:
     def source(self) -> str:
         return (PROBES_DIR / self.c_file).read_text()
 
-    def read(self, bpf: Any) -> Any:
+    def read(self, bpf: Any, targets: list[int]) -> Any:
+        """Counters since the last clear; targets[i] is the pid of target slot i (0 = free)."""
         raise NotImplementedError
 
     def clear(self, bpf: Any) -> None:
         raise NotImplementedError
+
+
+LAB_MAX_TARGETS = 8             # common.h
+COLLISIONS = ("syscall", "read", "stage")
+MAX_TID_SLOTS = 1 << 16
+MAX_STAGE_TID_SLOTS = 1 << 14
+
+
+def tid_slots() -> int:
+    """Entries of the per-thread arrays: pid_max rounded up to a power of two, capped.
+
+    With pid_max <= the slot count, tid & (slots - 1) is unique per live thread.
+    """
+    try:
+        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        pid_max = 1 << 22
+    n = 1024
+    while n < pid_max and n < MAX_TID_SLOTS:
+        n <<= 1
+    return n
+
+
+def array_items(table: Any) -> list[tuple[int, Any]]:
+    """(index, value) of every entry of a BPF array, in one batch syscall where the kernel allows.
+
+    Struct values come as ctypes structs, integer values as plain ints.
+    """
+    try:
+        items = [(int(k), v) for k, v in table.items_lookup_batch()]
+    except Exception:
+        items = [(k.value, v) for k, v in table.items()]
+    return [(k, v if hasattr(v, "_fields_") else int(getattr(v, "value", v))) for k, v in items]
+
+
+def array_zero(table: Any) -> None:
+    """Zero every entry of a BPF array (BCC's ArrayBase.clear() does nothing)."""
+    n = len(table)
+    keys = (table.Key * n)(*[table.Key(i) for i in range(n)])
+    values = (table.Leaf * n)()
+    try:
+        table.items_update_batch(keys, values)
+    except Exception:
+        for i in range(n):
+            table[table.Key(i)] = table.Leaf()
 
 
 class BpfModule:
@@ -129,7 +175,10 @@ class BpfModule:
     def __init__(self, concerns: list[Concern], usdt_text: str = "", debug: int = 0) -> None:
         bcc = import_bcc()
         self.concerns = sorted(concerns, key=lambda c: c.order)
-        cflags: list[str] = []
+        self.tid_slots = tid_slots()
+        self.targets: list[int] = [0] * LAB_MAX_TARGETS
+        cflags: list[str] = [f"-DLAB_TID_SLOTS={self.tid_slots}",
+                             f"-DSTAGE_TID_SLOTS={min(self.tid_slots, MAX_STAGE_TID_SLOTS)}"]
         parts = [(PROBES_DIR / "common.h").read_text()]
         for c in self.concerns:
             cflags += c.cflags()
@@ -140,10 +189,19 @@ class BpfModule:
         self.suspended = False
 
     def set_targets(self, pids: list[int]) -> None:
-        table = self.bpf[b"target_pids"]
-        table.clear()
-        for pid in pids:
-            table[table.Key(pid)] = table.Leaf(1)
+        """Watch these tgids; pids[i] gets slot i, which indexes the per-target counters."""
+        if len(pids) > LAB_MAX_TARGETS:
+            raise ValueError(f"{len(pids)} pids: the probes watch at most {LAB_MAX_TARGETS} processes")
+        table = self.bpf[b"lab_targets"]
+        self.targets = list(pids) + [0] * (LAB_MAX_TARGETS - len(pids))
+        table[table.Key(0)] = table.Leaf((table.Leaf._fields_[0][1])(*self.targets))
+
+    def collisions(self) -> dict[str, int]:
+        table = self.bpf[b"lab_collisions"]
+        return {name: table[table.Key(i)].value for i, name in enumerate(COLLISIONS)}
+
+    def clear_collisions(self) -> None:
+        array_zero(self.bpf[b"lab_collisions"])
 
     def suspend(self) -> None:
         """Detach the tracepoint programs (the module stays loaded: resume() costs no compile)."""

@@ -1,19 +1,61 @@
 /* common.h: what every balloon-lab probe shares.
  *
  * The loader (probes/bpf.py) composes one BPF module from this header and the
- * concern files (madvise.c, kicks.c, pagealloc.c, stages.c) so that they share the
- * target-pid filter and one clang compile serves all of them. Programs read only
+ * concern files (stages.c, madvise.c, kicks.c, pagealloc.c) so that they share the
+ * target filter and one clang compile serves all of them. Programs read only
  * tracepoint arguments, USDT arguments and helpers: the kernel headers on the lab's
  * machines do not match the running kernel, so no kernel struct is dereferenced.
+ *
+ * Cost matters on these paths (a madvise per page at GiB scale): hash-map
+ * operations cost ~0.2-0.3 us each on the lab's VM, array lookups almost nothing
+ * (the verifier inlines them). So targets live in one array entry searched by an
+ * unrolled loop, per-target counters are indexed by the target's slot, and
+ * per-thread state lives in arrays indexed by tid & (LAB_TID_SLOTS - 1), each entry
+ * stamped with its owner tid. LAB_TID_SLOTS is pid_max rounded up to a power of two
+ * (capped, see probes/bpf.py): with pid_max <= the slot count two threads can never
+ * share an entry; past the cap a clash is counted in lab_collisions, never
+ * misattributed.
  */
 #include <uapi/linux/ptrace.h>
 
-/* Processes (tgid) the lab watches: the VMM and the guest, or `probe --pid`'s target. */
-BPF_HASH(target_pids, u32, u8, 1024);
+#define LAB_MAX_TARGETS 8
 
-static __always_inline int lab_is_target(u32 tgid)
+#define COLL_SYSCALL 0      /* a thread's in-flight madvise/fallocate entry taken by another tid */
+#define COLL_READ    1      /* same for an in-flight eventfd read */
+#define COLL_STAGE   2      /* a thread's open stages taken over by another tid */
+
+struct lab_targets {
+    u32 pid[LAB_MAX_TARGETS];   /* tgids; 0 = free slot */
+};
+
+BPF_ARRAY(lab_targets, struct lab_targets, 1);
+BPF_ARRAY(lab_collisions, u64, 4);
+
+/* The slot (0..LAB_MAX_TARGETS-1) of tgid among the targets, or -1. */
+static __always_inline int lab_target_slot(u32 tgid)
 {
-    return target_pids.lookup(&tgid) != NULL;
+    int zero = 0;
+    struct lab_targets *t = lab_targets.lookup(&zero);
+    if (!t || tgid == 0)
+        return -1;
+#pragma unroll
+    for (int i = 0; i < LAB_MAX_TARGETS; i++) {
+        if (t->pid[i] == tgid)
+            return i;
+    }
+    return -1;
+}
+
+static __always_inline u32 lab_tid_slot(u32 tid)
+{
+    return tid & (LAB_TID_SLOTS - 1);
+}
+
+static __always_inline void lab_collision(int which)
+{
+    u64 *c = lab_collisions.lookup(&which);
+    if (c)
+        __sync_fetch_and_add(c, 1);
 }
 
 /* Log2 bucket of v: 0 holds 0, k >= 1 holds [2^(k-1), 2^k - 1] (the loader's convention). */

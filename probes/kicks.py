@@ -122,7 +122,7 @@ class KicksProbe(Concern):
         return {(k.tgid, k.fd): (None if v.queue == NO_QUEUE else v.queue, KINDS[v.kind])
                 for k, v in bpf[b"eventfds"].items()}
 
-    def read(self, bpf: Any) -> KicksReading:
+    def read(self, bpf: Any, targets: list[int]) -> KicksReading:
         r = KicksReading()
         for k, v in bpf[b"notify_counts"].items():
             q = None if k.queue == NO_QUEUE else k.queue

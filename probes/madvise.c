@@ -2,32 +2,29 @@
  *
  * How the device discards ballooned memory: madvise(MADV_REMOVE) on its mapping,
  * or fallocate(PUNCH_HOLE|KEEP_SIZE) on the memfd. Enter and exit are paired per
- * thread id, so every completed call yields its kernel time. Per (pid, syscall,
+ * thread, so every completed call yields its kernel time. Per (target, syscall,
  * advice-or-mode): calls, kernel ns, errors (negative return), bytes asked for.
  * Log2 histograms of length and of kernel time per syscall.
  *
- * Composed after common.h (target_pids, lab_is_target, lab_log2_slot) and, when the
- * stage probe is loaded too, after stages.c, which defines LAB_STAGES and
- * stage_account_syscall() so a call is also charged to the stages it ran inside.
+ * Composed after common.h and, when the stage probe is loaded too, after
+ * stages.c, which defines LAB_STAGES and stage_account_syscall() so a call is also
+ * charged to the stages its thread is inside.
  *
  * Field names come from the running kernel's tracepoint formats; the loader passes
  * them in as MADV_LEN_FIELD, MADV_ADVICE_FIELD, FALLOC_LEN_FIELD, FALLOC_MODE_FIELD.
  */
 #define SC_MADVISE   0
 #define SC_FALLOCATE 1
+#define SC_OPS       128        /* advice / mode values kept apart; larger ones share SC_OPS - 1 */
+#define SC_HIST_SLOTS 65        /* lab_log2_slot() of a u64 is 0..64 */
 
 struct sc_inflight {
+    u32 tid;                    /* owner of this entry while ts != 0 */
+    u32 kind;
+    u32 op;                     /* madvise advice, or fallocate mode */
+    u32 target;                 /* the process's target slot */
     u64 ts;
     u64 len;
-    u32 kind;
-    u32 op;              /* madvise advice, or fallocate mode */
-};
-
-struct sc_key {
-    u32 tgid;
-    u32 kind;
-    u32 op;
-    u32 pad;
 };
 
 struct sc_val {
@@ -37,11 +34,10 @@ struct sc_val {
     u64 bytes;
 };
 
-#define SC_HIST_SLOTS 65          /* lab_log2_slot() of a u64 is 0..64 */
-
-BPF_HASH(sc_inflight, u32, struct sc_inflight, 10240);   /* tid -> call in progress */
-BPF_HASH(sc_stats, struct sc_key, struct sc_val, 4096);
-/* Histograms as arrays (cheaper than hash maps on this path): index kind * SC_HIST_SLOTS + slot. */
+BPF_ARRAY(sc_inflight, struct sc_inflight, LAB_TID_SLOTS);
+/* index: (target slot * 2 + kind) * SC_OPS + op */
+BPF_ARRAY(sc_stats, struct sc_val, LAB_MAX_TARGETS * 2 * SC_OPS);
+/* index: kind * SC_HIST_SLOTS + log2 slot */
 BPF_ARRAY(sc_len_hist, u64, 2 * SC_HIST_SLOTS);
 BPF_ARRAY(sc_ns_hist, u64, 2 * SC_HIST_SLOTS);
 
@@ -62,19 +58,25 @@ static __always_inline void sc_ns_hist_add(u32 kind, u64 v)
         __sync_fetch_and_add(c, 1);
 }
 
-
 static __always_inline int sc_enter(u32 kind, u32 op, u64 len)
 {
     u64 id = bpf_get_current_pid_tgid();
-    if (!lab_is_target(id >> 32))
+    int target = lab_target_slot(id >> 32);
+    if (target < 0)
         return 0;
     u32 tid = id;
-    struct sc_inflight s = {};
-    s.ts = bpf_ktime_get_ns();
-    s.len = len;
-    s.kind = kind;
-    s.op = op;
-    sc_inflight.update(&tid, &s);
+    u32 slot = lab_tid_slot(tid);
+    struct sc_inflight *s = sc_inflight.lookup(&slot);
+    if (!s)
+        return 0;
+    if (s->ts && s->tid != tid)
+        lab_collision(COLL_SYSCALL);
+    s->tid = tid;
+    s->kind = kind;
+    s->op = op;
+    s->target = target;
+    s->len = len;
+    s->ts = bpf_ktime_get_ns();
     return 0;
 }
 
@@ -82,33 +84,31 @@ static __always_inline int sc_exit(u32 kind, long ret)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = id;
-    struct sc_inflight *sp = sc_inflight.lookup(&tid);
-    if (!sp)
+    u32 slot = lab_tid_slot(tid);
+    struct sc_inflight *s = sc_inflight.lookup(&slot);
+    if (!s || !s->ts || s->tid != tid)
         return 0;              /* not a target, or the call began before we attached */
-    struct sc_inflight s = *sp;
-    sc_inflight.delete(&tid);
-    if (s.kind != kind)
+    u64 dt = bpf_ktime_get_ns() - s->ts;
+    u32 op = s->op, skind = s->kind, target = s->target;
+    u64 len = s->len;
+    s->ts = 0;
+    if (skind != kind || target >= LAB_MAX_TARGETS)
         return 0;
-    u64 dt = bpf_ktime_get_ns() - s.ts;
 
-    struct sc_key k = {};
-    k.tgid = id >> 32;
-    k.kind = kind;
-    k.op = s.op;
-    struct sc_val zero = {};
-    struct sc_val *v = sc_stats.lookup_or_try_init(&k, &zero);
+    int idx = (target * 2 + kind) * SC_OPS + (op < SC_OPS ? op : SC_OPS - 1);
+    struct sc_val *v = sc_stats.lookup(&idx);
     if (v) {
         __sync_fetch_and_add(&v->calls, 1);
         __sync_fetch_and_add(&v->ns, dt);
         if (ret < 0)
             __sync_fetch_and_add(&v->errors, 1);
         else
-            __sync_fetch_and_add(&v->bytes, s.len);
+            __sync_fetch_and_add(&v->bytes, len);
     }
-    sc_len_hist_add(kind, s.len);
+    sc_len_hist_add(kind, len);
     sc_ns_hist_add(kind, dt);
 #ifdef LAB_STAGES
-    stage_account_syscall(id, kind, dt);
+    stage_account_syscall(tid, kind, dt);
 #endif
     return 0;
 }

@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.bpf import Concern, ConcernUnavailable, log2_buckets
+from probes.bpf import Concern, ConcernUnavailable, array_items, array_zero, log2_buckets
 from probes.tracefs import pick_field, tracepoint_exists
 
 SC_MADVISE, SC_FALLOCATE = 0, 1
 SYSCALLS = {SC_MADVISE: "madvise", SC_FALLOCATE: "fallocate"}
 HIST_SLOTS = 65                      # madvise.c's SC_HIST_SLOTS
+SC_OPS = 128                         # madvise.c's SC_OPS: advice/mode values >= 127 share 127
 
 # linux/mman-common.h
 ADVICE_NAMES = {
@@ -113,24 +114,26 @@ class MadviseProbe(Concern):
                 raise ConcernUnavailable(f"tracepoint syscalls:{ev} missing")
         return flags
 
-    def read(self, bpf: Any) -> MadviseReading:
+    def read(self, bpf: Any, targets: list[int]) -> MadviseReading:
         r = MadviseReading()
-        for k, v in bpf[b"sc_stats"].items():
-            r.stats[(k.tgid, SYSCALLS.get(k.kind, str(k.kind)), k.op)] = SyscallStats(
-                v.calls, v.ns, v.errors, v.bytes)
+        for idx, v in array_items(bpf[b"sc_stats"]):
+            if not v.calls:
+                continue
+            slot_kind, op = divmod(idx, SC_OPS)
+            slot, kind = divmod(slot_kind, 2)
+            pid = targets[slot] if slot < len(targets) else 0
+            if pid:
+                r.stats[(pid, SYSCALLS[kind], op)] = SyscallStats(v.calls, v.ns, v.errors, v.bytes)
         for table, dest in ((b"sc_len_hist", r.len_hist), (b"sc_ns_hist", r.ns_hist)):
-            for k, v in bpf[table].items():
-                if v.value:
-                    kind, slot = divmod(k.value, HIST_SLOTS)
-                    dest.setdefault(SYSCALLS.get(kind, str(kind)), {})[slot] = v.value
+            for idx, n in array_items(bpf[table]):
+                if n:
+                    kind, slot = divmod(idx, HIST_SLOTS)
+                    dest.setdefault(SYSCALLS[kind], {})[slot] = n
         return r
 
     def clear(self, bpf: Any) -> None:
-        bpf[b"sc_stats"].clear()
-        for t in (b"sc_len_hist", b"sc_ns_hist"):
-            table = bpf[t]
-            for i in range(len(SYSCALLS) * HIST_SLOTS):
-                table[table.Key(i)] = table.Leaf(0)
+        for t in (b"sc_stats", b"sc_len_hist", b"sc_ns_hist"):
+            array_zero(bpf[t])
 
 
 if __name__ == "__main__":

@@ -10,12 +10,7 @@
  * formats and defines HAVE_TP_<event> for each tracepoint that exists and
  * PA_ALLOC_HAS_ORDER / PA_FREE_HAS_ORDER when the `order` field is there.
  */
-#define PA_ORDER_UNKNOWN 255
-
-struct pa_key {
-    u32 tgid;
-    u32 order;
-};
+#define PA_ORDERS 33             /* orders 0..31, and 32 = order unknown */
 
 struct pa_val {
     u64 frees;
@@ -24,32 +19,32 @@ struct pa_val {
     u64 faults;
 };
 
-BPF_HASH(pa_allocs, struct pa_key, u64, 4096);
-BPF_HASH(pa_events, u32, struct pa_val, 1024);
+BPF_ARRAY(pa_allocs, u64, LAB_MAX_TARGETS * PA_ORDERS);    /* index: target slot * PA_ORDERS + order */
+BPF_ARRAY(pa_events, struct pa_val, LAB_MAX_TARGETS);      /* index: target slot */
 
-static __always_inline struct pa_val *pa_current(u32 *tgid)
+static __always_inline struct pa_val *pa_current(void)
 {
-    *tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!lab_is_target(*tgid))
+    int target = lab_target_slot(bpf_get_current_pid_tgid() >> 32);
+    if (target < 0)
         return NULL;
-    struct pa_val zero = {};
-    return pa_events.lookup_or_try_init(tgid, &zero);
+    return pa_events.lookup(&target);
 }
 
 #ifdef HAVE_TP_mm_page_alloc
 TRACEPOINT_PROBE(kmem, mm_page_alloc)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!lab_is_target(tgid))
+    int target = lab_target_slot(bpf_get_current_pid_tgid() >> 32);
+    if (target < 0)
         return 0;
-    struct pa_key k = {};
-    k.tgid = tgid;
 #ifdef PA_ALLOC_HAS_ORDER
-    k.order = args->order < 32 ? args->order : PA_ORDER_UNKNOWN;
+    u32 order = args->order < PA_ORDERS - 1 ? args->order : PA_ORDERS - 1;
 #else
-    k.order = PA_ORDER_UNKNOWN;
+    u32 order = PA_ORDERS - 1;
 #endif
-    pa_allocs.increment(k);
+    int idx = target * PA_ORDERS + order;
+    u64 *c = pa_allocs.lookup(&idx);
+    if (c)
+        __sync_fetch_and_add(c, 1);
     return 0;
 }
 #endif
@@ -57,8 +52,7 @@ TRACEPOINT_PROBE(kmem, mm_page_alloc)
 #ifdef HAVE_TP_mm_page_free
 TRACEPOINT_PROBE(kmem, mm_page_free)
 {
-    u32 tgid;
-    struct pa_val *v = pa_current(&tgid);
+    struct pa_val *v = pa_current();
     if (!v)
         return 0;
     __sync_fetch_and_add(&v->frees, 1);
@@ -74,8 +68,7 @@ TRACEPOINT_PROBE(kmem, mm_page_free)
 #ifdef HAVE_TP_mm_page_free_batched
 TRACEPOINT_PROBE(kmem, mm_page_free_batched)
 {
-    u32 tgid;
-    struct pa_val *v = pa_current(&tgid);
+    struct pa_val *v = pa_current();
     if (v)
         __sync_fetch_and_add(&v->frees_batched, 1);
     return 0;
@@ -85,8 +78,7 @@ TRACEPOINT_PROBE(kmem, mm_page_free_batched)
 #ifdef HAVE_TP_page_fault_user
 TRACEPOINT_PROBE(exceptions, page_fault_user)
 {
-    u32 tgid;
-    struct pa_val *v = pa_current(&tgid);
+    struct pa_val *v = pa_current();
     if (v)
         __sync_fetch_and_add(&v->faults, 1);
     return 0;

@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.bpf import Concern, ConcernUnavailable
+from probes.bpf import Concern, ConcernUnavailable, array_items, array_zero
 from probes.tracefs import tracepoint_exists, tracepoint_fields
 
-ORDER_UNKNOWN = 255
+PA_ORDERS = 33                       # pagealloc.c: orders 0..31 and 32 = unknown
+ORDER_UNKNOWN = PA_ORDERS - 1
 TRACEPOINTS = (("kmem", "mm_page_alloc"), ("kmem", "mm_page_free"),
                ("kmem", "mm_page_free_batched"), ("exceptions", "page_fault_user"))
 
@@ -59,22 +60,29 @@ class PageAllocProbe(Concern):
             flags.append("-DPA_FREE_HAS_ORDER")
         return flags
 
-    def read(self, bpf: Any) -> PageAllocReading:
+    def read(self, bpf: Any, targets: list[int]) -> PageAllocReading:
         r = PageAllocReading(missing=list(self.missing))
-        for k, v in bpf[b"pa_allocs"].items():
-            p = r.per_pid.setdefault(k.tgid, PidPageEvents())
-            p.allocs += v.value
-            if k.order != ORDER_UNKNOWN:
-                p.alloc_pages += v.value << k.order
-            r.alloc_orders[k.order] = r.alloc_orders.get(k.order, 0) + v.value
-        for k, v in bpf[b"pa_events"].items():
-            p = r.per_pid.setdefault(k.value, PidPageEvents())
+        for idx, n in array_items(bpf[b"pa_allocs"]):
+            slot, order = divmod(idx, PA_ORDERS)
+            pid = targets[slot] if slot < len(targets) else 0
+            if not n or not pid:
+                continue
+            p = r.per_pid.setdefault(pid, PidPageEvents())
+            p.allocs += n
+            if order != ORDER_UNKNOWN:
+                p.alloc_pages += n << order
+            r.alloc_orders[order] = r.alloc_orders.get(order, 0) + n
+        for slot, v in array_items(bpf[b"pa_events"]):
+            pid = targets[slot] if slot < len(targets) else 0
+            if not pid or not (v.frees or v.frees_batched or v.faults):
+                continue
+            p = r.per_pid.setdefault(pid, PidPageEvents())
             p.frees, p.free_pages, p.frees_batched, p.faults = v.frees, v.free_pages, v.frees_batched, v.faults
         return r
 
     def clear(self, bpf: Any) -> None:
-        bpf[b"pa_allocs"].clear()
-        bpf[b"pa_events"].clear()
+        array_zero(bpf[b"pa_allocs"])
+        array_zero(bpf[b"pa_events"])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from probes.bpf import BpfModule, ConcernUnavailable, Concern, ProbeUnavailable, preflight
+from probes.bpf import LAB_MAX_TARGETS, BpfModule, Concern, ConcernUnavailable, ProbeUnavailable, preflight
 from probes.kicks import KINDS, KicksProbe, KicksReading
 from probes.madvise import MadviseProbe, MadviseReading
 from probes.pagealloc import PageAllocProbe, PageAllocReading
@@ -76,6 +76,7 @@ class ProbeReading:
     eventfds: list[dict[str, Any]] = field(default_factory=list)    # registered: {pid, fd, queue, kind}
     stages: dict[str, dict[str, int]] = field(default_factory=dict)
     stage_anomalies: dict[str, int] = field(default_factory=dict)
+    collisions: dict[str, int] = field(default_factory=dict)        # per-thread entries lost to a tid clash
     hists: dict[str, Any] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)          # probe or pid -> why it is not measured
 
@@ -199,8 +200,13 @@ class ProbeSession:
 
     # --- targets --------------------------------------------------------------------
     def attach(self, pids: list[int]) -> None:
-        """Watch exactly these pids (replacing earlier ones); loads the probes on first use."""
+        """Watch exactly these pids (at most 8), replacing earlier ones; loads the probes on first use.
+
+        A changed set of pids starts a fresh count (every counter zeroed), as for a new trial.
+        """
         pids = _pid_list(pids)
+        if len(pids) > LAB_MAX_TARGETS:
+            raise ValueError(f"{len(pids)} pids: the probes watch at most {LAB_MAX_TARGETS} processes")
         if not self.active:
             self.pids = pids
             return
@@ -215,8 +221,11 @@ class ProbeSession:
     def _attach(self, pids: list[int]) -> None:
         assert self.module is not None
         gone = [p for p in self.pids if p not in pids]
+        changed = pids != self.pids
         self.pids = pids
         self.module.set_targets(pids)
+        if changed:                      # slots now belong to other pids: start from zero
+            self._clear()
         kicks = self.probes.get("kicks")
         for p in gone:
             if kicks is not None:
@@ -298,6 +307,7 @@ class ProbeSession:
         assert self.module is not None
         for c in self.probes.values():
             c.clear(self.module.bpf)
+        self.module.clear_collisions()
 
     def read(self) -> ProbeReading:
         if self.active and self.module is not None:
@@ -316,7 +326,7 @@ class ProbeSession:
         per_pid: dict[int, dict[str, Any]] = {p: {} for p in self.pids}
         m = self.probes.get("madvise")
         if m is not None:
-            mr: MadviseReading = m.read(bpf)
+            mr: MadviseReading = m.read(bpf, self.module.targets)
             for sc in ("madvise", "fallocate"):
                 t = mr.total(sc)
                 setattr(r, f"{sc}_calls", t.calls)
@@ -331,7 +341,7 @@ class ProbeSession:
             r.hists.update(mr.hists())
         k = self.probes.get("kicks")
         if k is not None:
-            kr: KicksReading = k.read(bpf)
+            kr: KicksReading = k.read(bpf, self.module.targets)
             r.kicks, r.interrupts, r.config_notifications = kr.kicks, kr.interrupts, kr.config_notifications
             r.device_wakeups, r.interrupt_reads = kr.device_wakeups, kr.interrupt_reads
             r.empty_reads, r.eventfd_writes = kr.total(op="read_empty"), kr.total(op="write")
@@ -345,7 +355,7 @@ class ProbeSession:
                     d[f"{kind}_reads"] = kr.total(kind, "read", p)
         pa = self.probes.get("pagealloc")
         if pa is not None:
-            pr: PageAllocReading = pa.read(bpf)
+            pr: PageAllocReading = pa.read(bpf, self.module.targets)
             r.page_allocs, r.page_alloc_pages = pr.total("allocs"), pr.total("alloc_pages")
             r.page_frees, r.page_free_pages = pr.total("frees"), pr.total("free_pages")
             r.page_frees_batched, r.page_faults = pr.total("frees_batched"), pr.total("faults")
@@ -360,12 +370,13 @@ class ProbeSession:
                 r.missing[tp] = "tracepoint not on this kernel"
         st = self.probes.get("stages")
         if st is not None:
-            sr: StagesReading = st.read(bpf)
+            sr: StagesReading = st.read(bpf, self.module.targets)
             r.stages = {n: asdict(s) for n, s in sorted(sr.stages().items())}
             r.stage_anomalies = sr.anomalies
             for p, stages in sr.per_pid.items():
                 per_pid.setdefault(p, {})["stages"] = {n: asdict(s) for n, s in sorted(stages.items())}
         r.per_pid = per_pid
+        r.collisions = self.module.collisions()
         return r
 
     # --- teardown -----------------------------------------------------------------

@@ -6,13 +6,16 @@
  * total ns between the markers (the probe's own clock, independent of the lab's),
  * and the madvise/fallocate calls and kernel ns made while the thread was inside the
  * stage. Stages nest (inflate > alloc, ...): a syscall is charged to every open
- * stage of its thread, like inclusive time.
+ * stage of its thread, like inclusive time. Syscalls accumulate in the thread's
+ * frames (array memory) and reach the per-stage totals when the stage ends, so a
+ * reading shows completed stages only.
  *
  * Composed after common.h and BEFORE madvise.c: it defines LAB_STAGES and
  * stage_account_syscall(), which madvise.c's exit handler calls. The loader puts
  * BCC's generated USDT argument readers for `on_audit` in front of the module and
  * passes the 12-byte event prefix as STAGE_PREFIX_W0 (bytes 0-7, little-endian) and
- * STAGE_PREFIX_W1 (bytes 8-11).
+ * STAGE_PREFIX_W1 (bytes 8-11), and STAGE_TID_SLOTS (a power of two <= LAB_TID_SLOTS:
+ * a stack is 232 bytes, so this array is kept smaller than the others).
  */
 #define LAB_STAGES 1
 #define STAGE_DEPTH 4          /* open stages tracked per thread */
@@ -31,11 +34,13 @@ struct stage_name {
 struct stage_frame {
     struct stage_name name;
     u64 start;
+    u64 sc_calls[2];           /* [SC_MADVISE], [SC_FALLOCATE] made inside, so far */
+    u64 sc_ns[2];
 };
 
 struct stage_stack {
+    u32 tid;                   /* owner (entries are shared by tid & (STAGE_TID_SLOTS - 1)) */
     u32 depth;                 /* may exceed STAGE_DEPTH; frames above it are not kept */
-    u32 pad;
     struct stage_frame f[STAGE_DEPTH];
 };
 
@@ -48,7 +53,7 @@ struct stage_key {
 struct stage_val {
     u64 count;
     u64 ns;
-    u64 sc_calls[2];           /* [SC_MADVISE], [SC_FALLOCATE] (madvise.c) */
+    u64 sc_calls[2];
     u64 sc_ns[2];
 };
 
@@ -57,8 +62,8 @@ union audit_event {
     u64 w[4];
 };
 
-BPF_HASH(stage_stacks, u32, struct stage_stack, 10240);    /* tid -> open stages */
-BPF_HASH(stage_stats, struct stage_key, struct stage_val, 4096);
+BPF_ARRAY(stage_stacks, struct stage_stack, STAGE_TID_SLOTS); /* open stages per thread */
+BPF_HASH(stage_stats, struct stage_key, struct stage_val, 4096); /* touched once per stage end */
 BPF_ARRAY(stage_anomalies, u64, 4);
 
 static __always_inline void stage_anomaly(int which, u64 n)
@@ -68,41 +73,45 @@ static __always_inline void stage_anomaly(int which, u64 n)
         __sync_fetch_and_add(c, n);
 }
 
-static __always_inline struct stage_val *stage_val_of(u64 id, struct stage_name *name)
+/* The thread's stack, or NULL when another thread owns the entry (and `take` is 0). */
+static __always_inline struct stage_stack *stage_stack_of(u32 tid, int take)
 {
-    struct stage_key k = {};
-    k.tgid = id >> 32;
-    k.name = *name;
-    struct stage_val zero = {};
-    return stage_stats.lookup_or_try_init(&k, &zero);
+    u32 slot = tid & (STAGE_TID_SLOTS - 1);
+    struct stage_stack *st = stage_stacks.lookup(&slot);
+    if (!st)
+        return NULL;
+    if (st->tid != tid) {
+        if (!take)
+            return NULL;
+        if (st->depth)
+            lab_collision(COLL_STAGE);
+        st->tid = tid;
+        st->depth = 0;
+    }
+    return st;
 }
 
-/* Called by madvise.c for each completed madvise (kind 0) / fallocate (kind 1). */
-static __always_inline void stage_account_syscall(u64 id, u32 kind, u64 dt)
+/* Called by madvise.c for each completed madvise (kind 0) / fallocate (kind 1):
+ * charged to every open frame of the thread (array memory only, no map lookups). */
+static __always_inline void stage_account_syscall(u32 tid, u32 kind, u64 dt)
 {
-    u32 tid = id;
-    struct stage_stack *st = stage_stacks.lookup(&tid);
+    struct stage_stack *st = stage_stack_of(tid, 0);
     if (!st)
         return;
     u32 d = st->depth;
     u32 k = kind & 1;
 #pragma unroll
     for (int i = 0; i < STAGE_DEPTH; i++) {
-        if (i < d) {
-            struct stage_val *v = stage_val_of(id, &st->f[i].name);
-            if (v) {
-                __sync_fetch_and_add(&v->sc_calls[k], 1);
-                __sync_fetch_and_add(&v->sc_ns[k], dt);
-            }
+        if (i < d) {           /* only the owner thread writes its frames: no atomics */
+            st->f[i].sc_calls[k] += 1;
+            st->f[i].sc_ns[k] += dt;
         }
     }
 }
 
-static __always_inline void stage_begin(u64 id, struct stage_name *name, u64 now)
+static __always_inline void stage_begin(u32 tid, struct stage_name *name, u64 now)
 {
-    u32 tid = id;
-    struct stage_stack zero = {};
-    struct stage_stack *st = stage_stacks.lookup_or_try_init(&tid, &zero);
+    struct stage_stack *st = stage_stack_of(tid, 1);
     if (!st)
         return;
     u32 d = st->depth;
@@ -113,13 +122,16 @@ static __always_inline void stage_begin(u64 id, struct stage_name *name, u64 now
     }
     st->f[d].name = *name;
     st->f[d].start = now;
+    st->f[d].sc_calls[0] = 0;
+    st->f[d].sc_calls[1] = 0;
+    st->f[d].sc_ns[0] = 0;
+    st->f[d].sc_ns[1] = 0;
     st->depth = d + 1;
 }
 
 static __always_inline void stage_end(u64 id, struct stage_name *name, u64 now)
 {
-    u32 tid = id;
-    struct stage_stack *st = stage_stacks.lookup(&tid);
+    struct stage_stack *st = stage_stack_of((u32)id, 0);
     if (!st || st->depth == 0) {
         stage_anomaly(ANOM_UNMATCHED_END, 1);
         return;
@@ -130,13 +142,17 @@ static __always_inline void stage_end(u64 id, struct stage_name *name, u64 now)
         return;
     }
     int found = -1;
-    u64 start = 0;
+    struct stage_val add = {};
 #pragma unroll
     for (int i = STAGE_DEPTH - 1; i >= 0; i--) {
         if (found < 0 && i < d &&
             st->f[i].name.w[0] == name->w[0] && st->f[i].name.w[1] == name->w[1]) {
             found = i;
-            start = st->f[i].start;
+            add.ns = now - st->f[i].start;
+            add.sc_calls[0] = st->f[i].sc_calls[0];
+            add.sc_calls[1] = st->f[i].sc_calls[1];
+            add.sc_ns[0] = st->f[i].sc_ns[0];
+            add.sc_ns[1] = st->f[i].sc_ns[1];
         }
     }
     if (found < 0) {
@@ -146,10 +162,19 @@ static __always_inline void stage_end(u64 id, struct stage_name *name, u64 now)
     if (d - 1 > (u32)found)
         stage_anomaly(ANOM_UNCLOSED, d - 1 - found);
     st->depth = found;
-    struct stage_val *v = stage_val_of(id, name);
+
+    struct stage_key k = {};
+    k.tgid = id >> 32;
+    k.name = *name;
+    struct stage_val zero = {};
+    struct stage_val *v = stage_stats.lookup_or_try_init(&k, &zero);
     if (v) {
         __sync_fetch_and_add(&v->count, 1);
-        __sync_fetch_and_add(&v->ns, now - start);
+        __sync_fetch_and_add(&v->ns, add.ns);
+        __sync_fetch_and_add(&v->sc_calls[0], add.sc_calls[0]);
+        __sync_fetch_and_add(&v->sc_calls[1], add.sc_calls[1]);
+        __sync_fetch_and_add(&v->sc_ns[0], add.sc_ns[0]);
+        __sync_fetch_and_add(&v->sc_ns[1], add.sc_ns[1]);
     }
 }
 
@@ -157,7 +182,7 @@ int on_audit(struct pt_regs *ctx)
 {
     u64 now = bpf_ktime_get_ns();
     u64 id = bpf_get_current_pid_tgid();
-    if (!lab_is_target(id >> 32))
+    if (lab_target_slot(id >> 32) < 0)
         return 0;
     u64 addr = 0;
     bpf_usdt_readarg(1, ctx, &addr);
@@ -191,7 +216,7 @@ int on_audit(struct pt_regs *ctx)
         return 0;
     }
     if (phase == 'b')
-        stage_begin(id, &name.n, now);
+        stage_begin((u32)id, &name.n, now);
     else
         stage_end(id, &name.n, now);
     return 0;

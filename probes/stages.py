@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.bpf import Concern, import_bcc
+from probes.bpf import Concern, array_zero, import_bcc
 from probes.elfnotes import ET_EXEC, elf_type, has_marker, usdt_notes
 from probes.markers import prefix_words
 
@@ -190,7 +190,7 @@ class StagesProbe(Concern):
         for pid in list(self.attached):
             self.detach(bpf, pid)
 
-    def read(self, bpf: Any) -> StagesReading:
+    def read(self, bpf: Any, targets: list[int] | None = None) -> StagesReading:
         r = StagesReading()
         for k, v in bpf[b"stage_stats"].items():
             name = bytes(k.name.w[0].to_bytes(8, "little") + k.name.w[1].to_bytes(8, "little"))
@@ -204,9 +204,7 @@ class StagesProbe(Concern):
 
     def clear(self, bpf: Any) -> None:
         bpf[b"stage_stats"].clear()
-        table = bpf[b"stage_anomalies"]
-        for i in range(len(ANOMALIES)):
-            table[table.Key(i)] = table.Leaf(0)
+        array_zero(bpf[b"stage_anomalies"])
 
 
 if __name__ == "__main__":

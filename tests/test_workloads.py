@@ -223,7 +223,7 @@ def test_background_thread_error_is_reported(g512):
 
 # ------------------------------------------------------------------ validation
 def test_registry_and_static_start_stop(g512):
-    assert set(WORKLOADS) == {"idle", "hog", "fragment", "churn", "dirty"}
+    assert set(WORKLOADS) == {"idle", "aged", "hog", "fragment", "churn", "dirty"}
     w = make_workload("hog", {"share": 0.01}, seed=0)
     w.prepare(g512)
     w.start(g512)
@@ -233,7 +233,7 @@ def test_registry_and_static_start_stop(g512):
 
 
 @pytest.mark.parametrize("name,params,msg", [
-    ("nosuch", {}, r"unknown workload 'nosuch'; choose from: idle, hog, fragment, churn, dirty"),
+    ("nosuch", {}, r"unknown workload 'nosuch'; choose from: idle, aged, hog, fragment, churn, dirty"),
     ("idle", {"used": 0.1}, r"no parameter 'used'; its parameters are: used_share \(float in \[0.0, 1.0\]\)"),
     ("idle", {"used_share": "lots"}, r"'used_share' must be a number \(float in \[0.0, 1.0\]\), got 'lots'"),
     ("idle", {"used_share": 1.5}, r"'used_share' must be float in \[0.0, 1.0\], got 1.5"),
@@ -265,3 +265,19 @@ def test_seed_validation_and_cli_parsing():
     with pytest.raises(ValueError, match="name=value"):
         parse_params("hog", ["share"])
     assert make_workload("churn", parse_params("churn", ["batch_pages=0x100"]), 1).params.batch_pages == 256
+
+
+def test_aged_touches_every_free_page(g512):
+    """aged: in-use share held, and every other free page backed by the memfd, so the
+    balloon's discards free exactly what it takes."""
+    w = make_workload("aged", {"used_share": 0.1}, seed=5)
+    s = w.prepare(g512)
+    alloc = g512.alloc
+    assert s["untouched_free_pages"] == 0
+    free = np.flatnonzero(alloc.free_page_mask())
+    data = g512.ram.data_page_mask()
+    offs = g512.layout.pfn_to_offset(free) >> 12
+    assert data[offs].all()
+    assert len(g512.held_pfns()) == round(0.1 * alloc.ram_pages)
+    assert g512.verify().ok
+    assert alloc.order_counts()[10] > 0     # free memory still in large blocks

@@ -1,7 +1,6 @@
 """`balloon-lab show RUN`: one run's spec, environment, trials and statistics."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any

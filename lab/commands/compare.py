@@ -1,0 +1,130 @@
+"""`balloon-lab compare`: interleaved trials of several protocols, stored and compared.
+
+Prints the SG series' stage breakdown per arm (medians), the counters that explain
+it (discard calls, runs, run lengths), and the statistical comparison with the
+first arm as baseline; `--report FILE` also writes the HTML report.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
+from lab.paths import db_option, default_db_path
+from lab.runner import run_trial
+from lab.spec import SpecError, spec_from_cli, spec_options
+from lab.stats import Comparison, render_table
+from lab.store import Store
+
+STAGES = ("alloc", "encode", "transmit", "translate", "discard")
+COUNTERS = ("pages", "requests", "kicks", "interrupts", "discard_calls", "runs", "translations", "bytes_on_ring",
+            "descriptors")
+
+
+def stage_table(comp: Comparison, op: str = "inflate") -> str:
+    """Medians per arm in the form of the SG series' table: each stage's share of total."""
+    head = f"{'arm':<14}{'total ms':>10}" + "".join(f"{s:>16}" for s in STAGES)
+    lines = [f"{op} stage breakdown (medians; ms and share of total):", head]
+    for arm in comp.arms:
+        tot = comp.summary(arm, f"stages_ns.{op}.total")
+        if tot is None:
+            continue
+        cells = []
+        for s in STAGES:
+            m = comp.summary(arm, f"stages_ns.{op}.{s}")
+            v = m.median if m else float("nan")
+            cells.append(f"{v / 1e6:8.1f} {100 * v / tot.median:5.1f}%")
+        lines.append(f"{arm:<14}{tot.median / 1e6:10.1f}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def counter_table(comp: Comparison, inflate_mib: int) -> str:
+    head = f"{'arm':<14}" + "".join(f"{c:>14}" for c in COUNTERS) + f"{'runs/MiB':>10}{'pages/run':>11}"
+    lines = ["inflate counters (medians):", head]
+    for arm in comp.arms:
+        vals = {c: (comp.summary(arm, c).median if comp.summary(arm, c) else float("nan")) for c in COUNTERS}
+        rpm = vals["runs"] / inflate_mib if inflate_mib else float("nan")
+        ppr = vals["pages"] / vals["runs"] if vals["runs"] else float("nan")
+        lines.append(f"{arm:<14}" + "".join(f"{vals[c]:14.0f}" for c in COUNTERS) + f"{rpm:10.2f}{ppr:11.1f}")
+    return "\n".join(lines)
+
+
+def run_length_table(store: Store, run_id: str) -> str:
+    """Run-length distribution of the ballooned pages (first measured trial per arm)."""
+    seen: dict[str, dict] = {}
+    for t in store.trials(run_id):
+        if t.status == "ok" and t.arm not in seen and t.result:
+            seen[t.arm] = t.result.get("run_length_hist") or {}
+    if not seen:
+        return ""
+    buckets = sorted({int(b) for h in seen.values() for b in h})
+    lines = ["run lengths of ballooned pages (runs per log2 bucket of pages, first trial per arm):",
+             f"{'arm':<14}" + "".join(f"{'>=' + str(b):>9}" for b in buckets)]
+    for arm, h in seen.items():
+        lines.append(f"{arm:<14}" + "".join(f"{h.get(str(b), 0):9d}" for b in buckets))
+    return "\n".join(lines)
+
+
+def comparison_json(run_id: str, comp: Comparison) -> dict:
+    arms: dict = {}
+    for s in comp.summaries:
+        arms.setdefault(s.arm, {})[s.metric] = {"median": s.median, "ci_low": s.ci_low, "ci_high": s.ci_high,
+                                                "n": s.n}
+    return {"run_id": run_id, "baseline_arm": comp.baseline_arm, "arms": arms,
+            "pairs": [p.__dict__ for p in comp.pairs]}
+
+
+@click.command("compare")
+@spec_options
+@db_option
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the HTML report of this run to FILE.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (run_id, per-arm medians and CIs).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwargs) -> None:
+    """Run interleaved trials of the protocol arms and compare them (first arm = baseline)."""
+    try:
+        spec = spec_from_cli(kwargs)
+    except SpecError as e:
+        click.echo(f"balloon-lab compare: bad spec: {e}", err=True)
+        sys.exit(2)
+    if spec.kind != "balloon":
+        click.echo("balloon-lab compare: kind must be balloon (use `balloon-lab migrate` for migrations)", err=True)
+        sys.exit(2)
+    from lab.commands.run import open_probes
+    session = open_probes(spec.probes)
+    path = db_path or default_db_path()
+    try:
+        with Store(path) as store:
+            try:
+                run_id = run_experiment(spec, lambda s, arm, rnd: run_trial(s, arm, session), store,
+                                        progress=not quiet, probe_session=session)
+            except ExperimentInterrupted as e:
+                click.echo(f"interrupted: run {e.run_id} kept its completed trials", err=True)
+                sys.exit(130)
+            comp = load_comparison(store, run_id)
+            if comp is None:
+                click.echo(f"run {run_id}: no successful trial of the baseline arm; "
+                           f"`balloon-lab show {run_id}` lists the errors", err=True)
+                sys.exit(1)
+            if as_json:
+                click.echo(json.dumps(comparison_json(run_id, comp), default=float))
+            else:
+                click.echo(f"run {run_id}  ({spec.command_line()})\n")
+                click.echo(stage_table(comp, "inflate") + "\n")
+                click.echo(stage_table(comp, "deflate") + "\n")
+                click.echo(counter_table(comp, spec.inflate_mib) + "\n")
+                click.echo(run_length_table(store, run_id) + "\n")
+                keep = ["stages_ns.inflate.*", "stages_ns.deflate.total", "discard_calls", "runs", "kicks",
+                        "probes.madvise_calls", "probes.madvise_kernel_ns"]
+                click.echo(render_table(comp, keep))
+            if report_path is not None:
+                from reports.html import write_report
+                write_report(store, run_id, report_path)
+                click.echo(f"report: {report_path}", err=True)
+    finally:
+        if session is not None:
+            session.detach()
