@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 import mmap
+import os
 import sys
 import time
 from collections import Counter
@@ -51,13 +52,29 @@ class OpCounters:
     translate_ns: int = 0
     discard_ns: int = 0
     refused_pages: int = 0
-    _run_lengths: list = field(default_factory=list, repr=False)
+    _run_lengths: list = field(default_factory=list, repr=False)   # range paths: per request
+    _pfn_batches: list = field(default_factory=list, repr=False)   # PFN path: pages per request
+    _given: list = field(default_factory=list, repr=False)         # pages accepted (deflate)
 
     def add_runs(self, lengths: np.ndarray) -> None:
         self._run_lengths.append(np.asarray(lengths, dtype=np.int64))
 
+    def add_pfn_batch(self, pfns: np.ndarray) -> None:
+        """PFN path: keep the request's pages; their runs are derived when read, so the
+        per-page hot path does no numpy work."""
+        self._pfn_batches.append(pfns)
+
+    def add_accepted(self, pfns: np.ndarray) -> None:
+        self._given.append(pfns)
+
+    def pfns(self) -> np.ndarray:
+        """Every page this direction accepted since the counters were reset (deflate)."""
+        parts = self._given + self._pfn_batches
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     def snapshot(self) -> dict:
-        lengths = np.concatenate(self._run_lengths) if self._run_lengths else np.zeros(0, np.int64)
+        parts = self._run_lengths + [wire.pfns_to_runs(p)[1] for p in self._pfn_batches]
+        lengths = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return {
             "requests": self.requests, "pages": self.pages, "discard_calls": self.discard_calls,
             "translations": self.translations, "bytes_on_ring": self.bytes_on_ring,
@@ -141,8 +158,15 @@ class BalloonDevice(VirtioTransport):
                    Q_STATS: self._stats_chain}.get(index)
         if handler is None:
             handler = self.extra_queue_handler(index)
+        # A guest that keeps adding chains while the device serves them must not keep the
+        # VMM in this loop (its monitor would starve): after `budget` chains, kick ourselves
+        # and go back to the event loop, which comes back here after serving everything else.
+        budget = max(4 * q.size, 1024)
         try:
             while True:
+                if budget == 0:
+                    self._rekick(index)
+                    break
                 chain = q.pop_avail()
                 if chain is None:
                     # Re-arm kicks (EVENT_IDX: avail_event), then look once more so a
@@ -150,6 +174,7 @@ class BalloonDevice(VirtioTransport):
                     if q.enable_notifications():
                         continue
                     break
+                budget -= 1
                 written = handler(chain)
                 if written is None:          # held (stats buffer): not used yet
                     continue
@@ -157,7 +182,18 @@ class BalloonDevice(VirtioTransport):
                 if q.need_call():
                     self.signal_call(index)
         except RingError as e:
-            self.needs_reset(f"ring-{e.reason}", f"queue {index}: {e}")
+            self.needs_reset(f"ring-{e.reason}", f"queue {index}: {e.message}")
+        except Exception as e:  # a bug in the lab's own code: never let guest input kill the VMM
+            log.exception("internal error serving queue %d", index)
+            self.needs_reset("device-internal", f"queue {index}: internal error {type(e).__name__}: {e}")
+
+    def _rekick(self, index: int) -> None:
+        fd = self.kick_fds.get(index)
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as e:
+                log.warning("re-kick of queue %d failed: %s", index, e)
 
     def extra_queue_handler(self, index: int):
         return lambda chain: 0
@@ -181,6 +217,10 @@ class BalloonDevice(VirtioTransport):
         elif self.has(F_PAGE_BITMAP):
             runs = self._decode_bitmap(chain, ctr)
         else:
+            if chain.readable_bytes > 4 * PFN_BATCH_MAX:     # refuse before copying anything
+                self.refuse("pfn-array-too-long", f"{chain.readable_bytes} bytes of PFNs in one request "
+                                                  f"(max {PFN_BATCH_MAX} PFNs)")
+                return 0
             raw = chain.gather(MAX_REQUEST_BYTES)
             ctr.bytes_on_ring += len(raw)
             try:
@@ -249,7 +289,7 @@ class BalloonDevice(VirtioTransport):
             ctr.discard_ns += t2 - t1
         ctr.pages += len(accepted)
         if accepted:
-            ctr.add_runs(wire.pfns_to_runs(np.asarray(accepted, dtype=np.int64))[1])
+            ctr.add_pfn_batch(np.asarray(accepted, dtype=np.int64))
         self._report_bad(bad, first_bad, ctr)
 
     def _runs(self, starts: np.ndarray, lengths: np.ndarray, ctr: OpCounters, inflate: bool) -> None:
@@ -297,6 +337,8 @@ class BalloonDevice(VirtioTransport):
             ctr.discard_ns += t2 - t1
         ctr.pages += int(good.size)
         ctr.add_runs(glens)
+        if not inflate:
+            ctr.add_accepted(good)
         self._report_bad(bad, first_bad, ctr)
 
     def _report_bad(self, bad: Counter, first_bad: int | None, ctr: OpCounters) -> None:

@@ -111,6 +111,7 @@ class BalloonDriver:
         self.failed: str | None = None
         self.reports: list[OpReport] = []
         self.wire_format = "pfn"
+        self.last_deflated = np.zeros(0, np.int64)   # pages the last deflate gave back
 
     # --- probe: negotiation and queue set-up -------------------------------------------------
     def probe(self) -> None:
@@ -260,6 +261,7 @@ class BalloonDriver:
     def deflate(self, n: int, target: int | None = None) -> OpReport:
         rep = OpReport("deflate", target if target is not None else self.actual - n)
         q = self.queues[Q_DEFLATE]
+        returned: list[np.ndarray] = []
         t_start = _now()
         _audit("balloon-lab:deflate:b")
         try:
@@ -270,6 +272,7 @@ class BalloonDriver:
                 # Tell the host first (MUST_TELL_HOST), then give the pages back to the allocator.
                 self._send_pages(q, np.sort(batch), rep, inflate=False)
                 self._update_actual(rep)
+                returned.append(batch)
                 _audit("balloon-lab:alloc:b")
                 t0 = _now()
                 self.alloc.free_pages(batch)
@@ -281,6 +284,7 @@ class BalloonDriver:
             log.error("deflate failed: %s", rep.error)
         rep.total_ns = _now() - t_start
         _audit("balloon-lab:deflate:e")
+        self.last_deflated = np.concatenate(returned) if returned else np.zeros(0, np.int64)
         return rep
 
     def _take_from_balloon(self, n: int) -> np.ndarray:

@@ -31,7 +31,8 @@ from device.control import Channel, PeerGone, Req
 from device.features import Q_STATS
 from device.guest_memory import GuestMemory
 from device.guest_ram import GuestRAM, process_rss_bytes
-from device.layout import GuestLayout, Region
+from device import wire
+from device.layout import PAGE_SHIFT, GuestLayout, Region
 
 log = logging.getLogger("balloon-lab.guest")
 
@@ -148,6 +149,17 @@ class Guest:
         return {"held_ok": bool(res.ok), "pages_checked": int(res.pages_checked),
                 "bad_pfns": [int(x) for x in res.bad_pfns], "balloon_pages": int(pfns.size),
                 "balloon_digest": digest, "actual": self.driver.actual}
+
+    def _cmd_retouch_deflated(self, conn, rid, args) -> dict:
+        """Write into the pages the last deflate returned, as a guest reusing them would:
+        they become backed by the memfd and mapped in this process again (the state the
+        balloon found them in). Per run, not per page."""
+        pfns = self.driver.last_deflated
+        starts, lengths = wire.pfns_to_runs(pfns)
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            self.ram.np_view(s << PAGE_SHIFT, n << PAGE_SHIFT).fill(0x5A)
+        self.memory.mark_dirty(pfns)
+        return {"pages": int(pfns.size), "runs": int(starts.size)}
 
     def _cmd_shutdown(self, conn, rid, args) -> dict:
         self.running = False

@@ -142,10 +142,14 @@ def memfd_data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-def process_rss_bytes(pid: int) -> int:
-    """Resident set of a process (VmRSS, includes shared memfd pages it has mapped)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+def process_rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident set of a process (VmRSS, includes shared memfd pages it has mapped);
+    field="VmHWM" gives its peak."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0

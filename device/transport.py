@@ -107,6 +107,11 @@ class VirtioTransport:
             ch.reply_result(msg.req, -errno.ENOSYS, f"unknown request {msg.req}")
             return
         handler = getattr(self, f"_req_{req.name.lower()}")
+        if msg.fds and req not in _TAKES_FD:
+            # fds on a request that takes none would pile up in the VMM until it runs out
+            C._close(msg.fds)
+            self.refuse("control-unexpected-fd", f"{req.name} carried {len(msg.fds)} file descriptor(s); closed them")
+            msg.fds = []
         try:
             handler(ch, req, msg)
         except _Refused as e:
@@ -122,7 +127,17 @@ class VirtioTransport:
     def _one_fd(self, msg: Message) -> int:
         if len(msg.fds) != 1:
             raise _Refused("control-fd", errno.EBADF, f"expected exactly one file descriptor, got {len(msg.fds)}")
-        return msg.fds[0]
+        fd = msg.fds[0]
+        # Only an eventfd: the VMM polls kick fds (epoll refuses regular files) and writes
+        # call fds (a full pipe, or a blocking eventfd at its maximum, would block it).
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            kind = f"unreadable ({e.strerror})"
+        if kind != "anon_inode:[eventfd]":
+            raise _Refused("control-fd-not-eventfd", errno.EINVAL, f"expected an eventfd, got {kind}")
+        os.set_blocking(fd, False)
+        return fd
 
     def _req_get_features(self, ch: Channel, req: Req, msg: Message) -> None:
         ch.send(req, C.U64.pack(self.device_features), reply=True)
@@ -271,6 +286,9 @@ class VirtioTransport:
 
     def on_reset(self) -> None:
         pass
+
+
+_TAKES_FD = (Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_CONFIG_CALL)
 
 
 class _Refused(Exception):

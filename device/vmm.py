@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import mmap
 import os
 import selectors
+import shlex
 import signal
 import socket
 import subprocess
@@ -54,8 +56,10 @@ class VMM:
     # --- guest process -----------------------------------------------------------------
     def spawn_guest(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = [sys.executable, "-m", "device.guest", "--control-fd", str(theirs.fileno()),
-               "--agent", self.args.agent] + list(self.args.guest_args)
+        # --guest-cmd replaces the guest program (e.g. the hostile test client lab/raw_guest.py);
+        # it gets the same --control-fd/--agent arguments and the arguments after `--`.
+        prog = shlex.split(self.args.guest_cmd) if self.args.guest_cmd else [sys.executable, "-m", "device.guest"]
+        cmd = prog + ["--control-fd", str(theirs.fileno()), "--agent", self.args.agent] + list(self.args.guest_args)
         self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
         theirs.close()
         self.chan = Channel(mine)
@@ -114,6 +118,7 @@ class VMM:
             "x-balloon-lab-counters": lambda a: self._counters(),
             "x-balloon-lab-reset-counters": lambda a: self.device.reset_counters(),
             "x-balloon-lab-verify": lambda a: self.device.verify_discarded(),
+            "x-balloon-lab-bare-discard": self._cmd_bare_discard,
         }
 
     def _cmd_balloon(self, args: dict) -> None:
@@ -149,6 +154,22 @@ class VMM:
         self._deadlines.append((time.monotonic() + 2.0, d, answer))
         return d
 
+    def _cmd_bare_discard(self, args: dict) -> dict:
+        """The benchmark baseline: one madvise(MADV_REMOVE) per page, in a bare loop,
+        over the pages the last deflates returned (re-touched by the guest), on this
+        same memfd and mapping: the PFN path's discard with no protocol around it."""
+        pfns = self.device.deflate.pfns()
+        if pfns.size == 0:
+            raise CommandError("no deflated pages recorded: inflate, deflate and re-touch first")
+        offs = self.layout.pfn_to_offset(pfns).tolist()
+        populated = int(self.ram.data_page_mask()[self.layout.pfn_to_offset(pfns) >> PAGE_SHIFT].sum())
+        madvise, remove, page = self.ram.mm.madvise, mmap.MADV_REMOVE, 1 << PAGE_SHIFT
+        t0 = time.perf_counter_ns()
+        for off in offs:        # per page on purpose: this is the bare per-page syscall cost
+            madvise(remove, off, page)
+        ns = time.perf_counter_ns() - t0
+        return {"pages": len(offs), "populated_before": populated, "ns": ns, "ns_per_page": ns / len(offs)}
+
     def _cmd_quit(self, args: dict) -> None:
         self.running = False
 
@@ -171,7 +192,10 @@ class VMM:
         c = self.device.counters()
         c["device_wakeups"] = self.wakeups
         c["vmm_rss_bytes"] = process_rss_bytes(os.getpid())
-        c["guest_rss_bytes"] = process_rss_bytes(self.guest.pid) if self.guest and self.guest_exit is None else 0
+        alive = self.guest is not None and self.guest_exit is None
+        c["guest_rss_bytes"] = process_rss_bytes(self.guest.pid) if alive else 0
+        c["vmm_rss_peak_bytes"] = process_rss_bytes(os.getpid(), "VmHWM")
+        c["guest_rss_peak_bytes"] = process_rss_bytes(self.guest.pid, "VmHWM") if alive else 0
         return c
 
     # --- the loop -------------------------------------------------------------------------
@@ -269,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll-us", type=int, default=2000,
                    help="after serving an event, poll this long before sleeping (0: always sleep)")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--guest-cmd", default=None,
+                   help="guest program to spawn instead of `python -m device.guest` (shell words; it gets "
+                        "--control-fd N --agent PATH and the arguments after --)")
     p.add_argument("guest_args", nargs=argparse.REMAINDER, help="arguments after -- go to the guest")
     args = p.parse_args(argv)
     if args.guest_args and args.guest_args[0] == "--":

@@ -11,6 +11,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "probe",
     "run",
     "compare",
+    "bench",
     "runs", "show", "gate",
 )
 

@@ -361,9 +361,12 @@ def compare_arms(table: Table, baseline_arm: str, *, alpha: float = ALPHA, confi
     weak = sorted({p.arm for p in pairs if p.verdict == "too few trials"})
     if weak:
         family = max(sum(p.p_value is not None for p in pairs if p.arm == a) for a in weak)
-        need = next(k for k in range(2, 10_000) if min_mann_whitney_p(k, k) < alpha / family)
-        notes.append(f"too few trials for {', '.join(weak)}: with Holm over {family} timings/gauges, "
-                     f"Mann-Whitney needs at least {need} trials per arm to reach p < {alpha:g}")
+        if family == 0:
+            notes.append(f"too few trials for {', '.join(weak)}: a rank test needs at least 2 trials per arm")
+        else:
+            need = next(k for k in range(2, 10_000) if min_mann_whitney_p(k, k) < alpha / family)
+            notes.append(f"too few trials for {', '.join(weak)}: with Holm over {family} timings/gauges, "
+                         f"Mann-Whitney needs at least {need} trials per arm to reach p < {alpha:g}")
     return Comparison(baseline_arm=baseline_arm, arms=arms, metrics=kept, alpha=alpha, confidence=confidence,
                       n_resamples=n_resamples, seed=seed, summaries=summaries, pairs=pairs, notes=notes,
                       folded=folded)

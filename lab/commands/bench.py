@@ -1,0 +1,140 @@
+"""`balloon-lab bench`: the lab's speed and memory targets, measured side by side in one run.
+
+pfn-madvise   a PFN inflate of N MiB against a bare loop of single-page
+              madvise(MADV_REMOVE) calls on the same pages of the same memfd (with the
+              guest's mappings in place, as during the inflate): the ratio is what the
+              protocol costs on top of its unavoidable system calls.
+idle-memory   a large guest that touched little: host memory (memfd blocks, peak RSS of
+              the VMM and the guest) must follow what the guest touched, not its size.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from device.layout import MiB, PAGE_SHIFT
+from lab.runner import BalloonTrial, LabProcesses, TrialFailed, balloon_op, verify
+
+# The calibration figure from ../shared/SEED.md: QEMU 7.2 + Linux 6.1 under TCG here
+# spent about 3.8x its madvise time on a PFN inflate.
+REAL_STACK_RATIO = 3.8
+
+
+def pfn_vs_madvise(guest_mib: int, inflate_mib: int, seed: int) -> dict:
+    t = BalloonTrial(protocol="pfn", guest_mib=guest_mib, inflate_mib=inflate_mib, workload="aged", seed=seed)
+    lp = LabProcesses(t)
+    try:
+        lp.agent.execute("workload-prepare", {"name": t.workload, "params": {}, "seed": seed})
+        target = (inflate_mib * MiB) >> PAGE_SHIFT
+        inflate = balloon_op(lp, "inflate", target, None)
+        v1 = verify(lp, target)
+        lp.qmp.execute("x-balloon-lab-reset-counters")
+        deflate = balloon_op(lp, "deflate", 0, None)
+        touched = lp.agent.execute("retouch-deflated")
+        bare = lp.qmp.execute("x-balloon-lab-bare-discard")
+        lp.check_alive()
+    finally:
+        lp.close()
+    st = inflate["stages_ns"]
+    return {
+        "pages": inflate["pages"], "inflate_total_ns": st["total"], "inflate_discard_ns": st["discard"],
+        "inflate_stages_ns": st, "verified": v1["ok"],
+        "bare_loop_pages": bare["pages"], "bare_loop_populated_pages": bare["populated_before"],
+        "bare_loop_ns": bare["ns"], "bare_ns_per_page": bare["ns_per_page"],
+        "inflate_ns_per_page": st["total"] / inflate["pages"],
+        "ratio": st["total"] / bare["ns"], "goal": 1.5, "real_qemu_linux_ratio": REAL_STACK_RATIO,
+        "retouched_pages": touched["pages"], "deflate_total_ns": deflate["stages_ns"]["total"],
+    }
+
+
+def idle_memory(guest_mib: int, touched_mib: int, inflate_mib: int, protocol: str, seed: int) -> dict:
+    used_share = touched_mib / guest_mib
+    t = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload="idle",
+                     workload_params={"used_share": used_share, "stale_share": 0.0}, seed=seed)
+    lp = LabProcesses(t)
+    samples = []
+
+    def sample(when: str) -> None:
+        c = lp.qmp.execute("x-balloon-lab-counters")
+        samples.append({"when": when, "memfd_bytes": c["memfd_allocated_bytes"],
+                        "vmm_rss": c["vmm_rss_bytes"], "guest_rss": c["guest_rss_bytes"],
+                        "vmm_rss_peak": c["vmm_rss_peak_bytes"], "guest_rss_peak": c["guest_rss_peak_bytes"]})
+    try:
+        sample("boot")
+        lp.agent.execute("workload-prepare", {"name": "idle", "params": t.workload_params, "seed": seed})
+        sample("workload")
+        target = (inflate_mib * MiB) >> PAGE_SHIFT
+        balloon_op(lp, "inflate", target, None)
+        v1 = verify(lp, target)
+        sample("inflated")
+        balloon_op(lp, "deflate", 0, None)
+        v2 = verify(lp, 0)
+        sample("deflated")
+        lp.check_alive()
+    finally:
+        lp.close()
+    peak_memfd = max(s["memfd_bytes"] for s in samples)
+    peak_rss = max(s["vmm_rss_peak"] + s["guest_rss_peak"] for s in samples)
+    return {"guest_mib": guest_mib, "touched_mib": touched_mib, "inflate_mib": inflate_mib, "protocol": protocol,
+            "samples": samples, "peak_memfd_bytes": peak_memfd, "peak_rss_sum_bytes": peak_rss,
+            "memfd_over_touched": peak_memfd / (touched_mib * MiB),
+            "rss_over_touched": peak_rss / (touched_mib * MiB), "verified": v1["ok"] and v2["ok"]}
+
+
+@click.group("bench")
+def command() -> None:
+    """Benchmarks of the lab's own speed and memory targets."""
+
+
+@command.command("pfn-madvise")
+@click.option("--guest-mib", type=int, default=2048, show_default=True)
+@click.option("--inflate-mib", type=int, default=1024, show_default=True)
+@click.option("--seed", type=int, default=1)
+@click.option("--json", "as_json", is_flag=True)
+def pfn_madvise_cmd(guest_mib: int, inflate_mib: int, seed: int, as_json: bool) -> None:
+    """PFN inflate vs a bare single-page madvise loop on the same memfd (goal: ratio <= 1.5)."""
+    try:
+        r = pfn_vs_madvise(guest_mib, inflate_mib, seed)
+    except TrialFailed as e:
+        click.echo(f"bench failed: {e}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"PFN inflate of {inflate_mib} MiB ({r['pages']} pages): {r['inflate_total_ns'] / 1e6:.0f} ms "
+                   f"({r['inflate_ns_per_page'] / 1e3:.2f} us/page; discard stage {r['inflate_discard_ns'] / 1e6:.0f} ms)")
+        click.echo(f"bare loop of {r['bare_loop_pages']} single-page madvise(MADV_REMOVE) on the same memfd: "
+                   f"{r['bare_loop_ns'] / 1e6:.0f} ms ({r['bare_ns_per_page'] / 1e3:.2f} us/page, "
+                   f"{r['bare_loop_populated_pages']} pages populated before)")
+        click.echo(f"ratio inflate / bare loop: {r['ratio']:.2f} (goal <= 1.5; the real QEMU+Linux stack "
+                   f"measured here: about {REAL_STACK_RATIO}x its madvise time)")
+    sys.exit(0 if r["verified"] else 1)
+
+
+@command.command("idle-memory")
+@click.option("--guest-mib", type=int, default=16384, show_default=True)
+@click.option("--touched-mib", type=int, default=1024, show_default=True)
+@click.option("--inflate-mib", type=int, default=512, show_default=True)
+@click.option("--protocol", default="pfn", show_default=True)
+@click.option("--seed", type=int, default=1)
+@click.option("--json", "as_json", is_flag=True)
+def idle_memory_cmd(guest_mib: int, touched_mib: int, inflate_mib: int, protocol: str, seed: int,
+                    as_json: bool) -> None:
+    """Host memory of a large guest that touched little (memfd blocks and peak RSS)."""
+    try:
+        r = idle_memory(guest_mib, touched_mib, inflate_mib, protocol, seed)
+    except TrialFailed as e:
+        click.echo(f"bench failed: {e}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        for s in r["samples"]:
+            click.echo(f"{s['when']:>9}: memfd {s['memfd_bytes'] / MiB:8.0f} MiB   RSS vmm {s['vmm_rss'] / MiB:6.0f} "
+                       f"MiB  guest {s['guest_rss'] / MiB:6.0f} MiB   (peaks {s['vmm_rss_peak'] / MiB:.0f} + "
+                       f"{s['guest_rss_peak'] / MiB:.0f} MiB)")
+        click.echo(f"guest {guest_mib} MiB that touched {touched_mib} MiB: peak memfd "
+                   f"{r['memfd_over_touched']:.2f}x touched, peak VMM+guest RSS {r['rss_over_touched']:.2f}x touched")
+    sys.exit(0 if r["verified"] else 1)

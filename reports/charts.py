@@ -1,0 +1,441 @@
+"""The report's charts: matplotlib (Agg, no pyplot global state) to inline SVG.
+
+SVG text stays text (svg.fonttype "none", with a font list every system has), so
+charts are small, searchable and crisp at any zoom; no font is ever fetched. Element
+ids are prefixed per chart because many SVGs share one HTML document's id space.
+A chart whose SVG would be too big falls back to a PNG data URI, so a report stays
+one small file whatever the run's size.
+
+Every chart follows the same rules: labelled axes with units, log scales where the
+data spans decades (decided from the data, and said in the axis label), and each
+arm in its colour from reports.palette.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # before anything imports pyplot: never a GUI, never a display
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from reports.fmt import esc, fmt_bytes_short, fmt_ns_short, sig, time_unit
+from reports.palette import PUBLISHED_COLOR, STAGE_COLORS
+
+MAX_SVG_BYTES = 300_000
+PNG_DPI = 110
+LOG_SPAN = 30.0  # a positive axis whose max/min exceeds this is drawn log-scaled
+
+RC = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "balloon-lab",  # deterministic ids: the same data give the same file
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans", "Liberation Sans", "Arial", "Helvetica"],
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 9,
+    "axes.edgecolor": "#555555",
+    "axes.labelcolor": "#222222",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.color": "#E4E4E4",
+    "grid.linewidth": 0.6,
+    "xtick.color": "#333333",
+    "ytick.color": "#333333",
+    "legend.frameon": False,
+    "legend.fontsize": 8.5,
+    "path.simplify": True,
+    "figure.dpi": 100,
+}
+
+
+@dataclass
+class Chart:
+    """One rendered chart: `html` is the <svg> (or <img>) element."""
+
+    id: str
+    html: str
+    fmt: str  # svg | png
+    bytes: int
+
+
+# --- rendering -------------------------------------------------------------------
+def new_figure(width: float, height: float, **kw: Any) -> Figure:
+    with matplotlib.rc_context(RC):
+        return Figure(figsize=(width, height), layout="constrained", **kw)
+
+
+def styled(fn: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Run a chart builder under the report's rcParams."""
+    def wrapper(*a: Any, **kw: Any) -> Figure:
+        with matplotlib.rc_context(RC):
+            return fn(*a, **kw)
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+_ID_RE = re.compile(r'\bid="([^"]+)"')
+
+
+def _prefix_ids(svg: str, prefix: str) -> str:
+    ids = set(_ID_RE.findall(svg))
+    if not ids:
+        return svg
+
+    def ref(m: re.Match) -> str:
+        name = m.group(2)
+        return f'{m.group(1)}#{prefix}-{name}' if name in ids else m.group(0)
+
+    svg = _ID_RE.sub(lambda m: f'id="{prefix}-{m.group(1)}"', svg)
+    svg = re.sub(r'(href=")#([^"]+)', ref, svg)
+    return re.sub(r'(url\()#([^)]+)', ref, svg)
+
+
+def render(fig: Figure, chart_id: str, alt: str, *, max_svg_bytes: int = MAX_SVG_BYTES) -> Chart:
+    """The figure as an inline element: SVG unless that exceeds max_svg_bytes, then PNG."""
+    with matplotlib.rc_context(RC):
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+        svg = buf.getvalue()
+        if len(svg.encode()) <= max_svg_bytes:
+            svg = svg[svg.index("<svg"):]
+            svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+            # matplotlib's <style>*{...}</style> would apply to the whole page; the page CSS has it scoped
+            svg = re.sub(r'<style type="text/css">.*?</style>\s*', "", svg, flags=re.S)
+            svg = _prefix_ids(svg, chart_id)
+            svg = svg.replace("<svg ", f'<svg class="chart" role="img" aria-label="{esc(alt)}" ', 1)
+            return Chart(chart_id, svg, "svg", len(svg.encode()))
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=PNG_DPI, metadata={"Software": None})
+        data = base64.b64encode(png.getvalue()).decode()
+        tag = f'<img class="chart" alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+        return Chart(chart_id, tag, "png", len(tag))
+
+
+# --- helpers ---------------------------------------------------------------------
+def spans_decades(values: Sequence[float], span: float = LOG_SPAN) -> bool:
+    v = [x for x in values if x is not None and math.isfinite(x) and x > 0]
+    return len(v) >= 2 and max(v) / min(v) > span
+
+
+def _time_axis(ax, axis: str, unit: str, scale: float, log: bool) -> None:
+    """Ticks of a time axis in `unit` (values already divided by scale)."""
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if log:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        target.set_major_locator(LogLocator(base=10))
+        target.set_minor_formatter(NullFormatter())
+    target.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+
+
+def _log_count_axis(ax, axis: str = "y") -> None:
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(LogLocator(base=10))
+    target.set_minor_formatter(NullFormatter())
+    target.set_major_formatter(FuncFormatter(lambda v, _p: sig(v) if v >= 1 else f"{v:g}"))
+
+
+def arm_legend(ax_or_fig, arms: Sequence[str], colors: dict[str, str], **kw: Any) -> None:
+    handles = [Patch(facecolor=colors[a], edgecolor="none", label=a) for a in arms]
+    ax_or_fig.legend(handles=handles, **kw)
+
+
+def color_ticklabels(labels, colors: dict[str, str]) -> None:
+    for t in labels:
+        c = colors.get(t.get_text())
+        if c:
+            t.set_color(c)
+            t.set_fontweight("bold")
+
+
+# --- per-trial distributions -------------------------------------------------------
+@dataclass
+class Series:
+    """One panel of a per-trial chart: samples per arm plus optional median CIs."""
+
+    title: str
+    unit: str                     # "ns" (converted to a readable unit) or a label like "MiB"
+    samples: dict[str, np.ndarray]
+    ci: dict[str, tuple[float | None, float | None]]
+
+
+@styled
+def trials_strip(panels: Sequence[Series], arms: Sequence[str], colors: dict[str, str]) -> Figure:
+    """Every trial as a dot per arm, the median as a bar, its bootstrap CI as a band:
+    the reader sees spread and overlap, not only two medians."""
+    fig = new_figure(4.6 * len(panels), 0.55 * len(arms) + 1.3)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    rng = np.random.default_rng(0)
+    for ax, p in zip(axes, panels):
+        present = [a for a in arms if a in p.samples and p.samples[a].size]
+        allv = np.concatenate([p.samples[a] for a in present]) if present else np.array([])
+        if p.unit == "ns":
+            uname, scale = time_unit(list(allv))
+        else:
+            uname, scale = p.unit, 1.0
+        log = spans_decades(list(allv))
+        for i, arm in enumerate(present):
+            y = len(present) - 1 - i
+            x = p.samples[arm] / scale
+            med = float(np.median(x))
+            lo, hi = p.ci.get(arm, (None, None))
+            if lo is not None and hi is not None:
+                ax.fill_betweenx([y - 0.28, y + 0.28], lo / scale, hi / scale, color=colors[arm], alpha=0.18,
+                                 linewidth=0)
+            ax.plot([med, med], [y - 0.32, y + 0.32], color=colors[arm], linewidth=2.4, solid_capstyle="butt")
+            jitter = rng.uniform(-0.18, 0.18, x.size)
+            ax.scatter(x, y + jitter, s=16, color=colors[arm], alpha=0.85, edgecolors="white", linewidths=0.4,
+                       zorder=3)
+            ax.annotate(f"{sig(med)} {uname}", (med, y + 0.34), ha="center", va="bottom", fontsize=7.5,
+                        color="#333333")
+        ax.set_yticks(range(len(present)), list(reversed(present)))
+        color_ticklabels(ax.get_yticklabels(), colors)
+        ax.set_ylim(-0.6, len(present) - 0.3)
+        ax.grid(axis="y", visible=False)
+        _time_axis(ax, "x", uname, scale, log)
+        ax.set_xlabel(f"{p.title} ({uname}{', log scale' if log else ''})")
+        ax.set_title(p.title, loc="left")
+    return fig
+
+
+# --- stage breakdown ----------------------------------------------------------------
+@styled
+def stage_panels(op: str, stages: Sequence[str], arms: Sequence[str], colors: dict[str, str],
+                 medians: dict[str, dict[str, float]], cis: dict[str, dict[str, tuple[float | None, float | None]]]
+                 ) -> Figure:
+    """One small panel per stage, arms as bars (median, with CI whiskers): each stage's
+    cost compared across protocols on its own scale."""
+    fig = new_figure(11.0, 0.42 * len(arms) + 1.5)
+    axes = fig.subplots(1, len(stages), squeeze=False)[0]
+    allv = [medians[a].get(s) for a in arms for s in stages if medians.get(a, {}).get(s)]
+    uname, scale = time_unit([v for v in allv if v])
+    for ax, st in zip(axes, stages):
+        vals = [medians.get(a, {}).get(st) for a in arms]
+        ys = np.arange(len(arms))[::-1]
+        log = spans_decades([v for v in vals if v])
+        for y, a, v in zip(ys, arms, vals):
+            if v is None:
+                continue
+            lo, hi = cis.get(a, {}).get(st, (None, None))
+            err = None
+            if lo is not None and hi is not None:
+                err = [[max(v - lo, 0) / scale], [max(hi - v, 0) / scale]]
+            ax.barh(y, max(v, 0) / scale if not log else max(v, 1) / scale, color=colors[a], height=0.7,
+                    xerr=err, error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2})
+        ax.set_yticks(ys, arms if ax is axes[0] else [""] * len(arms))
+        if ax is axes[0]:
+            color_ticklabels(ax.get_yticklabels(), colors)
+        ax.grid(axis="y", visible=False)
+        ax.tick_params(axis="y", length=0)
+        _time_axis(ax, "x", uname, scale, log)
+        ax.set_title(st, loc="left")
+        ax.set_xlabel(f"{uname}{', log' if log else ''}")
+    fig.suptitle(f"{op}: median time per stage (whiskers: 95 % bootstrap CI)", x=0.01, ha="left",
+                 fontsize=10, fontweight="bold")
+    return fig
+
+
+@styled
+def stage_shares(rows: Sequence[tuple[str, dict[str, float], str]], stages: Sequence[str]) -> Figure:
+    """100 % bars: which stage dominates each protocol's time, with the published PFN
+    breakdown as a reference row. rows: (label, {stage: share of total}, label colour)."""
+    fig = new_figure(9.5, 0.46 * len(rows) + 1.35)
+    ax = fig.subplots()
+    ys = np.arange(len(rows))[::-1]
+    for y, (label, shares, _c) in zip(ys, rows):
+        left = 0.0
+        for st in list(stages) + ["other"]:
+            w = shares.get(st)
+            if not w or w <= 0:
+                continue
+            color = STAGE_COLORS.get(st, "#FFFFFF")
+            ax.barh(y, 100 * w, left=100 * left, color=color, height=0.68, edgecolor="white", linewidth=0.8,
+                    hatch="//" if st == "other" else None)
+            if w >= 0.06:
+                dark = st in ("transmit", "discard")
+                ax.text(100 * (left + w / 2), y, f"{100 * w:.0f} %", ha="center", va="center", fontsize=7.5,
+                        color="white" if dark else "#222222")
+            left += w
+    ax.set_yticks(ys, [r[0] for r in rows])
+    for t, r in zip(ax.get_yticklabels(), rows):
+        t.set_color(r[2])
+        t.set_fontweight("bold")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of the median total time (%)")
+    ax.grid(axis="y", visible=False)
+    ax.tick_params(axis="y", length=0)
+    handles = [Patch(facecolor=STAGE_COLORS[s], label=s) for s in stages]
+    handles.append(Patch(facecolor="white", edgecolor="#999999", hatch="//", label="other / not measured"))
+    ax.legend(handles=handles, ncols=len(handles), loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=8)
+    return fig
+
+
+# --- log2 histograms ----------------------------------------------------------------
+@styled
+def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], colors: dict[str, str], *,
+                   xlabel: str, ylabel: str, tick: Callable[[float], str], title: str,
+                   linear_buckets: bool = False) -> Figure:
+    """Grouped bars per bucket, one colour per arm. Buckets are powers of two (or
+    small integers with linear_buckets, e.g. allocation orders), placed evenly, so the
+    x axis is a log2 axis; counts get a log axis when they span decades."""
+    present = [a for a in arms if hists.get(a)]
+    keys = sorted({b for a in present for b in hists[a]})
+    if linear_buckets:
+        lo, hi = int(min(keys)), int(max(keys))
+        buckets = [float(b) for b in range(lo, hi + 1)]
+    else:
+        exps = [int(round(math.log2(b))) if b > 0 else -1 for b in keys]
+        lo, hi = min(exps), max(exps)
+        buckets = [0.0 if e < 0 else float(2 ** e) for e in range(lo, hi + 1)]
+        if any(b == 0 for b in keys) and 0.0 not in buckets:
+            buckets = [0.0] + buckets
+    fig = new_figure(max(5.2, 0.34 * len(buckets) * max(1, len(present)) ** 0.5 + 2.2), 3.1)
+    ax = fig.subplots()
+    width = 0.82 / max(1, len(present))
+    allc = [c for a in present for c in hists[a].values() if c > 0]
+    for i, arm in enumerate(present):
+        xs = np.arange(len(buckets)) - 0.41 + width * (i + 0.5)
+        ys = [hists[arm].get(b, 0.0) for b in buckets]
+        ax.bar(xs, ys, width=width, color=colors[arm], label=arm, linewidth=0)
+    log = spans_decades(allc, 50.0)
+    if log:
+        _log_count_axis(ax, "y")
+        ax.set_ylim(bottom=max(min(allc) * 0.5, 1e-3))
+    step = max(1, math.ceil(len(buckets) / 18))
+    ax.set_xticks(np.arange(len(buckets))[::step], [tick(b) for b in buckets][::step],
+                  rotation=45 if len(buckets) > 8 else 0, ha="right" if len(buckets) > 8 else "center")
+    ax.set_xlim(-0.6, len(buckets) - 0.4)
+    ax.grid(axis="x", visible=False)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" (log)" if log else ""))
+    ax.set_title(title, loc="left")
+    ax.legend(loc="upper right", ncols=min(4, len(present)))
+    return fig
+
+
+def bytes_tick(b: float) -> str:
+    return fmt_bytes_short(b)
+
+
+def ns_tick(ns: float) -> str:
+    return fmt_ns_short(ns)
+
+
+def pages_tick(p: float) -> str:
+    return fmt_bytes_short(p).replace("K", "Ki").replace("M", "Mi") if p >= 1024 else f"{p:g}"
+
+
+# --- grouped bars of medians ------------------------------------------------------
+@styled
+def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, str],
+                 values: dict[str, dict[str, float | None]], *, ylabel: str, title: str,
+                 errors: dict[str, dict[str, tuple[float, float] | None]] | None = None,
+                 force_log: bool | None = None, width_in: float | None = None) -> Figure:
+    """Medians per group (x) and arm (colour), values printed on the bars; log y when
+    they span decades (e.g. 1 kick per MiB for bitmap vs 2 for pfn vs 0.004 for chunks)."""
+    present = [a for a in arms if any(values.get(g, {}).get(a) is not None for g in groups)]
+    fig = new_figure(width_in or max(5.0, 1.25 * len(groups) * max(1, len(present)) ** 0.5 + 1.6), 3.3)
+    ax = fig.subplots()
+    width = 0.82 / max(1, len(present))
+    allv = [v for g in groups for v in values.get(g, {}).values() if v is not None and v > 0]
+    log = spans_decades(allv) if force_log is None else force_log
+    for i, arm in enumerate(present):
+        xs = np.arange(len(groups)) - 0.41 + width * (i + 0.5)
+        ys = [values.get(g, {}).get(arm) for g in groups]
+        err = None
+        if errors:
+            lo_e, hi_e = [], []
+            for g, v in zip(groups, ys):
+                e = (errors.get(g) or {}).get(arm)
+                lo_e.append(max(v - e[0], 0) if e and v is not None else 0)
+                hi_e.append(max(e[1] - v, 0) if e and v is not None else 0)
+            err = [lo_e, hi_e]
+        ax.bar(xs, [v if v is not None else 0 for v in ys], width=width, color=colors[arm], label=arm,
+               yerr=err, error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2}, linewidth=0)
+        for x, v in zip(xs, ys):
+            if v is not None and (v > 0 or not log):
+                ax.text(x, v, sig(v), ha="center", va="bottom", fontsize=7, color="#333333", rotation=0)
+    if log and allv:
+        _log_count_axis(ax, "y")
+        ax.set_ylim(bottom=min(allv) * 0.4, top=max(allv) * 3)
+    elif allv:
+        ax.set_ylim(0, max(allv) * 1.15)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.grid(axis="x", visible=False)
+    ax.set_ylabel(ylabel + (" (log)" if log else ""))
+    ax.set_title(title, loc="left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+# --- migration ------------------------------------------------------------------------
+@styled
+def migration_bars(panels: Sequence[tuple[str, str, dict[str, float | None], dict[str, tuple[float, float] | None]]],
+                   arms: Sequence[str], colors: dict[str, str],
+                   published: dict[str, float] | None = None) -> Figure:
+    """One panel per migration metric (title, axis label, {arm: median}, {arm: CI}),
+    bars in arm colours; `published` marks the cover letters' times in the first panel."""
+    fig = new_figure(3.3 * len(panels), 0.45 * len(arms) + 1.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    ys = np.arange(len(arms))[::-1]
+    for k, (ax, (title, xlabel, vals, cis)) in enumerate(zip(axes, panels)):
+        for y, a in zip(ys, arms):
+            v = vals.get(a)
+            if v is None:
+                continue
+            ci = cis.get(a)
+            err = [[max(v - ci[0], 0)], [max(ci[1] - v, 0)]] if ci else None
+            ax.barh(y, v, color=colors[a], height=0.66, xerr=err,
+                    error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2})
+            ax.text(v, y, " " + sig(v), va="center", ha="left", fontsize=7.5, color="#333333")
+        if k == 0 and published:
+            for y, a in zip(ys, arms):
+                if a in published:
+                    ax.plot([published[a]], [y], marker="D", color=PUBLISHED_COLOR, markersize=5, zorder=4)
+        ax.set_yticks(ys, arms if k == 0 else [""] * len(arms))
+        if k == 0:
+            color_ticklabels(ax.get_yticklabels(), colors)
+        ax.grid(axis="y", visible=False)
+        ax.tick_params(axis="y", length=0)
+        ax.set_title(title, loc="left")
+        ax.set_xlabel(xlabel)
+        ax.margins(x=0.18)
+    return fig
+
+
+@styled
+def migration_timeline(rows: Sequence[tuple[str, list[tuple[float, float, str, bool]]]],
+                       colors: dict[str, str]) -> Figure:
+    """A Gantt row per arm: each pre-copy round as a bar from its start to its end (ms),
+    the stop-and-copy (downtime) hatched. rows: (arm, [(start, end, label, is_downtime)])."""
+    fig = new_figure(10.0, 0.55 * len(rows) + 1.5)
+    ax = fig.subplots()
+    ys = np.arange(len(rows))[::-1]
+    for y, (arm, segs) in zip(ys, rows):
+        for start, end, label, down in segs:
+            ax.barh(y, end - start, left=start, height=0.6, color="white" if down else colors[arm],
+                    edgecolor=colors[arm], linewidth=1.0, hatch="////" if down else None,
+                    alpha=1.0 if down else 0.85)
+            if label and end - start > 0:
+                ax.text((start + end) / 2, y, label, ha="center", va="center", fontsize=7,
+                        color=colors[arm] if down else "white", clip_on=True)
+    ax.set_yticks(ys, [r[0] for r in rows])
+    color_ticklabels(ax.get_yticklabels(), colors)
+    ax.grid(axis="y", visible=False)
+    ax.tick_params(axis="y", length=0)
+    ax.set_xlabel("time since migration start (ms)")
+    ax.set_title("rounds of the median trial (hatched: stop-and-copy = downtime)", loc="left")
+    return fig
