@@ -85,6 +85,16 @@ class OpCounters:
         }
 
 
+# Page states in BalloonDevice.ballooned (one byte per PFN)
+IN_GUEST, IN_BALLOON, QUEUE_MEMORY = 0, 1, 2
+
+
+def _refusal(state: int, inflate: bool) -> str:
+    if state == QUEUE_MEMORY:
+        return "pfn-is-queue-memory"
+    return "already-inflated" if inflate else "deflate-not-inflated"
+
+
 class BalloonDevice(VirtioTransport):
     def __init__(self, ram: GuestRAM, device_features: int, *, ranges_policy: bool = False,
                  discard: str = "madvise") -> None:
@@ -132,9 +142,16 @@ class BalloonDevice(VirtioTransport):
         self.config.num_pages = num_pages
         self.signal_config()
 
+    def activate(self) -> None:
+        super().activate()
+        # The pages the queues live in are never discarded, whatever the guest names.
+        for v in self.vrings.values():
+            for gpa, n in ((v.desc, 16 * v.size), (v.avail, 6 + 2 * v.size), (v.used, 6 + 8 * v.size)):
+                self.ballooned_np[gpa >> PAGE_SHIFT:((gpa + n - 1) >> PAGE_SHIFT) + 1] = QUEUE_MEMORY
+
     @property
     def ballooned_pages(self) -> int:
-        return int(np.count_nonzero(self.ballooned_np))
+        return int(np.count_nonzero(self.ballooned_np == IN_BALLOON))
 
     def on_reset(self) -> None:
         # Pages stay discarded; the balloon is empty again from the guest's view
@@ -247,7 +264,8 @@ class BalloonDevice(VirtioTransport):
         starts, ends, offs = self._starts, self._ends, self._offs
         ballooned = self.ballooned
         max_pfn = len(ballooned)
-        want = 1 if inflate else 0
+        want = IN_BALLOON if inflate else IN_GUEST
+        expect = IN_GUEST if inflate else IN_BALLOON
         accepted: list[int] = []
         hvas: list[int] = []
         bad: Counter[str] = Counter()
@@ -261,8 +279,8 @@ class BalloonDevice(VirtioTransport):
                 bad["pfn-not-ram"] += 1
                 first_bad = first_bad if first_bad is not None else pfn
                 continue
-            if ballooned[pfn] == want:
-                bad["already-inflated" if inflate else "deflate-not-inflated"] += 1
+            if ballooned[pfn] != expect:
+                bad[_refusal(ballooned[pfn], inflate)] += 1
                 first_bad = first_bad if first_bad is not None else pfn
                 continue
             ballooned[pfn] = want
@@ -309,10 +327,11 @@ class BalloonDevice(VirtioTransport):
             first_bad = int(pfns[~ok][0])
         inram = pfns[ok]
         state = self.ballooned_np[inram]
-        want = 1 if inflate else 0
-        dup = state == want
+        want = IN_BALLOON if inflate else IN_GUEST
+        dup = state != (IN_GUEST if inflate else IN_BALLOON)
         if dup.any():
-            bad["already-inflated" if inflate else "deflate-not-inflated"] += int(dup.sum())
+            for st in np.unique(state[dup]).tolist():
+                bad[_refusal(st, inflate)] += int((state[dup] == st).sum())
             first_bad = first_bad if first_bad is not None else int(inram[dup][0])
         good = wire.sorted_unique(inram[~dup])
         self.ballooned_np[good] = want
@@ -425,7 +444,7 @@ class BalloonDevice(VirtioTransport):
         """Ask the kernel (SEEK_DATA/SEEK_HOLE on the memfd) whether any ballooned page
         still holds data: the check is independent of the device's bookkeeping."""
         data = self.ram.data_page_mask()                      # per memfd page
-        pfns = np.flatnonzero(self.ballooned_np)
+        pfns = np.flatnonzero(self.ballooned_np == IN_BALLOON)
         offs = self.layout.pfn_to_offset(pfns) >> PAGE_SHIFT if pfns.size else pfns
         still = pfns[data[offs]] if pfns.size else pfns
         return {"ballooned_pages": int(pfns.size), "ballooned_with_data": int(still.size),

@@ -31,6 +31,7 @@ from device import control as C
 from device import wire
 from device.buddy import BuddyAllocator
 from device.control import Channel, ControlError, Req
+from device.features import F_FREE_PAGE_HINT, Q_FREE_PAGE, Q_MISC
 from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_PAGE_BITMAP,
                              F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_STATS_VQ, F_VERSION_1,
                              PFN_BATCH_MAX, Q_DEFLATE, Q_INFLATE, Q_STATS, QUEUE_NAMES, S_ACKNOWLEDGE,
@@ -89,7 +90,10 @@ class DriverOptions:
     # Like KVM's halt polling: a vCPU waiting for an interrupt first polls for a while,
     # because waking a sleeping (v)CPU costs far more than a short poll (about 1 ms on
     # the lab's VMs, measured by benchmarks/wakeup_cost.py). 0 = always sleep.
-    halt_poll_us: int = 5000
+    halt_poll_us: int = 0
+    # free page hinting for migration: none | upstream (FREE_PAGE_HINT, queue 3) | bitmap
+    # (PAGE_BITMAP's misc queue 5); device/free_page_driver.py serves those queues
+    hint: str = "none"
 
 
 class BalloonDriver:
@@ -129,6 +133,12 @@ class BalloonDriver:
         elif self.opts.protocol in ("auto", "bitmap") and offered & bit(F_PAGE_BITMAP):
             want |= bit(F_PAGE_BITMAP)
             self.wire_format = "bitmap"
+        if self.opts.hint == "upstream":
+            want |= bit(F_FREE_PAGE_HINT)
+        elif self.opts.hint == "bitmap" and offered & bit(F_PAGE_BITMAP):
+            want |= bit(F_PAGE_BITMAP)      # one feature for the seed's bitmaps: the device then
+            if self.wire_format == "pfn":   # decodes inflates as bitmaps too (chunks still win)
+                self.wire_format = "bitmap"
         self.features = want & offered
         ch.call_result(Req.SET_FEATURES, C.U64.pack(self.features))
         ch.call_result(Req.SET_STATUS, C.U32.pack(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK))
@@ -137,6 +147,8 @@ class BalloonDriver:
             raise ControlError("device did not accept FEATURES_OK")
         ch.call_result(Req.SET_CONFIG_CALL, b"", [self.config_fd])
         queues = [Q_INFLATE, Q_DEFLATE] + ([Q_STATS] if self.has(F_STATS_VQ) else [])
+        queues += [Q_FREE_PAGE] if self.opts.hint == "upstream" and self.has(F_FREE_PAGE_HINT) else []
+        queues += [Q_MISC] if self.opts.hint == "bitmap" and self.has(F_PAGE_BITMAP) else []
         for index in queues:
             self._setup_queue(index)
         self._setup_buffers()

@@ -28,7 +28,9 @@ from device import control as C
 from device.balloon_driver import BalloonDriver, DriverOptions
 from device.buddy import BuddyAllocator
 from device.control import Channel, PeerGone, Req
-from device.features import Q_STATS
+from device.features import Q_MISC, Q_STATS
+from device.free_page_driver import FreePageDriver
+from device.migration.guest_side import GuestChannel, migration_verify
 from device.guest_memory import GuestMemory
 from device.guest_ram import GuestRAM, process_rss_bytes
 from device import wire
@@ -50,13 +52,16 @@ def fetch_memory(chan: Channel) -> GuestRAM:
 class Guest:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.chan = Channel(socket.socket(fileno=args.control_fd))
+        # GuestChannel: also serves the requests the VMM starts (SET_DIRTY_LOG for migration)
+        self.chan = GuestChannel(socket.socket(fileno=args.control_fd), lambda: getattr(self, "memory", None))
         self.ram = fetch_memory(self.chan)
         self.alloc = BuddyAllocator(self.ram.layout)
         self.memory = GuestMemory(self.ram, self.alloc)
         self.driver = BalloonDriver(self.chan, self.ram, self.alloc, self.memory,
                                     DriverOptions(protocol=args.protocol, batch_pages=args.batch_pages,
-                                                  timeout_s=args.timeout, halt_poll_us=args.halt_poll_us))
+                                                  timeout_s=args.timeout, halt_poll_us=args.halt_poll_us,
+                                                  hint=args.hint))
+        self.hints: FreePageDriver | None = None
         self.alloc.set_oom_notifier(self.driver.deflate_on_oom)
         self.workload = None
         self.sel = selectors.DefaultSelector()
@@ -161,6 +166,15 @@ class Guest:
         self.memory.mark_dirty(pfns)
         return {"pages": int(pfns.size), "runs": int(starts.size)}
 
+    def _cmd_migration_verify(self, conn, rid, args) -> dict:
+        """After a migration: every held page at the destination (args.dest: a path
+        to its memfd, e.g. /proc/PID/fd/N) and here matches the guest's record."""
+        dl = self.chan.dirty_log
+        return migration_verify(self.memory, str(args["dest"]), dl.log if dl is not None else None)
+
+    def _cmd_hint_info(self, conn, rid, args) -> dict:
+        return self.hints.info() if self.hints is not None else {}
+
     def _cmd_shutdown(self, conn, rid, args) -> dict:
         self.running = False
         return {}
@@ -168,6 +182,9 @@ class Guest:
     # --- loop ---------------------------------------------------------------------------------
     def run(self) -> None:
         self.driver.probe()
+        self.hints = FreePageDriver(self.driver, self.memory)
+        if Q_MISC in self.driver.call_fds:
+            self.sel.register(self.driver.call_fds[Q_MISC], selectors.EVENT_READ, ("misc", None))
         self.sel.register(self.agent, selectors.EVENT_READ, ("listen", None))
         self.sel.register(self.driver.config_fd, selectors.EVENT_READ, ("config", None))
         if Q_STATS in self.driver.call_fds:
@@ -179,12 +196,15 @@ class Guest:
                 kind, conn = key.data
                 if kind == "config":
                     self.driver.on_config_change()
+                    self.hints.on_config_change()
                     self._check_waiters()
+                elif kind == "misc":
+                    self.hints.on_misc_interrupt()
                 elif kind == "stats":
                     self.driver.on_stats_interrupt()
                 elif kind == "control":
-                    # The device only ever replies; readable here means it went away.
-                    raise PeerGone("the VMM closed the control socket")
+                    # A request the VMM starts (SET_DIRTY_LOG); PeerGone if it went away.
+                    self.chan.serve_readable()
                 elif kind == "listen":
                     c, _ = self.agent.accept()
                     bufs[c.fileno()] = bytearray()
@@ -203,6 +223,7 @@ class Guest:
                         buf[:] = rest
                         if line.strip():
                             self._agent_command(conn, line)
+            self.chan.serve_pending()
             self._check_waiters()
         if self.workload is not None:
             self.workload.stop()
@@ -220,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--halt-poll-us", type=int, default=DriverOptions.halt_poll_us,
                    help="poll for used buffers this long before sleeping (like KVM halt polling)")
+    p.add_argument("--hint", default="none", choices=("none", "upstream", "bitmap"),
+                   help="free page hinting design the driver negotiates (for migration)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="guest[%(process)d] %(levelname)s %(name)s: %(message)s")

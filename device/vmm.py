@@ -11,6 +11,7 @@ reported on the monitor; the VMM itself keeps running until `quit`.
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import logging
 import mmap
@@ -26,8 +27,10 @@ import time
 from device.balloon_device import BalloonDevice
 from device.control import Channel, ControlError, PeerGone
 from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
+from device.free_page_hint import hint_device_features
 from device.guest_ram import GuestRAM, process_rss_bytes
 from device.layout import PAGE_SHIFT, GuestLayout
+from device.migration.controller import MigrationController, add_vmm_arguments
 from device.monitor import CommandError, Deferred, Monitor
 
 log = logging.getLogger("balloon-lab.vmm")
@@ -38,7 +41,8 @@ class VMM:
         self.args = args
         self.layout = GuestLayout.pc(args.guest_mib)
         self.ram = GuestRAM.create(self.layout)
-        self.device = BalloonDevice(self.ram, protocol_device_features(args.protocol),
+        self.device = BalloonDevice(self.ram, protocol_device_features(args.protocol)
+                                    | hint_device_features(getattr(args, "hint", "none")),
                                     ranges_policy=args.protocol == "pfn-ranges", discard=args.discard)
         self.device.on_kick_fds_changed = self._rearm_kicks
         self.device.on_actual_changed = self._actual_changed
@@ -50,8 +54,11 @@ class VMM:
         self._kick_registered: dict[int, int] = {}
         self._deadlines: list[tuple[float, Deferred, object]] = []
         self.wakeups = 0
-        self.monitor = Monitor(args.monitor, self._commands(), version="balloon-lab vmm")
+        self.migration = MigrationController(self)   # migrate/query-migrate, --incoming, hint queues
+        self.monitor = Monitor(args.monitor, {**self._commands(), **self.migration.commands()},
+                               version="balloon-lab vmm")
         self.sel.register(self.monitor.listener, selectors.EVENT_READ, ("listen", None))
+        self.sel.register(self.migration.bridge_fd, selectors.EVENT_READ, ("bridge", None))
 
     # --- guest process -----------------------------------------------------------------
     def spawn_guest(self) -> None:
@@ -200,7 +207,10 @@ class VMM:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> None:
-        self.spawn_guest()
+        if self.migration.incoming:
+            self.migration.start_incoming()     # destination: no guest, RAM arrives over TCP
+        else:
+            self.spawn_guest()
         poll_ns = self.args.poll_us * 1000
         busy_until = 0
         while self.running:
@@ -222,6 +232,8 @@ class VMM:
                     self.device.process_queue(idx)
                 elif kind == "control":
                     self._control()
+                elif kind == "bridge":
+                    self.migration.bridge.run_pending()
                 elif kind == "listen":
                     conn = self.monitor.accept()
                     if conn.sock.fileno() != -1:
@@ -248,10 +260,19 @@ class VMM:
         except ControlError as e:
             self.device.refuse("control-malformed", str(e))
             return
+        if self.migration.on_control_reply(msg):     # the guest answered a VMM request
+            return
         try:
             self.device.handle(self.chan, msg)
         except PeerGone as e:
             self._guest_gone(str(e))
+        except Exception as e:  # a bug in the lab's own code: count it, answer, keep the VMM up
+            log.exception("internal error serving control request %d", msg.req)
+            self.device.refuse("control-internal", f"request {msg.req}: {type(e).__name__}: {e}")
+            try:
+                self.chan.reply_result(msg.req, -errno.EIO, f"internal error: {type(e).__name__}")
+            except ControlError as e2:
+                self._guest_gone(str(e2))
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -266,6 +287,7 @@ class VMM:
         self._deadlines = keep
 
     def shutdown(self) -> None:
+        self.migration.shutdown()
         if self.guest and self.guest.poll() is None:
             self.guest.terminate()
             try:
@@ -290,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--discard", default="madvise", choices=("madvise", "punch-hole"))
     p.add_argument("--monitor", required=True, help="unix socket path for the QMP-like monitor")
     p.add_argument("--agent", required=True, help="unix socket path for the guest agent")
-    p.add_argument("--poll-us", type=int, default=2000,
+    add_vmm_arguments(p)
+    p.add_argument("--poll-us", type=int, default=0,
                    help="after serving an event, poll this long before sleeping (0: always sleep)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--guest-cmd", default=None,

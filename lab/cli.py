@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "compare",
     "bench",
     "runs", "show", "gate",
+    "report",
 )
 
 

@@ -27,12 +27,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from reports.fmt import esc, fmt_bytes_short, fmt_ns_short, sig, time_unit
+from reports.fmt import esc, fmt_bytes_short, fmt_ns, fmt_ns_short, sig, time_unit
 from reports.palette import PUBLISHED_COLOR, STAGE_COLORS
 
 MAX_SVG_BYTES = 300_000
 PNG_DPI = 110
 LOG_SPAN = 30.0  # a positive axis whose max/min exceeds this is drawn log-scaled
+WIDTH = 10.5     # inches: every chart is drawn at one width, so text has one size across the report
 
 RC = {
     "svg.fonttype": "none",
@@ -120,7 +121,9 @@ def render(fig: Figure, chart_id: str, alt: str, *, max_svg_bytes: int = MAX_SVG
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=PNG_DPI, metadata={"Software": None})
         data = base64.b64encode(png.getvalue()).decode()
-        tag = f'<img class="chart" alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+        w, h = fig.get_size_inches()
+        tag = (f'<img class="chart" alt="{esc(alt)}" width="{round(w * 96)}" height="{round(h * 96)}" '
+               f'src="data:image/png;base64,{data}">')
         return Chart(chart_id, tag, "png", len(tag))
 
 
@@ -176,7 +179,7 @@ class Series:
 def trials_strip(panels: Sequence[Series], arms: Sequence[str], colors: dict[str, str]) -> Figure:
     """Every trial as a dot per arm, the median as a bar, its bootstrap CI as a band:
     the reader sees spread and overlap, not only two medians."""
-    fig = new_figure(4.6 * len(panels), 0.55 * len(arms) + 1.3)
+    fig = new_figure(WIDTH if len(panels) > 1 else WIDTH * 0.6, 0.55 * len(arms) + 1.4)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     rng = np.random.default_rng(0)
     for ax, p in zip(axes, panels):
@@ -186,7 +189,7 @@ def trials_strip(panels: Sequence[Series], arms: Sequence[str], colors: dict[str
             uname, scale = time_unit(list(allv))
         else:
             uname, scale = p.unit, 1.0
-        log = spans_decades(list(allv))
+        log = spans_decades(list(allv), 10.0)
         for i, arm in enumerate(present):
             y = len(present) - 1 - i
             x = p.samples[arm] / scale
@@ -199,8 +202,8 @@ def trials_strip(panels: Sequence[Series], arms: Sequence[str], colors: dict[str
             jitter = rng.uniform(-0.18, 0.18, x.size)
             ax.scatter(x, y + jitter, s=16, color=colors[arm], alpha=0.85, edgecolors="white", linewidths=0.4,
                        zorder=3)
-            ax.annotate(f"{sig(med)} {uname}", (med, y + 0.34), ha="center", va="bottom", fontsize=7.5,
-                        color="#333333")
+            label = fmt_ns(med * scale) if p.unit == "ns" else f"{sig(med)} {uname}"
+            ax.annotate(label, (med, y + 0.34), ha="center", va="bottom", fontsize=7.5, color="#333333")
         ax.set_yticks(range(len(present)), list(reversed(present)))
         color_ticklabels(ax.get_yticklabels(), colors)
         ax.set_ylim(-0.6, len(present) - 0.3)
@@ -218,12 +221,11 @@ def stage_panels(op: str, stages: Sequence[str], arms: Sequence[str], colors: di
                  ) -> Figure:
     """One small panel per stage, arms as bars (median, with CI whiskers): each stage's
     cost compared across protocols on its own scale."""
-    fig = new_figure(11.0, 0.42 * len(arms) + 1.5)
+    fig = new_figure(WIDTH, 0.42 * len(arms) + 1.5)
     axes = fig.subplots(1, len(stages), squeeze=False)[0]
-    allv = [medians[a].get(s) for a in arms for s in stages if medians.get(a, {}).get(s)]
-    uname, scale = time_unit([v for v in allv if v])
     for ax, st in zip(axes, stages):
         vals = [medians.get(a, {}).get(st) for a in arms]
+        uname, scale = time_unit([v for v in vals if v])
         ys = np.arange(len(arms))[::-1]
         log = spans_decades([v for v in vals if v])
         for y, a, v in zip(ys, arms, vals):
@@ -252,7 +254,7 @@ def stage_panels(op: str, stages: Sequence[str], arms: Sequence[str], colors: di
 def stage_shares(rows: Sequence[tuple[str, dict[str, float], str]], stages: Sequence[str]) -> Figure:
     """100 % bars: which stage dominates each protocol's time, with the published PFN
     breakdown as a reference row. rows: (label, {stage: share of total}, label colour)."""
-    fig = new_figure(9.5, 0.46 * len(rows) + 1.35)
+    fig = new_figure(WIDTH, 0.46 * len(rows) + 1.35)
     ax = fig.subplots()
     ys = np.arange(len(rows))[::-1]
     for y, (label, shares, _c) in zip(ys, rows):
@@ -293,8 +295,8 @@ def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], co
     x axis is a log2 axis; counts get a log axis when they span decades."""
     present = [a for a in arms if hists.get(a)]
     keys = sorted({b for a in present for b in hists[a]})
-    if linear_buckets:
-        lo, hi = int(min(keys)), int(max(keys))
+    if linear_buckets:  # e.g. allocation orders: show the buddy allocator's whole range 0..10
+        lo, hi = min(0, int(min(keys))), max(10, int(max(keys)))
         buckets = [float(b) for b in range(lo, hi + 1)]
     else:
         exps = [int(round(math.log2(b))) if b > 0 else -1 for b in keys]
@@ -302,7 +304,7 @@ def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], co
         buckets = [0.0 if e < 0 else float(2 ** e) for e in range(lo, hi + 1)]
         if any(b == 0 for b in keys) and 0.0 not in buckets:
             buckets = [0.0] + buckets
-    fig = new_figure(max(5.2, 0.34 * len(buckets) * max(1, len(present)) ** 0.5 + 2.2), 3.1)
+    fig = new_figure(WIDTH, 3.2)
     ax = fig.subplots()
     width = 0.82 / max(1, len(present))
     allc = [c for a in present for c in hists[a].values() if c > 0]
@@ -315,8 +317,9 @@ def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], co
         _log_count_axis(ax, "y")
         ax.set_ylim(bottom=max(min(allc) * 0.5, 1e-3))
     step = max(1, math.ceil(len(buckets) / 18))
+    turn = len(buckets) > 8 and not linear_buckets
     ax.set_xticks(np.arange(len(buckets))[::step], [tick(b) for b in buckets][::step],
-                  rotation=45 if len(buckets) > 8 else 0, ha="right" if len(buckets) > 8 else "center")
+                  rotation=45 if turn else 0, ha="right" if turn else "center")
     ax.set_xlim(-0.6, len(buckets) - 0.4)
     ax.grid(axis="x", visible=False)
     ax.set_xlabel(xlabel)
@@ -347,7 +350,7 @@ def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, s
     """Medians per group (x) and arm (colour), values printed on the bars; log y when
     they span decades (e.g. 1 kick per MiB for bitmap vs 2 for pfn vs 0.004 for chunks)."""
     present = [a for a in arms if any(values.get(g, {}).get(a) is not None for g in groups)]
-    fig = new_figure(width_in or max(5.0, 1.25 * len(groups) * max(1, len(present)) ** 0.5 + 1.6), 3.3)
+    fig = new_figure(width_in or WIDTH, 3.3)
     ax = fig.subplots()
     width = 0.82 / max(1, len(present))
     allv = [v for g in groups for v in values.get(g, {}).values() if v is not None and v > 0]
@@ -367,7 +370,7 @@ def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, s
                yerr=err, error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2}, linewidth=0)
         for x, v in zip(xs, ys):
             if v is not None and (v > 0 or not log):
-                ax.text(x, v, sig(v), ha="center", va="bottom", fontsize=7, color="#333333", rotation=0)
+                ax.text(x, v, sig(v), ha="center", va="bottom", fontsize=7.5, color="#333333")
     if log and allv:
         _log_count_axis(ax, "y")
         ax.set_ylim(bottom=min(allv) * 0.4, top=max(allv) * 3)
@@ -388,7 +391,7 @@ def migration_bars(panels: Sequence[tuple[str, str, dict[str, float | None], dic
                    published: dict[str, float] | None = None) -> Figure:
     """One panel per migration metric (title, axis label, {arm: median}, {arm: CI}),
     bars in arm colours; `published` marks the cover letters' times in the first panel."""
-    fig = new_figure(3.3 * len(panels), 0.45 * len(arms) + 1.6)
+    fig = new_figure(WIDTH, 0.45 * len(arms) + 1.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     ys = np.arange(len(arms))[::-1]
     for k, (ax, (title, xlabel, vals, cis)) in enumerate(zip(axes, panels)):
@@ -421,7 +424,7 @@ def migration_timeline(rows: Sequence[tuple[str, list[tuple[float, float, str, b
                        colors: dict[str, str]) -> Figure:
     """A Gantt row per arm: each pre-copy round as a bar from its start to its end (ms),
     the stop-and-copy (downtime) hatched. rows: (arm, [(start, end, label, is_downtime)])."""
-    fig = new_figure(10.0, 0.55 * len(rows) + 1.5)
+    fig = new_figure(WIDTH, 0.55 * len(rows) + 1.5)
     ax = fig.subplots()
     ys = np.arange(len(rows))[::-1]
     for y, (arm, segs) in zip(ys, rows):

@@ -77,14 +77,30 @@ class ReportData:
         return float(v) if isinstance(v, (int, float)) else None
 
     # --- metrics ------------------------------------------------------------------
-    def samples(self, arm: str, metric: str) -> np.ndarray | None:
-        x = self.table.get(arm, {}).get(metric)
+    def samples(self, arm: str, metric: str | None) -> np.ndarray | None:
+        x = self.table.get(arm, {}).get(metric) if metric else None
         return None if x is None or x.size == 0 else x
 
-    def has_metric(self, metric: str) -> bool:
-        return any(self.samples(a, metric) is not None for a in self.arms)
+    def has_metric(self, metric: str | None) -> bool:
+        return metric is not None and any(self.samples(a, metric) is not None for a in self.arms)
 
-    def median(self, arm: str, metric: str) -> float | None:
+    def metric(self, *candidates: str) -> str | None:
+        """The first of several names for one measurement that this run has: result
+        shapes evolve (stages_ns.inflate.total vs inflate.stages_ns.total)."""
+        return next((m for m in candidates if self.has_metric(m)), None)
+
+    def stage_metric(self, op: str, stage: str) -> str | None:
+        """The metric of one stage ("total" included) of one operation."""
+        return self.metric(f"stages_ns.{op}.{stage}", f"{op}.stages_ns.{stage}")
+
+    def op_metric(self, op: str, name: str) -> str | None:
+        """A per-operation counter: inflate's live at the top level (and under
+        "inflate." in older results), deflate's under "deflate."."""
+        return self.metric(name, f"inflate.{name}") if op == "inflate" else self.metric(f"deflate.{name}")
+
+    def median(self, arm: str, metric: str | None) -> float | None:
+        if metric is None:
+            return None
         x = self.samples(arm, metric)
         return None if x is None else float(np.median(x))
 

@@ -65,11 +65,12 @@ def fmt_bytes_short(b: float) -> str:
 
 
 def fmt_ns_short(ns: float) -> str:
-    """Axis-tick form: 512ns, 1µs, 33ms."""
+    """Axis-tick form: 512ns, 4.1µs, 33ms (two significant digits: log2 buckets
+    are not round numbers, and the tick only has to say where on the scale it is)."""
     for name, scale in TIME_SCALES:
         if ns >= scale:
             v = ns / scale
-            return f"{v:.3g}{name}"
+            return f"{v:.2g}{name}" if v < 100 else f"{v:.0f}{name}"
     return f"{ns:g}ns"
 
 

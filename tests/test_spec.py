@@ -51,7 +51,7 @@ def test_toml_file_loads_every_field(tmp_path):
 def test_defaults_fill_arms_and_name():
     s = load_spec(None)
     assert s.arms == list(BALLOON_ARMS)
-    assert s.name == "balloon-1024m-idle"
+    assert s.name == "balloon-1024m-aged"
     m = load_spec(None, {"kind": "migrate", "inflate_mib": 0})
     assert m.arms == ["none", "upstream", "bitmap"]
 

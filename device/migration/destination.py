@@ -1,0 +1,213 @@
+"""The migration destination: receive guest RAM into this VMM's own memfd.
+
+A VMM started with `--incoming tcp:127.0.0.1:PORT` (PORT 0: any free port, shown by
+query-migrate) runs no guest; this thread accepts one connection and applies the
+stream (stream.py): data pages are written with pwrite into the memfd (one call
+per run of consecutive pages), zero pages are a flag and are not written (a page
+that held data here and arrives as zero is punched out, so the memfd only ever
+holds what the guest really uses). Everything the source sends is validated; a
+malformed stream fails the incoming migration with the reason, never the VMM.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import threading
+import time
+
+import numpy as np
+
+from device.guest_ram import GuestRAM
+from device.layout import PAGE_SHIFT, PAGE_SIZE, BadAddress, GuestLayout
+from device.migration import stream as S
+from device.migration.pages import fingerprint_memfd, runs
+
+log = logging.getLogger("balloon-lab.migration")
+
+
+def parse_incoming(uri: str) -> tuple[str, int]:
+    if not isinstance(uri, str) or not uri.startswith("tcp:"):
+        raise ValueError(f"--incoming must be tcp:127.0.0.1:PORT, got {uri!r}")
+    host, _, port = uri[4:].rpartition(":")
+    if host not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"--incoming must listen on 127.0.0.1 (loopback only), got {host!r}")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"--incoming has no valid port: {uri!r}")
+    return "127.0.0.1", int(port)
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class MigrationDestination(threading.Thread):
+    def __init__(self, ram: GuestRAM, uri: str) -> None:
+        super().__init__(name="migration-destination", daemon=True)
+        self.ram = ram
+        self.layout: GuestLayout = ram.layout
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(parse_incoming(uri))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.status = "setup"
+        self.error: str | None = None
+        self.device_state: dict | None = None
+        self.has_data = np.zeros(self.layout.max_pfn, dtype=bool)
+        self.flags_buf = bytearray(S.MAX_PAGES_PER_MESSAGE)
+        self.data_buf = bytearray(S.MAX_PAGES_PER_MESSAGE * PAGE_SIZE)
+        self.data_mv = memoryview(self.data_buf)
+        self.counters = {"messages": 0, "pages_data": 0, "pages_zero": 0, "pages_punched": 0, "bytes": 0,
+                         "pwrite_calls": 0, "rounds": 0}
+        self.cpu_s = 0.0
+        self.t_first: float | None = None
+        self.t_end: float | None = None
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        conn = None
+        try:
+            conn, _ = self.listener.accept()
+            self.status = "active"
+            self._receive(conn)
+        except Exception as e:
+            if self.status != "completed":
+                self.status = "failed"
+                self.error = f"{type(e).__name__}: {e}"
+                log.error("incoming migration failed: %s", self.error)
+                if conn is not None:
+                    try:
+                        S.send_json(conn, S.MsgType.ERROR, {"message": self.error})
+                    except OSError:
+                        pass
+        finally:
+            if conn is not None:
+                conn.close()
+            self.listener.close()
+            self.finished.set()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+    # --- the stream ----------------------------------------------------------------------
+    def _receive(self, conn: socket.socket) -> None:
+        h, hello = S.expect(conn, S.MsgType.HELLO)
+        if not isinstance(hello, dict) or hello.get("magic") != S.MAGIC or hello.get("version") != S.VERSION:
+            raise S.StreamError(f"not a balloon-lab migration stream of version {S.VERSION}: {hello!r}")
+        if hello.get("page_size") != PAGE_SIZE:
+            raise S.StreamError(f"page size {hello.get('page_size')} differs from {PAGE_SIZE}")
+        try:
+            theirs = GuestLayout.from_dict(hello["layout"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise S.StreamError(f"HELLO carries no valid layout: {e}") from None
+        if theirs != self.layout:
+            raise S.StreamError(f"source guest layout {theirs.to_dict()} differs from this VMM's "
+                                f"{self.layout.to_dict()} (start the destination with the same --guest-mib)")
+        S.send_json(conn, S.MsgType.ACK, {"ok": True})
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.t_first = time.monotonic()
+        while True:
+            h = S.recv_header(conn)
+            t = h.type
+            if t == S.MsgType.PAGES:
+                self._pages(conn, h)
+            elif t == S.MsgType.ROUND_END:
+                S.recv_json(conn, h)
+                self.counters["rounds"] = max(self.counters["rounds"], h.arg)
+            elif t == S.MsgType.DEVICE:
+                self.device_state = S.recv_json(conn, h)
+            elif t == S.MsgType.END:
+                ru1 = resource.getrusage(resource.RUSAGE_SELF)
+                self.cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+                self.t_end = time.monotonic()
+                self.status = "completed"
+                S.send_json(conn, S.MsgType.ACK, self.summary())
+            elif t == S.MsgType.VERIFY:
+                fps = fingerprint_memfd(self.ram.fd, self.layout)
+                nz = np.flatnonzero(fps)
+                S.send_parts(conn, [S.header(S.MsgType.VERIFY_DATA, 0, 8 + 16 * len(nz))]
+                             + S.pack_verify_data(nz, fps[nz]))
+            elif t == S.MsgType.ERROR:
+                msg = S.recv_json(conn, h)
+                raise S.StreamError(f"source gave up: {msg.get('message') if isinstance(msg, dict) else msg}")
+            elif t == S.MsgType.BYE:
+                return
+            else:
+                raise S.StreamError(f"unknown message type {t}")
+
+    def _pages(self, conn: socket.socket, h: S.Header) -> None:
+        if h.length < S.PAGES_HEAD.size:
+            raise S.StreamError(f"PAGES message of {h.length} bytes is shorter than its header")
+        head = S.recv_payload(conn, S.PAGES_HEAD.size)
+        start, npages, ndata = S.PAGES_HEAD.unpack(head)
+        if not 0 < npages <= S.MAX_PAGES_PER_MESSAGE or ndata > npages:
+            raise S.StreamError(f"PAGES: {npages} pages / {ndata} data pages (at most {S.MAX_PAGES_PER_MESSAGE})")
+        if h.length != S.pages_message_len(npages, ndata):
+            raise S.StreamError(f"PAGES length {h.length} does not match {npages} pages with {ndata} data pages")
+        try:
+            pieces = self.layout.split_runs(start, npages)
+        except BadAddress as e:
+            raise S.StreamError(f"PAGES {start:#x}+{npages}: {e}") from None
+        if len(pieces) != 1:
+            raise S.StreamError(f"PAGES {start:#x}+{npages} crosses a RAM region edge")
+        base = pieces[0][0]
+        fmv = memoryview(self.flags_buf)[:npages]
+        S.recv_exact(conn, fmv)
+        flags = np.frombuffer(self.flags_buf, dtype=np.uint8, count=npages)
+        if (flags > S.FLAG_DATA).any():
+            raise S.StreamError(f"PAGES {start:#x}: unknown page flag {int(flags.max())}")
+        didx = np.flatnonzero(flags == S.FLAG_DATA)
+        if len(didx) != ndata:
+            raise S.StreamError(f"PAGES {start:#x}: header says {ndata} data pages, flags say {len(didx)}")
+        S.recv_exact(conn, self.data_mv[:ndata * PAGE_SIZE])
+        pos = 0
+        fd = self.ram.fd
+        for a, b in zip(*(x.tolist() for x in runs(didx))):
+            n = (b - a) * PAGE_SIZE
+            src = self.data_mv[pos:pos + n]
+            off = base + a * PAGE_SIZE
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, src[done:], off + done)
+            self.counters["pwrite_calls"] += 1
+            pos += n
+        zidx = np.flatnonzero(flags == S.FLAG_ZERO)
+        if len(didx):
+            self.has_data[start + didx] = True
+        if len(zidx):
+            zp = start + zidx
+            stale = zidx[self.has_data[zp]]
+            if len(stale):          # a page that held data is zero now: drop it (no write of zeros)
+                for a, b in zip(*(x.tolist() for x in runs(stale))):
+                    self.ram.discard(base + a * PAGE_SIZE, (b - a) * PAGE_SIZE, "punch-hole")
+                self.has_data[start + stale] = False
+                self.counters["pages_punched"] += len(stale)
+        c = self.counters
+        c["messages"] += 1
+        c["pages_data"] += int(ndata)
+        c["pages_zero"] += len(zidx)
+        c["bytes"] += S.HEADER.size + h.length
+
+    # --- reporting ---------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {"status": self.status, "error": self.error, **self.counters,
+                "cpu_s_destination": self.cpu_s,
+                "receive_ms": ((self.t_end or time.monotonic()) - self.t_first) * 1000 if self.t_first else None,
+                "memfd_bytes": self.ram.allocated_bytes(), "rss_peak_bytes": _hwm_bytes(),
+                "device_state_received": self.device_state is not None}
+
+    def query(self) -> dict:
+        out = {"status": self.status, "x-incoming-port": self.port, "x-balloon-lab": self.summary()}
+        if self.error:
+            out["error-desc"] = self.error
+        return out
