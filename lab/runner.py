@@ -206,6 +206,26 @@ def verify(lp: LabProcesses, target_pages: int) -> dict:
             "balloon_pages": g["balloon_pages"]}
 
 
+def attach_probes(probes, lp: LabProcesses) -> None:
+    """Attach the probes to both processes and tell them which eventfds are which:
+    guest writes on kick fds are kicks, VMM reads of them device wake-ups; VMM writes on
+    call fds are interrupts, guest reads of them interrupt handling."""
+    probes.attach(list(lp.pids.values()))
+    guest, vmm = lp.pids["guest"], lp.pids["vmm"]
+    drv = lp.guest_info["driver"]
+    for q, fd in drv["kick_fds"].items():
+        probes.register_eventfd(guest, fd, int(q), "kick")
+    for q, fd in drv["call_fds"].items():
+        probes.register_eventfd(guest, fd, int(q), "call")
+    for q, fd in lp.info["kick_fds"].items():
+        probes.register_eventfd(vmm, fd, int(q), "kick")
+    for q, fd in lp.info["call_fds"].items():
+        probes.register_eventfd(vmm, fd, int(q), "call")
+    if lp.info.get("config_call_fd") is not None:
+        probes.register_eventfd(vmm, lp.info["config_call_fd"], 0, "config")
+        probes.register_eventfd(guest, drv["config_fd"], 0, "config")
+
+
 def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
     """Run one trial; raises TrialFailed (never returns a half-measured result)."""
     wall0 = time.perf_counter_ns()
@@ -214,13 +234,7 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
         if on_started is not None:
             on_started(lp)
         if probes is not None:
-            probes.attach(list(lp.pids.values()))
-            for q, fd in lp.guest_info["driver"]["kick_fds"].items():
-                probes.register_eventfd(lp.pids["guest"], fd, int(q), "kick")
-            for q, fd in lp.info["call_fds"].items():
-                probes.register_eventfd(lp.pids["vmm"], fd, int(q), "call")
-            for q, fd in lp.info["kick_fds"].items():
-                probes.register_eventfd(lp.pids["vmm"], fd, int(q), "wakeup")
+            attach_probes(probes, lp)
         prep = lp.agent.execute("workload-prepare", {"name": t.workload, "params": t.workload_params,
                                                      "seed": t.seed})
         lp.agent.execute("workload-start")
