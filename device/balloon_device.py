@@ -199,7 +199,7 @@ class BalloonDevice(VirtioTransport):
                 if q.need_call():
                     self.signal_call(index)
         except RingError as e:
-            self.needs_reset(f"ring-{e.reason}", f"queue {index}: {e.message}")
+            self.needs_reset(f"ring-{e.reason}", e.message)      # e.message names the queue
         except Exception as e:  # a bug in the lab's own code: never let guest input kill the VMM
             log.exception("internal error serving queue %d", index)
             self.needs_reset("device-internal", f"queue {index}: internal error {type(e).__name__}: {e}")
@@ -365,14 +365,20 @@ class BalloonDevice(VirtioTransport):
             ctr.refused_pages += n
             self.errors[reason] += n
         if bad:
+            # rate-limited like refuse(): a guest must not be able to flood the VMM's log
+            self._bad_reports = getattr(self, "_bad_reports", 0) + 1
+            if self._bad_reports > 20 and self._bad_reports % 10000:
+                return
             log.warning("refused %d page(s) of one request (%s); first bad PFN %#x; nothing discarded for them",
                         sum(bad.values()), dict(bad), first_bad)
 
     def _decode_bitmap(self, chain: DescChain, ctr: OpCounters):
         bufs = chain.readable()
         total = sum(len(b) for b in bufs)
-        if total > MAX_REQUEST_BYTES:
-            self.refuse("bitmap-too-large", f"bitmap request of {total} bytes exceeds {MAX_REQUEST_BYTES}")
+        limit = min(MAX_REQUEST_BYTES, wire.BITMAP_HEADER_SIZE + (self.layout.max_pfn + 7) // 8)
+        if total > limit:    # refused before copying: no bitmap of this guest is that long
+            self.refuse("bitmap-bitmap-too-large", f"bitmap request of {total} bytes; a guest of "
+                                                   f"{self.layout.max_pfn} PFNs needs at most {limit}")
             return None
         ctr.bytes_on_ring += total
         try:

@@ -236,6 +236,7 @@ class HintDevice:
             return 0
         try:
             hdr, starts, lengths = wire.decode_bitmap(chain.readable(), max_pfn=self.max_pfn)
+            wire.check_runs_in_ram(starts, lengths, self.layout)   # no hints for the MMIO hole
         except wire.WireError as e:
             self.dev.refuse(f"free-bitmap-{e.reason}", str(e))
             return 0

@@ -68,8 +68,6 @@ class Guest:
         self.running = True
         self.waiters: list[tuple[float, int, socket.socket, object]] = []
         self.agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.agent.bind(args.agent)
-        self.agent.listen(4)
         self._reports_sent = 0
 
     # --- agent ------------------------------------------------------------------------------
@@ -182,6 +180,10 @@ class Guest:
     # --- loop ---------------------------------------------------------------------------------
     def run(self) -> None:
         self.driver.probe()
+        # The agent socket appears only once the device is live: an orchestrator that
+        # can connect may rely on every queue and eventfd being set up.
+        self.agent.bind(self.args.agent)
+        self.agent.listen(4)
         self.hints = FreePageDriver(self.driver, self.memory)
         if Q_MISC in self.driver.call_fds:
             self.sel.register(self.driver.call_fds[Q_MISC], selectors.EVENT_READ, ("misc", None))

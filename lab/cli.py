@@ -14,6 +14,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bench",
     "runs", "show", "gate",
     "report",
+    "migrate",
+    "fuzz",
 )
 
 

@@ -173,7 +173,6 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
     keys = ("requests", "pages", "discard_calls", "translations", "bytes_on_ring", "descriptors",
             "refused_pages", "runs")
     dev = _delta(dev1[kind], dev0[kind], keys)
-    q = dev1["queues"]
     return {
         "kind": kind, "target_pages": target_pages, "actual": res["actual"], "wall_ns": wall,
         "pages": g["pages"], "requests": g["requests"], "kicks": g["kicks"], "interrupts": g["interrupts"],
@@ -183,6 +182,8 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
         "run_length_hist": _hist_delta(dev1[kind]["run_length_hist"], dev0[kind]["run_length_hist"]),
         "stages_ns": _stages(g, dev0, dev1, kind),
         "device_wakeups": dev1["device_wakeups"] - dev0["device_wakeups"],
+        "device_calls": sum(q["calls"] for q in dev1["queues"].values())
+                        - sum(q["calls"] for q in dev0["queues"].values()),
         "device_errors": {k: v - dev0["errors"].get(k, 0) for k, v in dev1["errors"].items()
                           if v - dev0["errors"].get(k, 0)},
         "memfd_bytes_before": dev0["memfd_allocated_bytes"], "memfd_bytes_after": dev1["memfd_allocated_bytes"],
@@ -247,6 +248,7 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
             deflate = balloon_op(lp, "deflate", 0, probes)
             v_deflate = verify(lp, 0)
         wl = lp.agent.execute("workload-stop")
+        pids = lp.pids
         final = lp.qmp.execute("x-balloon-lab-counters")
         lp.check_alive()
     finally:
@@ -262,6 +264,7 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
     probe_readings = {k: v.pop("probes") for k, v in ops.items() if v is not None}
     result = {
         "protocol": t.protocol, "guest_mib": t.guest_mib, "inflate_mib": t.inflate_mib,
+        "pids": pids,
         "workload": {"name": t.workload, "params": t.workload_params, "seed": t.seed,
                      "prepare": prep.get("summary"), "stop": wl},
         "wire_format": lp.guest_info["driver"]["wire_format"], "batch_pages": lp.guest_info["driver"]["batch_pages"],

@@ -133,22 +133,32 @@ def spans_decades(values: Sequence[float], span: float = LOG_SPAN) -> bool:
     return len(v) >= 2 and max(v) / min(v) > span
 
 
+def _log_ticks(ax, axis: str) -> None:
+    """Log-axis ticks that label at least three values: decades when the axis spans
+    several, else 1-2-5 steps (a 30-400 ms axis with one "100" label reads as nothing)."""
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    ax.autoscale_view()
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    few = lo > 0 and hi / lo < 300
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if few else (1.0,)))
+    target.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10) * 1.0))
+    target.set_minor_formatter(NullFormatter())
+    target.set_major_formatter(FuncFormatter(lambda v, _p: sig(v) if v >= 1 else f"{v:g}"))
+
+
 def _time_axis(ax, axis: str, unit: str, scale: float, log: bool) -> None:
     """Ticks of a time axis in `unit` (values already divided by scale)."""
-    target = ax.xaxis if axis == "x" else ax.yaxis
     if log:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-        target.set_major_locator(LogLocator(base=10))
-        target.set_minor_formatter(NullFormatter())
-    target.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+        _log_ticks(ax, axis)
+    else:
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
 
 
 def _log_count_axis(ax, axis: str = "y") -> None:
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_locator(LogLocator(base=10))
-    target.set_minor_formatter(NullFormatter())
-    target.set_major_formatter(FuncFormatter(lambda v, _p: sig(v) if v >= 1 else f"{v:g}"))
+    _log_ticks(ax, axis)
 
 
 def arm_legend(ax_or_fig, arms: Sequence[str], colors: dict[str, str], **kw: Any) -> None:
@@ -314,8 +324,9 @@ def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], co
         ax.bar(xs, ys, width=width, color=colors[arm], label=arm, linewidth=0)
     log = spans_decades(allc, 50.0)
     if log:
-        _log_count_axis(ax, "y")
-        ax.set_ylim(bottom=max(min(allc) * 0.5, 1e-3))
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=max(min(allc) * 0.5, 1e-3), top=max(allc) * 1.6)
+        _log_ticks(ax, "y")
     step = max(1, math.ceil(len(buckets) / 18))
     turn = len(buckets) > 8 and not linear_buckets
     ax.set_xticks(np.arange(len(buckets))[::step], [tick(b) for b in buckets][::step],
@@ -372,8 +383,9 @@ def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, s
             if v is not None and (v > 0 or not log):
                 ax.text(x, v, sig(v), ha="center", va="bottom", fontsize=7.5, color="#333333")
     if log and allv:
-        _log_count_axis(ax, "y")
+        ax.set_yscale("log")
         ax.set_ylim(bottom=min(allv) * 0.4, top=max(allv) * 3)
+        _log_ticks(ax, "y")
     elif allv:
         ax.set_ylim(0, max(allv) * 1.15)
     ax.set_xticks(np.arange(len(groups)), groups)
@@ -388,9 +400,9 @@ def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, s
 @styled
 def migration_bars(panels: Sequence[tuple[str, str, dict[str, float | None], dict[str, tuple[float, float] | None]]],
                    arms: Sequence[str], colors: dict[str, str],
-                   published: dict[str, float] | None = None) -> Figure:
+                   published: dict[str, dict[str, float]] | None = None) -> Figure:
     """One panel per migration metric (title, axis label, {arm: median}, {arm: CI}),
-    bars in arm colours; `published` marks the cover letters' times in the first panel."""
+    bars in arm colours; `published` {panel title: {arm: value}} adds black diamonds."""
     fig = new_figure(WIDTH, 0.45 * len(arms) + 1.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     ys = np.arange(len(arms))[::-1]
@@ -403,11 +415,13 @@ def migration_bars(panels: Sequence[tuple[str, str, dict[str, float | None], dic
             err = [[max(v - ci[0], 0)], [max(ci[1] - v, 0)]] if ci else None
             ax.barh(y, v, color=colors[a], height=0.66, xerr=err,
                     error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2})
-            ax.text(v, y, " " + sig(v), va="center", ha="left", fontsize=7.5, color="#333333")
-        if k == 0 and published:
+            pub = (published or {}).get(title, {}).get(a)
+            ax.text(max(v, pub or 0), y, "  " + sig(v), va="center", ha="left", fontsize=7.5, color="#333333")
+        if published and title in published:
             for y, a in zip(ys, arms):
-                if a in published:
-                    ax.plot([published[a]], [y], marker="D", color=PUBLISHED_COLOR, markersize=5, zorder=4)
+                if a in published[title]:
+                    ax.plot([published[title][a]], [y], marker="D", color=PUBLISHED_COLOR, markersize=5.5,
+                            zorder=4, linestyle="none")
         ax.set_yticks(ys, arms if k == 0 else [""] * len(arms))
         if k == 0:
             color_ticklabels(ax.get_yticklabels(), colors)
@@ -422,23 +436,27 @@ def migration_bars(panels: Sequence[tuple[str, str, dict[str, float | None], dic
 @styled
 def migration_timeline(rows: Sequence[tuple[str, list[tuple[float, float, str, bool]]]],
                        colors: dict[str, str]) -> Figure:
-    """A Gantt row per arm: each pre-copy round as a bar from its start to its end (ms),
+    """A Gantt row per arm: setup and hint wait (light), each pre-copy round (solid),
     the stop-and-copy (downtime) hatched. rows: (arm, [(start, end, label, is_downtime)])."""
-    fig = new_figure(WIDTH, 0.55 * len(rows) + 1.5)
+    fig = new_figure(WIDTH, 0.6 * len(rows) + 1.5)
     ax = fig.subplots()
     ys = np.arange(len(rows))[::-1]
+    xmax = max((e for _a, segs in rows for _s, e, _l, _d in segs), default=1.0) or 1.0
     for y, (arm, segs) in zip(ys, rows):
         for start, end, label, down in segs:
-            ax.barh(y, end - start, left=start, height=0.6, color="white" if down else colors[arm],
-                    edgecolor=colors[arm], linewidth=1.0, hatch="////" if down else None,
-                    alpha=1.0 if down else 0.85)
-            if label and end - start > 0:
-                ax.text((start + end) / 2, y, label, ha="center", va="center", fontsize=7,
-                        color=colors[arm] if down else "white", clip_on=True)
+            prep = label in ("setup", "hints")
+            ax.barh(y, max(end - start, xmax * 0.002), left=start, height=0.62,
+                    color="white" if down else colors[arm], alpha=0.35 if prep else 1.0,
+                    edgecolor=colors[arm], linewidth=0.8, hatch="////" if down else None)
+            if label and end - start > 0.06 * xmax:
+                ax.text((start + end) / 2, y, label, ha="center", va="center", fontsize=7.5,
+                        color="#222222" if prep or down else "white", clip_on=True)
     ax.set_yticks(ys, [r[0] for r in rows])
     color_ticklabels(ax.get_yticklabels(), colors)
+    ax.set_xlim(0, xmax * 1.02)
     ax.grid(axis="y", visible=False)
     ax.tick_params(axis="y", length=0)
-    ax.set_xlabel("time since migration start (ms)")
-    ax.set_title("rounds of the median trial (hatched: stop-and-copy = downtime)", loc="left")
+    ax.set_xlabel("time since the migration started (ms)")
+    ax.set_title("phases of the median trial: setup and hints (light), pre-copy rounds, stop-and-copy (hatched)",
+                 loc="left")
     return fig

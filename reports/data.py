@@ -151,8 +151,10 @@ class ReportData:
 
 def migration_rounds(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The round-by-round log of a migration result, if it carries one: a list of
-    dicts under "round_log", "timeline" or "rounds" (an int "rounds" is just a count)."""
-    for key in ("round_log", "timeline", "rounds"):
+    dicts under "per_round" (lab.migrate_runner: {round, pages_sent, pages_zero,
+    pages_hinted, bytes_sent, ms}, round 0 = stop-and-copy), or "round_log"/"timeline"
+    (an int "rounds" is just a count)."""
+    for key in ("per_round", "round_log", "timeline", "rounds"):
         v = result.get(key)
         if isinstance(v, list) and v and all(isinstance(r, Mapping) for r in v):
             return [dict(r) for r in v]

@@ -99,14 +99,14 @@ class Report:
 def build(d: D.ReportData, report_path: str | None = None) -> Report:
     """Render a loaded run to a Report."""
     r = d.run
-    secs = [SEC.verdict_section(d), SEC.comparison_section(d), SEC.stages_section(d), SEC.probes_section(d),
-            SEC.runlength_section(d), SEC.notifications_section(d)]
+    secs = [SEC.verdict_section(d), SEC.comparison_section(d)]
     mig = SEC.migration_section(d)
-    if mig is not None:
-        if d.kind == "migrate":  # a migration run's story is the migration: put it right after the table
-            secs.insert(2, mig)
-        else:
-            secs.append(mig)
+    if d.kind == "migrate":
+        # a migration has no inflate stages, run lengths or balloon kicks: those sections would only say so
+        secs += [mig, SEC.probes_section(d)]
+    else:
+        secs += [SEC.stages_section(d), SEC.probes_section(d), SEC.runlength_section(d),
+                 SEC.notifications_section(d)] + ([mig] if mig is not None else [])
     secs += [SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
     spec = r.spec
     mib = d.inflate_mib

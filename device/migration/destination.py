@@ -74,6 +74,7 @@ class MigrationDestination(threading.Thread):
         conn = None
         try:
             conn, _ = self.listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.status = "active"
             self._receive(conn)
         except Exception as e:
@@ -137,6 +138,8 @@ class MigrationDestination(threading.Thread):
                 nz = np.flatnonzero(fps)
                 S.send_parts(conn, [S.header(S.MsgType.VERIFY_DATA, 0, 8 + 16 * len(nz))]
                              + S.pack_verify_data(nz, fps[nz]))
+            elif t == S.MsgType.SYNC:
+                S.send_json(conn, S.MsgType.ACK, {"synced": True})
             elif t == S.MsgType.ERROR:
                 msg = S.recv_json(conn, h)
                 raise S.StreamError(f"source gave up: {msg.get('message') if isinstance(msg, dict) else msg}")

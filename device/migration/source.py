@@ -203,6 +203,8 @@ class MigrationSource(threading.Thread):
         st.source_memfd_bytes_before = self.ram.allocated_bytes()
         self.sock = socket.create_connection(self.addr, timeout=p.connect_timeout_s)
         self.sock.settimeout(None)
+        # small control messages (END, SYNC, ACK) must not wait for Nagle / delayed ACK (40 ms)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         S.send_json(self.sock, S.MsgType.HELLO, {"magic": S.MAGIC, "version": S.VERSION, "page_size": PAGE_SIZE,
                                                  "layout": self.layout.to_dict(), "hint": st.hint})
         S.expect(self.sock, S.MsgType.ACK)
@@ -242,7 +244,9 @@ class MigrationSource(threading.Thread):
                 break
             self._round(len(st.rounds) + 1, None, dirty)
             dirty = self.dirty.harvest()
-        # stop-and-copy
+        # drain what the destination has not applied yet, then stop-and-copy
+        S.send_empty(self.sock, S.MsgType.SYNC)
+        S.expect(self.sock, S.MsgType.ACK)
         st.status = "device"
         t_stop = time.monotonic()
         pr = pause_guest(gpid, self.dirty.inflight)

@@ -17,6 +17,9 @@ payload bytes. All integers are little-endian.
     VERIFY      no payload: the destination answers VERIFY_DATA
     VERIFY_DATA le64 n, then n le64 PFNs and n le64 fingerprints of every page the
                 destination's memfd holds data for
+    SYNC        no payload: the destination answers ACK once everything before it is
+                applied (the source drains the pipe before it stops the guest, so the
+                downtime is the stop-and-copy, not the backlog of the last round)
     ERROR       JSON {message}: either side gives up
     BYE         no payload: the source is done with the connection
 
@@ -56,6 +59,7 @@ class MsgType(enum.IntEnum):
     VERIFY_DATA = 8
     ERROR = 9
     BYE = 10
+    SYNC = 11
 
 
 class StreamError(Exception):

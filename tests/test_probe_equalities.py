@@ -1,0 +1,46 @@
+"""What the eBPF probes see equals what the lab's processes counted themselves,
+for every protocol: the probes are an independent measurement, not a copy."""
+from __future__ import annotations
+
+import pytest
+
+from lab.runner import BalloonTrial, run_balloon
+from probes.session import ProbeSession
+
+pytestmark = pytest.mark.ebpf
+
+
+@pytest.fixture(scope="module")
+def session():
+    s = ProbeSession(enabled=True)
+    if s.backend != "bcc" and not s.load():
+        pytest.skip(f"eBPF unavailable on this machine: {s.reason}")
+    yield s
+    s.detach()
+
+
+@pytest.mark.parametrize("protocol,guest,inflate", [("pfn", 1024, 512), ("pfn-ranges", 512, 256),
+                                                     ("bitmap", 512, 256), ("chunks", 512, 256)])
+def test_probe_counts_equal_process_counts(session, protocol, guest, inflate):
+    r = run_balloon(BalloonTrial(protocol=protocol, guest_mib=guest, inflate_mib=inflate), session)
+    assert r["verified"]
+    p = r["probes"]
+    assert p["backend"] == "bcc"
+    vmm = p["per_pid"][str(r["pids"]["vmm"])]
+    # every discard the device made reached the kernel as one madvise from the VMM
+    assert vmm["madvise_calls"] == r["discard_calls"]
+    if protocol == "pfn":
+        assert r["discard_calls"] == inflate * 256
+    # kicks: guest writes on kick eventfds == the driver's own count (EVENT_IDX included)
+    assert p["kicks"] == r["kicks"]
+    # device wake-ups: VMM reads of kick eventfds == the VMM's own count
+    assert p["device_wakeups"] == r["device_wakeups"]
+    # interrupts: VMM writes on call eventfds == the device's own count of calls
+    assert p["interrupts"] == r["device_calls"]
+    # the discard stage as the USDT markers saw it holds exactly those syscalls
+    assert p["stages"]["discard"]["madvise_calls"] == r["discard_calls"]
+    assert 0 < p["stages"]["discard"]["madvise_kernel_ns"] <= p["stages"]["discard"]["ns"]
+    # deflate: no discards, kicks still equal
+    d = p["deflate"]
+    assert d["kicks"] == r["deflate"]["kicks"]
+    assert d["per_pid"][str(r["pids"]["vmm"])]["madvise_calls"] == 0
