@@ -30,7 +30,7 @@ import numpy as np
 from device import control as C
 from device import wire
 from device.buddy import BuddyAllocator
-from device.control import Channel, ControlError, Req
+from device.control import Channel, ControlError, PeerGone, Req
 from device.features import F_FREE_PAGE_HINT, Q_FREE_PAGE, Q_MISC
 from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_PAGE_BITMAP,
                              F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_STATS_VQ, F_VERSION_1,
@@ -423,9 +423,18 @@ class BalloonDriver:
             if q.get_used():
                 return
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            # Also watch the control socket, for a hang-up only (a request the VMM starts waits
+            # for the main loop): a VMM that died will never use the buffer.
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            p.register(self.chan.sock, select.POLLRDHUP)
+            ready = dict(p.poll(max(0.0, left) * 1000)) if left > 0 else {}
+            if ready.get(self.chan.sock.fileno(), 0) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                raise PeerGone(f"the VMM closed the control socket while the {QUEUE_NAMES[q.index]} request "
+                               f"was in flight (it died)")
+            if fd not in ready:
                 raise DeviceTimeout(f"device did not use the {QUEUE_NAMES[q.index]} request within "
-                                    f"{self.opts.timeout_s:.0f} s (stalled or dead VMM)")
+                                    f"{self.opts.timeout_s:g} s (stalled or dead VMM)")
             try:
                 os.eventfd_read(fd)
                 rep.interrupts += 1

@@ -82,7 +82,9 @@ class VMM:
                 code = self.guest.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 code = None
-        self.guest_exit = f"{why}; exit status {code}"
+        status = ("still running" if code is None else
+                  f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
+        self.guest_exit = f"{why}; {status}"
         log.error("guest process lost: %s", self.guest_exit)
         self.sel.unregister(self.chan.sock)
         self.chan.close()

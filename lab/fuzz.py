@@ -135,14 +135,17 @@ def _in_ram(lay: GuestLayout, gpa: int, n: int) -> int | None:
 
 class _Reader:
     """Reads guest memory for the model, as if the pages in `zero` (memfd page numbers)
-    had been discarded already, and records which pages it read."""
+    had been discarded already, and records what it read (pages and byte ranges)."""
 
     def __init__(self, mem, zero: set[int]) -> None:
-        self.mem, self.zero, self.pages = mem, zero, set()
+        self.mem, self.zero = mem, zero
+        self.pages: set[int] = set()
+        self.ranges: list[tuple[int, int]] = []
 
     def read(self, off: int, n: int) -> bytes:
         first, last = off >> PAGE_SHIFT, (off + max(n, 1) - 1) >> PAGE_SHIFT
         self.pages.update(range(first, last + 1))
+        self.ranges.append((off, n))
         data = bytes(self.mem[off:off + n])
         if self.zero and not self.zero.isdisjoint(range(first, last + 1)):
             b = bytearray(data)
@@ -155,11 +158,14 @@ class _Reader:
         return data
 
 
+Chain = list[tuple[int, int, bool]]       # (gpa, len, device-writable) per buffer
+
+
 def lenient_chains(rd: _Reader, lay: GuestLayout, ring: RingAddrs, last: int, idx: int | None = None
-                   ) -> list[list[tuple[int, int]]]:
+                   ) -> list[Chain]:
     """Every chain the avail ring offers from `last` (up to avail.idx, or `idx` when the
-    case publishes it later), as (gpa, len) buffers, following next pointers and one
-    level of indirect tables without validating anything else."""
+    case publishes it later), following next pointers and one level of indirect tables
+    without validating anything else."""
     o_av = _in_ram(lay, ring.avail, 4 + 2 * ring.size)
     o_d = _in_ram(lay, ring.desc, 16 * ring.size)
     if o_av is None or o_d is None:
@@ -172,7 +178,7 @@ def lenient_chains(rd: _Reader, lay: GuestLayout, ring: RingAddrs, last: int, id
     out = []
     for k in range(pending):
         head = struct.unpack_from("<H", av, 4 + 2 * ((last + k) % ring.size))[0]
-        bufs: list[tuple[int, int]] = []
+        bufs: Chain = []
         i, seen = head, set()
         while i < ring.size and i not in seen:
             seen.add(i)
@@ -186,12 +192,12 @@ def lenient_chains(rd: _Reader, lay: GuestLayout, ring: RingAddrs, last: int, id
                     while j < n and j not in seen2:
                         seen2.add(j)
                         a2, l2, f2, n2 = struct.unpack_from("<QIHH", tbl, 16 * j)
-                        bufs.append((a2, l2))
+                        bufs.append((a2, l2, bool(f2 & F_WRITE)))
                         if not f2 & F_NEXT:
                             break
                         j = n2
                 break
-            bufs.append((addr, ln))
+            bufs.append((addr, ln, bool(fl & F_WRITE)))
             if not fl & F_NEXT:
                 break
             i = nx
@@ -199,29 +205,29 @@ def lenient_chains(rd: _Reader, lay: GuestLayout, ring: RingAddrs, last: int, id
     return out
 
 
-def _chain_bytes(rd: _Reader, lay: GuestLayout, bufs: list[tuple[int, int]], cap: int = 1 << 22) -> bytes:
+def _chain_bytes(rd: _Reader, lay: GuestLayout, bufs: Chain, cap: int = 1 << 22) -> bytes:
     parts, total = [], 0
-    for a, ln in bufs:
+    for a, ln, _w in bufs:
         o = _in_ram(lay, a, ln)
         if o is None:
             continue
         if total + ln > cap:
             if ln <= 16 << 20:          # the most any device path copies: record, don't read
                 rd.pages.update(range(o >> PAGE_SHIFT, ((o + max(ln, 1) - 1) >> PAGE_SHIFT) + 1))
+                rd.ranges.append((o, ln))
             continue
         parts.append(rd.read(o, ln))
         total += ln
     return b"".join(parts)
 
 
-def named_mask(protocol: str, rd: _Reader, lay: GuestLayout, chains: list[list[tuple[int, int]]],
-               out: np.ndarray) -> np.ndarray:
+def named_mask(protocol: str, rd: _Reader, lay: GuestLayout, chains: list[Chain], out: np.ndarray) -> np.ndarray:
     """Upper bound of the PFNs a request names, whatever its validity, marked in `out`, a
     mask over 0..max_pfn-1 (a PFN at or past max_pfn is no RAM page: it cannot lose data)."""
     mx = lay.max_pfn
     for bufs in chains:
         if protocol == "chunks":
-            for a, ln in bufs:
+            for a, ln, _w in bufs:
                 if ln and a >> PAGE_SHIFT < mx:
                     out[a >> PAGE_SHIFT:min((a + ln + PAGE_SIZE - 1) >> PAGE_SHIFT, mx)] = True
             continue
@@ -256,31 +262,37 @@ def kick_steps(case: dict) -> list[tuple[int, int | None]]:
     return [(k[0], k[1]) if isinstance(k, list) else (k, None) for k in case["kicks"]]
 
 
+def _overlap(x: tuple[int, int], y: tuple[int, int]) -> bool:
+    return x[0] < y[0] + y[1] and y[0] < x[0] + x[1]
+
+
+def _published(case: dict, q: int) -> set[int]:
+    """Every avail.idx the case shows the device on queue q."""
+    return {case["queues"][q]["idx"]} | {i for k, i in kick_steps(case) if k == q and i is not None}
+
+
 def _hint_bound(case: dict, mem, lay: GuestLayout) -> np.ndarray:
     """PFNs the hint queues may mark as free: any buffer of a queue-3 chain (its address
     range), any set bit of a bitmap on queue 5, read leniently like the inflate bound."""
     out = np.zeros(lay.max_pfn, dtype=bool)
-    idxs = {q: [case["queues"][q]["idx"]] + [i for k, i in kick_steps(case) if k == q and i is not None]
-            for q in (3, 5) if q in case["queues"]}
-    for q, values in idxs.items():
+    for q in (3, 5):
+        if q not in case["queues"]:
+            continue
         a = RingAddrs.at(ring_gpa(q), case["qsize"])
         last = case["queues"][q]["last"]
-        for idx in values:
+        for idx in _published(case, q):
             rd = _Reader(mem, set())
             chains = lenient_chains(rd, lay, a, last, idx)
             if q == 3:
                 named_mask("chunks", rd, lay, chains, out)
-            else:
-                named_mask("bitmap", rd, lay, chains, out)
-                # a response that reads the request buffer the device itself fills in
-                writ = [(g, n) for bufs in chains for g, n in bufs]
-                if len(writ) > 1 and any(_overlap(x, y) for x in writ for y in writ if x is not y):
-                    out[:] = True
+                continue
+            named_mask("bitmap", rd, lay, chains, out)
+            # a response whose bytes lie in a request buffer the device fills in itself
+            writable = [(g, n) for bufs in chains for g, n, w in bufs if w]
+            readable = [(g, n) for bufs in chains for g, n, w in bufs if not w]
+            if any(_overlap(r, w) for r in readable for w in writable):
+                out[:] = True
     return out
-
-
-def _overlap(x: tuple[int, int], y: tuple[int, int]) -> bool:
-    return x[0] < y[0] + y[1] and y[0] < x[0] + x[1]
 
 
 def exec_bound(case: dict, mem, lay: GuestLayout) -> Bound:
@@ -295,43 +307,42 @@ def exec_bound(case: dict, mem, lay: GuestLayout) -> Bound:
         a = RingAddrs.at(ring_gpa(int(q)), case["qsize"])
         o = _in_ram(lay, a.used, a.end - a.used)
         if o is not None:
-            used.append((o, o + a.end - a.used))
+            used.append((o, a.end - a.used))
         # every queue's rings and buffers: the pages the device will read
         rd = _Reader(mem, set())
-        idxs = {case["queues"][q]["idx"]} | {i for k, i in kick_steps(case) if k == q and i is not None}
-        for bufs in (c for i in idxs for c in lenient_chains(rd, lay, a, case["queues"][q]["last"], i)):
-            if case["proto"] != "chunks" or int(q) != 0:
-                _chain_bytes(rd, lay, bufs, cap=1 << 20)
+        for idx in _published(case, q):
+            for bufs in lenient_chains(rd, lay, a, case["queues"][q]["last"], idx):
+                if case["proto"] != "chunks" or int(q) != 0:
+                    _chain_bytes(rd, lay, bufs, cap=1 << 20)
         touched |= rd.pages
         touched.update(range(a.desc >> PAGE_SHIFT, ((a.end - 1) >> PAGE_SHIFT) + 1))
     volatile = False
-    steps = kick_steps(case)
-    if any(k == 0 for k, _ in steps) and 0 in case["queues"]:
+    if any(k == 0 for k, _ in kick_steps(case)) and 0 in case["queues"]:
         ring = RingAddrs.at(ring_gpa(0), case["qsize"])
         last = case["queues"][0]["last"]
-        idxs = {case["queues"][0]["idx"]} | {i for k, i in steps if k == 0 and i is not None}
-        zero: set[int] = set()
-        readers = [_Reader(mem, zero)]
+        idxs = _published(case, 0)
+        zeros: list[set[int]] = [set()]
+        content: list[tuple[int, int]] = []
         for _ in range(6):
-            content_pages: set[int] = set()
-            for rs in readers:
+            read: set[int] = set()
+            for zs in zeros:                            # ring structure as it was, or zeroed
+                rs = _Reader(mem, zs)
                 chains = [c for i in idxs for c in lenient_chains(rs, lay, ring, last, i)]
-                for rc in readers:
+                read |= rs.pages
+                for zc in zeros:                        # request bytes as they were, or zeroed
+                    rc = _Reader(mem, zc)
                     named_mask(case["proto"], rc, lay, chains, total)
-                    content_pages |= rc.pages
-            read = set().union(*(r.pages for r in readers))
+                    read |= rc.pages
+                    content += rc.ranges
             touched |= read
             arr = np.fromiter(read, dtype=np.int64, count=len(read))
             pf = lay.offset_to_pfn(arr << PAGE_SHIFT) if arr.size else arr
-            hit = set(arr[(pf < lay.max_pfn) & total[np.minimum(pf, lay.max_pfn - 1)]].tolist()) - zero
-            if not hit:
+            hit = set(arr[(pf < lay.max_pfn) & total[np.minimum(pf, lay.max_pfn - 1)]].tolist())
+            if hit <= zeros[-1]:
                 break
-            zero = zero | hit
-            readers = [_Reader(mem, set()), _Reader(mem, zero)]
-        # a request whose bytes lie on a used ring reads what the device wrote there
-        if case["proto"] != "chunks":
-            cp = sorted(content_pages)
-            volatile = any(any(lo >> PAGE_SHIFT <= pg <= (hi - 1) >> PAGE_SHIFT for lo, hi in used) for pg in cp)
+            zeros = [set(), zeros[-1] | hit]
+        # request bytes that lie on a used ring read what the device wrote there
+        volatile = any(_overlap(c, u) for c in content for u in used)
         if volatile:
             total[:] = True
     return Bound(total, touched, volatile)
@@ -1272,6 +1283,7 @@ class FuzzResult:
     seed: int = 0
     by_target: dict = field(default_factory=dict)
     signatures: int = 0
+    volatile_execs: int = 0      # device execs whose oracle had to allow every page (see Bound)
     max_exec_ms: float = 0.0
     failures: list = field(default_factory=list)       # [{"kind", "detail", "case"}], at most 50
     corpus: list = field(default_factory=list)         # one JSON case per behaviour seen
@@ -1336,6 +1348,7 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
         signal.signal(signal.SIGALRM, old)
         rig.close()
     res.execs = execs
+    res.volatile_execs = rig.volatile
     res.seconds = time.perf_counter() - t0
     res.by_target = dict(by_t)
     res.signatures = len(seen)
@@ -1381,6 +1394,7 @@ def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_time
         total.crashes += r.crashes
         total.hangs += r.hangs
         total.oob_discards += r.oob_discards
+        total.volatile_execs += r.volatile_execs
         total.max_exec_ms = max(total.max_exec_ms, r.max_exec_ms)
         total.failures += r.failures
         by_t.update(r.by_target)

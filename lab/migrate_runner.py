@@ -272,6 +272,7 @@ def run_migration(t: MigrateTrial, probes=None) -> dict:
         "hint_ms": x.get("hint_ms"), "expected_downtime_ms": x.get("expected_downtime_ms"),
         "rounds": x.get("rounds"), "converged": x.get("converged"),
         "bytes_sent": x.get("bytes_sent"), "pages_sent": x.get("pages_sent"), "pages_zero": x.get("pages_zero"),
+        "wire_gbit_s": x["bytes_sent"] * 8 / (x["total_ms"] * 1e6) if x.get("total_ms") else None,
         "pages_hinted": x.get("pages_hinted"), "pages_examined": x.get("pages_examined"),
         "bytes_read": x.get("bytes_read"), "pages_hinted_then_dirtied": x.get("pages_hinted_then_dirtied"),
         "stop_copy_pages": x.get("stop_copy_pages"), "pause_attempts": x.get("pause_attempts"),

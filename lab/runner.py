@@ -41,7 +41,8 @@ class BalloonTrial:
     batch_pages: int | None = None
     discard: str = "madvise"
     deflate: bool = True
-    timeout_s: float = 600.0
+    timeout_s: float = 600.0        # the runner's wait for the monitor and the agent
+    device_timeout_s: float = 30.0  # the guest driver's wait for the device to use a request
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
@@ -58,7 +59,8 @@ class LabProcesses:
         self.dir = tempfile.mkdtemp(prefix="balloon-lab-")
         self.monitor_path = os.path.join(self.dir, "monitor.sock")
         self.agent_path = os.path.join(self.dir, "agent.sock")
-        guest_args = ["--protocol", _driver_protocol(t.protocol), "--log-level", t.log_level]
+        guest_args = ["--protocol", _driver_protocol(t.protocol), "--log-level", t.log_level,
+                      "--timeout", str(t.device_timeout_s)]
         if t.batch_pages is not None:
             guest_args += ["--batch-pages", str(t.batch_pages)]
         cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
@@ -84,18 +86,49 @@ class LabProcesses:
         return {"vmm": self.vmm.pid, "guest": self.info["guest_pid"]}
 
     def check_alive(self) -> None:
-        if self.vmm.poll() is not None:
-            raise TrialFailed(f"VMM process {self.vmm.pid} died (exit status {self.vmm.returncode})")
-        st = self.qmp.execute("x-balloon-lab-info")
+        fate = _proc_fate(self.vmm.pid, self.vmm)
+        if fate:
+            raise TrialFailed(f"VMM process {self.vmm.pid} {fate}")
+        try:
+            st = self.qmp.execute("x-balloon-lab-info")
+        except MonitorError as e:
+            raise self.failure("asking the VMM", e) from e
         if st.get("guest_exit"):
             raise TrialFailed(f"guest process {st['guest_pid']} lost: {st['guest_exit']}")
 
+    def failure(self, phase: str, err: BaseException) -> TrialFailed:
+        """A TrialFailed that says which peer died or stalled, from the processes' own
+        state (exit status, /proc state), not only the symptom the runner saw."""
+        parts = []
+        gp = getattr(self, "info", {}).get("guest_pid") if hasattr(self, "info") else None
+        deadline = time.monotonic() + 1.0      # a peer whose socket just closed may still be exiting
+        while True:
+            vmm = _proc_fate(self.vmm.pid, self.vmm)
+            guest = _proc_fate(gp) if gp else None
+            if vmm or guest or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if vmm:
+            parts.append(f"VMM process {self.vmm.pid} {vmm}")
+        if guest:
+            parts.append(f"guest process {gp} {guest}")
+        return TrialFailed(f"{phase} failed: " + "; ".join(parts + [f"{type(err).__name__}: {err}"]))
+
     def close(self) -> None:
+        stalled = _proc_fate(self.vmm.pid, self.vmm)    # dead or stopped: no `quit` to wait for
         try:
-            if self.qmp is not None and self.vmm.poll() is None:
-                self.qmp.execute("quit", timeout=10)
+            if self.qmp is not None and not stalled:
+                self.qmp.execute("quit", timeout=min(10.0, self.t.timeout_s))
         except Exception:
             pass
+        if stalled and self.vmm.poll() is None:
+            self.vmm.kill()
+        gp = getattr(self, "info", {}).get("guest_pid") if hasattr(self, "info") else None
+        if gp and _proc_fate(gp):              # a stopped guest would hold up the VMM's shutdown
+            try:
+                os.kill(gp, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for c in (self.qmp, self.agent):
             if c is not None:
                 c.close()
@@ -111,6 +144,34 @@ class LabProcesses:
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _proc_fate(pid: int, popen: subprocess.Popen | None = None) -> str | None:
+    """How a peer process is doing, or None if it is running: died (with its exit status
+    or signal), a zombie, or stopped (SIGSTOP: it will never answer)."""
+    state = _proc_state(pid)
+    if popen is not None:
+        rc = popen.poll()
+        if rc is None and state in (None, "Z", "X"):      # exiting right now: reap it for its status
+            try:
+                rc = popen.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        if rc is not None:
+            return f"died (killed by {signal.Signals(-rc).name})" if rc < 0 else f"exited with status {rc}"
+    if state in (None, "Z", "X"):
+        return "died"
+    if state in ("T", "t"):
+        return "is stopped (SIGSTOP or a debugger): it cannot answer"
+    return None
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _driver_protocol(protocol: str) -> str:
@@ -160,11 +221,14 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
     t0 = time.perf_counter_ns()
     lp.qmp.execute("balloon", {"value": ram - (target_pages << PAGE_SHIFT)})
     res = lp.agent.execute("wait-target", {"target_pages": target_pages, "timeout_s": t.timeout_s},
-                           timeout=t.timeout_s + 30)
+                           timeout=t.timeout_s + min(30.0, t.timeout_s))
     wall = time.perf_counter_ns() - t0
     reading = probes.read().to_json() if probes is not None else None
     if res.get("error"):
-        lp.check_alive()
+        try:
+            lp.check_alive()
+        except TrialFailed as e:
+            raise TrialFailed(f"{kind} did not complete: {e}; the guest reported: {res['error']}") from e
         raise TrialFailed(f"{kind} did not complete: {res['error']}")
     dev1 = lp.qmp.execute("x-balloon-lab-counters")
     g = _merge_reports(res["reports"], kind)
@@ -230,27 +294,37 @@ def attach_probes(probes, lp: LabProcesses) -> None:
 def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
     """Run one trial; raises TrialFailed (never returns a half-measured result)."""
     wall0 = time.perf_counter_ns()
-    lp = LabProcesses(t)
+    try:
+        lp = LabProcesses(t)
+    except (MonitorError, OSError) as e:
+        raise TrialFailed(f"starting the VMM and its guest failed: {type(e).__name__}: {e}") from e
+    phase = "setting up"
     try:
         if on_started is not None:
             on_started(lp)
         if probes is not None:
             attach_probes(probes, lp)
+        phase = "workload-prepare"
         prep = lp.agent.execute("workload-prepare", {"name": t.workload, "params": t.workload_params,
                                                      "seed": t.seed})
         lp.agent.execute("workload-start")
         target = (t.inflate_mib * MiB) >> PAGE_SHIFT
+        phase = "inflate"
         inflate = balloon_op(lp, "inflate", target, probes)
         v_inflate = verify(lp, target)
         freed = inflate["memfd_bytes_before"] - inflate["memfd_bytes_after"]
         deflate = v_deflate = None
         if t.deflate:
+            phase = "deflate"
             deflate = balloon_op(lp, "deflate", 0, probes)
             v_deflate = verify(lp, 0)
+        phase = "finishing"
         wl = lp.agent.execute("workload-stop")
         pids = lp.pids
         final = lp.qmp.execute("x-balloon-lab-counters")
         lp.check_alive()
+    except (MonitorError, OSError) as e:     # a peer died or stalled: say which, never a half result
+        raise lp.failure(phase, e) from e
     finally:
         lp.close()
     verified = v_inflate["ok"] and (v_deflate is None or v_deflate["ok"])

@@ -286,7 +286,7 @@ def stage_shares(rows: Sequence[tuple[str, dict[str, float], str]], stages: Sequ
         t.set_color(r[2])
         t.set_fontweight("bold")
     ax.set_xlim(0, 100)
-    ax.set_xlabel("share of the median total time (%)")
+    ax.set_xlabel("share of the inflate's time (%)")
     ax.grid(axis="y", visible=False)
     ax.tick_params(axis="y", length=0)
     handles = [Patch(facecolor=STAGE_COLORS[s], label=s) for s in stages]

@@ -465,9 +465,9 @@ def stages_section(d: ReportData) -> Section:
             tot = m["total"] or 1.0
             shares = {s: m[s] / tot for s in STAGES}
             shares["other"] = max(0.0, _median_other(d, a, "inflate") / tot)
-            if sum(shares.values()) > 1:  # medians of parts can overshoot: scale to the bar
-                k = 1 / sum(shares.values())
-                shares = {s: v * k for s, v in shares.items()}
+            # medians of parts need not add up to the median total: scale so each bar is 100 %
+            k = 1 / sum(shares.values()) if sum(shares.values()) > 0 else 0.0
+            shares = {s: v * k for s, v in shares.items()}
             rows.append((a, shares, d.colors[a]))
         for pub in P.INFLATE:
             if pub.shares:
@@ -476,7 +476,8 @@ def stages_section(d: ReportData) -> Section:
                 rows.append((f"{pub.label} (published)", shares, PUBLISHED_COLOR))
         ch = C.render(C.stage_shares(rows, STAGES), "plot-stage-shares", "share of inflate time per stage")
         charts.append(ch)
-        body.append(figure(ch, "Where an inflate's time goes, as shares of the median total. The last row is the "
+        body.append(figure(ch, "Where an inflate's time goes: each stage's median as a share of the sum of the "
+                               "stage medians (and 'other'), so every bar is 100 %. The last row is the "
                                "SG series' published PFN-path breakdown (7 GiB of an 8 GiB guest): there, sending "
                                "PFNs to the host dominated; here, compare which stage dominates each protocol."))
     return Section("stages", "Stage breakdown per arm", "".join(body), charts, missing)
@@ -770,11 +771,14 @@ def migration_section(d: ReportData) -> Section | None:
 
 
 # --- environment and reproduction ---------------------------------------------------------
-def _spec_text(v: Any) -> str:
+def _spec_text(v: Any, key: str = "") -> str:
+    """A spec value as the TOML spec file would write it (bandwidth as 10gbit)."""
+    from lab.spec import format_bandwidth, toml_value
     if v is None:
         return "default"
+    if key == "bandwidth" and isinstance(v, int):
+        return format_bandwidth(v)
     try:
-        from lab.spec import toml_value
         return toml_value(v)
     except TypeError:
         return str(v)
@@ -814,7 +818,7 @@ def environment_section(d: ReportData) -> Section:
              "memory_available_bytes", "loadavg", "python_version", "python_executable", "numpy", "scipy",
              "balloon_lab", "git_commit", "git_dirty", "probe_backend"}
     env_rows += [(k, f"<code>{esc(v)}</code>") for k, v in env.items() if k not in shown]
-    spec_rows = [(k, f"<code>{esc(_spec_text(v))}</code>") for k, v in r.spec.items() if not k.startswith("_")]
+    spec_rows = [(k, f"<code>{esc(_spec_text(v, k))}</code>") for k, v in r.spec.items() if not k.startswith("_")]
     body = ['<div class="cols">', "<div><h3>Run</h3>", _kv(run_rows), "</div>",
             "<div><h3>Machine</h3>", _kv(env_rows), "</div>", "</div>",
             "<h3>Spec</h3>", _kv(spec_rows)]

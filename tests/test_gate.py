@@ -21,7 +21,7 @@ SPEC = ExperimentSpec(name="gate-test", arms=["pfn", "bitmap"], trials=10, warmu
                       guest_mib=1024, inflate_mib=512)
 
 
-def make_run(store: Store, *, medians: dict[str, float], seed: int, n: int = 10, kicks: dict[str, int] | None = None,
+def make_run(store: Store, *, medians: dict[str, float], seed: int, n: int = 10, discards: dict[str, int] | None = None,
              spec: ExperimentSpec = SPEC, sigma: float = 0.05, skip: tuple[str, int] | None = None,
              runs_bump: tuple[str, int] | None = None) -> str:
     """A complete run whose timings are drawn from lognormal distributions with known
@@ -37,7 +37,7 @@ def make_run(store: Store, *, medians: dict[str, float], seed: int, n: int = 10,
                 continue
             res = {"verified": True, "pages": 131072, "runs": 100 + 7 * rnd + ((arm, rnd) == runs_bump),
                    "inflate": {"stages_ns": {"total": total, "discard": total // 3},
-                               "kicks": (kicks or {}).get(arm, 512)}, "wall_ns": total + 5000}
+                               "discard_calls": (discards or {}).get(arm, 512)}, "wall_ns": total + 5000}
             store.add_trial(run, TrialRecord(arm=arm, idx=idx, round=rnd, warmup=False, status="ok",
                                              started_at=now_iso(), duration_s=0.1, result=res))
             idx += 1
@@ -92,12 +92,12 @@ def test_small_slowdown_below_threshold_passes_but_is_caught_with_tighter_thresh
 
 def test_counter_differing_by_one_exits_1(store, db):
     base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
-    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1, kicks={"bitmap": 513})
+    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1, discards={"bitmap": 513})
     code, out, _ = gate(db, "--baseline", base, "--candidate", cand)
     assert code == 1
-    assert "bitmap  inflate.kicks: 512 -> 513: differs in 10 of 10 common rounds (round 0: 512 -> 513, +1)" in out
+    assert "bitmap  inflate.discard_calls: 512 -> 513: differs in 10 of 10 common rounds (round 0: 512 -> 513, +1)" in out
     # an explicit tolerance lets it through
-    assert gate(db, "--baseline", base, "--candidate", cand, "--threshold", "inflate.kicks=1")[0] == 0
+    assert gate(db, "--baseline", base, "--candidate", cand, "--threshold", "inflate.discard_calls=1")[0] == 0
 
 
 def test_counters_are_compared_round_by_round(store, db, tmp_path):
@@ -171,18 +171,18 @@ def test_no_common_arms_exit_2(store, db):
 
 def test_json_and_junit_outputs(store, db, tmp_path):
     base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
-    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 1.2e9}, seed=2, kicks={"pfn": 600})
+    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 1.2e9}, seed=2, discards={"pfn": 600})
     junit = tmp_path / "gate.xml"
     code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--json", "--junit", junit)
     assert code == 1
     verdict = json.loads(out[out.index("{"):out.rindex("}") + 1])
     assert verdict["verdict"] == "regression" and verdict["exit_code"] == 1
     regressed = {(r["arm"], r["metric"]) for r in verdict["regressions"]}
-    assert {("bitmap", "inflate.stages_ns.total"), ("bitmap", "wall_ns"), ("pfn", "inflate.kicks")} <= regressed
+    assert {("bitmap", "inflate.stages_ns.total"), ("bitmap", "wall_ns"), ("pfn", "inflate.discard_calls")} <= regressed
     assert ("pfn", "inflate.stages_ns.total") not in regressed
     root = ET.parse(junit).getroot()
     cases = root.findall(".//testcase")
-    assert len(cases) == len(verdict["checks"]) == 2 * 6  # 2 arms x (pages, runs, kicks, total, discard, wall_ns)
+    assert len(cases) == len(verdict["checks"]) == 2 * 6  # 2 arms x (pages, runs, discard_calls, total, discard, wall_ns)
     failed = {(c.get("classname").rsplit(".", 1)[1], c.get("name")) for c in cases if c.find("failure") is not None}
     assert failed == regressed
     assert root.find("testsuite").get("failures") == str(len(regressed))
@@ -197,14 +197,14 @@ def test_junit_written_for_unusable_input(store, db, tmp_path):
 
 def test_thresholds_file_and_bad_thresholds(store, db, tmp_path):
     base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
-    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 9e8}, seed=2, kicks={"bitmap": 520})
+    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 9e8}, seed=2, discards={"bitmap": 520})
     f = tmp_path / "thresholds.toml"
-    f.write_text('alpha = 0.01\ntiming = "60%"\n[metrics]\n"inflate.kicks" = 10\n')
+    f.write_text('alpha = 0.01\ntiming = "60%"\n[metrics]\n"inflate.discard_calls" = 10\n')
     code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f)
     assert code == 0, out
     code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f,
-                        "--threshold", "inflate.kicks=exact")  # CLI rules come last and win
-    assert code == 1 and "inflate.kicks" in out
+                        "--threshold", "inflate.discard_calls=exact")  # CLI rules come last and win
+    assert code == 1 and "inflate.discard_calls" in out
     f.write_text("alpha = 2\n")
     assert gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f)[0] == 2
     assert gate(db, "--baseline", base, "--candidate", cand, "--threshold", "wall_ns=fast")[0] == 2

@@ -329,3 +329,16 @@ def test_dirty_guest_writing_into_hinted_pages_migrates_verified():
     assert r["pages_hinted_then_dirtied"] > 0            # pages hinted free were reused, and re-sent
     assert r["verification"]["vmm"]["differing_pages"] == 0
     assert r["downtime_ms"] is not None and r["rounds"] >= 1
+
+
+def test_scanner_chunks_of_selects_exactly_the_given_pages():
+    lay = GuestLayout.pc(3076)
+    sc = PageScanner(-1, lay, chunk_pages=1024)
+    hi = (4 << 30) >> PAGE_SHIFT
+    pfns = np.array([0, 5, 1023, 1024, 700000, hi, hi + 1023], dtype=np.int64)
+    got = []
+    for c0, c1, off, sel in sc.chunks_of(pfns):
+        assert c1 - c0 == len(sel) and c1 - c0 <= 1024
+        assert off == lay.pfn_to_offset(np.array([c0]))[0]
+        got += (np.flatnonzero(sel) + c0).tolist()
+    assert got == pfns.tolist()

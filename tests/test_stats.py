@@ -94,13 +94,13 @@ def test_zero_baseline_median_gives_infinite_ratio_not_a_crash():
 
 
 def test_counters_are_compared_exactly():
-    table = {"pfn": {"probes.madvise_calls": np.full(5, 131072.0), "inflate.kicks": np.full(5, 512.0)},
-             "bitmap": {"probes.madvise_calls": np.full(5, 37.0), "inflate.kicks": np.full(5, 512.0)}}
+    table = {"pfn": {"probes.madvise_calls": np.full(5, 131072.0), "inflate.discard_calls": np.full(5, 512.0)},
+             "bitmap": {"probes.madvise_calls": np.full(5, 37.0), "inflate.discard_calls": np.full(5, 512.0)}}
     comp = S.compare_arms(table, "pfn")
     calls = comp.pair("bitmap", "probes.madvise_calls")
     assert calls.exact and calls.p_value is None and calls.verdict == "fewer"
     assert calls.difference == 37 - 131072 and calls.ratio == pytest.approx(37 / 131072)
-    assert comp.pair("bitmap", "inflate.kicks").verdict == "equal"
+    assert comp.pair("bitmap", "inflate.discard_calls").verdict == "equal"
 
 
 def test_cliffs_delta_and_cles_by_hand():

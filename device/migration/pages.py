@@ -80,6 +80,23 @@ class PageScanner:
             for p in range(r.first_pfn, r.end_pfn, self.chunk_pages):
                 yield p, min(p + self.chunk_pages, r.end_pfn), r.offset + ((p - r.first_pfn) << PAGE_SHIFT)
 
+    def chunks_of(self, pfns: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """Like chunks(), but only the chunks holding some of the sorted RAM `pfns`, each
+        with its bool selection (for rounds that send a few scattered pages)."""
+        for r in self.layout.regions:
+            lo, hi = np.searchsorted(pfns, [r.first_pfn, r.end_pfn])
+            sub = pfns[lo:hi] - r.first_pfn
+            if not len(sub):
+                continue
+            cid = sub // self.chunk_pages
+            brk = np.flatnonzero(np.diff(cid)) + 1
+            for part in np.split(sub, brk):
+                p = r.first_pfn + int(part[0]) // self.chunk_pages * self.chunk_pages
+                end = min(p + self.chunk_pages, r.end_pfn)
+                sel = np.zeros(end - p, dtype=bool)
+                sel[part + r.first_pfn - p] = True
+                yield p, end, r.offset + ((p - r.first_pfn) << PAGE_SHIFT), sel
+
     def read_chunk(self, c0: int, off0: int, sel: np.ndarray) -> ChunkResult | None:
         """Read the selected pages (bool per page of the chunk starting at PFN c0,
         memfd offset off0) and classify them. None when nothing is selected. The

@@ -72,6 +72,9 @@ class RoundStats:
     bytes_sent: int = 0
     bytes_read: int = 0
     ms: float = 0.0
+    scan_ms: float = 0.0       # pread + zero detection
+    send_ms: float = 0.0       # sendmsg (blocks while the destination is behind)
+    throttle_ms: float = 0.0   # sleeping in the token bucket (the link's rate)
 
 
 @dataclass
@@ -172,7 +175,7 @@ class MigrationSource(threading.Thread):
         try:
             self._migrate()
         except Exception as e:      # reported on query-migrate; the guest keeps running
-            st.status = "failed"
+            st.status = "cancelled" if self.cancelled.is_set() else "failed"
             st.error = f"{type(e).__name__}: {e}"
             log.error("migration failed: %s", st.error)
             try:
@@ -314,22 +317,22 @@ class MigrationSource(threading.Thread):
     def _send_pfns(self, no: int, pfns: np.ndarray) -> RoundStats:
         rs = RoundStats(no)
         t0 = time.monotonic()
-        pfns = np.asarray(pfns, dtype=np.int64)
+        pfns = np.unique(np.asarray(pfns, dtype=np.int64))
+        pfns = pfns[(pfns >= 0) & (pfns < self.layout.max_pfn)]
+        pfns = pfns[self.ram_mask[pfns]]
         if len(pfns):
             self.st.pages_hinted_then_dirtied += int(np.count_nonzero(self.dst_stale[pfns]))
             self.dst_stale[pfns] = False
-            mask = np.zeros(self.layout.max_pfn, dtype=bool)
-            mask[pfns] = True
-            mask &= self.ram_mask
-            for c0, c1, off0 in self.scanner.chunks():
-                sel = mask[c0:c1]
-                if sel.any():
-                    self._send_chunk(no, c0, off0, sel, rs)
+            for c0, _c1, off0, sel in self.scanner.chunks_of(pfns):
+                self._send_chunk(no, c0, off0, sel, rs)
         rs.ms = (time.monotonic() - t0) * 1000
         return rs
 
     def _send_chunk(self, no: int, c0: int, off0: int, sel: np.ndarray, rs: RoundStats) -> None:
+        t0 = time.perf_counter()
         res = self.scanner.read_chunk(c0, off0, sel)
+        t1 = time.perf_counter()
+        rs.scan_ms += (t1 - t0) * 1000
         if res is None:
             return
         npages = len(res.flags)
@@ -337,8 +340,12 @@ class MigrationSource(threading.Thread):
         parts = [S.header(S.MsgType.PAGES, no, length), S.PAGES_HEAD.pack(res.start_pfn, npages, res.ndata),
                  res.flags] + res.data
         n = S.HEADER.size + length
+        slept = self.bucket.slept_s
         self.bucket.consume(n)
+        t2 = time.perf_counter()
         S.send_parts(self.sock, parts)
+        rs.throttle_ms += (self.bucket.slept_s - slept) * 1000
+        rs.send_ms += (time.perf_counter() - t2) * 1000
         rs.pages_examined += res.examined
         rs.pages_sent += res.ndata
         rs.pages_zero += res.nzero

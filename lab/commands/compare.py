@@ -68,6 +68,23 @@ def run_length_table(store: Store, run_id: str) -> str:
     return "\n".join(lines)
 
 
+def kernel_share_table(comp: Comparison) -> str:
+    """From the probes: how much of the discard stage the kernel spent inside madvise."""
+    lines = ["discard stage, seen by the probes (medians):",
+             f"{'arm':<14}{'stage ms':>10}{'madvise calls':>15}{'kernel ms':>11}{'kernel share':>14}"]
+    any_row = False
+    for arm in comp.arms:
+        ns = comp.summary(arm, "probes.stages.discard.ns")
+        kn = comp.summary(arm, "probes.stages.discard.madvise_kernel_ns")
+        calls = comp.summary(arm, "probes.stages.discard.madvise_calls")
+        if ns is None or kn is None:
+            continue
+        any_row = True
+        lines.append(f"{arm:<14}{ns.median / 1e6:10.1f}{(calls.median if calls else 0):15.0f}"
+                     f"{kn.median / 1e6:11.1f}{100 * kn.median / ns.median if ns.median else 0:13.1f}%")
+    return "\n".join(lines) if any_row else "discard stage, seen by the probes: no probe data (probes off or no eBPF)"
+
+
 def comparison_json(run_id: str, comp: Comparison) -> dict:
     arms: dict = {}
     for s in comp.summaries:
@@ -118,6 +135,7 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 click.echo(stage_table(comp, "deflate") + "\n")
                 click.echo(counter_table(comp, spec.inflate_mib) + "\n")
                 click.echo(run_length_table(store, run_id) + "\n")
+                click.echo(kernel_share_table(comp) + "\n")
                 keep = ["stages_ns.inflate.*", "stages_ns.deflate.total", "discard_calls", "runs", "kicks",
                         "probes.madvise_calls", "probes.madvise_kernel_ns"]
                 click.echo(render_table(comp, keep))
