@@ -337,10 +337,10 @@ class BalloonDevice(VirtioTransport):
         self.ballooned_np[good] = want
         gstarts, glens = wire.pfns_to_runs(good) if good.size else (good, good)
         # Translation per run, split where a run crosses a region edge.
-        pieces: list[tuple[int, int]] = []
-        split = self.layout.split_runs
-        for s, n in zip(gstarts.tolist(), glens.tolist()):
-            pieces.extend(split(s, n))
+        # Translation per run (numpy over all runs at once), split where a run crosses
+        # a region edge.
+        offs, lens = self.layout.runs_to_offsets(gstarts, glens)
+        pieces = list(zip(offs.tolist(), lens.tolist()))
         t1 = _now()
         _audit("balloon-lab:translate:e")
         ctr.translations += len(pieces)
@@ -397,9 +397,18 @@ class BalloonDevice(VirtioTransport):
 
     # --- stats queue: the device polls by returning the buffer -----------------------------
     def _stats_chain(self, chain: DescChain) -> int | None:
-        raw = chain.gather(STAT_ENTRY.size * 64)
-        if len(raw) % STAT_ENTRY.size:
-            self.refuse("stats-len", f"stats buffer of {len(raw)} bytes is not a multiple of {STAT_ENTRY.size}")
+        limit = STAT_ENTRY.size * 64
+        raw = chain.gather(limit, truncate=True)     # an oversized buffer is bad input, not a broken ring
+        if chain.readable_bytes > limit or len(raw) % STAT_ENTRY.size:
+            self.refuse("stats-len", f"stats buffer of {chain.readable_bytes} bytes is not a multiple of "
+                                     f"{STAT_ENTRY.size} up to {limit}")
+        if self.stats_head is not None and self.stats_head != chain.head:
+            # a second buffer while one is held: return the old one, as QEMU does, so it does not leak
+            self.refuse("stats-twice", f"stats buffer {chain.head} while buffer {self.stats_head} is held")
+            q = self.queues[Q_STATS]
+            q.push_used(self.stats_head, 0)
+            if q.need_call():
+                self.signal_call(Q_STATS)
         stats: dict[str, int] = {}
         for i in range(len(raw) // STAT_ENTRY.size):
             tag, val = STAT_ENTRY.unpack_from(raw, i * STAT_ENTRY.size)

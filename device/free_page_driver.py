@@ -37,7 +37,7 @@ from device.free_page_hint import (BITMAP_FLAG_LAST, CMD_GET_FREE_PAGES, CMD_ID,
                                    MISC_REQUEST)
 from device.guest_memory import GuestMemory
 from device.layout import PAGE_SHIFT, PAGE_SIZE
-from device.virtqueue import DriverQueue
+from device.virtqueue import DriverQueue, ring_bytes
 
 log = logging.getLogger("balloon-lab.hint-driver")
 
@@ -98,7 +98,6 @@ class FreePageDriver:
 
     def _mark_ring(self, q: DriverQueue) -> None:
         """The driver just wrote descriptors / avail entries of q."""
-        from device.virtqueue import ring_bytes
         d, a, _u = ring_bytes(q.size)
         for gpa, n in ((q.desc_gpa, d), (q.avail_gpa, a)):
             self.memory.mark_dirty(np.arange(gpa >> PAGE_SHIFT, (gpa + n + PAGE_SIZE - 1) >> PAGE_SHIFT))

@@ -149,6 +149,28 @@ class GuestLayout:
         base_pfn = np.array([r.first_pfn for r in self.regions], dtype=np.int64)[idx]
         return base_pfn + ((offsets - offs[idx]) >> PAGE_SHIFT)
 
+    def runs_to_offsets(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """split_runs for many RAM runs at once: memfd (offsets, byte lengths), a run that
+        spans two regions split in two. Callers have checked every page is RAM."""
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if starts.size == 0:
+            return starts, lengths
+        ends = starts + lengths
+        out_s, out_e = [starts], [ends]
+        for r in self.regions[:-1]:             # a cut at each region end (one or two regions)
+            cross = (starts < r.end_pfn) & (ends > r.end_pfn)
+            if cross.any():
+                out_e[0] = np.where(cross, r.end_pfn, out_e[0])
+                nxt = self.regions[self.regions.index(r) + 1].first_pfn
+                out_s.append(np.full(int(cross.sum()), nxt, dtype=np.int64))
+                out_e.append(ends[cross])
+        s = np.concatenate(out_s)
+        e = np.concatenate(out_e)
+        order = np.argsort(s, kind="stable")
+        s, e = s[order], e[order]
+        return self.pfn_to_offset(s), (e - s) << PAGE_SHIFT
+
     def ram_pfns(self) -> np.ndarray:
         """All RAM PFNs in ascending order (int64; 32 MiB for a 16 GiB guest)."""
         return np.concatenate([np.arange(r.first_pfn, r.end_pfn, dtype=np.int64) for r in self.regions])

@@ -15,7 +15,7 @@ reading of the ring (this module's own ring walk and decoders, no validation: an
 bound of what any interpretation of the request could name). Pages the device says it
 ballooned must really be gone from the memfd. An exception escaping the device, or
 its `device-internal` counter, is a crash; an exec that runs past its time limit
-(SIGALRM) is a hang.
+(ITIMER_PROF, with a wall-clock backstop) is a hang.
 
 Guidance is behavioural: a case whose outcome (the set of refusal reasons, NEEDS_RESET,
 whether anything was discarded, ...) was never seen joins the pool that mutations start
@@ -44,7 +44,7 @@ import numpy as np
 from device import wire
 from device.balloon_device import BalloonDevice
 from device.free_page_hint import CMD_GET_FREE_PAGES, HintDevice, hint_device_features
-from device.features import (QUEUE_FEATURE, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, S_ACKNOWLEDGE,
+from device.features import (QUEUE_FEATURE, F_PAGE_BITMAP, F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, S_ACKNOWLEDGE,
                              S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, bit, protocol_device_features)
 from device.guest_ram import GuestRAM, memfd_data_extents
 from device.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
@@ -295,7 +295,16 @@ def _hint_bound(case: dict, mem, lay: GuestLayout) -> np.ndarray:
     return out
 
 
-def exec_bound(case: dict, mem, lay: GuestLayout) -> Bound:
+def wire_format(features: int) -> str:
+    """The inflate/deflate format the device uses for these negotiated features."""
+    if features & bit(F_PAGE_CHUNKS):
+        return "chunks"
+    if features & bit(F_PAGE_BITMAP):
+        return "bitmap"
+    return "pfn"
+
+
+def exec_bound(case: dict, mem, lay: GuestLayout, fmt: str) -> Bound:
     """The inflate queue may name its own ring or request buffers: the device then reads
     zeros there for the chains that follow. So the bound is iterated: pages named so far
     are read both as they were and as zeros (rings and buffers alike) until nothing new is
@@ -312,7 +321,7 @@ def exec_bound(case: dict, mem, lay: GuestLayout) -> Bound:
         rd = _Reader(mem, set())
         for idx in _published(case, q):
             for bufs in lenient_chains(rd, lay, a, case["queues"][q]["last"], idx):
-                if case["proto"] != "chunks" or int(q) != 0:
+                if fmt != "chunks" or int(q) != 0:
                     _chain_bytes(rd, lay, bufs, cap=1 << 20)
         touched |= rd.pages
         touched.update(range(a.desc >> PAGE_SHIFT, ((a.end - 1) >> PAGE_SHIFT) + 1))
@@ -331,7 +340,7 @@ def exec_bound(case: dict, mem, lay: GuestLayout) -> Bound:
                 read |= rs.pages
                 for zc in zeros:                        # request bytes as they were, or zeroed
                     rc = _Reader(mem, zc)
-                    named_mask(case["proto"], rc, lay, chains, total)
+                    named_mask(fmt, rc, lay, chains, total)
                     read |= rc.pages
                     content += rc.ranges
             touched |= read
@@ -912,22 +921,24 @@ class Rig:
     def run_device(self, case: dict, limit_s: float) -> Outcome:
         fl = flayout(case["layout"])
         lay = fl.layout
-        ram = self.ram(case["layout"])
+        name = case["layout"]
+        ram = self.ram(name)
+        fill = self.fill_mask[name]
         dirty = self._write_case(case, ram, lay)
+        # Guest memory before the exec, for the oracle: the low area (rings, request buffers,
+        # tables) copied, every other page is the fill pattern. The bound is computed from it
+        # afterwards, and only when the exec discarded, ballooned or hinted something.
+        pre_mem = PreExec(bytes(ram.mem[:BUF_AREA[1]]), fill)
         proto = case["proto"]
-        # the oracle's bound, computed before the device runs
-        bound = exec_bound(case, ram.mem, lay)
-        allowed = bound.allowed
         offered = protocol_device_features(proto) | hint_device_features(case.get("hint", "none"))
-        dev = BalloonDevice(ram, offered, ranges_policy=proto == "pfn-ranges")
-        hints = HintDevice(dev)
-        dev.extra_queue_handler = hints.handler_for         # as the VMM's migration controller does
-        hint_bound = _hint_bound(case, ram.mem, lay) if 3 in case["queues"] or 5 in case["queues"] else None
         feats = offered
         if not case["indirect"]:
             feats &= ~bit(F_RING_INDIRECT_DESC)
         if not case["event_idx"]:
             feats &= ~bit(F_RING_EVENT_IDX)
+        dev = BalloonDevice(ram, offered, ranges_policy=proto == "pfn-ranges")
+        hints = HintDevice(dev)
+        dev.extra_queue_handler = hints.handler_for         # as the VMM's migration controller does
         dev.driver_features = feats
         n = case["qsize"]
         for q in case["queues"]:
@@ -963,49 +974,63 @@ class Rig:
             finally:
                 _disarm()
         except Hang:
-            failure, detail = "hang", f"exec ran past {limit_s} s"
+            failure, detail = "hang", f"exec used more than {limit_s} s of CPU (or {limit_s * WALL_FACTOR} s of wall-clock time)"
         except Exception as e:   # anything escaping the device is a crash
             failure, detail = "crash", f"{type(e).__name__}: {e}"
         if failure is None and dev.errors.get("device-internal"):
             failure, detail = "crash", "device-internal error counted (an exception inside the device)"
-        if failure is None and hints.hinted.any():
-            wrong = np.flatnonzero(hints.hinted & ~(hint_bound if hint_bound is not None else False))
-            notram = np.flatnonzero(hints.hinted & ~lay.ram_pfn_mask(np.arange(lay.max_pfn)))
-            if wrong.size or notram.size:
-                failure, detail = "crash", (f"hint device marked pages {(wrong if wrong.size else notram)[:8].tolist()} "
-                                            f"free that the guest never hinted (or that are no RAM)")
-        lost_pages = self.lost_and_restore(case["layout"])
+        lost_pages = self.lost_and_restore(name)
         lost = lay.offset_to_pfn(lost_pages << PAGE_SHIFT) if lost_pages.size else lost_pages
-        if failure is None and lost.size:
+        hinted = bool(hints.hinted.any())
+        bound = None
+        if lost.size or hinted or dev.inflate.requests or dev.deflate.requests:
+            bound = exec_bound(case, pre_mem, lay, wire_format(feats))
+            self.volatile += bound.volatile
+            if failure is None:
+                failure, detail = self._check(case, dev, hints, pre_mem, lay, bound, lost, pre)
+        self._restore_written(case, ram, lay, dirty)
+        if bound is not None:
+            for pg in bound.touched:      # the device may have left zeros there (read after discard)
+                if pg < fill.size and fill[pg]:
+                    ram.mem[pg << PAGE_SHIFT:(pg + 1) << PAGE_SHIFT] = _PAGE
+        if hints.stats["bitmap_requests"] and hints.request_gpa is not None:
+            o = _in_ram(lay, hints.request_gpa & ~(PAGE_SIZE - 1), PAGE_SIZE)   # the device wrote a request there
+            if o is not None and fill[o >> PAGE_SHIFT]:
+                ram.mem[o:o + PAGE_SIZE] = _PAGE
+        sig = ("device", name == "pc", proto, case.get("hint", "none"), hinted, tuple(sorted(dev.errors)),
+               bool(dev.status & S_NEEDS_RESET), bool(lost.size), min(3, int(lost.size).bit_length() // 3),
+               bool(dev.deflate.pages), dev.stats_head is not None)
+        return Outcome(sig, failure, detail)
+
+    def _check(self, case: dict, dev: BalloonDevice, hints: HintDevice, pre_mem, lay: GuestLayout, bound: Bound,
+               lost: np.ndarray, pre: np.ndarray) -> tuple[str | None, str]:
+        allowed = bound.allowed
+        if lost.size:
             bad = lost[~allowed[lost]]
             if bad.size:
-                failure, detail = "oob-discard", (f"pages {bad[:8].tolist()} lost their data but were never "
-                                                  f"named on the inflate queue")
-        changed = dev.inflate.requests or dev.deflate.requests   # the only paths that touch the balloon
-        if failure is None and changed:
-            now = _ballooned(dev)
-            new = np.setdiff1d(now, pre, assume_unique=True)
+                return "oob-discard", f"pages {bad[:8].tolist()} lost their data but were never named on the inflate queue"
+        if hints.hinted.any():
+            hb = _hint_bound(case, pre_mem, lay)
+            wrong = np.flatnonzero(hints.hinted & ~hb)
+            if not wrong.size:
+                wrong = np.flatnonzero(hints.hinted & ~lay.ram_pfn_mask(np.arange(lay.max_pfn)))
+            if wrong.size:
+                return "crash", f"hint device marked pages {wrong[:8].tolist()} free that the guest never hinted (or no RAM)"
+        if dev.inflate.requests or dev.deflate.requests:     # the only paths that touch the balloon
+            new = np.setdiff1d(_ballooned(dev), pre, assume_unique=True)
             if new.size:
                 outside = new[~allowed[new]]
-                # pages the device must have discarded: in the fill area, and not touched (rings
+                if outside.size:
+                    return "crash", f"device ballooned pages {outside[:8].tolist()} the guest never named"
+                # pages the device must have discarded: in the fill area and not touched (rings
                 # and request buffers: the device reads or writes them again after a discard,
                 # which brings the page back, zeroed)
                 offs = lay.pfn_to_offset(new) >> PAGE_SHIFT
-                must = new[self.fill_mask[case["layout"]][offs] & ~np.isin(offs, list(bound.touched))]
+                must = new[self.fill_mask[case["layout"]][offs] & ~np.isin(offs, np.fromiter(bound.touched, np.int64))]
                 still = must[~np.isin(must, lost)]
-                if outside.size:
-                    failure, detail = "crash", f"device ballooned pages {outside[:8].tolist()} the guest never named"
-                elif still.size:
-                    failure, detail = "crash", f"device counts pages {still[:8].tolist()} as ballooned but they hold data"
-        self._restore_written(case, ram, lay, dirty)
-        fill = self.fill_mask[case["layout"]]
-        for pg in bound.touched:        # the device may have left zeros there (read after discard)
-            if pg < fill.size and fill[pg]:
-                ram.mem[pg << PAGE_SHIFT:(pg + 1) << PAGE_SHIFT] = _PAGE
-        self.volatile += bound.volatile
-        sig = ("device", case["layout"] == "pc", proto, case.get("hint", "none"), bool(hints.hinted.any()), tuple(sorted(dev.errors)), bool(dev.status & S_NEEDS_RESET),
-               bool(lost.size), min(3, int(lost.size).bit_length() // 3), bool(dev.deflate.pages), dev.stats_head is not None)
-        return Outcome(sig, failure, detail)
+                if still.size:
+                    return "crash", f"device counts pages {still[:8].tolist()} as ballooned but they hold data"
+        return None, ""
 
     # --- the ring target ---------------------------------------------------------------------
     def run_ring(self, case: dict, limit_s: float) -> Outcome:
@@ -1040,11 +1065,36 @@ class Rig:
             finally:
                 _disarm()
         except Hang:
-            failure, detail = "hang", f"exec ran past {limit_s} s"
+            failure, detail = "hang", f"exec used more than {limit_s} s of CPU (or {limit_s * WALL_FACTOR} s of wall-clock time)"
         except Exception as e:
             failure, detail = "crash", f"{type(e).__name__}: {e}"
         self._restore_written(case, ram, lay, dirty)
         return Outcome(("ring", tuple(sorted(reasons)), min(chains, 3)), failure, detail)
+
+
+class PreExec:
+    """Guest memory as it was before an exec, sliceable like the mapping: memfd bytes
+    below len(low) from a copy, every other page the fill pattern (DATA_BYTE where the
+    fill mask says the page holds data, zeros elsewhere), which is what the Rig keeps
+    there between execs."""
+
+    def __init__(self, low: bytes, fill: np.ndarray) -> None:
+        self.low, self.fill = low, fill
+
+    def __getitem__(self, sl: slice) -> bytes:
+        off, end = sl.start, sl.stop
+        nlow = len(self.low)
+        if end <= nlow:
+            return self.low[off:end]
+        out = bytearray(end - off)
+        if off < nlow:
+            out[:nlow - off] = self.low[off:]
+        p0, p1 = max(off, nlow) >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
+        for pg in np.flatnonzero(self.fill[p0:min(p1 + 1, self.fill.size)]) + p0:
+            lo = max(int(pg) << PAGE_SHIFT, off, nlow) - off
+            hi = min((int(pg) + 1) << PAGE_SHIFT, end) - off
+            out[lo:hi] = bytes([DATA_BYTE]) * (hi - lo)
+        return bytes(out)
 
 
 def _minus(a: tuple, b: tuple) -> list[tuple[int, int]]:
@@ -1125,7 +1175,7 @@ def run_decoder(case: dict, limit_s: float) -> Outcome:
         finally:
             _disarm()
     except Hang:
-        failure, detail = "hang", f"exec ran past {limit_s} s"
+        failure, detail = "hang", f"exec used more than {limit_s} s of CPU (or {limit_s * WALL_FACTOR} s of wall-clock time)"
     except Exception as e:
         failure, detail = "crash", f"{type(e).__name__}: {e}"
     return Outcome((t, reason), failure, detail)
@@ -1186,12 +1236,32 @@ def _on_alarm(signum, frame):
     raise Hang()
 
 
+WALL_FACTOR = 10    # the wall-clock backstop: a device blocked in a system call uses no CPU
+
+
 def _arm(limit_s: float) -> None:
-    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    """An exec may use limit_s of CPU (ITIMER_PROF: a loaded machine does not make it a
+    hang), and WALL_FACTOR times that of wall-clock time (a blocked device is a hang too)."""
+    signal.setitimer(signal.ITIMER_PROF, limit_s)
+    signal.setitimer(signal.ITIMER_REAL, limit_s * WALL_FACTOR)
 
 
 def _disarm() -> None:
+    signal.setitimer(signal.ITIMER_PROF, 0)
     signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class hang_timer:
+    """Install the Hang handlers for SIGPROF and SIGALRM for the duration of a run."""
+
+    def __enter__(self) -> "hang_timer":
+        self.old = {sig: signal.signal(sig, _on_alarm) for sig in (signal.SIGPROF, signal.SIGALRM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _disarm()
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
 
 
 def execute(rig: Rig, case: dict, limit_s: float) -> Outcome:
@@ -1251,16 +1321,15 @@ def replay(cases: list[dict], limit_s: float = 5.0) -> list[tuple[dict, Outcome]
     """Run saved cases once each; returns those that fail."""
     rig = Rig()
     _quiet()
-    old = signal.signal(signal.SIGALRM, _on_alarm)
     try:
         bad = []
-        for c in cases:
-            o = execute(rig, c, limit_s)
-            if o.failure:
-                bad.append((c, o))
+        with hang_timer():
+            for c in cases:
+                o = execute(rig, c, limit_s)
+                if o.failure:
+                    bad.append((c, o))
         return bad
     finally:
-        signal.signal(signal.SIGALRM, old)
         rig.close()
 
 
@@ -1303,7 +1372,7 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
     for name in LAYOUTS:           # create and fill every guest RAM before anything is timed
         rig.ram(name)
     _quiet()
-    old = signal.signal(signal.SIGALRM, _on_alarm)
+    timer = hang_timer().__enter__()
     res = FuzzResult(seed=seed)
     pools: dict[str, list[dict]] = {t: [] for t in TARGETS}
     seen: dict[tuple, dict] = {}
@@ -1344,8 +1413,7 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
             with counter.get_lock():
                 counter.value += execs % 256
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        timer.__exit__()
         rig.close()
     res.execs = execs
     res.volatile_execs = rig.volatile
@@ -1355,6 +1423,27 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
     if keep_corpus:
         res.corpus = [dict(case_to_json(c), signature=repr(s)) for s, c in seen.items()]
     return res
+
+
+def select_corpus(cases: list[dict], limit: int) -> list[dict]:
+    """At most `limit` cases to keep as regression tests: one per kind of outcome (target
+    and the set of refusals, from the signature), the smallest first, then the rest of
+    the smallest behaviours until the limit, spread over the targets."""
+    def size(c: dict) -> int:
+        return len(json.dumps(c))
+
+    def coarse(c: dict) -> tuple:
+        sig = c.get("signature", "")
+        return (c["t"], sig.split("(", 2)[-1].split(")")[0] if c["t"] == "device" else sig)
+
+    by_group: dict[tuple, dict] = {}
+    for c in sorted(cases, key=size):
+        by_group.setdefault(coarse(c), c)
+    chosen = sorted(by_group.values(), key=size)[:limit]
+    picked = {id(c) for c in chosen}
+    rest = [c for c in sorted(cases, key=size) if id(c) not in picked]
+    chosen += rest[:max(0, limit - len(chosen))]
+    return sorted(chosen, key=lambda c: (c["t"], size(c)))
 
 
 def _worker_entry(args):

@@ -1,0 +1,1 @@
+"""HTML reports of stored runs: reports.html.write_report(store, run, path) (see docs/REPORT.md)."""

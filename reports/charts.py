@@ -139,7 +139,7 @@ def _log_ticks(ax, axis: str) -> None:
     target = ax.xaxis if axis == "x" else ax.yaxis
     ax.autoscale_view()
     lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
-    few = lo > 0 and hi / lo < 300
+    few = lo > 0 and hi / lo < 40
     target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if few else (1.0,)))
     target.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10) * 1.0))
     target.set_minor_formatter(NullFormatter())
@@ -154,16 +154,6 @@ def _time_axis(ax, axis: str, unit: str, scale: float, log: bool) -> None:
     else:
         target = ax.xaxis if axis == "x" else ax.yaxis
         target.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
-
-
-def _log_count_axis(ax, axis: str = "y") -> None:
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    _log_ticks(ax, axis)
-
-
-def arm_legend(ax_or_fig, arms: Sequence[str], colors: dict[str, str], **kw: Any) -> None:
-    handles = [Patch(facecolor=colors[a], edgecolor="none", label=a) for a in arms]
-    ax_or_fig.legend(handles=handles, **kw)
 
 
 def color_ticklabels(labels, colors: dict[str, str]) -> None:

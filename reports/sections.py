@@ -6,7 +6,6 @@ reviewer must be able to tell "not measured" from "forgotten".
 """
 from __future__ import annotations
 
-import math
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -19,7 +18,7 @@ from reports import charts as C
 from reports import published as P
 from reports.data import MiB, OPS, STAGES, ReportData, finite
 from reports.fmt import (esc, fmt_bytes, fmt_ns, fmt_p, fmt_ratio, pct, sig, speed_phrase)
-from reports.palette import PUBLISHED_COLOR, STAGE_COLORS
+from reports.palette import PUBLISHED_COLOR
 
 
 @dataclass

@@ -45,11 +45,8 @@ def rig():
 
 @pytest.fixture(autouse=True)
 def alarm():
-    import signal
-    old = signal.signal(signal.SIGALRM, fuzz._on_alarm)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, old)
+    with fuzz.hang_timer():
+        yield
 
 
 def ok(outcome: fuzz.Outcome) -> None:
@@ -271,6 +268,18 @@ def test_corpus_replays_clean():
     assert kinds == set(fuzz.TARGETS)
     bad = fuzz.replay(cases)
     assert not bad, [(o.failure, o.detail) for _, o in bad[:5]]
+
+
+def test_found_cases_fail_without_their_fix(monkeypatch):
+    """The regression cases are real: with the hint device's RAM check removed again,
+    the cases found by the fuzzer fail the way they did before the fix."""
+    cases = fuzz.load_corpus(CORPUS / "found" / "hint-bitmap-not-ram.jsonl")
+    assert cases and not fuzz.replay(cases)
+    import device.free_page_hint as fph
+    monkeypatch.setattr(fph.wire, "check_runs_in_ram", lambda *a, **k: None)
+    bad = fuzz.replay(cases)
+    assert len(bad) == len(cases)
+    assert all(o.failure == "crash" and "hint device marked pages" in o.detail for _, o in bad)
 
 
 def test_fuzz_command_json_and_replay(tmp_path):

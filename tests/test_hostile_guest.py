@@ -220,6 +220,28 @@ def test_naming_the_rings_own_page_is_refused(pfn_vm):
     assert h.lost() == {DATA + 30, DATA + 31}
 
 
+def test_stats_buffer_too_long_or_twice(pfn_vm):
+    h = pfn_vm
+    h.start(queues=(0, 1, 2))
+    e0 = h.errors()
+    q = h.g.queues[2]
+    h.g.write(BUF, struct.pack("<HQ", 4, 12345) * 80)           # 800 bytes: more than 64 entries
+    q.ring.desc(0, BUF, 800, 0, 0)
+    q.ring.desc(1, BUF, 10, 0, 0)
+    q.offer([0])
+    q.kick()
+    time.sleep(0.3)
+    assert delta(h, e0, "stats-len") == 1 and not h.g.status() & NEEDS_RESET
+    q.offer([1])                                                 # a second buffer while one is held
+    q.kick()
+    assert q.wait_used(1)                                        # the first one comes back
+    assert q.ring.used_elem(0) == (0, 0)
+    assert delta(h, e0, "stats-twice") == 1
+    stats = h.vm.qmp.execute("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
+    assert stats["stats"]["stat-free-memory"] == 12345
+    h.alive()
+
+
 # ======================================================================================
 # Broken rings: NEEDS_RESET
 # ======================================================================================

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from device.guest_ram import GuestRAM
-from device.layout import PAGE_SHIFT, PAGE_SIZE, BadAddress, GuestLayout
+from device.layout import PAGE_SIZE, BadAddress, GuestLayout
 from device.migration import stream as S
 from device.migration.pages import fingerprint_memfd, runs
 

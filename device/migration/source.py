@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device.guest_ram import GuestRAM, process_rss_bytes
+from device.guest_ram import GuestRAM
 from device.layout import PAGE_SIZE
 from device.migration import stream as S
 from device.migration.dirty_log import DirtyLog
@@ -159,6 +159,7 @@ class MigrationSource(threading.Thread):
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.paused_pid: int | None = None
+        self.hints_released = False
         self.sock: socket.socket | None = None
         self.dirty: DirtyLog | None = None
         max_pfn = self.layout.max_pfn
@@ -186,6 +187,11 @@ class MigrationSource(threading.Thread):
             if self.paused_pid is not None:
                 resume_guest(self.paused_pid)
                 self.paused_pid = None
+            if st.hint == "upstream" and not self.hints_released:
+                try:        # like QEMU's PRECOPY_NOTIFY_CLEANUP: the guest must get its blocks back
+                    self.port.hints_done(st.hint)
+                except Exception as e2:
+                    log.error("could not send DONE to the guest: %s", e2)
         finally:
             if self.sock is not None:
                 self.sock.close()
@@ -227,17 +233,16 @@ class MigrationSource(threading.Thread):
             st.hint_ms = (time.monotonic() - t_h) * 1000
         # round 1
         t_send = time.monotonic()
-        r1 = self._round(1, hinted if st.hint != "none" else None, None)
+        self._round(1, hinted if st.hint != "none" else None, None)
         if st.hint == "upstream":
             self.port.hints_done(st.hint)
+            self.hints_released = True
         st.hints = self.port.hint_snapshot() if st.hint != "none" else None
         # rounds 2..n
         dirty = self.dirty.harvest()
         while True:
             self._check_cancel()
-            elapsed = time.monotonic() - t_send
-            rate = min(p.max_bandwidth, st.bytes_sent / elapsed) if elapsed > 0 and st.bytes_sent else p.max_bandwidth
-            st.expected_downtime_ms = len(dirty) * (PAGE_SIZE + 1) / max(rate, 1) * 1000
+            st.expected_downtime_ms = self._expected_ms(len(dirty), time.monotonic() - t_send)
             st.remaining_pages = len(dirty)
             if st.expected_downtime_ms <= p.downtime_limit_ms:
                 st.converged = True
@@ -284,6 +289,19 @@ class MigrationSource(threading.Thread):
                  len(st.rounds))
         st.verification = self._verify()
         S.send_empty(self.sock, S.MsgType.BYE)
+
+    def _expected_ms(self, pages: int, elapsed_s: float) -> float:
+        """How long sending `pages` dirty pages would take: at the page rate the last
+        round achieved when it was a round of dirty pages (scattered pages cost more
+        than the bulk of round 1), else at the byte rate achieved so far, never
+        faster than the link."""
+        last = self.st.rounds[-1] if self.st.rounds else None
+        link_ms = pages * (PAGE_SIZE + 1) / self.params.max_bandwidth * 1000
+        if last is not None and last.round > 1 and last.ms > 0 and last.pages_sent + last.pages_zero >= 64:
+            return max(link_ms, pages / ((last.pages_sent + last.pages_zero) / last.ms))
+        if elapsed_s > 0 and self.st.bytes_sent:
+            return max(link_ms, pages * (PAGE_SIZE + 1) / (self.st.bytes_sent / elapsed_s) * 1000)
+        return link_ms
 
     # --- sending -----------------------------------------------------------------------------
     def _round(self, no: int, hinted: np.ndarray | None, pfns: np.ndarray | None) -> RoundStats:

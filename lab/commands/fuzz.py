@@ -44,16 +44,19 @@ def _write_cases(directory: Path, name: str, cases: list[dict]) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed and workers repeat a run.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: one per CPU).")
 @click.option("--exec-timeout", type=click.FloatRange(min=0.01), default=2.0, show_default=True,
-              help="Seconds one execution may take before it counts as a hang.")
+              help="CPU seconds one execution may use before it counts as a hang (and 10x that in "
+                   "wall-clock time, for a device blocked in a system call).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where failing cases go (default: <repo>/out/fuzz).")
 @click.option("--save-corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write one case per behaviour seen (JSON lines) here, e.g. tests/fuzz_corpus.")
+@click.option("--corpus-max", type=click.IntRange(min=1), default=600, show_default=True,
+              help="At most this many cases in the saved corpus (one per kind of outcome first).")
 @click.option("--replay", type=click.Path(exists=True, path_type=Path), default=None,
               help="Run the saved cases in this file or directory instead of fuzzing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-def command(execs, seed, workers, exec_timeout, out, save_corpus, replay, as_json, quiet) -> None:
+def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, replay, as_json, quiet) -> None:
     """Fuzz the balloon device as a hostile guest: garbage rings, descriptor loops, chains in the
     MMIO hole, truncated and oversized bitmaps, bad chunks, over the decoders, the ring walker and
     the device's inflate/deflate/stats/hint queues, in-process over a real memfd. A run counts
@@ -87,7 +90,8 @@ def command(execs, seed, workers, exec_timeout, out, save_corpus, replay, as_jso
         report["failures_file"] = str(path)
     report["failures"] = [{"kind": f["kind"], "detail": f["detail"]} for f in res.failures[:20]]
     if save_corpus is not None:
-        report["corpus_file"] = str(_write_cases(save_corpus, f"corpus-seed{seed}.jsonl", res.corpus))
+        report["corpus_file"] = str(_write_cases(save_corpus, f"corpus-seed{seed}.jsonl",
+                                                 fuzz.select_corpus(res.corpus, corpus_max)))
     if as_json:
         click.echo(json.dumps(report))
     else:

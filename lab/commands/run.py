@@ -55,7 +55,8 @@ def format_result(r: dict) -> str:
 @click.option("--guest-mib", type=int, default=1024, show_default=True)
 @click.option("--inflate-mib", type=int, default=512, show_default=True)
 @click.option("--workload", default="aged", show_default=True, help="aged, idle, hog, fragment, churn, dirty")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="workload parameter (repeatable)")
+@click.option("--workload-param", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="workload parameter (repeatable)")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--batch-pages", type=int, default=None, help="pages per request (default: 256 for pfn, 1 GiB for ranges)")
 @click.option("--discard", type=click.Choice(("madvise", "punch-hole")), default="madvise", show_default=True)
