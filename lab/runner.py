@@ -244,6 +244,8 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
         "discard_calls": dev["discard_calls"], "translations": dev["translations"], "runs": dev["runs"],
         "device_requests": dev["requests"], "device_pages": dev["pages"], "refused_pages": dev["refused_pages"],
         "run_length_hist": _hist_delta(dev1[kind]["run_length_hist"], dev0[kind]["run_length_hist"]),
+        "run_length_pages_hist": _hist_delta(dev1[kind]["run_length_pages_hist"],
+                                             dev0[kind]["run_length_pages_hist"]),
         "stages_ns": _stages(g, dev0, dev1, kind),
         "device_wakeups": dev1["device_wakeups"] - dev0["device_wakeups"],
         "device_calls": sum(q["calls"] for q in dev1["queues"].values())
