@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from device.balloon_device import BalloonDevice
 from device.control import Channel, ControlError, PeerGone
 from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
@@ -170,7 +172,7 @@ class VMM:
         pfns = self.device.deflate.pfns()
         if pfns.size == 0:
             raise CommandError("no deflated pages recorded: inflate, deflate and re-touch first")
-        offs = self.layout.pfn_to_offset(pfns).tolist()
+        offs = np.sort(self.layout.pfn_to_offset(pfns)).tolist()   # ascending, as inflate requests are
         populated = int(self.ram.data_page_mask()[self.layout.pfn_to_offset(pfns) >> PAGE_SHIFT].sum())
         madvise, remove, page = self.ram.mm.madvise, mmap.MADV_REMOVE, 1 << PAGE_SHIFT
         t0 = time.perf_counter_ns()

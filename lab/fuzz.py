@@ -1355,10 +1355,12 @@ class FuzzResult:
     volatile_execs: int = 0      # device execs whose oracle had to allow every page (see Bound)
     max_exec_ms: float = 0.0
     failures: list = field(default_factory=list)       # [{"kind", "detail", "case"}], at most 50
+    seen: list = field(default_factory=list, repr=False)   # behaviour signatures, merged over workers
     corpus: list = field(default_factory=list)         # one JSON case per behaviour seen
 
     def to_json(self, with_corpus: bool = False) -> dict:
         d = asdict(self)
+        d.pop("seen")
         if not with_corpus:
             d.pop("corpus")
         d["execs_per_s"] = round(self.execs / self.seconds, 1) if self.seconds else 0.0
@@ -1420,6 +1422,7 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
     res.seconds = time.perf_counter() - t0
     res.by_target = dict(by_t)
     res.signatures = len(seen)
+    res.seen = [repr(s) for s in seen]
     if keep_corpus:
         res.corpus = [dict(case_to_json(c), signature=repr(s)) for s, c in seen.items()]
     return res
@@ -1477,7 +1480,8 @@ def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_time
         parts = pending.get()
     total = FuzzResult(seed=seed, workers=workers)
     by_t: Counter[str] = Counter()
-    sigs = set()
+    sigs: set[str] = set()
+    kept: set[str] = set()
     for r in parts:
         total.execs += r.execs
         total.crashes += r.crashes
@@ -1487,13 +1491,14 @@ def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_time
         total.max_exec_ms = max(total.max_exec_ms, r.max_exec_ms)
         total.failures += r.failures
         by_t.update(r.by_target)
+        sigs.update(r.seen)
         for c in r.corpus:
-            if c["signature"] not in sigs:
-                sigs.add(c["signature"])
+            if c["signature"] not in kept:
+                kept.add(c["signature"])
                 total.corpus.append(c)
     total.failures = total.failures[:50]
     total.by_target = dict(by_t)
-    total.signatures = max(len(sigs), max((r.signatures for r in parts), default=0))
+    total.signatures = len(sigs)
     total.seconds = time.perf_counter() - t0
     total.max_exec_ms = round(total.max_exec_ms, 2)
     total.seconds = round(total.seconds, 2)

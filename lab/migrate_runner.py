@@ -264,6 +264,13 @@ def run_migration(t: MigrateTrial, probes=None) -> dict:
         "samples": sampler.samples,
     }
     verified = bool(vv.get("ok")) and bool(gv.get("ok"))
+    errors = dict(counters.get("errors") or {})
+    if not verified:        # the stored failed trial names the first differing pages
+        errors["verification"] = (
+            f"source vs destination: {vv.get('differing_pages')} pages differ, first PFNs "
+            f"{vv.get('first_differing_pfns')}; guest's held pages: {gv.get('bad_at_destination')} bad at the "
+            f"destination (first {gv.get('first_bad_destination_pfns')}), {gv.get('bad_at_source')} at the source "
+            f"(first {gv.get('first_bad_source_pfns')})")
     return {
         "hint": t.hint, "guest_mib": t.guest_mib, "bandwidth_bits": t.bandwidth_bits,
         "workload": {"name": t.workload, "params": t.workload_params, "seed": t.seed,
@@ -289,7 +296,7 @@ def run_migration(t: MigrateTrial, probes=None) -> dict:
         "migration_params": x.get("params"),
         "destination_device_state": bool(dst_info.get("device_state")),
         "destination_status": dst.get("status"),
-        "errors": counters.get("errors") or {},
+        "errors": errors,
         "probes": reading if reading is not None else {"backend": "none", "reason": "probes off"},
         "trial_wall_ns": time.perf_counter_ns() - wall0,
     }

@@ -11,6 +11,7 @@ itself is shown to catch a device that discards, hangs or crashes.
 from __future__ import annotations
 
 import json
+import mmap
 import random
 import struct
 import subprocess
@@ -232,15 +233,26 @@ def test_oracle_passes_a_correct_inflate(rig):
 
 
 def test_oracle_catches_a_discard_of_an_unnamed_page(rig, monkeypatch):
+    """A device that, besides its real work, discards a page nobody named (or books one
+    into the balloon without discarding it) is caught."""
     case = _inflate_case([0x50, 0x51, 0x90, 600], "pfn-ranges")
-    real = GuestRAM.discard
+    real = BalloonDevice.process_queue
 
-    def sloppy(self, offset, length, method="madvise"):
-        real(self, offset, length + 4096 if offset + length + 4096 <= self.size else length, method)
+    def discards_too_much(self, index):
+        real(self, index)
+        self.ram.mm.madvise(mmap.MADV_REMOVE, 0x52 << 12, 4096)
 
-    monkeypatch.setattr(GuestRAM, "discard", sloppy)
+    monkeypatch.setattr(BalloonDevice, "process_queue", discards_too_much)
     o = rig.run_device(case, 5.0)
-    assert o.failure == "oob-discard" and "[82, 145, 601]" in o.detail, o
+    assert o.failure == "oob-discard" and "pages [82]" in o.detail, o
+
+    def books_too_much(self, index):
+        real(self, index)
+        self.ballooned_np[0x60] = 1
+
+    monkeypatch.setattr(BalloonDevice, "process_queue", books_too_much)
+    o = rig.run_device(case, 5.0)
+    assert o.failure == "crash" and "ballooned pages [96] the guest never named" in o.detail, o
 
 
 def test_oracle_catches_a_hang_and_a_crash(rig, monkeypatch):

@@ -342,3 +342,37 @@ def test_scanner_chunks_of_selects_exactly_the_given_pages():
         assert off == lay.pfn_to_offset(np.array([c0]))[0]
         got += (np.flatnonzero(sel) + c0).tolist()
     assert got == pfns.tolist()
+
+
+def test_a_page_lost_at_the_destination_is_named():
+    """A real migration, then one held page damaged in the destination's memfd: the
+    guest's check fails and names exactly that page."""
+    from lab.migrate_runner import MigrationPair, _wait_done
+    t = MigrateTrial(hint="bitmap", guest_mib=64, workload="idle", timeout_s=120)
+    mp = MigrationPair(t)
+    try:
+        mp.agent.execute("workload-prepare", {"name": "idle", "params": {}, "seed": 3})
+        mp.src_qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{mp.dst_mig['incoming_port']}"})
+        q = _wait_done(mp, 120)
+        assert q["status"] == "completed" and q["x-balloon-lab"]["verification"]["ok"]
+        assert mp.src_qmp.execute("query-status")["status"] == "postmigrate"
+        mp.src_qmp.execute("cont")
+        assert mp.src_qmp.execute("query-status")["status"] == "running"
+        victim = int(mp.agent.execute("info")["ram_pages"]) // 2
+        held = mp.agent.execute("migration-verify", {"dest": mp.dest_ram_path})
+        assert held["ok"] and held["pages_checked"] > 0
+        fd = os.open(mp.dest_ram_path, os.O_RDWR)
+        try:
+            prep_victim = next((pfn for pfn in range(victim, victim + 16384)      # a page that arrived as data
+                                if os.pread(fd, 8, pfn * PAGE_SIZE) != bytes(8)), None)
+            assert prep_victim is not None
+            os.pwrite(fd, b"\x00" * PAGE_SIZE, prep_victim * PAGE_SIZE)
+        finally:
+            os.close(fd)
+        res = mp.agent.execute("migration-verify", {"dest": mp.dest_ram_path})
+        assert not res["ok"] and res["bad_at_destination"] == 1
+        assert res["first_bad_destination_pfns"] == [prep_victim] and res["bad_at_source"] == 0
+        with pytest.raises(Exception, match="loopback only"):
+            mp.src_qmp.execute("migrate", {"uri": "tcp:10.0.0.1:1"})
+    finally:
+        mp.close()
