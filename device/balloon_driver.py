@@ -22,6 +22,7 @@ import resource
 import select
 import sys
 import threading
+from contextlib import contextmanager
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -240,14 +241,27 @@ class BalloonDriver:
         return rep
 
     # --- inflate -------------------------------------------------------------------------------
+    @contextmanager
+    def _operation(self, rep: OpReport):
+        """Time one inflate/deflate, mark it for the USDT probe, and turn a failure into
+        the report's error (the driver stops; the orchestrator sees why)."""
+        t_start = _now()
+        _audit(f"balloon-lab:{rep.kind}:b")
+        try:
+            yield
+        except Exception as e:
+            rep.error = f"{type(e).__name__}: {e}"
+            self.failed = rep.error
+            log.error("%s failed: %s", rep.kind, rep.error)
+        rep.total_ns = _now() - t_start
+        _audit(f"balloon-lab:{rep.kind}:e")
+
     def inflate(self, n: int, target: int | None = None) -> OpReport:
         rep = OpReport("inflate", target if target is not None else self.actual + n)
         q = self.queues[Q_INFLATE]
-        t_start = _now()
-        _audit("balloon-lab:inflate:b")
         left = n
         step = max(ALLOC_BATCH, self.batch_pages if self.wire_format != "pfn" else 0)
-        try:
+        with self._operation(rep):
             while left > 0:
                 _audit("balloon-lab:alloc:b")
                 t0 = _now()
@@ -261,12 +275,6 @@ class BalloonDriver:
                 left -= int(pages.size)
                 self._send_pages(q, pages, rep)
                 self._update_actual(rep)
-        except Exception as e:
-            rep.error = f"{type(e).__name__}: {e}"
-            self.failed = rep.error
-            log.error("inflate failed: %s", rep.error)
-        rep.total_ns = _now() - t_start
-        _audit("balloon-lab:inflate:e")
         return rep
 
     # --- deflate -------------------------------------------------------------------------------
@@ -274,10 +282,8 @@ class BalloonDriver:
         rep = OpReport("deflate", target if target is not None else self.actual - n)
         q = self.queues[Q_DEFLATE]
         returned: list[np.ndarray] = []
-        t_start = _now()
-        _audit("balloon-lab:deflate:b")
-        try:
-            left = n
+        left = n
+        with self._operation(rep):
             while left > 0 and self.balloon:
                 batch = self._take_from_balloon(min(left, max(ALLOC_BATCH, self.batch_pages)))
                 left -= int(batch.size)
@@ -290,12 +296,6 @@ class BalloonDriver:
                 self.alloc.free_pages(batch)
                 rep.alloc_ns += _now() - t0
                 _audit("balloon-lab:alloc:e")
-        except Exception as e:
-            rep.error = f"{type(e).__name__}: {e}"
-            self.failed = rep.error
-            log.error("deflate failed: %s", rep.error)
-        rep.total_ns = _now() - t_start
-        _audit("balloon-lab:deflate:e")
         self.last_deflated = np.concatenate(returned) if returned else np.zeros(0, np.int64)
         return rep
 

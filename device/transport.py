@@ -185,25 +185,23 @@ class VirtioTransport:
         ch.reply_result(req)
 
     def _req_set_vring_kick(self, ch: Channel, req: Req, msg: Message) -> None:
-        (index,) = self._payload(msg, C.U32, "SET_VRING_KICK")
-        self._check_queue_index(index)
-        fd = self._one_fd(msg)
-        old = self.kick_fds.pop(index, None)
-        if old is not None:
-            os.close(old)
-        self.kick_fds[index] = fd
+        self._set_queue_fd(msg, self.kick_fds, "SET_VRING_KICK")
         self.on_kick_fds_changed()
         ch.reply_result(req)
 
     def _req_set_vring_call(self, ch: Channel, req: Req, msg: Message) -> None:
-        (index,) = self._payload(msg, C.U32, "SET_VRING_CALL")
+        self._set_queue_fd(msg, self.call_fds, "SET_VRING_CALL")
+        ch.reply_result(req)
+
+    def _set_queue_fd(self, msg: Message, table: dict[int, int], what: str) -> None:
+        """Install a queue's eventfd (replacing and closing any earlier one)."""
+        (index,) = self._payload(msg, C.U32, what)
         self._check_queue_index(index)
         fd = self._one_fd(msg)
-        old = self.call_fds.pop(index, None)
+        old = table.pop(index, None)
         if old is not None:
             os.close(old)
-        self.call_fds[index] = fd
-        ch.reply_result(req)
+        table[index] = fd
 
     def _req_set_config_call(self, ch: Channel, req: Req, msg: Message) -> None:
         fd = self._one_fd(msg)

@@ -89,3 +89,30 @@ def test_idle_16g_guest_costs_what_it_touched():
     assert r["verified"]
     assert r["memfd_over_touched"] < 1.15
     assert r["rss_over_touched"] < 1.4
+
+
+def test_deflate_on_oom_gives_pages_back_under_pressure():
+    """DEFLATE_ON_OOM: with most of its memory ballooned, a guest that needs memory
+    takes pages back from the balloon (telling the device), instead of failing."""
+    from device.layout import MiB, PAGE_SHIFT
+    from lab.runner import LabProcesses, balloon_op, verify
+    t = BalloonTrial(protocol="bitmap", guest_mib=512, inflate_mib=384)
+    lp = LabProcesses(t)
+    try:
+        lp.agent.execute("workload-prepare", {"name": "aged", "params": {}, "seed": 1})
+        target = (384 * MiB) >> PAGE_SHIFT
+        balloon_op(lp, "inflate", target, None)
+        assert verify(lp, target)["ok"]
+        # a hog wanting 40 % of RAM: only ~17 % is free, the rest must come from the balloon
+        hog = lp.agent.execute("workload-prepare", {"name": "hog", "params": {"share": 0.4}, "seed": 2})
+        assert hog["summary"]["shortfall_pages"] == 0
+        info = lp.agent.execute("info")
+        actual = info["driver"]["actual"]
+        assert actual < target
+        v = verify(lp, actual)
+        assert v["ok"], v                      # device and driver agree on the smaller balloon
+        c = lp.qmp.execute("x-balloon-lab-counters")
+        assert c["deflate"]["pages"] == target - actual
+        assert lp.qmp.execute("query-balloon")["actual"] == (512 * MiB) - (actual << PAGE_SHIFT)
+    finally:
+        lp.close()
