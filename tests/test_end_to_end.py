@@ -116,3 +116,31 @@ def test_deflate_on_oom_gives_pages_back_under_pressure():
         assert lp.qmp.execute("query-balloon")["actual"] == (512 * MiB) - (actual << PAGE_SHIFT)
     finally:
         lp.close()
+
+
+def test_monitor_speaks_qmp_and_polls_guest_stats():
+    """The monitor follows QMP: greeting, capabilities, QEMU's command names; guest
+    stats come from the stats virtqueue (the device returns the buffer to poll)."""
+    from device.layout import MiB, PAGE_SHIFT
+    from lab.monitor_client import MonitorError
+    from lab.runner import LabProcesses, balloon_op
+    lp = LabProcesses(BalloonTrial(protocol="pfn", guest_mib=256, inflate_mib=64))
+    try:
+        assert "QMP" in lp.qmp.greeting
+        assert lp.qmp.execute("query-balloon") == {"actual": 256 * MiB}
+        s1 = lp.qmp.execute("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
+        assert s1["stats"]["stat-total-memory"] == 256 * MiB
+        free0 = s1["stats"]["stat-free-memory"]
+        balloon_op(lp, "inflate", (64 * MiB) >> PAGE_SHIFT, None)
+        s2 = lp.qmp.execute("qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"})
+        assert s2["stats"]["stat-total-memory"] == 192 * MiB          # the guest's view shrank
+        assert s2["stats"]["stat-free-memory"] == free0 - 64 * MiB
+        assert s2["last-update"] >= s1["last-update"] > 0
+        assert lp.qmp.execute("query-balloon") == {"actual": 192 * MiB}
+        for bad in ({"value": 0}, {"value": "x"}, {"value": 257 * MiB}):
+            with pytest.raises(MonitorError, match="value"):
+                lp.qmp.execute("balloon", bad)
+        with pytest.raises(MonitorError, match="CommandNotFound"):
+            lp.qmp.execute("no-such-command")
+    finally:
+        lp.close()
