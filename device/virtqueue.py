@@ -20,6 +20,7 @@ Pass max_chain=size to a DeviceQueue for the strict reading. See docs/VIRTQUEUE.
 from __future__ import annotations
 
 import struct
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -49,8 +50,29 @@ DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next
 assert DESC_DTYPE.itemsize == DESC_SIZE
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+
+
+class _Le16:
+    """The le16 ring fields both processes touch at once (avail/used idx, flags, event
+    indices): one 16-bit load or store each, as virtio needs. struct's pack_into writes
+    byte by byte, so the peer could read half of a new index (0x00FF -> 0x0100 seen as
+    0x0000) and take it for a bogus avail idx (NEEDS_RESET) or used idx: seen with a
+    guest that publishes as fast as the device serves. A memoryview cast to 'H' stores
+    the two bytes in one go. Same pack_into/unpack_from interface as struct.Struct."""
+
+    swap = sys.byteorder != "little"
+
+    def pack_into(self, mem, off: int, value: int) -> None:
+        value &= 0xFFFF
+        mem[off:off + 2].cast("H")[0] = ((value & 0xFF) << 8 | value >> 8) if self.swap else value
+
+    def unpack_from(self, mem, off: int) -> tuple[int]:
+        v = mem[off:off + 2].cast("H")[0]
+        return (((v & 0xFF) << 8 | v >> 8) if self.swap else v,)
+
+
+_U16 = _Le16()
 
 
 class RingError(ValueError):

@@ -144,12 +144,25 @@ class RingAddrs:
         return self.used + 6 + 8 * self.size
 
 
+def store16(mv: memoryview, off: int, value: int) -> None:
+    """One 16-bit store (the device may read the field at the same moment; struct writes
+    byte by byte and the device could see half of it). x86: native order is little-endian."""
+    mv[off:off + 2].cast("H")[0] = value & 0xFFFF
+
+
+def load16(mv: memoryview, off: int) -> int:
+    return mv[off:off + 2].cast("H")[0]
+
+
 class RawRing:
     """Write any ring contents: descriptors, avail entries and index, read the used ring.
     `off(gpa, n)` maps a guest-physical range to an offset in `mem`."""
 
     def __init__(self, mem, off: Callable[[int, int], int], addrs: RingAddrs) -> None:
+        if sys.byteorder != "little":
+            raise RuntimeError("the raw guest writes le16 ring fields natively: little-endian hosts only")
         self.mem = mem
+        self.mv = mem if isinstance(mem, memoryview) else memoryview(mem)
         self.a = addrs
         self.size = addrs.size
         self.d = off(addrs.desc, 16 * addrs.size)
@@ -166,16 +179,16 @@ class RawRing:
         DESC.pack_into(self.mem, self.d + 16 * i, addr & (2**64 - 1), ln & 0xFFFFFFFF, flags & 0xFFFF, nxt & 0xFFFF)
 
     def avail_entry(self, slot: int, head: int) -> None:
-        U16.pack_into(self.mem, self.av + 4 + 2 * (slot % self.size), head & 0xFFFF)
+        store16(self.mv, self.av + 4 + 2 * (slot % self.size), head)
 
     def set_avail_idx(self, idx: int) -> None:
-        U16.pack_into(self.mem, self.av + 2, idx & 0xFFFF)
+        store16(self.mv, self.av + 2, idx)
 
     def set_avail_flags(self, flags: int) -> None:
-        U16.pack_into(self.mem, self.av, flags & 0xFFFF)
+        store16(self.mv, self.av, flags)
 
     def set_used_event(self, idx: int) -> None:
-        U16.pack_into(self.mem, self.av + 4 + 2 * self.size, idx & 0xFFFF)
+        store16(self.mv, self.av + 4 + 2 * self.size, idx)
 
     def offer(self, heads: Iterable[int]) -> None:
         """Put heads in the avail ring and publish them (entries first, idx last)."""
@@ -185,13 +198,13 @@ class RawRing:
         self.set_avail_idx(self.next_avail)
 
     def used_idx(self) -> int:
-        return U16.unpack_from(self.mem, self.u + 2)[0]
+        return load16(self.mv, self.u + 2)
 
     def used_elem(self, i: int) -> tuple[int, int]:
         return struct.unpack_from("<II", self.mem, self.u + 4 + 8 * (i % self.size))
 
     def avail_event(self) -> int:
-        return U16.unpack_from(self.mem, self.u + 4 + 8 * self.size)[0]
+        return load16(self.mv, self.u + 4 + 8 * self.size)
 
 
 class RawQueue:
@@ -358,8 +371,12 @@ class RawGuest:
             self.ctl.sock.close()
         except OSError:
             pass
+        self.queues.clear()
         if self.mm is not None:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:     # a ring view still exists; the mapping goes with it
+                pass
         for fd in self._fds + ([self.memfd] if self.memfd is not None else []):
             try:
                 os.close(fd)
