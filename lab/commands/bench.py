@@ -83,6 +83,15 @@ def idle_memory(guest_mib: int, touched_mib: int, inflate_mib: int, protocol: st
             "rss_over_touched": peak_rss / (touched_mib * MiB), "verified": v1["ok"] and v2["ok"]}
 
 
+def _measure(fn, *args) -> dict:
+    """Run one benchmark; a failed trial is an error (exit 1), never a figure."""
+    try:
+        return fn(*args)
+    except TrialFailed as e:
+        click.echo(f"bench failed: {e}", err=True)
+        sys.exit(1)
+
+
 @click.group("bench")
 def command() -> None:
     """Benchmarks of the lab's own speed and memory targets."""
@@ -95,11 +104,7 @@ def command() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def pfn_madvise_cmd(guest_mib: int, inflate_mib: int, seed: int, as_json: bool) -> None:
     """PFN inflate vs a bare single-page madvise loop on the same memfd (goal: ratio <= 1.5)."""
-    try:
-        r = pfn_vs_madvise(guest_mib, inflate_mib, seed)
-    except TrialFailed as e:
-        click.echo(f"bench failed: {e}", err=True)
-        sys.exit(1)
+    r = _measure(pfn_vs_madvise, guest_mib, inflate_mib, seed)
     if as_json:
         click.echo(json.dumps(r))
     else:
@@ -123,11 +128,7 @@ def pfn_madvise_cmd(guest_mib: int, inflate_mib: int, seed: int, as_json: bool) 
 def idle_memory_cmd(guest_mib: int, touched_mib: int, inflate_mib: int, protocol: str, seed: int,
                     as_json: bool) -> None:
     """Host memory of a large guest that touched little (memfd blocks and peak RSS)."""
-    try:
-        r = idle_memory(guest_mib, touched_mib, inflate_mib, protocol, seed)
-    except TrialFailed as e:
-        click.echo(f"bench failed: {e}", err=True)
-        sys.exit(1)
+    r = _measure(idle_memory, guest_mib, touched_mib, inflate_mib, protocol, seed)
     if as_json:
         click.echo(json.dumps(r))
     else:
