@@ -30,6 +30,13 @@ from lab import stats as S
 from lab.store import BaselineError, Store, StoreError, load_baseline
 
 DEFAULT_TIMING_THRESHOLD = 0.10
+# Practical significance: a timing must also be worse by at least this much in absolute
+# terms. A sub-millisecond stage that moves by a fraction of a millisecond between two
+# runs minutes apart is scheduling drift on a shared machine, not a regression (seen:
+# 15 % false alarms in A/A runs from 1 ms stages drifting by 0.3 ms; see
+# benchmarks/gate_false_positive.py).
+DEFAULT_TIMING_FLOOR_MS = 1.0
+_MS_IN = {"ns": 1e6, "us": 1e3, "ms": 1.0, "s": 1e-3}
 DEFAULT_COUNTER_TOLERANCE = 0.0
 # Spec fields that define the experiment: if they differ, the runs measure different things.
 COMPARABLE_SPEC_FIELDS = ("kind", "guest_mib", "inflate_mib", "workload", "workload_params", "seed",
@@ -97,6 +104,11 @@ class Thresholds:
     timing: Limit = Limit("relative", DEFAULT_TIMING_THRESHOLD)
     counter: Limit = Limit("absolute", DEFAULT_COUNTER_TOLERANCE)
     rules: list[tuple[str, Limit]] = field(default_factory=list)
+    timing_floor_ms: float = DEFAULT_TIMING_FLOOR_MS
+
+    def floor(self, metric: str) -> float:
+        """The smallest absolute worsening of a timing that counts, in the metric's unit."""
+        return self.timing_floor_ms * _MS_IN.get(M.unit(metric), 0.0)
 
     def limit(self, metric: str, kind: str) -> Limit:
         lim = self.timing if M.is_statistical(kind) else self.counter
@@ -130,16 +142,21 @@ class Thresholds:
             raise GateInputError(f"thresholds file {p} is malformed: {e}") from None
         if not isinstance(doc, dict):
             raise GateInputError(f"thresholds file {p} must hold a table")
-        unknown = set(doc) - {"alpha", "timing", "counter", "metrics"}
+        unknown = set(doc) - {"alpha", "timing", "counter", "metrics", "timing_floor_ms"}
         if unknown:
             raise GateInputError(f"thresholds file {p}: unknown key(s) {', '.join(sorted(unknown))} "
-                                 "(allowed: alpha, timing, counter, metrics)")
+                                 "(allowed: alpha, timing, counter, metrics, timing_floor_ms)")
         th = cls()
         if "alpha" in doc:
             a = doc["alpha"]
             if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
                 raise GateInputError(f"thresholds file {p}: alpha must be a number in (0, 1), got {a!r}")
             th.alpha = float(a)
+        if "timing_floor_ms" in doc:
+            f = doc["timing_floor_ms"]
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0:
+                raise GateInputError(f"thresholds file {p}: timing_floor_ms must be a number >= 0, got {f!r}")
+            th.timing_floor_ms = float(f)
         if "timing" in doc:
             th.timing = Limit.parse(doc["timing"], what="timing (default)").for_kind(M.TIMING)
         if "counter" in doc:
@@ -151,12 +168,14 @@ class Thresholds:
         return th
 
     def describe(self) -> str:
-        return (f"timings/gauges worse by more than {self.timing.describe(M.TIMING)} with Holm p < {self.alpha:g}; "
+        return (f"timings/gauges worse by more than {self.timing.describe(M.TIMING)} with Holm p < {self.alpha:g}"
+                f" (timings also by >= {self.timing_floor_ms:g} ms); "
                 f"counters {self.counter.describe(M.COUNTER)}"
                 + (f"; {len(self.rules)} per-metric rule(s)" if self.rules else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "timing": asdict(self.timing), "counter": asdict(self.counter),
+                "timing_floor_ms": self.timing_floor_ms,
                 "rules": [{"pattern": p, **asdict(l)} for p, l in self.rules]}
 
 
@@ -438,8 +457,9 @@ def _check_arm(arm: str, base: Mapping[str, np.ndarray], cand: Mapping[str, np.n
                 "(or gate fewer metrics with --threshold PATTERN=ignore)")
     for r in S.compare_samples(base, cand, baseline_label=arm, label=arm, metrics=list(limits), alpha=th.alpha):
         if M.is_statistical(r.kind):
+            floor = th.floor(r.metric) if r.kind == M.TIMING and reference is None else 0.0
             checks.append(_decide_statistical(r, limits[r.metric], th.alpha,
-                                              reference if r.kind == M.TIMING else None))
+                                              reference if r.kind == M.TIMING else None, floor))
         else:
             paired = None
             if rounds is not None and r.metric in rounds[0] and r.metric in rounds[1]:
@@ -457,7 +477,8 @@ def _check_from(r: S.PairResult, lim: Limit) -> Check:
                  cliffs_delta=r.cliffs_delta)
 
 
-def _decide_statistical(r: S.PairResult, lim: Limit, alpha: float, reference: str | None) -> Check:
+def _decide_statistical(r: S.PairResult, lim: Limit, alpha: float, reference: str | None,
+                        floor: float = 0.0) -> Check:
     if reference is not None:
         fmt = lambda v: f"{v:.4g} x {reference}"  # noqa: E731 - values are ratios to the reference arm
     else:
@@ -467,8 +488,10 @@ def _decide_statistical(r: S.PairResult, lim: Limit, alpha: float, reference: st
     ci = f" [{r.ratio_ci_low:.3f}, {r.ratio_ci_high:.3f}]" if r.ratio_ci_low is not None else ""
     p = "-" if r.p_holm is None else f"{r.p_holm:.2g}"
     c.message = f"{fmt(r.baseline_median)} -> {fmt(r.median)} (x{r.ratio:.3f}{ci}, Holm p={p}, limit {c.limit})"
-    if significant and r.ratio > 1 + lim.value:
+    if significant and r.ratio > 1 + lim.value and r.difference >= floor:
         c.status = "regression"
+    elif significant and r.ratio > 1 + lim.value:
+        c.message += f"; below the {fmt(floor)} floor of practical significance"
     elif significant and r.ratio < 1 - lim.value:
         c.status = "improvement"
     return c

@@ -239,7 +239,7 @@ def test_relative_mode_cancels_machine_wide_drift(store, db):
 def hashing_trial(factor: int):
     """Real work, really timed: SHA-256 over a buffer; `factor` times the work is a
     genuinely slower implementation of the same experiment."""
-    data = bytes(range(256)) * 2048  # 512 KiB
+    data = bytes(range(256)) * 16384  # 4 MiB: milliseconds of work, above the gate's 1 ms floor
 
     def trial(spec, arm, rnd):
         t0 = time.perf_counter_ns()
@@ -256,3 +256,17 @@ def test_real_work_three_times_slower_is_a_regression(store, db):
     code, out, _ = gate(db, "--baseline", base, "--candidate", cand)
     assert code == 1, out
     assert "pfn  inflate.stages_ns.total" in out and "bitmap  inflate.stages_ns.total" in out
+
+
+def test_sub_millisecond_drift_is_below_the_practical_floor(store, db, tmp_path):
+    """A 0.4 ms stage drifting to 0.6 ms is significant but not practical: the default
+    1 ms floor lets it pass (with a note); a thresholds file can lower the floor."""
+    base = make_run(store, medians={"pfn": 4e5, "bitmap": 2e5}, seed=1, sigma=0.01)
+    cand = make_run(store, medians={"pfn": 6e5, "bitmap": 2e5}, seed=2, sigma=0.01)
+    code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "-v")
+    assert code == 0, out
+    assert "floor of practical significance" in out
+    f = tmp_path / "t.toml"
+    f.write_text("timing_floor_ms = 0\n")
+    code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f)
+    assert code == 1 and "pfn  inflate.stages_ns.total" in out
