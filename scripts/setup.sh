@@ -80,7 +80,9 @@ want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c 'import lab, numpy, scipy, click' 2>/dev/null; then
     act "installing balloon-lab into $VENV (editable, with test extras)"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+    # (this machine's pip config names local wheel folders that may not exist: not our noise)
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" \
+        2> >(grep -v "^WARNING: Location 'file://" >&2)
     echo "$want" > "$stamp"
 fi
 say "ready"
