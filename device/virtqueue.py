@@ -65,11 +65,15 @@ class _Le16:
 
     def pack_into(self, mem, off: int, value: int) -> None:
         value &= 0xFFFF
-        mem[off:off + 2].cast("H")[0] = ((value & 0xFF) << 8 | value >> 8) if self.swap else value
+        _view(mem)[off:off + 2].cast("H")[0] = ((value & 0xFF) << 8 | value >> 8) if self.swap else value
 
     def unpack_from(self, mem, off: int) -> tuple[int]:
-        v = mem[off:off + 2].cast("H")[0]
+        v = _view(mem)[off:off + 2].cast("H")[0]
         return (((v & 0xFF) << 8 | v >> 8) if self.swap else v,)
+
+
+def _view(mem) -> memoryview:
+    return mem if type(mem) is memoryview else memoryview(mem)
 
 
 _U16 = _Le16()

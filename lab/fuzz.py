@@ -32,12 +32,11 @@ import os
 import random
 import signal
 import struct
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -256,8 +255,9 @@ def named_mask(protocol: str, rd: _Reader, lay: GuestLayout, chains: list[Chain]
 class Bound:
     """What the oracle allows one exec: `allowed` PFNs may lose their data; `touched`
     memfd pages are read (or, for rings, written) by the device, so a discard of them may
-    come back as a zero page; `volatile` when a request's bytes overlap a used ring,
-    which the device itself rewrites mid-exec (then any page is allowed: rare, counted)."""
+    come back as a zero page; `volatile` when a request's bytes overlap memory the device
+    itself writes mid-exec (a used ring, a held misc request buffer): then any page is
+    allowed (rare, counted)."""
 
     allowed: np.ndarray
     touched: set[int]
@@ -318,18 +318,20 @@ def exec_bound(case: dict, mem, lay: GuestLayout, fmt: str) -> Bound:
     named. Zeroing only ever shortens chains or adds zero PFNs, and both readings are kept."""
     total = np.zeros(lay.max_pfn, dtype=bool)
     touched: set[int] = set()
-    used = []
+    written = []          # memfd ranges the device itself writes: used rings, misc request buffers
     for q in case["queues"]:
         a = RingAddrs.at(ring_gpa(int(q)), case["qsize"])
         o = _in_ram(lay, a.used, a.end - a.used)
         if o is not None:
-            used.append((o, a.end - a.used))
+            written.append((o, a.end - a.used))
         # every queue's rings and buffers: the pages the device will read
         rd = _Reader(mem, set())
         for idx in _published(case, q):
             for bufs in lenient_chains(rd, lay, a, case["queues"][q]["last"], idx):
                 if fmt != "chunks" or int(q) != 0:
                     _chain_bytes(rd, lay, bufs, cap=1 << 20)
+                if int(q) == 5:           # the seed hint device writes its request into these
+                    written += [(wo, 16) for g, _ln, w in bufs if w and (wo := _in_ram(lay, g, 16)) is not None]
         touched |= rd.pages
         touched.update(range(a.desc >> PAGE_SHIFT, ((a.end - 1) >> PAGE_SHIFT) + 1))
     volatile = False
@@ -357,8 +359,9 @@ def exec_bound(case: dict, mem, lay: GuestLayout, fmt: str) -> Bound:
             if hit <= zeros[-1]:
                 break
             zeros = [set(), zeros[-1] | hit]
-        # request bytes that lie on a used ring read what the device wrote there
-        volatile = any(_overlap(c, u) for c in content for u in used)
+        # request bytes that lie where the device writes (a used ring, a misc request
+        # buffer) read what the device wrote there, which the model cannot know
+        volatile = any(_overlap(c, u) for c in content for u in written)
         if volatile:
             total[:] = True
     return Bound(total, touched, volatile)
@@ -381,7 +384,9 @@ def ref_bitmap(data: bytes, max_pfn: int) -> tuple[str | None, tuple[np.ndarray,
     bits[1:-1] = np.unpackbits(np.frombuffer(data[32:], dtype=np.uint8), bitorder="little")
     edges = np.flatnonzero(np.diff(bits))
     s, e = edges[0::2].astype(np.int64), edges[1::2].astype(np.int64)
-    if s.size and start + int(e[-1]) - 1 >= max_pfn:
+    if not s.size:
+        return None, none                     # names nothing, wherever start_pfn points
+    if start + int(e[-1]) - 1 >= max_pfn:
         return "beyond-ram", none
     return None, (s + start, e - s)
 

@@ -27,6 +27,7 @@ import argparse
 import mmap
 import os
 import select
+import shlex
 import shutil
 import socket
 import struct
@@ -51,7 +52,6 @@ ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 6
 
 # --- split ring (docs/VIRTQUEUE.md) ---------------------------------------------------
 DESC = struct.Struct("<QIHH")      # addr, len, flags, next
-U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
@@ -418,7 +418,7 @@ class HostileVM:
         self._log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(guest_mib), "--protocol", protocol,
                "--monitor", self.monitor, "--agent", self.agent, "--log-level", log_level,
-               "--guest-cmd", f"{sys.executable} -m lab.raw_guest", *extra_args]
+               "--guest-cmd", f"{shlex.quote(sys.executable)} -m lab.raw_guest", *extra_args]
         self.vmm = subprocess.Popen(cmd, stderr=self._log)
         self.qmp = None
         self.guest: RawGuest | None = None

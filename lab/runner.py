@@ -110,6 +110,16 @@ class LabProcesses:
             time.sleep(0.02)
         if vmm:
             parts.append(f"VMM process {self.vmm.pid} {vmm}")
+        if guest and not vmm and self.qmp is not None:
+            try:                             # the VMM reaps its guest: it knows how it ended
+                why, until = None, time.monotonic() + 2.0
+                while why is None and time.monotonic() < until:
+                    why = self.qmp.execute("x-balloon-lab-info", timeout=5).get("guest_exit")
+                    if why is None:
+                        time.sleep(0.05)
+                guest = f"{guest} ({why})" if why else guest
+            except MonitorError:
+                pass
         if guest:
             parts.append(f"guest process {gp} {guest}")
         return TrialFailed(f"{phase} failed: " + "; ".join(parts + [f"{type(err).__name__}: {err}"]))

@@ -114,6 +114,7 @@ def test_kill_guest_mid_inflate_trial_fails_clearly():
     assert killer.fired.is_set(), killer.error
     msg = str(ei.value)
     assert msg.startswith("inflate failed: ") and f"guest process {killer.pid} died" in msg, msg
+    assert "killed by SIGKILL" in msg, msg                    # what the VMM saw when it reaped it
 
 
 def test_kill_vmm_mid_inflate_records_a_failed_trial_and_nothing_half_written(tmp_path):
