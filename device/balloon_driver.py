@@ -88,9 +88,10 @@ class DriverOptions:
     event_idx: bool = True
     indirect: bool = True
     timeout_s: float = 30.0
-    # Like KVM's halt polling: a vCPU waiting for an interrupt first polls for a while,
-    # because waking a sleeping (v)CPU costs far more than a short poll (about 1 ms on
-    # the lab's VMs, measured by benchmarks/wakeup_cost.py). 0 = always sleep.
+    # Like KVM's halt polling: poll the used ring this long before sleeping on the call
+    # eventfd. Off by default: measured here, a spinning guest doubles the device's
+    # discard time (every MADV_REMOVE must then shoot down the TLB of a running vCPU),
+    # far more than the ~0.2 ms per request that sleeping costs (docs/BENCHMARKS.md).
     halt_poll_us: int = 0
     # free page hinting for migration: none | upstream (FREE_PAGE_HINT, queue 3) | bitmap
     # (PAGE_BITMAP's misc queue 5); device/free_page_driver.py serves those queues

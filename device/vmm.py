@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agent", required=True, help="unix socket path for the guest agent")
     add_vmm_arguments(p)
     p.add_argument("--poll-us", type=int, default=0,
-                   help="after serving an event, poll this long before sleeping (0: always sleep)")
+                   help="after serving an event, busy-poll this long before sleeping (0, the default: "
+                        "always sleep; polling slowed the PFN path here, see docs/BENCHMARKS.md)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--guest-cmd", default=None,
                    help="guest program to spawn instead of `python -m device.guest` (shell words; it gets "
