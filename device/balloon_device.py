@@ -28,7 +28,7 @@ from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_PAGE_CH
                              Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
 from device.guest_ram import GuestRAM, punch_hole
 from device.layout import PAGE_SHIFT, PAGE_SIZE
-from device.transport import VirtioTransport
+from device.transport import VirtioTransport, notify
 from device.virtqueue import DescChain, RingError
 
 log = logging.getLogger("balloon-lab.device")
@@ -206,12 +206,7 @@ class BalloonDevice(VirtioTransport):
             self.needs_reset("device-internal", f"queue {index}: internal error {type(e).__name__}: {e}")
 
     def _rekick(self, index: int) -> None:
-        fd = self.kick_fds.get(index)
-        if fd is not None:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError as e:
-                log.warning("re-kick of queue %d failed: %s", index, e)
+        notify(self.kick_fds.get(index), f"re-kick of queue {index}")
 
     def extra_queue_handler(self, index: int):
         return lambda chain: 0

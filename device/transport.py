@@ -35,6 +35,15 @@ class VringConfig:
     used: int
 
 
+def notify(fd: int | None, what: str) -> None:
+    """One eventfd notification (a real write(2)); a broken fd is logged, never fatal."""
+    if fd is not None:
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as e:
+            log.warning("%s write failed: %s", what, e)
+
+
 class VirtioTransport:
     """Per-device transport state; subclasses implement config semantics and queues."""
 
@@ -78,19 +87,10 @@ class VirtioTransport:
 
     # --- notifications -----------------------------------------------------------------
     def signal_call(self, index: int) -> None:
-        fd = self.call_fds.get(index)
-        if fd is not None:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError as e:
-                log.warning("call eventfd write for queue %d failed: %s", index, e)
+        notify(self.call_fds.get(index), f"call eventfd of queue {index}")
 
     def signal_config(self) -> None:
-        if self.config_call_fd is not None:
-            try:
-                os.eventfd_write(self.config_call_fd, 1)
-            except OSError as e:
-                log.warning("config eventfd write failed: %s", e)
+        notify(self.config_call_fd, "config eventfd")
 
     # --- the control requests ------------------------------------------------------------
     def handle(self, ch: Channel, msg: Message) -> None:
