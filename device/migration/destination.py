@@ -19,31 +19,12 @@ import time
 
 import numpy as np
 
-from device.guest_ram import GuestRAM
+from device.guest_ram import GuestRAM, process_rss_bytes
 from device.layout import PAGE_SIZE, BadAddress, GuestLayout
 from device.migration import stream as S
 from device.migration.pages import fingerprint_memfd, runs
 
 log = logging.getLogger("balloon-lab.migration")
-
-
-def parse_incoming(uri: str) -> tuple[str, int]:
-    if not isinstance(uri, str) or not uri.startswith("tcp:"):
-        raise ValueError(f"--incoming must be tcp:127.0.0.1:PORT, got {uri!r}")
-    host, _, port = uri[4:].rpartition(":")
-    if host not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"--incoming must listen on 127.0.0.1 (loopback only), got {host!r}")
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"--incoming has no valid port: {uri!r}")
-    return "127.0.0.1", int(port)
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class MigrationDestination(threading.Thread):
@@ -53,7 +34,7 @@ class MigrationDestination(threading.Thread):
         self.layout: GuestLayout = ram.layout
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(parse_incoming(uri))
+        self.listener.bind(S.parse_uri(uri, "--incoming", listen=True))
         self.listener.listen(1)
         self.port = self.listener.getsockname()[1]
         self.status = "setup"
@@ -206,7 +187,7 @@ class MigrationDestination(threading.Thread):
         return {"status": self.status, "error": self.error, **self.counters,
                 "cpu_s_destination": self.cpu_s,
                 "receive_ms": ((self.t_end or time.monotonic()) - self.t_first) * 1000 if self.t_first else None,
-                "memfd_bytes": self.ram.allocated_bytes(), "rss_peak_bytes": _hwm_bytes(),
+                "memfd_bytes": self.ram.allocated_bytes(), "rss_peak_bytes": process_rss_bytes(os.getpid(), "VmHWM"),
                 "device_state_received": self.device_state is not None}
 
     def query(self) -> dict:

@@ -66,15 +66,20 @@ class DirtyLog:
         self.log[pfns[(pfns >= 0) & (pfns < self.max_pfn)]] = 1
 
     def close(self) -> None:
-        self.log = self.inflight = None  # type: ignore[assignment]
-        try:
-            self.mm.close()
-        except (BufferError, ValueError):
-            pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        _close_mapping(self)
+
+
+def _close_mapping(log) -> None:
+    """Drop the numpy views, unmap and close the memfd (either side of the log)."""
+    log.log = log.inflight = None
+    try:
+        log.mm.close()
+    except (BufferError, ValueError):
+        pass
+    try:
+        os.close(log.fd)
+    except OSError:
+        pass
 
 
 class MappedDirtyLog:
@@ -98,12 +103,4 @@ class MappedDirtyLog:
         self.inflight = np.frombuffer(self.mm, dtype=np.uint64, count=1, offset=inflight_off)
 
     def close(self) -> None:
-        self.log = self.inflight = None  # type: ignore[assignment]
-        try:
-            self.mm.close()
-        except (BufferError, ValueError):
-            pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        _close_mapping(self)

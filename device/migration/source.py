@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device.guest_ram import GuestRAM
+from device.guest_ram import GuestRAM, process_rss_bytes
 from device.layout import PAGE_SIZE
 from device.migration import stream as S
 from device.migration.dirty_log import DirtyLog
 from device.migration.pages import PageScanner, fingerprint_memfd
 from device.migration.pause import pause_guest, resume_guest
 from device.migration.ratelimit import TokenBucket
+from device.migration.stream import parse_uri
 
 log = logging.getLogger("balloon-lab.migration")
 
@@ -121,26 +122,6 @@ def _proc_cpu_s(pid: int) -> float:
 def _self_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def parse_uri(uri: str) -> tuple[str, int]:
-    """tcp:127.0.0.1:PORT (or tcp:localhost:PORT): the lab migrates over loopback only."""
-    if not isinstance(uri, str) or not uri.startswith("tcp:"):
-        raise ValueError(f"migration URI must be tcp:127.0.0.1:PORT, got {uri!r}")
-    host, _, port = uri[4:].rpartition(":")
-    if host not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"migration URI must name 127.0.0.1 (loopback only), got host {host!r}")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"migration URI has no valid port: {uri!r}")
-    return "127.0.0.1", int(port)
 
 
 class MigrationSource(threading.Thread):
@@ -282,7 +263,7 @@ class MigrationSource(threading.Thread):
         st.cpu_s_source = _self_cpu_s() - cpu0
         st.cpu_s_guest = _proc_cpu_s(gpid) - gcpu0
         st.source_memfd_bytes_after = self.ram.allocated_bytes()
-        st.source_rss_peak_bytes = _hwm_bytes()
+        st.source_rss_peak_bytes = process_rss_bytes(os.getpid(), "VmHWM")
         st.destination = ack
         st.status = "completed"
         log.info("migration completed in %.1f ms (downtime %.1f ms, %d rounds)", st.total_ms, st.downtime_ms,

@@ -170,3 +170,16 @@ def unpack_verify_data(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
     pfns = np.frombuffer(raw, dtype="<i8", count=n, offset=8)
     fps = np.frombuffer(raw, dtype="<u8", count=n, offset=8 + 8 * n)
     return pfns, fps
+
+
+def parse_uri(uri: str, what: str = "migration URI", listen: bool = False) -> tuple[str, int]:
+    """tcp:127.0.0.1:PORT (or tcp:localhost:PORT): the lab migrates over loopback only.
+    A listening side (listen=True) may ask for port 0: any free port."""
+    if not isinstance(uri, str) or not uri.startswith("tcp:"):
+        raise ValueError(f"{what} must be tcp:127.0.0.1:PORT, got {uri!r}")
+    host, _, port = uri[4:].rpartition(":")
+    if host not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"{what} must name 127.0.0.1 (loopback only), got host {host!r}")
+    if not port.isdigit() or not (0 if listen else 1) <= int(port) < 65536:
+        raise ValueError(f"{what} has no valid port: {uri!r}")
+    return "127.0.0.1", int(port)
