@@ -78,6 +78,10 @@ class Hang(BaseException):
     """The per-exec time limit fired (BaseException: no `except Exception` may swallow it)."""
 
 
+def _hang_detail(limit_s: float) -> str:
+    return f"exec used more than {limit_s} s of CPU (or {limit_s * WALL_FACTOR} s of wall-clock time)"
+
+
 # ======================================================================================
 # Guest layouts the fuzzer uses, and which of their pages hold data before every exec
 # ======================================================================================
@@ -1005,7 +1009,7 @@ class Rig:
             finally:
                 _disarm()
         except Hang:
-            failure, detail = "hang", f"exec used more than {limit_s} s of CPU (or {limit_s * WALL_FACTOR} s of wall-clock time)"
+            failure, detail = "hang", _hang_detail(limit_s)
         except Exception as e:   # anything escaping the device is a crash
             failure, detail = "crash", f"{type(e).__name__}: {e}"
         if failure is None and dev.errors.get("device-internal"):
@@ -1096,7 +1100,7 @@ class Rig:
             finally:
                 _disarm()
         except Hang:
-            failure, detail = "hang", f"exec used more than {limit_s} s of CPU (or {limit_s * WALL_FACTOR} s of wall-clock time)"
+            failure, detail = "hang", _hang_detail(limit_s)
         except Exception as e:
             failure, detail = "crash", f"{type(e).__name__}: {e}"
         self._restore_written(case, ram, lay, dirty)
@@ -1208,7 +1212,7 @@ def run_decoder(case: dict, limit_s: float) -> Outcome:
         finally:
             _disarm()
     except Hang:
-        failure, detail = "hang", f"exec used more than {limit_s} s of CPU (or {limit_s * WALL_FACTOR} s of wall-clock time)"
+        failure, detail = "hang", _hang_detail(limit_s)
     except Exception as e:
         failure, detail = "crash", f"{type(e).__name__}: {e}"
     return Outcome((t, reason), failure, detail)

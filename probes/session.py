@@ -130,8 +130,8 @@ class ProbeSession:
     def active(self) -> bool:
         return self.backend == "bcc"
 
-    def _degrade(self, reason: str, fix: str, banner: bool = True) -> None:
-        self.backend, self.reason, self.fix = "none", reason, fix
+    def _unload(self) -> None:
+        """Detach every program and free the BPF module (never raises: teardown)."""
         if self.module is not None:
             try:
                 self._stages_detach_all()
@@ -139,6 +139,10 @@ class ProbeSession:
             except Exception:
                 pass
             self.module = None
+
+    def _degrade(self, reason: str, fix: str, banner: bool = True) -> None:
+        self.backend, self.reason, self.fix = "none", reason, fix
+        self._unload()
         if banner and not self.quiet:
             _banner(reason, fix)
 
@@ -382,13 +386,7 @@ class ProbeSession:
     # --- teardown -----------------------------------------------------------------
     def detach(self) -> None:
         """Detach and unload everything (the session is done; a new one recompiles)."""
-        if self.module is not None:
-            try:
-                self._stages_detach_all()
-                self.module.close()
-            except Exception:
-                pass
-            self.module = None
+        self._unload()
         self.closed = True
 
     def __enter__(self) -> "ProbeSession":
