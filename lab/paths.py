@@ -21,17 +21,34 @@ def out_dir(create: bool = True) -> Path:
     return d
 
 
-def default_db_path() -> Path:
-    """The results database: $BALLOON_LAB_DB, else `<repo>/out/balloon-lab.db`."""
+def default_db_path() -> Path | str:
+    """The results database: $BALLOON_LAB_DB (a path or a postgresql:// URL), else
+    `<repo>/out/balloon-lab.db`."""
     env = os.environ.get(DB_ENV)
     if env:
-        return Path(env)
+        return as_db_target(env)
     return out_dir(create=False) / "balloon-lab.db"
 
 
+def as_db_target(text: str) -> Path | str:
+    """A SQLite file path, or a postgresql:// URL kept as text (a Path would fold its //)."""
+    from lab.store_sql import is_postgres
+    return text if is_postgres(text) else Path(text)
+
+
 def db_option(fn):
-    """The `--db PATH` option every command shares (default: default_db_path())."""
+    """The `--db PATH|URL` option every command shares (default: default_db_path())."""
     import click
 
-    return click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                        help=f"Results database (default: ${DB_ENV} or <repo>/out/balloon-lab.db).")(fn)
+    def convert(_ctx, _param, value):
+        if value is None:
+            return None
+        target = as_db_target(value)
+        if isinstance(target, Path) and target.is_dir():
+            raise click.BadParameter(f"{value} is a directory, not a database file")
+        return target
+
+    return click.option("--db", "db_path", metavar="PATH|URL", default=None, callback=convert,
+                        help=f"Results database: a SQLite file or a postgresql:// URL (default: ${DB_ENV} "
+                             "or <repo>/out/balloon-lab.db).")(fn)
+

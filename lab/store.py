@@ -1,8 +1,10 @@
-"""The results store: one embedded SQLite database (WAL) holding every run and trial.
+"""The results store: an embedded SQLite database (WAL), or a PostgreSQL database shared
+by many hosts, holding every run and trial (lab/store_sql.py is the dialect seam,
+lab/store_schema.py the versioned schema).
 
 A trial (its row, its flattened metrics, its histograms) is written in ONE
 transaction with SIGINT/SIGTERM deferred, so neither Ctrl-C nor SIGKILL can leave
-half a trial behind: SQLite's atomic commit covers the kill, the deferral covers
+half a trial behind: the engine's atomic commit covers the kill, the deferral covers
 Python raising KeyboardInterrupt between two INSERTs. A run whose process died
 without finishing is recognised by its recorded pid (and that pid's start time, so
 a reused pid is not mistaken for it) and reported as "interrupted".
@@ -17,7 +19,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import threading
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,66 +27,16 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from lab import host as H
 from lab import metrics as M
+from lab import store_schema
+from lab import store_sql as Q
 
 RUN_STATUSES = ("running", "complete", "failed", "interrupted")
 TRIAL_STATUSES = ("ok", "failed")
 BASELINE_FORMAT = "balloon-lab-baseline"
 BASELINE_VERSION = 1
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id            TEXT PRIMARY KEY,
-    kind          TEXT NOT NULL,
-    name          TEXT NOT NULL,
-    created_at    TEXT NOT NULL,
-    finished_at   TEXT,
-    status        TEXT NOT NULL CHECK (status IN ('running','complete','failed','interrupted')),
-    spec          TEXT NOT NULL,
-    command_line  TEXT NOT NULL,
-    environment   TEXT NOT NULL,
-    probe_backend TEXT,
-    notes         TEXT,
-    pid           INTEGER,
-    pid_start     INTEGER,
-    host          TEXT
-);
-CREATE TABLE IF NOT EXISTS trials (
-    id          INTEGER PRIMARY KEY,
-    run_id      TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-    idx         INTEGER NOT NULL,
-    round       INTEGER NOT NULL,
-    arm         TEXT NOT NULL,
-    warmup      INTEGER NOT NULL CHECK (warmup IN (0, 1)),
-    status      TEXT NOT NULL CHECK (status IN ('ok','failed')),
-    error       TEXT,
-    started_at  TEXT NOT NULL,
-    duration_s  REAL NOT NULL,
-    result      TEXT,
-    UNIQUE (run_id, idx)
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    trial_id INTEGER NOT NULL REFERENCES trials(id) ON DELETE CASCADE,
-    name     TEXT NOT NULL,
-    value    NOT NULL,
-    kind     TEXT NOT NULL CHECK (kind IN ('timing','gauge','counter')),
-    PRIMARY KEY (trial_id, name)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS histograms (
-    trial_id INTEGER NOT NULL REFERENCES trials(id) ON DELETE CASCADE,
-    name     TEXT NOT NULL,
-    bucket   TEXT NOT NULL,
-    count    INTEGER NOT NULL,
-    PRIMARY KEY (trial_id, name, bucket)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS comparisons (
-    run_id     TEXT PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
-    created_at TEXT NOT NULL,
-    data       TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS trials_by_run ON trials (run_id, warmup, status);
-"""
+SCHEMA_VERSION = store_schema.SCHEMA_VERSION
 
 
 class StoreError(Exception):
@@ -111,6 +62,8 @@ class TrialRecord:
     result: dict[str, Any] | None = None
     error: str | None = None
     id: int | None = None  # row id, set when read back
+    host_id: str | None = None  # which host ran it (None: this one, lab.host.host_id())
+    host: dict[str, Any] | None = None  # that host's identity and load (None: measured when stored)
 
 
 @dataclass
@@ -129,6 +82,7 @@ class RunInfo:
     trials_ok: int = 0
     trials_failed: int = 0
     warmups: int = 0
+    hosts: list[str] = field(default_factory=list)  # host ids that ran its trials, first seen first
 
     @property
     def arms(self) -> list[str]:
@@ -215,32 +169,36 @@ def _signals_deferred() -> Iterator[None]:
 
 
 class Store:
-    """The results database at `path` (created with its directory unless create=False)."""
+    """The results database at `path`: a SQLite file (created with its directory unless
+    create=False) or a postgresql:// URL (its tables created unless create=False)."""
 
     def __init__(self, path: str | Path, *, create: bool = True) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
+        pg = Q.is_postgres(path)
+        self.path: str | Path = Q.redact(str(path)) if pg else Path(path)
+        if not pg and not self.path.exists():
             if not create:
                 raise StoreError(f"no results database at {self.path}")
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dialect = Q.POSTGRES if pg else Q.SQLITE
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema version {version}, newer than this lab's "
-                                 f"{SCHEMA_VERSION}: upgrade balloon-lab")
-            if version < SCHEMA_VERSION:
-                with self._transaction():
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            self.db.execute(stmt)
-                    self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path} is not a usable SQLite database: {e}") from None
+            self.db, self.dialect = Q.connect(path if pg else self.path)
+            if pg and not create and Q.schema_version(self.db, self.dialect) == 0:
+                self.db.close()
+                raise StoreError(f"no balloon-lab results in {self.path} (no tables yet)")
+            if Q.schema_version(self.db, self.dialect) != SCHEMA_VERSION:
+                with self._transaction() as db:
+                    store_schema.migrate(db, self.dialect, str(self.path))
+        except (ValueError, Q.ConnectError) as e:
+            raise StoreError(str(e)) from None
+        except Exception as e:  # sqlite3.DatabaseError / psycopg.Error: not a store we can use
+            if isinstance(e, StoreError):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise StoreError(f"{self.path} is not a usable {self.dialect.name} database: {first}") from None
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect is Q.POSTGRES
 
     def close(self) -> None:
         self.db.close()
@@ -252,9 +210,9 @@ class Store:
         self.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[Any]:
         with _signals_deferred():
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(self.dialect.begin)
             try:
                 yield self.db
             except BaseException:
@@ -264,9 +222,10 @@ class Store:
 
     # --- runs -----------------------------------------------------------------------
     def create_run(self, spec: Any, kind: str | None = None, environment: Mapping[str, Any] | None = None,
-                   *, notes: str | None = None, command_line: str | None = None) -> str:
+                   *, notes: str | None = None, command_line: str | None = None, queued: bool = False) -> str:
         """Record a new run (status running, owned by this process); returns its id.
-        `spec` is an ExperimentSpec (or its dict); its schedule's arm labels are kept."""
+        `spec` is an ExperimentSpec (or its dict); its schedule's arm labels are kept.
+        queued=True: workers run its trials (lab/queue.py), so no process owns it."""
         if hasattr(spec, "to_dict"):
             spec_d = spec.to_dict()
             spec_d["_arm_labels"] = [p.label for p in spec.schedule()]
@@ -276,14 +235,14 @@ class Store:
         kind = kind or spec_d.get("kind") or "balloon"
         env = dict(environment or {})
         run_id = uuid.uuid4().hex[:12]
-        pid = os.getpid()
+        pid = None if queued else os.getpid()
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO runs (id, kind, name, created_at, status, spec, command_line, environment,"
                 " probe_backend, notes, pid, pid_start, host) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, kind, str(spec_d.get("name", "")), now_iso(), "running", dumps(spec_d),
                  command_line or "", dumps(env), env.get("probe_backend"), notes, pid,
-                 _proc_start(pid), socket.gethostname()),
+                 None if pid is None else _proc_start(pid), socket.gethostname()),
             )
         return run_id
 
@@ -294,7 +253,7 @@ class Store:
     def add_note(self, run_id: str, note: str) -> None:
         with self._transaction() as db:
             db.execute("UPDATE runs SET notes = CASE WHEN notes IS NULL OR notes = '' THEN ?"
-                       " ELSE notes || char(10) || ? END WHERE id=?", (note, note, run_id))
+                       " ELSE notes || ? || ? END WHERE id=?", (note, "\n", note, run_id))
 
     def finish_run(self, run_id: str, status: str) -> None:
         if status not in RUN_STATUSES or status == "running":
@@ -313,18 +272,30 @@ class Store:
 
     def list_runs(self) -> list[RunInfo]:
         """Every run, newest first, with trial counts and dead runs shown as interrupted."""
-        rows = self.db.execute(self._RUN_QUERY + " ORDER BY r.created_at DESC, r.rowid DESC").fetchall()
-        return [self._run_info(r) for r in rows]
+        rows = self.db.execute(self._RUN_QUERY + f" ORDER BY r.created_at DESC, {self.dialect.insertion_order} DESC"
+                               ).fetchall()
+        hosts: dict[str, list[str]] = {}
+        for run_id, host_id in self.db.execute("SELECT run_id, host_id FROM trials WHERE host_id IS NOT NULL"
+                                               " GROUP BY run_id, host_id ORDER BY run_id, min(idx)"):
+            hosts.setdefault(run_id, []).append(host_id)
+        return [self._run_info(r, hosts.get(r["id"], [])) for r in rows]
 
     def get_run(self, ref: str) -> RunInfo:
         """A run by id, unique id prefix, or "latest"; StoreError if unknown or ambiguous."""
-        row = self.db.execute(self._RUN_QUERY + " WHERE r.id=?", (self.resolve_run_id(ref),)).fetchone()
-        return self._run_info(row)
+        run_id = self.resolve_run_id(ref)
+        row = self.db.execute(self._RUN_QUERY + " WHERE r.id=?", (run_id,)).fetchone()
+        return self._run_info(row, self.hosts(run_id))
+
+    def hosts(self, run_id: str) -> list[str]:
+        """Host ids that ran the run's trials, in the order they first appear."""
+        return [h for h, in self.db.execute("SELECT host_id FROM trials WHERE run_id=? AND host_id IS NOT NULL"
+                                            " GROUP BY host_id ORDER BY min(idx)", (run_id,))]
 
     def resolve_run_id(self, ref: str) -> str:
         ref = ref.strip().lower()
         if ref == "latest":
-            row = self.db.execute("SELECT id FROM runs ORDER BY created_at DESC, rowid DESC LIMIT 1").fetchone()
+            row = self.db.execute("SELECT r.id FROM runs r ORDER BY r.created_at DESC, "
+                                  f"{self.dialect.insertion_order} DESC LIMIT 1").fetchone()
             if row is None:
                 raise StoreError(f"no runs yet in {self.path}")
             return row["id"]
@@ -337,7 +308,7 @@ class Store:
             raise StoreError(f"run id prefix {ref!r} is ambiguous: {', '.join(ids[:10])}")
         return ref if ref in ids else ids[0]
 
-    def _run_info(self, r: sqlite3.Row) -> RunInfo:
+    def _run_info(self, r: Any, hosts: list[str]) -> RunInfo:
         status = r["status"]
         if status == "running" and r["finished_at"] is None and self._owner_dead(r):
             status = "interrupted"
@@ -348,11 +319,11 @@ class Store:
             finished_at=r["finished_at"], status=status, spec=json.loads(r["spec"]),
             command_line=r["command_line"], environment=json.loads(r["environment"]),
             probe_backend=r["probe_backend"], notes=r["notes"],
-            trials_ok=r["n_ok"], trials_failed=r["n_failed"], warmups=r["n_warm"],
+            trials_ok=r["n_ok"], trials_failed=r["n_failed"], warmups=r["n_warm"], hosts=hosts,
         )
 
     @staticmethod
-    def _owner_dead(r: sqlite3.Row) -> bool:
+    def _owner_dead(r: Any) -> bool:
         if r["host"] != socket.gethostname() or r["pid"] is None:
             return False  # another machine's run: cannot tell from here
         start = _proc_start(r["pid"])
@@ -371,55 +342,64 @@ class Store:
             values, hists = M.flatten(rec.result)
             metric_rows = [(n, v, M.classify(n)) for n, v in values.items()]
             hist_rows = [(n, b, c) for n, h in hists.items() for b, c in h.items()]
+        host_id = rec.host_id or H.host_id()
+        host = rec.host if rec.host is not None else H.identity(host_id).to_dict()
         with self._transaction() as db:
-            cur = db.execute(
-                "INSERT INTO trials (run_id, idx, round, arm, warmup, status, error, started_at, duration_s, result)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            tid = Q.insert_id(
+                db, self.dialect,
+                "INSERT INTO trials (run_id, idx, round, arm, warmup, status, error, started_at, duration_s, result,"
+                " host_id, host) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, rec.idx, rec.round, rec.arm, int(rec.warmup), rec.status, rec.error,
-                 rec.started_at, float(rec.duration_s), result_json))
-            tid = cur.lastrowid
+                 rec.started_at, float(rec.duration_s), result_json, host_id, dumps(host)))
             db.executemany("INSERT INTO metrics (trial_id, name, value, kind) VALUES (?,?,?,?)",
                            [(tid, n, v, k) for n, v, k in metric_rows])
             db.executemany("INSERT INTO histograms (trial_id, name, bucket, count) VALUES (?,?,?,?)",
                            [(tid, n, b, c) for n, b, c in hist_rows])
         return tid
 
-    def trials(self, run_id: str, include_warmups: bool = False) -> list[TrialRecord]:
-        q = "SELECT * FROM trials WHERE run_id=?" + ("" if include_warmups else " AND warmup=0") + " ORDER BY idx"
+    def trials(self, run_id: str, include_warmups: bool = False, *, host: str | None = None) -> list[TrialRecord]:
+        """The run's trials in idx order (only those of host `host` if given)."""
+        q = "SELECT * FROM trials WHERE run_id=?" + ("" if include_warmups else " AND warmup=0")
+        q += (" AND host_id=?" if host is not None else "") + " ORDER BY idx"
         return [TrialRecord(arm=r["arm"], idx=r["idx"], round=r["round"], warmup=bool(r["warmup"]),
                             status=r["status"], started_at=r["started_at"], duration_s=r["duration_s"],
                             result=json.loads(r["result"]) if r["result"] else None,
-                            error=r["error"], id=r["id"])
-                for r in self.db.execute(q, (run_id,))]
+                            error=r["error"], id=r["id"], host_id=r["host_id"],
+                            host=json.loads(r["host"]) if r["host"] else None)
+                for r in self.db.execute(q, (run_id,) + ((host,) if host is not None else ()))]
 
-    def metric_table(self, run_id: str) -> dict[str, dict[str, np.ndarray]]:
+    def metric_table(self, run_id: str, host: str | None = None) -> dict[str, dict[str, np.ndarray]]:
         """{arm: {metric: samples}} over the measured (non-warm-up) ok trials, arms in
-        schedule order, samples in trial order."""
-        return self._table(run_id, "m.value")
+        schedule order, samples in trial order; only host `host`'s trials if given
+        (timings of different hosts do not belong in one sample)."""
+        return self._table(run_id, "m.value", host)
 
-    def round_table(self, run_id: str) -> dict[str, dict[str, np.ndarray]]:
+    def round_table(self, run_id: str, host: str | None = None) -> dict[str, dict[str, np.ndarray]]:
         """Same shape as metric_table, holding each sample's round: samples of one round
         saw the same seed, so counters can be compared round by round."""
-        return self._table(run_id, "t.round")
+        return self._table(run_id, "t.round", host)
 
-    def _table(self, run_id: str, column: str) -> dict[str, dict[str, np.ndarray]]:
+    def _table(self, run_id: str, column: str, host: str | None = None) -> dict[str, dict[str, np.ndarray]]:
         table: dict[str, dict[str, list[float]]] = {a: {} for a in self._arm_order(run_id)}
         rows = self.db.execute(
             f"SELECT t.arm, m.name, {column} FROM metrics m JOIN trials t ON t.id = m.trial_id"
-            " WHERE t.run_id=? AND t.warmup=0 AND t.status='ok' ORDER BY t.idx, m.name", (run_id,))
+            " WHERE t.run_id=? AND t.warmup=0 AND t.status='ok'" + (" AND t.host_id=?" if host is not None else "")
+            + " ORDER BY t.idx, m.name", (run_id,) + ((host,) if host is not None else ()))
         for arm, name, value in rows:
             table.setdefault(arm, {}).setdefault(name, []).append(value)
         return {arm: {n: np.asarray(v, dtype=float) for n, v in sorted(ms.items())}
                 for arm, ms in table.items() if ms}
 
-    def histogram_table(self, run_id: str) -> dict[str, dict[str, dict[str, int]]]:
+    def histogram_table(self, run_id: str, host: str | None = None) -> dict[str, dict[str, dict[str, int]]]:
         """{arm: {histogram: {bucket: count summed over measured ok trials}}}."""
         out: dict[str, dict[str, dict[str, int]]] = {}
         rows = self.db.execute(
-            "SELECT t.arm, h.name, h.bucket, sum(h.count) FROM histograms h JOIN trials t ON t.id = h.trial_id"
-            " WHERE t.run_id=? AND t.warmup=0 AND t.status='ok' GROUP BY t.arm, h.name, h.bucket", (run_id,))
+            "SELECT t.arm, h.name, h.bucket, CAST(sum(h.count) AS BIGINT) FROM histograms h"
+            " JOIN trials t ON t.id = h.trial_id WHERE t.run_id=? AND t.warmup=0 AND t.status='ok'"
+            + (" AND t.host_id=?" if host is not None else "") + " GROUP BY t.arm, h.name, h.bucket",
+            (run_id,) + ((host,) if host is not None else ()))
         for arm, name, bucket, count in rows:
-            out.setdefault(arm, {}).setdefault(name, {})[bucket] = count
+            out.setdefault(arm, {}).setdefault(name, {})[bucket] = int(count)
         return out
 
     def _arm_order(self, run_id: str) -> list[str]:
@@ -434,7 +414,8 @@ class Store:
         """Store the run's comparison (a stats.Comparison or its dict), replacing any earlier one."""
         data = comparison.to_dict() if hasattr(comparison, "to_dict") else comparison
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO comparisons (run_id, created_at, data) VALUES (?,?,?)",
+            db.execute("INSERT INTO comparisons (run_id, created_at, data) VALUES (?,?,?) ON CONFLICT (run_id)"
+                       " DO UPDATE SET created_at=excluded.created_at, data=excluded.data",
                        (run_id, now_iso(), dumps(data)))
 
     def get_comparison(self, run_id: str) -> dict[str, Any] | None:

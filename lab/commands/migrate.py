@@ -186,7 +186,6 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
     from lab.commands.run import open_probes
     session = open_probes(spec.probes)
     path = db_path or default_db_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with Store(path) as store:
             try:
