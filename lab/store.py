@@ -357,6 +357,39 @@ class Store:
                            [(tid, n, b, c) for n, b, c in hist_rows])
         return tid
 
+    def add_trial_once(self, run_id: str, rec: TrialRecord) -> bool:
+        """add_trial, unless the run already holds trial rec.idx (a queued trial run again
+        after its worker was taken for lost): then nothing is written and False returned."""
+        try:
+            self.add_trial(run_id, rec)
+        except Exception:
+            if self.trial_exists(run_id, rec.idx):
+                return False
+            raise
+        return True
+
+    def trial_exists(self, run_id: str, idx: int) -> bool:
+        return self.db.execute("SELECT 1 FROM trials WHERE run_id=? AND idx=?", (run_id, idx)).fetchone() is not None
+
+    def trial_count(self, run_id: str) -> int:
+        """Trials stored for the run, warm-ups and failed ones included."""
+        return int(self.db.execute("SELECT count(*) FROM trials WHERE run_id=?", (run_id,)).fetchone()[0])
+
+    def record_attempt(self, run_id: str, idx: int, host_id: str | None, attempt: int, worker: str | None,
+                       outcome: str, error: str | None) -> None:
+        """Note a queued trial's attempt that did not produce the stored trial: it
+        failed and was retried, or its worker was lost mid-trial ('lost')."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO attempts (run_id, idx, host_id, attempt, worker, outcome, error, at)"
+                       " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                       (run_id, idx, host_id, attempt, worker, outcome, error, now_iso()))
+
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's recorded retries, oldest first."""
+        rows = self.db.execute("SELECT idx, host_id, attempt, worker, outcome, error, at FROM attempts"
+                               " WHERE run_id=? ORDER BY id", (run_id,))
+        return [dict(zip(("idx", "host_id", "attempt", "worker", "outcome", "error", "at"), r)) for r in rows]
+
     def trials(self, run_id: str, include_warmups: bool = False, *, host: str | None = None) -> list[TrialRecord]:
         """The run's trials in idx order (only those of host `host` if given)."""
         q = "SELECT * FROM trials WHERE run_id=?" + ("" if include_warmups else " AND warmup=0")
