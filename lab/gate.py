@@ -210,9 +210,10 @@ class GateInput:
         return {"ref": self.ref, "source": self.source, "run_id": self.run_id, "name": self.name}
 
 
-def load_input(ref: str, db_path: str | Path, side: str = "input") -> GateInput:
+def load_input(ref: str, db_path: str | Path, side: str = "input", host: str | None = None) -> GateInput:
     """A run id (or prefix, or "latest") in the store at db_path, or a baseline JSON file.
-    `side` ("baseline"/"candidate") names it in error messages."""
+    `side` ("baseline"/"candidate") names it in error messages; `host` keeps only that
+    host's trials of a run (lab/gate_hosts.py pairs the hosts)."""
     p = Path(ref)
     if p.is_file():
         try:
@@ -231,7 +232,7 @@ def load_input(ref: str, db_path: str | Path, side: str = "input") -> GateInput:
         run = store.get_run(ref)
         if run.status != "complete":
             raise GateInputError(f"{side}: run {run.id} is {run.status}, not complete: gate only finished runs")
-        table, rounds = store.metric_table(run.id), store.round_table(run.id)
+        table, rounds = store.metric_table(run.id, host), store.round_table(run.id, host)
     except StoreError as e:
         raise GateInputError(f"{side}: {e}") from None
     finally:

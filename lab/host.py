@@ -40,12 +40,12 @@ class HostIdentity:
         return asdict(self)
 
     def describe(self) -> str:
+        """One line: what the host is (its load is per trial, shown beside it)."""
         mem = "?" if self.memory_bytes is None else f"{self.memory_bytes / (1 << 30):.1f} GiB"
-        load = " ".join(f"{x:.2f}" for x in self.load) if self.load else "?"
         mid = (self.machine_id or "?")[:12]
         return (f"{self.host_id}: {self.hostname} (machine {mid}), kernel {self.kernel}, CPU {self.cpu_model}, "
                 f"{self.cores} cores, memory {mem}, THP shmem {self.backing.get('thp_shmem')}, "
-                f"hugetlb pages {self.backing.get('hugepages_total')}, load {load}")
+                f"hugetlb pages {self.backing.get('hugepages_total')}")
 
 
 def describe(host: dict[str, Any] | None, host_id: str | None = None) -> str:

@@ -456,14 +456,23 @@ class Store:
         return json.loads(row["data"]) if row else None
 
     # --- baselines --------------------------------------------------------------------
-    def export_baseline(self, run_id: str, path: str | Path, *, allow_incomplete: bool = False) -> Path:
+    def export_baseline(self, run_id: str, path: str | Path, *, allow_incomplete: bool = False,
+                        host: str | None = None) -> Path:
         """Write a run's spec, environment and per-arm per-metric samples to a JSON file
-        (for committing into a repository as the CI gate's baseline)."""
+        (for committing into a repository as the CI gate's baseline). A baseline holds one
+        host's trials (timings of two hosts are not one sample): `host` picks it when the
+        run ran on several."""
         run = self.get_run(run_id)
         if run.status != "complete" and not allow_incomplete:
             raise StoreError(f"run {run.id} is {run.status}, not complete: a baseline must come from a "
                              "finished run (pass allow_incomplete to export it anyway)")
-        table, rounds = self.metric_table(run.id), self.round_table(run.id)
+        if host is None and len(run.hosts) > 1:
+            raise StoreError(f"run {run.id} ran on hosts {', '.join(run.hosts)}: export one host's baseline "
+                             "(--host)")
+        if host is not None and host not in run.hosts:
+            raise StoreError(f"run {run.id} has no trials on host {host!r} (hosts: {', '.join(run.hosts) or 'none'})")
+        host = host or (run.hosts[0] if run.hosts else None)
+        table, rounds = self.metric_table(run.id, host), self.round_table(run.id, host)
         if not table:
             raise StoreError(f"run {run.id} has no measured ok trials to export")
         doc = {
@@ -471,7 +480,8 @@ class Store:
             "version": BASELINE_VERSION,
             "exported_at": now_iso(),
             "run": {k: getattr(run, k) for k in ("id", "name", "kind", "status", "created_at", "finished_at",
-                                                 "command_line", "probe_backend", "trials_ok", "trials_failed")},
+                                                 "command_line", "probe_backend", "trials_ok", "trials_failed")}
+                   | {"host_id": host},
             "spec": run.spec,
             "environment": run.environment,
             "arms": {arm: {m: {"kind": M.classify(m), "samples": v.tolist(),

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from lab.gate import EXIT_UNUSABLE, GateInputError, Thresholds, load_input, run_gate
+from lab.gate import EXIT_UNUSABLE, GateInputError, Thresholds
+from lab.gate_hosts import gate_hosts
 from lab.paths import db_option, default_db_path
 from lab.store import dumps
 
@@ -26,8 +27,10 @@ def _junit_error(message: str) -> str:
 
 
 @click.command("gate")
-@click.option("--baseline", required=True, metavar="RUN_OR_FILE", help="Baseline: run id (prefix) or baseline JSON file.")
-@click.option("--candidate", required=True, metavar="RUN_OR_FILE", help="Candidate: run id (prefix) or baseline JSON file.")
+@click.option("--baseline", required=True, metavar="RUN_OR_FILE",
+              help="Baseline: run id (prefix), RUN@HOST for one host of a run, or baseline JSON file.")
+@click.option("--candidate", required=True, metavar="RUN_OR_FILE",
+              help="Candidate: run id (prefix), RUN@HOST for one host of a run, or baseline JSON file.")
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON on stdout.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -43,19 +46,25 @@ def _junit_error(message: str) -> str:
 @click.option("--relative", is_flag=True,
               help="Gate timings as ratios to each run's reference (first) arm: cancels machine-wide drift "
                    "between the runs; the reference arm's own timings are then not gated.")
+@click.option("--counters-only", is_flag=True,
+              help="Gate only the exact counters: allowed across hosts, where timings are not comparable.")
+@click.option("--cross-host", is_flag=True,
+              help="Gate timings even when baseline and candidate ran on different hosts.")
 @click.option("-v", "--verbose", is_flag=True, help="List every check, not only regressions and improvements.")
 def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path | None, threshold_items,
             thresholds_file: Path | None, alpha: float | None, allow_spec_change: bool, relative: bool,
-            verbose: bool) -> None:
-    """Compare a candidate run with a baseline: exit 0 pass, 1 regression, 2 unusable input."""
+            counters_only: bool, cross_host: bool, verbose: bool) -> None:
+    """Compare a candidate run with a baseline: exit 0 pass, 1 regression, 2 unusable input.
+    Runs are gated host by host (timings only within a host); sides that share no host
+    are unusable input unless --counters-only or --cross-host says what to compare."""
     path = db_path or default_db_path()
     try:
         th = Thresholds.from_file(thresholds_file) if thresholds_file else Thresholds()
         th.add_cli(threshold_items)
         if alpha is not None:
             th.alpha = alpha
-        result = run_gate(load_input(baseline, path, "baseline"), load_input(candidate, path, "candidate"), th,
-                          allow_spec_change=allow_spec_change, relative=relative)
+        result = gate_hosts(baseline, candidate, path, th, cross_host=cross_host, counters_only=counters_only,
+                            allow_spec_change=allow_spec_change, relative=relative)
     except GateInputError as e:
         click.echo(f"gate: unusable input: {e}", err=True)
         if as_json:

@@ -11,6 +11,7 @@ from lab.commands.runs import local_time
 from lab.experiment import load_comparison
 from lab.paths import db_option, default_db_path
 from lab.stats import Comparison, render_summaries, render_table
+from lab.host_views import describe_hosts, host_comparisons, host_summaries
 from lab.store import RunInfo, Store, StoreError, dumps
 
 
@@ -35,6 +36,13 @@ def describe_environment(env: dict[str, Any]) -> list[str]:
 
 def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_now: bool,
                  metrics: tuple[str, ...], all_counters: bool) -> str:
+    out = describe_header(run, store)
+    out += describe_stats(comp, computed_now, metrics, all_counters)
+    return "\n".join(out)
+
+
+def describe_header(run: RunInfo, store: Store) -> list[str]:
+    """Everything about a run but its statistics."""
     s = run.spec
     out = [f"run {run.id}  {run.name}  ({run.status})",
            f"  created {local_time(run.created_at)}, finished {local_time(run.finished_at)}",
@@ -54,9 +62,17 @@ def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_n
         out.append(f"    ... and {len(failed) - 5} more failed trials (--json has them all)")
     if run.notes:
         out += ["  notes:"] + ["    " + n for n in run.notes.splitlines()]
+    out += describe_hosts(store, run)
+    return out
+
+
+def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[str, ...],
+                   all_counters: bool) -> list[str]:
+    """Per-arm medians and the comparison with the baseline arm."""
+    out: list[str] = []
     if comp is None:
         out.append("\nno statistics: the baseline arm has no successful measured trial")
-        return "\n".join(out)
+        return out
     out.append(f"\nper-arm medians [{comp.confidence:.0%} bootstrap CI]:")
     out.append(render_summaries(comp, metrics or None))
     when = " (computed now: the run did not finish)" if computed_now else ""
@@ -65,7 +81,7 @@ def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_n
                + ("" if all_counters else "; counters equal in every arm hidden (--all-counters)"))
     out.append(render_table(comp, metrics or None, show_equal_counters=all_counters))
     out += [f"note: {n}" for n in comp.notes]
-    return "\n".join(out)
+    return out
 
 
 @click.command("show")
@@ -78,22 +94,43 @@ def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_n
 @click.option("--export-baseline", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the run as a baseline JSON file for `balloon-lab gate` (and CI).")
 @click.option("--allow-incomplete", is_flag=True, help="With --export-baseline: export a run that did not complete.")
+@click.option("--host", "host", default=None, metavar="ID",
+              help="Only this host's trials (statistics, --export-baseline) of a run that ran on several.")
 def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_counters: bool,
-            export_baseline: Path | None, allow_incomplete: bool) -> None:
-    """Show one run (id, unique id prefix, or "latest")."""
+            export_baseline: Path | None, allow_incomplete: bool, host: str | None) -> None:
+    """Show one run (id, unique id prefix, or "latest"). A run that ran on several hosts
+    gets one block of statistics per host: timings are compared only within a host."""
     path = db_path or default_db_path()
     try:
         with Store(path, create=False) as store:
             run = store.get_run(run_ref)
             if export_baseline:
-                store.export_baseline(run.id, export_baseline, allow_incomplete=allow_incomplete)
+                store.export_baseline(run.id, export_baseline, allow_incomplete=allow_incomplete, host=host)
                 click.echo(f"wrote baseline of run {run.id} to {export_baseline}", err=True)
+                return
+            if host is not None and host not in run.hosts:
+                raise StoreError(f"run {run.id} has no trials on host {host!r} (hosts: {', '.join(run.hosts)})")
+            if host is not None or len(run.hosts) > 1:
+                comps = host_comparisons(store, run, [host] if host else run.hosts)
+                if as_json:
+                    click.echo(dumps({"run": run.to_dict(), "hosts": host_summaries(store, run),
+                                      "trials": [t.__dict__ for t in store.trials(run.id, include_warmups=True,
+                                                                                  host=host)],
+                                      "attempts": store.attempts(run.id),
+                                      "comparisons_by_host": {h: c.to_dict() if c else None
+                                                              for h, c in comps.items()}}, indent=1))
+                    return
+                out = describe_header(run, store)
+                for h, c in comps.items():
+                    out += [f"\n=== host {h} ==="] + describe_stats(c, True, metrics, all_counters)
+                click.echo("\n".join(out))
                 return
             computed_now = store.get_comparison(run.id) is None
             comp = load_comparison(store, run.id)
             if as_json:
-                click.echo(dumps({"run": run.to_dict(),
+                click.echo(dumps({"run": run.to_dict(), "hosts": host_summaries(store, run),
                                   "trials": [t.__dict__ for t in store.trials(run.id, include_warmups=True)],
+                                  "attempts": store.attempts(run.id),
                                   "comparison": comp.to_dict() if comp else None,
                                   "comparison_computed_now": computed_now}, indent=1))
             else:
