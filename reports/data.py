@@ -17,7 +17,7 @@ import numpy as np
 
 from lab.experiment import load_comparison
 from lab.stats import Comparison
-from lab.store import RunInfo, Store, TrialRecord
+from lab.store import RunInfo, Store, StoreError, TrialRecord
 from reports.palette import arm_colors
 
 MiB = 1 << 20
@@ -38,6 +38,9 @@ class ReportData:
     comparison_computed_now: bool
     db_path: str
     notes: list[str] = field(default_factory=list)
+    host: str | None = None                          # the host the sections above show (None: the only one)
+    hosts: list[dict[str, Any]] = field(default_factory=list)  # lab.host_views.host_summaries
+    host_comparisons: dict[str, Comparison | None] = field(default_factory=dict)  # every host's own
 
     # --- basic facts ---------------------------------------------------------------
     @property
@@ -161,23 +164,41 @@ def migration_rounds(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
-def load(store: Store, run_ref: str) -> ReportData:
-    """Read one run (id, unique prefix or "latest") for a report; StoreError if unknown."""
+def load(store: Store, run_ref: str, host: str | None = None) -> ReportData:
+    """Read one run (id, unique prefix or "latest") for a report; StoreError if unknown.
+    A run that ran on several hosts is shown for one of them (`host`, default the
+    first): timings of different hosts are never pooled; the hosts section puts every
+    host side by side."""
+    from lab.host_views import host_comparisons, host_summaries
+
     run = store.get_run(run_ref)
-    computed_now = store.get_comparison(run.id) is None
-    comp = load_comparison(store, run.id)
-    table = store.metric_table(run.id)
-    hists = store.histogram_table(run.id)
-    trials = store.trials(run.id, include_warmups=True)
+    if host is not None and host not in run.hosts:
+        raise StoreError(f"run {run.id} has no trials on host {host!r} (hosts: {', '.join(run.hosts) or 'none'})")
+    if host is None and len(run.hosts) > 1:
+        host = run.hosts[0]
+    by_host = host_comparisons(store, run, run.hosts) if len(run.hosts) > 1 else {}
+    if host is not None:
+        computed_now, comp = True, by_host.get(host) or host_comparisons(store, run, [host])[host]
+    else:
+        computed_now = store.get_comparison(run.id) is None
+        comp = load_comparison(store, run.id)
+    table = store.metric_table(run.id, host)
+    hists = store.histogram_table(run.id, host)
+    trials = store.trials(run.id, include_warmups=True, host=host)
     scheduled = list(run.arms)
     arms = [a for a in scheduled if a in table] + [a for a in table if a not in scheduled]
     notes = []
     if run.status != "complete":
         notes.append(f"this run is {run.status}: the report shows the trials recorded so far")
+    if host is not None and len(run.hosts) > 1:
+        others = ", ".join(h for h in run.hosts if h != host)
+        notes.append(f"this run ran on hosts {', '.join(run.hosts)}: the sections show host {host} "
+                     f"(`balloon-lab report --host` for {others}); \"Hosts\" puts them side by side")
     return ReportData(run=run, arms=arms, scheduled_arms=scheduled or arms,
                       colors=arm_colors(list(dict.fromkeys(scheduled + arms))), table=table, hists=hists,
                       trials=trials, comparison=comp, comparison_computed_now=computed_now and comp is not None,
-                      db_path=str(store.path), notes=notes)
+                      db_path=str(store.path), notes=notes, host=host, hosts=host_summaries(store, run),
+                      host_comparisons=by_host)
 
 
 def finite(v: Any) -> bool:

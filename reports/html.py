@@ -14,6 +14,7 @@ from pathlib import Path
 from lab.store import Store
 from reports import data as D
 from reports import sections as SEC
+from reports.hosts import hosts_section
 from reports.fmt import esc, sig
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src 'none'; "
@@ -107,7 +108,7 @@ def build(d: D.ReportData, report_path: str | None = None) -> Report:
     else:
         secs += [SEC.stages_section(d), SEC.probes_section(d), SEC.runlength_section(d),
                  SEC.notifications_section(d)] + ([mig] if mig is not None else [])
-    secs += [SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
+    secs += [hosts_section(d), SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
     spec = r.spec
     mib = d.inflate_mib
     what = (f"{esc(spec.get('kind', r.kind))}, guest {sig(d.guest_mib)} MiB"
@@ -155,15 +156,16 @@ docs/REPORT.md explains each section.</footer>
                   charts=[c.id for s in secs for c in s.charts], missing=[m for s in secs for m in s.missing])
 
 
-def render_report(store: Store, run_ref: str, report_path: str | None = None) -> Report:
-    """The report of one run of `store` (id, unique prefix or "latest")."""
-    return build(D.load(store, run_ref), report_path)
+def render_report(store: Store, run_ref: str, report_path: str | None = None, host: str | None = None) -> Report:
+    """The report of one run of `store` (id, unique prefix or "latest"); `host` picks
+    which host's trials the detailed sections show when the run ran on several."""
+    return build(D.load(store, run_ref, host), report_path)
 
 
-def write_report(store: Store, run_ref: str, path: str | os.PathLike) -> Report:
+def write_report(store: Store, run_ref: str, path: str | os.PathLike, host: str | None = None) -> Report:
     """Render and write atomically (a half-written report never replaces a good one)."""
     p = Path(path)
-    report = render_report(store, run_ref, str(p))
+    report = render_report(store, run_ref, str(p), host)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     tmp.write_text(report.html, encoding="utf-8")

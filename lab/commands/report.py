@@ -15,11 +15,13 @@ from lab.store import Store, StoreError
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="HTML file to write (default: out/report-<run id>.html).")
 @db_option
-def command(run_ref: str, output: Path | None, db_path: Path | None) -> None:
+@click.option("--host", default=None, metavar="ID",
+              help="For a run on several hosts: the host the detailed sections show (default: the first).")
+def command(run_ref: str, output: Path | None, db_path: Path | None, host: str | None) -> None:
     """Write the HTML report of one run (id, unique id prefix, or "latest"): verdict,
     comparison table, stage breakdown beside the published figures, probe histograms,
-    run lengths, kicks per MiB, environment and the command that reproduces it. One
-    file, charts inlined, nothing fetched from the network."""
+    run lengths, kicks per MiB, hosts side by side, environment and the command that
+    reproduces it. One file, charts inlined, nothing fetched from the network."""
     path = db_path or default_db_path()
     try:
         with Store(path, create=False) as store:
@@ -29,7 +31,7 @@ def command(run_ref: str, output: Path | None, db_path: Path | None) -> None:
                 raise click.BadParameter(f"{target} is a directory", param_hint="-o")
             from reports.html import write_report  # matplotlib loads only once there is a run to draw
             try:
-                report = write_report(store, run_id, target)
+                report = write_report(store, run_id, target, host)
             except OSError as e:
                 click.echo(f"error: cannot write the report to {target}: {e.strerror or e}", err=True)
                 sys.exit(2)
