@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from lab.monitor_client import AgentClient, QMPClient, wait_for_socket
+from lab.orphans import die_with_parent
 from lab.runner import TrialFailed
 
 HINTS = ("none", "upstream", "bitmap")
@@ -129,11 +130,13 @@ class MigrationPair:
         self.guest_pid: int | None = None
         try:
             self.dst = subprocess.Popen(py + ["--monitor", p("dst.sock"), "--agent", p("dst-agent.sock"),
-                                              "--incoming", "tcp:127.0.0.1:0", "--poll-us", "0"])
+                                              "--incoming", "tcp:127.0.0.1:0", "--poll-us", "0"],
+                                        preexec_fn=die_with_parent)
             self.procs.append(self.dst)
             self.src = subprocess.Popen(py + ["--monitor", p("src.sock"), "--agent", p("agent.sock"),
                                               "--protocol", t.protocol, "--hint", t.hint, "--",
-                                              "--protocol", t.protocol, "--hint", t.hint, "--log-level", t.log_level])
+                                              "--protocol", t.protocol, "--hint", t.hint, "--log-level", t.log_level],
+                                        preexec_fn=die_with_parent)
             self.procs.append(self.src)
             wait_for_socket(p("dst.sock"), 30, lambda: self.dst.poll() is None)
             self.dst_qmp = QMPClient(p("dst.sock"), timeout=t.timeout_s)

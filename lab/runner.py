@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from device.layout import MiB, PAGE_SHIFT
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
+from lab.orphans import die_with_parent
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard", "total")
 
@@ -66,7 +67,7 @@ class LabProcesses:
         cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
                "--discard", t.discard, "--monitor", self.monitor_path, "--agent", self.agent_path,
                "--log-level", t.log_level] + (extra_vmm_args or []) + ["--"] + guest_args
-        self.vmm = subprocess.Popen(cmd)
+        self.vmm = subprocess.Popen(cmd, preexec_fn=die_with_parent)
         self.qmp: QMPClient | None = None
         self.agent: AgentClient | None = None
         try:

@@ -3,7 +3,8 @@
 #
 # Idempotent and quiet: on a ready machine it checks and changes nothing (a few seconds).
 # Steps (see ../shared/ENVIRONMENT.md for why each is needed):
-#   1. Debian packages: BCC (python3-bpfcc, bpfcc-tools), kernel headers, venv, Chromium.
+#   1. Debian packages: BCC (python3-bpfcc, bpfcc-tools), kernel headers, venv, Chromium,
+#      PostgreSQL (the shared results store; tests start private servers with initdb).
 #   2. Kernel headers linked where BCC looks: /lib/modules/$(uname -r)/{build,source}.
 #   3. tracefs on /sys/kernel/tracing and debugfs on /sys/kernel/debug.
 #   4. .venv from Debian's /usr/bin/python3 (the one with BCC and USDT markers),
@@ -19,7 +20,7 @@ act() { echo "setup: $*" >&2; }
 if [ "$(id -u)" -ne 0 ]; then
     cat >&2 <<EOF
 setup: must run as root. balloon-lab needs root to:
-  - install Debian packages (apt-get install python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv chromium chromium-driver)
+  - install Debian packages (apt-get install python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv chromium chromium-driver postgresql)
   - link kernel headers into /lib/modules/$(uname -r)/
   - mount tracefs (/sys/kernel/tracing) and debugfs (/sys/kernel/debug)
   - load eBPF programs (CAP_BPF + CAP_PERFMON)
@@ -29,7 +30,7 @@ EOF
 fi
 
 # 1. Debian packages ---------------------------------------------------------------
-PKGS=(python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv python3-dev chromium chromium-driver)
+PKGS=(python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv python3-dev chromium chromium-driver postgresql)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -77,7 +78,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; sys.exit(
 fi
 stamp="$VENV/.balloon-lab-installed"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c 'import lab, numpy, scipy, click' 2>/dev/null; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c 'import lab, numpy, scipy, click, psycopg, procrastinate' 2>/dev/null; then
     act "installing balloon-lab into $VENV (editable, with test extras)"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
     # (this machine's pip config names local wheel folders that may not exist: not our noise)
