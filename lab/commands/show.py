@@ -122,7 +122,8 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
                     return
                 out = describe_header(run, store)
                 for h, c in comps.items():
-                    out += [f"\n=== host {h} ==="] + describe_stats(c, True, metrics, all_counters)
+                    out += [f"\n=== host {h} ==="] + describe_stats(c, run.status != "complete", metrics,
+                                                                     all_counters)
                 click.echo("\n".join(out))
                 return
             computed_now = store.get_comparison(run.id) is None
