@@ -43,6 +43,8 @@ def db_option(fn):
     def convert(_ctx, _param, value):
         if value is None:
             return None
+        if not value.strip():
+            raise click.BadParameter("is empty: give a SQLite file or a postgresql:// URL")
         target = as_db_target(value)
         if isinstance(target, Path) and target.is_dir():
             raise click.BadParameter(f"{value} is a directory, not a database file")

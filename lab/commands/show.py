@@ -52,7 +52,8 @@ def describe_header(run: RunInfo, store: Store) -> list[str]:
            + (f" {s['workload_params']}" if s.get("workload_params") else "") + ", "
            f"{s.get('trials')} trials + {s.get('warmups')} warm-up per arm, seed {s.get('seed')}, "
            f"probes {'on' if s.get('probes') else 'off'} (backend {run.probe_backend or '?'})",
-           "  environment:"]
+           "  environment" + (" (where it was submitted; the hosts that ran it are below):" if s.get("_hosts")
+                              else ":")]
     out += ["    " + line for line in describe_environment(run.environment)]
     out.append(f"  trials: {run.trials_ok} ok, {run.trials_failed} failed, {run.warmups} warm-up")
     failed = [t for t in store.trials(run.id, include_warmups=True) if t.status == "failed"]
