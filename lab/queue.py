@@ -191,6 +191,9 @@ def _trial_job(context: Any, *, run_id: str, idx: int, round: int, label: str, h
     if not store.add_trial_once(run_id, rec):
         return "already stored"
     st.ran.append((run_id, idx, rec.status))
+    backend = ((rec.result or {}).get("probes") or {}).get("backend") if rec.status == "ok" else None
+    if backend and backend != run.probe_backend:
+        store.set_probe_backend(run_id, backend)
     print(f"worker {st.name}: run {run_id} trial {idx} ({label}, round {round}{', warm-up' if warmup else ''}) "
           f"{rec.status} in {rec.duration_s:.2f} s" + (f" after {attempt} attempts" if attempt > 1 else ""),
           file=sys.stderr, flush=True)
