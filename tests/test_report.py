@@ -55,7 +55,7 @@ def test_report_of_a_real_run_has_every_section_and_nothing_external(real_run, r
     html = rep.html
     assert rep.run_id == run_id
     assert rep.sections == ["verdict", "comparison", "stages", "probes", "run-lengths", "notifications",
-                            "environment", "reproduce"]
+                            "hosts", "environment", "reproduce"]
     for s in rep.sections:
         assert f'<section id="{s}">' in html
     # charts that need no probes are there, each an inline SVG with its own id prefix
@@ -193,7 +193,7 @@ def test_migration_run_gets_its_own_section_with_a_timeline(tmp_path):
     assert [t.status for t in trials] == ["ok", "ok"], [t.error for t in trials]
     html = rep.html
     # a migration's sections: no inflate stages, run lengths or balloon kicks
-    assert rep.sections == ["verdict", "comparison", "migration", "probes", "environment", "reproduce"]
+    assert rep.sections == ["verdict", "comparison", "migration", "probes", "hosts", "environment", "reproduce"]
     assert {"plot-totals", "plot-migration-bars", "plot-migration-timeline"} <= set(rep.charts)
     assert "Migrating a 128 MiB guest" in html and "has the shortest downtime" in html
     none = next(t.result for t in trials if t.arm == "none")
