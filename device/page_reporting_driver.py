@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from device import wire
+from device.balloon_driver import BalloonDriver, OpReport
 from device.buddy import MAX_ORDER, BuddyAllocator
 from device.features import Q_REPORTING
 from device.layout import PAGE_SHIFT
@@ -81,7 +82,7 @@ def low_watermark_pages(ram_pages: int) -> int:
 
 
 class ReportingDriver:
-    def __init__(self, driver, alloc: BuddyAllocator, params: ReportingParams | None = None) -> None:
+    def __init__(self, driver: BalloonDriver, alloc: BuddyAllocator, params: ReportingParams | None = None) -> None:
         self.driver = driver
         self.alloc = alloc
         self.p = params or ReportingParams()
@@ -162,7 +163,6 @@ class ReportingDriver:
     def _report(self, sg: list[tuple[int, int]]) -> None:
         """One request: the blocks as device-writable descriptors, wait until used, then
         give them back to the free lists marked reported (page_reporting_drain)."""
-        from device.balloon_driver import OpReport
         bufs = [(b << PAGE_SHIFT, (1 << k) << PAGE_SHIFT) for b, k in sg]
         rep = OpReport("report", 0)
         try:
