@@ -31,7 +31,7 @@ def _med(values: list[float]) -> str:
 
 
 def summary_table(results: dict[str, list[dict]]) -> str:
-    head = (f"{'arm':<20}{'time to 90 % s':>26}{'host left MiB':>26}{'returned %':>12}"
+    head = (f"{'arm':<20}{'time to 90 % s':>28}{'host left MiB':>30}{'returned %':>12}"
             f"{'guest CPU s':>13}{'VMM CPU s':>11}{'verified':>10}")
     lines = ["medians [min, max] over trials:", head]
     for arm, rs in results.items():
@@ -39,7 +39,7 @@ def summary_table(results: dict[str, list[dict]]) -> str:
             continue
         left = _med([r["host_left_bytes"] / 2**20 for r in rs])
         share = statistics.median(100 * r["returned_share"] for r in rs)
-        lines.append(f"{arm:<20}{_med([r['time_to_90_s'] for r in rs]):>26}{left:>26}{share:>12.1f}"
+        lines.append(f"{arm:<20}{_med([r['time_to_90_s'] for r in rs]):>28}{left:>30}{share:>12.1f}"
                      f"{statistics.median(r['cpu_s']['guest'] for r in rs):>13.2f}"
                      f"{statistics.median(r['cpu_s']['vmm'] for r in rs):>11.2f}"
                      f"{'yes' if all(r['verified'] for r in rs) else 'NO':>10}")
