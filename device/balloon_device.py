@@ -27,6 +27,7 @@ from device import wire
 from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_PAGE_CHUNKS, PFN_BATCH_MAX,
                              Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
 from device.guest_ram import GuestRAM, punch_hole
+from device.host_pages import HostPageTracker, host_page_runs
 from device.layout import PAGE_SHIFT, PAGE_SIZE
 from device.transport import VirtioTransport, notify
 from device.virtqueue import DescChain, RingError
@@ -98,7 +99,7 @@ def _refusal(state: int, inflate: bool) -> str:
 
 class BalloonDevice(VirtioTransport):
     def __init__(self, ram: GuestRAM, device_features: int, *, ranges_policy: bool = False,
-                 discard: str = "madvise") -> None:
+                 discard: str = "madvise", partial_tracking: str = "full") -> None:
         super().__init__(ram, device_features)
         self.layout = ram.layout
         self.config = BalloonConfig()
@@ -108,6 +109,9 @@ class BalloonDevice(VirtioTransport):
         # index from the per-page PFN loop; the numpy view serves the range paths.
         self.ballooned = bytearray(self.layout.max_pfn)
         self.ballooned_np = np.frombuffer(self.ballooned, dtype=np.uint8)
+        # Huge host pages: discard a host page only when all of it is ballooned (host_pages.py)
+        self.host_pages = (HostPageTracker(ram.size >> PAGE_SHIFT, ram.host_page_shift, partial_tracking)
+                           if ram.host_page_shift > PAGE_SHIFT else None)
         self.inflate = OpCounters()
         self.deflate = OpCounters()
         self.stats: dict[str, int] = {}
@@ -158,6 +162,8 @@ class BalloonDevice(VirtioTransport):
         # Pages stay discarded; the balloon is empty again from the guest's view
         # (a reset guest driver starts over with all its memory).
         self.ballooned_np[:] = 0
+        if self.host_pages is not None:
+            self.host_pages.reset()
         self.config.actual = 0
         self.stats_head = None
 
@@ -286,7 +292,9 @@ class BalloonDevice(VirtioTransport):
         _audit("balloon-lab:translate:e")
         ctr.translations += len(pfns)
         ctr.translate_ns += t1 - t0
-        if inflate and hvas:
+        if self.host_pages is not None:
+            self._host_page_update(ctr, np.asarray(hvas, dtype=np.int64) >> PAGE_SHIFT, inflate)
+        elif inflate and hvas:
             self._discard(ctr, hvas, PAGE_SIZE)
         ctr.pages += len(accepted)
         if accepted:
@@ -327,13 +335,30 @@ class BalloonDevice(VirtioTransport):
         _audit("balloon-lab:translate:e")
         ctr.translations += int(offs.size)
         ctr.translate_ns += t1 - t0
-        if inflate and offs.size:
+        if self.host_pages is not None:
+            self._host_page_update(ctr, self.layout.pfn_to_offset(good) >> PAGE_SHIFT, inflate)
+        elif inflate and offs.size:
             self._discard(ctr, offs.tolist(), lens.tolist())
         ctr.pages += int(good.size)
         ctr.add_runs(glens)
         if not inflate:
             ctr.add_accepted(good)
         self._report_bad(bad, first_bad, ctr)
+
+    def _host_page_update(self, ctr: OpCounters, mpages: np.ndarray, inflate: bool) -> None:
+        """Huge backings: record the sub-pages (memfd page indices, request order) and
+        discard the host pages they complete, one call per run of adjacent host pages.
+        The bookkeeping is timed as translation; only the system calls are discard."""
+        t0 = _now()
+        if inflate:
+            done = self.host_pages.inflate(mpages)
+        else:
+            self.host_pages.deflate(mpages)
+            done = mpages[:0]
+        ctr.translate_ns += _now() - t0
+        if done.size:
+            offs, lens = host_page_runs(done, self.ram.host_page_shift)
+            self._discard(ctr, offs.tolist(), lens.tolist())
 
     def _discard(self, ctr: OpCounters, offsets: list[int], lengths: list[int] | int) -> None:
         """The discard stage: one system call per piece of memfd, per page on the PFN
@@ -378,7 +403,8 @@ class BalloonDevice(VirtioTransport):
             return None
         ctr.bytes_on_ring += total
         try:
-            _hdr, starts, lengths = wire.decode_bitmap(bufs, max_pfn=self.layout.max_pfn)
+            _hdr, starts, lengths = wire.decode_bitmap(bufs, max_pfn=self.layout.max_pfn,
+                                                       page_shifts=wire.BITMAP_PAGE_SHIFTS)
         except wire.WireError as e:
             self.refuse(f"bitmap-{e.reason}", str(e))
             return None
@@ -442,6 +468,8 @@ class BalloonDevice(VirtioTransport):
             "actual": self.config.actual,
             "status": self.status,
             "memfd_allocated_bytes": self.ram.allocated_bytes(),
+            "backing": self.ram.backing,
+            "host_pages": self.host_pages.snapshot() if self.host_pages is not None else None,
             "queues": {str(i): {"chains": q.chains, "calls": q.calls, "calls_suppressed": q.calls_suppressed}
                        for i, q in self.queues.items()},
         }
@@ -454,13 +482,33 @@ class BalloonDevice(VirtioTransport):
     def verify_discarded(self) -> dict:
         """Ask the kernel (SEEK_DATA/SEEK_HOLE on the memfd) whether any ballooned page
         still holds data: the check is independent of the device's bookkeeping."""
-        data = self.ram.data_page_mask()                      # per memfd page
         pfns = np.flatnonzero(self.ballooned_np == IN_BALLOON)
+        if self.host_pages is not None:
+            return {**self._verify_host_pages(), "ballooned_pages": int(pfns.size),
+                    "ballooned_digest": _digest(pfns)}
+        data = self.ram.data_page_mask()                      # per memfd page
         offs = self.layout.pfn_to_offset(pfns) >> PAGE_SHIFT if pfns.size else pfns
         still = pfns[data[offs]] if pfns.size else pfns
         return {"ballooned_pages": int(pfns.size), "ballooned_with_data": int(still.size),
                 "first": [int(x) for x in still[:8]],
                 "ballooned_digest": _digest(pfns)}
+
+    def _verify_host_pages(self) -> dict:
+        """Huge backings, from the kernel's view of the memfd: every host page the device
+        discarded and that is still wholly ballooned holds no data (full tracking: that
+        is every wholly ballooned host page). Partially ballooned host pages keep their
+        data until whole; `whole_with_data` counts wholly ballooned host pages that
+        were never freed (what QEMU's tracking leaves behind)."""
+        hp = self.host_pages
+        whole = hp.whole()
+        has = self.ram.host_pages_with_data(whole)
+        must_be_empty = hp.discarded[whole] | (hp.mode == "full")
+        bad = whole[has & must_be_empty]
+        sub = hp.per
+        return {"ballooned_with_data": int(bad.size) * sub,
+                "first": [int(x) for x in self.layout.offset_to_pfn(bad[:8] << self.ram.host_page_shift)],
+                "host_page_bytes": sub << PAGE_SHIFT, "whole_host_pages": int(whole.size),
+                "whole_with_data": int(has.sum()), "partial_host_pages": hp.snapshot()["partial_host_pages"]}
 
 
 def _digest(pfns: np.ndarray) -> str:

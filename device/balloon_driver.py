@@ -30,9 +30,10 @@ import numpy as np
 
 from device import control as C
 from device import wire
+from device.alloc_policy import HUGE_ORDER, allocate_for_balloon
 from device.buddy import BuddyAllocator
 from device.control import Channel, ControlError, PeerGone, Req
-from device.features import F_FREE_PAGE_HINT, Q_FREE_PAGE, Q_MISC
+from device.features import F_FREE_PAGE_HINT, F_REPORTING, Q_FREE_PAGE, Q_MISC, Q_REPORTING
 from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_PAGE_BITMAP,
                              F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_STATS_VQ, F_VERSION_1,
                              PFN_BATCH_MAX, Q_DEFLATE, Q_INFLATE, Q_STATS, QUEUE_NAMES, S_ACKNOWLEDGE,
@@ -96,6 +97,11 @@ class DriverOptions:
     # free page hinting for migration: none | upstream (FREE_PAGE_HINT, queue 3) | bitmap
     # (PAGE_BITMAP's misc queue 5); device/free_page_driver.py serves those queues
     hint: str = "none"
+    # which pages the balloon takes: linux (order-0, lowest orders first) | hugepage-aware
+    # (whole aligned order-9 blocks first); device/alloc_policy.py
+    alloc_policy: str = "linux"
+    # free page reporting (REPORTING, queue 4); device/page_reporting_driver.py serves it
+    reporting: bool = False
 
 
 class BalloonDriver:
@@ -135,6 +141,8 @@ class BalloonDriver:
         elif self.opts.protocol in ("auto", "bitmap") and offered & bit(F_PAGE_BITMAP):
             want |= bit(F_PAGE_BITMAP)
             self.wire_format = "bitmap"
+        if self.opts.reporting:
+            want |= bit(F_REPORTING)
         if self.opts.hint == "upstream":
             want |= bit(F_FREE_PAGE_HINT)
         elif self.opts.hint == "bitmap" and offered & bit(F_PAGE_BITMAP):
@@ -151,6 +159,7 @@ class BalloonDriver:
         queues = [Q_INFLATE, Q_DEFLATE] + ([Q_STATS] if self.has(F_STATS_VQ) else [])
         queues += [Q_FREE_PAGE] if self.opts.hint == "upstream" and self.has(F_FREE_PAGE_HINT) else []
         queues += [Q_MISC] if self.opts.hint == "bitmap" and self.has(F_PAGE_BITMAP) else []
+        queues += [Q_REPORTING] if self.has(F_REPORTING) else []
         for index in queues:
             self._setup_queue(index)
         self._setup_buffers()
@@ -266,7 +275,8 @@ class BalloonDriver:
             while left > 0:
                 _audit("balloon-lab:alloc:b")
                 t0 = _now()
-                pages = self.alloc.alloc_pages(min(step, left), notify_oom=False)
+                got = allocate_for_balloon(self.alloc, min(step, left), self.opts.alloc_policy)
+                pages = got.pages
                 rep.alloc_ns += _now() - t0
                 _audit("balloon-lab:alloc:e")
                 if pages.size == 0:
@@ -274,7 +284,7 @@ class BalloonDriver:
                     log.warning("guest out of memory: %d pages short of the inflate target", left)
                     break
                 left -= int(pages.size)
-                self._send_pages(q, pages, rep)
+                self._send_pages(q, pages, rep, whole_blocks=got.whole_blocks)
                 self._update_actual(rep)
         return rep
 
@@ -326,7 +336,10 @@ class BalloonDriver:
             return before - self.actual
 
     # --- one batch of pages onto the ring, by wire format ------------------------------------
-    def _send_pages(self, q: DriverQueue, pages: np.ndarray, rep: OpReport, inflate: bool = True) -> None:
+    def _send_pages(self, q: DriverQueue, pages: np.ndarray, rep: OpReport, inflate: bool = True,
+                    whole_blocks: int = 0) -> None:
+        """`whole_blocks`: pages[:whole_blocks * 512] are whole aligned 2 MiB blocks; the
+        bitmap protocol names those with page_shift 21, one bit per block."""
         fmt = self.wire_format
         if fmt == "pfn":
             for i in range(0, pages.size, self.batch_pages):
@@ -339,26 +352,11 @@ class BalloonDriver:
                 _audit("balloon-lab:encode:e")
                 self._transmit(q, [(self.req_gpa, nbytes)], rep, part, inflate)
         elif fmt == "bitmap":
-            _audit("balloon-lab:encode:b")
-            t0 = _now()
-            sorted_pages = np.sort(pages)
-            reqs = wire.encode_bitmap_requests(sorted_pages, pages_per_request=self.batch_pages,
-                                               cmd=0 if inflate else 1, req_id_start=rep.requests)
-            # the pages each request covers: encode_bitmap_requests windows are aligned
-            win = sorted_pages // self.batch_pages
-            parts = np.split(sorted_pages, np.flatnonzero(np.diff(win)) + 1)
-            rep.encode_ns += _now() - t0
-            _audit("balloon-lab:encode:e")
-            for raw, part in zip(reqs, parts):
-                _audit("balloon-lab:encode:b")
-                t0 = _now()
-                self.ram.view(self.req_gpa, len(raw))[:] = raw
-                # Header in its own descriptor, bitmap split per page: the seed's v3 SG bitmaps.
-                bufs = [(self.req_gpa, 32)] + [(self.req_gpa + off, min(PAGE_SIZE, len(raw) - off))
-                                               for off in range(32, len(raw), PAGE_SIZE)]
-                rep.encode_ns += _now() - t0
-                _audit("balloon-lab:encode:e")
-                self._transmit(q, bufs, rep, part, inflate)
+            n_whole = whole_blocks << HUGE_ORDER
+            if n_whole:
+                self._send_bitmap(q, pages[:n_whole], rep, inflate, PAGE_SHIFT + HUGE_ORDER)
+            if pages.size > n_whole:
+                self._send_bitmap(q, pages[n_whole:], rep, inflate, PAGE_SHIFT)
         else:  # chunks: one descriptor per run
             _audit("balloon-lab:encode:b")
             t0 = _now()
@@ -371,6 +369,33 @@ class BalloonDriver:
                 bufs = np.column_stack((gpas[i:j], nbytes[i:j]))
                 part = wire.runs_to_pfns(gpas[i:j] >> PAGE_SHIFT, nbytes[i:j] >> PAGE_SHIFT)
                 self._transmit(q, bufs, rep, part, inflate)
+
+    def _send_bitmap(self, q: DriverQueue, pages: np.ndarray, rep: OpReport, inflate: bool, page_shift: int) -> None:
+        """Bitmap requests for `pages`; with page_shift > 12 they are whole aligned blocks
+        of 2**(page_shift - 12) pages and each bit names one block."""
+        _audit("balloon-lab:encode:b")
+        t0 = _now()
+        unit = page_shift - PAGE_SHIFT
+        sorted_pages = np.sort(pages)
+        units = sorted_pages[:: 1 << unit] >> unit
+        per_req = max(1, self.batch_pages >> unit)
+        reqs = wire.encode_bitmap_requests(units, pages_per_request=per_req, page_shift=page_shift,
+                                           cmd=0 if inflate else 1, req_id_start=rep.requests)
+        # the pages each request covers: encode_bitmap_requests windows are aligned
+        win = (sorted_pages >> unit) // per_req
+        parts = np.split(sorted_pages, np.flatnonzero(np.diff(win)) + 1)
+        rep.encode_ns += _now() - t0
+        _audit("balloon-lab:encode:e")
+        for raw, part in zip(reqs, parts):
+            _audit("balloon-lab:encode:b")
+            t0 = _now()
+            self.ram.view(self.req_gpa, len(raw))[:] = raw
+            # Header in its own descriptor, bitmap split per page: the seed's v3 SG bitmaps.
+            bufs = [(self.req_gpa, 32)] + [(self.req_gpa + off, min(PAGE_SIZE, len(raw) - off))
+                                           for off in range(32, len(raw), PAGE_SIZE)]
+            rep.encode_ns += _now() - t0
+            _audit("balloon-lab:encode:e")
+            self._transmit(q, bufs, rep, part, inflate)
 
     def _transmit(self, q: DriverQueue, bufs: list[tuple[int, int]], rep: OpReport, pages: np.ndarray,
                   inflate: bool) -> None:

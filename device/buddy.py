@@ -92,6 +92,11 @@ class BuddyAllocator:
         self._free: list[np.ndarray] = [np.empty(0, dtype=np.int64) for _ in range(MAX_ORDER + 1)]
         self._nfree = 0
         self.kernel_pages = reserved_pages
+        # Free page reporting (device/page_reporting_driver.py) sets these: one flag per
+        # aligned 2**reported_order block, "reported to the host and not freed since".
+        self.reported: np.ndarray | None = None
+        self.reported_order = 0
+        self.free_listener: Callable[[np.ndarray], None] | None = None   # called after free_pages
         # counters for reports and probes
         self.stats = {"alloc_calls": 0, "pages_allocated": 0, "free_calls": 0, "pages_freed": 0,
                       "oom_calls": 0, "oom_pages_freed": 0, "hint_blocks_taken": 0}
@@ -244,6 +249,42 @@ class BuddyAllocator:
                 self.stats["pages_allocated"] += 1 << order
         return s
 
+    def alloc_blocks(self, order: int, count: int) -> np.ndarray:
+        """Up to `count` naturally aligned blocks of 2**order pages (sorted start PFNs),
+        taken whole from the free lists of order >= `order` (a larger block is split into
+        pieces of this order, the pieces not taken go back to the order-`order` list).
+        Never splits a smaller block: what the huge-page-aware balloon wants. Vectorized."""
+        self._check_order(order)
+        count = int(count)
+        if count <= 0:
+            return np.empty(0, dtype=np.int64)
+        out: list[np.ndarray] = []
+        with self.lock:
+            need = count
+            for k in range(order, MAX_ORDER + 1):
+                if need <= 0:
+                    break
+                per = 1 << (k - order)
+                take = min(len(self._free[k]), -(-need // per))
+                if not take:
+                    continue
+                starts = self._take_front(k, take)
+                pieces = (starts[:, None] + np.arange(per, dtype=np.int64) * (1 << order)).ravel()
+                mine, rest = pieces[:need], pieces[need:]
+                self._mark_blocks(order, mine, USED)
+                if rest.size:           # the last block's unused tail goes back as aligned free blocks
+                    lo, hi = int(rest[0]), int(rest[-1]) + (1 << order)
+                    self._state[lo:hi] = FREE_TAIL
+                    for ps, po in _aligned_blocks(lo, hi):
+                        self._list_insert(po, np.array([ps], dtype=np.int64))
+                out.append(mine)
+                need -= mine.size
+            got = np.sort(np.concatenate(out)) if out else np.empty(0, dtype=np.int64)
+            self._nfree -= got.size << order
+            self.stats["alloc_calls"] += 1
+            self.stats["pages_allocated"] += got.size << order
+        return got
+
     def take_free_block(self, order: int = MAX_ORDER) -> int | None:
         """Allocate one free block of 2**order pages for free-page hinting (Linux's
         get_free_page_and_send allocates an order-10 block and holds it until DONE);
@@ -372,11 +413,16 @@ class BuddyAllocator:
             self._free_locked(pfns)
             self.stats["free_calls"] += 1
             self.stats["pages_freed"] += len(pfns)
+        if self.free_listener is not None:       # outside the lock (Linux: page_reporting_notify_free)
+            self.free_listener(pfns)
         return len(pfns)
 
     def _free_locked(self, cur: np.ndarray) -> None:
         """cur: sorted, validated USED pages. Merge upward one order at a time."""
         n = len(cur)
+        if self.reported is not None:
+            # free page reporting: a block freed again holds data, it must be reported anew
+            self.reported[cur >> self.reported_order] = False
         self._state[cur] = FREE_TAIL
         for k in range(MAX_ORDER):
             size = 1 << k

@@ -29,7 +29,11 @@ from device.balloon_driver import BalloonDriver, DriverOptions
 from device.buddy import BuddyAllocator
 from device.control import Channel, PeerGone, Req
 from device.features import Q_MISC, Q_STATS
+from device.backing import BACKINGS
+from device.alloc_policy import ALLOC_POLICIES
+from device.features import F_REPORTING
 from device.free_page_driver import FreePageDriver
+from device.page_reporting_driver import ReportingDriver, ReportingParams
 from device.migration.guest_side import GuestChannel, migration_verify
 from device.guest_memory import GuestMemory
 from device.guest_ram import GuestRAM, process_rss_bytes
@@ -39,14 +43,14 @@ from device.layout import PAGE_SHIFT, GuestLayout, Region
 log = logging.getLogger("balloon-lab.guest")
 
 
-def fetch_memory(chan: Channel) -> GuestRAM:
+def fetch_memory(chan: Channel, backing: str = "4k") -> GuestRAM:
     msg = chan.call(Req.GET_MEM_TABLE)
     n, _ = C.MEM_TABLE_HEAD.unpack_from(msg.payload)
     regions = tuple(Region(*C.REGION.unpack_from(msg.payload, C.MEM_TABLE_HEAD.size + i * C.REGION.size))
                     for i in range(n))
     if len(msg.fds) != 1:
         raise C.ControlError("GET_MEM_TABLE reply carried no memfd")
-    return GuestRAM(msg.fds[0], GuestLayout(regions), owner=True)
+    return GuestRAM(msg.fds[0], GuestLayout(regions), owner=True, backing=backing)
 
 
 class Guest:
@@ -54,14 +58,16 @@ class Guest:
         self.args = args
         # GuestChannel: also serves the requests the VMM starts (SET_DIRTY_LOG for migration)
         self.chan = GuestChannel(socket.socket(fileno=args.control_fd), lambda: getattr(self, "memory", None))
-        self.ram = fetch_memory(self.chan)
+        self.ram = fetch_memory(self.chan, args.backing)
         self.alloc = BuddyAllocator(self.ram.layout)
         self.memory = GuestMemory(self.ram, self.alloc)
         self.driver = BalloonDriver(self.chan, self.ram, self.alloc, self.memory,
                                     DriverOptions(protocol=args.protocol, batch_pages=args.batch_pages,
                                                   timeout_s=args.timeout, halt_poll_us=args.halt_poll_us,
-                                                  hint=args.hint))
+                                                  hint=args.hint, alloc_policy=args.alloc_policy,
+                                                  reporting=args.reporting))
         self.hints: FreePageDriver | None = None
+        self.reporting: ReportingDriver | None = None
         self.alloc.set_oom_notifier(self.driver.deflate_on_oom)
         self.workload = None
         self.sel = selectors.DefaultSelector()
@@ -173,6 +179,22 @@ class Guest:
     def _cmd_hint_info(self, conn, rid, args) -> dict:
         return self.hints.info() if self.hints is not None else {}
 
+    def _cmd_alloc_free(self, conn, rid, args) -> dict:
+        """Allocate `mib` MiB, write data into it, free it: a guest that used memory and
+        gave it back to its allocator (the host still holds it until something returns it)."""
+        n = (int(args["mib"]) << 20) >> PAGE_SHIFT
+        pages = self.alloc.alloc_pages(n, notify_oom=False)
+        self.memory.touch_stale(pages, int(args.get("seed", 7)))
+        return {"pages": int(pages.size), "freed_at": time.time()}
+
+    def _cmd_reporting_info(self, conn, rid, args) -> dict:
+        """Free page reporting: the driver's counters and the reported, still free runs."""
+        if self.reporting is None:
+            return {"negotiated": False}
+        starts, lengths = self.reporting.reported_free_runs()
+        return {"negotiated": True, **self.reporting.info(),
+                "reported_free_runs": {"starts": starts.tolist(), "lengths": lengths.tolist()}}
+
     def _cmd_shutdown(self, conn, rid, args) -> dict:
         self.running = False
         return {}
@@ -185,6 +207,10 @@ class Guest:
         self.agent.bind(self.args.agent)
         self.agent.listen(4)
         self.hints = FreePageDriver(self.driver, self.memory)
+        if self.driver.has(F_REPORTING):
+            self.reporting = ReportingDriver(self.driver, self.alloc, ReportingParams(
+                order=self.args.reporting_order, capacity=self.args.reporting_capacity,
+                delay_s=self.args.reporting_delay_ms / 1000))
         if Q_MISC in self.driver.call_fds:
             self.sel.register(self.driver.call_fds[Q_MISC], selectors.EVENT_READ, ("misc", None))
         self.sel.register(self.agent, selectors.EVENT_READ, ("listen", None))
@@ -194,7 +220,8 @@ class Guest:
         self.sel.register(self.chan.sock, selectors.EVENT_READ, ("control", None))
         bufs: dict[int, bytearray] = {}
         while self.running:
-            for key, _ in self.sel.select(timeout=0.2):
+            due = self.reporting.timeout() if self.reporting is not None else None
+            for key, _ in self.sel.select(timeout=0.2 if due is None else min(0.2, due)):
                 kind, conn = key.data
                 if kind == "config":
                     self.driver.on_config_change()
@@ -226,6 +253,8 @@ class Guest:
                         if line.strip():
                             self._agent_command(conn, line)
             self.chan.serve_pending()
+            if self.reporting is not None:
+                self.reporting.tick()
             self._check_waiters()
         if self.workload is not None:
             self.workload.stop()
@@ -245,6 +274,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="poll for used buffers this long before sleeping (like KVM halt polling)")
     p.add_argument("--hint", default="none", choices=("none", "upstream", "bitmap"),
                    help="free page hinting design the driver negotiates (for migration)")
+    p.add_argument("--backing", default="4k", choices=BACKINGS,
+                   help="guest RAM backing (thp: the guest's mapping asks for huge pages too)")
+    p.add_argument("--alloc-policy", default="linux", choices=ALLOC_POLICIES,
+                   help="pages the balloon takes: linux (order-0) or hugepage-aware (whole 2 MiB blocks first)")
+    p.add_argument("--reporting", action="store_true", help="negotiate free page reporting if offered")
+    d = ReportingParams()
+    p.add_argument("--reporting-order", type=int, default=d.order, help="smallest block order reported")
+    p.add_argument("--reporting-capacity", type=int, default=d.capacity, help="blocks per report request")
+    p.add_argument("--reporting-delay-ms", type=int, default=int(d.delay_s * 1000),
+                   help="delay between a free and the reporting pass")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="guest[%(process)d] %(levelname)s %(name)s: %(message)s")

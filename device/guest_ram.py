@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
+from device.backing import advise_mapping, host_page_shift, memfd_flags
 from device.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -40,20 +41,23 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 class GuestRAM:
     """The memfd and a MAP_SHARED mapping of all of it."""
 
-    def __init__(self, fd: int, layout: GuestLayout, *, owner: bool = False) -> None:
+    def __init__(self, fd: int, layout: GuestLayout, *, owner: bool = False, backing: str = "4k") -> None:
         self.fd = fd
         self.layout = layout
         self.size = layout.ram_bytes
         self.owner = owner
+        self.backing = backing
+        self.host_page_shift = host_page_shift(backing)
         self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        advise_mapping(self.mm, backing)
         # A byte view of the whole mapping: slicing is zero-copy, touching faults in.
         self.mem = memoryview(self.mm)
 
     @classmethod
-    def create(cls, layout: GuestLayout, name: str = "balloon-lab-guest-ram") -> "GuestRAM":
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    def create(cls, layout: GuestLayout, name: str = "balloon-lab-guest-ram", backing: str = "4k") -> "GuestRAM":
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | memfd_flags(backing))
         os.ftruncate(fd, layout.ram_bytes)
-        return cls(fd, layout, owner=True)
+        return cls(fd, layout, owner=True, backing=backing)
 
     def close(self) -> None:
         try:
@@ -108,6 +112,25 @@ class GuestRAM:
         for off, ln in self.data_extents():
             mask[off >> PAGE_SHIFT : (off + ln + PAGE_SIZE - 1) >> PAGE_SHIFT] = True
         return mask
+
+    def host_pages_with_data(self, host_pages: np.ndarray) -> np.ndarray:
+        """Bool per given host page (memfd offset >> host_page_shift): does the kernel
+        hold data for it? SEEK_DATA where the file system answers it; hugetlbfs does
+        not (it calls the whole file data), so there each page is read with pread,
+        which allocates nothing for a hole and reads zeros from it: a discarded
+        hugetlb page is one that reads as all zeros."""
+        hp = np.asarray(host_pages, dtype=np.int64)
+        shift = self.host_page_shift
+        if self.backing != "hugetlb":
+            per = 1 << (shift - PAGE_SHIFT)
+            mask = self.data_page_mask()
+            return mask.reshape(-1, per)[hp].any(axis=1) if hp.size else np.zeros(0, bool)
+        out = np.zeros(hp.size, dtype=bool)
+        buf = bytearray(1 << shift)
+        for i, h in enumerate(hp.tolist()):        # per host page: a verification pass, not a hot path
+            n = os.preadv(self.fd, [buf], h << shift)
+            out[i] = n > 0 and bool(np.frombuffer(buf, dtype=np.uint64)[: n // 8].any())
+        return out
 
     # --- scans that never fault untouched memory in ---------------------------------
     def scan(self, chunk_bytes: int = 64 << 20) -> Iterator[tuple[int, memoryview]]:

@@ -30,7 +30,10 @@ from device.balloon_device import BalloonDevice
 from device.control import Channel, ControlError, PeerGone
 from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
 from device.free_page_hint import hint_device_features
+from device.backing import BACKINGS, backing_problem
 from device.guest_ram import GuestRAM, process_rss_bytes
+from device.host_pages import PARTIAL_TRACKING
+from device.page_reporting_device import ReportingDevice, reporting_device_features
 from device.layout import PAGE_SHIFT, GuestLayout
 from device.migration.controller import MigrationController, add_vmm_arguments
 from device.monitor import CommandError, Deferred, Monitor
@@ -42,10 +45,15 @@ class VMM:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.layout = GuestLayout.pc(args.guest_mib)
-        self.ram = GuestRAM.create(self.layout)
+        problem = backing_problem(args.backing, self.layout.ram_bytes)
+        if problem is not None:
+            raise SystemExit(f"vmm: cannot back guest RAM with {args.backing}: {problem}")
+        self.ram = GuestRAM.create(self.layout, backing=args.backing)
         self.device = BalloonDevice(self.ram, protocol_device_features(args.protocol)
-                                    | hint_device_features(getattr(args, "hint", "none")),
-                                    ranges_policy=args.protocol == "pfn-ranges", discard=args.discard)
+                                    | hint_device_features(getattr(args, "hint", "none"))
+                                    | reporting_device_features(args.reporting),
+                                    ranges_policy=args.protocol == "pfn-ranges", discard=args.discard,
+                                    partial_tracking=args.partial_tracking)
         self.device.on_kick_fds_changed = self._rearm_kicks
         self.device.on_actual_changed = self._actual_changed
         self.sel = selectors.DefaultSelector()
@@ -57,6 +65,8 @@ class VMM:
         self._deadlines: list[tuple[float, Deferred, object]] = []
         self.wakeups = 0
         self.migration = MigrationController(self)   # migrate/query-migrate, --incoming, hint queues
+        self.reporting = ReportingDevice(self.device, self.device.extra_queue_handler)   # queue 4
+        self.device.extra_queue_handler = self.reporting.handler_for
         self.monitor = Monitor(args.monitor, {**self._commands(), **self.migration.commands()},
                                version="balloon-lab vmm")
         self.sel.register(self.monitor.listener, selectors.EVENT_READ, ("listen", None))
@@ -130,6 +140,9 @@ class VMM:
             "x-balloon-lab-reset-counters": lambda a: self.device.reset_counters(),
             "x-balloon-lab-verify": lambda a: self.device.verify_discarded(),
             "x-balloon-lab-bare-discard": self._cmd_bare_discard,
+            "x-balloon-lab-memfd": lambda a: {"allocated_bytes": self.ram.allocated_bytes(),
+                                              "reporting": self.reporting.counters()},
+            "x-balloon-lab-check-free-runs": lambda a: self.reporting.check_runs_hold_no_data(a),
         }
 
     def _cmd_balloon(self, args: dict) -> None:
@@ -191,6 +204,8 @@ class VMM:
             "guest_exit": self.guest_exit,
             "protocol": self.args.protocol,
             "discard": self.args.discard,
+            "backing": self.args.backing,
+            "partial_tracking": self.args.partial_tracking,
             "layout": self.layout.to_dict(),
             "ram_bytes": self.layout.ram_bytes,
             "features": self.device.driver_features,
@@ -314,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guest-mib", type=int, required=True)
     p.add_argument("--protocol", default="pfn", choices=("pfn", "pfn-ranges", "bitmap", "chunks"))
     p.add_argument("--discard", default="madvise", choices=("madvise", "punch-hole"))
+    p.add_argument("--backing", default="4k", choices=BACKINGS,
+                   help="host pages under guest RAM: 4k memfd, thp (MADV_HUGEPAGE), hugetlb (MFD_HUGETLB)")
+    p.add_argument("--partial-tracking", default="full", choices=PARTIAL_TRACKING,
+                   help="huge backings: track every partially ballooned host page (full) or one per "
+                        "request, as QEMU does (qemu)")
+    p.add_argument("--reporting", action="store_true",
+                   help="offer free page reporting (VIRTIO_BALLOON_F_REPORTING, queue 4)")
     p.add_argument("--monitor", required=True, help="unix socket path for the QMP-like monitor")
     p.add_argument("--agent", required=True, help="unix socket path for the guest agent")
     add_vmm_arguments(p)

@@ -14,7 +14,10 @@ Formats:
   driver's, not the codec's).
 - bitmap (the seed's): 32-byte header {le16 cmd, le16 page_shift, le16 flags,
   le16 reserved, le64 req_id, le64 start_pfn, le64 bmap_len} then bmap_len bytes;
-  bit i (byte i//8, bit i%8, LSB first) stands for PFN start_pfn + i.
+  bit i (byte i//8, bit i%8, LSB first) stands for PFN start_pfn + i. With
+  page_shift s > 12 a bit stands for the 2**(s-12) pages from start_pfn + i*2**(s-12)
+  (start_pfn, still a 4 KiB PFN, aligned to that): page_shift 21 names whole 2 MiB
+  blocks, one bit per huge host page.
 - chunks: one (GPA, nbytes) descriptor per run of contiguous pages.
 """
 from __future__ import annotations
@@ -246,7 +249,9 @@ def encode_bitmap_requests(pfns, *, pages_per_request: int, page_shift: int = PA
     """One request (header + bitmap) per aligned window of pages_per_request PFNs
     that holds any of `pfns`; the bitmap starts at the window's lowest set PFN and
     ends at the byte of its highest, so sparse windows produce small bitmaps.
-    Empty windows produce nothing. req_id counts up from req_id_start."""
+    Empty windows produce nothing. req_id counts up from req_id_start. With
+    page_shift > 12, `pfns` are block numbers (PFN >> (page_shift - 12)) and the
+    header's start_pfn is the first block's 4 KiB PFN."""
     if pages_per_request < 1:
         raise ValueError(f"pages_per_request must be >= 1, got {pages_per_request}")
     u = sorted_unique(_as_int64(pfns, "pfns"))
@@ -263,23 +268,35 @@ def encode_bitmap_requests(pfns, *, pages_per_request: int, page_shift: int = PA
     packed = np.packbits(bits, bitorder="little").tobytes()
     out = []
     for k, (s, b, n) in enumerate(zip(start.tolist(), base.tolist(), nbytes.tolist())):
-        hdr = BITMAP_HEADER.pack(cmd, page_shift, 0, 0, req_id_start + k, s, n)
+        hdr = BITMAP_HEADER.pack(cmd, page_shift, 0, 0, req_id_start + k, s << (page_shift - PAGE_SHIFT), n)
         out.append(hdr + packed[b : b + n])
     return out
 
 
-def decode_bitmap(buf: Buffers, *, max_pfn: int, expected_page_shift: int = PAGE_SHIFT
-                  ) -> tuple[BitmapHeader, np.ndarray, np.ndarray]:
+BITMAP_PAGE_SHIFTS = (PAGE_SHIFT, 21)   # what the device accepts: 4 KiB pages, 2 MiB blocks
+
+
+def decode_bitmap(buf: Buffers, *, max_pfn: int, expected_page_shift: int = PAGE_SHIFT,
+                  page_shifts: tuple[int, ...] | None = None) -> tuple[BitmapHeader, np.ndarray, np.ndarray]:
     """(header, run starts, run lengths) of one bitmap request, given as one buffer
     or the chain's list of buffers (header and bitmap may be split anywhere).
     Refuses: 'truncated-header', 'bad-page-shift', 'bitmap-too-large' (bmap_len
     more than max_pfn bits need), 'bitmap-len' (bmap_len differs from the bytes
-    received), 'beyond-ram' (a set bit at or beyond max_pfn)."""
+    received), 'beyond-ram' (a set bit at or beyond max_pfn), 'unaligned-start'
+    (start_pfn not a multiple of the page_shift's block). `page_shifts` lists the
+    accepted page_shift values (default: just expected_page_shift). Runs come back
+    in 4 KiB PFNs whatever the page_shift."""
     data = _join(buf)
     hdr = BitmapHeader.unpack(data)
-    if hdr.page_shift != expected_page_shift:
-        raise WireError("bad-page-shift", f"page_shift {hdr.page_shift}, expected {expected_page_shift}")
-    need = (max_pfn + 7) // 8
+    accepted = page_shifts if page_shifts is not None else (expected_page_shift,)
+    if hdr.page_shift not in accepted:
+        raise WireError("bad-page-shift", f"page_shift {hdr.page_shift}, expected "
+                                          f"{' or '.join(str(x) for x in accepted)}")
+    unit_shift = hdr.page_shift - PAGE_SHIFT
+    if hdr.start_pfn & ((1 << unit_shift) - 1):
+        raise WireError("unaligned-start", f"start_pfn {hdr.start_pfn:#x} is not aligned to the "
+                                           f"{1 << unit_shift} pages of page_shift {hdr.page_shift}")
+    need = (-(-max_pfn >> unit_shift) + 7) // 8
     if hdr.bmap_len > need:
         raise WireError("bitmap-too-large", f"bmap_len {hdr.bmap_len} is more than the {need} bytes "
                                             f"a guest of {max_pfn} pages can need")
@@ -287,6 +304,7 @@ def decode_bitmap(buf: Buffers, *, max_pfn: int, expected_page_shift: int = PAGE
     if hdr.bmap_len != got:
         raise WireError("bitmap-len", f"header says bmap_len {hdr.bmap_len}, request carries {got} bytes")
     starts, lengths = bitmap_to_runs(np.frombuffer(data, dtype=np.uint8, offset=BITMAP_HEADER_SIZE))
+    starts, lengths = starts << unit_shift, lengths << unit_shift
     if starts.size:
         last = hdr.start_pfn + int(starts[-1] + lengths[-1]) - 1
         if last >= max_pfn:

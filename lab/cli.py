@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "migrate",
     "fuzz",
     "db", "submit", "worker",
+    "reclaim",
 )
 
 

@@ -236,6 +236,94 @@ def check_memory_syscalls() -> Check:
                              f"{half - empty} (st_blocks), eventfd 3 writes -> read {got}")
 
 
+def _smaps_field(addr_prefix: str, field: str) -> int:
+    """kB of `field` in this process's smaps entry starting at address `addr_prefix`."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.startswith(addr_prefix)
+            elif inside and line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _huge_discard_probe(flags: int, thp: bool) -> tuple[int, int, int]:
+    """A 4 MiB memfd (flags: 0 or MFD_HUGETLB), touched, then 2 MiB discarded:
+    (bytes held after touching, bytes held after the discard, kB mapped by PMD)."""
+    import ctypes
+    from device.backing import advise_mapping
+    size = 4 << 20
+    fd = os.memfd_create("balloon-lab-doctor-huge", os.MFD_CLOEXEC | flags)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size)
+        try:
+            advise_mapping(mm, "thp" if thp else "4k")
+            mm.write(b"\x5a" * size)
+            held = os.fstat(fd).st_blocks * 512
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            pmd = _smaps_field(f"{addr:x}-", "ShmemPmdMapped") if thp else 0
+            mm.madvise(mmap.MADV_REMOVE, 2 << 20, 2 << 20)
+            after = os.fstat(fd).st_blocks * 512
+        finally:
+            import gc
+            gc.collect()
+            try:
+                mm.close()
+            except BufferError:
+                pass
+    finally:
+        os.close(fd)
+    return held, after, pmd
+
+
+def check_huge_pages() -> Check:
+    """--backing thp and hugetlb: set the THP knob (root), prove a memfd gets 2 MiB pages
+    and frees one whole on MADV_REMOVE; try a hugetlb memfd from a pool raised just
+    for the check (then restored). The detail says every change made."""
+    from device.backing import (MFD_HUGE_2MB, MFD_HUGETLB, NR_HUGEPAGES, THP_SHMEM_KNOB, BackingError,
+                                ensure_backing, hugetlb_pool, thp_shmem_state)
+    name = "huge-pages"
+    notes: list[str] = []
+    try:
+        notes += ensure_backing("thp")
+    except BackingError as e:
+        return Check(name, False, f"--backing thp unavailable: {e}",
+                     f"echo advise > {THP_SHMEM_KNOB} (as root; scripts/setup.sh does it)")
+    held, after, pmd = _huge_discard_probe(0, thp=True)
+    if pmd < 2048 or held - after != 2 << 20:
+        return Check(name, False, f"shmem_enabled is `{thp_shmem_state()}` but a MADV_HUGEPAGE memfd got "
+                                  f"{pmd} kB PMD-mapped and a 2 MiB discard freed {held - after} bytes",
+                     "a kernel with CONFIG_TRANSPARENT_HUGEPAGE and shmem THP")
+    detail = f"thp: 4 MiB memfd PMD-mapped ({pmd} kB), 2 MiB MADV_REMOVE freed {held - after} bytes"
+    pool = hugetlb_pool()
+    raised = False
+    try:
+        if pool.available < 2:
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(pool.total + 2 - pool.available))
+            raised = True
+        held, after, _ = _huge_discard_probe(MFD_HUGETLB | MFD_HUGE_2MB, thp=False)
+        hug = f"hugetlb: 4 MiB memfd held {held} bytes, 2 MiB MADV_REMOVE freed {held - after}"
+        ok_h = held == 4 << 20 and held - after == 2 << 20
+    except OSError as e:
+        hug, ok_h = f"hugetlb: {e}", False
+    finally:
+        if raised:
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(pool.total))
+            notes.append(f"raised {NR_HUGEPAGES} {pool.total} -> {pool.total + 2 - pool.available} for the "
+                         f"check and restored it")
+    changed = ("; changed: " + "; ".join(notes)) if notes else "; nothing changed"
+    tail = (f"; pool now {pool.total} pages (the lab raises it to the guest's size for a hugetlb trial "
+            f"and says so)")
+    if not ok_h:
+        return Check(name, False, detail + "; " + hug + changed + tail,
+                     f"run as root with free memory for 2 huge pages ({NR_HUGEPAGES})")
+    return Check(name, True, detail + "; " + hug + changed + tail)
+
+
 def run_checks() -> list[Check]:
     checks, problems = check_prerequisites()
     blocked = [c for c in checks if not c.ok]
@@ -258,6 +346,10 @@ def run_checks() -> list[Check]:
         checks.append(Check("usdt-audit", False, "not attempted: the interpreter has no python:audit marker",
                             checks[-1].fix))
     checks.append(check_memory_syscalls())
+    try:
+        checks.append(check_huge_pages())
+    except Exception as e:       # the doctor reports, it does not crash
+        checks.append(Check("huge-pages", False, f"{type(e).__name__}: {e}", "run as root"))
     return checks
 
 

@@ -49,10 +49,11 @@ from device.guest_ram import GuestRAM, memfd_data_extents
 from device.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
 from device.transport import VringConfig
 from device.virtqueue import DeviceQueue, RingError
+from lab import fuzz_formats
 from lab.raw_guest import F_INDIRECT, F_NEXT, F_WRITE, RingAddrs, RawRing
 
-TARGETS = ("device", "ring", "pfn", "bitmap", "chunks")
-WEIGHTS = (0.45, 0.15, 0.10, 0.15, 0.15)
+TARGETS = ("device", "ring", "pfn", "bitmap", "chunks", "report")
+WEIGHTS = (0.40, 0.15, 0.10, 0.15, 0.12, 0.08)       # report: lab/fuzz_formats.py
 PROTOCOLS = ("pfn", "pfn-ranges", "bitmap", "chunks")
 QUEUES = (0, 1, 2, 3, 5)            # inflate, deflate, stats, free-page hint, misc
 # Steps that are not guest kicks: what the VMM does on its side between them.
@@ -64,7 +65,8 @@ BUF_AREA = (0x8000, 0x40000)        # request buffers and indirect tables live h
 DATA_BYTE = 0xA5
 WIRE_REASONS = {"pfn-array-len", "pfn-range", "truncated-header", "bad-page-shift", "bitmap-len",
                 "bitmap-too-large", "beyond-ram", "unaligned", "zero-length", "overflow", "overlap",
-                "bad-chunks", "not-ram", "bad-type"}
+                "bad-chunks", "not-ram", "bad-type", "unaligned-start"}
+PAGE_SHIFTS = (0, 11, 12, 13, 20, 21, 22, 63, 0xFFFF)   # what mutations put in a bitmap header
 U64_MAX = (1 << 64) - 1
 _PAGE = bytes([DATA_BYTE]) * PAGE_SIZE
 
@@ -248,9 +250,12 @@ def named_mask(protocol: str, rd: _Reader, lay: GuestLayout, chains: list[Chain]
             out[p[p < mx]] = True
         elif len(data) >= 32:
             start = struct.unpack_from("<Q", data, 16)[0]
+            shift = struct.unpack_from("<H", data, 2)[0]
+            unit = 1 << (shift - PAGE_SHIFT) if shift in wire.BITMAP_PAGE_SHIFTS else 1
             if start < mx:
-                bits = np.unpackbits(np.frombuffer(data[32:32 + (mx + 7) // 8], dtype=np.uint8), bitorder="little")
-                p = np.flatnonzero(bits) + start
+                bits = np.unpackbits(np.frombuffer(data[32:32 + (mx // unit + 8) // 8], dtype=np.uint8),
+                                     bitorder="little")
+                p = (np.flatnonzero(bits)[:, None] * unit + np.arange(unit)).ravel() + start
                 out[p[p < mx]] = True
     return out
 
@@ -378,16 +383,19 @@ def ref_bitmap(data: bytes, max_pfn: int) -> tuple[str | None, tuple[np.ndarray,
     if len(data) < 32:
         return "truncated-header", none
     _cmd, shift, _fl, _res, _rid, start, blen = struct.unpack_from("<HHHHQQQ", data)
-    if shift != 12:
+    if shift not in (12, 21):
         return "bad-page-shift", none
-    if blen > (max_pfn + 7) // 8:
+    unit = 1 << (shift - 12)              # page_shift 21: one bit per aligned 512-page block
+    if start % unit:
+        return "unaligned-start", none
+    if blen > ((max_pfn + unit - 1) // unit + 7) // 8:
         return "bitmap-too-large", none
     if blen != len(data) - 32:
         return "bitmap-len", none
     bits = np.zeros(8 * blen + 2, dtype=np.int8)
     bits[1:-1] = np.unpackbits(np.frombuffer(data[32:], dtype=np.uint8), bitorder="little")
     edges = np.flatnonzero(np.diff(bits))
-    s, e = edges[0::2].astype(np.int64), edges[1::2].astype(np.int64)
+    s, e = edges[0::2].astype(np.int64) * unit, edges[1::2].astype(np.int64) * unit
     if not s.size:
         return None, none                     # names nothing, wherever start_pfn points
     if start + int(e[-1]) - 1 >= max_pfn:
@@ -543,7 +551,14 @@ def encode_request(protocol: str, pfns: list[int], rng: random.Random, b: _Build
         bm = np.packbits(bits, bitorder="little").tobytes()
         if rng.random() < 0.2:
             bm += bytes(rng.randrange(1, 9))           # trailing zero bytes
-        hdr = struct.pack("<HHHHQQQ", 1 if deflate else 0, 12, 0, 0, rng.randrange(1 << 16), lo, len(bm))
+        shift = 12
+        if rng.random() < 0.2:           # whole 2 MiB blocks, one bit each (page_shift 21)
+            shift, lo = 21, lo >> 9 << 9
+            blocks = sorted({(p - lo) >> 9 for p in pfns if p >= lo})
+            bits = np.zeros(((blocks[-1] + 8) // 8 * 8) if blocks else 0, dtype=np.uint8)
+            bits[blocks] = 1
+            bm = np.packbits(bits, bitorder="little").tobytes()
+        hdr = struct.pack("<HHHHQQQ", 1 if deflate else 0, shift, 0, 0, rng.randrange(1 << 16), lo, len(bm))
         g = b.buf(hdr + bm, 8)
         return _split(g, len(hdr) + len(bm), rng, first=32 if rng.random() < 0.6 else None)
     # chunks: one descriptor per run of contiguous pages
@@ -810,7 +825,12 @@ def mutate_decoder(case: dict, rng: random.Random, pool: list[dict]) -> dict:
                 c["max_pfn"] = rng.choice([None, 0, 1, 768, 256, 1 << 20])
         elif c["t"] == "bitmap":
             r = rng.random()
-            if r < 0.7 and c["bufs"]:
+            if r < 0.1:                  # page_shift values, at byte 2 of the joined request
+                joined = bytearray(b"".join(c["bufs"]))
+                if len(joined) >= 4:
+                    joined[2:4] = struct.pack("<H", rng.choice(PAGE_SHIFTS))
+                c["bufs"] = [bytes(joined)]
+            elif r < 0.7 and c["bufs"]:
                 k = rng.randrange(len(c["bufs"]))
                 c["bufs"][k] = _mutate_bytes(rng, c["bufs"][k], fl)
             elif r < 0.85:
@@ -841,9 +861,10 @@ def mutate_decoder(case: dict, rng: random.Random, pool: list[dict]) -> dict:
 
 
 GENERATORS: dict[str, Callable[[random.Random], dict]] = {
-    "device": gen_device, "ring": gen_ring, "pfn": gen_pfn, "bitmap": gen_bitmap, "chunks": gen_chunks}
+    "device": gen_device, "ring": gen_ring, "pfn": gen_pfn, "bitmap": gen_bitmap, "chunks": gen_chunks,
+    "report": fuzz_formats.gen_report}
 MUTATORS = {"device": mutate_device, "ring": mutate_device, "pfn": mutate_decoder, "bitmap": mutate_decoder,
-            "chunks": mutate_decoder}
+            "chunks": mutate_decoder, "report": fuzz_formats.mutate_report}
 
 
 # ======================================================================================
@@ -1239,7 +1260,7 @@ def _check_bitmap(case: dict):
     bufs, mx = case["bufs"], case["max_pfn"]
     ref_reason, (rs, rl) = ref_bitmap(b"".join(bufs), mx)
     try:
-        _hdr, starts, lengths = wire.decode_bitmap(bufs, max_pfn=mx)
+        _hdr, starts, lengths = wire.decode_bitmap(bufs, max_pfn=mx, page_shifts=wire.BITMAP_PAGE_SHIFTS)
     except wire.WireError as e:
         if ref_reason is None:
             return e.reason, "crash", f"refused ({e}) a request the format allows"
@@ -1307,7 +1328,24 @@ def execute(rig: Rig, case: dict, limit_s: float) -> Outcome:
         return rig.run_device(case, limit_s)
     if t == "ring":
         return rig.run_ring(case, limit_s)
+    if t == "report":
+        return run_report(rig, case, limit_s)
     return run_decoder(case, limit_s)
+
+
+def run_report(rig: Rig, case: dict, limit_s: float) -> Outcome:
+    """The free page reporting queue (lab/fuzz_formats.py), under the same time limit."""
+    if not hasattr(rig, "report_rig"):
+        rig.report_rig = fuzz_formats.ReportRig()
+    try:
+        _arm(limit_s)
+        try:
+            sig, failure, detail = rig.report_rig.run(case)
+        finally:
+            _disarm()
+    except Hang:
+        return Outcome(("report", "hang"), "hang", _hang_detail(limit_s))
+    return Outcome(sig, failure, detail)
 
 
 # ======================================================================================

@@ -41,6 +41,9 @@ class BalloonTrial:
     seed: int = 1
     batch_pages: int | None = None
     discard: str = "madvise"
+    backing: str = "4k"                 # host pages under guest RAM: 4k | thp | hugetlb
+    partial_tracking: str = "full"      # huge backings: full | qemu (device/host_pages.py)
+    alloc_policy: str = "linux"         # linux | hugepage-aware (device/alloc_policy.py)
     deflate: bool = True
     timeout_s: float = 600.0        # the runner's wait for the monitor and the agent
     device_timeout_s: float = 30.0  # the guest driver's wait for the device to use a request
@@ -55,17 +58,21 @@ class LabProcesses:
     """The VMM + guest pair of one trial, with their monitor and agent connections.
     Always torn down, whatever happens: no process outlives the trial."""
 
-    def __init__(self, t: BalloonTrial, extra_vmm_args: list[str] | None = None) -> None:
+    def __init__(self, t: BalloonTrial, extra_vmm_args: list[str] | None = None,
+                 extra_guest_args: list[str] | None = None) -> None:
         self.t = t
         self.dir = tempfile.mkdtemp(prefix="balloon-lab-")
         self.monitor_path = os.path.join(self.dir, "monitor.sock")
         self.agent_path = os.path.join(self.dir, "agent.sock")
+        announce_backing(t.backing, t.guest_mib)
         guest_args = ["--protocol", _driver_protocol(t.protocol), "--log-level", t.log_level,
-                      "--timeout", str(t.device_timeout_s)]
+                      "--timeout", str(t.device_timeout_s), "--backing", t.backing,
+                      "--alloc-policy", t.alloc_policy] + list(extra_guest_args or [])
         if t.batch_pages is not None:
             guest_args += ["--batch-pages", str(t.batch_pages)]
         cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
-               "--discard", t.discard, "--monitor", self.monitor_path, "--agent", self.agent_path,
+               "--discard", t.discard, "--backing", t.backing, "--partial-tracking", t.partial_tracking,
+               "--monitor", self.monitor_path, "--agent", self.agent_path,
                "--log-level", t.log_level] + (extra_vmm_args or []) + ["--"] + guest_args
         self.vmm = subprocess.Popen(cmd, preexec_fn=die_with_parent)
         self.qmp: QMPClient | None = None
@@ -185,6 +192,23 @@ def _proc_state(pid: int) -> str | None:
         return None
 
 
+_announced: set[tuple[str, int]] = set()
+
+
+def announce_backing(backing: str, guest_mib: int) -> None:
+    """Make the host able to give this backing (THP knob, hugetlb pool) and say on
+    stderr what was changed; a host that cannot is a TrialFailed naming the fix."""
+    if (backing, guest_mib) in _announced:
+        return
+    from device.backing import BackingError, ensure_backing
+    try:
+        for change in ensure_backing(backing, guest_mib * MiB):
+            print(f"balloon-lab: for --backing {backing}: {change}", file=sys.stderr)
+    except BackingError as e:
+        raise TrialFailed(f"--backing {backing}: {e}") from e
+    _announced.add((backing, guest_mib))
+
+
 def _driver_protocol(protocol: str) -> str:
     return {"pfn": "pfn", "pfn-ranges": "pfn", "bitmap": "bitmap", "chunks": "chunks"}[protocol]
 
@@ -264,6 +288,7 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
         "device_errors": {k: v - dev0["errors"].get(k, 0) for k, v in dev1["errors"].items()
                           if v - dev0["errors"].get(k, 0)},
         "memfd_bytes_before": dev0["memfd_allocated_bytes"], "memfd_bytes_after": dev1["memfd_allocated_bytes"],
+        "host_pages": dev1.get("host_pages"),
         "rss_bytes": {"vmm": dev1["vmm_rss_bytes"], "guest": dev1["guest_rss_bytes"]},
         "probes": reading,
     }
@@ -279,7 +304,9 @@ def verify(lp: LabProcesses, target_pages: int) -> dict:
                                     and g["balloon_pages"] == d["ballooned_pages"],
         "actual_is_target": g["actual"] == target_pages,
     }
-    return {"ok": all(checks.values()), "checks": checks, "kept_pages_checked": g["pages_checked"],
+    huge = {k: d[k] for k in ("host_page_bytes", "whole_host_pages", "whole_with_data", "partial_host_pages")
+            if k in d}
+    return {"ok": all(checks.values()), "checks": checks, "kept_pages_checked": g["pages_checked"], **huge,
             "bad_kept_pfns": g["bad_pfns"], "ballooned_with_data": d["ballooned_with_data"],
             "balloon_pages": g["balloon_pages"]}
 
@@ -356,6 +383,7 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
                      "prepare": prep.get("summary"), "stop": wl},
         "wire_format": lp.guest_info["driver"]["wire_format"], "batch_pages": lp.guest_info["driver"]["batch_pages"],
         "discard": t.discard,
+        "backing": t.backing, "partial_tracking": t.partial_tracking, "alloc_policy": t.alloc_policy,
         **inflate,
         "memfd_freed_bytes": freed,
         "stages_ns": stages,
@@ -378,7 +406,8 @@ def run_trial(spec, arm: str, probe_session=None) -> dict:
         batch = spec.bitmap_pages_per_request
     t = BalloonTrial(protocol=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib, workload=spec.workload,
                      workload_params=dict(spec.workload_params), seed=spec.seed, batch_pages=batch,
-                     discard=spec.discard)
+                     discard=spec.discard, backing=spec.backing, partial_tracking=spec.partial_tracking,
+                     alloc_policy=spec.alloc_policy)
     return run_balloon(t, probe_session if spec.probes else None)
 
 

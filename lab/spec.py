@@ -24,6 +24,9 @@ BALLOON_ARMS = ("pfn", "pfn-ranges", "bitmap", "chunks")
 MIGRATE_ARMS = ("none", "upstream", "bitmap")
 ARMS_BY_KIND = {"balloon": BALLOON_ARMS, "migrate": MIGRATE_ARMS}
 DISCARD_METHODS = ("madvise", "punch-hole")
+BACKINGS = ("4k", "thp", "hugetlb")                 # device/backing.py
+PARTIAL_TRACKING = ("full", "qemu")                 # device/host_pages.py
+ALLOC_POLICIES = ("linux", "hugepage-aware")        # device/alloc_policy.py
 PFN_ARMS = ("pfn", "pfn-ranges")
 PFN_MAX_PER_REQUEST = 256  # the pfn wire format's limit (Linux VIRTIO_BALLOON_ARRAY_PFNS_MAX)
 NO_PROBES_SUFFIX = "/no-probes"
@@ -141,6 +144,9 @@ class ExperimentSpec:
     discard: str = "madvise"
     bandwidth: int = 10**10  # bits/s; strings like "10gbit" are parsed
     probe_overhead: bool = False  # also run arms[0] without probes to measure their cost
+    backing: str = "4k"
+    partial_tracking: str = "full"
+    alloc_policy: str = "linux"
 
     def __post_init__(self) -> None:
         self.bandwidth = parse_bandwidth(self.bandwidth)
@@ -191,6 +197,9 @@ class ExperimentSpec:
             if n % 8:
                 raise SpecError("bitmap_pages_per_request", f"{n} is not a multiple of 8 (whole bitmap bytes)")
         _check_choice("discard", self.discard, DISCARD_METHODS)
+        _check_choice("backing", self.backing, BACKINGS)
+        _check_choice("partial_tracking", self.partial_tracking, PARTIAL_TRACKING)
+        _check_choice("alloc_policy", self.alloc_policy, ALLOC_POLICIES)
         if not isinstance(self.name, str) or len(self.name) > 200 or not self.name.isprintable():
             raise SpecError("name", f"{self.name!r} is not a printable name of at most 200 characters")
         if not self.name.strip():
@@ -323,6 +332,12 @@ FIELDS: tuple[Field, ...] = (
           to_text=lambda v: [format_bandwidth(v)]),
     Field("probe_overhead", "--probe-overhead", "Also run the first arm without probes.",
           is_flag_pair=True),
+    Field("backing", "--backing", "Host pages under guest RAM: 4k, thp (MADV_HUGEPAGE), hugetlb.",
+          click.Choice(BACKINGS)),
+    Field("partial_tracking", "--partial-tracking", "Huge backings: track every partially ballooned host "
+          "page (full) or one per request as QEMU (qemu).", click.Choice(PARTIAL_TRACKING)),
+    Field("alloc_policy", "--alloc-policy", "Pages the balloon takes: linux (order-0) or hugepage-aware "
+          "(whole 2 MiB blocks first).", click.Choice(ALLOC_POLICIES)),
 )
 
 

@@ -9,6 +9,10 @@
 #   3. tracefs on /sys/kernel/tracing and debugfs on /sys/kernel/debug.
 #   4. .venv from Debian's /usr/bin/python3 (the one with BCC and USDT markers),
 #      --system-site-packages, with the project installed editable with test extras.
+#   5. Huge pages for --backing thp: shared-memory THP `advise` (it is `never` at boot).
+#      --backing hugetlb needs a hugetlbfs pool the size of the guest; the lab raises
+#      /proc/sys/vm/nr_hugepages itself when a hugetlb trial starts (and says so), or set
+#      BALLOON_LAB_HUGETLB_MIB=N here to reserve N MiB now.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,5 +89,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" \
         2> >(grep -v "^WARNING: Location 'file://" >&2)
     echo "$want" > "$stamp"
+fi
+# 5. Huge pages ----------------------------------------------------------------------
+THP=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [ -w "$THP" ] && ! grep -Eq '\[(advise|always|within_size|force)\]' "$THP"; then
+    act "setting $THP to advise (was: $(sed 's/.*\[\(.*\)\].*/\1/' "$THP")), for --backing thp"
+    echo advise > "$THP"
+fi
+if [ -n "${BALLOON_LAB_HUGETLB_MIB:-}" ]; then
+    want=$(( (BALLOON_LAB_HUGETLB_MIB + 1) / 2 ))
+    have=$(cat /proc/sys/vm/nr_hugepages)
+    if [ "$have" -lt "$want" ]; then
+        act "raising /proc/sys/vm/nr_hugepages from $have to $want (BALLOON_LAB_HUGETLB_MIB=$BALLOON_LAB_HUGETLB_MIB)"
+        echo "$want" > /proc/sys/vm/nr_hugepages
+    fi
 fi
 say "ready"

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "balloon-lab")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 EXPECTED = ["root", "bcc", "kernel-headers", "tracefs", "tracepoint-program", "usdt-markers", "usdt-audit",
-            "memfd-eventfd-madv-remove"]
+            "memfd-eventfd-madv-remove", "huge-pages"]
 
 
 def run(args: list[str], prefix: list[str] | None = None) -> subprocess.CompletedProcess:

@@ -59,7 +59,7 @@ def _write_cases(directory: Path, name: str, cases: list[dict]) -> Path:
 def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, replay, as_json, quiet) -> None:
     """Fuzz the balloon device as a hostile guest: garbage rings, descriptor loops, chains in the
     MMIO hole, truncated and oversized bitmaps, bad chunks, over the decoders, the ring walker and
-    the device's inflate/deflate/stats/hint queues, in-process over a real memfd. A run counts
+    the device's inflate/deflate/stats/hint/reporting queues, in-process over a real memfd. A run counts
     crashes, hangs (an execution past --exec-timeout) and out-of-range discards (a page lost its
     data, per SEEK_DATA on the memfd, although the guest never named it)."""
     from lab import fuzz

@@ -8,6 +8,7 @@ import click
 
 from device.features import PROTOCOLS
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
+from lab.spec import ALLOC_POLICIES, BACKINGS, PARTIAL_TRACKING
 
 
 def workload_params(workload: str, items: tuple[str, ...]) -> dict:
@@ -33,6 +34,11 @@ def format_result(r: dict) -> str:
              f"  pages {r['pages']}  requests {r['requests']}  kicks {r['kicks']}  interrupts {r['interrupts']}",
              f"  discard calls {r['discard_calls']}  runs {r['runs']}  translations {r['translations']}",
              f"  memfd freed {r['memfd_freed_bytes'] / 2**20:.1f} MiB"]
+    hp = r.get("host_pages")
+    if hp:
+        lines.append(f"  backing {r['backing']}: {hp['host_page_bytes'] >> 20} MiB host pages, "
+                     f"{hp['discarded_host_pages']} discarded, {hp['whole_not_discarded']} whole but kept, "
+                     f"{hp['partial_host_pages']} partial ({hp['mode']} tracking, allocation {r['alloc_policy']})")
     for op, st in r["stages_ns"].items():
         tot = st["total"] or 1
         parts = "  ".join(f"{k} {st[k] / 1e6:.1f} ms ({100 * st[k] / tot:.1f} %)"
@@ -60,16 +66,23 @@ def format_result(r: dict) -> str:
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--batch-pages", type=int, default=None, help="pages per request (default: 256 for pfn, 1 GiB for ranges)")
 @click.option("--discard", type=click.Choice(("madvise", "punch-hole")), default="madvise", show_default=True)
+@click.option("--backing", type=click.Choice(BACKINGS), default="4k", show_default=True,
+              help="host pages under guest RAM")
+@click.option("--partial-tracking", type=click.Choice(PARTIAL_TRACKING), default="full", show_default=True,
+              help="huge backings: every partial host page (full) or one per request (qemu)")
+@click.option("--alloc-policy", type=click.Choice(ALLOC_POLICIES), default="linux", show_default=True,
+              help="pages the balloon takes")
 @click.option("--no-deflate", is_flag=True, help="inflate only")
 @click.option("--probes/--no-probes", default=True, show_default=True, help="attach the BCC probes")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, no_deflate, probes,
-            as_json) -> None:
+def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, backing,
+            partial_tracking, alloc_policy, no_deflate, probes, as_json) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
     try:
         trial = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
                              workload_params=workload_params(workload, params), seed=seed, batch_pages=batch_pages,
-                             discard=discard, deflate=not no_deflate)
+                             discard=discard, deflate=not no_deflate, backing=backing,
+                             partial_tracking=partial_tracking, alloc_policy=alloc_policy)
     except ValueError as e:
         raise click.UsageError(str(e))
     session = open_probes(probes)
