@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from device.layout import MiB, PAGE_SHIFT
+from lab.backends import is_qemu_arm
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard", "total")
@@ -372,6 +373,9 @@ def run_trial(spec, arm: str, probe_session=None) -> dict:
     """lab.experiment's trial function: one balloon trial of `arm` under an ExperimentSpec."""
     if spec.kind != "balloon":
         raise ValueError(f"run_trial runs balloon experiments, not {spec.kind!r}")
+    if is_qemu_arm(arm):                  # the one dispatch point: arm -> backend
+        from lab.backends.qemu.trial import run_qemu_trial
+        return run_qemu_trial(spec, arm, probe_session)
     batch = spec.batch_pages_for(arm)
     if arm == "bitmap" and spec.bitmap_pages_per_request is not None:
         batch = spec.bitmap_pages_per_request

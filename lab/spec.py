@@ -19,10 +19,13 @@ from typing import Any, Callable, Mapping
 
 import click
 
+from lab.backends import QEMU_BALLOON_ARMS, check_qemu_spec
+
 KINDS = ("balloon", "migrate")
 BALLOON_ARMS = ("pfn", "pfn-ranges", "bitmap", "chunks")
 MIGRATE_ARMS = ("none", "upstream", "bitmap")
-ARMS_BY_KIND = {"balloon": BALLOON_ARMS, "migrate": MIGRATE_ARMS}
+ARMS_BY_KIND = {"balloon": BALLOON_ARMS + QEMU_BALLOON_ARMS, "migrate": MIGRATE_ARMS}
+DEFAULT_ARMS = {"balloon": BALLOON_ARMS, "migrate": MIGRATE_ARMS}  # the real stack only when asked for
 DISCARD_METHODS = ("madvise", "punch-hole")
 PFN_ARMS = ("pfn", "pfn-ranges")
 PFN_MAX_PER_REQUEST = 256  # the pfn wire format's limit (Linux VIRTIO_BALLOON_ARRAY_PFNS_MAX)
@@ -153,7 +156,7 @@ class ExperimentSpec:
         _check_choice("kind", self.kind, KINDS)
         allowed_arms = ARMS_BY_KIND[self.kind]
         if not self.arms:
-            self.arms = list(allowed_arms)
+            self.arms = list(DEFAULT_ARMS[self.kind])
         if not isinstance(self.arms, list) or not all(isinstance(a, str) for a in self.arms):
             raise SpecError("arms", f"must be a list of arm names, got {self.arms!r}", allowed_arms)
         for a in self.arms:
@@ -392,6 +395,11 @@ def validate_workload(spec: ExperimentSpec) -> None:
         return
     if spec.workload not in WORKLOADS:
         raise SpecError("workload", f"unknown workload {spec.workload!r}", list(WORKLOADS))
+    try:
+        check_qemu_spec(spec)
+    except ValueError as e:
+        field_name = "batch_pages" if str(e).startswith("batch_pages") else "workload"
+        raise SpecError(field_name, str(e).removeprefix("batch_pages: ")) from None
     try:
         make_workload(spec.workload, dict(spec.workload_params), seed=spec.seed)
     except (ValueError, TypeError) as e:

@@ -7,6 +7,7 @@ import sys
 import click
 
 from device.features import PROTOCOLS
+from lab.backends import QEMU_BALLOON_ARMS, is_qemu_arm
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
 
 
@@ -51,7 +52,8 @@ def format_result(r: dict) -> str:
 
 
 @click.command("run")
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="pfn", show_default=True)
+@click.option("--protocol", type=click.Choice(PROTOCOLS + QEMU_BALLOON_ARMS), default="pfn", show_default=True,
+              help="a lab protocol, or a real-stack arm (QEMU + Linux guest)")
 @click.option("--guest-mib", type=int, default=1024, show_default=True)
 @click.option("--inflate-mib", type=int, default=512, show_default=True)
 @click.option("--workload", default="aged", show_default=True, help="aged, idle, hog, fragment, churn, dirty")
@@ -66,6 +68,8 @@ def format_result(r: dict) -> str:
 def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, no_deflate, probes,
             as_json) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
+    if is_qemu_arm(protocol):
+        run_qemu(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, no_deflate, probes, as_json)
     try:
         trial = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
                              workload_params=workload_params(workload, params), seed=seed, batch_pages=batch_pages,
@@ -85,4 +89,29 @@ def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_page
         click.echo(json.dumps(result))
     else:
         click.echo(format_result(result))
+    sys.exit(0 if result["verified"] else 1)
+
+
+def run_qemu(arm, guest_mib, inflate_mib, workload, params, seed, batch_pages, no_deflate, probes, as_json) -> None:
+    """`run --protocol qemu-*`: one trial on the real stack (exits)."""
+    from lab.backends.qemu.side_by_side import format_qemu_result
+    from lab.backends.qemu.trial import QemuBalloonTrial, QemuTrialFailed, run_qemu_balloon
+    if batch_pages is not None:
+        raise click.UsageError("--batch-pages: the qemu arms run the Linux driver, whose batch is its own")
+    try:
+        trial = QemuBalloonTrial(arm=arm, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
+                                 workload_params=workload_params(workload, params), seed=seed,
+                                 deflate=not no_deflate)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    session = open_probes(probes)
+    try:
+        result = run_qemu_balloon(trial, session)
+    except QemuTrialFailed as e:
+        click.echo(f"balloon-lab run: trial failed: {e}", err=True)
+        sys.exit(1)
+    finally:
+        if session is not None:
+            session.detach()
+    click.echo(json.dumps(result) if as_json else format_qemu_result(result))
     sys.exit(0 if result["verified"] else 1)

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from lab.backends.qemu.side_by_side import side_by_side
 from lab.commands.runs import local_time
 from lab.experiment import load_comparison
 from lab.paths import db_option, default_db_path
@@ -30,7 +31,8 @@ def describe_environment(env: dict[str, Any]) -> list[str]:
         f"scipy {env.get('scipy')}",
         f"git {git_s}, probe backend {env.get('probe_backend') or '?'}, "
         f"load at start {' '.join(map(str, load)) if load else '?'}",
-    ]
+    ] + ([f"real stack: QEMU {env.get('qemu_version')} under {env.get('qemu_accel')} "
+          f"({env.get('qemu_accel_reason')}), guest kernel {env.get('guest_kernel')}"] if env.get("qemu_accel") else [])
 
 
 def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_now: bool,
@@ -57,6 +59,9 @@ def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_n
     if comp is None:
         out.append("\nno statistics: the baseline arm has no successful measured trial")
         return "\n".join(out)
+    real = side_by_side(comp, run.environment)
+    if real:
+        out.append("\n" + real)
     out.append(f"\nper-arm medians [{comp.confidence:.0%} bootstrap CI]:")
     out.append(render_summaries(comp, metrics or None))
     when = " (computed now: the run did not finish)" if computed_now else ""

@@ -138,13 +138,14 @@ class QemuProcess:
         raise QemuError(f"no VmRSS for QEMU pid {self.pid}")
 
     def memfd_allocated_bytes(self) -> int | None:
-        """Allocated bytes of the guest-RAM memfd (memfd backend only), via /proc/PID/fd."""
+        """Allocated bytes of the guest-RAM memfd (memfd backend only), via /proc/PID/fd
+        (QEMU names it after its backend type)."""
         if self.cfg.memory != "memfd":
             return None
         fd_dir = f"/proc/{self.pid}/fd"
         for fd in os.listdir(fd_dir):
             try:
-                if os.readlink(f"{fd_dir}/{fd}").startswith("/memfd:ram0"):
+                if os.readlink(f"{fd_dir}/{fd}").startswith("/memfd:memory-backend-memfd"):
                     return os.stat(f"{fd_dir}/{fd}").st_blocks * 512
             except OSError:
                 continue

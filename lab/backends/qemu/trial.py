@@ -118,7 +118,7 @@ def balloon_op(q: QemuProcess, reader: TraceReader, probes, kind: str, target_pa
         "target_pages": target_pages, "actual": (ram - q.qmp.execute("query-balloon")["actual"]) // PAGE,   # pages in the balloon
         "wall_ns": wall, "pages": w.pages, "requests": queue.requests, "kicks": queue.kicks,
         "interrupts": queue.interrupts, "trace_unmapped_events": w.unknown_vq,
-        "rss_bytes": {"qemu_before": rss0, "qemu": rss1}, "rss_freed_bytes": rss0 - rss1,
+        "rss_bytes": {"qemu_before": rss0, "qemu": rss1, "freed": rss0 - rss1},   # gauges: QEMU's VmRSS
         "stages_ns": {"total": wall},
         "probes": reading,
     }
@@ -127,7 +127,8 @@ def balloon_op(q: QemuProcess, reader: TraceReader, probes, kind: str, target_pa
     calls = _discard_calls(reading)
     if calls is not None:
         out["discard_calls"] = calls
-        out["stages_ns"]["discard"] = _kernel_ns(reading)
+        if kind == "inflate":   # on deflate QEMU's calls are MADV_WILLNEED hints, not discards
+            out["stages_ns"]["discard"] = _kernel_ns(reading)
     if memfd0 is not None and memfd1 is not None:
         out["memfd_bytes_before"], out["memfd_bytes_after"] = memfd0, memfd1
     return out
