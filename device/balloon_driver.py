@@ -96,6 +96,9 @@ class DriverOptions:
     # free page hinting for migration: none | upstream (FREE_PAGE_HINT, queue 3) | bitmap
     # (PAGE_BITMAP's misc queue 5); device/free_page_driver.py serves those queues
     hint: str = "none"
+    # Zero every page allocated for the balloon, as Linux does with init_on_alloc (on in
+    # Debian's kernels): the host then discards populated pages (docs/REAL_STACK.md)
+    init_on_alloc: bool = False
 
 
 class BalloonDriver:
@@ -267,6 +270,8 @@ class BalloonDriver:
                 _audit("balloon-lab:alloc:b")
                 t0 = _now()
                 pages = self.alloc.alloc_pages(min(step, left), notify_oom=False)
+                if self.opts.init_on_alloc and pages.size:
+                    self.memory.zero_pages(pages)     # part of allocating, as in the kernel
                 rep.alloc_ns += _now() - t0
                 _audit("balloon-lab:alloc:e")
                 if pages.size == 0:

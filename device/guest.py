@@ -60,7 +60,7 @@ class Guest:
         self.driver = BalloonDriver(self.chan, self.ram, self.alloc, self.memory,
                                     DriverOptions(protocol=args.protocol, batch_pages=args.batch_pages,
                                                   timeout_s=args.timeout, halt_poll_us=args.halt_poll_us,
-                                                  hint=args.hint))
+                                                  hint=args.hint, init_on_alloc=args.init_on_alloc))
         self.hints: FreePageDriver | None = None
         self.alloc.set_oom_notifier(self.driver.deflate_on_oom)
         self.workload = None
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="poll for used buffers this long before sleeping (like KVM halt polling)")
     p.add_argument("--hint", default="none", choices=("none", "upstream", "bitmap"),
                    help="free page hinting design the driver negotiates (for migration)")
+    p.add_argument("--init-on-alloc", action=argparse.BooleanOptionalAction, default=False,
+                   help="zero each page allocated for the balloon, as Linux's init_on_alloc")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="guest[%(process)d] %(levelname)s %(name)s: %(message)s")

@@ -45,6 +45,7 @@ class BalloonTrial:
     timeout_s: float = 600.0        # the runner's wait for the monitor and the agent
     device_timeout_s: float = 30.0  # the guest driver's wait for the device to use a request
     log_level: str = "WARNING"
+    init_on_alloc: bool = False     # the guest zeroes what it allocates for the balloon (Linux init_on_alloc)
 
     def __post_init__(self) -> None:
         if self.inflate_mib <= 0 or self.inflate_mib >= self.guest_mib:
@@ -64,6 +65,8 @@ class LabProcesses:
                       "--timeout", str(t.device_timeout_s)]
         if t.batch_pages is not None:
             guest_args += ["--batch-pages", str(t.batch_pages)]
+        if t.init_on_alloc:
+            guest_args.append("--init-on-alloc")
         cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
                "--discard", t.discard, "--monitor", self.monitor_path, "--agent", self.agent_path,
                "--log-level", t.log_level] + (extra_vmm_args or []) + ["--"] + guest_args
@@ -355,7 +358,7 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
         "workload": {"name": t.workload, "params": t.workload_params, "seed": t.seed,
                      "prepare": prep.get("summary"), "stop": wl},
         "wire_format": lp.guest_info["driver"]["wire_format"], "batch_pages": lp.guest_info["driver"]["batch_pages"],
-        "discard": t.discard,
+        "discard": t.discard, "guest_init_on_alloc": t.init_on_alloc,
         **inflate,
         "memfd_freed_bytes": freed,
         "stages_ns": stages,
@@ -381,7 +384,7 @@ def run_trial(spec, arm: str, probe_session=None) -> dict:
         batch = spec.bitmap_pages_per_request
     t = BalloonTrial(protocol=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib, workload=spec.workload,
                      workload_params=dict(spec.workload_params), seed=spec.seed, batch_pages=batch,
-                     discard=spec.discard)
+                     discard=spec.discard, init_on_alloc=spec.guest_init_on_alloc)
     return run_balloon(t, probe_session if spec.probes else None)
 
 

@@ -144,6 +144,7 @@ class ExperimentSpec:
     discard: str = "madvise"
     bandwidth: int = 10**10  # bits/s; strings like "10gbit" are parsed
     probe_overhead: bool = False  # also run arms[0] without probes to measure their cost
+    guest_init_on_alloc: bool = False  # the lab's guest zeroes balloon pages (docs/REAL_STACK.md)
 
     def __post_init__(self) -> None:
         self.bandwidth = parse_bandwidth(self.bandwidth)
@@ -184,6 +185,7 @@ class ExperimentSpec:
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_bool("probes", self.probes)
         _check_bool("probe_overhead", self.probe_overhead)
+        _check_bool("guest_init_on_alloc", self.guest_init_on_alloc)
         if self.probe_overhead and not self.probes:
             raise SpecError("probe_overhead", "measuring probe overhead needs probes = true")
         if self.batch_pages is not None:
@@ -325,6 +327,9 @@ FIELDS: tuple[Field, ...] = (
     Field("bandwidth", "--bandwidth", "Migration link rate, e.g. 10gbit.",
           to_text=lambda v: [format_bandwidth(v)]),
     Field("probe_overhead", "--probe-overhead", "Also run the first arm without probes.",
+          is_flag_pair=True),
+    Field("guest_init_on_alloc", "--guest-init-on-alloc",
+          "The lab's guest zeroes each page it allocates for the balloon, as Linux's init_on_alloc.",
           is_flag_pair=True),
 )
 

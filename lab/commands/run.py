@@ -63,17 +63,19 @@ def format_result(r: dict) -> str:
 @click.option("--batch-pages", type=int, default=None, help="pages per request (default: 256 for pfn, 1 GiB for ranges)")
 @click.option("--discard", type=click.Choice(("madvise", "punch-hole")), default="madvise", show_default=True)
 @click.option("--no-deflate", is_flag=True, help="inflate only")
+@click.option("--guest-init-on-alloc/--no-guest-init-on-alloc", "init_on_alloc", default=False, show_default=True,
+              help="the lab's guest zeroes each page it allocates for the balloon (Linux init_on_alloc)")
 @click.option("--probes/--no-probes", default=True, show_default=True, help="attach the BCC probes")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, no_deflate, probes,
-            as_json) -> None:
+def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, no_deflate, init_on_alloc,
+            probes, as_json) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
     if is_qemu_arm(protocol):
         run_qemu(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, no_deflate, probes, as_json)
     try:
         trial = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
                              workload_params=workload_params(workload, params), seed=seed, batch_pages=batch_pages,
-                             discard=discard, deflate=not no_deflate)
+                             discard=discard, deflate=not no_deflate, init_on_alloc=init_on_alloc)
     except ValueError as e:
         raise click.UsageError(str(e))
     session = open_probes(probes)
