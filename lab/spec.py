@@ -19,12 +19,12 @@ from typing import Any, Callable, Mapping
 
 import click
 
-from lab.backends import QEMU_BALLOON_ARMS, check_qemu_spec
+from lab.backends import QEMU_BALLOON_ARMS, QEMU_MIGRATE_ARMS, check_qemu_spec
 
 KINDS = ("balloon", "migrate")
 BALLOON_ARMS = ("pfn", "pfn-ranges", "bitmap", "chunks")
 MIGRATE_ARMS = ("none", "upstream", "bitmap")
-ARMS_BY_KIND = {"balloon": BALLOON_ARMS + QEMU_BALLOON_ARMS, "migrate": MIGRATE_ARMS}
+ARMS_BY_KIND = {"balloon": BALLOON_ARMS + QEMU_BALLOON_ARMS, "migrate": MIGRATE_ARMS + QEMU_MIGRATE_ARMS}
 DEFAULT_ARMS = {"balloon": BALLOON_ARMS, "migrate": MIGRATE_ARMS}  # the real stack only when asked for
 DISCARD_METHODS = ("madvise", "punch-hole")
 PFN_ARMS = ("pfn", "pfn-ranges")

@@ -8,6 +8,8 @@ from __future__ import annotations
 QEMU_ARM_PREFIX = "qemu-"
 # the real stack's balloon arms (lab/backends/qemu/trial.py QEMU_ARMS says what each is)
 QEMU_BALLOON_ARMS = ("qemu-pfn", "qemu-pfn-punch")
+# live migration on the real stack: QEMU's own hint designs (the seed's bitmap is lab-only)
+QEMU_MIGRATE_ARMS = ("qemu-none", "qemu-upstream")
 
 
 def is_qemu_arm(arm: str) -> bool:
@@ -37,7 +39,7 @@ def check_qemu_spec(spec) -> None:
     qemu = [a for a in spec.arms if is_qemu_arm(a)]
     if not qemu:
         return
-    if spec.batch_pages is not None:
+    if spec.batch_pages is not None and spec.kind == "balloon":
         raise ValueError("batch_pages: the qemu arms run the Linux driver, whose batch is its own (256 pages)")
     from lab.backends.qemu.workloads import real_workload
     real_workload(spec.workload, dict(spec.workload_params), spec.guest_mib)

@@ -59,7 +59,7 @@ def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_n
     if comp is None:
         out.append("\nno statistics: the baseline arm has no successful measured trial")
         return "\n".join(out)
-    real = side_by_side(comp, run.environment)
+    real = side_by_side(comp, run.environment) if run.kind == "balloon" else ""
     if real:
         out.append("\n" + real)
     out.append(f"\nper-arm medians [{comp.confidence:.0%} bootstrap CI]:")

@@ -43,6 +43,7 @@ class QemuConfig:
     incoming: str | None = None         # "tcp:127.0.0.1:PORT": a migration destination
     boot_timeout_s: float = 120.0
     extra_args: list[str] = field(default_factory=list)
+    kernel_args: str = ""               # appended to the guest kernel's command line
 
 
 def qemu_version(binary: str = QEMU) -> str:
@@ -58,7 +59,7 @@ def command_line(cfg: QemuConfig, image: GuestImage, d: str) -> list[str]:
     cmd = [QEMU, "-accel", cfg.accel, "-m", str(cfg.guest_mib), "-smp", str(cfg.smp),
            "-nographic", "-nodefaults", "-no-reboot", "-cpu", "host" if cfg.accel == "kvm" else "qemu64",
            "-kernel", image.kernel, "-initrd", image.initrd,
-           "-append", "console=ttyS0 quiet panic=-1",
+           "-append", ("console=ttyS0 quiet panic=-1 " + cfg.kernel_args).strip(),
            "-serial", f"file:{d}/console.log",
            "-serial", f"unix:{d}/agent.sock,server=on,wait=off",
            "-qmp", f"unix:{d}/qmp.sock,server=on,wait=off",
@@ -116,7 +117,8 @@ class QemuProcess:
         err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
         return f"; QEMU exited with status {self.proc.returncode}: {err[-500:]}"
 
-    def console_tail(self, n: int = 400) -> str:
+    def console_tail(self, n: int = 400) -> str:  # noqa
+        n = int(os.environ.get("BALLOON_LAB_CONSOLE_TAIL", n))
         try:
             with open(self.console_path, "rb") as f:
                 return f.read()[-n:].decode(errors="replace")
@@ -126,7 +128,7 @@ class QemuProcess:
     def attach_agent(self, timeout: float | None = None) -> GuestAgent:
         """The agent of a guest that arrived by migration (its serial port is this QEMU's)."""
         self.agent = GuestAgent(os.path.join(self.dir, "agent.sock"), timeout or self.cfg.boot_timeout_s,
-                                self.alive)
+                                self.alive, booting=False)
         return self.agent
 
     def rss_bytes(self) -> int:
