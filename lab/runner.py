@@ -35,7 +35,7 @@ class TrialFailed(RuntimeError):
 class BalloonTrial:
     protocol: str = "pfn"
     guest_mib: int = 1024
-    inflate_mib: int = 512
+    inflate_mib: int | float = 512       # a float must be a whole number of pages (the spec checks it)
     workload: str = "aged"     # every free page touched once: each discard frees real memory
     workload_params: dict = field(default_factory=dict)
     seed: int = 1
@@ -324,7 +324,7 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
         prep = lp.agent.execute("workload-prepare", {"name": t.workload, "params": t.workload_params,
                                                      "seed": t.seed})
         lp.agent.execute("workload-start")
-        target = (t.inflate_mib * MiB) >> PAGE_SHIFT
+        target = round(t.inflate_mib * MiB) >> PAGE_SHIFT
         phase = "inflate"
         inflate = balloon_op(lp, "inflate", target, probes)
         v_inflate = verify(lp, target)

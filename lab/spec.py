@@ -131,7 +131,7 @@ class ExperimentSpec:
     name: str = ""  # empty -> derived from kind, sizes and workload
     kind: str = "balloon"
     guest_mib: int = 1024
-    inflate_mib: int = 512
+    inflate_mib: int | float = 512  # float: a whole number of 4 KiB pages, e.g. 100.5
     arms: list[str] = field(default_factory=list)  # empty -> every arm of the kind
     workload: str = "aged"
     workload_params: dict[str, Any] = field(default_factory=dict)
@@ -169,7 +169,7 @@ class ExperimentSpec:
         if g % 4:
             raise SpecError("guest_mib", f"{g} is not a multiple of 4", "multiples of 4 from 64 to 65536")
         low = 1 if self.kind == "balloon" else 0
-        _check_int("inflate_mib", self.inflate_mib, low, g - 1)
+        self.inflate_mib = check_mib("inflate_mib", self.inflate_mib, low, g - 1)
         if not isinstance(self.workload, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.workload):
             raise SpecError("workload", f"{self.workload!r} is not a workload name", "letters, digits, _ . -")
         if not isinstance(self.workload_params, dict):
@@ -263,6 +263,32 @@ def _check_int(name: str, v: Any, lo: int | None, hi: int | None) -> int:
     return v
 
 
+PAGES_PER_MIB = 256
+
+
+def parse_mib(text: Any) -> int | float:
+    """MiB as given on the command line: 512, or 100.5 (a whole number of 4 KiB pages)."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise SpecError("inflate_mib", f"{text!r} is not a number of MiB") from None
+    return int(v) if v.is_integer() else v
+
+
+def check_mib(name: str, v: Any, lo: int, hi: int) -> int | float:
+    """An integer, or a float that is a whole number of 4 KiB pages (so the last request
+    of an inflate can be partial); integral floats come back as int."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, float):
+        if not (v * PAGES_PER_MIB).is_integer():
+            raise SpecError(name, f"{v} MiB is not a whole number of 4 KiB pages", "multiples of 1/256 MiB")
+        if not lo <= v <= hi:
+            raise SpecError(name, f"{v} is out of range", f"{lo}..{hi}")
+        return v
+    return _check_int(name, v, lo, hi)
+
+
 def _check_bool(name: str, v: Any) -> None:
     if not isinstance(v, bool):
         raise SpecError(name, f"must be true or false, got {v!r}", "true, false")
@@ -309,7 +335,8 @@ FIELDS: tuple[Field, ...] = (
     Field("name", "--name", "Name of the experiment (default: derived)."),
     Field("kind", "--kind", "balloon (inflate/deflate) or migrate.", click.Choice(KINDS)),
     Field("guest_mib", "--guest-mib", "Guest RAM in MiB (multiple of 4, 64..65536).", int),
-    Field("inflate_mib", "--inflate-mib", "MiB to inflate the balloon by (< guest).", int),
+    Field("inflate_mib", "--inflate-mib", "MiB to inflate the balloon by (< guest; fractions of whole 4 KiB "
+          "pages allowed, e.g. 100.5).", float),
     Field("arms", "--arms", "Comma-separated arms: balloon " + ",".join(BALLOON_ARMS)
           + "; migrate " + ",".join(MIGRATE_ARMS) + " (default: all; the first is the baseline).",
           to_text=lambda v: [",".join(v)]),

@@ -9,6 +9,7 @@ import click
 from device.features import PROTOCOLS
 from lab.backends import QEMU_BALLOON_ARMS, is_qemu_arm
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
+from lab.spec import SpecError, check_mib
 
 
 def workload_params(workload: str, items: tuple[str, ...]) -> dict:
@@ -55,7 +56,8 @@ def format_result(r: dict) -> str:
 @click.option("--protocol", type=click.Choice(PROTOCOLS + QEMU_BALLOON_ARMS), default="pfn", show_default=True,
               help="a lab protocol, or a real-stack arm (QEMU + Linux guest)")
 @click.option("--guest-mib", type=int, default=1024, show_default=True)
-@click.option("--inflate-mib", type=int, default=512, show_default=True)
+@click.option("--inflate-mib", type=float, default=512, show_default=True,
+              help="MiB to inflate by; fractions of whole 4 KiB pages allowed (100.5)")
 @click.option("--workload", default="aged", show_default=True, help="aged, idle, hog, fragment, churn, dirty")
 @click.option("--workload-param", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="workload parameter (repeatable)")
@@ -70,6 +72,10 @@ def format_result(r: dict) -> str:
 def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, no_deflate, init_on_alloc,
             probes, as_json) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
+    try:
+        inflate_mib = check_mib("inflate_mib", inflate_mib, 0, guest_mib)
+    except SpecError as e:
+        raise click.UsageError(str(e))
     if is_qemu_arm(protocol):
         run_qemu(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, no_deflate, probes, as_json)
     try:

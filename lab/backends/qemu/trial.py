@@ -46,7 +46,7 @@ class QemuTrialFailed(RuntimeError):
 class QemuBalloonTrial:
     arm: str = "qemu-pfn"
     guest_mib: int = 1024
-    inflate_mib: int = 512
+    inflate_mib: int | float = 512
     workload: str = "aged"
     workload_params: dict = field(default_factory=dict)
     seed: int = 0
@@ -173,7 +173,7 @@ def run_qemu_balloon(t: QemuBalloonTrial, probes=None) -> dict:
         workload_ns = time.perf_counter_ns() - tw
         kept = _checksum(q)
         mem0 = _meminfo(q)
-        target = t.inflate_mib * MIB // PAGE
+        target = round(t.inflate_mib * MIB) // PAGE
         phase = "inflate"
         inflate = balloon_op(q, reader, probes, "inflate", target, target, t.timeout_s)
         v_inflate = _verify(q, inflate, kept, mem0, target, target)
