@@ -84,19 +84,21 @@ def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_page
                              discard=discard, deflate=not no_deflate, init_on_alloc=init_on_alloc)
     except ValueError as e:
         raise click.UsageError(str(e))
+    run_and_print(run_balloon, trial, TrialFailed, format_result, probes, as_json)
+
+
+def run_and_print(run_fn, trial, failure: type[Exception], fmt, probes: bool, as_json: bool) -> None:
+    """Run one trial with the probes, print it (text or JSON) and exit 0 only if verified."""
     session = open_probes(probes)
     try:
-        result = run_balloon(trial, session)
-    except TrialFailed as e:
+        result = run_fn(trial, session)
+    except failure as e:
         click.echo(f"balloon-lab run: trial failed: {e}", err=True)
         sys.exit(1)
     finally:
         if session is not None:
             session.detach()
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        click.echo(format_result(result))
+    click.echo(json.dumps(result) if as_json else fmt(result))
     sys.exit(0 if result["verified"] else 1)
 
 
@@ -112,14 +114,4 @@ def run_qemu(arm, guest_mib, inflate_mib, workload, params, seed, batch_pages, n
                                  deflate=not no_deflate)
     except ValueError as e:
         raise click.UsageError(str(e))
-    session = open_probes(probes)
-    try:
-        result = run_qemu_balloon(trial, session)
-    except QemuTrialFailed as e:
-        click.echo(f"balloon-lab run: trial failed: {e}", err=True)
-        sys.exit(1)
-    finally:
-        if session is not None:
-            session.detach()
-    click.echo(json.dumps(result) if as_json else format_qemu_result(result))
-    sys.exit(0 if result["verified"] else 1)
+    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, format_qemu_result, probes, as_json)

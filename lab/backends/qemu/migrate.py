@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import time
 
-from lab.backends.qemu.accel import choose_accel
 from lab.backends.qemu.agent import AgentError
-from lab.backends.qemu.image import ImageError, build_image
 from lab.backends.qemu.process import QemuConfig, QemuError, QemuProcess
-from lab.backends.qemu.trial import QemuTrialFailed, qemu_environment
+from lab.backends.qemu.trial import QemuTrialFailed, backend_ready
 from lab.backends.qemu.workloads import real_workload
 from lab.monitor_client import MonitorError
 
@@ -34,13 +32,9 @@ def run_qemu_migration(hint: str, guest_mib: int, bandwidth_bits: int, workload:
         raise QemuTrialFailed(f"hint {hint!r} has no real-stack counterpart (QEMU implements: "
                               f"{', '.join(QEMU_HINTS)})")
     wall0 = time.perf_counter_ns()
-    try:
-        image = build_image()
-        env = qemu_environment(image)
-    except (ImageError, QemuError) as e:
-        raise QemuTrialFailed(f"the qemu backend is not usable here: {e}") from e
+    image, env = backend_ready()
     wl = real_workload(workload, workload_params, guest_mib)
-    accel = choose_accel(image).accel
+    accel = env["qemu_accel"]
     hinted = hint == "upstream"
     src = dst = None
     phase = "starting the source"

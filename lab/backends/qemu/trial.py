@@ -69,6 +69,15 @@ def qemu_environment(image=None) -> dict:
             "guest_kernel": image.kernel_version}
 
 
+def backend_ready():
+    """(guest image, environment) of the qemu backend; QemuTrialFailed when it cannot run here."""
+    try:
+        image = build_image()
+        return image, qemu_environment(image)
+    except (ImageError, QemuError) as e:
+        raise QemuTrialFailed(f"the qemu backend is not usable here: {e}") from e
+
+
 def run_qemu_trial(spec, arm: str, probe_session=None) -> dict:
     """lab.experiment's trial function for qemu arms."""
     t = QemuBalloonTrial(arm=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib, workload=spec.workload,
@@ -150,11 +159,7 @@ def _verify(q: QemuProcess, op: dict, kept: str, mem0: dict, moved: int, balloon
 def run_qemu_balloon(t: QemuBalloonTrial, probes=None) -> dict:
     """Run one real-stack trial; raises QemuTrialFailed, never returns a half result."""
     wall0 = time.perf_counter_ns()
-    try:
-        image = build_image()
-        env = qemu_environment(image)
-    except (ImageError, QemuError) as e:
-        raise QemuTrialFailed(f"the qemu backend is not usable here: {e}") from e
+    image, env = backend_ready()
     wl = real_workload(t.workload, t.workload_params, t.guest_mib)
     cfg = QemuConfig(guest_mib=t.guest_mib, accel=env["qemu_accel"], memory=QEMU_ARMS[t.arm])
     try:
