@@ -36,8 +36,10 @@ def stage_table(comp: Comparison, op: str = "inflate") -> str:
         cells = []
         for s in STAGES:
             m = comp.summary(arm, f"stages_ns.{op}.{s}")
-            v = m.median if m else float("nan")
-            cells.append(f"{v / 1e6:8.1f} {100 * v / tot.median:5.1f}%")
+            if m is None:                   # not measured (the real stack's guest side)
+                cells.append("-")
+                continue
+            cells.append(f"{m.median / 1e6:8.1f} {100 * m.median / tot.median:5.1f}%")
         lines.append(f"{arm:<14}{tot.median / 1e6:10.1f}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
