@@ -6,7 +6,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp
-mount -t tmpfs -o size=90% tmp /tmp
+mount -t tmpfs -o size=100% tmp /tmp
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon; do
     insmod /lib/modules/$m.ko || echo "balloon-lab init: insmod $m failed" > /dev/ttyS0
 done

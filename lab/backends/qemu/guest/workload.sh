@@ -15,7 +15,9 @@ fill)
     fi
     if [ "$stale" = rest ]; then
         avail=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
+        room=$(df -m /tmp | awk 'NR == 2 {print $4}')
         stale=$((avail - 32))
+        [ "$stale" -gt $((room - 1)) ] && stale=$((room - 1))
         [ "$stale" -lt 0 ] && stale=0
     fi
     if [ "$stale" -gt 0 ]; then
