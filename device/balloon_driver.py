@@ -102,6 +102,9 @@ class DriverOptions:
     alloc_policy: str = "linux"
     # free page reporting (REPORTING, queue 4); device/page_reporting_driver.py serves it
     reporting: bool = False
+    # Zero every page allocated for the balloon, as Linux does with init_on_alloc (on in
+    # Debian's kernels): the host then discards populated pages (docs/REAL_STACK.md)
+    init_on_alloc: bool = False
 
 
 class BalloonDriver:
@@ -277,6 +280,8 @@ class BalloonDriver:
                 t0 = _now()
                 got = allocate_for_balloon(self.alloc, min(step, left), self.opts.alloc_policy)
                 pages = got.pages
+                if self.opts.init_on_alloc and pages.size:
+                    self.memory.zero_pages(pages)     # part of allocating, as in the kernel
                 rep.alloc_ns += _now() - t0
                 _audit("balloon-lab:alloc:e")
                 if pages.size == 0:

@@ -65,7 +65,7 @@ class Guest:
                                     DriverOptions(protocol=args.protocol, batch_pages=args.batch_pages,
                                                   timeout_s=args.timeout, halt_poll_us=args.halt_poll_us,
                                                   hint=args.hint, alloc_policy=args.alloc_policy,
-                                                  reporting=args.reporting))
+                                                  reporting=args.reporting, init_on_alloc=args.init_on_alloc))
         self.hints: FreePageDriver | None = None
         self.reporting: ReportingDriver | None = None
         self.alloc.set_oom_notifier(self.driver.deflate_on_oom)
@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reporting-capacity", type=int, default=d.capacity, help="blocks per report request")
     p.add_argument("--reporting-delay-ms", type=int, default=int(d.delay_s * 1000),
                    help="delay between a free and the reporting pass")
+    p.add_argument("--init-on-alloc", action=argparse.BooleanOptionalAction, default=False,
+                   help="zero each page allocated for the balloon, as Linux's init_on_alloc")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="guest[%(process)d] %(levelname)s %(name)s: %(message)s")

@@ -153,7 +153,8 @@ class GuestMemory:
         self._write(pfns, seed)
         return len(pfns)
 
-    def _write(self, pfns: np.ndarray, seed: int) -> None:
+    def _write(self, pfns: np.ndarray, seed: int | None) -> None:
+        """Write each page's pattern, or zeros when seed is None (init_on_alloc)."""
         with self.lock:
             words = self._words
             if words is None:
@@ -163,13 +164,21 @@ class GuestMemory:
                 if self._inflight is not None:
                     self._inflight[0] += np.uint64(1)
                 try:
-                    words[self._rows(p)] = page_hash(p, seed)[:, None] * MULT[None, :]
+                    words[self._rows(p)] = 0 if seed is None else page_hash(p, seed)[:, None] * MULT[None, :]
                     if self._dirty is not None:
                         self._dirty[p] = 1
                 finally:
                     if self._inflight is not None:
                         self._inflight[0] -= np.uint64(1)
             self.pages_written += len(pfns)
+
+    def zero_pages(self, pfns: np.ndarray) -> int:
+        """Zero allocated pages through the mapping, as a Linux kernel with init_on_alloc
+        (CONFIG_INIT_ON_ALLOC_DEFAULT_ON) does to every page it hands out: each page
+        becomes populated in the memfd (and dirty for a migration's log)."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        self._write(pfns, None)
+        return len(pfns)
 
     def fingerprints(self, pfns) -> np.ndarray:
         """What guest RAM really holds: one uint64 fingerprint per page, read with

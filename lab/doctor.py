@@ -350,7 +350,21 @@ def run_checks() -> list[Check]:
         checks.append(check_huge_pages())
     except Exception as e:       # the doctor reports, it does not crash
         checks.append(Check("huge-pages", False, f"{type(e).__name__}: {e}", "run as root"))
+    checks.append(check_qemu())
     return checks
+
+
+QEMU_CHECK = "qemu-backend"
+
+
+def check_qemu() -> Check:
+    """The real stack's arms (qemu-pfn, qemu-pfn-punch): a real boot and inflate."""
+    from lab.backends.qemu.health import check_qemu_backend
+    try:
+        ok, detail, fix = check_qemu_backend()
+    except Exception as e:       # the doctor reports, it does not crash
+        return Check(QEMU_CHECK, False, f"{type(e).__name__}: {e}", "re-run with BALLOON_LAB_DEBUG=1 and report")
+    return Check(QEMU_CHECK, ok, detail, fix)
 
 
 def report(checks: list[Check]) -> dict:
@@ -364,8 +378,12 @@ def format_text(checks: list[Check]) -> str:
         lines.append(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
         if not c.ok and c.fix:
             lines.append(f"        {'':<{width}}  fix: {c.fix}")
-    ok = all(c.ok for c in checks)
+    lab_checks = [c for c in checks if c.name != QEMU_CHECK]
+    ok = all(c.ok for c in lab_checks)
     lines.append("eBPF lab: ready" if ok else
-                 f"eBPF lab: NOT usable ({sum(not c.ok for c in checks)} of {len(checks)} checks failed); "
+                 f"eBPF lab: NOT usable ({sum(not c.ok for c in lab_checks)} of {len(lab_checks)} checks failed); "
                  "experiments would run with probes off")
+    qemu = next((c for c in checks if c.name == QEMU_CHECK), None)
+    if qemu is not None:
+        lines.append("real stack (qemu arms): ready" if qemu.ok else "real stack (qemu arms): NOT usable")
     return "\n".join(lines)

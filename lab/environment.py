@@ -20,7 +20,7 @@ from lab.paths import REPO_ROOT
 
 # Fields whose difference makes timings across two runs suspect (see differences()).
 COMPARABILITY_KEYS = ("kernel", "cpu_model", "cores", "python_version", "python_executable",
-                      "numpy", "scipy", "probe_backend")
+                      "numpy", "scipy", "probe_backend", "qemu_accel", "qemu_version", "guest_kernel")
 
 
 def collect(probe_backend: str | None = None, repo: Path = REPO_ROOT) -> dict[str, Any]:

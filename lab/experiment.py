@@ -18,6 +18,7 @@ import traceback
 from typing import Any, Callable, Mapping
 
 from lab import environment, stats
+from lab.backends import backend_environment
 from lab.spec import ArmPlan, ExperimentSpec
 from lab.store import Store, TrialRecord, dumps, now_iso
 
@@ -104,6 +105,7 @@ def run_experiment(spec: ExperimentSpec, trial_fn: TrialFn, store: Store, *, pro
     """
     backend = getattr(probe_session, "backend", None) or (None if spec.probes else "none")
     run_env = dict(env) if env is not None else environment.collect(probe_backend=backend)
+    run_env.update(backend_environment(spec.arms))
     run_id = store.create_run(spec, spec.kind, run_env, notes=notes)
     plans = spec.schedule()
     rounds = spec.warmups + spec.trials

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from device.layout import MiB, PAGE_SHIFT
+from lab.backends import is_qemu_arm
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 from lab.orphans import die_with_parent
 
@@ -35,7 +36,7 @@ class TrialFailed(RuntimeError):
 class BalloonTrial:
     protocol: str = "pfn"
     guest_mib: int = 1024
-    inflate_mib: int = 512
+    inflate_mib: int | float = 512       # a float must be a whole number of pages (the spec checks it)
     workload: str = "aged"     # every free page touched once: each discard frees real memory
     workload_params: dict = field(default_factory=dict)
     seed: int = 1
@@ -48,6 +49,7 @@ class BalloonTrial:
     timeout_s: float = 600.0        # the runner's wait for the monitor and the agent
     device_timeout_s: float = 30.0  # the guest driver's wait for the device to use a request
     log_level: str = "WARNING"
+    init_on_alloc: bool = False     # the guest zeroes what it allocates for the balloon (Linux init_on_alloc)
 
     def __post_init__(self) -> None:
         if self.inflate_mib <= 0 or self.inflate_mib >= self.guest_mib:
@@ -70,6 +72,8 @@ class LabProcesses:
                       "--alloc-policy", t.alloc_policy] + list(extra_guest_args or [])
         if t.batch_pages is not None:
             guest_args += ["--batch-pages", str(t.batch_pages)]
+        if t.init_on_alloc:
+            guest_args.append("--init-on-alloc")
         cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
                "--discard", t.discard, "--backing", t.backing, "--partial-tracking", t.partial_tracking,
                "--monitor", self.monitor_path, "--agent", self.agent_path,
@@ -348,7 +352,7 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
         prep = lp.agent.execute("workload-prepare", {"name": t.workload, "params": t.workload_params,
                                                      "seed": t.seed})
         lp.agent.execute("workload-start")
-        target = (t.inflate_mib * MiB) >> PAGE_SHIFT
+        target = round(t.inflate_mib * MiB) >> PAGE_SHIFT
         phase = "inflate"
         inflate = balloon_op(lp, "inflate", target, probes)
         v_inflate = verify(lp, target)
@@ -382,7 +386,7 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
         "workload": {"name": t.workload, "params": t.workload_params, "seed": t.seed,
                      "prepare": prep.get("summary"), "stop": wl},
         "wire_format": lp.guest_info["driver"]["wire_format"], "batch_pages": lp.guest_info["driver"]["batch_pages"],
-        "discard": t.discard,
+        "discard": t.discard, "guest_init_on_alloc": t.init_on_alloc,
         "backing": t.backing, "partial_tracking": t.partial_tracking, "alloc_policy": t.alloc_policy,
         **inflate,
         "memfd_freed_bytes": freed,
@@ -401,13 +405,16 @@ def run_trial(spec, arm: str, probe_session=None) -> dict:
     """lab.experiment's trial function: one balloon trial of `arm` under an ExperimentSpec."""
     if spec.kind != "balloon":
         raise ValueError(f"run_trial runs balloon experiments, not {spec.kind!r}")
+    if is_qemu_arm(arm):                  # the one dispatch point: arm -> backend
+        from lab.backends.qemu.trial import run_qemu_trial
+        return run_qemu_trial(spec, arm, probe_session)
     batch = spec.batch_pages_for(arm)
     if arm == "bitmap" and spec.bitmap_pages_per_request is not None:
         batch = spec.bitmap_pages_per_request
     t = BalloonTrial(protocol=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib, workload=spec.workload,
                      workload_params=dict(spec.workload_params), seed=spec.seed, batch_pages=batch,
                      discard=spec.discard, backing=spec.backing, partial_tracking=spec.partial_tracking,
-                     alloc_policy=spec.alloc_policy)
+                     alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc)
     return run_balloon(t, probe_session if spec.probes else None)
 
 

@@ -19,10 +19,13 @@ from typing import Any, Callable, Mapping
 
 import click
 
+from lab.backends import QEMU_BALLOON_ARMS, QEMU_MIGRATE_ARMS, check_qemu_spec
+
 KINDS = ("balloon", "migrate")
 BALLOON_ARMS = ("pfn", "pfn-ranges", "bitmap", "chunks")
 MIGRATE_ARMS = ("none", "upstream", "bitmap")
-ARMS_BY_KIND = {"balloon": BALLOON_ARMS, "migrate": MIGRATE_ARMS}
+ARMS_BY_KIND = {"balloon": BALLOON_ARMS + QEMU_BALLOON_ARMS, "migrate": MIGRATE_ARMS + QEMU_MIGRATE_ARMS}
+DEFAULT_ARMS = {"balloon": BALLOON_ARMS, "migrate": MIGRATE_ARMS}  # the real stack only when asked for
 DISCARD_METHODS = ("madvise", "punch-hole")
 BACKINGS = ("4k", "thp", "hugetlb")                 # device/backing.py
 PARTIAL_TRACKING = ("full", "qemu")                 # device/host_pages.py
@@ -131,7 +134,7 @@ class ExperimentSpec:
     name: str = ""  # empty -> derived from kind, sizes and workload
     kind: str = "balloon"
     guest_mib: int = 1024
-    inflate_mib: int = 512
+    inflate_mib: int | float = 512  # float: a whole number of 4 KiB pages, e.g. 100.5
     arms: list[str] = field(default_factory=list)  # empty -> every arm of the kind
     workload: str = "aged"
     workload_params: dict[str, Any] = field(default_factory=dict)
@@ -147,6 +150,7 @@ class ExperimentSpec:
     backing: str = "4k"
     partial_tracking: str = "full"
     alloc_policy: str = "linux"
+    guest_init_on_alloc: bool = False  # the lab's guest zeroes balloon pages (docs/REAL_STACK.md)
 
     def __post_init__(self) -> None:
         self.bandwidth = parse_bandwidth(self.bandwidth)
@@ -159,7 +163,7 @@ class ExperimentSpec:
         _check_choice("kind", self.kind, KINDS)
         allowed_arms = ARMS_BY_KIND[self.kind]
         if not self.arms:
-            self.arms = list(allowed_arms)
+            self.arms = list(DEFAULT_ARMS[self.kind])
         if not isinstance(self.arms, list) or not all(isinstance(a, str) for a in self.arms):
             raise SpecError("arms", f"must be a list of arm names, got {self.arms!r}", allowed_arms)
         for a in self.arms:
@@ -171,7 +175,7 @@ class ExperimentSpec:
         if g % 4:
             raise SpecError("guest_mib", f"{g} is not a multiple of 4", "multiples of 4 from 64 to 65536")
         low = 1 if self.kind == "balloon" else 0
-        _check_int("inflate_mib", self.inflate_mib, low, g - 1)
+        self.inflate_mib = check_mib("inflate_mib", self.inflate_mib, low, g - 1)
         if not isinstance(self.workload, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.workload):
             raise SpecError("workload", f"{self.workload!r} is not a workload name", "letters, digits, _ . -")
         if not isinstance(self.workload_params, dict):
@@ -187,6 +191,7 @@ class ExperimentSpec:
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_bool("probes", self.probes)
         _check_bool("probe_overhead", self.probe_overhead)
+        _check_bool("guest_init_on_alloc", self.guest_init_on_alloc)
         if self.probe_overhead and not self.probes:
             raise SpecError("probe_overhead", "measuring probe overhead needs probes = true")
         if self.batch_pages is not None:
@@ -267,6 +272,32 @@ def _check_int(name: str, v: Any, lo: int | None, hi: int | None) -> int:
     return v
 
 
+PAGES_PER_MIB = 256
+
+
+def parse_mib(text: Any) -> int | float:
+    """MiB as given on the command line: 512, or 100.5 (a whole number of 4 KiB pages)."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise SpecError("inflate_mib", f"{text!r} is not a number of MiB") from None
+    return int(v) if v.is_integer() else v
+
+
+def check_mib(name: str, v: Any, lo: int, hi: int) -> int | float:
+    """An integer, or a float that is a whole number of 4 KiB pages (so the last request
+    of an inflate can be partial); integral floats come back as int."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, float):
+        if not (v * PAGES_PER_MIB).is_integer():
+            raise SpecError(name, f"{v} MiB is not a whole number of 4 KiB pages", "multiples of 1/256 MiB")
+        if not lo <= v <= hi:
+            raise SpecError(name, f"{v} is out of range", f"{lo}..{hi}")
+        return v
+    return _check_int(name, v, lo, hi)
+
+
 def _check_bool(name: str, v: Any) -> None:
     if not isinstance(v, bool):
         raise SpecError(name, f"must be true or false, got {v!r}", "true, false")
@@ -313,7 +344,8 @@ FIELDS: tuple[Field, ...] = (
     Field("name", "--name", "Name of the experiment (default: derived)."),
     Field("kind", "--kind", "balloon (inflate/deflate) or migrate.", click.Choice(KINDS)),
     Field("guest_mib", "--guest-mib", "Guest RAM in MiB (multiple of 4, 64..65536).", int),
-    Field("inflate_mib", "--inflate-mib", "MiB to inflate the balloon by (< guest).", int),
+    Field("inflate_mib", "--inflate-mib", "MiB to inflate the balloon by (< guest; fractions of whole 4 KiB "
+          "pages allowed, e.g. 100.5).", float),
     Field("arms", "--arms", "Comma-separated arms: balloon " + ",".join(BALLOON_ARMS)
           + "; migrate " + ",".join(MIGRATE_ARMS) + " (default: all; the first is the baseline).",
           to_text=lambda v: [",".join(v)]),
@@ -338,6 +370,9 @@ FIELDS: tuple[Field, ...] = (
           "page (full) or one per request as QEMU (qemu).", click.Choice(PARTIAL_TRACKING)),
     Field("alloc_policy", "--alloc-policy", "Pages the balloon takes: linux (order-0) or hugepage-aware "
           "(whole 2 MiB blocks first).", click.Choice(ALLOC_POLICIES)),
+    Field("guest_init_on_alloc", "--guest-init-on-alloc",
+          "The lab's guest zeroes each page it allocates for the balloon, as Linux's init_on_alloc.",
+          is_flag_pair=True),
 )
 
 
@@ -407,6 +442,11 @@ def validate_workload(spec: ExperimentSpec) -> None:
         return
     if spec.workload not in WORKLOADS:
         raise SpecError("workload", f"unknown workload {spec.workload!r}", list(WORKLOADS))
+    try:
+        check_qemu_spec(spec)
+    except ValueError as e:
+        field_name = "batch_pages" if str(e).startswith("batch_pages") else "workload"
+        raise SpecError(field_name, str(e).removeprefix("batch_pages: ")) from None
     try:
         make_workload(spec.workload, dict(spec.workload_params), seed=spec.seed)
     except (ValueError, TypeError) as e:

@@ -16,6 +16,7 @@ from reports import data as D
 from reports import sections as SEC
 from reports.hosts import hosts_section
 from reports.fmt import esc, sig
+from reports.real_stack import real_stack_section
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src 'none'; "
        "connect-src 'none'; script-src 'none'; form-action 'none'; base-uri 'none'")
@@ -106,8 +107,10 @@ def build(d: D.ReportData, report_path: str | None = None) -> Report:
         # a migration has no inflate stages, run lengths or balloon kicks: those sections would only say so
         secs += [mig, SEC.probes_section(d)]
     else:
-        secs += [SEC.stages_section(d), SEC.probes_section(d), SEC.runlength_section(d),
-                 SEC.notifications_section(d)] + ([mig] if mig is not None else [])
+        real = real_stack_section(d)
+        secs += [SEC.stages_section(d)] + ([real] if real is not None else []) + [
+            SEC.probes_section(d), SEC.runlength_section(d), SEC.notifications_section(d)] + (
+            [mig] if mig is not None else [])
     secs += [hosts_section(d), SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
     spec = r.spec
     mib = d.inflate_mib

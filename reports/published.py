@@ -65,13 +65,3 @@ MIGRATION: tuple[PublishedMigration, ...] = (
                        arm_times_ms={"none": 41651.0, "upstream": 5294.0},
                        source="FREE_PAGE_HINT v37 cover letter (2018)"),
 )
-
-# What the real upstream stack did here (QEMU 7.2 + Linux 6.1 guest, SEED.md): the
-# PFN path's syscall count the lab must reproduce exactly.
-QEMU_CALIBRATION = {
-    "inflated_bytes": 512 << 20,
-    "madvise_calls": 131072,
-    "madvise_len": 4096,
-    "madvise_kernel_ms": 190.0,
-    "source": "measured here: QEMU 7.2, Debian Linux 6.1 guest under TCG, BCC on sys_enter/exit_madvise",
-}

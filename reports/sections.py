@@ -15,6 +15,8 @@ import numpy as np
 from lab import metrics as M
 from lab import stats as S
 from reports import charts as C
+from lab.backends import is_qemu_arm
+from lab.backends.qemu.side_by_side import arm_title
 from reports import published as P
 from reports.data import MiB, OPS, STAGES, ReportData, finite
 from reports.fmt import (esc, fmt_bytes, fmt_ns, fmt_p, fmt_ratio, pct, sig, speed_phrase)
@@ -386,11 +388,16 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
         meds[a] = {s: d.median(a, d.stage_metric(op, s)) or 0.0 for s in STAGES}
         meds[a]["total"] = tot
         lo, hi = _ci(d, a, tot_m)
-        cells = [chip(a, d.colors), str(d.n_trials(a)),
+        label = chip(a, d.colors) + (f'<br><span class="ci">{esc(arm_title(a, d.run.environment))}</span>'
+                                     if is_qemu_arm(a) else "")
+        cells = [label, str(d.n_trials(a)),
                  f"<b>{fmt_ns(tot)}</b>" + (f'<br><span class="ci">[{fmt_ns(lo)}, {fmt_ns(hi)}]</span>' if lo else ""),
                  fmt_ns(tot / (mib / 1024)) if mib else "–"]
         for s in STAGES:
             v = meds[a][s]
+            if d.median(a, d.stage_metric(op, s)) is None:      # not measured (the real stack's guest side)
+                cells.append('<span class="muted">not measured</span>')
+                continue
             cells.append(f"{fmt_ns(v)}<br><span class=\"ci\">{pct(v / tot if tot else None)}</span>")
         other = _median_other(d, a, op)
         cells.append(f"{fmt_ns(other)}<br><span class=\"ci\">{pct(other / tot if tot else None)}</span>")
@@ -502,8 +509,8 @@ def probes_section(d: ReportData) -> Section:
     specs = [
         (f"probes.hists.{syscall}_len_log2", "plot-madvise-len", f"{syscall} length per call (log2 buckets)",
          f"{syscall} calls per {phase}", C.bytes_tick, f"{syscall} length during {phase}",
-         f"How many bytes each {syscall} call discarded. The PFN path makes one 4 KiB call per page (QEMU does "
-         "exactly this: 131072 calls of 4096 bytes for 512 MiB); range protocols make one call per run of "
+         f"How many bytes each {syscall} call discarded. The PFN path makes one 4 KiB call per page (as QEMU "
+         "does: see the qemu-pfn arm); range protocols make one call per run of "
          "contiguous pages, so their calls are few and long.", False),
         (f"probes.hists.{syscall}_ns_log2", "plot-madvise-ns", f"kernel time per {syscall} call (log2 buckets)",
          f"{syscall} calls per {phase}", C.ns_tick, f"{syscall} latency during {phase}",
@@ -531,18 +538,14 @@ def probes_section(d: ReportData) -> Section:
         body.append(table(["arm", "madvise calls", "calls per MiB", "kernel time", "per call", "bytes discarded",
                            "page allocs", "page faults"], summary_rows, "probes"))
     elif summary_rows:
-        q = P.QEMU_CALIBRATION
-        qmib = q["inflated_bytes"] / MiB
-        summary_rows.append(['<span class="pub">QEMU 7.2 + Linux 6.1 (pfn)</span>', sig(q["madvise_calls"]),
-                             sig(q["madvise_calls"] / qmib), f"≈ {sig(q['madvise_kernel_ms'])} ms",
-                             fmt_ns(q["madvise_kernel_ms"] * 1e6 / q["madvise_calls"]),
-                             fmt_bytes(q["inflated_bytes"]), "–", "–"])
         body.append(table(["arm", "madvise calls", "calls per MiB", "kernel time", "per call", "bytes discarded",
-                           "page allocs", "page faults"], summary_rows, "probes",
-                          [""] * (len(summary_rows) - 1) + ["published"]))
-        body.append(note(f"Medians per {phase}, as the eBPF probes saw them (not the lab's own counters). The last "
-                         "row is a real QEMU + Linux guest traced the same way: the pfn arm must make the same "
-                         "number of calls per MiB."))
+                           "page allocs", "page faults"], summary_rows, "probes"))
+        real = any(is_qemu_arm(a) for a in d.arms)
+        body.append(note(f"Medians per {phase}, as the eBPF probes saw them (not the lab's own counters). "
+                         + ("The qemu arms are a real QEMU + Linux guest traced the same way in this run: the pfn "
+                            "arm must make the same number of calls per MiB." if real else
+                            "Add the arm <code>qemu-pfn</code> to measure a real QEMU + Linux guest the same way "
+                            "beside them.")))
     for name, cid, xlabel, ylabel, tick, title, caption, linear in specs:
         hists = _per_trial(d, name)
         if not hists:

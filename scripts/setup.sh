@@ -4,7 +4,9 @@
 # Idempotent and quiet: on a ready machine it checks and changes nothing (a few seconds).
 # Steps (see ../shared/ENVIRONMENT.md for why each is needed):
 #   1. Debian packages: BCC (python3-bpfcc, bpfcc-tools), kernel headers, venv, Chromium,
-#      PostgreSQL (the shared results store; tests start private servers with initdb).
+#      PostgreSQL (the shared results store; tests start private servers with initdb),
+#      and the real stack (qemu-system-x86, linux-image-cloud-amd64 for the guest's kernel
+#      and virtio modules, busybox-static and cpio for its initramfs).
 #   2. Kernel headers linked where BCC looks: /lib/modules/$(uname -r)/{build,source}.
 #   3. tracefs on /sys/kernel/tracing and debugfs on /sys/kernel/debug.
 #   4. .venv from Debian's /usr/bin/python3 (the one with BCC and USDT markers),
@@ -24,7 +26,7 @@ act() { echo "setup: $*" >&2; }
 if [ "$(id -u)" -ne 0 ]; then
     cat >&2 <<EOF
 setup: must run as root. balloon-lab needs root to:
-  - install Debian packages (apt-get install python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv chromium chromium-driver postgresql)
+  - install Debian packages (apt-get install python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv chromium chromium-driver postgresql qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio)
   - link kernel headers into /lib/modules/$(uname -r)/
   - mount tracefs (/sys/kernel/tracing) and debugfs (/sys/kernel/debug)
   - load eBPF programs (CAP_BPF + CAP_PERFMON)
@@ -34,7 +36,8 @@ EOF
 fi
 
 # 1. Debian packages ---------------------------------------------------------------
-PKGS=(python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv python3-dev chromium chromium-driver postgresql)
+PKGS=(python3-bpfcc bpfcc-tools linux-headers-cloud-amd64 python3-venv python3-dev chromium chromium-driver postgresql
+      qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "balloon-lab")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 EXPECTED = ["root", "bcc", "kernel-headers", "tracefs", "tracepoint-program", "usdt-markers", "usdt-audit",
-            "memfd-eventfd-madv-remove", "huge-pages"]
+            "memfd-eventfd-madv-remove", "huge-pages", "qemu-backend"]
 
 
 def run(args: list[str], prefix: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -33,6 +33,8 @@ def test_doctor_passes_every_check_here():
     by = {c["name"]: c for c in rep["checks"]}
     assert "counted 100 of 100" in by["tracepoint-program"]["detail"]
     assert "100 sys.audit events" in by["usdt-audit"]["detail"]
+    # the real stack: a real boot of QEMU + the Linux guest and a verified 16 MiB inflate
+    assert "booted kernel" in by["qemu-backend"]["detail"] and "inflated 4096 pages" in by["qemu-backend"]["detail"]
 
 
 def test_doctor_unprivileged_names_root_and_its_fix():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from lab.backends.qemu.side_by_side import side_by_side
 from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
 from lab.paths import db_option, default_db_path
 from lab.runner import run_trial
@@ -35,8 +36,10 @@ def stage_table(comp: Comparison, op: str = "inflate") -> str:
         cells = []
         for s in STAGES:
             m = comp.summary(arm, f"stages_ns.{op}.{s}")
-            v = m.median if m else float("nan")
-            cells.append(f"{v / 1e6:8.1f} {100 * v / tot.median:5.1f}%")
+            if m is None:                   # not measured (the real stack's guest side)
+                cells.append("-")
+                continue
+            cells.append(f"{m.median / 1e6:8.1f} {100 * m.median / tot.median:5.1f}%")
         lines.append(f"{arm:<14}{tot.median / 1e6:10.1f}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
@@ -136,6 +139,9 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 click.echo(counter_table(comp, spec.inflate_mib) + "\n")
                 click.echo(run_length_table(store, run_id) + "\n")
                 click.echo(kernel_share_table(comp) + "\n")
+                real = side_by_side(comp, store.get_run(run_id).environment)
+                if real:
+                    click.echo(real + "\n")
                 keep = ["stages_ns.inflate.*", "stages_ns.deflate.total", "discard_calls", "runs", "kicks",
                         "probes.madvise_calls", "probes.madvise_kernel_ns"]
                 click.echo(render_table(comp, keep))

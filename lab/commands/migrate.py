@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from lab.backends import is_qemu_arm
 from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
 from lab.migrate_runner import HINTS, SEED_FIGURES, run_trial
 from lab.paths import db_option, default_db_path
@@ -36,10 +37,16 @@ class MigrateSpec(ExperimentSpec):
     (with the migration parameters that are not spec fields), so a stored run reproduces."""
 
     migrate_extra: dict = {}
+    qemu_extra: dict = {}
 
     def command_line(self, command: str = "migrate") -> str:
-        argv = ["balloon-lab", "migrate", "--guest-mib", str(self.guest_mib), "--hint", ",".join(self.arms),
+        hints = list(dict.fromkeys(a.removeprefix("qemu-") for a in self.arms))
+        backends = list(dict.fromkeys("qemu" if is_qemu_arm(a) else "lab" for a in self.arms))
+        argv = ["balloon-lab", "migrate", "--guest-mib", str(self.guest_mib), "--hint", ",".join(hints),
+                "--backend", ",".join(backends),
                 "--bandwidth", format_bandwidth(self.bandwidth), "--workload", self.workload]
+        if self.qemu_extra.get("guest_append"):
+            argv += ["--qemu-guest-append", self.qemu_extra["guest_append"]]
         for k, v in self.workload_params.items():
             argv += ["--param", f"{k}={toml_value(v)}"]
         argv += ["--trials", str(self.trials), "--warmups", str(self.warmups), "--seed", str(self.seed),
@@ -64,6 +71,24 @@ def _hints(values: tuple[str, ...]) -> list[str]:
     return out or list(HINTS)
 
 
+def _backend_arms(hints: list[str], backends: str, explicit: bool = True) -> list[str]:
+    """Arms of the chosen backends: the lab's hint designs as they are, the real stack's
+    as qemu-<hint> (QEMU implements none and upstream)."""
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    bad = [b for b in names if b not in ("lab", "qemu")] or ([] if names else ["(empty)"])
+    if bad:
+        raise click.BadParameter(f"unknown backend {bad[0]!r} (choose lab, qemu or lab,qemu)", param_hint="--backend")
+    arms = [h for h in hints] if "lab" in names else []
+    if "qemu" in names:
+        from lab.backends.qemu.migrate import QEMU_HINTS
+        missing = [h for h in hints if h not in QEMU_HINTS]
+        if missing and explicit and "lab" not in names:
+            raise click.BadParameter(f"hint design {missing[0]!r} has no real-stack counterpart (QEMU implements "
+                                     f"{', '.join(QEMU_HINTS)})", param_hint="--hint")
+        arms += ["qemu-" + h for h in hints if h in QEMU_HINTS]
+    return arms
+
+
 def _median(results: list[dict], key: str, sub: str | None = None) -> float | None:
     vals = []
     for r in results:
@@ -80,7 +105,7 @@ def _fmt(v: float | None, fmt: str = "{:.0f}") -> str:
 def summary_table(by_arm: dict[str, list[dict]], failed: dict[str, int]) -> str:
     cols = ("total ms", "downtime ms", "rounds", "MB sent", "pages sent", "zero", "hinted", "cpu src s",
             "cpu dst s", "cpu guest s", "dst memfd MB", "verified")
-    lines = ["medians per hint design:", f"{'hint':<10}" + "".join(f"{c:>13}" for c in cols)]
+    lines = ["medians per hint design:", f"{'hint':<14}" + "".join(f"{c:>13}" for c in cols)]
     for arm, rs in by_arm.items():
         cells = [_fmt(_median(rs, "total_ms")), _fmt(_median(rs, "downtime_ms"), "{:.1f}"), _fmt(_median(rs, "rounds")),
                  _fmt(_median(rs, "bytes_sent") / 1e6 if _median(rs, "bytes_sent") is not None else None, "{:.1f}"),
@@ -90,27 +115,28 @@ def summary_table(by_arm: dict[str, list[dict]], failed: dict[str, int]) -> str:
                  _fmt(_median(rs, "memory", "destination_memfd_peak_bytes") / 1e6
                       if _median(rs, "memory", "destination_memfd_peak_bytes") is not None else None, "{:.0f}"),
                  f"{sum(1 for r in rs if r.get('verified'))}/{len(rs) + failed.get(arm, 0)}"]
-        lines.append(f"{arm:<10}" + "".join(f"{c:>13}" for c in cells))
+        lines.append(f"{arm:<14}" + "".join(f"{c:>13}" for c in cells))
     return "\n".join(lines)
 
 
 def seed_table(by_arm: dict[str, list[dict]], guest_mib: int, bandwidth_bits: int, workload: str) -> str:
-    base = _median(by_arm.get("none", []), "total_ms")
+    bases = {"lab": _median(by_arm.get("none", []), "total_ms"), "qemu": _median(by_arm.get("qemu-none", []), "total_ms")}
     s, u = SEED_FIGURES["seed"], SEED_FIGURES["upstream"]
     head = (f"total migration time beside the published figures (ours: {guest_mib} MiB guest, "
             f"{bandwidth_bits / 1e9:g} Gbit/s, workload {workload}; theirs: idle 8 GB guest, 10 Gbit/s):")
-    lines = [head, f"{'':<10}{'ours':>14}{'ratio':>9}{'seed v2/v3':>14}{'ratio':>9}{'upstream v37':>15}{'ratio':>9}"]
+    lines = [head, f"{'':<14}{'ours':>14}{'ratio':>9}{'seed v2/v3':>14}{'ratio':>9}{'upstream v37':>15}{'ratio':>9}"]
     for arm in by_arm:
         m = _median(by_arm[arm], "total_ms")
+        base = bases["qemu" if is_qemu_arm(arm) else "lab"]
         ratio = m / base if m is not None and base else None
-        theirs = (s["none_ms"], u["none_ms"]) if arm == "none" else (s["hinted_ms"], u["hinted_ms"])
-        lines.append(f"{arm:<10}{_fmt(m, '{:.0f} ms'):>14}{_fmt(ratio, '{:.3f}'):>9}"
+        theirs = (s["none_ms"], u["none_ms"]) if arm.removeprefix("qemu-") == "none" else (s["hinted_ms"],
+                                                                                            u["hinted_ms"])
+        lines.append(f"{arm:<14}{_fmt(m, '{:.0f} ms'):>14}{_fmt(ratio, '{:.3f}'):>9}"
                      f"{theirs[0]:>11.0f} ms{theirs[0] / s['none_ms']:>9.3f}{theirs[1]:>12.0f} ms"
                      f"{theirs[1] / u['none_ms']:>9.3f}")
-    if base:
-        for arm in by_arm:
-            if arm == "none":
-                continue
+    for arm in by_arm:
+        base = bases["qemu" if is_qemu_arm(arm) else "lab"]
+        if base and arm.removeprefix("qemu-") != "none":
             m = _median(by_arm[arm], "total_ms")
             ok = m is not None and m <= TARGET_RATIO * base
             lines.append(f"  {arm}: hinted total {_fmt(m)} ms {'<=' if ok else '>'} {TARGET_RATIO} x unhinted "
@@ -124,7 +150,7 @@ def memory_lines(by_arm: dict[str, list[dict]]) -> str:
     for arm, rs in by_arm.items():
         g = [_median(rs, "memory", k) for k in ("guest_touched_bytes", "source_memfd_peak_bytes",
                                                 "destination_memfd_peak_bytes", "host_peak_bytes")]
-        lines.append(f"{arm:<10}" + " | ".join(_fmt(v / 1e6 if v is not None else None, "{:8.0f}") for v in g))
+        lines.append(f"{arm:<14}" + " | ".join(f"{_fmt(v / 1e6 if v is not None else None, '{:.0f}'):>8}" for v in g))
     return "\n".join(lines)
 
 
@@ -150,11 +176,17 @@ def memory_lines(by_arm: dict[str, list[dict]]) -> str:
               help="bitmap design: how long round 1 waits for the guest's free-page bitmap.")
 @click.option("--settle-s", type=float, default=0.0, show_default=True,
               help="Let a background workload run this long before migrating.")
+@click.option("--backend", "backends", default="lab", show_default=True, metavar="lab|qemu|lab,qemu",
+              help="Migrate the lab's model, real QEMU + a Linux guest (arms qemu-none, qemu-upstream), or both "
+                   "in one interleaved run.")
+@click.option("--qemu-guest-append", default="", metavar="ARGS",
+              help="Extra kernel command line for the real guest, e.g. init_on_alloc=0 (docs/REAL_STACK.md).")
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: every trial and the medians.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, warmups, seed, probes,
-            downtime_limit_ms, max_rounds, hint_wait_ms, settle_s, db_path, as_json, quiet) -> None:
+            downtime_limit_ms, max_rounds, hint_wait_ms, settle_s, backends, qemu_guest_append, db_path, as_json,
+            quiet) -> None:
     """Migrate a guest from a source VMM to a destination VMM over loopback TCP, per hint design."""
     from lab.spec import parse_param
     overrides: dict = {"kind": "migrate", "inflate_mib": 0}
@@ -166,8 +198,8 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
         if v is not None:
             overrides[k] = v
     try:
-        if hints:
-            overrides["arms"] = _hints(hints)
+        if hints or backends != "lab":
+            overrides["arms"] = _backend_arms(_hints(hints), backends, explicit=bool(hints))
         if params:
             overrides["workload_params"] = dict(parse_param(p) for p in params)
         spec = load_spec(spec_path, overrides)
@@ -182,15 +214,20 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
                  settle_s=settle_s)
     spec = MigrateSpec(**spec.to_dict())
     spec.migrate_extra = extra
-    notes = "migrate parameters: " + json.dumps(extra)
+    spec.qemu_extra = {"guest_append": qemu_guest_append} if qemu_guest_append else {}
+    notes = "migrate parameters: " + json.dumps({**extra, **spec.qemu_extra})
     from lab.commands.run import open_probes
     session = open_probes(spec.probes)
     path = db_path or default_db_path()
     try:
         with Store(path) as store:
             try:
-                run_id = run_experiment(spec, lambda s, arm, rnd: run_trial(s, arm, rnd, session, **extra), store,
-                                        progress=not quiet, probe_session=session, notes=notes)
+                def trial(s, arm: str, rnd: int) -> dict:
+                    if is_qemu_arm(arm):          # the real stack: source + destination QEMU
+                        from lab.backends.qemu.migrate import run_qemu_migrate_trial
+                        return run_qemu_migrate_trial(s, arm, session, downtime_limit_ms, qemu_guest_append)
+                    return run_trial(s, arm, rnd, session, **extra)
+                run_id = run_experiment(spec, trial, store, progress=not quiet, probe_session=session, notes=notes)
             except ExperimentInterrupted as e:
                 click.echo(f"interrupted: run {e.run_id} kept its completed trials", err=True)
                 sys.exit(130)
@@ -219,6 +256,11 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
                 click.echo(json.dumps(out, default=float))
             else:
                 click.echo(f"run {run_id}\n")
+                env = store.get_run(run_id).environment
+                if env.get("qemu_accel"):
+                    click.echo(f"real stack (qemu-* arms): QEMU {env['qemu_version']} under {env['qemu_accel']} "
+                               f"({env['qemu_accel_reason']}), guest kernel {env['guest_kernel']}"
+                               + (f", guest append {qemu_guest_append!r}" if qemu_guest_append else "") + "\n")
                 click.echo(summary_table(by_arm, failed) + "\n")
                 click.echo(seed_table(by_arm, spec.guest_mib, spec.bandwidth, spec.workload) + "\n")
                 click.echo(memory_lines(by_arm))

@@ -7,8 +7,9 @@ import sys
 import click
 
 from device.features import PROTOCOLS
+from lab.backends import QEMU_BALLOON_ARMS, is_qemu_arm
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
-from lab.spec import ALLOC_POLICIES, BACKINGS, PARTIAL_TRACKING
+from lab.spec import ALLOC_POLICIES, BACKINGS, PARTIAL_TRACKING, SpecError, check_mib
 
 
 def workload_params(workload: str, items: tuple[str, ...]) -> dict:
@@ -57,9 +58,11 @@ def format_result(r: dict) -> str:
 
 
 @click.command("run")
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="pfn", show_default=True)
+@click.option("--protocol", type=click.Choice(PROTOCOLS + QEMU_BALLOON_ARMS), default="pfn", show_default=True,
+              help="a lab protocol, or a real-stack arm (QEMU + Linux guest)")
 @click.option("--guest-mib", type=int, default=1024, show_default=True)
-@click.option("--inflate-mib", type=int, default=512, show_default=True)
+@click.option("--inflate-mib", type=float, default=512, show_default=True,
+              help="MiB to inflate by; fractions of whole 4 KiB pages allowed (100.5)")
 @click.option("--workload", default="aged", show_default=True, help="aged, idle, hog, fragment, churn, dirty")
 @click.option("--workload-param", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="workload parameter (repeatable)")
@@ -73,29 +76,55 @@ def format_result(r: dict) -> str:
 @click.option("--alloc-policy", type=click.Choice(ALLOC_POLICIES), default="linux", show_default=True,
               help="pages the balloon takes")
 @click.option("--no-deflate", is_flag=True, help="inflate only")
+@click.option("--guest-init-on-alloc/--no-guest-init-on-alloc", "init_on_alloc", default=False, show_default=True,
+              help="the lab's guest zeroes each page it allocates for the balloon (Linux init_on_alloc)")
 @click.option("--probes/--no-probes", default=True, show_default=True, help="attach the BCC probes")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, backing,
-            partial_tracking, alloc_policy, no_deflate, probes, as_json) -> None:
+            partial_tracking, alloc_policy, no_deflate, init_on_alloc, probes, as_json) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
+    try:
+        inflate_mib = check_mib("inflate_mib", inflate_mib, 0, guest_mib)
+    except SpecError as e:
+        raise click.UsageError(str(e))
+    if is_qemu_arm(protocol):
+        run_qemu(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, no_deflate, probes, as_json)
     try:
         trial = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
                              workload_params=workload_params(workload, params), seed=seed, batch_pages=batch_pages,
                              discard=discard, deflate=not no_deflate, backing=backing,
-                             partial_tracking=partial_tracking, alloc_policy=alloc_policy)
+                             partial_tracking=partial_tracking, alloc_policy=alloc_policy,
+                             init_on_alloc=init_on_alloc)
     except ValueError as e:
         raise click.UsageError(str(e))
+    run_and_print(run_balloon, trial, TrialFailed, format_result, probes, as_json)
+
+
+def run_and_print(run_fn, trial, failure: type[Exception], fmt, probes: bool, as_json: bool) -> None:
+    """Run one trial with the probes, print it (text or JSON) and exit 0 only if verified."""
     session = open_probes(probes)
     try:
-        result = run_balloon(trial, session)
-    except TrialFailed as e:
+        result = run_fn(trial, session)
+    except failure as e:
         click.echo(f"balloon-lab run: trial failed: {e}", err=True)
         sys.exit(1)
     finally:
         if session is not None:
             session.detach()
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        click.echo(format_result(result))
+    click.echo(json.dumps(result) if as_json else fmt(result))
     sys.exit(0 if result["verified"] else 1)
+
+
+def run_qemu(arm, guest_mib, inflate_mib, workload, params, seed, batch_pages, no_deflate, probes, as_json) -> None:
+    """`run --protocol qemu-*`: one trial on the real stack (exits)."""
+    from lab.backends.qemu.side_by_side import format_qemu_result
+    from lab.backends.qemu.trial import QemuBalloonTrial, QemuTrialFailed, run_qemu_balloon
+    if batch_pages is not None:
+        raise click.UsageError("--batch-pages: the qemu arms run the Linux driver, whose batch is its own")
+    try:
+        trial = QemuBalloonTrial(arm=arm, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
+                                 workload_params=workload_params(workload, params), seed=seed,
+                                 deflate=not no_deflate)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, format_qemu_result, probes, as_json)

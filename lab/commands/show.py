@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from lab.backends.qemu.side_by_side import side_by_side
 from lab.commands.runs import local_time
 from lab.experiment import load_comparison
 from lab.paths import db_option, default_db_path
@@ -31,13 +32,14 @@ def describe_environment(env: dict[str, Any]) -> list[str]:
         f"scipy {env.get('scipy')}",
         f"git {git_s}, probe backend {env.get('probe_backend') or '?'}, "
         f"load at start {' '.join(map(str, load)) if load else '?'}",
-    ]
+    ] + ([f"real stack: QEMU {env.get('qemu_version')} under {env.get('qemu_accel')} "
+          f"({env.get('qemu_accel_reason')}), guest kernel {env.get('guest_kernel')}"] if env.get("qemu_accel") else [])
 
 
 def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_now: bool,
                  metrics: tuple[str, ...], all_counters: bool) -> str:
     out = describe_header(run, store)
-    out += describe_stats(comp, computed_now, metrics, all_counters)
+    out += describe_stats(comp, computed_now, metrics, all_counters, run)
     return "\n".join(out)
 
 
@@ -68,12 +70,16 @@ def describe_header(run: RunInfo, store: Store) -> list[str]:
 
 
 def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[str, ...],
-                   all_counters: bool) -> list[str]:
-    """Per-arm medians and the comparison with the baseline arm."""
+                   all_counters: bool, run: RunInfo | None = None) -> list[str]:
+    """Per-arm medians and the comparison with the baseline arm (and, for a run with
+    real-stack arms, their counters beside the lab's)."""
     out: list[str] = []
     if comp is None:
         out.append("\nno statistics: the baseline arm has no successful measured trial")
         return out
+    real = side_by_side(comp, run.environment) if run is not None and run.kind == "balloon" else ""
+    if real:
+        out.append("\n" + real)
     out.append(f"\nper-arm medians [{comp.confidence:.0%} bootstrap CI]:")
     out.append(render_summaries(comp, metrics or None))
     when = " (computed now: the run did not finish)" if computed_now else ""
@@ -124,7 +130,7 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
                 out = describe_header(run, store)
                 for h, c in comps.items():
                     out += [f"\n=== host {h} ==="] + describe_stats(c, run.status != "complete", metrics,
-                                                                     all_counters)
+                                                                     all_counters, run)
                 click.echo("\n".join(out))
                 return
             computed_now = store.get_comparison(run.id) is None
