@@ -17,7 +17,7 @@ from lab import stats as S
 from reports import charts as C
 from reports import published as P
 from reports.data import MiB, OPS, STAGES, ReportData, finite
-from reports.fmt import (esc, fmt_bytes, fmt_ns, fmt_p, fmt_ratio, pct, sig, speed_phrase)
+from reports.fmt import (esc, fmt_bytes, fmt_ns, fmt_p, fmt_ratio, fmt_value, pct, sig, speed_phrase)
 from reports.palette import PUBLISHED_COLOR
 
 
@@ -59,18 +59,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", r
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-_NS_PER = {"ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9}
-
 
 def vfmt(metric: str) -> Callable[[float | None], str]:
     """A formatter for one metric's values, each value in its own readable unit
     (75.5 ms next to 1.05 s reads better than 0.0755 s next to 1.05 s)."""
     u = M.unit(metric)
-    if u in _NS_PER:
-        return lambda v, k=_NS_PER[u]: "–" if v is None else fmt_ns(v * k)
-    if u == "bytes":
-        return lambda v: "–" if v is None else fmt_bytes(v)
-    return lambda v: "–" if v is None else sig(v)
+    return lambda v: fmt_value(v, u)
 
 
 def _ci(d: ReportData, arm: str, metric: str) -> tuple[float | None, float | None]:
