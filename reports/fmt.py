@@ -69,7 +69,17 @@ def row_formatter(unit: str, values: Iterable[float | None]) -> Callable[[float 
         for name, scale in BYTE_SCALES:
             if ref >= scale or name == "B":
                 return lambda v, n=name, sc=scale: "–" if v is None else f"{sig(v / sc)} {n}"
-    return lambda v: "–" if v is None else sig(v)
+    return _number
+
+
+def _number(v: float | None) -> str:
+    """A dimensionless value: exact when it is a whole or half number (a count, or the
+    median of an even number of counts: 131.5), else three significant digits."""
+    if v is None or not math.isfinite(v):
+        return sig(v)
+    if float(v * 2).is_integer() and not float(v).is_integer():
+        return f"{v:,.1f}".replace(",", THOUSANDS)
+    return sig(v)
 
 
 def fmt_value(v: float | None, unit: str) -> str:

@@ -15,7 +15,8 @@ import click
 from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
 from lab.paths import db_option, default_db_path
 from lab.runner import run_trial
-from lab.spec import SpecError, spec_from_cli, spec_options
+from lab.cli_checks import checked, refuse, writable_file
+from lab.spec import spec_from_cli, spec_options
 from lab.stats import Comparison, render_table
 from lab.store import Store
 
@@ -103,14 +104,11 @@ def comparison_json(run_id: str, comp: Comparison) -> dict:
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwargs) -> None:
     """Run interleaved trials of the protocol arms and compare them (first arm = baseline)."""
-    try:
-        spec = spec_from_cli(kwargs)
-    except SpecError as e:
-        click.echo(f"balloon-lab compare: bad spec: {e}", err=True)
-        sys.exit(2)
+    spec = checked("compare", lambda: spec_from_cli(kwargs))
     if spec.kind != "balloon":
-        click.echo("balloon-lab compare: kind must be balloon (use `balloon-lab migrate` for migrations)", err=True)
-        sys.exit(2)
+        refuse("compare", "--kind: must be balloon (use `balloon-lab migrate` for migrations)")
+    if report_path is not None:
+        writable_file("compare", "--report", report_path)
     from lab.commands.run import open_probes
     session = open_probes(spec.probes)
     path = db_path or default_db_path()

@@ -54,8 +54,11 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         th.add_cli(threshold_items)
         if alpha is not None:
             th.alpha = alpha
-        result = run_gate(load_input(baseline, path, "baseline"), load_input(candidate, path, "candidate"), th,
-                          allow_spec_change=allow_spec_change, relative=relative)
+        base, cand = load_input(baseline, path, "baseline"), load_input(candidate, path, "candidate")
+        if base.run_id is not None and base.run_id == cand.run_id:
+            raise GateInputError(f"--baseline and --candidate are the same run {base.run_id}: a run gated "
+                                 "against itself always passes")
+        result = run_gate(base, cand, th, allow_spec_change=allow_spec_change, relative=relative)
     except GateInputError as e:
         click.echo(f"gate: unusable input: {e}", err=True)
         if as_json:

@@ -7,15 +7,12 @@ import sys
 import click
 
 from device.features import PROTOCOLS
+from lab.cli_checks import checked
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
+from lab.spec import spec_from_cli, spec_options
 
-
-def workload_params(workload: str, items: tuple[str, ...]) -> dict:
-    from workloads import parse_params
-    try:
-        return parse_params(workload, list(items))
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--param")
+# The spec fields `run` takes (with compare's names, aliases and defaults).
+RUN_FIELDS = ("guest_mib", "inflate_mib", "workload", "workload_params", "seed", "batch_pages", "discard", "probes")
 
 
 def open_probes(enabled: bool):
@@ -50,29 +47,26 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command("run")
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="pfn", show_default=True)
-@click.option("--guest-mib", type=int, default=1024, show_default=True)
-@click.option("--inflate-mib", type=int, default=512, show_default=True)
-@click.option("--workload", default="aged", show_default=True, help="aged, idle, hog, fragment, churn, dirty")
-@click.option("--workload-param", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="workload parameter (repeatable)")
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--batch-pages", type=int, default=None, help="pages per request (default: 256 for pfn, 1 GiB for ranges)")
-@click.option("--discard", type=click.Choice(("madvise", "punch-hole")), default="madvise", show_default=True)
+@click.command("run", epilog="""\b
+examples:
+    balloon-lab run                                   # pfn, 1 GiB guest, inflate 512 MiB
+    balloon-lab run --protocol chunks --workload fragment --param order=3
+    balloon-lab run --protocol bitmap --guest-mib 4096 --inflate-mib 3072 --json
+""")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="pfn", show_default=True,
+              help="The one protocol (arm) to run.")
+@spec_options(only=RUN_FIELDS, spec_file=False)
 @click.option("--no-deflate", is_flag=True, help="inflate only")
-@click.option("--probes/--no-probes", default=True, show_default=True, help="attach the BCC probes")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, no_deflate, probes,
-            as_json) -> None:
-    """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
-    try:
-        trial = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
-                             workload_params=workload_params(workload, params), seed=seed, batch_pages=batch_pages,
-                             discard=discard, deflate=not no_deflate)
-    except ValueError as e:
-        raise click.UsageError(str(e))
-    session = open_probes(probes)
+def command(protocol, no_deflate, as_json, **kwargs) -> None:
+    """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
+    Parameters are checked (as `compare` checks them) before any process starts."""
+    spec = checked("run", lambda: spec_from_cli(kwargs, {"kind": "balloon", "arms": [protocol], "trials": 1,
+                                                        "warmups": 0}))
+    trial = BalloonTrial(protocol=protocol, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
+                         workload=spec.workload, workload_params=dict(spec.workload_params), seed=spec.seed,
+                         batch_pages=spec.batch_pages, discard=spec.discard, deflate=not no_deflate)
+    session = open_probes(spec.probes)
     try:
         result = run_balloon(trial, session)
     except TrialFailed as e:
