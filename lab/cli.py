@@ -13,7 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "run",
     "compare",
     "bench",
-    "runs", "show", "gate",
+    "runs", "show", "export", "gate",
     "report",
     "migrate",
     "fuzz",
