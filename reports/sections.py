@@ -133,8 +133,32 @@ def _ratio_ci_text(pr: S.PairResult | None) -> str:
     return f" (ratio 95 % CI {lo:.3g}–{hi:.3g})"
 
 
+def _told_apart(d: ReportData, a: str, b: str, metric: str, alpha: float) -> tuple[bool, str]:
+    """(can a and b be told apart on metric, the evidence). Against the baseline: the
+    stored Holm-corrected comparison; between two other arms: one Mann-Whitney test."""
+    comp = d.comparison
+    if comp is not None and comp.baseline_arm in (a, b):
+        pr = comp.pair(b if a == comp.baseline_arm else a, metric)
+        if pr is not None:
+            if pr.verdict == "equal":
+                return False, "identical in every trial"
+            if pr.p_holm is None:
+                return False, "too few trials to test"
+            if pr.verdict == "too few trials":
+                return False, f"too few trials to tell, p(Holm) = {fmt_p(pr.p_holm)}"
+            return pr.p_holm < alpha, f"p(Holm) = {fmt_p(pr.p_holm)}"
+    xa, xb = d.samples(a, metric), d.samples(b, metric)
+    p, _delta, _ = S.mann_whitney(xa, xb)
+    if p is None:
+        return False, "too few trials to test"
+    if p >= alpha and S.min_mann_whitney_p(len(xa), len(xb)) >= alpha:
+        return False, f"too few trials to tell, p = {fmt_p(p)}"
+    return p < alpha, f"p = {fmt_p(p)}"
+
+
 def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -> str | None:
-    """One verdict paragraph: which arm is best on `metric`, by how much, how sure."""
+    """One verdict paragraph: which arm is best on `metric`, by how much, how sure; a
+    tie when the best arms cannot be told apart (never "fastest" on a coin flip)."""
     arms = [a for a in d.arms if d.samples(a, metric) is not None]
     if not arms:
         return None
@@ -147,38 +171,51 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
     fmt = vfmt(metric)
     lo, hi = _ci(d, win, metric)
     ci = f" (95 % CI {fmt(lo)}–{fmt(hi)})" if lo is not None else ""
-    out = [f'<p class="headline">{what}: {chip(win, d.colors)} {best}, median <b>{fmt(meds[win])}</b>{ci}']
     if len(arms) == 1:
-        out[0] += " (the only arm with data).</p>"
+        return f'<p class="headline">{what}: {chip(win, d.colors)}, median <b>{fmt(meds[win])}</b>{ci} (the only arm with data).</p>'
+    apart = {a: _told_apart(d, win, a, metric, alpha) for a in order[1:]}
+    tied = [a for a in order[1:] if not apart[a][0]]
+    if tied and all(apart[a][1].startswith("too few trials") for a in tied) and len(tied) == len(order) - 1:
+        n = ", ".join(sorted({str(d.n_trials(a)) for a in arms}))
+        names = ", ".join(f"{chip(a, d.colors)} {fmt(meds[a])}" for a in order)
+        out = [f'<p class="headline">{what}: <b>no verdict</b>, too few trials to tell the arms apart '
+               f'(n = {n} per arm). <span class="unsure">Medians: {names}.</span></p>']
         return "".join(out)
-    if win != base:
-        pr = comp.pair(win, metric) if comp else None
-        cls, sure = _sureness(pr, d.n_trials(base), d.n_trials(win), alpha)
-        ratio = meds[win] / meds[base] if meds[base] else None
-        out[0] += (f", <b>{speed_phrase(ratio)}</b> than {chip(base, d.colors)} "
-                   f"({fmt(meds[base])}){_ratio_ci_text(pr)}. <span class=\"{cls}\">{sure}.</span></p>")
+    if tied:
+        group = [win] + tied
+        names = ", ".join(f"{chip(a, d.colors)} {fmt(meds[a])}" for a in group)
+        why = "; ".join(f"{a} vs {win}: {speed_phrase(meds[a] / meds[win]) if meds[win] else '–'}, {apart[a][1]}"
+                        for a in tied)
+        out = [f'<p class="headline">{what}: <b>a tie</b> between {names} (medians). '
+               f'<span class="unsure">Not distinguishable at α = {alpha:g}: {why}.</span></p>']
+        shown = set(group)
     else:
-        out[0] += f" — the baseline itself.</p>"
-    # every other arm against the winner: what is second, and can it be told apart?
+        out = [f'<p class="headline">{what}: {chip(win, d.colors)} {best}, median <b>{fmt(meds[win])}</b>{ci}']
+        if win != base:
+            pr = comp.pair(win, metric) if comp else None
+            cls, sure = _sureness(pr, d.n_trials(base), d.n_trials(win), alpha)
+            ratio = meds[win] / meds[base] if meds[base] else None
+            out[0] += (f", <b>{speed_phrase(ratio)}</b> than {chip(base, d.colors)} "
+                       f"({fmt(meds[base])}){_ratio_ci_text(pr)}. <span class=\"{cls}\">{sure}.</span></p>")
+            shown = {win, base}
+        else:
+            out[0] += " — the baseline itself.</p>"
+            shown = {win}
+    # every other arm against the winner: how far behind, and can it be told apart?
     rest = []
     for a in order[1:]:
-        if a == base and win != base:
+        if a in shown:
             continue
         xa, xw = d.samples(a, metric), d.samples(win, metric)
         ratio, rlo, rhi = S.ratio_ci(xa, xw)
-        p, delta, _ = S.mann_whitney(xa, xw)
-        if p is None:
-            sure = "too few trials to test"
-        elif p < alpha:
-            sure = f"p = {fmt_p(p)}"
-        else:
-            sure = f"not distinguishable, p = {fmt_p(p)}"
+        ok, evidence = apart[a]
         rest.append(f"{chip(a, d.colors)} {fmt(meds[a])}: {chip(win, d.colors)} is {speed_phrase(ratio)}"
                     + (f" (CI {1 / rhi:.3g}×–{1 / rlo:.3g}×)" if rlo and rhi and ratio < 1 else "")
-                    + f", {sure}")
+                    + f", {evidence}")
     if rest:
         out.append('<p class="sub">Against the others: ' + "; ".join(rest)
-                   + ' <span class="muted">(Mann-Whitney, one test each, not Holm-corrected)</span>.</p>')
+                   + ' <span class="muted">(against the baseline Holm-corrected, else one Mann-Whitney test '
+                     'each)</span>.</p>')
     return "".join(out)
 
 
@@ -367,6 +404,18 @@ def _median_other(d: ReportData, arm: str, op: str) -> float:
     return float(np.median(tot - sum(parts)))
 
 
+def _published_speedup(pub: P.PublishedInflate) -> str:
+    """A published speed-up in the report's one wording ("N× faster": the ratio of
+    total times), converted from the published times, with the published wording and
+    source beside it ("85 % faster" meant 85 % less time)."""
+    pfn = next((x for x in P.INFLATE if x.arm == "pfn"), None)
+    if pub.arm == "pfn" or pfn is None:
+        return '<span class="muted">reference</span>'
+    said = f"published as “{pct(pub.faster_than_pfn, 0)} faster”, " if pub.faster_than_pfn else ""
+    return (f"<b>{speed_phrase(pub.ms_per_gib / pfn.ms_per_gib)}</b><br>"
+            f'<span class="ci">{said}{esc(pub.source)}</span>')
+
+
 def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float]]]:
     mib = d.inflate_mib or 0
     base = "pfn" if "pfn" in d.arms else d.baseline
@@ -392,7 +441,7 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
         if a == base or not btot:
             cells.append('<span class="muted">baseline</span>' if a == base else "–")
         else:
-            cells.append(f"{pct(1 - tot / btot, 0)} less time<br><span class=\"ci\">{speed_phrase(tot / btot)}</span>")
+            cells.append(f"<b>{speed_phrase(tot / btot)}</b>")
         rows.append(cells)
         classes.append("")
     if op == "inflate":
@@ -403,9 +452,7 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
             for s in STAGES:
                 cells.append(pct(pub.shares[s]) if s in pub.shares else '<span class="muted">–</span>')
             cells.append("–")
-            cells.append(f"{pct(pub.faster_than_pfn, 0)} faster<br><span class=\"ci\">published</span>"
-                         if pub.faster_than_pfn else
-                         '<span class="muted">reference</span>')
+            cells.append(_published_speedup(pub))
             rows.append(cells)
             classes.append("published")
     header = ["arm", "trials", f"{op} total<br>median [CI]", "per GiB", "allocating pages<br>(alloc)",
