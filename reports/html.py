@@ -40,7 +40,8 @@ p { margin: 6px 0; }
 code, pre { font-family: "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
 pre { background: var(--panel); border: 1px solid var(--line); padding: 10px 12px; overflow-x: auto;
       white-space: pre-wrap; word-break: break-all; }
-pre.cmd { background: #10161c; color: #e6edf3; border: 0; }
+pre.cmd { background: #10161c; color: #e6edf3; border: 0; word-break: normal; overflow-wrap: normal; }
+/* a command wraps between its words only: a line broken inside --guest-mib cannot be read or copied */
 .note { color: var(--muted); font-size: 13px; }
 .nodata { background: #fff8e5; border-left: 4px solid #e0a800; padding: 7px 12px; margin: 8px 0; }
 .muted { color: var(--muted); }
@@ -57,6 +58,8 @@ th, td { border-bottom: 1px solid var(--line); padding: 5px 10px; text-align: le
 thead th { background: var(--panel); font-weight: 600; border-bottom: 1px solid #c8c8cc; }
 table.cmp td:nth-child(n+3), table.stages td:nth-child(n+2), table.probes td:nth-child(n+2) { font-variant-numeric: tabular-nums; }
 table.small { font-size: 12px; }
+table.compact td { padding: 2px 10px; white-space: nowrap; font-variant-numeric: tabular-nums; }
+table.compact td:nth-child(n+2) { text-align: right; }
 table.stages td, table.probes td, table.cmp td { white-space: nowrap; }
 table.stages td:first-child, table.probes td:first-child { white-space: normal; min-width: 150px; }
 table.stages th { font-size: 12px; }

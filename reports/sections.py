@@ -365,6 +365,43 @@ def _comparison_rows(d: ReportData, metrics: Sequence[str]) -> list[list[str]]:
     return rows
 
 
+def _equal_everywhere(d: ReportData, metric: str) -> bool:
+    """One value in every trial of every arm (always zero, the same page count...):
+    such a row says nothing about the protocols, so the tables leave it out."""
+    comp = d.comparison
+    sums = [comp.summary(a, metric) for a in comp.arms]
+    if any(s is None for s in sums):
+        return False
+    return all(s.min == s.max == sums[0].min for s in sums)
+
+
+_MARK = {"good": "−", "bad": "+", "neutral": ""}
+
+
+def _compact_row(d: ReportData, metric: str) -> list[str]:
+    """One line per metric, as `asv compare` prints: each arm's median and, for the
+    other arms, the ratio to the baseline marked − (significantly lower) or + (higher)."""
+    comp = d.comparison
+    fmt = vfmt(metric)
+    kind = M.classify(metric)
+    cells = [f"<code>{esc(metric)}</code>"]
+    for a in comp.arms:
+        s = comp.summary(a, metric)
+        cells.append(fmt(s.median) if s else '<span class="muted">–</span>')
+        if a == comp.baseline_arm:
+            continue
+        pr = comp.pair(a, metric)
+        if pr is None or s is None:
+            cells.append("")
+            continue
+        stat = M.is_statistical(kind)
+        cls = "good" if stat and pr.verdict in _GOOD else "bad" if stat and pr.verdict in _BAD else "neutral"
+        mark = _MARK[cls] or ("≠" if pr.exact and pr.difference else "")
+        why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {pr.verdict}"
+        cells.append(f'<span class="v {cls}" title="{esc(why)}">{fmt_ratio(pr.ratio)} {mark}</span>')
+    return cells
+
+
 def comparison_section(d: ReportData) -> Section:
     comp = d.comparison
     if comp is None:
@@ -375,18 +412,34 @@ def comparison_section(d: ReportData) -> Section:
     keys = [m for m in (KEY_MIGRATE if d.kind == "migrate" else KEY_BALLOON) if m in known]
     seen = {comp.folded.get(m, m) for m in keys}
     rest = [m for m in comp.metrics if m not in seen]
-    header = ["metric", "kind"] + [chip(a, d.colors) for a in comp.arms]
-    body = [note(f"Each cell: median, its {comp.confidence:.0%} bootstrap CI; for non-baseline arms the ratio "
-                 f"arm / {esc(comp.baseline_arm)} with its CI, the Mann-Whitney p-value after Holm correction and "
-                 "Cliff's δ (−1: every trial of the arm below every baseline trial). Counters are exact: ratio and "
-                 "difference, no p-value. For timings and gauges (lower is better) <span class=\"v good\">green</span> = "
-                 "significantly lower than the baseline after Holm, <span class=\"v bad\">red</span> = "
-                 "significantly higher.")]
+    equal = [m for m in list(keys) + rest if _equal_everywhere(d, comp.folded.get(m, m))]
+    keys = [m for m in keys if m not in equal]
+    rest = [m for m in rest if m not in equal]
+    others = [a for a in comp.arms if a != comp.baseline_arm]
+    head = ["metric", f"{chip(comp.baseline_arm, d.colors)}<br><span class=\"ci\">baseline</span>"]
+    for a in others:
+        head += [chip(a, d.colors), f'<span class="ci">÷ {esc(comp.baseline_arm)}</span>']
+    body = [note(f"One line per metric: each arm's median and, beside each arm, the ratio of its median to "
+                 f"{chip(comp.baseline_arm, d.colors)}'s, marked <span class=\"v good\">−</span> when a timing or "
+                 f"gauge is significantly lower (Mann-Whitney, Holm-corrected, α = {comp.alpha:g}), "
+                 "<span class=\"v bad\">+</span> when significantly higher, ≠ when an exact counter differs; "
+                 "no mark: not distinguishable. Hover a ratio for its test.")]
     if keys:
-        body.append(table(header, _comparison_rows(d, keys), "cmp"))
-    if rest:
-        body.append(f'<details><summary>All other metrics ({len(rest)})</summary>'
-                    f'{table(header, _comparison_rows(d, rest), "cmp small")}</details>')
+        body.append(table(head, [_compact_row(d, m) for m in keys], "cmp compact"))
+    full = [m for m in keys + rest]
+    if full:
+        header = ["metric", "kind"] + [chip(a, d.colors) for a in comp.arms]
+        body.append(f'<details><summary>Full table: medians with {comp.confidence:.0%} bootstrap CIs, ratios '
+                    f'with CIs, p-values and Cliff\'s δ ({len(full)} metrics)</summary>'
+                    + note(f"For non-baseline arms: ratio arm / {esc(comp.baseline_arm)} with its CI, the "
+                           "Mann-Whitney p-value after Holm correction and Cliff's δ (−1: every trial of the arm "
+                           "below every baseline trial). Counters are exact: ratio and difference, no p-value.")
+                    + table(header, _comparison_rows(d, full), "cmp small") + "</details>")
+    if equal:
+        body.append(f'<details><summary>{len(equal)} metrics with one value in every trial of every arm '
+                    "(not shown above)</summary><p class=\"note\">"
+                    + ", ".join(f"<code>{esc(m)}</code> {vfmt(comp.folded.get(m, m))(comp.summary(comp.arms[0], comp.folded.get(m, m)).median)}"
+                                for m in equal) + "</p></details>")
     for n in comp.notes:
         body.append(note("Note: " + esc(n)))
     return Section("comparison", "Comparison table", "".join(body))
