@@ -13,7 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "run",
     "compare",
     "bench",
-    "runs", "show", "export", "gate",
+    "runs", "show", "export", "history", "gate",
     "report",
     "migrate",
     "fuzz",

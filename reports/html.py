@@ -99,8 +99,9 @@ class Report:
         return len(self.html.encode())
 
 
-def build(d: D.ReportData, report_path: str | None = None) -> Report:
-    """Render a loaded run to a Report."""
+def build(d: D.ReportData, report_path: str | None = None, extra: list[SEC.Section] | None = None) -> Report:
+    """Render a loaded run to a Report; `extra` sections (e.g. the history, which needs
+    the store) go after the run's own and before the environment."""
     r = d.run
     secs = [SEC.verdict_section(d), SEC.comparison_section(d)]
     mig = SEC.migration_section(d)
@@ -110,7 +111,7 @@ def build(d: D.ReportData, report_path: str | None = None) -> Report:
     else:
         secs += [SEC.stages_section(d), SEC.probes_section(d), SEC.runlength_section(d),
                  SEC.notifications_section(d)] + ([mig] if mig is not None else [])
-    secs += [SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
+    secs += list(extra or []) + [SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
     spec = r.spec
     mib = d.inflate_mib
     what = (f"{esc(spec.get('kind', r.kind))}, guest {sig(d.guest_mib)} MiB"
@@ -160,7 +161,20 @@ docs/REPORT.md explains each section.</footer>
 
 def render_report(store: Store, run_ref: str, report_path: str | None = None) -> Report:
     """The report of one run of `store` (id, unique prefix or "latest")."""
-    return build(D.load(store, run_ref), report_path)
+    d = D.load(store, run_ref)
+    return build(d, report_path, [_history(store, d)])
+
+
+def _history(store: Store, d: D.ReportData) -> SEC.Section:
+    """The run's headline metric across the stored runs of its experiment."""
+    from lab.history import history
+    from reports.history_section import headline_metric, history_section
+    metric = headline_metric(d.kind, d.stage_metric("inflate", "total"))
+    points = history(store, metric, d.run.id) if metric else []
+    colors = dict(d.colors)
+    for p in points:                       # arms only older runs had still need a colour
+        colors.setdefault(p.arm, "#777777")
+    return history_section(points, d.run.id, metric, colors)
 
 
 def write_report(store: Store, run_ref: str, path: str | os.PathLike) -> Report:

@@ -25,6 +25,20 @@ def _junit_error(message: str) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
+def _record_verdict(db_path: Path, run_id: str, baseline_ref: str, result) -> None:
+    """Leave the verdict on the candidate run, so `history` and the report's history
+    section can mark the runs the gate flagged. Best effort: a read-only store only
+    loses the mark, never the gate's answer."""
+    from lab.history import gate_note
+    from lab.store import Store
+    regressed = sorted({f"{c.arm} {c.metric}" for c in result.regressions})
+    try:
+        with Store(db_path, create=False) as store:
+            store.add_note(run_id, gate_note(result.verdict, baseline_ref, regressed))
+    except Exception as e:   # StoreError, or sqlite3.OperationalError on a read-only file
+        click.echo(f"gate: could not record the verdict on run {run_id}: {e}", err=True)
+
+
 @click.command("gate")
 @click.option("--baseline", required=True, metavar="RUN_OR_FILE", help="Baseline: run id (prefix) or baseline JSON file.")
 @click.option("--candidate", required=True, metavar="RUN_OR_FILE", help="Candidate: run id (prefix) or baseline JSON file.")
@@ -66,6 +80,8 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         if junit:
             junit.write_text(_junit_error(str(e)))
         sys.exit(EXIT_UNUSABLE)
+    if cand.source == "run" and cand.run_id:
+        _record_verdict(path, cand.run_id, base.run_id or baseline, result)
     if junit:
         junit.write_text(result.to_junit())
     if as_json:
