@@ -31,6 +31,7 @@ class HistoryPoint:
     ci_high: float | None
     n: int
     flagged: str | None      # the gate's note when it found a regression in this run
+    load: float | None = None  # 1-minute load average when the run started: timings follow it
 
 
 def gate_note(verdict: str, baseline_ref: str, regressed: list[str]) -> str:
@@ -68,8 +69,9 @@ def history(store: Store, metric: str, anchor_ref: str = "latest", arm: str | No
                 continue
             x = metrics[metric]
             med, lo, hi = S.median_ci(x)
+            load = (run.environment.get("loadavg") or [None])[0]
             out.append(HistoryPoint(run.id, run.created_at, run.environment.get("git_commit"), a, float(med),
-                                    lo, hi, int(np.size(x)), flag))
+                                    lo, hi, int(np.size(x)), flag, load))
     return out
 
 

@@ -39,6 +39,13 @@ def sig(v: float | None, digits: int = 3) -> str:
     return f"{v:.{decimals}f}"
 
 
+def plural(n: int | float | None, word: str, many: str | None = None) -> str:
+    """"1 trial", "3 trials", "1 warm-up", "0 warm-ups" (the count formatted as a count)."""
+    if n is None:
+        return f"? {many or word + 's'}"
+    return f"{fmt_count(n)} {word if n == 1 else (many or word + 's')}"
+
+
 def fmt_count(v: float | None) -> str:
     """A count (pages, calls, kicks): the whole number, grouped ("131 072")."""
     if v is None or not math.isfinite(v):

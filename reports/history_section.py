@@ -75,7 +75,8 @@ def history_section(points: Sequence[HistoryPoint], current: str, metric: str | 
     body = [figure(ch, f"<code>{esc(metric)}</code> in each of the {len(run_ids)} stored runs with this run's spec "
                        "(the gate's definition: same kind, sizes, workload, seed, discard, probes), oldest first; "
                        "this run shaded. A red ring marks a run <code>balloon-lab gate</code> flagged as a "
-                       "regression. Linear axis from zero. The same as text: "
+                       "regression. Linear axis from zero. Compare timings only between runs made under a similar load "
+                       "(the table below has each run's load average at start). The same as text: "
                        f"<code>balloon-lab history {esc(metric)} --run {esc(current)}</code>.")]
     fmt = vfmt(metric)
     arms = list(dict.fromkeys(p.arm for p in points))
@@ -84,12 +85,13 @@ def history_section(points: Sequence[HistoryPoint], current: str, metric: str | 
     for r in run_ids:
         any_p = next(p for p in points if p.run_id == r)
         cells = [f"<code>{esc(r)}</code>" + (" <b>(this run)</b>" if r == current else ""),
-                 esc(any_p.created_at[:19].replace("T", " ")), esc((any_p.git_commit or "–")[:10])]
+                 esc(any_p.created_at[:19].replace("T", " ")), esc((any_p.git_commit or "–")[:10]),
+                 "–" if any_p.load is None else f"{any_p.load:.2f}"]
         cells += [fmt(by[(r, a)].median) if (r, a) in by else "–" for a in arms]
         cells.append(f'<span class="v bad">{esc(any_p.flagged)}</span>' if any_p.flagged else "")
         rows.append(cells)
     body.append(f"<details><summary>The {len(run_ids)} runs as a table</summary>"
-                + table(["run", "created (UTC)", "git"] + [chip(a, colors) for a in arms] + ["gate"], rows,
+                + table(["run", "created (UTC)", "git", "load at start"] + [chip(a, colors) for a in arms] + ["gate"], rows,
                         "cmp compact") + "</details>")
     return Section("history", "History", "".join(body), [ch])
 

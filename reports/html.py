@@ -14,7 +14,7 @@ from pathlib import Path
 from lab.store import Store
 from reports import data as D
 from reports import sections as SEC
-from reports.fmt import esc, sig
+from reports.fmt import esc, plural, sig
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src 'none'; "
        "connect-src 'none'; script-src 'none'; form-action 'none'; base-uri 'none'")
@@ -117,7 +117,7 @@ def build(d: D.ReportData, report_path: str | None = None, extra: list[SEC.Secti
     what = (f"{esc(spec.get('kind', r.kind))}, guest {sig(d.guest_mib)} MiB"
             + (f", inflate {sig(mib)} MiB" if mib and r.kind != "migrate" else "")
             + f", workload {esc(spec.get('workload', '?'))}, "
-            + f"{spec.get('trials', '?')} trials + {spec.get('warmups', '?')} warm-up per arm, "
+            + f"{plural(spec.get('trials'), 'trial')} + {plural(spec.get('warmups'), 'warm-up')} per arm, "
             + f"probes {'on' if spec.get('probes') else 'off'}")
     arms = " ".join(SEC.chip(a, d.colors) for a in d.scheduled_arms)
     banners = "".join(f'<p class="banner">{esc(n)}</p>' for n in d.notes)

@@ -50,12 +50,13 @@ def command(metric: str, arm: str | None, run_ref: str, db_path, as_json: bool) 
     fmt = value_formatter(metric, [p.median for p in points])
     rows = [("!" if p.flagged else "", p.run_id, local_time(p.created_at), (p.git_commit or "-")[:10], p.arm,
              f"{fmt(p.median)}" + (f" [{fmt(p.ci_low)}, {fmt(p.ci_high)}]" if p.ci_low is not None else ""),
-             str(p.n)) for p in points]
+             str(p.n), "-" if p.load is None else f"{p.load:.2f}") for p in points]
     sp = anchor.spec
     click.echo(f"{metric} across {n_runs} run(s) of the experiment of run {anchor.id} ({sp.get('kind')}, guest "
                f"{sp.get('guest_mib')} MiB, inflate {sp.get('inflate_mib')} MiB, workload {sp.get('workload')}, "
                f"seed {sp.get('seed')}), oldest first:")
-    click.echo(format_columns(("", "run", "created", "git", "arm", "median [95% CI]", "n"), rows, right={6}))
+    click.echo(format_columns(("", "run", "created", "git", "arm", "median [95% CI]", "n", "load"), rows,
+                              right={6, 7}))
     flagged = {p.run_id: p.flagged for p in points if p.flagged}
     for rid, why in flagged.items():
         click.echo(f"! {rid}: {why}")
