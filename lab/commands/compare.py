@@ -95,7 +95,16 @@ def comparison_json(run_id: str, comp: Comparison) -> dict:
             "pairs": [p.__dict__ for p in comp.pairs]}
 
 
-@click.command("compare")
+EXAMPLES = """\b
+examples:
+    balloon-lab compare                                   # the default experiment: 4 arms, 10 trials each
+    balloon-lab compare --arms pfn,chunks --trials 20 --report out/r.html
+    balloon-lab compare --spec .ci/gate/spec.toml --db out/ci.db
+    balloon-lab compare --workload fragment --param order=3 --guest-mib 4096 --inflate-mib 3072
+"""
+
+
+@click.command("compare", epilog=EXAMPLES)
 @spec_options
 @db_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
