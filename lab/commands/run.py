@@ -50,7 +50,7 @@ def format_result(r: dict) -> str:
 @click.command("run", epilog="""\b
 examples:
     balloon-lab run                                   # pfn, 1 GiB guest, inflate 512 MiB
-    balloon-lab run --protocol chunks --workload fragment --param order=3
+    balloon-lab run --protocol chunks --workload fragment --param share=0.6
     balloon-lab run --protocol bitmap --guest-mib 4096 --inflate-mib 3072 --json
 """)
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="pfn", show_default=True,
