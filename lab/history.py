@@ -56,12 +56,13 @@ def same_experiment(store: Store, anchor: RunInfo) -> list[RunInfo]:
     return sorted(runs, key=lambda r: r.created_at)
 
 
-def history(store: Store, metric: str, anchor_ref: str = "latest", arm: str | None = None) -> list[HistoryPoint]:
-    """Per run of the anchor's experiment and per arm (or the one `arm`): median of
-    `metric` over measured ok trials with its bootstrap CI."""
+def history(store: Store, metric: str, anchor_ref: str = "latest", arm: str | None = None,
+            last: int = 60) -> list[HistoryPoint]:
+    """Per run of the anchor's experiment (the newest `last` of them) and per arm (or
+    the one `arm`): median of `metric` over measured ok trials with its bootstrap CI."""
     anchor = store.get_run(anchor_ref)
     out = []
-    for run in same_experiment(store, anchor):
+    for run in same_experiment(store, anchor)[-last:]:
         table = store.metric_table(run.id)
         flag = gate_flag(run)
         for a, metrics in table.items():
