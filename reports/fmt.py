@@ -71,12 +71,19 @@ def row_formatter(unit: str, values: Iterable[float | None]) -> Callable[[float 
     if unit in NS_PER:
         to_ns = NS_PER[unit]
         name, scale = time_unit([ref * to_ns])
-        return lambda v: "–" if v is None else f"{sig(v * to_ns / scale)} {name}"
+        return lambda v: "–" if v is None else (fmt_ns(v * to_ns) if _tiny(v * to_ns, scale)
+                                                 else f"{sig(v * to_ns / scale)} {name}")
     if unit == "bytes":
         for name, scale in BYTE_SCALES:
             if ref >= scale or name == "B":
-                return lambda v, n=name, sc=scale: "–" if v is None else f"{sig(v / sc)} {n}"
+                return lambda v, n=name, sc=scale: "–" if v is None else (
+                    fmt_bytes(v) if _tiny(v, sc) else f"{sig(v / sc)} {n}")
     return _number
+
+
+def _tiny(v: float, scale: float) -> bool:
+    """A value far below its row's unit (96 B in a KiB row) reads better in its own."""
+    return v != 0 and abs(v) < 0.1 * scale
 
 
 def _number(v: float | None) -> str:
