@@ -157,7 +157,7 @@ def fmt_ratio(r: float | None) -> str:
         return "–"
     if math.isinf(r):
         return "∞"
-    return f"{r:.3g}×"
+    return f"{sig(r)}×"
 
 
 def speed_phrase(ratio: float | None, timing: bool = True) -> str:
@@ -167,8 +167,8 @@ def speed_phrase(ratio: float | None, timing: bool = True) -> str:
     if abs(ratio - 1.0) < 0.005:
         return "the same"
     if timing:
-        return f"{1 / ratio:.3g}× faster" if ratio < 1 else f"{ratio:.3g}× slower"
-    return f"{ratio:.3g}× as much"
+        return f"{sig(1 / ratio)}× faster" if ratio < 1 else f"{sig(ratio)}× slower"
+    return f"{sig(ratio)}× as much"
 
 
 def pct(x: float | None, digits: int = 1) -> str:

@@ -129,8 +129,8 @@ def _ratio_ci_text(pr: S.PairResult | None) -> str:
         return ""
     lo, hi = pr.ratio_ci_low, pr.ratio_ci_high
     if pr.ratio < 1 and lo > 0 and hi > 0:
-        return f" (95 % CI {1 / hi:.3g}×–{1 / lo:.3g}×)"
-    return f" (ratio 95 % CI {lo:.3g}–{hi:.3g})"
+        return f" (95 % CI {sig(1 / hi)}×–{sig(1 / lo)}×)"
+    return f" (ratio 95 % CI {sig(lo)}–{sig(hi)})"
 
 
 def _told_apart(d: ReportData, a: str, b: str, metric: str, alpha: float) -> tuple[bool, str]:
@@ -210,7 +210,7 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
         ratio, rlo, rhi = S.ratio_ci(xa, xw)
         ok, evidence = apart[a]
         rest.append(f"{chip(a, d.colors)} {fmt(meds[a])}: {chip(win, d.colors)} is {speed_phrase(ratio)}"
-                    + (f" (CI {1 / rhi:.3g}×–{1 / rlo:.3g}×)" if rlo and rhi and ratio < 1 else "")
+                    + (f" (CI {sig(1 / rhi)}×–{sig(1 / rlo)}×)" if rlo and rhi and ratio < 1 else "")
                     + f", {evidence}")
     if rest:
         out.append('<p class="sub">Against the others: ' + "; ".join(rest)
@@ -347,7 +347,7 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
         diff = "=" if pr.difference == 0 else f"{'+' if pr.difference > 0 else ''}{fmt(pr.difference)}"
         line = f"{fmt_ratio(pr.ratio)} · {diff} · exact"
     else:
-        ci = f" [{pr.ratio_ci_low:.3g}, {pr.ratio_ci_high:.3g}]" if pr.ratio_ci_low is not None else ""
+        ci = f" [{sig(pr.ratio_ci_low)}, {sig(pr.ratio_ci_high)}]" if pr.ratio_ci_low is not None else ""
         delta = f" · δ {pr.cliffs_delta:+.2f}" if pr.cliffs_delta is not None else ""
         line = f"{fmt_ratio(pr.ratio)}{ci} · p {fmt_p(pr.p_holm)}{delta}"
     varies = " (varies)" if pr.varies else ""
