@@ -11,7 +11,7 @@ from lab import metrics as M
 from lab.history import HistoryPoint
 from reports import charts as C
 from reports.fmt import NS_PER, esc, time_unit
-from reports.sections import Section, chip, figure, nodata, note, table, vfmt
+from reports.sections import Section, chip, figure, nodata, note, scrolling, table, vfmt
 
 FLAG_COLOR = "#b3261e"
 
@@ -91,8 +91,8 @@ def history_section(points: Sequence[HistoryPoint], current: str, metric: str | 
         cells.append(f'<span class="v bad">{esc(any_p.flagged)}</span>' if any_p.flagged else "")
         rows.append(cells)
     body.append(f"<details><summary>The {len(run_ids)} runs as a table</summary>"
-                + table(["run", "created (UTC)", "git", "load at start"] + [chip(a, colors) for a in arms] + ["gate"], rows,
-                        "cmp compact") + "</details>")
+                + scrolling(table(["run", "created (UTC)", "git", "load at start"] + [chip(a, colors) for a in arms]
+                                  + ["gate"], rows, "small")) + "</details>")
     return Section("history", "History", "".join(body), [ch])
 
 

@@ -58,6 +58,8 @@ th, td { border-bottom: 1px solid var(--line); padding: 5px 10px; text-align: le
 thead th { background: var(--panel); font-weight: 600; border-bottom: 1px solid #c8c8cc; }
 table.cmp td:nth-child(n+3), table.stages td:nth-child(n+2), table.probes td:nth-child(n+2) { font-variant-numeric: tabular-nums; }
 table.small { font-size: 12px; }
+div.tablewrap { max-width: 100%; overflow-x: auto; }  /* many arms: the table scrolls, not the page */
+table.stages td:last-child { white-space: normal; min-width: 150px; }
 table.compact td { padding: 2px 10px; white-space: nowrap; font-variant-numeric: tabular-nums; }
 table.compact td:nth-child(n+2) { text-align: right; }
 table.stages td, table.probes td, table.cmp td { white-space: nowrap; }

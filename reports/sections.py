@@ -49,6 +49,11 @@ def figure(chart: C.Chart, caption: str) -> str:
             f'<figcaption>{caption}</figcaption></figure>')
 
 
+def scrolling(table_html: str) -> str:
+    """A wide table scrolls inside its own box instead of widening the page."""
+    return f'<div class="tablewrap">{table_html}</div>'
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", row_cls: Sequence[str] | None = None
           ) -> str:
     head = "".join(f"<th>{h}</th>" for h in header)
@@ -425,7 +430,7 @@ def comparison_section(d: ReportData) -> Section:
                  "<span class=\"v bad\">+</span> when significantly higher, ≠ when an exact counter differs; "
                  "no mark: not distinguishable. Hover a ratio for its test.")]
     if keys:
-        body.append(table(head, [_compact_row(d, m) for m in keys], "cmp compact"))
+        body.append(scrolling(table(head, [_compact_row(d, m) for m in keys], "cmp compact")))
     full = [m for m in keys + rest]
     if full:
         header = ["metric", "kind"] + [chip(a, d.colors) for a in comp.arms]
@@ -434,7 +439,7 @@ def comparison_section(d: ReportData) -> Section:
                     + note(f"For non-baseline arms: ratio arm / {esc(comp.baseline_arm)} with its CI, the "
                            "Mann-Whitney p-value after Holm correction and Cliff's δ (−1: every trial of the arm "
                            "below every baseline trial). Counters are exact: ratio and difference, no p-value.")
-                    + table(header, _comparison_rows(d, full), "cmp small") + "</details>")
+                    + scrolling(table(header, _comparison_rows(d, full), "cmp small")) + "</details>")
     if equal:
         body.append(f'<details><summary>{len(equal)} metrics with one value in every trial of every arm '
                     "(not shown above)</summary><p class=\"note\">"
@@ -512,7 +517,7 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
               "building PFNs / bitmap / chain<br>(encode)", "sending to the host<br>(transmit)",
               "address translation<br>(translate)", "madvise / punch-hole<br>(discard)", "other",
               f"vs {esc(base or '–')}"]
-    return table(header, rows, "stages", classes), meds
+    return scrolling(table(header, rows, "stages", classes)), meds
 
 
 def stages_section(d: ReportData) -> Section:

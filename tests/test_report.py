@@ -123,6 +123,11 @@ def test_cli_writes_the_file_and_refuses_unknown_runs(real_run, tmp_path):
     out = tmp_path / "sub" / "r.html"
     p = subprocess.run([BALLOON_LAB, "report", run_id, "-o", str(out), "--db", str(db)],
                        capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "does not exist" in p.stderr     # no directory made behind the user's back
+    assert not out.parent.exists()
+    out.parent.mkdir()
+    p = subprocess.run([BALLOON_LAB, "report", run_id, "-o", str(out), "--db", str(db)],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert out.exists() and out.stat().st_size > 50_000
     assert f"wrote {out}" in p.stderr and "not shown: plot-madvise-len" in p.stderr
@@ -196,7 +201,7 @@ def test_migration_run_gets_its_own_section_with_a_timeline(tmp_path):
     assert [t.status for t in trials] == ["ok", "ok"], [t.error for t in trials]
     html = rep.html
     # a migration's sections: no inflate stages, run lengths or balloon kicks
-    assert rep.sections == ["verdict", "comparison", "migration", "probes", "environment", "reproduce"]
+    assert rep.sections == ["verdict", "comparison", "migration", "probes", "history", "environment", "reproduce"]
     assert {"plot-totals", "plot-migration-bars", "plot-migration-timeline"} <= set(rep.charts)
     assert "Migrating a 128 MiB guest" in html and "has the shortest downtime" in html
     none = next(t.result for t in trials if t.arm == "none")
