@@ -266,6 +266,7 @@ class VMM:
                         except (KeyError, ValueError):
                             pass
             self._expire_deadlines()
+            self.monitor.flush_throttled()
             if self.guest and self.guest_exit is None and self.guest.poll() is not None:
                 self._guest_gone("guest process exited")
         self.shutdown()

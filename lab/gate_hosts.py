@@ -160,8 +160,12 @@ def gate_hosts(baseline: str, candidate: str, db_path: str | Path, thresholds: T
         pairs = [(label, _counters_only(b), _counters_only(c)) for label, b, c in pairs]
         if not cross_host:
             notes.append("counters only: timings and gauges not gated")
+    same_host = b_host == c_host if bh is None or ch is None else any(h in ch for h in bh)
     results = []
     for label, b, c in pairs:
+        if b.run_id is not None and b.run_id == c.run_id and same_host:
+            raise GateInputError(f"--baseline and --candidate are the same run {b.run_id}: a run gated "
+                                 "against itself always passes")
         try:
             results.append((label, run_gate(b, c, thresholds, **kw)))
         except GateInputError as e:

@@ -77,14 +77,16 @@ def _time_unit(leaf: str) -> str:
 
 
 def unit(name: str) -> str:
-    """Unit of a metric, for display: "ns", "us", "ms", "s", "bytes" or ""."""
+    """Unit of a metric: "ns", "us", "ms", "s", "bytes", or "" for a count. This is the
+    one place units are declared (from the metric's name, where the metric is defined):
+    show, the report, the gate and `export` all read it."""
     parts = name.split(".")
     u = _time_unit(parts[-1])
     if u:
         return u
     if "stages_ns" in parts:
         return "ns"
-    if any(p == "bytes" or p.endswith("_bytes") or p.startswith("bytes_") for p in parts):
+    if any("bytes" in p.split("_") for p in parts):     # bytes, memfd_bytes_after, bytes_on_ring
         return "bytes"
     return ""
 

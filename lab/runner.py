@@ -78,20 +78,49 @@ class LabProcesses:
                "--discard", t.discard, "--backing", t.backing, "--partial-tracking", t.partial_tracking,
                "--monitor", self.monitor_path, "--agent", self.agent_path,
                "--log-level", t.log_level] + (extra_vmm_args or []) + ["--"] + guest_args
-        self.vmm = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+        # Both children write their logs (and any traceback) to one file: a failure then
+        # quotes its last lines; a trial that ends well passes the file on to our stderr.
+        self.log_path = os.path.join(self.dir, "children.log")
+        self._log_quoted = False
+        with open(self.log_path, "wb") as log:
+            self.vmm = subprocess.Popen(cmd, stderr=log, preexec_fn=die_with_parent)
         self.qmp: QMPClient | None = None
         self.agent: AgentClient | None = None
         try:
-            alive = lambda: self.vmm.poll() is None
-            wait_for_socket(self.monitor_path, 30, alive)
+            wait_for_socket(self.monitor_path, 30, lambda: self.vmm.poll() is None)
             self.qmp = QMPClient(self.monitor_path, timeout=t.timeout_s)
-            wait_for_socket(self.agent_path, 60, alive)
+            wait_for_socket(self.agent_path, 60, self._both_alive)
             self.agent = AgentClient(self.agent_path, timeout=t.timeout_s)
             self.info = self.qmp.execute("x-balloon-lab-info")
             self.guest_info = self.agent.execute("info")
-        except Exception:
+        except Exception as e:
+            err = self.failure("starting the VMM and its guest", e)
             self.close()
-            raise
+            raise err from e
+
+    def _both_alive(self) -> bool:
+        """The VMM runs and has not lost its guest (asked at most every 0.1 s): a guest
+        that dies at start is reported at once, not after the agent socket's timeout."""
+        if self.vmm.poll() is not None:
+            return False
+        now = time.monotonic()
+        if now - getattr(self, "_asked", 0.0) < 0.1 or self.qmp is None:
+            return True
+        self._asked = now
+        try:
+            return not self.qmp.execute("x-balloon-lab-info", timeout=5).get("guest_exit")
+        except MonitorError:
+            return False
+
+    def log_tail(self, lines: int = 12) -> str:
+        """The children's last log lines (tracebacks included), for failure messages."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     @property
     def pids(self) -> dict[str, int]:
@@ -134,7 +163,12 @@ class LabProcesses:
                 pass
         if guest:
             parts.append(f"guest process {gp} {guest}")
-        return TrialFailed(f"{phase} failed: " + "; ".join(parts + [f"{type(err).__name__}: {err}"]))
+        msg = f"{phase} failed: " + "; ".join(parts + [f"{type(err).__name__}: {err}"])
+        tail = self.log_tail()
+        if tail:
+            self._log_quoted = True
+            msg += "\nlast lines of the VMM and guest logs:\n" + "\n".join("  | " + ln for ln in tail.splitlines())
+        return TrialFailed(msg)
 
     def close(self) -> None:
         stalled = _proc_fate(self.vmm.pid, self.vmm)    # dead or stopped: no `quit` to wait for
@@ -165,6 +199,10 @@ class LabProcesses:
                 os.kill(gp, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if not self._log_quoted:            # warnings of a trial that went well still reach the user
+            tail = self.log_tail(200)
+            if tail:
+                print(tail, file=sys.stderr)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -42,12 +42,18 @@ class SpecError(ValueError):
 
     def __init__(self, field_name: str, message: str, allowed: Any = None) -> None:
         self.field = field_name
-        text = f"{field_name}: {message}"
+        self.detail = message
         if allowed is not None:
             if isinstance(allowed, (list, tuple)):
                 allowed = ", ".join(str(a) for a in allowed)
-            text += f" (allowed: {allowed})"
-        super().__init__(text)
+            self.detail += f" (allowed: {allowed})"
+        super().__init__(f"{field_name}: {self.detail}")
+
+    def for_cli(self, flags: Mapping[str, str] | None = None) -> str:
+        """The message naming the command-line option (--guest-mib) instead of the spec
+        field (guest_mib); `flags` maps fields a command spells differently (arms -> --hint)."""
+        flag = (flags or {}).get(self.field) or next((f.flag for f in FIELDS if f.name == self.field), None)
+        return f"{flag or self.field}: {self.detail}"
 
 
 # --- bandwidth --------------------------------------------------------------------
@@ -154,8 +160,11 @@ class ExperimentSpec:
 
     def __post_init__(self) -> None:
         self.bandwidth = parse_bandwidth(self.bandwidth)
-        if isinstance(self.arms, str):
-            self.arms = [a.strip() for a in self.arms.split(",") if a.strip()]
+        if isinstance(self.arms, str):       # from the command line: given, so it must name arms
+            text = self.arms
+            self.arms = [a.strip() for a in text.split(",") if a.strip()]
+            if not self.arms:
+                raise SpecError("arms", f"{text!r} names no arm", ARMS_BY_KIND.get(self.kind, BALLOON_ARMS))
         self._validate()
 
     # validation -------------------------------------------------------------------
@@ -326,6 +335,7 @@ class Field:
     click_type: Any = None
     is_flag_pair: bool = False  # --x/--no-x
     to_text: Callable[[Any], list[str]] | None = None
+    aliases: tuple[str, ...] = ()   # other spellings every command accepts (--param)
 
     def to_argv(self, value: Any) -> list[str]:
         if value is None:
@@ -341,22 +351,22 @@ class Field:
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("name", "--name", "Name of the experiment (default: derived)."),
+    Field("name", "--name", "Name of the experiment."),
     Field("kind", "--kind", "balloon (inflate/deflate) or migrate.", click.Choice(KINDS)),
     Field("guest_mib", "--guest-mib", "Guest RAM in MiB (multiple of 4, 64..65536).", int),
     Field("inflate_mib", "--inflate-mib", "MiB to inflate the balloon by (< guest; fractions of whole 4 KiB "
           "pages allowed, e.g. 100.5).", float),
     Field("arms", "--arms", "Comma-separated arms: balloon " + ",".join(BALLOON_ARMS)
-          + "; migrate " + ",".join(MIGRATE_ARMS) + " (default: all; the first is the baseline).",
+          + "; migrate " + ",".join(MIGRATE_ARMS) + " (the first is the baseline).",
           to_text=lambda v: [",".join(v)]),
     Field("workload", "--workload", "Guest workload name."),
     Field("workload_params", "--workload-param", "Workload parameter KEY=VALUE (repeatable).",
-          to_text=lambda v: [f"{k}={toml_value(x)}" for k, x in v.items()]),
+          to_text=lambda v: [f"{k}={toml_value(x)}" for k, x in v.items()], aliases=("--param",)),
     Field("trials", "--trials", "Measured trials per arm (>= 1).", int),
     Field("warmups", "--warmups", "Warm-up trials per arm, not in the statistics (>= 0).", int),
     Field("seed", "--seed", "Random seed of the workload layout (round r uses seed + r).", int),
     Field("probes", "--probes", "Attach eBPF probes.", is_flag_pair=True),
-    Field("batch_pages", "--batch-pages", "Pages per driver request (default: as Linux).", int),
+    Field("batch_pages", "--batch-pages", "Pages per driver request.", int),
     Field("bitmap_pages_per_request", "--bitmap-pages-per-request",
           "Pages one bitmap request covers (multiple of 8).", int),
     Field("discard", "--discard", "How the device frees memory.", click.Choice(DISCARD_METHODS)),
@@ -376,33 +386,72 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
-def spec_options(fn: Callable) -> Callable:
-    """click decorator adding --spec FILE and one option per spec field. The command
-    then calls `spec_from_cli(**kwargs)` (which pops these options)."""
-    for f in reversed(FIELDS):
-        dest = "opt_" + f.name
-        if f.is_flag_pair:
-            opt = click.option(f"{f.flag}/--no-{f.flag[2:]}", dest, default=None, help=f.help)
-        elif f.name == "workload_params":
-            opt = click.option(f.flag, dest, multiple=True, metavar="KEY=VALUE", help=f.help)
-        else:
-            opt = click.option(f.flag, dest, type=f.click_type, default=None, help=f.help)
-        fn = opt(fn)
-    return click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path),
-                        default=None, help="TOML spec file; flags override its values.")(fn)
+def default_text(name: str, defaults: Mapping[str, Any] | None = None) -> str:
+    """How --help shows a field's default: the value `ExperimentSpec()` (or the command's
+    own `defaults`) would use, in command-line form."""
+    if defaults and name in defaults:
+        v = defaults[name]
+    else:
+        f = next(f for f in dataclasses.fields(ExperimentSpec) if f.name == name)
+        v = f.default if f.default is not dataclasses.MISSING else f.default_factory()   # type: ignore[misc]
+    if v in (None, "", [], {}):
+        return _DEFAULT_WORDS.get(name, "none")
+    if name == "bandwidth":
+        return format_bandwidth(parse_bandwidth(v))
+    if isinstance(v, bool):
+        return str(v).lower()
+    return ",".join(v) if isinstance(v, list) else str(v)
 
 
-def spec_from_cli(kwargs: dict[str, Any]) -> "ExperimentSpec":
-    """Build the spec from the options spec_options() added (removing them from kwargs)."""
-    overrides: dict[str, Any] = {}
+_DEFAULT_WORDS = {"name": "derived", "arms": "all arms of the kind", "batch_pages": "as Linux (256 for pfn arms)",
+                  "bitmap_pages_per_request": "the protocol's own"}
+
+
+def spec_options(fn: Callable | None = None, *, only: tuple[str, ...] | None = None,
+                 spec_file: bool = True, defaults: Mapping[str, Any] | None = None) -> Callable:
+    """click decorator adding --spec FILE and one option per spec field (or the fields in
+    `only`), with the same names, aliases, help and shown defaults in every command. The
+    command then calls `spec_from_cli(kwargs)` (which pops these options)."""
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(FIELDS):
+            if only is not None and f.name not in only:
+                continue
+            dest = "opt_" + f.name
+            # the option's own default stays None so a spec file's value is not overridden
+            text = f"{f.help}  [default: {default_text(f.name, defaults)}]"
+            if f.is_flag_pair:
+                opt = click.option(f"{f.flag}/--no-{f.flag[2:]}", dest, default=None, help=text)
+            elif f.name == "workload_params":
+                opt = click.option(f.flag, *f.aliases, dest, multiple=True, metavar="KEY=VALUE", help=text)
+            else:
+                opt = click.option(f.flag, *f.aliases, dest, type=f.click_type, default=None, help=text)
+            fn = opt(fn)
+        if not spec_file:
+            return fn
+        return click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path),
+                            default=None, help="TOML spec file; flags override its values.")(fn)
+    return decorate(fn) if fn is not None else decorate
+
+
+def spec_from_cli(kwargs: dict[str, Any], fixed: Mapping[str, Any] | None = None) -> "ExperimentSpec":
+    """Build the spec from the options spec_options() added (removing them from kwargs),
+    with `fixed` values on top (what the command itself decides, e.g. run's one trial)."""
+    overrides: dict[str, Any] = dict(fixed or {})
     for f in FIELDS:
+        if "opt_" + f.name not in kwargs:
+            continue
         v = kwargs.pop("opt_" + f.name, None)
         if f.name == "workload_params":
             if v:
                 overrides[f.name] = dict(parse_param(p) for p in v)
         elif v is not None:
             overrides[f.name] = v
-    return load_spec(kwargs.pop("spec_path", None), overrides)
+    try:
+        return load_spec(kwargs.pop("spec_path", None), overrides)
+    except SpecError:
+        raise
+    except ValueError as e:      # a parse_param-style failure has already named its field
+        raise SpecError("spec", str(e)) from None
 
 
 def load_spec(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ExperimentSpec:

@@ -373,36 +373,13 @@ def compare_arms(table: Table, baseline_arm: str, *, alpha: float = ALPHA, confi
 
 
 # --- terminal rendering -------------------------------------------------------------
-_TIME_NS = {"ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9}
-_BYTES = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
-
-
-def value_formatter(metric: str, reference: float):
+def value_formatter(metric: str, reference: float | Sequence[float | None]):
     """A formatter for one metric's values, with one unit for the whole row group
-    (chosen from `reference`) so arms can be compared by eye."""
-    u = M.unit(metric)
-    ref = abs(reference) if reference is not None and math.isfinite(reference) else 0.0
-    if u in _TIME_NS:
-        ns = ref * _TIME_NS[u]
-        for name, scale in (("s", 1e9), ("ms", 1e6), ("us", 1e3), ("ns", 1.0)):
-            if ns >= scale or name == "ns":
-                f = _TIME_NS[u] / scale
-                return lambda v, f=f, name=name: "-" if v is None else f"{_sig(v * f)} {name}"
-    if u == "bytes":
-        for name, scale in _BYTES:
-            if ref >= scale:
-                return lambda v, s=scale, name=name: "-" if v is None else f"{_sig(v / s)} {name}"
-    return lambda v: "-" if v is None else _sig(v)
-
-
-def _sig(v: float) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "nan"
-    if math.isinf(v):
-        return "inf"
-    if float(v).is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    return f"{v:.4g}" if abs(v) >= 1e-3 else f"{v:.2e}"
+    (chosen from `reference`, one value or all the row's values) so arms can be
+    compared by eye. The lab's one number formatter (reports/fmt.py) does the work."""
+    from reports.fmt import row_formatter
+    refs = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    return row_formatter(M.unit(metric), refs)
 
 
 def _fmt_ratio(r: float | None) -> str:
@@ -437,9 +414,7 @@ def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, show
         if not show_equal_counters and not M.is_statistical(kind) and pairs and all(
                 p.verdict == "equal" and not p.varies for p in pairs):
             continue
-        base = comp.summary(comp.baseline_arm, m)
-        fmt = value_formatter(m, base.median if base else next(
-            (s.median for s in comp.summaries if s.metric == m), 0.0))
+        fmt = value_formatter(m, [s.median for s in comp.summaries if s.metric == m])
         first = True
         for arm in comp.arms:
             s = comp.summary(arm, m)
@@ -493,8 +468,7 @@ def render_summaries(comp: Comparison, metrics: Sequence[str] | None = None) -> 
     for m in comp.metrics:
         if not _matches(m, metrics):
             continue
-        base = comp.summary(comp.baseline_arm, m)
-        fmt = value_formatter(m, base.median if base else 0.0)
+        fmt = value_formatter(m, [s.median for s in comp.summaries if s.metric == m])
         cells = []
         for arm in comp.arms:
             s = comp.summary(arm, m)

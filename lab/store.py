@@ -423,6 +423,15 @@ class Store:
         return {arm: {n: np.asarray(v, dtype=float) for n, v in sorted(ms.items())}
                 for arm, ms in table.items() if ms}
 
+    def metric_rows(self, run_id: str) -> list[tuple]:
+        """The tidy metrics table joined with its trials, one row per trial x metric
+        (warm-ups and failed trials included; a failed trial, which has no metrics, as
+        one row with metric None): (idx, arm, round, warmup, status, metric, kind, value)."""
+        return self.db.execute(
+            "SELECT t.idx, t.arm, t.round, t.warmup, t.status, m.name, m.kind, m.value"
+            " FROM trials t LEFT JOIN metrics m ON m.trial_id = t.id WHERE t.run_id=? ORDER BY t.idx, m.name",
+            (run_id,)).fetchall()
+
     def histogram_table(self, run_id: str, host: str | None = None) -> dict[str, dict[str, dict[str, int]]]:
         """{arm: {histogram: {bucket: count summed over measured ok trials}}}."""
         out: dict[str, dict[str, dict[str, int]]] = {}

@@ -13,10 +13,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from probes.kicks import KINDS, eventfds_of
 from probes.session import CONCERNS, ProbeReading, ProbeSession
+from reports.fmt import fmt_bytes, fmt_count, fmt_ns
 
 
 class NoSuchProcess(LookupError):
@@ -61,6 +62,19 @@ def probe_pid(pid: int, duration: float, concerns: Iterable[str] = CONCERNS,
     """Attach to `pid`, count for `duration` seconds (or until it exits), return the reading."""
     if duration <= 0:
         raise ValueError(f"duration {duration!r}: must be > 0 seconds")
+    return next(probe_intervals(pid, duration, 1, concerns, eventfds, quiet))
+
+
+def probe_intervals(pid: int, interval: float | None, count: int | None, concerns: Iterable[str] = CONCERNS,
+                    eventfds: list[EventfdSpec] | None = None, quiet: bool = False,
+                    on_attached: Callable[[], None] | None = None) -> Iterator[ProbeReading]:
+    """BCC's interval convention (`biolatency 1 10`): attach once, then yield one reading
+    per `interval` seconds with the counters zeroed after each, `count` times (None: until
+    the process exits). `interval` None is one reading until the process exits. On
+    Ctrl-C (KeyboardInterrupt) the interval in progress is yielded, partial, and the
+    generator ends: an interrupted tool still prints what it counted. Counting starts
+    when `on_attached` is called. Events between a read and the clear that follows it
+    are lost, as in BCC's tools (microseconds against seconds-long intervals)."""
     process_name(pid)                            # NoSuchProcess before any compile
     s = ProbeSession(concerns=concerns, quiet=quiet)
     try:
@@ -69,11 +83,24 @@ def probe_pid(pid: int, duration: float, concerns: Iterable[str] = CONCERNS,
             specs = eventfds if eventfds else [EventfdSpec(fd) for fd in _safe_eventfds(pid)]
             for e in specs:
                 s.register_eventfd(pid, e.fd, e.queue, e.kind)
-        # No clear(): the maps are new, and counting starts the moment the pid is a target.
-        end = time.monotonic() + duration
-        while time.monotonic() < end and _alive(pid):
-            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-        return s.read()
+        # No clear() before the first interval: the maps are new, and counting starts the
+        # moment the pid is a target.
+        if on_attached is not None:
+            on_attached()
+        done = 0
+        while count is None or done < count:
+            end = None if interval is None else time.monotonic() + interval
+            try:
+                while (end is None or time.monotonic() < end) and _alive(pid):
+                    time.sleep(0.05 if end is None else min(0.05, max(0.0, end - time.monotonic())))
+            except KeyboardInterrupt:
+                yield s.read()
+                return
+            yield s.read()
+            done += 1
+            if not _alive(pid):
+                return
+            s.clear()
     finally:
         s.detach()
 
@@ -96,7 +123,7 @@ def _safe_eventfds(pid: int) -> list[int]:
 
 
 def _ms(ns: int | None) -> str:
-    return "-" if ns is None else f"{ns / 1e6:.3f} ms"
+    return "-" if ns is None else fmt_ns(ns)
 
 
 def _hist_lines(h: dict[str, Any], width: int = 30) -> list[str]:
@@ -107,7 +134,7 @@ def _hist_lines(h: dict[str, Any], width: int = 30) -> list[str]:
     out = []
     for b in buckets:
         rng = f"{b['lo']}" if b["lo"] == b["hi"] else f"{b['lo']} -> {b['hi']}"
-        out.append(f"      {rng:>25} {h['unit']:<5} {b['count']:>9} |{'*' * max(1, round(width * b['count'] / top)):<{width}}|")
+        out.append(f"      {rng:>25} {h['unit']:<5} {fmt_count(b['count']):>11} |{'*' * max(1, round(width * b['count'] / top)):<{width}}|")
     return out
 
 
@@ -121,35 +148,38 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
         if calls is None:
             continue
         ns = getattr(r, f"{sc}_kernel_ns")
-        per = f" ({ns / calls / 1e3:.2f} us/call)" if calls else ""
-        lines.append(f"  {sc:<10} calls {calls}  kernel {_ms(ns)}{per}  errors {getattr(r, f'{sc}_errors')}  "
-                     f"bytes {getattr(r, f'{sc}_bytes')}")
+        per = f" ({fmt_ns(ns / calls)}/call)" if calls else ""
+        lines.append(f"  {sc:<10} calls {fmt_count(calls)}  kernel {_ms(ns)}{per}  "
+                     f"errors {fmt_count(getattr(r, f'{sc}_errors'))}  length {fmt_bytes(getattr(r, f'{sc}_bytes'))}")
         ops = r.advice if sc == "madvise" else r.fallocate_modes
         if ops:
-            lines.append("    " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
+            lines.append("    " + ", ".join(f"{k} {fmt_count(v)}" for k, v in sorted(ops.items())))
         if calls:
             lines.append("    length:")
             lines += _hist_lines(r.hists.get(f"{sc}_len_log2", {}))
             lines.append("    kernel time:")
             lines += _hist_lines(r.hists.get(f"{sc}_ns_log2", {}))
     if r.eventfd_writes is not None:
-        lines.append(f"  eventfds   writes {r.eventfd_writes} (kicks {r.kicks}, interrupts {r.interrupts}, "
-                     f"config {r.config_notifications}), device wake-ups {r.device_wakeups}, "
-                     f"interrupt reads {r.interrupt_reads}, empty reads {r.empty_reads}")
+        lines.append(f"  eventfds   writes {fmt_count(r.eventfd_writes)} (kicks {fmt_count(r.kicks)}, interrupts "
+                     f"{fmt_count(r.interrupts)}, config {fmt_count(r.config_notifications)}), device wake-ups "
+                     f"{fmt_count(r.device_wakeups)}, interrupt reads {fmt_count(r.interrupt_reads)}, "
+                     f"empty reads {fmt_count(r.empty_reads)}")
         fds = ", ".join(f"{e['fd']}" + ("" if e["queue"] is None else f":q{e['queue']}") + f":{e['kind']}"
                         for e in r.eventfds)
         lines.append(f"    registered fds: {fds or 'none (the process had no eventfd open)'}")
         for q, counts in r.per_queue.items():
-            lines.append(f"    queue {q}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            lines.append(f"    queue {q}: " + ", ".join(f"{k} {fmt_count(v)}" for k, v in sorted(counts.items())))
     if r.page_allocs is not None:
-        lines.append(f"  pages      allocs {r.page_allocs} ({r.page_alloc_pages} pages), frees {r.page_frees} "
-                     f"({r.page_free_pages} pages), batched frees {r.page_frees_batched}, user faults {r.page_faults}")
+        lines.append(f"  pages      allocs {fmt_count(r.page_allocs)} ({fmt_count(r.page_alloc_pages)} pages), frees "
+                     f"{fmt_count(r.page_frees)} ({fmt_count(r.page_free_pages)} pages), batched frees "
+                     f"{fmt_count(r.page_frees_batched)}, user faults {fmt_count(r.page_faults)}")
         lines += _hist_lines(r.hists.get("page_alloc_order", {}))
     if r.stages:
         lines.append(f"  {'stage':<16}{'count':>8}{'total':>14}{'mean':>12}{'madvise':>10}{'madvise kernel':>16}")
         for name, s in r.stages.items():
-            mean = f"{s['ns'] / s['count'] / 1e3:.1f} us" if s["count"] else "-"
-            lines.append(f"  {name:<16}{s['count']:>8}{_ms(s['ns']):>14}{mean:>12}{s['madvise_calls']:>10}"
+            mean = fmt_ns(s["ns"] / s["count"]) if s["count"] else "-"
+            lines.append(f"  {name:<16}{fmt_count(s['count']):>8}{_ms(s['ns']):>14}{mean:>12}"
+                         f"{fmt_count(s['madvise_calls']):>10}"
                          f"{_ms(s['madvise_kernel_ns']):>16}")
     for what, why in r.missing.items():
         lines.append(f"  note: {what}: {why}")

@@ -6,7 +6,9 @@ ids are prefixed per chart because many SVGs share one HTML document's id space.
 A chart whose SVG would be too big falls back to a PNG data URI, so a report stays
 one small file whatever the run's size.
 
-Every chart follows the same rules: labelled axes with units, log scales where the
+Every chart follows the same rules: bars only on linear axes starting at zero (a bar's
+length is its value); where values span decades, a log axis with dots instead of bars;
+labelled axes with units, log scales where the
 data spans decades (decided from the data, and said in the axis label), and each
 arm in its colour from reports.palette.
 """
@@ -235,8 +237,12 @@ def stage_panels(op: str, stages: Sequence[str], arms: Sequence[str], colors: di
             err = None
             if lo is not None and hi is not None:
                 err = [[max(v - lo, 0) / scale], [max(hi - v, 0) / scale]]
-            ax.barh(y, max(v, 0) / scale if not log else max(v, 1) / scale, color=colors[a], height=0.7,
-                    xerr=err, error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2})
+            if log:   # a bar's length must be its value: on a log axis, a dot with its CI instead
+                ax.errorbar(max(v, 1) / scale, y, xerr=err, fmt="o", color=colors[a], markersize=6,
+                            ecolor="#333333", elinewidth=0.8, capsize=2)
+            else:
+                ax.barh(y, max(v, 0) / scale, color=colors[a], height=0.7,
+                        xerr=err, error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2})
         ax.set_yticks(ys, arms if ax is axes[0] else [""] * len(arms))
         if ax is axes[0]:
             color_ticklabels(ax.get_yticklabels(), colors)
@@ -244,7 +250,9 @@ def stage_panels(op: str, stages: Sequence[str], arms: Sequence[str], colors: di
         ax.tick_params(axis="y", length=0)
         _time_axis(ax, "x", uname, scale, log)
         ax.set_title(st, loc="left")
-        ax.set_xlabel(f"{uname}{', log' if log else ''}")
+        ax.set_xlabel(f"{uname}{', log scale (dots)' if log else ''}")
+        if not log:
+            ax.set_xlim(left=0)
     fig.suptitle(f"{op}: median time per stage (whiskers: 95 % bootstrap CI)", x=0.01, ha="left",
                  fontsize=10, fontweight="bold")
     return fig
@@ -308,11 +316,15 @@ def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], co
     ax = fig.subplots()
     width = 0.82 / max(1, len(present))
     allc = [c for a in present for c in hists[a].values() if c > 0]
+    log = spans_decades(allc, 50.0)
     for i, arm in enumerate(present):
         xs = np.arange(len(buckets)) - 0.41 + width * (i + 0.5)
         ys = [hists[arm].get(b, 0.0) for b in buckets]
-        ax.bar(xs, ys, width=width, color=colors[arm], label=arm, linewidth=0)
-    log = spans_decades(allc, 50.0)
+        if log:   # counts spanning decades: dots on a log axis (a bar's length would lie)
+            keep = [(x, y) for x, y in zip(xs, ys) if y > 0]
+            ax.plot([x for x, _ in keep], [y for _, y in keep], "o", color=colors[arm], label=arm, markersize=5)
+        else:
+            ax.bar(xs, ys, width=width, color=colors[arm], label=arm, linewidth=0)
     if log:
         ax.set_yscale("log")
         ax.set_ylim(bottom=max(min(allc) * 0.5, 1e-3), top=max(allc) * 1.6)
@@ -324,7 +336,7 @@ def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], co
     ax.set_xlim(-0.6, len(buckets) - 0.4)
     ax.grid(axis="x", visible=False)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel + (" (log)" if log else ""))
+    ax.set_ylabel(ylabel + (" (log scale, dots)" if log else ""))
     ax.set_title(title, loc="left")
     ax.legend(loc="upper right", ncols=min(4, len(present)))
     return fig
@@ -367,11 +379,19 @@ def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, s
                 lo_e.append(max(v - e[0], 0) if e and v is not None else 0)
                 hi_e.append(max(e[1] - v, 0) if e and v is not None else 0)
             err = [lo_e, hi_e]
-        ax.bar(xs, [v if v is not None else 0 for v in ys], width=width, color=colors[arm], label=arm,
-               yerr=err, error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2}, linewidth=0)
+        if log:   # bar lengths would lie on a log axis: dots (with their CI) instead
+            keep = [i for i, v in enumerate(ys) if v is not None and v > 0]
+            ax.errorbar([xs[i] for i in keep], [ys[i] for i in keep], color=colors[arm], label=arm, fmt="o",
+                        markersize=6, yerr=None if err is None else [[err[0][i] for i in keep],
+                                                                     [err[1][i] for i in keep]],
+                        ecolor="#333333", elinewidth=0.8, capsize=2)
+        else:
+            ax.bar(xs, [v if v is not None else 0 for v in ys], width=width, color=colors[arm], label=arm,
+                   yerr=err, error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2}, linewidth=0)
         for x, v in zip(xs, ys):
             if v is not None and (v > 0 or not log):
-                ax.text(x, v, sig(v), ha="center", va="bottom", fontsize=7.5, color="#333333")
+                ax.text(x + (width * 0.12 if log else 0), v, sig(v), ha="left" if log else "center",
+                        va="bottom", fontsize=7.5, color="#333333")
     if log and allv:
         ax.set_yscale("log")
         ax.set_ylim(bottom=min(allv) * 0.4, top=max(allv) * 3)
@@ -380,7 +400,7 @@ def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, s
         ax.set_ylim(0, max(allv) * 1.15)
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.grid(axis="x", visible=False)
-    ax.set_ylabel(ylabel + (" (log)" if log else ""))
+    ax.set_ylabel(ylabel + (" (log scale, dots)" if log else ""))
     ax.set_title(title, loc="left")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig

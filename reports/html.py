@@ -14,8 +14,8 @@ from pathlib import Path
 from lab.store import Store
 from reports import data as D
 from reports import sections as SEC
+from reports.fmt import esc, plural, sig
 from reports.hosts import hosts_section
-from reports.fmt import esc, sig
 from reports.real_stack import real_stack_section
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src 'none'; "
@@ -42,7 +42,8 @@ p { margin: 6px 0; }
 code, pre { font-family: "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
 pre { background: var(--panel); border: 1px solid var(--line); padding: 10px 12px; overflow-x: auto;
       white-space: pre-wrap; word-break: break-all; }
-pre.cmd { background: #10161c; color: #e6edf3; border: 0; }
+pre.cmd { background: #10161c; color: #e6edf3; border: 0; word-break: normal; overflow-wrap: normal; }
+/* a command wraps between its words only: a line broken inside --guest-mib cannot be read or copied */
 .note { color: var(--muted); font-size: 13px; }
 .nodata { background: #fff8e5; border-left: 4px solid #e0a800; padding: 7px 12px; margin: 8px 0; }
 .muted { color: var(--muted); }
@@ -59,6 +60,10 @@ th, td { border-bottom: 1px solid var(--line); padding: 5px 10px; text-align: le
 thead th { background: var(--panel); font-weight: 600; border-bottom: 1px solid #c8c8cc; }
 table.cmp td:nth-child(n+3), table.stages td:nth-child(n+2), table.probes td:nth-child(n+2) { font-variant-numeric: tabular-nums; }
 table.small { font-size: 12px; }
+div.tablewrap { max-width: 100%; overflow-x: auto; }  /* many arms: the table scrolls, not the page */
+table.stages td:last-child { white-space: normal; min-width: 150px; }
+table.compact td { padding: 2px 10px; white-space: nowrap; font-variant-numeric: tabular-nums; }
+table.compact td:nth-child(n+2) { text-align: right; }
 table.stages td, table.probes td, table.cmp td { white-space: nowrap; }
 table.stages td:first-child, table.probes td:first-child { white-space: normal; min-width: 150px; }
 table.stages th { font-size: 12px; }
@@ -98,8 +103,9 @@ class Report:
         return len(self.html.encode())
 
 
-def build(d: D.ReportData, report_path: str | None = None) -> Report:
-    """Render a loaded run to a Report."""
+def build(d: D.ReportData, report_path: str | None = None, extra: list[SEC.Section] | None = None) -> Report:
+    """Render a loaded run to a Report; `extra` sections (e.g. the history, which needs
+    the store) go after the run's own and before the environment."""
     r = d.run
     secs = [SEC.verdict_section(d), SEC.comparison_section(d)]
     mig = SEC.migration_section(d)
@@ -111,13 +117,13 @@ def build(d: D.ReportData, report_path: str | None = None) -> Report:
         secs += [SEC.stages_section(d)] + ([real] if real is not None else []) + [
             SEC.probes_section(d), SEC.runlength_section(d), SEC.notifications_section(d)] + (
             [mig] if mig is not None else [])
-    secs += [hosts_section(d), SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
+    secs += list(extra or []) + [hosts_section(d), SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
     spec = r.spec
     mib = d.inflate_mib
     what = (f"{esc(spec.get('kind', r.kind))}, guest {sig(d.guest_mib)} MiB"
             + (f", inflate {sig(mib)} MiB" if mib and r.kind != "migrate" else "")
             + f", workload {esc(spec.get('workload', '?'))}, "
-            + f"{spec.get('trials', '?')} trials + {spec.get('warmups', '?')} warm-up per arm, "
+            + f"{plural(spec.get('trials'), 'trial')} + {plural(spec.get('warmups'), 'warm-up')} per arm, "
             + f"probes {'on' if spec.get('probes') else 'off'}")
     arms = " ".join(SEC.chip(a, d.colors) for a in d.scheduled_arms)
     banners = "".join(f'<p class="banner">{esc(n)}</p>' for n in d.notes)
@@ -162,7 +168,20 @@ docs/REPORT.md explains each section.</footer>
 def render_report(store: Store, run_ref: str, report_path: str | None = None, host: str | None = None) -> Report:
     """The report of one run of `store` (id, unique prefix or "latest"); `host` picks
     which host's trials the detailed sections show when the run ran on several."""
-    return build(D.load(store, run_ref, host), report_path)
+    d = D.load(store, run_ref, host)
+    return build(d, report_path, [_history(store, d)])
+
+
+def _history(store: Store, d: D.ReportData) -> SEC.Section:
+    """The run's headline metric across the stored runs of its experiment."""
+    from lab.history import history
+    from reports.history_section import headline_metric, history_section
+    metric = headline_metric(d.kind, d.stage_metric("inflate", "total"))
+    points = history(store, metric, d.run.id) if metric else []
+    colors = dict(d.colors)
+    for p in points:                       # arms only older runs had still need a colour
+        colors.setdefault(p.arm, "#777777")
+    return history_section(points, d.run.id, metric, colors)
 
 
 def write_report(store: Store, run_ref: str, path: str | os.PathLike, host: str | None = None) -> Report:

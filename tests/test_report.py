@@ -17,6 +17,7 @@ from reports import charts as C
 from reports import data as D
 from reports.html import build, write_report
 from reports.palette import ARM_COLORS, arm_colors
+from reports.sections import vfmt
 
 ROOT = Path(__file__).resolve().parents[1]
 BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")
@@ -93,11 +94,13 @@ def test_report_numbers_match_the_store(real_report):
     d, rep, trials = real_report
     html = rep.html
     assert d.arms == ["pfn", "chunks"] and d.baseline == "pfn"
-    # the verdict names the arm with the lower median inflate time and compares it with pfn
+    # two trials per arm cannot separate the arms: the verdict says so and lists the medians
     m = d.stage_metric("inflate", "total")
     med = {a: d.median(a, m) for a in d.arms}
-    win = min(med, key=med.get)
-    assert re.search(rf"Inflating 32 MiB: .*?{win}</span> is fastest", html)
+    assert re.search(r"Inflating 32 MiB: <b>no verdict</b>, too few trials", html)
+    assert "is fastest" not in html
+    for a in d.arms:
+        assert re.search(rf"{a}</span> {re.escape(vfmt(m)(med[a]))}", html), a
     # exact counters appear as stored: pfn discards once per page
     pfn = [t.result for t in trials if t.arm == "pfn"]
     assert all(r["discard_calls"] == r["pages"] == 8192 for r in pfn)
@@ -118,6 +121,11 @@ def test_report_numbers_match_the_store(real_report):
 def test_cli_writes_the_file_and_refuses_unknown_runs(real_run, tmp_path):
     db, run_id = real_run
     out = tmp_path / "sub" / "r.html"
+    p = subprocess.run([BALLOON_LAB, "report", run_id, "-o", str(out), "--db", str(db)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "does not exist" in p.stderr     # no directory made behind the user's back
+    assert not out.parent.exists()
+    out.parent.mkdir()
     p = subprocess.run([BALLOON_LAB, "report", run_id, "-o", str(out), "--db", str(db)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -193,9 +201,11 @@ def test_migration_run_gets_its_own_section_with_a_timeline(tmp_path):
     assert [t.status for t in trials] == ["ok", "ok"], [t.error for t in trials]
     html = rep.html
     # a migration's sections: no inflate stages, run lengths or balloon kicks
-    assert rep.sections == ["verdict", "comparison", "migration", "probes", "hosts", "environment", "reproduce"]
+    assert rep.sections == ["verdict", "comparison", "migration", "probes", "history", "hosts", "environment", "reproduce"]
     assert {"plot-totals", "plot-migration-bars", "plot-migration-timeline"} <= set(rep.charts)
-    assert "Migrating a 128 MiB guest" in html and "has the shortest downtime" in html
+    # one trial per design cannot name a winner: the verdict says so and gives both medians
+    assert "Migrating a 128 MiB guest: <b>no verdict</b>, too few trials" in html
+    assert "Downtime: <b>no verdict</b>" in html
     none = next(t.result for t in trials if t.arm == "none")
     up = next(t.result for t in trials if t.arm == "upstream")
     assert up["pages_hinted"] > 0 and none["pages_hinted"] == 0

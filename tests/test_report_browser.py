@@ -146,7 +146,7 @@ def test_report_renders_offline_without_errors_with_every_chart(report, browser,
     assert px.shape[0] > 3000 and px.std() > 20
     assert (px < 128).mean() > 0.01                    # text and chart ink, not an empty white page
     verdict = browser.find_element("id", "verdict").text
-    assert "is fastest" in verdict and "Inflating 64 MiB" in verdict
+    assert ("is fastest" in verdict or "a tie" in verdict) and "Inflating 64 MiB" in verdict
 
 
 def test_report_content_matches_the_run(report):

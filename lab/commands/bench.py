@@ -15,7 +15,9 @@ import sys
 import click
 
 from device.layout import MiB, PAGE_SHIFT
+from lab.cli_checks import checked, refuse
 from lab.runner import BalloonTrial, LabProcesses, TrialFailed, balloon_op, verify
+from lab.spec import BALLOON_ARMS, ExperimentSpec, spec_options
 
 def pfn_vs_madvise(guest_mib: int, inflate_mib: int, seed: int) -> dict:
     t = BalloonTrial(protocol="pfn", guest_mib=guest_mib, inflate_mib=inflate_mib, workload="aged", seed=seed)
@@ -78,6 +80,17 @@ def idle_memory(guest_mib: int, touched_mib: int, inflate_mib: int, protocol: st
             "rss_over_touched": peak_rss / (touched_mib * MiB), "verified": v1["ok"] and v2["ok"]}
 
 
+def _checked(guest_mib: int, inflate_mib: int, protocol: str, seed: int, **more) -> None:
+    """The experiment parameters, checked by the spec validator `run` and `compare`
+    use, before any process starts."""
+    checked("bench", lambda: ExperimentSpec(kind="balloon", guest_mib=guest_mib, inflate_mib=inflate_mib,
+                                            arms=[protocol], seed=seed, trials=1, warmups=0, **more))
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def _measure(fn, *args) -> dict:
     """Run one benchmark; a failed trial is an error (exit 1), never a figure."""
     try:
@@ -93,14 +106,16 @@ def command() -> None:
 
 
 @command.command("pfn-madvise")
-@click.option("--guest-mib", type=int, default=2048, show_default=True)
-@click.option("--inflate-mib", type=int, default=1024, show_default=True)
-@click.option("--seed", type=int, default=1)
-@click.option("--json", "as_json", is_flag=True)
+@spec_options(only=("guest_mib", "inflate_mib", "seed"), spec_file=False, defaults={"guest_mib": 2048,
+                                                                                    "inflate_mib": 1024})
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--real-stack/--no-real-stack", default=True, show_default=True,
               help="Also measure QEMU + a Linux guest the same way (one qemu-pfn inflate, ~30 s under TCG).")
-def pfn_madvise_cmd(guest_mib: int, inflate_mib: int, seed: int, as_json: bool, real_stack: bool) -> None:
+def pfn_madvise_cmd(opt_guest_mib: int | None, opt_inflate_mib: int | None, opt_seed: int | None,
+                    as_json: bool, real_stack: bool) -> None:
     """PFN inflate vs a bare single-page madvise loop on the same memfd (goal: ratio <= 1.5)."""
+    guest_mib, inflate_mib, seed = _given(opt_guest_mib, 2048), _given(opt_inflate_mib, 1024), _given(opt_seed, 0)
+    _checked(guest_mib, inflate_mib, "pfn", seed)
     r = _measure(pfn_vs_madvise, guest_mib, inflate_mib, seed)
     if real_stack:
         r["real_stack"] = _real_stack(guest_mib, inflate_mib, seed)
@@ -146,15 +161,18 @@ def _real_stack(guest_mib: int, inflate_mib: int, seed: int) -> dict:
 
 
 @command.command("idle-memory")
-@click.option("--guest-mib", type=int, default=16384, show_default=True)
-@click.option("--touched-mib", type=int, default=1024, show_default=True)
-@click.option("--inflate-mib", type=int, default=512, show_default=True)
-@click.option("--protocol", default="pfn", show_default=True)
-@click.option("--seed", type=int, default=1)
-@click.option("--json", "as_json", is_flag=True)
-def idle_memory_cmd(guest_mib: int, touched_mib: int, inflate_mib: int, protocol: str, seed: int,
-                    as_json: bool) -> None:
+@spec_options(only=("guest_mib", "inflate_mib", "seed"), spec_file=False, defaults={"guest_mib": 16384})
+@click.option("--touched-mib", type=int, default=1024, show_default=True, help="MiB the guest touches.")
+@click.option("--protocol", type=click.Choice(BALLOON_ARMS), default="pfn", show_default=True,
+              help="The protocol that inflates.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def idle_memory_cmd(opt_guest_mib: int | None, opt_inflate_mib: int | None, opt_seed: int | None,
+                    touched_mib: int, protocol: str, as_json: bool) -> None:
     """Host memory of a large guest that touched little (memfd blocks and peak RSS)."""
+    guest_mib, inflate_mib, seed = _given(opt_guest_mib, 16384), _given(opt_inflate_mib, 512), _given(opt_seed, 0)
+    _checked(guest_mib, inflate_mib, protocol, seed)
+    if not 1 <= touched_mib <= guest_mib:
+        refuse("bench", f"--touched-mib: {touched_mib} is out of range (allowed: integers 1..{guest_mib})")
     r = _measure(idle_memory, guest_mib, touched_mib, inflate_mib, protocol, seed)
     if as_json:
         click.echo(json.dumps(r))

@@ -16,7 +16,8 @@ from lab.backends.qemu.side_by_side import side_by_side
 from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
 from lab.paths import db_option, default_db_path
 from lab.runner import run_trial
-from lab.spec import SpecError, spec_from_cli, spec_options
+from lab.cli_checks import checked, refuse, writable_file
+from lab.spec import spec_from_cli, spec_options
 from lab.stats import Comparison, render_table
 from lab.store import Store
 
@@ -97,7 +98,16 @@ def comparison_json(run_id: str, comp: Comparison) -> dict:
             "pairs": [p.__dict__ for p in comp.pairs]}
 
 
-@click.command("compare")
+EXAMPLES = """\b
+examples:
+    balloon-lab compare                                   # the default experiment: 4 arms, 10 trials each
+    balloon-lab compare --arms pfn,chunks --trials 20 --report out/r.html
+    balloon-lab compare --spec .ci/gate/spec.toml --db out/ci.db
+    balloon-lab compare --workload fragment --param share=0.6 --guest-mib 4096 --inflate-mib 2048
+"""
+
+
+@click.command("compare", epilog=EXAMPLES)
 @spec_options
 @db_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -106,14 +116,11 @@ def comparison_json(run_id: str, comp: Comparison) -> dict:
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwargs) -> None:
     """Run interleaved trials of the protocol arms and compare them (first arm = baseline)."""
-    try:
-        spec = spec_from_cli(kwargs)
-    except SpecError as e:
-        click.echo(f"balloon-lab compare: bad spec: {e}", err=True)
-        sys.exit(2)
+    spec = checked("compare", lambda: spec_from_cli(kwargs))
     if spec.kind != "balloon":
-        click.echo("balloon-lab compare: kind must be balloon (use `balloon-lab migrate` for migrations)", err=True)
-        sys.exit(2)
+        refuse("compare", "--kind: must be balloon (use `balloon-lab migrate` for migrations)")
+    if report_path is not None:
+        writable_file("compare", "--report", report_path)
     from lab.commands.run import open_probes
     session = open_probes(spec.probes)
     path = db_path or default_db_path()

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from lab.gate import EXIT_UNUSABLE, GateInputError, Thresholds
-from lab.gate_hosts import gate_hosts
+from lab.gate_hosts import HostsGateResult, gate_hosts, split_ref
 from lab.paths import db_option, default_db_path
 from lab.store import dumps
 
@@ -24,6 +24,25 @@ def _junit_error(message: str) -> str:
     tc = ET.SubElement(suite, "testcase", classname="balloon-lab.gate", name="gate input")
     ET.SubElement(tc, "error", message=message, type="unusable input")
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _record_verdict(db_path, candidate: str, baseline_ref: str, result: HostsGateResult) -> None:
+    """Leave the verdict on the candidate run (when it is a stored run, not a file), so
+    `history` and the report's history section can mark the runs the gate flagged. Best
+    effort: a read-only store only loses the mark, never the gate's answer."""
+    from lab.history import gate_note
+    from lab.store import Store
+    ref, _host = split_ref(candidate)
+    if Path(ref).is_file():
+        return
+    regressed = sorted({f"{c.arm} {c.metric}" for _label, r in result.pairs for c in r.regressions})
+    verdict = "regression" if regressed else "pass"
+    try:
+        with Store(db_path, create=False) as store:
+            run_id = store.get_run(ref).id
+            store.add_note(run_id, gate_note(verdict, baseline_ref, regressed))
+    except Exception as e:   # StoreError, or sqlite3.OperationalError on a read-only file
+        click.echo(f"gate: could not record the verdict on run {ref}: {e}", err=True)
 
 
 @click.command("gate")
@@ -72,6 +91,7 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         if junit:
             junit.write_text(_junit_error(str(e)))
         sys.exit(EXIT_UNUSABLE)
+    _record_verdict(path, candidate, baseline, result)
     if junit:
         junit.write_text(result.to_junit())
     if as_json:

@@ -22,7 +22,8 @@ from lab.backends import is_qemu_arm
 from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
 from lab.migrate_runner import HINTS, SEED_FIGURES, run_trial
 from lab.paths import db_option, default_db_path
-from lab.spec import ExperimentSpec, SpecError, format_bandwidth, load_spec, toml_value
+from lab.cli_checks import checked, refuse
+from lab.spec import ExperimentSpec, format_bandwidth, load_spec, toml_value
 from lab.store import Store
 
 JSON_KEYS = ("hint", "total_ms", "downtime_ms", "rounds", "bytes_sent", "pages_sent", "pages_zero", "pages_hinted",
@@ -56,19 +57,15 @@ class MigrateSpec(ExperimentSpec):
         return shlex.join(argv)
 
 
-def _hints(values: tuple[str, ...]) -> list[str]:
-    out: list[str] = []
-    for v in values:
-        for h in (x.strip() for x in v.split(",")):
-            if not h:
-                continue
-            if h not in HINTS:
-                raise click.BadParameter(f"unknown hint design {h!r} (choose from {', '.join(HINTS)})",
-                                         param_hint="--hint")
-            if h in out:
-                raise click.BadParameter(f"hint design {h!r} given twice", param_hint="--hint")
-            out.append(h)
-    return out or list(HINTS)
+# The paper's setup (an idle 8 GiB guest at 10 Gbit/s, one trial); everything else
+# defaults as in `compare` (ExperimentSpec), the seed included.
+MIGRATE_DEFAULTS = dict(guest_mib=8192, workload="idle", trials=1, warmups=0, probes=True, bandwidth="10gbit")
+MIGRATE_FLAGS = {"arms": "--hint"}
+
+
+def _default(name: str) -> str:
+    from lab.spec import default_text
+    return f"  [default: {default_text(name, MIGRATE_DEFAULTS)}]"
 
 
 def _backend_arms(hints: list[str], backends: str, explicit: bool = True) -> list[str]:
@@ -157,18 +154,22 @@ def memory_lines(by_arm: dict[str, list[dict]]) -> str:
 @click.command("migrate")
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML spec file (kind = \"migrate\"); the flags below override its values.")
-@click.option("--guest-mib", type=int, default=None, help="Guest RAM in MiB (default 8192).")
+@click.option("--guest-mib", type=int, default=None, help="Guest RAM in MiB (multiple of 4, 64..65536)."
+              + _default("guest_mib"))
 @click.option("--hint", "hints", multiple=True, metavar="DESIGN",
-              help="none, upstream, bitmap; repeatable or comma-separated (default: all three; the first is "
-                   "the baseline).")
-@click.option("--bandwidth", default=None, help="Link rate, e.g. 10gbit (default), 2.5gbit, 800mbit.")
-@click.option("--workload", default=None, help="Guest workload (default idle; dirty for convergence tests).")
-@click.option("--param", "--workload-param", "params", multiple=True, metavar="KEY=VALUE",
+              help="none, upstream, bitmap; repeatable or comma-separated (the first is the baseline)."
+                   "  [default: all three]")
+@click.option("--bandwidth", default=None, help="Link rate, e.g. 10gbit, 2.5gbit, 800mbit." + _default("bandwidth"))
+@click.option("--workload", default=None, help="Guest workload (dirty for convergence tests)." + _default("workload"))
+@click.option("--workload-param", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Workload parameter (repeatable).")
-@click.option("--trials", type=int, default=None, help="Measured trials per hint design (default 1).")
-@click.option("--warmups", type=int, default=None, help="Warm-up trials per design, not in the statistics (default 0).")
-@click.option("--seed", type=int, default=None, help="Workload seed (round r uses seed + r; default 1).")
-@click.option("--probes/--no-probes", default=None, help="Attach the BCC probes to both VMMs and the guest.")
+@click.option("--trials", type=int, default=None, help="Measured trials per hint design (>= 1)." + _default("trials"))
+@click.option("--warmups", type=int, default=None, help="Warm-up trials per design, not in the statistics (>= 0)."
+              + _default("warmups"))
+@click.option("--seed", type=int, default=None, help="Random seed of the workload layout (round r uses seed + r)."
+              + _default("seed"))
+@click.option("--probes/--no-probes", default=None, help="Attach the BCC probes to both VMMs and the guest."
+              + _default("probes"))
 @click.option("--downtime-limit-ms", type=float, default=300.0, show_default=True,
               help="Stop-and-copy once the rest fits this downtime (QEMU's downtime-limit).")
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="Pre-copy rounds before forcing the stop.")
@@ -191,25 +192,24 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
     from lab.spec import parse_param
     overrides: dict = {"kind": "migrate", "inflate_mib": 0}
     if spec_path is None:
-        overrides.update(guest_mib=8192, workload="idle", trials=1, warmups=0, seed=1, probes=True,
-                         bandwidth="10gbit", arms=list(HINTS))
+        overrides.update(MIGRATE_DEFAULTS, arms=list(HINTS))
     for k, v in (("guest_mib", guest_mib), ("bandwidth", bandwidth), ("workload", workload), ("trials", trials),
                  ("warmups", warmups), ("seed", seed), ("probes", probes)):
         if v is not None:
             overrides[k] = v
-    try:
-        if hints or backends != "lab":
-            overrides["arms"] = _backend_arms(_hints(hints), backends, explicit=bool(hints))
-        if params:
-            overrides["workload_params"] = dict(parse_param(p) for p in params)
-        spec = load_spec(spec_path, overrides)
-    except (SpecError, click.BadParameter) as e:
-        click.echo(f"balloon-lab migrate: bad spec: {e}", err=True)
-        sys.exit(2)
-    if downtime_limit_ms < 0 or max_rounds < 1 or hint_wait_ms < 0 or settle_s < 0:
-        click.echo("balloon-lab migrate: --downtime-limit-ms, --hint-wait-ms and --settle-s must be >= 0 and "
-                   "--max-rounds >= 1", err=True)
-        sys.exit(2)
+    if hints or backends != "lab":
+        try:
+            named = [h.strip() for v in hints for h in v.split(",") if h.strip()]
+            overrides["arms"] = _backend_arms(named or list(HINTS), backends, explicit=bool(hints))
+        except click.BadParameter as e:
+            refuse("migrate", e.format_message())
+    if params:
+        overrides["workload_params"] = checked("migrate", lambda: dict(parse_param(p) for p in params), MIGRATE_FLAGS)
+    spec = checked("migrate", lambda: load_spec(spec_path, overrides), MIGRATE_FLAGS)
+    for flag, v, low in (("--downtime-limit-ms", downtime_limit_ms, 0), ("--max-rounds", max_rounds, 1),
+                         ("--hint-wait-ms", hint_wait_ms, 0), ("--settle-s", settle_s, 0)):
+        if v < low:
+            refuse("migrate", f"{flag}: {v:g} is out of range (allowed: >= {low})")
     extra = dict(downtime_limit_ms=downtime_limit_ms, max_rounds=max_rounds, hint_wait_ms=hint_wait_ms,
                  settle_s=settle_s)
     spec = MigrateSpec(**spec.to_dict())

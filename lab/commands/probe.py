@@ -1,47 +1,96 @@
-"""`balloon-lab probe --pid PID`: the lab's probes on any process (e.g. a real QEMU)."""
+"""`balloon-lab probe --pid PID [INTERVAL [COUNT]]`: the lab's probes on any process
+(e.g. a real QEMU), in the manner of BCC's tools: without INTERVAL it counts until
+Ctrl-C (or the process exits) and then prints its reading; with INTERVAL it prints a
+summary every INTERVAL seconds, COUNT times (or until Ctrl-C), counters zeroed after each."""
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 import click
 
+EXAMPLES = """\b
+examples:
+    balloon-lab probe --pid 1234            # count until Ctrl-C, then print the reading
+    balloon-lab probe --pid 1234 1 10       # a summary every second, 10 times
+    balloon-lab probe --pid 1234 5          # a summary every 5 s until Ctrl-C
+    balloon-lab probe --pid 1234 --duration 3 --json   # one JSON reading after 3 s
+    balloon-lab probe --pid $(pgrep -f qemu-system) --probes madvise,kicks
+    balloon-lab probe --pid 1234 --eventfd 17:0:kick --eventfd 18:0:call 1
 
-@click.command("probe")
-@click.option("--pid", "pid", type=int, required=True, help="Process to watch (all its threads).")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
-              help="Seconds to count for (stops early if the process exits).")
+\b
+Exit status: 0 with a reading (also after Ctrl-C), 1 when eBPF is unavailable,
+2 for a bad pid or option. Annotated real output: docs/probe_example.txt.
+"""
+
+
+@click.command("probe", epilog=EXAMPLES)
+@click.argument("interval", type=click.FloatRange(min=0, min_open=True), required=False)
+@click.argument("count", type=click.IntRange(min=1), required=False)
+@click.option("-p", "--pid", "pid", type=int, required=True, help="Process to watch (all its threads).")
+@click.option("-d", "--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Count for S seconds, print one reading and exit (instead of until Ctrl-C). "
+                   "Not with INTERVAL.")
 @click.option("--eventfd", "eventfds", multiple=True, metavar="FD[:QUEUE[:KIND]]",
               help="Count write/read on this eventfd as QUEUE's KIND (kick, call, config, other). Repeatable. "
                    "Default: every eventfd the process has open, as kind 'other'.")
 @click.option("--probes", "concerns", default="madvise,kicks,pagealloc,stages", show_default=True,
               help="Comma-separated probes to load.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the ProbeReading).")
-def command(pid: int, duration: float, eventfds: tuple[str, ...], concerns: str, as_json: bool) -> None:
+@click.option("-T", "--timestamp", is_flag=True, help="Include a wall-clock time on each interval's header.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the ProbeReading) per reading, "
+                                                      "one per line with INTERVAL.")
+def command(interval: float | None, count: int | None, pid: int, duration: float | None,
+            eventfds: tuple[str, ...], concerns: str, timestamp: bool, as_json: bool) -> None:
     """Count madvise/fallocate calls (advice, length and kernel-time histograms), eventfd writes and
     reads, page allocations, frees and user faults of PID, and the lab's stages if PID is a lab
-    process. Exit 0 with a reading, 1 when eBPF is unavailable, 2 for a bad pid or option."""
+    process. Without INTERVAL: until Ctrl-C or the process exits, then one reading. With INTERVAL:
+    a summary every INTERVAL seconds, COUNT times (default: until Ctrl-C)."""
     from probes.session import CONCERNS
-    from probes.standalone import NoSuchProcess, format_summary, parse_eventfd, probe_pid, process_name
+    from probes.standalone import NoSuchProcess, format_summary, parse_eventfd, probe_intervals, process_name
 
     names = tuple(c.strip() for c in concerns.split(",") if c.strip())
     unknown = [c for c in names if c not in CONCERNS]
     if unknown or not names:
-        raise click.UsageError(f"--probes {concerns!r}: choose from {', '.join(CONCERNS)}")
+        raise click.BadParameter(f"{concerns!r}: choose from {', '.join(CONCERNS)}", param_hint="--probes")
+    if duration is not None and interval is not None:
+        raise click.UsageError("--duration and INTERVAL exclude each other (INTERVAL 1 COUNT 5 counts 5 s)")
     try:
         specs = [parse_eventfd(e) for e in eventfds]
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if pid <= 0:
-        click.echo(f"error: --pid {pid}: not a process id", err=True)
-        raise SystemExit(2)
+        raise click.BadParameter(f"{pid}: not a process id", param_hint="--pid")
     try:
         comm = process_name(pid)
-        reading = probe_pid(pid, duration, names, specs or None)
     except NoSuchProcess as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(2)
-    if as_json:
-        click.echo(json.dumps(reading.to_json(), indent=1))
-    else:
-        click.echo(format_summary(reading, f"balloon-lab probe: pid {pid} ({comm})"))
-    raise SystemExit(0 if reading.backend == "bcc" else 1)
+        raise click.BadParameter(str(e), param_hint="--pid") from None
+
+    def attached() -> None:
+        if not as_json:
+            what = (f"every {interval:g} s" + (f", {count} times" if count else "") if interval
+                    else f"for {duration:g} s" if duration else "until Ctrl-C")
+            click.echo(f"Tracing pid {pid} ({comm}) {what}... Hit Ctrl-C to end.", err=True)
+
+    every, times = (duration, 1) if duration is not None else (interval, count)
+    backend = "none"
+    n = 0
+    try:
+        for reading in probe_intervals(pid, every, times, names, specs or None, on_attached=attached):
+            n += 1
+            backend = reading.backend
+            if as_json:
+                click.echo(json.dumps(reading.to_json(), indent=None if interval else 1))
+            else:
+                stamp = time.strftime("%H:%M:%S ") if timestamp else ""
+                title = (f"{stamp}balloon-lab probe: pid {pid} ({comm})"
+                         + (f", interval {n}" + (f"/{count}" if count else "") if interval else ""))
+                click.echo(format_summary(reading, title) + ("\n" if interval else ""))
+            sys.stdout.flush()
+    except KeyboardInterrupt:      # Ctrl-C while printing or while loading the probes
+        if n == 0:
+            click.echo("interrupted before the probes were attached: nothing counted", err=True)
+            raise SystemExit(130)
+    except NoSuchProcess as e:
+        raise click.BadParameter(str(e), param_hint="--pid") from None
+    raise SystemExit(0 if backend == "bcc" else 1)

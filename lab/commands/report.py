@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from lab.cli_checks import writable_file
 from lab.paths import db_option, default_db_path, out_dir
 from lab.store import Store, StoreError
 
@@ -23,12 +24,12 @@ def command(run_ref: str, output: Path | None, db_path: Path | None, host: str |
     run lengths, kicks per MiB, hosts side by side, environment and the command that
     reproduces it. One file, charts inlined, nothing fetched from the network."""
     path = db_path or default_db_path()
+    if output is not None:
+        writable_file("report", "-o", output)
     try:
         with Store(path, create=False) as store:
             run_id = store.resolve_run_id(run_ref)
             target = output or out_dir() / f"report-{run_id}.html"
-            if target.is_dir():
-                raise click.BadParameter(f"{target} is a directory", param_hint="-o")
             from reports.html import write_report  # matplotlib loads only once there is a run to draw
             try:
                 report = write_report(store, run_id, target, host)

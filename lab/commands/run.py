@@ -8,16 +8,13 @@ import click
 
 from device.features import PROTOCOLS
 from lab.backends import QEMU_BALLOON_ARMS, is_qemu_arm
+from lab.cli_checks import checked
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
-from lab.spec import ALLOC_POLICIES, BACKINGS, PARTIAL_TRACKING, SpecError, check_mib
+from lab.spec import spec_from_cli, spec_options
 
-
-def workload_params(workload: str, items: tuple[str, ...]) -> dict:
-    from workloads import parse_params
-    try:
-        return parse_params(workload, list(items))
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--param")
+# The spec fields `run` takes (with compare's names, aliases and defaults).
+RUN_FIELDS = ("guest_mib", "inflate_mib", "workload", "workload_params", "seed", "batch_pages", "discard", "probes",
+              "backing", "partial_tracking", "alloc_policy", "guest_init_on_alloc")
 
 
 def open_probes(enabled: bool):
@@ -57,47 +54,30 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command("run")
+@click.command("run", epilog="""\b
+examples:
+    balloon-lab run                                   # pfn, 1 GiB guest, inflate 512 MiB
+    balloon-lab run --protocol chunks --workload fragment --param share=0.6
+    balloon-lab run --protocol bitmap --guest-mib 4096 --inflate-mib 3072 --json
+""")
 @click.option("--protocol", type=click.Choice(PROTOCOLS + QEMU_BALLOON_ARMS), default="pfn", show_default=True,
-              help="a lab protocol, or a real-stack arm (QEMU + Linux guest)")
-@click.option("--guest-mib", type=int, default=1024, show_default=True)
-@click.option("--inflate-mib", type=float, default=512, show_default=True,
-              help="MiB to inflate by; fractions of whole 4 KiB pages allowed (100.5)")
-@click.option("--workload", default="aged", show_default=True, help="aged, idle, hog, fragment, churn, dirty")
-@click.option("--workload-param", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="workload parameter (repeatable)")
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--batch-pages", type=int, default=None, help="pages per request (default: 256 for pfn, 1 GiB for ranges)")
-@click.option("--discard", type=click.Choice(("madvise", "punch-hole")), default="madvise", show_default=True)
-@click.option("--backing", type=click.Choice(BACKINGS), default="4k", show_default=True,
-              help="host pages under guest RAM")
-@click.option("--partial-tracking", type=click.Choice(PARTIAL_TRACKING), default="full", show_default=True,
-              help="huge backings: every partial host page (full) or one per request (qemu)")
-@click.option("--alloc-policy", type=click.Choice(ALLOC_POLICIES), default="linux", show_default=True,
-              help="pages the balloon takes")
+              help="The one protocol (arm) to run: a lab protocol, or a real-stack arm (QEMU + Linux guest).")
+@spec_options(only=RUN_FIELDS, spec_file=False)
 @click.option("--no-deflate", is_flag=True, help="inflate only")
-@click.option("--guest-init-on-alloc/--no-guest-init-on-alloc", "init_on_alloc", default=False, show_default=True,
-              help="the lab's guest zeroes each page it allocates for the balloon (Linux init_on_alloc)")
-@click.option("--probes/--no-probes", default=True, show_default=True, help="attach the BCC probes")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, discard, backing,
-            partial_tracking, alloc_policy, no_deflate, init_on_alloc, probes, as_json) -> None:
-    """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result."""
-    try:
-        inflate_mib = check_mib("inflate_mib", inflate_mib, 0, guest_mib)
-    except SpecError as e:
-        raise click.UsageError(str(e))
+def command(protocol, no_deflate, as_json, **kwargs) -> None:
+    """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
+    Parameters are checked (as `compare` checks them) before any process starts."""
+    spec = checked("run", lambda: spec_from_cli(kwargs, {"kind": "balloon", "arms": [protocol], "trials": 1,
+                                                        "warmups": 0}))
     if is_qemu_arm(protocol):
-        run_qemu(protocol, guest_mib, inflate_mib, workload, params, seed, batch_pages, no_deflate, probes, as_json)
-    try:
-        trial = BalloonTrial(protocol=protocol, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
-                             workload_params=workload_params(workload, params), seed=seed, batch_pages=batch_pages,
-                             discard=discard, deflate=not no_deflate, backing=backing,
-                             partial_tracking=partial_tracking, alloc_policy=alloc_policy,
-                             init_on_alloc=init_on_alloc)
-    except ValueError as e:
-        raise click.UsageError(str(e))
-    run_and_print(run_balloon, trial, TrialFailed, format_result, probes, as_json)
+        run_qemu(protocol, spec, no_deflate, as_json)
+    trial = BalloonTrial(protocol=protocol, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
+                         workload=spec.workload, workload_params=dict(spec.workload_params), seed=spec.seed,
+                         batch_pages=spec.batch_pages, discard=spec.discard, deflate=not no_deflate,
+                         backing=spec.backing, partial_tracking=spec.partial_tracking,
+                         alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc)
+    run_and_print(run_balloon, trial, TrialFailed, format_result, spec.probes, as_json)
 
 
 def run_and_print(run_fn, trial, failure: type[Exception], fmt, probes: bool, as_json: bool) -> None:
@@ -115,16 +95,15 @@ def run_and_print(run_fn, trial, failure: type[Exception], fmt, probes: bool, as
     sys.exit(0 if result["verified"] else 1)
 
 
-def run_qemu(arm, guest_mib, inflate_mib, workload, params, seed, batch_pages, no_deflate, probes, as_json) -> None:
-    """`run --protocol qemu-*`: one trial on the real stack (exits)."""
+def run_qemu(arm: str, spec, no_deflate: bool, as_json: bool) -> None:
+    """`run --protocol qemu-*`: one trial on the real stack (exits). The spec validator
+    has already refused what the real stack cannot do (workloads, --batch-pages)."""
     from lab.backends.qemu.side_by_side import format_qemu_result
     from lab.backends.qemu.trial import QemuBalloonTrial, QemuTrialFailed, run_qemu_balloon
-    if batch_pages is not None:
-        raise click.UsageError("--batch-pages: the qemu arms run the Linux driver, whose batch is its own")
     try:
-        trial = QemuBalloonTrial(arm=arm, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
-                                 workload_params=workload_params(workload, params), seed=seed,
-                                 deflate=not no_deflate)
+        trial = QemuBalloonTrial(arm=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
+                                 workload=spec.workload, workload_params=dict(spec.workload_params),
+                                 seed=spec.seed, deflate=not no_deflate)
     except ValueError as e:
         raise click.UsageError(str(e))
-    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, format_qemu_result, probes, as_json)
+    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, format_qemu_result, spec.probes, as_json)

@@ -14,6 +14,7 @@ from lab.paths import db_option, default_db_path
 from lab.stats import Comparison, render_summaries, render_table
 from lab.host_views import describe_hosts, host_comparisons, host_summaries
 from lab.store import RunInfo, Store, StoreError, dumps
+from reports.fmt import plural
 
 
 def _gib(b: int | None) -> str:
@@ -52,12 +53,12 @@ def describe_header(run: RunInfo, store: Store) -> list[str]:
            f"  spec: {s.get('kind')}, guest {s.get('guest_mib')} MiB, inflate {s.get('inflate_mib')} MiB, "
            f"arms {', '.join(run.arms)}, workload {s.get('workload')}"
            + (f" {s['workload_params']}" if s.get("workload_params") else "") + ", "
-           f"{s.get('trials')} trials + {s.get('warmups')} warm-up per arm, seed {s.get('seed')}, "
+           f"{plural(s.get('trials'), 'trial')} + {plural(s.get('warmups'), 'warm-up')} per arm, seed {s.get('seed')}, "
            f"probes {'on' if s.get('probes') else 'off'} (backend {run.probe_backend or '?'})",
            "  environment" + (" (where it was submitted; the hosts that ran it are below):" if s.get("_hosts")
                               else ":")]
     out += ["    " + line for line in describe_environment(run.environment)]
-    out.append(f"  trials: {run.trials_ok} ok, {run.trials_failed} failed, {run.warmups} warm-up")
+    out.append(f"  trials: {run.trials_ok} ok, {run.trials_failed} failed, {plural(run.warmups, 'warm-up')}")
     failed = [t for t in store.trials(run.id, include_warmups=True) if t.status == "failed"]
     for t in failed[:5]:
         out.append(f"    failed #{t.idx} {t.arm} (round {t.round}): {(t.error or '').splitlines()[0]}")
