@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from device.layout import MiB, PAGE_SHIFT
+from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard", "total")
@@ -368,17 +369,33 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
     return result
 
 
-def run_trial(spec, arm: str, probe_session=None) -> dict:
-    """lab.experiment's trial function: one balloon trial of `arm` under an ExperimentSpec."""
+def run_trial(spec, arm: str, probe_session=None, rnd: int = 0) -> dict:
+    """lab.experiment's trial function: one balloon trial of `arm` under an ExperimentSpec.
+
+    Round `rnd` uses seed spec.seed + rnd (every arm of a round sees the same guest
+    layout, rounds differ). With probes on and spec.twins, the trial is a twin pair
+    (lab.twins): timings from an unprobed twin, counts from the probed one. A trial
+    of an arm scheduled without probes runs with every BPF program detached."""
     if spec.kind != "balloon":
         raise ValueError(f"run_trial runs balloon experiments, not {spec.kind!r}")
     batch = spec.batch_pages_for(arm)
     if arm == "bitmap" and spec.bitmap_pages_per_request is not None:
         batch = spec.bitmap_pages_per_request
     t = BalloonTrial(protocol=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib, workload=spec.workload,
-                     workload_params=dict(spec.workload_params), seed=spec.seed, batch_pages=batch,
+                     workload_params=dict(spec.workload_params), seed=spec.seed + rnd, batch_pages=batch,
                      discard=spec.discard)
-    return run_balloon(t, probe_session if spec.probes else None)
+    active = probe_session is not None and getattr(probe_session, "active", False)
+    if not spec.probes:
+        with twins.probes_detached(probe_session):
+            return run_balloon(t, None)
+    if active and getattr(spec, "twins", False):
+        return twins.run_twins(lambda session: run_balloon(t, session), probe_session, rnd)
+    return run_balloon(t, probe_session)
+
+
+def trial_fn(probe_session=None):
+    """run_experiment's trial function for balloon specs, with this probe session."""
+    return lambda spec, arm, rnd: run_trial(spec, arm, probe_session, rnd)
 
 
 def _probe_summary(readings: dict, probes) -> dict:

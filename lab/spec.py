@@ -141,6 +141,7 @@ class ExperimentSpec:
     discard: str = "madvise"
     bandwidth: int = 10**10  # bits/s; strings like "10gbit" are parsed
     probe_overhead: bool = False  # also run arms[0] without probes to measure their cost
+    twins: bool = True  # with probes: timings from unprobed twin trials, counts from probed ones (lab.twins)
 
     def __post_init__(self) -> None:
         self.bandwidth = parse_bandwidth(self.bandwidth)
@@ -181,6 +182,7 @@ class ExperimentSpec:
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_bool("probes", self.probes)
         _check_bool("probe_overhead", self.probe_overhead)
+        _check_bool("twins", self.twins)
         if self.probe_overhead and not self.probes:
             raise SpecError("probe_overhead", "measuring probe overhead needs probes = true")
         if self.batch_pages is not None:
@@ -323,6 +325,9 @@ FIELDS: tuple[Field, ...] = (
           to_text=lambda v: [format_bandwidth(v)]),
     Field("probe_overhead", "--probe-overhead", "Also run the first arm without probes.",
           is_flag_pair=True),
+    Field("twins", "--twins", "With probes on, run every trial twice: timings from the twin with the probes "
+          "detached, counts and kernel shares from the probed twin (default on; --no-twins times the probed "
+          "trials, which the probes slow).", is_flag_pair=True),
 )
 
 

@@ -39,13 +39,16 @@ def _junit_error(message: str) -> str:
               help="TOML/JSON file with alpha, timing, counter and a [metrics] table of pattern = limit.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Significance level after Holm correction (default 0.05).")
+@click.option("--min-trials", type=click.IntRange(min=1), default=None,
+              help="Ok measured trials every baseline arm needs in the candidate (default: every measured "
+                   "trial of the candidate's spec); an arm below it, failed or missing is a regression.")
 @click.option("--allow-spec-change", is_flag=True, help="Gate runs whose experiment specs differ.")
 @click.option("--relative", is_flag=True,
               help="Gate timings as ratios to each run's reference (first) arm: cancels machine-wide drift "
                    "between the runs; the reference arm's own timings are then not gated.")
 @click.option("-v", "--verbose", is_flag=True, help="List every check, not only regressions and improvements.")
 def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path | None, threshold_items,
-            thresholds_file: Path | None, alpha: float | None, allow_spec_change: bool, relative: bool,
+            thresholds_file: Path | None, alpha: float | None, min_trials: int | None, allow_spec_change: bool, relative: bool,
             verbose: bool) -> None:
     """Compare a candidate run with a baseline: exit 0 pass, 1 regression, 2 unusable input."""
     path = db_path or default_db_path()
@@ -54,6 +57,8 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         th.add_cli(threshold_items)
         if alpha is not None:
             th.alpha = alpha
+        if min_trials is not None:
+            th.min_trials = min_trials
         result = run_gate(load_input(baseline, path, "baseline"), load_input(candidate, path, "candidate"), th,
                           allow_spec_change=allow_spec_change, relative=relative)
     except GateInputError as e:
