@@ -206,7 +206,8 @@ def _stages(guest_rep: dict, dev_before: dict, dev_after: dict, kind: str) -> di
 
 def _merge_reports(reports: list[dict], kind: str) -> dict:
     keys = ("pages", "requests", "kicks", "interrupts", "bytes_on_ring", "descriptors",
-            "alloc_ns", "encode_ns", "wait_ns", "config_ns", "total_ns", "short_pages")
+            "alloc_ns", "encode_ns", "wait_ns", "config_ns", "total_ns", "short_pages", "alloc_calls",
+            "config_writes")
     mine = [r for r in reports if r["kind"] == kind]
     out = {k: sum(r[k] for r in mine) for k in keys}
     out["errors"] = [r["error"] for r in mine if r.get("error")]
@@ -252,6 +253,7 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
         "kind": kind, "target_pages": target_pages, "actual": res["actual"], "wall_ns": wall,
         "pages": g["pages"], "requests": g["requests"], "kicks": g["kicks"], "interrupts": g["interrupts"],
         "bytes_on_ring": g["bytes_on_ring"], "descriptors": g["descriptors"],
+        "alloc_calls": g["alloc_calls"], "config_writes": g["config_writes"],
         "discard_calls": dev["discard_calls"], "translations": dev["translations"], "runs": dev["runs"],
         "device_requests": dev["requests"], "device_pages": dev["pages"], "refused_pages": dev["refused_pages"],
         "run_length_hist": _hist_delta(dev1[kind]["run_length_hist"], dev0[kind]["run_length_hist"]),

@@ -127,11 +127,9 @@ def timing_design(results: list[Mapping[str, Any]]) -> str:
 
 
 DESIGN_TEXT = {
-    DESIGN_TWIN: "timings from unprobed twin trials (probes detached), counts and kernel shares from the "
-                 "probed twins",
-    DESIGN_PROBED: "timings taken WITH the probes attached (they slow per-page protocols most; "
-                   "see docs/PROBES.md)",
-    DESIGN_UNPROBED: "timings without probes",
+    DESIGN_TWIN: "from unprobed twin trials (probes detached), counts and kernel shares from the probed twins",
+    DESIGN_PROBED: "taken WITH the probes attached (they slow per-page protocols most; see docs/PROBES.md)",
+    DESIGN_UNPROBED: "without probes",
 }
 
 

@@ -12,8 +12,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from lab import environment as E
 from lab import metrics as M
 from lab import stats as S
+from lab import twins as T
 from reports import charts as C
 from reports import published as P
 from reports.data import MiB, OPS, STAGES, ReportData, finite
@@ -207,6 +209,12 @@ def _counters_line(d: ReportData, items: Sequence[tuple[str, str]]) -> str:
     return "<ul class=\"why\">" + "".join(parts) + "</ul>" if parts else ""
 
 
+def run_warnings(d: ReportData) -> list[str]:
+    """Load-average and governor warnings from the trials' own snapshots (else the run's start)."""
+    loads = [(t.result.get("host_load") or {}).get("start") for t in d.measured() if t.result.get("host_load")]
+    return E.load_warnings(loads, "measured trials") if loads else E.load_warnings([d.run.environment], "runs")
+
+
 def verdict_section(d: ReportData) -> Section:
     body, charts, missing = [], [], []
     mib = d.inflate_mib
@@ -245,6 +253,9 @@ def verdict_section(d: ReportData) -> Section:
                                        ("kicks", "kicks"), ("runs", "runs of contiguous pages"),
                                        (d.op_metric("inflate", "bytes_on_ring") or "bytes_on_ring",
                                         "bytes on the ring")]))
+    body += [note("Warning: " + esc(w), "nodata") for w in run_warnings(d)]
+    if d.kind != "migrate" and d.measured():
+        body.append(note("Timings " + esc(T.DESIGN_TEXT[T.timing_design([t.result for t in d.measured()])]) + "."))
     if d.comparison is not None:
         c = d.comparison
         body.append(note(f"Baseline {chip(c.baseline_arm, d.colors)}; {c.confidence:.0%} bootstrap CIs of medians; "
@@ -809,12 +820,13 @@ def environment_section(d: ReportData) -> Section:
         ("memory", esc(fmt_bytes(mem) if mem else "?") + (f" ({fmt_bytes(env['memory_available_bytes'])} available)"
                                                           if env.get("memory_available_bytes") else "")),
         ("load at start", esc(" ".join(map(str, env.get("loadavg") or [])) or "?")),
+        ("CPU governor", esc(env.get("cpu_governor") or "not exposed (no cpufreq: a VM?)")),
         ("Python", esc(f"{env.get('python_version', '?')} ({env.get('python_executable', '?')})")),
         ("numpy / scipy", esc(f"{env.get('numpy', '?')} / {env.get('scipy', '?')}")),
         ("balloon-lab", esc(env.get("balloon_lab", "?")) + f", git {git_s}"),
     ]
     shown = {"hostname", "kernel", "machine", "cpu_model", "cores", "cores_usable", "memory_bytes",
-             "memory_available_bytes", "loadavg", "python_version", "python_executable", "numpy", "scipy",
+             "memory_available_bytes", "loadavg", "cpu_governor", "python_version", "python_executable", "numpy", "scipy",
              "balloon_lab", "git_commit", "git_dirty", "probe_backend"}
     env_rows += [(k, f"<code>{esc(v)}</code>") for k, v in env.items() if k not in shown]
     spec_rows = [(k, f"<code>{esc(_spec_text(v, k))}</code>") for k, v in r.spec.items() if not k.startswith("_")]

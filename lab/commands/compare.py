@@ -22,8 +22,8 @@ from lab.stats import Comparison, render_table
 from lab.store import Store
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard")
-COUNTERS = ("pages", "requests", "kicks", "interrupts", "discard_calls", "runs", "translations", "bytes_on_ring",
-            "descriptors")
+COUNTERS = ("pages", "alloc_calls", "config_writes", "requests", "kicks", "interrupts", "discard_calls", "runs",
+            "translations", "bytes_on_ring", "descriptors")
 
 
 def stage_table(comp: Comparison, op: str = "inflate") -> str:

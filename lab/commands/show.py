@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
+from lab import twins
 from lab.commands.runs import local_time
+from lab.environment import load_warnings
 from lab.experiment import load_comparison
 from lab.paths import db_option, default_db_path
 from lab.stats import Comparison, render_summaries, render_table
@@ -29,7 +31,8 @@ def describe_environment(env: dict[str, Any]) -> list[str]:
         f"Python {env.get('python_version')} ({env.get('python_executable')}), numpy {env.get('numpy')}, "
         f"scipy {env.get('scipy')}",
         f"git {git_s}, probe backend {env.get('probe_backend') or '?'}, "
-        f"load at start {' '.join(map(str, load)) if load else '?'}",
+        f"load at start {' '.join(map(str, load)) if load else '?'}, "
+        f"CPU governor {env.get('cpu_governor') or 'not exposed'}",
     ]
 
 
@@ -47,6 +50,12 @@ def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_n
            "  environment:"]
     out += ["    " + line for line in describe_environment(run.environment)]
     out.append(f"  trials: {run.trials_ok} ok, {run.trials_failed} failed, {run.warmups} warm-up")
+    measured = [t for t in store.trials(run.id, include_warmups=False) if t.status == "ok" and t.result]
+    if measured and s.get("kind") == "balloon":
+        out.append(f"  timings: {twins.DESIGN_TEXT[twins.timing_design([t.result for t in measured])]}")
+    loads = [(t.result.get("host_load") or {}).get("start") for t in measured if t.result.get("host_load")]
+    for w in load_warnings(loads, "measured trials") if loads else load_warnings([run.environment], "runs"):
+        out.append(f"  WARNING: {w}")
     failed = [t for t in store.trials(run.id, include_warmups=True) if t.status == "failed"]
     for t in failed[:5]:
         out.append(f"    failed #{t.idx} {t.arm} (round {t.round}): {(t.error or '').splitlines()[0]}")
@@ -65,6 +74,10 @@ def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_n
                + ("" if all_counters else "; counters equal in every arm hidden (--all-counters)"))
     out.append(render_table(comp, metrics or None, show_equal_counters=all_counters))
     out += [f"note: {n}" for n in comp.notes]
+    overhead = twins.overhead_table(measured)
+    if overhead:
+        out.append("\n" + overhead)
+    out += [f"note: {n}" for n in twins.mismatch_notes(measured)[:5]]
     return "\n".join(out)
 
 
