@@ -427,7 +427,13 @@ def run_gate(baseline: GateInput, candidate: GateInput, thresholds: Thresholds |
         rounds = None
         if baseline.rounds is not None and candidate.rounds is not None:
             rounds = (baseline.rounds.get(arm, {}), candidate.rounds.get(arm, {}))
-        checks += _check_arm(arm, base, cand, th, reference=ref, rounds=rounds)
+        try:
+            checks += _check_arm(arm, base, cand, th, reference=ref, rounds=rounds)
+        except GateInputError as e:
+            if not any(c.status == "regression" for c in arm_checks):
+                raise
+            # another arm already failed the candidate: say why this one could not be judged
+            notes.append(f"arm {arm} not gated: {e}")
     if arms and not any(c.status not in ("missing", "ignored") for c in checks if c.metric != TRIALS_METRIC):
         raise GateInputError("no common metrics to gate (all missing on one side or ignored)")
     return GateResult(baseline, candidate, th, checks, notes)
