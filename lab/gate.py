@@ -434,7 +434,9 @@ def run_gate(baseline: GateInput, candidate: GateInput, thresholds: Thresholds |
                 raise
             # another arm already failed the candidate: say why this one could not be judged
             notes.append(f"arm {arm} not gated: {e}")
-    if arms and not any(c.status not in ("missing", "ignored") for c in checks if c.metric != TRIALS_METRIC):
+    failed_arm = any(c.status == "regression" for c in arm_checks)
+    if arms and not failed_arm and not any(c.status not in ("missing", "ignored") for c in checks
+                                           if c.metric != TRIALS_METRIC):
         raise GateInputError("no common metrics to gate (all missing on one side or ignored)")
     return GateResult(baseline, candidate, th, checks, notes)
 

@@ -146,8 +146,10 @@ def test_unknown_run_and_missing_database_exit_2(store, db, tmp_path):
 
 
 def test_too_few_trials_exits_2_with_what_is_needed(store, db):
-    base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1, n=3)
-    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=2, n=3)
+    three = ExperimentSpec(name="gate-test", arms=["pfn", "bitmap"], trials=3, warmups=0, probes=False,
+                           guest_mib=1024, inflate_mib=512)
+    base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1, n=3, spec=three)
+    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=2, n=3, spec=three)
     code, out, _ = gate(db, "--baseline", base, "--candidate", cand)
     assert code == 2 and "too few trials" in out and "at least" in out
 
@@ -274,3 +276,41 @@ def test_sub_millisecond_drift_is_below_the_practical_floor(store, db, tmp_path)
     f.write_text("timing_floor_ms = 0\n")
     code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f)
     assert code == 1 and "pfn  inflate.stages_ns.total" in out
+
+
+def test_partly_failed_arm_is_a_regression_by_default(store, db):
+    base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
+    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=2, skip=("bitmap", 4))
+    code, out, _ = gate(db, "--baseline", base, "--candidate", cand)
+    assert code == 1, out
+    assert "REGRESSION  bitmap  ok_trials: arm bitmap: 9 ok measured trial(s) in the candidate, minimum 10" in out
+    assert gate(db, "--baseline", base, "--candidate", cand, "--min-trials", "9")[0] == 0
+
+
+def test_scheduling_gauges_never_fail_an_aa_comparison(store, db):
+    """The A/A false alarm seen on main: probes.per_queue.0.call_read_empty 255 -> 255
+    'differs in 2 of 7 common rounds'. Every name in the one gauge list is compared
+    statistically, so the same distribution on both sides passes."""
+    from lab import metrics as M
+
+    names = ["probes.per_queue.0.call_read_empty", "probes.per_queue.1.kick_read_empty", "probes.empty_reads",
+             "probes.per_queue.0.config_read", "kicks", "interrupts", "deflate.device_calls"]
+    assert all(M.classify(n) == M.GAUGE for n in names)
+    assert M.classify("probes.madvise_calls") == M.COUNTER and M.classify("discard_calls") == M.COUNTER
+
+    def run(seed):
+        rng = np.random.default_rng(seed)
+        rid = store.create_run(SPEC, SPEC.kind, {"kernel": "6.1"})
+        for rnd in range(10):
+            for i, arm in enumerate(SPEC.arms):
+                res = {"verified": True, "pages": 131072, "wall_ns": int(rng.lognormal(math.log(4e9), 0.05)),
+                       "probes": {"per_queue": {"0": {"call_read_empty": int(rng.integers(250, 260))}}}}
+                store.add_trial(rid, TrialRecord(arm=arm, idx=2 * rnd + i, round=rnd, warmup=False, status="ok",
+                                                 started_at=now_iso(), duration_s=0.1, result=res))
+        store.finish_run(rid, "complete")
+        return rid
+
+    code, out, _ = gate(db, "--baseline", run(1), "--candidate", run(2), "-v")
+    assert code == 0, out
+    lines = [ln for ln in out.splitlines() if "call_read_empty" in ln]
+    assert len(lines) == 2 and all("Holm p=" in ln and "common rounds" not in ln for ln in lines), lines
