@@ -504,6 +504,22 @@ def _per_trial(d: ReportData, name: str) -> dict[str, dict[float, float]]:
     return out
 
 
+def _overhead_table(d: ReportData) -> str:
+    """The probes' own cost per arm, from the run's twin pairs (lab/twins.py); "" without twins."""
+    rows = []
+    for o in T.arm_overheads(d.measured()):
+        ci = lambda m: sig(m[0]) + (f" [{sig(m[1])}, {sig(m[2])}]" if m[1] is not None else "")  # noqa: E731
+        rows.append([chip(o.arm, d.colors), str(o.pairs), ci(o.unprobed_ms) + " ms", ci(o.probed_ms) + " ms",
+                     ci(o.ratio), f"{o.overhead_pct:+.1f} %"])
+    if not rows:
+        return ""
+    return (table(["arm", "twin pairs", "inflate, probes detached", "inflate, probes attached",
+                   "attached / detached (per pair)", "overhead"], rows, "probes")
+            + note("What the probes cost each arm, measured by this run's twin trials: every trial ran once with "
+                   "every BPF program detached (the timings this report shows) and once probed (the counts and "
+                   "histograms). Medians with 95 % bootstrap CIs."))
+
+
 def probes_section(d: ReportData) -> Section:
     body, charts, missing = [], [], []
     phase = "migration" if d.kind == "migrate" else "inflate"
@@ -554,6 +570,7 @@ def probes_section(d: ReportData) -> Section:
         body.append(note(f"Medians per {phase}, as the eBPF probes saw them (not the lab's own counters). The last "
                          "row is a real QEMU + Linux guest traced the same way: the pfn arm must make the same "
                          "number of calls per MiB."))
+    body.append(_overhead_table(d))
     for name, cid, xlabel, ylabel, tick, title, caption, linear in specs:
         hists = _per_trial(d, name)
         if not hists:
