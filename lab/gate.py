@@ -415,6 +415,9 @@ def run_gate(baseline: GateInput, candidate: GateInput, thresholds: Thresholds |
     ref = None
     if relative:
         ref = baseline.reference_arm
+        if candidate.reference_arm != ref and any(c.status == "regression" and c.arm == ref for c in arm_checks):
+            notes.append(f"relative mode impossible: the reference arm {ref} failed in the candidate")
+            return GateResult(baseline, candidate, th, arm_checks, notes)
         if candidate.reference_arm != ref:
             raise GateInputError(f"--relative needs the same reference arm on both sides: baseline "
                                  f"{ref}, candidate {candidate.reference_arm}")

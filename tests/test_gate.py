@@ -314,3 +314,24 @@ def test_scheduling_gauges_never_fail_an_aa_comparison(store, db):
     assert code == 0, out
     lines = [ln for ln in out.splitlines() if "call_read_empty" in ln]
     assert len(lines) == 2 and all("Holm p=" in ln and "common rounds" not in ln for ln in lines), lines
+
+
+def test_failed_reference_arm_in_relative_mode_is_a_regression(store, db):
+    base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
+    only_bitmap = ExperimentSpec(name="gate-test", arms=["pfn", "bitmap"], trials=10, warmups=0, probes=False,
+                                 guest_mib=1024, inflate_mib=512)
+    rid = store.create_run(only_bitmap, "balloon", {"kernel": "6.1"})
+    for rnd in range(10):
+        store.add_trial(rid, TrialRecord(arm="pfn", idx=2 * rnd, round=rnd, warmup=False, status="failed",
+                                         started_at=now_iso(), duration_s=0.1, result=None,
+                                         error="TrialFailed: inflate failed: VMM process 1 died"))
+        store.add_trial(rid, TrialRecord(arm="bitmap", idx=2 * rnd + 1, round=rnd, warmup=False, status="ok",
+                                         started_at=now_iso(), duration_s=0.1,
+                                         result={"verified": True, "pages": 131072, "runs": 100 + 7 * rnd,
+                                                 "wall_ns": 6e8}))
+    store.finish_run(rid, "complete")
+    for extra in ((), ("--relative",)):
+        code, out, _ = gate(db, "--baseline", base, "--candidate", rid, *extra)
+        assert code == 1, out
+        assert "pfn  ok_trials: arm pfn: 0 ok measured trial(s) in the candidate, minimum 10 (baseline: 10); " \
+               "10 failed, first error: TrialFailed: inflate failed: VMM process 1 died" in out
