@@ -187,13 +187,14 @@ def overhead_table(trials: list[Any]) -> str:
     rows = arm_overheads(trials)
     if not rows:
         return ""
-    lines = ["probe overhead on the inflate total, per arm (twin pairs; medians [95 % bootstrap CI]):",
-             f"{'arm':<14}{'pairs':>6}  {'probes detached ms':<26}{'probes attached ms':<26}"
-             f"{'attached/detached (per pair)':<30}"]
-    for r in rows:
-        lines.append(f"{r.arm:<14}{r.pairs:>6}  {_ci(r.unprobed_ms, '.1f'):<26}{_ci(r.probed_ms, '.1f'):<26}"
-                     f"{_ci(r.ratio, '.3f'):<22} {r.overhead_pct:+.1f} %")
-    return "\n".join(lines)
+    cells = [(r.arm, str(r.pairs), _ci(r.unprobed_ms, ".1f"), _ci(r.probed_ms, ".1f"), _ci(r.ratio, ".3f"),
+              f"{r.overhead_pct:+.1f} %") for r in rows]
+    head = ("arm", "pairs", "probes detached ms", "probes attached ms", "attached/detached (per pair)", "overhead")
+    widths = [max(len(c[i]) for c in cells + [head]) for i in range(len(head))]
+    fmt = lambda c: "  ".join(v.ljust(w) if i in (0, 2, 3, 4) else v.rjust(w)  # noqa: E731
+                              for i, (v, w) in enumerate(zip(c, widths))).rstrip()
+    return "\n".join(["probe overhead on the inflate total, per arm (twin pairs; medians [95 % bootstrap CI]):",
+                      fmt(head)] + [fmt(c) for c in cells])
 
 
 def mismatch_notes(trials: list[Any]) -> list[str]:

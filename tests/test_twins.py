@@ -104,3 +104,22 @@ def test_rounds_use_seed_plus_round():
     a, b = run_trial(spec, "chunks", None, rnd=0), run_trial(spec, "chunks", None, rnd=1)
     assert (a["workload"]["seed"], b["workload"]["seed"]) == (3, 4)
     assert a["run_length_hist"] != b["run_length_hist"]        # another guest layout per round
+
+
+def test_overhead_table_pairs_each_trial_with_its_twin():
+    from lab.store import TrialRecord
+
+    def rec(arm, rnd, unprobed_ms, probed_ms, warmup=False, status="ok"):
+        res = {"stages_ns": {"inflate": {"total": unprobed_ms * 1e6}},
+               "twin": {"probed_timings": {"stages_ns": {"inflate": {"total": probed_ms * 1e6}}}}}
+        return TrialRecord(arm=arm, idx=rnd, round=rnd, warmup=warmup, status=status, started_at="", duration_s=1,
+                           result=res)
+
+    trials = [rec("pfn", r, 100 + r, 120 + 1.2 * r) for r in range(5)] + [rec("pfn", 9, 1, 1000, warmup=True)]
+    trials += [rec("bitmap", r, 50, 50) for r in range(5)] + [rec("bitmap", 8, 1, 1000, status="failed")]
+    rows = {o.arm: o for o in twins.arm_overheads(trials)}
+    assert rows["pfn"].pairs == 5 and rows["pfn"].ratio[0] == pytest.approx(1.2)
+    assert rows["bitmap"].pairs == 5 and rows["bitmap"].ratio == (1.0, 1.0, 1.0)
+    text = twins.overhead_table(trials)
+    assert "+20.0 %" in text and "+0.0 %" in text
+    assert twins.overhead_table([rec("pfn", 0, 1, 1)][:0]) == ""
