@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
-from lab.paths import db_option, default_db_path
 from lab import twins
 from lab.environment import load_warnings
+from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
+from lab.paths import db_option, default_db_path
 from lab.runner import trial_fn
 from lab.spec import SpecError, spec_from_cli, spec_options
 from lab.stats import Comparison, render_table
