@@ -16,7 +16,6 @@ every evaluated rule's observed rate is within --goal, 1 if one is above it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -84,11 +83,11 @@ def madvise_loop_trial(spec: ExperimentSpec, arm: str, rnd: int) -> dict[str, An
 
 
 def runner_trial_fn(probe_session: Any = None):
-    """lab.runner.run_trial with the round's seed (spec.seed + round, the same for every
+    """lab.runner's trial function: it seeds round r with spec.seed + r (the same for every
     arm of a round), so rounds differ in layout and arms of a round share one."""
-    from lab.runner import run_trial  # lazily: the runner brings the VMM and guest processes
+    from lab.runner import trial_fn  # lazily: the runner brings the VMM and guest processes
 
-    return lambda spec, arm, rnd: run_trial(dataclasses.replace(spec, seed=spec.seed + rnd), arm, probe_session)
+    return trial_fn(probe_session)
 
 
 TRIAL_FNS = {"madvise-loop": lambda: madvise_loop_trial, "runner": runner_trial_fn}
@@ -131,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.alpha is not None:
         th.alpha = args.alpha
     try:
-        trial_fn = TRIAL_FNS[args.trial_fn]()
+        session = None
+        if args.probes and args.trial_fn == "runner":
+            from lab.commands.run import open_probes  # with probes on, compare's twin design applies
+            session = open_probes(True)
+        trial_fn = TRIAL_FNS[args.trial_fn](session) if session is not None else TRIAL_FNS[args.trial_fn]()
     except ImportError as e:
         print(f"error: --trial-fn {args.trial_fn} is not available: {e}", file=sys.stderr)
         return 2

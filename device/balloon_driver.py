@@ -11,8 +11,14 @@ of pages is encoded on the ring:
   bitmap            the seed's 32-byte header + bitmap, split across descriptors
   chunks            one descriptor per contiguous run (indirect table when long)
 
-Allocation happens in the same batches for every protocol so its cost is equal and
-reported as its own stage.
+Every protocol works in the same passes: a pass takes FILL_PASS pages from the
+allocator in calls of ALLOC_BATCH pages (the `alloc` stage), hands them to the wire
+format (the `encode` stage holds everything the driver does to turn the pass into
+requests, including the per-request page lists it keeps for the balloon), sends the
+requests one by one (`transmit`), then writes `actual` once. So allocation calls and
+config round trips are the same for every protocol; only encoding and transmission
+differ. (A bitmap/chunks request size above FILL_PASS makes that protocol's passes
+larger: the one case where passes differ, when the user asks for it.)
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ _audit = sys.audit
 QUEUE_SIZE = 256
 ALLOC_BATCH = 65536            # pages the allocator hands out per call, for every protocol
 DEFAULT_RANGE_BATCH = 262144   # pages per bitmap/chunks request (1 GiB), a driver parameter
+FILL_PASS = 262144             # pages per fill/leak pass (one `actual` update each), for every protocol
 MAX_CHUNKS_PER_REQUEST = 4096  # descriptors in one chunks request (indirect table of 64 KiB)
 MAX_CHUNK_BYTES = 1 << 30      # a descriptor's le32 len caps one chunk; split longer runs
 
@@ -73,7 +80,9 @@ class OpReport:
     alloc_ns: int = 0
     encode_ns: int = 0
     wait_ns: int = 0        # ring + kick + waiting for used: includes the device's own work
-    config_ns: int = 0      # writing `actual` after each request, as Linux does
+    config_ns: int = 0      # writing `actual` after each fill/leak pass
+    alloc_calls: int = 0    # calls into the allocator (the same for every protocol)
+    config_writes: int = 0  # `actual` updates: one per pass (the same for every protocol)
     total_ns: int = 0
     short_pages: int = 0    # pages the allocator could not give
     error: str | None = None
@@ -273,25 +282,42 @@ class BalloonDriver:
         rep = OpReport("inflate", target if target is not None else self.actual + n)
         q = self.queues[Q_INFLATE]
         left = n
-        step = max(ALLOC_BATCH, self.batch_pages if self.wire_format != "pfn" else 0)
         with self._operation(rep):
             while left > 0:
+                want = min(self._pass_pages(), left)
+                parts, got = [], 0
                 _audit("balloon-lab:alloc:b")
                 t0 = _now()
-                got = allocate_for_balloon(self.alloc, min(step, left), self.opts.alloc_policy)
-                pages = got.pages
+                wholes, rests, n_blocks = [], [], 0
+                while got < want:
+                    part = allocate_for_balloon(self.alloc, min(ALLOC_BATCH, want - got), self.opts.alloc_policy)
+                    rep.alloc_calls += 1
+                    if part.pages.size == 0:
+                        break
+                    w = part.whole_blocks << HUGE_ORDER     # whole 2 MiB blocks lead each part
+                    wholes.append(part.pages[:w])
+                    rests.append(part.pages[w:])
+                    n_blocks += part.whole_blocks
+                    got += int(part.pages.size)
+                parts = wholes + rests
+                pages = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.int64))
                 if self.opts.init_on_alloc and pages.size:
                     self.memory.zero_pages(pages)     # part of allocating, as in the kernel
                 rep.alloc_ns += _now() - t0
                 _audit("balloon-lab:alloc:e")
-                if pages.size == 0:
+                if pages.size:
+                    left -= int(pages.size)
+                    self._send_pages(q, pages, rep, whole_blocks=n_blocks)
+                    self._update_actual(rep)
+                if got < want:
                     rep.short_pages = left
                     log.warning("guest out of memory: %d pages short of the inflate target", left)
                     break
-                left -= int(pages.size)
-                self._send_pages(q, pages, rep, whole_blocks=got.whole_blocks)
-                self._update_actual(rep)
         return rep
+
+    def _pass_pages(self) -> int:
+        """Pages per fill/leak pass: FILL_PASS for every protocol (see the module doc)."""
+        return max(FILL_PASS, self.batch_pages if self.wire_format != "pfn" else 0)
 
     # --- deflate -------------------------------------------------------------------------------
     def deflate(self, n: int, target: int | None = None) -> OpReport:
@@ -301,7 +327,7 @@ class BalloonDriver:
         left = n
         with self._operation(rep):
             while left > 0 and self.balloon:
-                batch = self._take_from_balloon(min(left, max(ALLOC_BATCH, self.batch_pages)))
+                batch = self._take_from_balloon(min(left, self._pass_pages()))
                 left -= int(batch.size)
                 # Tell the host first (MUST_TELL_HOST), then give the pages back to the allocator.
                 self._send_pages(q, np.sort(batch), rep, inflate=False)
@@ -310,6 +336,7 @@ class BalloonDriver:
                 _audit("balloon-lab:alloc:b")
                 t0 = _now()
                 self.alloc.free_pages(batch)
+                rep.alloc_calls += 1
                 rep.alloc_ns += _now() - t0
                 _audit("balloon-lab:alloc:e")
         self.last_deflated = np.concatenate(returned) if returned else np.zeros(0, np.int64)
@@ -368,11 +395,12 @@ class BalloonDriver:
             starts, lengths = wire.pfns_to_runs(np.sort(pages))
             gpas, nbytes = wire.runs_to_chunk_arrays(starts, lengths, max_chunk_bytes=MAX_CHUNK_BYTES)
             spans = wire.chunk_requests(gpas, nbytes, max_chunks=MAX_CHUNKS_PER_REQUEST)
+            # the pages each request covers (bookkeeping for the balloon), inside encode as for bitmap
+            reqs = [(np.column_stack((gpas[i:j], nbytes[i:j])),
+                     wire.runs_to_pfns(gpas[i:j] >> PAGE_SHIFT, nbytes[i:j] >> PAGE_SHIFT)) for i, j in spans]
             rep.encode_ns += _now() - t0
             _audit("balloon-lab:encode:e")
-            for i, j in spans:
-                bufs = np.column_stack((gpas[i:j], nbytes[i:j]))
-                part = wire.runs_to_pfns(gpas[i:j] >> PAGE_SHIFT, nbytes[i:j] >> PAGE_SHIFT)
+            for bufs, part in reqs:
                 self._transmit(q, bufs, rep, part, inflate)
 
     def _send_bitmap(self, q: DriverQueue, pages: np.ndarray, rep: OpReport, inflate: bool, page_shift: int) -> None:
@@ -431,6 +459,7 @@ class BalloonDriver:
         t0 = _now()
         self.write_actual()
         rep.config_ns += _now() - t0
+        rep.config_writes += 1
 
     def _wait_used(self, q: DriverQueue, rep: OpReport) -> None:
         fd = self.call_fds[q.index]

@@ -39,6 +39,7 @@ def collect(probe_backend: str | None = None, repo: Path = REPO_ROOT) -> dict[st
         "memory_bytes": meminfo_bytes("MemTotal"),
         "memory_available_bytes": meminfo_bytes("MemAvailable"),
         "loadavg": loadavg(),
+        "cpu_governor": cpu_governor(),
         "python_version": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "python_executable": sys.executable,
@@ -79,6 +80,53 @@ def loadavg() -> list[float] | None:
             return [float(x) for x in f.read().split()[:3]]
     except (OSError, ValueError):
         return None
+
+
+def cpu_governor() -> str | None:
+    """The cpufreq scaling governor(s) of the usable CPUs ("performance", "powersave",
+    "a/b" when they differ), or None where the kernel exposes no cpufreq (most VMs)."""
+    found = []
+    for cpu in sorted(os.sched_getaffinity(0)):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor") as f:
+                g = f.read().strip()
+        except OSError:
+            continue
+        if g and g not in found:
+            found.append(g)
+    return "/".join(found) or None
+
+
+# A run is "under load" when the 1-minute load average exceeds the usable cores: more
+# runnable tasks than CPUs, so the lab's processes waited for a CPU (pyperf records the
+# same load average with every run and `pyperf system show` flags a governor other
+# than "performance"). The lab's own trial keeps about one task runnable (VMM and guest
+# take turns), which stays below the limit on any machine with two or more cores.
+LOAD_PER_CORE_LIMIT = 1.0
+
+
+def load_snapshot() -> dict[str, Any]:
+    """What the machine's load was at this moment: recorded with every trial."""
+    return {"loadavg": loadavg(), "cpu_governor": cpu_governor(), "cores_usable": len(os.sched_getaffinity(0))}
+
+
+def load_warnings(snapshots: list[dict[str, Any]], where: str = "trials") -> list[str]:
+    """Warnings for a run whose trials ran under load or with a governor other than performance."""
+    out = []
+    hot = [s for s in snapshots if isinstance(s, dict) and s.get("loadavg")
+           and s["loadavg"][0] > LOAD_PER_CORE_LIMIT * (s.get("cores_usable") or os.cpu_count() or 1)]
+    if hot:
+        peak = max(s["loadavg"][0] for s in hot)
+        cores = hot[0].get("cores_usable") or "?"
+        out.append(f"taken under load: {len(hot)} of {len(snapshots)} {where} started with a 1-minute load "
+                   f"average above the {cores} usable cores (peak {peak:.2f}); timings are slower and noisier "
+                   "than on a quiet machine, so compare them only with runs taken under the same load")
+    govs = sorted({s.get("cpu_governor") for s in snapshots if isinstance(s, dict) and s.get("cpu_governor")})
+    odd = [g for g in govs if g != "performance"]
+    if odd:
+        out.append(f"CPU frequency governor {', '.join(odd)} (not performance): clock speed changed under the "
+                   "timings (`cpupower frequency-set -g performance`)")
+    return out
 
 
 def git_state(repo: Path) -> tuple[str | None, bool | None]:

@@ -164,10 +164,13 @@ def _run_rounds(spec: ExperimentSpec, plans: list[ArmPlan], trial_fn: TrialFn, s
 def _one_trial(spec: ExperimentSpec, plan: ArmPlan, trial_fn: TrialFn, rnd: int, idx: int,
                warmup: bool) -> TrialRecord:
     started = now_iso()
+    load = environment.load_snapshot()
     t0 = time.perf_counter()
     result: Any = None
     try:
         result = trial_fn(spec, plan.arm, rnd)
+        if isinstance(result, dict):
+            result = {**result, "host_load": {"start": load, "end": environment.load_snapshot()}}
         error = check_result(result)
     except Exception as e:  # a failed trial is data, not a crash of the experiment
         error = "".join(traceback.format_exception_only(e)).strip() + "\n\n" + traceback.format_exc()

@@ -40,7 +40,7 @@ _MS_IN = {"ns": 1e6, "us": 1e3, "ms": 1.0, "s": 1e-3}
 DEFAULT_COUNTER_TOLERANCE = 0.0
 # Spec fields that define the experiment: if they differ, the runs measure different things.
 COMPARABLE_SPEC_FIELDS = ("kind", "guest_mib", "inflate_mib", "workload", "workload_params", "seed",
-                          "batch_pages", "bitmap_pages_per_request", "discard", "bandwidth", "probes")
+                          "batch_pages", "bitmap_pages_per_request", "discard", "bandwidth", "probes", "twins")
 EXIT_PASS, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
 
 
@@ -105,6 +105,7 @@ class Thresholds:
     counter: Limit = Limit("absolute", DEFAULT_COUNTER_TOLERANCE)
     rules: list[tuple[str, Limit]] = field(default_factory=list)
     timing_floor_ms: float = DEFAULT_TIMING_FLOOR_MS
+    min_trials: int | None = None  # ok measured trials each baseline arm needs in the candidate (None: all)
 
     def floor(self, metric: str) -> float:
         """The smallest absolute worsening of a timing that counts, in the metric's unit."""
@@ -142,10 +143,15 @@ class Thresholds:
             raise GateInputError(f"thresholds file {p} is malformed: {e}") from None
         if not isinstance(doc, dict):
             raise GateInputError(f"thresholds file {p} must hold a table")
-        unknown = set(doc) - {"alpha", "timing", "counter", "metrics", "timing_floor_ms"}
+        unknown = set(doc) - {"alpha", "timing", "counter", "metrics", "timing_floor_ms", "min_trials"}
         if unknown:
             raise GateInputError(f"thresholds file {p}: unknown key(s) {', '.join(sorted(unknown))} "
-                                 "(allowed: alpha, timing, counter, metrics, timing_floor_ms)")
+                                 "(allowed: alpha, timing, counter, metrics, timing_floor_ms, min_trials)")
+        if "min_trials" in doc:
+            n = doc["min_trials"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise GateInputError(f"thresholds file {p}: min_trials must be an integer >= 1, got {n!r}")
+            th.min_trials = n
         th = cls()
         if "alpha" in doc:
             a = doc["alpha"]
@@ -170,12 +176,14 @@ class Thresholds:
     def describe(self) -> str:
         return (f"timings/gauges worse by more than {self.timing.describe(M.TIMING)} with Holm p < {self.alpha:g}"
                 f" (timings also by >= {self.timing_floor_ms:g} ms); "
-                f"counters {self.counter.describe(M.COUNTER)}"
+                f"counters {self.counter.describe(M.COUNTER)}; every baseline arm needs "
+                + (f">= {self.min_trials}" if self.min_trials else "all its")
+                + " ok measured trials in the candidate"
                 + (f"; {len(self.rules)} per-metric rule(s)" if self.rules else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "timing": asdict(self.timing), "counter": asdict(self.counter),
-                "timing_floor_ms": self.timing_floor_ms,
+                "timing_floor_ms": self.timing_floor_ms, "min_trials": self.min_trials,
                 "rules": [{"pattern": p, **asdict(l)} for p, l in self.rules]}
 
 
@@ -192,6 +200,21 @@ class GateInput:
     environment: dict[str, Any]
     table: dict[str, dict[str, np.ndarray]]
     rounds: dict[str, dict[str, np.ndarray]] | None = None  # round of each sample, aligned with table
+    # per scheduled arm: (ok measured trials, failed measured trials, first error); None for
+    # baseline files, whose ok trials are the samples they carry
+    outcomes: dict[str, tuple[int, int, str | None]] | None = None
+
+    def ok_trials(self, arm: str) -> int:
+        """Measured trials of `arm` that succeeded (the most samples any metric has)."""
+        if self.outcomes is not None and arm in self.outcomes:
+            return self.outcomes[arm][0]
+        return max((len(v) for v in self.table.get(arm, {}).values()), default=0)
+
+    @property
+    def arms(self) -> list[str]:
+        """Every arm this side scheduled or measured, in schedule order."""
+        labels = list(self.spec.get("_arm_labels") or self.spec.get("arms") or [])
+        return labels + [a for a in self.table if a not in labels]
 
     @property
     def reference_arm(self) -> str | None:
@@ -230,14 +253,24 @@ def load_input(ref: str, db_path: str | Path, side: str = "input", host: str | N
         raise GateInputError(f"{side}: {ref!r} is neither a file nor a run: {e}") from None
     try:
         run = store.get_run(ref)
-        if run.status != "complete":
+        # A candidate whose every trial failed is an answer (its arms regressed), not unusable input.
+        finished = ("complete", "failed") if side == "candidate" else ("complete",)
+        if run.status not in finished:
             raise GateInputError(f"{side}: run {run.id} is {run.status}, not complete: gate only finished runs")
         table, rounds = store.metric_table(run.id, host), store.round_table(run.id, host)
+        outcomes: dict[str, tuple[int, int, str | None]] = {a: (0, 0, None) for a in run.arms}
+        for t in store.trials(run.id, include_warmups=False, host=host):
+            ok, bad, err = outcomes.get(t.arm, (0, 0, None))
+            if t.status == "ok":
+                ok += 1
+            else:
+                bad, err = bad + 1, err or (t.error or "?").splitlines()[0]
+            outcomes[t.arm] = (ok, bad, err)
     except StoreError as e:
         raise GateInputError(f"{side}: {e}") from None
     finally:
         store.close()
-    return GateInput(ref, "run", run.id, run.name, run.spec, run.environment, table, rounds)
+    return GateInput(ref, "run", run.id, run.name, run.spec, run.environment, table, rounds, outcomes)
 
 
 # --- checks -----------------------------------------------------------------------
@@ -373,22 +406,24 @@ def run_gate(baseline: GateInput, candidate: GateInput, thresholds: Thresholds |
     env_diffs = E.differences(baseline.environment, candidate.environment)
     if env_diffs:
         notes.append("environments differ, timings may not be comparable: " + "; ".join(env_diffs))
+    if not baseline.table:
+        raise GateInputError("the baseline has no arm with a successful measured trial")
+    arm_checks = [_check_arm_trials(arm, baseline, candidate, th) for arm in baseline.table]
     arms = [a for a in baseline.table if a in candidate.table]
-    if not arms:
-        raise GateInputError(f"no common arms: baseline has {', '.join(baseline.table) or 'none'}, "
-                             f"candidate has {', '.join(candidate.table) or 'none'}")
-    for side, inp in (("baseline", baseline), ("candidate", candidate)):
-        only = [a for a in inp.table if a not in arms]
-        if only:
-            notes.append(f"arm(s) only in the {side}, not gated: {', '.join(only)}")
+    only = [a for a in candidate.arms if a not in baseline.table]
+    if only:
+        notes.append(f"arm(s) only in the candidate, not gated: {', '.join(only)}")
     ref = None
     if relative:
         ref = baseline.reference_arm
+        if candidate.reference_arm != ref and any(c.status == "regression" and c.arm == ref for c in arm_checks):
+            notes.append(f"relative mode impossible: the reference arm {ref} failed in the candidate")
+            return GateResult(baseline, candidate, th, arm_checks, notes)
         if candidate.reference_arm != ref:
             raise GateInputError(f"--relative needs the same reference arm on both sides: baseline "
                                  f"{ref}, candidate {candidate.reference_arm}")
         notes.append(f"relative mode: timings are ratios to the {ref} arm of the same run")
-    checks: list[Check] = []
+    checks: list[Check] = list(arm_checks)
     for arm in arms:
         base, cand = baseline.table[arm], candidate.table[arm]
         if ref is not None:
@@ -396,10 +431,44 @@ def run_gate(baseline: GateInput, candidate: GateInput, thresholds: Thresholds |
         rounds = None
         if baseline.rounds is not None and candidate.rounds is not None:
             rounds = (baseline.rounds.get(arm, {}), candidate.rounds.get(arm, {}))
-        checks += _check_arm(arm, base, cand, th, reference=ref, rounds=rounds)
-    if not any(c.status not in ("missing", "ignored") for c in checks):
+        try:
+            checks += _check_arm(arm, base, cand, th, reference=ref, rounds=rounds)
+        except GateInputError as e:
+            if not any(c.status == "regression" for c in arm_checks):
+                raise
+            # another arm already failed the candidate: say why this one could not be judged
+            notes.append(f"arm {arm} not gated: {e}")
+    failed_arm = any(c.status == "regression" for c in arm_checks)
+    if arms and not failed_arm and not any(c.status not in ("missing", "ignored") for c in checks
+                                           if c.metric != TRIALS_METRIC):
         raise GateInputError("no common metrics to gate (all missing on one side or ignored)")
     return GateResult(baseline, candidate, th, checks, notes)
+
+
+TRIALS_METRIC = "ok_trials"
+
+
+def _check_arm_trials(arm: str, baseline: GateInput, candidate: GateInput, th: Thresholds) -> Check:
+    """Every arm of the baseline must be in the candidate with at least the minimum of ok
+    measured trials (th.min_trials, else every measured trial the candidate's spec asked
+    for): a missing, failed or partly failed arm is a regression, never a note."""
+    n_b, n_c = baseline.ok_trials(arm), candidate.ok_trials(arm)
+    need = th.min_trials if th.min_trials is not None else int(candidate.spec.get("trials") or 1)
+    c = Check(arm, TRIALS_METRIC, M.COUNTER, "pass", f">= {need}", n_baseline=n_b, n_candidate=n_c,
+              baseline_median=float(n_b), candidate_median=float(n_c))
+    failed, err = 0, None
+    if candidate.outcomes is not None and arm in candidate.outcomes:
+        _, failed, err = candidate.outcomes[arm]
+    why = f"; {failed} failed, first error: {err}" if failed else ""
+    if arm not in candidate.arms:
+        c.status, c.message = "regression", f"arm {arm} is missing from the candidate (baseline: {n_b} ok trials)"
+    elif n_c < need:
+        c.status = "regression"
+        c.message = (f"arm {arm}: {n_c} ok measured trial(s) in the candidate, minimum {need}"
+                     f" (baseline: {n_b}){why}")
+    else:
+        c.message = f"arm {arm}: {n_c} ok measured trials (minimum {need})"
+    return c
 
 
 def _relative(table: Mapping[str, Mapping[str, np.ndarray]], arm: str, ref: str) -> dict[str, np.ndarray]:

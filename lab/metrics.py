@@ -33,24 +33,37 @@ STATISTICAL_KINDS = frozenset({TIMING, GAUGE})
 
 _TIME_UNITS = {"ns": "ns", "us": "us", "ms": "ms", "s": "s", "seconds": "s", "secs": "s"}
 _TIMING_WORDS = ("stages_ns", "time")
-# Path components counted by the kernel for whole processes or set by scheduling.
-# Interrupts are among them: with VIRTIO_RING_F_EVENT_IDX the device skips a call when
-# the driver is still busy with the previous one, which depends on timing (seen: 125
-# to 128 interrupts for 128 requests in the same round of two runs).
-_GAUGE_PARTS = frozenset({
+# THE list of scheduling-dependent counts (gauges): path components counted by the kernel
+# for whole processes or set by how the VMM's and the guest's threads happened to
+# interleave. The store, the statistics, the gate and the reports all classify through
+# classify() below, so a name listed here is a gauge everywhere (docs/STATISTICS.md
+# prints this list). Why each is scheduling-dependent:
+# - interrupts: with VIRTIO_RING_F_EVENT_IDX the device skips a call while the driver is
+#   still busy with the previous one (seen: 125 to 128 interrupts for 128 requests);
+# - kicks: a kick is skipped while the device is still polling the ring (seen: 9 to 297
+#   kicks for the same 128 requests);
+# - eventfd reads: an eventfd read returns the sum of all writes since the last read, and a
+#   non-blocking read that finds nothing fails (`*_read_empty`, seen: 255 vs 257 in A/A runs);
+# - page allocator events, faults and RSS: whole-process kernel counts (other threads,
+#   the interpreter's own allocations, RCU-deferred frees).
+SCHEDULING_GAUGES = frozenset({
     "rss_bytes", "rss_peak_bytes",
     "page_allocs", "page_alloc_pages", "page_frees", "page_free_pages", "page_frees_batched", "page_faults",
     "device_wakeups", "interrupt_reads", "empty_reads", "kick_read", "kick_reads", "call_read", "call_reads",
+    "config_read", "config_reads", "other_read", "other_reads",
     "interrupts", "call_write", "call_writes", "eventfd_writes",
-    # kicks too: with EVENT_IDX a kick is skipped when the device is still polling the
-    # ring, which depends on scheduling (seen: 9 to 297 kicks for the same 128 requests)
     "kicks", "kick_write", "kick_writes", "device_calls", "config_notifications",
 })
+_GAUGE_SUFFIXES = ("_read_empty",)  # per-queue failed reads of any eventfd kind: kick_read_empty, call_read_empty, ...
+_GAUGE_PARTS = SCHEDULING_GAUGES
 _GAUGE_PREFIXES = ("workload.stop.",)  # background workloads report how much they did before stop()
 _HISTOGRAM_PARENTS = frozenset({"hists", "histograms"})
 # Not measurements: process ids, and the experiment's own parameters (the gate compares
 # specs separately and says when they differ).
-_SKIPPED_KEYS = frozenset({"per_pid", "pids", "params", "batch_pages", "guest_mib", "inflate_mib", "target_pages"})
+# "twin" holds the probed twin's timings (lab.twins; the overhead table reads it) and
+# "host_load" the load average and CPU governor around the trial (lab.environment).
+_SKIPPED_KEYS = frozenset({"per_pid", "pids", "params", "batch_pages", "guest_mib", "inflate_mib", "target_pages",
+                           "twin", "host_load"})
 
 
 def classify(name: str) -> str:
@@ -58,7 +71,7 @@ def classify(name: str) -> str:
     parts = name.split(".")
     if _time_unit(parts[-1]) or any(w in p for p in parts for w in _TIMING_WORDS):
         return TIMING
-    if name.startswith(_GAUGE_PREFIXES) or any(p in _GAUGE_PARTS for p in parts):
+    if name.startswith(_GAUGE_PREFIXES) or any(p in _GAUGE_PARTS or p.endswith(_GAUGE_SUFFIXES) for p in parts):
         return GAUGE
     return COUNTER
 

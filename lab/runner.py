@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from device.layout import MiB, PAGE_SHIFT
 from lab.backends import is_qemu_arm
+from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 from lab.orphans import die_with_parent
 
@@ -272,7 +273,8 @@ def _stages(guest_rep: dict, dev_before: dict, dev_after: dict, kind: str) -> di
 
 def _merge_reports(reports: list[dict], kind: str) -> dict:
     keys = ("pages", "requests", "kicks", "interrupts", "bytes_on_ring", "descriptors",
-            "alloc_ns", "encode_ns", "wait_ns", "config_ns", "total_ns", "short_pages")
+            "alloc_ns", "encode_ns", "wait_ns", "config_ns", "total_ns", "short_pages", "alloc_calls",
+            "config_writes")
     mine = [r for r in reports if r["kind"] == kind]
     out = {k: sum(r[k] for r in mine) for k in keys}
     out["errors"] = [r["error"] for r in mine if r.get("error")]
@@ -318,6 +320,7 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
         "kind": kind, "target_pages": target_pages, "actual": res["actual"], "wall_ns": wall,
         "pages": g["pages"], "requests": g["requests"], "kicks": g["kicks"], "interrupts": g["interrupts"],
         "bytes_on_ring": g["bytes_on_ring"], "descriptors": g["descriptors"],
+        "alloc_calls": g["alloc_calls"], "config_writes": g["config_writes"],
         "discard_calls": dev["discard_calls"], "translations": dev["translations"], "runs": dev["runs"],
         "device_requests": dev["requests"], "device_pages": dev["pages"], "refused_pages": dev["refused_pages"],
         "run_length_hist": _hist_delta(dev1[kind]["run_length_hist"], dev0[kind]["run_length_hist"]),
@@ -439,21 +442,44 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
     return result
 
 
-def run_trial(spec, arm: str, probe_session=None) -> dict:
-    """lab.experiment's trial function: one balloon trial of `arm` under an ExperimentSpec."""
+def run_trial(spec, arm: str, probe_session=None, rnd: int = 0) -> dict:
+    """lab.experiment's trial function: one balloon trial of `arm` under an ExperimentSpec.
+
+    Round `rnd` uses seed spec.seed + rnd (every arm of a round sees the same guest
+    layout, rounds differ). With probes on and spec.twins, the trial is a twin pair
+    (lab.twins): timings from an unprobed twin, counts from the probed one. A trial
+    of an arm scheduled without probes runs with every BPF program detached."""
     if spec.kind != "balloon":
         raise ValueError(f"run_trial runs balloon experiments, not {spec.kind!r}")
     if is_qemu_arm(arm):                  # the one dispatch point: arm -> backend
         from lab.backends.qemu.trial import run_qemu_trial
-        return run_qemu_trial(spec, arm, probe_session)
-    batch = spec.batch_pages_for(arm)
-    if arm == "bitmap" and spec.bitmap_pages_per_request is not None:
-        batch = spec.bitmap_pages_per_request
-    t = BalloonTrial(protocol=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib, workload=spec.workload,
-                     workload_params=dict(spec.workload_params), seed=spec.seed, batch_pages=batch,
-                     discard=spec.discard, backing=spec.backing, partial_tracking=spec.partial_tracking,
-                     alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc)
-    return run_balloon(t, probe_session if spec.probes else None)
+
+        def run_one(session):
+            return run_qemu_trial(spec, arm, session)
+    else:
+        batch = spec.batch_pages_for(arm)
+        if arm == "bitmap" and spec.bitmap_pages_per_request is not None:
+            batch = spec.bitmap_pages_per_request
+        t = BalloonTrial(protocol=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
+                         workload=spec.workload, workload_params=dict(spec.workload_params), seed=spec.seed + rnd,
+                         batch_pages=batch, discard=spec.discard, backing=spec.backing,
+                         partial_tracking=spec.partial_tracking, alloc_policy=spec.alloc_policy,
+                         init_on_alloc=spec.guest_init_on_alloc)
+
+        def run_one(session):
+            return run_balloon(t, session)
+    active = probe_session is not None and getattr(probe_session, "active", False)
+    if not spec.probes:
+        with twins.probes_detached(probe_session):
+            return run_one(None)
+    if active and getattr(spec, "twins", False):
+        return twins.run_twins(run_one, probe_session, rnd)
+    return run_one(probe_session)
+
+
+def trial_fn(probe_session=None):
+    """run_experiment's trial function for balloon specs, with this probe session."""
+    return lambda spec, arm, rnd: run_trial(spec, arm, probe_session, rnd)
 
 
 def _probe_summary(readings: dict, probes) -> dict:

@@ -157,6 +157,7 @@ class ExperimentSpec:
     partial_tracking: str = "full"
     alloc_policy: str = "linux"
     guest_init_on_alloc: bool = False  # the lab's guest zeroes balloon pages (docs/REAL_STACK.md)
+    twins: bool = True  # with probes: timings from unprobed twin trials, counts from probed ones (lab.twins)
 
     def __post_init__(self) -> None:
         self.bandwidth = parse_bandwidth(self.bandwidth)
@@ -201,6 +202,7 @@ class ExperimentSpec:
         _check_bool("probes", self.probes)
         _check_bool("probe_overhead", self.probe_overhead)
         _check_bool("guest_init_on_alloc", self.guest_init_on_alloc)
+        _check_bool("twins", self.twins)
         if self.probe_overhead and not self.probes:
             raise SpecError("probe_overhead", "measuring probe overhead needs probes = true")
         if self.batch_pages is not None:
@@ -383,6 +385,9 @@ FIELDS: tuple[Field, ...] = (
     Field("guest_init_on_alloc", "--guest-init-on-alloc",
           "The lab's guest zeroes each page it allocates for the balloon, as Linux's init_on_alloc.",
           is_flag_pair=True),
+    Field("twins", "--twins", "With probes on, run every trial twice: timings from the twin with the probes "
+          "detached, counts and kernel shares from the probed twin (default on; --no-twins times the probed "
+          "trials, which the probes slow).", is_flag_pair=True),
 )
 
 

@@ -77,6 +77,19 @@ def import_bcc() -> Any:
                                bcc_fix()) from e
 
 
+def essentials_missing() -> str | None:
+    """Why eBPF truly cannot work on this machine (not root, or no BCC at all), else None.
+    Everything else preflight() finds (headers, tracefs) setup fixes: a test suite that
+    needs eBPF may skip for these two reasons only, and must fail for the others."""
+    if os.geteuid() != 0:
+        return f"eBPF needs root (running as uid {os.geteuid()})"
+    try:
+        import_bcc()
+    except ProbeUnavailable as e:
+        return f"BCC is not importable: {e.reason}"
+    return None
+
+
 def preflight() -> list[Problem]:
     """Everything eBPF needs that can be checked without loading a program."""
     from probes.tracefs import tracefs_mounts, tracefs_root

@@ -12,8 +12,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from lab import environment as E
 from lab import metrics as M
 from lab import stats as S
+from lab import twins as T
 from reports import charts as C
 from lab.backends import is_qemu_arm
 from lab.backends.qemu.side_by_side import arm_title
@@ -245,6 +247,12 @@ def _counters_line(d: ReportData, items: Sequence[tuple[str, str]]) -> str:
     return "<ul class=\"why\">" + "".join(parts) + "</ul>" if parts else ""
 
 
+def run_warnings(d: ReportData) -> list[str]:
+    """Load-average and governor warnings from the trials' own snapshots (else the run's start)."""
+    loads = [(t.result.get("host_load") or {}).get("start") for t in d.measured() if t.result.get("host_load")]
+    return E.load_warnings(loads, "measured trials") if loads else E.load_warnings([d.run.environment], "runs")
+
+
 def verdict_section(d: ReportData) -> Section:
     body, charts, missing = [], [], []
     mib = d.inflate_mib
@@ -283,6 +291,9 @@ def verdict_section(d: ReportData) -> Section:
                                        ("kicks", "kicks"), ("runs", "runs of contiguous pages"),
                                        (d.op_metric("inflate", "bytes_on_ring") or "bytes_on_ring",
                                         "bytes on the ring")]))
+    body += [note("Warning: " + esc(w), "nodata") for w in run_warnings(d)]
+    if d.kind != "migrate" and d.measured():
+        body.append(note("Timings " + esc(T.DESIGN_TEXT[T.timing_design([t.result for t in d.measured()])]) + "."))
     if d.comparison is not None:
         c = d.comparison
         body.append(note(f"Baseline {chip(c.baseline_arm, d.colors)}; {c.confidence:.0%} bootstrap CIs of medians; "
@@ -599,6 +610,22 @@ def _per_trial(d: ReportData, name: str) -> dict[str, dict[float, float]]:
     return out
 
 
+def _overhead_table(d: ReportData) -> str:
+    """The probes' own cost per arm, from the run's twin pairs (lab/twins.py); "" without twins."""
+    rows = []
+    for o in T.arm_overheads(d.measured()):
+        ci = lambda m: sig(m[0]) + (f" [{sig(m[1])}, {sig(m[2])}]" if m[1] is not None else "")  # noqa: E731
+        rows.append([chip(o.arm, d.colors), str(o.pairs), ci(o.unprobed_ms) + " ms", ci(o.probed_ms) + " ms",
+                     ci(o.ratio), f"{o.overhead_pct:+.1f} %"])
+    if not rows:
+        return ""
+    return (table(["arm", "twin pairs", "inflate, probes detached", "inflate, probes attached",
+                   "attached / detached (per pair)", "overhead"], rows, "probes")
+            + note("What the probes cost each arm, measured by this run's twin trials: every trial ran once with "
+                   "every BPF program detached (the timings this report shows) and once probed (the counts and "
+                   "histograms). Medians with 95 % bootstrap CIs."))
+
+
 def probes_section(d: ReportData) -> Section:
     body, charts, missing = [], [], []
     phase = "migration" if d.kind == "migrate" else "inflate"
@@ -645,6 +672,7 @@ def probes_section(d: ReportData) -> Section:
                             "arm must make the same number of calls per MiB." if real else
                             "Add the arm <code>qemu-pfn</code> to measure a real QEMU + Linux guest the same way "
                             "beside them.")))
+    body.append(_overhead_table(d))
     for name, cid, xlabel, ylabel, tick, title, caption, linear in specs:
         hists = _per_trial(d, name)
         if not hists:
@@ -917,12 +945,13 @@ def environment_section(d: ReportData) -> Section:
         ("memory", esc(fmt_bytes(mem) if mem else "?") + (f" ({fmt_bytes(env['memory_available_bytes'])} available)"
                                                           if env.get("memory_available_bytes") else "")),
         ("load at start", esc(" ".join(map(str, env.get("loadavg") or [])) or "?")),
+        ("CPU governor", esc(env.get("cpu_governor") or "not exposed (no cpufreq: a VM?)")),
         ("Python", esc(f"{env.get('python_version', '?')} ({env.get('python_executable', '?')})")),
         ("numpy / scipy", esc(f"{env.get('numpy', '?')} / {env.get('scipy', '?')}")),
         ("balloon-lab", esc(env.get("balloon_lab", "?")) + f", git {git_s}"),
     ]
     shown = {"hostname", "kernel", "machine", "cpu_model", "cores", "cores_usable", "memory_bytes",
-             "memory_available_bytes", "loadavg", "python_version", "python_executable", "numpy", "scipy",
+             "memory_available_bytes", "loadavg", "cpu_governor", "python_version", "python_executable", "numpy", "scipy",
              "balloon_lab", "git_commit", "git_dirty", "probe_backend"}
     env_rows += [(k, f"<code>{esc(v)}</code>") for k, v in env.items() if k not in shown]
     spec_rows = [(k, f"<code>{esc(_spec_text(v, k))}</code>") for k, v in r.spec.items() if not k.startswith("_")]

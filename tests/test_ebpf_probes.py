@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.bpf import import_bcc, ProbeUnavailable
+from probes.bpf import essentials_missing
 from probes.markers import check_name, event
 from probes.standalone import EventfdSpec, parse_eventfd
 
@@ -25,18 +25,7 @@ PY = sys.executable
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
-def _ebpf_skip_reason() -> str | None:
-    """Only a machine that truly lacks eBPF may skip: not root, or no BCC at all."""
-    if os.geteuid() != 0:
-        return f"eBPF tests need root (running as uid {os.geteuid()})"
-    try:
-        import_bcc()
-    except ProbeUnavailable as e:
-        return f"BCC is not importable: {e.reason}"
-    return None
-
-
-_SKIP = _ebpf_skip_reason()
+_SKIP = essentials_missing()
 if _SKIP:
     print(f"\nSKIPPING eBPF tests: {_SKIP}", file=sys.stderr)
 

@@ -262,8 +262,12 @@ def test_descriptor_outside_ram_sets_needs_reset(pfn_vm, gpa, ln, where):
     h = pfn_vm
     h.start()
     e0 = h.errors()
-    assert not h.request(0, [(gpa, ln, 0)], wait=False) or True
+    used0 = h.g.queues[0].ring.used_idx()
+    h.request(0, [(gpa, ln, 0)], wait=False)
     assert h.wait_needs_reset(), where
+    # refused, never used: the device returns no buffer for a chain it would not read
+    assert not h.g.queues[0].wait_used(used0 + 1, 0.3)
+    assert h.g.queues[0].ring.used_idx() == used0
     assert delta(h, e0, "ring-buffer-not-ram") == 1
     log = h.vm.log()
     assert f"refused guest input [ring-buffer-not-ram]" in log and f"buffer {gpa:#x}+0x10 is not inside one RAM region" in log

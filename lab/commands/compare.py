@@ -12,18 +12,20 @@ from pathlib import Path
 
 import click
 
+from lab import twins
 from lab.backends.qemu.side_by_side import side_by_side
+from lab.cli_checks import checked, refuse, writable_file
+from lab.environment import load_warnings
 from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
 from lab.paths import db_option, default_db_path
-from lab.runner import run_trial
-from lab.cli_checks import checked, refuse, writable_file
+from lab.runner import trial_fn
 from lab.spec import spec_from_cli, spec_options
 from lab.stats import Comparison, render_table
 from lab.store import Store
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard")
-COUNTERS = ("pages", "requests", "kicks", "interrupts", "discard_calls", "runs", "translations", "bytes_on_ring",
-            "descriptors")
+COUNTERS = ("pages", "alloc_calls", "config_writes", "requests", "kicks", "interrupts", "discard_calls", "runs",
+            "translations", "bytes_on_ring", "descriptors")
 
 
 def stage_table(comp: Comparison, op: str = "inflate") -> str:
@@ -59,8 +61,8 @@ def counter_table(comp: Comparison, inflate_mib: int) -> str:
 def run_length_table(store: Store, run_id: str) -> str:
     """Run-length distribution of the ballooned pages (first measured trial per arm)."""
     seen: dict[str, dict] = {}
-    for t in store.trials(run_id):
-        if t.status == "ok" and t.arm not in seen and t.result:
+    for t in store.trials(run_id, include_warmups=False):
+        if t.status == "ok" and not t.warmup and t.arm not in seen and t.result:
             seen[t.arm] = t.result.get("run_length_hist") or {}
     if not seen:
         return ""
@@ -87,6 +89,12 @@ def kernel_share_table(comp: Comparison) -> str:
         lines.append(f"{arm:<14}{ns.median / 1e6:10.1f}{(calls.median if calls else 0):15.0f}"
                      f"{kn.median / 1e6:11.1f}{100 * kn.median / ns.median if ns.median else 0:13.1f}%")
     return "\n".join(lines) if any_row else "discard stage, seen by the probes: no probe data (probes off or no eBPF)"
+
+
+def arms_without_ok_trial(store: Store, run_id: str) -> list[str]:
+    """Scheduled arms with no ok measured trial: a comparison missing them is no answer."""
+    ok = {t.arm for t in store.trials(run_id, include_warmups=False) if t.status == "ok"}
+    return [a for a in store.get_run(run_id).arms if a not in ok]
 
 
 def comparison_json(run_id: str, comp: Comparison) -> dict:
@@ -127,8 +135,7 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
     try:
         with Store(path) as store:
             try:
-                run_id = run_experiment(spec, lambda s, arm, rnd: run_trial(s, arm, session), store,
-                                        progress=not quiet, probe_session=session)
+                run_id = run_experiment(spec, trial_fn(session), store, progress=not quiet, probe_session=session)
             except ExperimentInterrupted as e:
                 click.echo(f"interrupted: run {e.run_id} kept its completed trials", err=True)
                 sys.exit(130)
@@ -137,10 +144,23 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 click.echo(f"run {run_id}: no successful trial of the baseline arm; "
                            f"`balloon-lab show {run_id}` lists the errors", err=True)
                 sys.exit(1)
+            trials = store.trials(run_id, include_warmups=False)
+            design = twins.timing_design([t.result for t in trials if t.status == "ok" and t.result])
+            empty = arms_without_ok_trial(store, run_id)
+            warnings = load_warnings([(t.result or {}).get("host_load", {}).get("start") for t in trials
+                                      if t.result], "measured trials")
             if as_json:
-                click.echo(json.dumps(comparison_json(run_id, comp), default=float))
+                out = comparison_json(run_id, comp)
+                out.update(timing_design=design, arms_without_ok_trial=empty, warnings=warnings,
+                           probe_overhead=[{"arm": o.arm, "pairs": o.pairs, "unprobed_ms": o.unprobed_ms,
+                                            "probed_ms": o.probed_ms, "ratio": o.ratio}
+                                           for o in twins.arm_overheads(trials)])
+                click.echo(json.dumps(out, default=float))
             else:
-                click.echo(f"run {run_id}  ({spec.command_line()})\n")
+                click.echo(f"run {run_id}  ({spec.command_line()})")
+                click.echo(f"timings: {twins.DESIGN_TEXT[design]}\n")
+                for w in warnings:
+                    click.echo(f"WARNING: {w}\n")
                 click.echo(stage_table(comp, "inflate") + "\n")
                 click.echo(stage_table(comp, "deflate") + "\n")
                 click.echo(counter_table(comp, spec.inflate_mib) + "\n")
@@ -152,10 +172,19 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 keep = ["stages_ns.inflate.*", "stages_ns.deflate.total", "discard_calls", "runs", "kicks",
                         "probes.madvise_calls", "probes.madvise_kernel_ns"]
                 click.echo(render_table(comp, keep))
+                overhead = twins.overhead_table(trials)
+                if overhead:
+                    click.echo("\n" + overhead)
+                for n in twins.mismatch_notes(trials)[:5]:
+                    click.echo(f"note: {n}")
             if report_path is not None:
                 from reports.html import write_report
                 write_report(store, run_id, report_path)
                 click.echo(f"report: {report_path}", err=True)
+            if empty:
+                click.echo(f"run {run_id}: no successful measured trial in arm(s) {', '.join(empty)}; "
+                           f"`balloon-lab show {run_id}` lists the errors", err=True)
+                sys.exit(1)
     finally:
         if session is not None:
             session.detach()

@@ -61,6 +61,9 @@ def _record_verdict(db_path, candidate: str, baseline_ref: str, result: HostsGat
               help="TOML/JSON file with alpha, timing, counter and a [metrics] table of pattern = limit.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Significance level after Holm correction (default 0.05).")
+@click.option("--min-trials", type=click.IntRange(min=1), default=None,
+              help="Ok measured trials every baseline arm needs in the candidate (default: every measured "
+                   "trial of the candidate's spec); an arm below it, failed or missing is a regression.")
 @click.option("--allow-spec-change", is_flag=True, help="Gate runs whose experiment specs differ.")
 @click.option("--relative", is_flag=True,
               help="Gate timings as ratios to each run's reference (first) arm: cancels machine-wide drift "
@@ -71,7 +74,7 @@ def _record_verdict(db_path, candidate: str, baseline_ref: str, result: HostsGat
               help="Gate timings even when baseline and candidate ran on different hosts.")
 @click.option("-v", "--verbose", is_flag=True, help="List every check, not only regressions and improvements.")
 def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path | None, threshold_items,
-            thresholds_file: Path | None, alpha: float | None, allow_spec_change: bool, relative: bool,
+            thresholds_file: Path | None, alpha: float | None, min_trials: int | None, allow_spec_change: bool, relative: bool,
             counters_only: bool, cross_host: bool, verbose: bool) -> None:
     """Compare a candidate run with a baseline: exit 0 pass, 1 regression, 2 unusable input.
     Runs are gated host by host (timings only within a host); sides that share no host
@@ -82,6 +85,8 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         th.add_cli(threshold_items)
         if alpha is not None:
             th.alpha = alpha
+        if min_trials is not None:
+            th.min_trials = min_trials
         result = gate_hosts(baseline, candidate, path, th, cross_host=cross_host, counters_only=counters_only,
                             allow_spec_change=allow_spec_change, relative=relative)
     except GateInputError as e:

@@ -231,7 +231,7 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
             except ExperimentInterrupted as e:
                 click.echo(f"interrupted: run {e.run_id} kept its completed trials", err=True)
                 sys.exit(130)
-            recs = store.trials(run_id)
+            recs = store.trials(run_id, include_warmups=False)  # medians and PASS/FAIL: measured trials only
             by_arm: dict[str, list[dict]] = {a: [] for a in spec.arms}
             failed: dict[str, int] = {}
             for t in recs:

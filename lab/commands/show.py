@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
+from lab import twins
 from lab.backends.qemu.side_by_side import side_by_side
 from lab.commands.runs import local_time
+from lab.environment import load_warnings
 from lab.experiment import load_comparison
 from lab.paths import db_option, default_db_path
 from lab.stats import Comparison, render_summaries, render_table
@@ -32,7 +34,8 @@ def describe_environment(env: dict[str, Any]) -> list[str]:
         f"Python {env.get('python_version')} ({env.get('python_executable')}), numpy {env.get('numpy')}, "
         f"scipy {env.get('scipy')}",
         f"git {git_s}, probe backend {env.get('probe_backend') or '?'}, "
-        f"load at start {' '.join(map(str, load)) if load else '?'}",
+        f"load at start {' '.join(map(str, load)) if load else '?'}, "
+        f"CPU governor {env.get('cpu_governor') or 'not exposed'}",
     ] + ([f"real stack: QEMU {env.get('qemu_version')} under {env.get('qemu_accel')} "
           f"({env.get('qemu_accel_reason')}), guest kernel {env.get('guest_kernel')}"] if env.get("qemu_accel") else [])
 
@@ -40,7 +43,8 @@ def describe_environment(env: dict[str, Any]) -> list[str]:
 def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_now: bool,
                  metrics: tuple[str, ...], all_counters: bool) -> str:
     out = describe_header(run, store)
-    out += describe_stats(comp, computed_now, metrics, all_counters, run)
+    measured = [t for t in store.trials(run.id, include_warmups=False) if t.status == "ok" and t.result]
+    out += describe_stats(comp, computed_now, metrics, all_counters, run, measured)
     return "\n".join(out)
 
 
@@ -59,6 +63,12 @@ def describe_header(run: RunInfo, store: Store) -> list[str]:
                               else ":")]
     out += ["    " + line for line in describe_environment(run.environment)]
     out.append(f"  trials: {run.trials_ok} ok, {run.trials_failed} failed, {plural(run.warmups, 'warm-up')}")
+    measured = [t for t in store.trials(run.id, include_warmups=False) if t.status == "ok" and t.result]
+    if measured and s.get("kind") == "balloon":
+        out.append(f"  timings: {twins.DESIGN_TEXT[twins.timing_design([t.result for t in measured])]}")
+    loads = [(t.result.get("host_load") or {}).get("start") for t in measured if t.result.get("host_load")]
+    for w in load_warnings(loads, "measured trials") if loads else load_warnings([run.environment], "runs"):
+        out.append(f"  WARNING: {w}")
     failed = [t for t in store.trials(run.id, include_warmups=True) if t.status == "failed"]
     for t in failed[:5]:
         out.append(f"    failed #{t.idx} {t.arm} (round {t.round}): {(t.error or '').splitlines()[0]}")
@@ -71,7 +81,7 @@ def describe_header(run: RunInfo, store: Store) -> list[str]:
 
 
 def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[str, ...],
-                   all_counters: bool, run: RunInfo | None = None) -> list[str]:
+                   all_counters: bool, run: RunInfo | None = None, measured: list | None = None) -> list[str]:
     """Per-arm medians and the comparison with the baseline arm (and, for a run with
     real-stack arms, their counters beside the lab's)."""
     out: list[str] = []
@@ -89,6 +99,11 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
                + ("" if all_counters else "; counters equal in every arm hidden (--all-counters)"))
     out.append(render_table(comp, metrics or None, show_equal_counters=all_counters))
     out += [f"note: {n}" for n in comp.notes]
+    if measured:
+        overhead = twins.overhead_table(measured)
+        if overhead:
+            out.append("\n" + overhead)
+        out += [f"note: {n}" for n in twins.mismatch_notes(measured)[:5]]
     return out
 
 
@@ -131,7 +146,9 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
                 out = describe_header(run, store)
                 for h, c in comps.items():
                     out += [f"\n=== host {h} ==="] + describe_stats(c, run.status != "complete", metrics,
-                                                                     all_counters, run)
+                                                                     all_counters, run,
+                                                                     [t for t in store.trials(run.id, host=h)
+                                                                      if t.status == "ok" and t.result])
                 click.echo("\n".join(out))
                 return
             computed_now = store.get_comparison(run.id) is None
