@@ -89,7 +89,7 @@ def test_gate_compares_timings_only_within_a_host(tmp_path):
                               "--counters-only", "--json"])
     assert counters.exit_code == 0, counters.output
     checked = {c["metric"] for c in json.loads(counters.stdout)["checks"] if c["status"] == "pass"}
-    assert checked == {"pages", "requests"}
+    assert checked == {"pages", "requests", "ok_trials"}   # ok_trials: every arm kept its trials
     anyway = r.invoke(cli, ["gate", "--baseline", f"{base}@a", "--candidate", f"{cand}@b", "--db", db,
                             "--cross-host"])
     assert anyway.exit_code == 1 and "stages_ns.inflate.total" in anyway.output
