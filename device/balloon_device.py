@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from device import wire
+from device.budget import WorkBudget
 from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_PAGE_CHUNKS, PFN_BATCH_MAX,
                              Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
 from device.guest_ram import GuestRAM, punch_hole
@@ -114,6 +115,7 @@ class BalloonDevice(VirtioTransport):
         self.stats_updated: float = 0.0
         self.stats_head: int | None = None       # the stats buffer the device holds
         self.stats_waiters: list = []
+        self.budget_yields = 0                   # wake-ups that ended with work left (re-kicked)
         self._starts = [r.gpa for r in self.layout.regions]
         self._ends = [r.end for r in self.layout.regions]
         self._offs = [r.offset for r in self.layout.regions]
@@ -162,8 +164,9 @@ class BalloonDevice(VirtioTransport):
         self.stats_head = None
 
     # --- queue processing -----------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
-        """A kick arrived on `index`: serve every available chain, then re-arm."""
+    def process_queue(self, index: int, budget: WorkBudget | None = None) -> None:
+        """A kick arrived on `index`: serve available chains until none is left or the
+        wake-up's budget (device/budget.py: descriptors, bytes, discards) is spent."""
         if not self.live:
             self.refuse("queue-before-driver-ok" if not self.status & 4 else "queue-after-reset",
                         f"kick on queue {index} while the device is not live (status {self.status:#x})")
@@ -176,24 +179,30 @@ class BalloonDevice(VirtioTransport):
                    Q_STATS: self._stats_chain}.get(index)
         if handler is None:
             handler = self.extra_queue_handler(index)
-        # A guest that keeps adding chains while the device serves them must not keep the
-        # VMM in this loop (its monitor would starve): after `budget` chains, kick ourselves
+        budget = budget if budget is not None else WorkBudget()
+        # A guest that keeps adding chains, or adds expensive ones, must not keep the VMM
+        # in this loop (its monitor would starve): once the budget is spent, kick ourselves
         # and go back to the event loop, which comes back here after serving everything else.
-        budget = max(4 * q.size, 1024)
         try:
             while True:
-                if budget == 0:
+                if budget.spent:
+                    self.budget_yields += 1
                     self._rekick(index)
                     break
-                chain = q.pop_avail()
+                walked, discards = q.walked, self.inflate.discard_calls + self.deflate.discard_calls
+                try:
+                    chain = q.pop_avail()
+                finally:
+                    budget.charge(q.walked - walked, 0, 0)
                 if chain is None:
                     # Re-arm kicks (EVENT_IDX: avail_event), then look once more so a
                     # buffer added meanwhile is not left waiting for a kick that won't come.
                     if q.enable_notifications():
                         continue
                     break
-                budget -= 1
                 written = handler(chain)
+                budget.charge(0, min(chain.readable_bytes + chain.writable_bytes, MAX_REQUEST_BYTES),
+                              self.inflate.discard_calls + self.deflate.discard_calls - discards)
                 if written is None:          # held (stats buffer): not used yet
                     continue
                 q.push_used(chain.head, written)
@@ -442,8 +451,10 @@ class BalloonDevice(VirtioTransport):
             "actual": self.config.actual,
             "status": self.status,
             "memfd_allocated_bytes": self.ram.allocated_bytes(),
-            "queues": {str(i): {"chains": q.chains, "calls": q.calls, "calls_suppressed": q.calls_suppressed}
+            "queues": {str(i): {"chains": q.chains, "calls": q.calls, "calls_suppressed": q.calls_suppressed,
+                                "descriptors_walked": q.walked}
                        for i, q in self.queues.items()},
+            "budget_yields": self.budget_yields,
         }
 
     def reset_counters(self) -> None:

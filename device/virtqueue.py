@@ -635,6 +635,7 @@ class DeviceQueue:
         # counters
         self.chains = 0
         self.descriptors = 0
+        self.walked = 0            # descriptors read, refused chains included: the walk's cost
         self.indirect_chains = 0
         self.calls = 0
         self.calls_suppressed = 0
@@ -694,6 +695,7 @@ class DeviceQueue:
             seen.append(i)
             addr, ln, fl, nx = unpack(mem, base + DESC_SIZE * i)
             self.descriptors += 1
+            self.walked += 1
             if fl & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise self._fail("indirect-not-negotiated", f"descriptor {i} has INDIRECT but VIRTIO_F_INDIRECT_DESC was not negotiated")
@@ -719,6 +721,7 @@ class DeviceQueue:
         budget = self.max_chain - n_direct
         if n > self.max_chain:
             raise self._fail("indirect-len", f"indirect table of chain {head} has {n} descriptors, more than max_chain {self.max_chain}")
+        self.walked += n           # the table is copied and checked whole: that is the cost
         try:
             off = self.layout.translate(addr, ln)
         except BadAddress as e:

@@ -27,7 +27,9 @@ import time
 import numpy as np
 
 from device.balloon_device import BalloonDevice
-from device.control import Channel, ControlError, PeerGone
+from device.budget import WorkBudget
+from device.control import ControlError, PeerGone
+from device.control_peer import DeviceChannel
 from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
 from device.free_page_hint import hint_device_features
 from device.guest_ram import GuestRAM, process_rss_bytes
@@ -52,7 +54,8 @@ class VMM:
         self.running = True
         self.guest: subprocess.Popen | None = None
         self.guest_exit: str | None = None
-        self.chan: Channel | None = None
+        self.chan: DeviceChannel | None = None
+        self._control_mask = 0
         self._kick_registered: dict[int, int] = {}
         self._deadlines: list[tuple[float, Deferred, object]] = []
         self.wakeups = 0
@@ -71,7 +74,8 @@ class VMM:
         cmd = prog + ["--control-fd", str(theirs.fileno()), "--agent", self.args.agent] + list(self.args.guest_args)
         self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
         theirs.close()
-        self.chan = Channel(mine)
+        self.chan = DeviceChannel(mine)
+        self._control_mask = selectors.EVENT_READ
         self.sel.register(mine, selectors.EVENT_READ, ("control", None))
         log.info("guest process %d started", self.guest.pid)
 
@@ -225,7 +229,8 @@ class VMM:
             events = self.sel.select(timeout=0 if now < busy_until else 0.2)
             if events and poll_ns:
                 busy_until = time.perf_counter_ns() + poll_ns
-            for key, _ in events:
+            budget = WorkBudget()         # shared by every queue served in this wake-up
+            for key, mask in events:
                 kind, idx = key.data
                 if kind == "kick":
                     try:
@@ -233,9 +238,9 @@ class VMM:
                     except BlockingIOError:
                         pass
                     self.wakeups += 1
-                    self.device.process_queue(idx)
+                    self.device.process_queue(idx, budget)
                 elif kind == "control":
-                    self._control()
+                    self._control(mask)
                 elif kind == "bridge":
                     self.migration.bridge.run_pending()
                 elif kind == "listen":
@@ -251,13 +256,22 @@ class VMM:
                         except (KeyError, ValueError):
                             pass
             self._expire_deadlines()
+            self._update_control()
             if self.guest and self.guest_exit is None and self.guest.poll() is not None:
                 self._guest_gone("guest process exited")
         self.shutdown()
 
-    def _control(self) -> None:
+    def _control(self, mask: int) -> None:
+        """The control socket is writable (flush queued replies) and/or readable (serve
+        one request). Never blocks: a guest that does not read its replies is throttled."""
         try:
+            if mask & selectors.EVENT_WRITE:
+                self.chan.flush()
+            if not mask & selectors.EVENT_READ or not self.chan.may_read():
+                return
             msg = self.chan.recv()
+        except BlockingIOError:
+            return
         except PeerGone as e:
             self._guest_gone(str(e))
             return
@@ -277,6 +291,23 @@ class VMM:
                 self.chan.reply_result(msg.req, -errno.EIO, f"internal error: {type(e).__name__}")
             except ControlError as e2:
                 self._guest_gone(str(e2))
+
+    def _update_control(self) -> None:
+        """Watch the control socket for what is needed now: readable unless the guest is
+        throttled, writable while replies wait."""
+        ch = self.chan
+        if ch is None:
+            return
+        episodes = ch.throttle_episodes
+        readable = ch.may_read()
+        if ch.throttle_episodes != episodes:
+            self.device.refuse("control-reply-backlog",
+                               f"the guest left {len(ch.outq)} replies unread; its requests are not read "
+                               f"until it reads them")
+        mask = (selectors.EVENT_READ if readable else 0) | (selectors.EVENT_WRITE if ch.wants_write else 0)
+        if mask != self._control_mask and mask:
+            self.sel.modify(ch.sock, mask, ("control", None))
+            self._control_mask = mask
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -329,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guest_args and args.guest_args[0] == "--":
         args.guest_args = args.guest_args[1:]
     logging.basicConfig(level=args.log_level.upper(), format="vmm[%(process)d] %(levelname)s %(name)s: %(message)s")
+    faulthandler.enable()                   # a fatal signal (SIGBUS, SIGSEGV) still leaves a traceback in the log
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(SystemExit(143)))
     vmm = VMM(args)
