@@ -17,20 +17,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lab.attacks import chain_attack  # noqa: E402
+from lab.attacks import MAX_TABLE, chain_attack  # noqa: E402
 from lab.raw_guest import HostileVM  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ring-size", type=int, default=32768)
-    p.add_argument("--table-len", type=int, default=32768)
+    p.add_argument("--table-len", type=int, default=None, help="descriptors per indirect table (default: the device's max_chain)")
     p.add_argument("--guest-mib", type=int, default=256)
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     with HostileVM(a.guest_mib, "pfn", timeout=60.0) as vm:
-        res = chain_attack(vm, a.ring_size, a.table_len, a.timeout)
+        res = chain_attack(vm, a.ring_size, a.table_len or MAX_TABLE, a.timeout)
         res["errors"] = vm.errors()
     res["loadavg"] = os.getloadavg()
     print(json.dumps(res) if a.json else json.dumps(res, indent=2))

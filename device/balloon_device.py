@@ -116,6 +116,9 @@ class BalloonDevice(VirtioTransport):
         self.stats_head: int | None = None       # the stats buffer the device holds
         self.stats_waiters: list = []
         self.budget_yields = 0                   # wake-ups that ended with work left (re-kicked)
+        self._budget: WorkBudget | None = None   # of the wake-up being served
+        self._carry = None                       # discards of the current request left for later
+        self._held: dict[int, tuple] = {}        # queue -> (head, written, discards left)
         self._starts = [r.gpa for r in self.layout.regions]
         self._ends = [r.end for r in self.layout.regions]
         self._offs = [r.offset for r in self.layout.regions]
@@ -162,11 +165,13 @@ class BalloonDevice(VirtioTransport):
         self.ballooned_np[:] = 0
         self.config.actual = 0
         self.stats_head = None
+        self._held.clear()                      # a reset driver forgets its requests; so do we
 
     # --- queue processing -----------------------------------------------------------------
     def process_queue(self, index: int, budget: WorkBudget | None = None) -> None:
         """A kick arrived on `index`: serve available chains until none is left or the
-        wake-up's budget (device/budget.py: descriptors, bytes, discards) is spent."""
+        wake-up's budget (device/budget.py: descriptors, bytes, discards) is spent.
+        Without a budget (direct callers, tests) the work is unbounded."""
         if not self.live:
             self.refuse("queue-before-driver-ok" if not self.status & 4 else "queue-after-reset",
                         f"kick on queue {index} while the device is not live (status {self.status:#x})")
@@ -179,17 +184,22 @@ class BalloonDevice(VirtioTransport):
                    Q_STATS: self._stats_chain}.get(index)
         if handler is None:
             handler = self.extra_queue_handler(index)
-        budget = budget if budget is not None else WorkBudget()
+        budget = budget if budget is not None else WorkBudget.unlimited()
+        self._budget = budget
         # A guest that keeps adding chains, or adds expensive ones, must not keep the VMM
         # in this loop (its monitor would starve): once the budget is spent, kick ourselves
         # and go back to the event loop, which comes back here after serving everything else.
         try:
+            if index in self._held and not self._finish_held(index, q):
+                self.budget_yields += 1
+                self._rekick(index)
+                return
             while True:
                 if budget.spent:
                     self.budget_yields += 1
                     self._rekick(index)
                     break
-                walked, discards = q.walked, self.inflate.discard_calls + self.deflate.discard_calls
+                walked, discards = q.walked, self._discard_calls()
                 try:
                     chain = q.pop_avail()
                 finally:
@@ -202,7 +212,11 @@ class BalloonDevice(VirtioTransport):
                     break
                 written = handler(chain)
                 budget.charge(0, min(chain.readable_bytes + chain.writable_bytes, MAX_REQUEST_BYTES),
-                              self.inflate.discard_calls + self.deflate.discard_calls - discards)
+                              self._discard_calls() - discards)
+                if self._carry is not None:   # its discards did not fit the budget: finish them later
+                    self._held[index] = (chain.head, written or 0, self._carry)
+                    self._carry = None
+                    continue
                 if written is None:          # held (stats buffer): not used yet
                     continue
                 q.push_used(chain.head, written)
@@ -213,6 +227,28 @@ class BalloonDevice(VirtioTransport):
         except Exception as e:  # a bug in the lab's own code: never let guest input kill the VMM
             log.exception("internal error serving queue %d", index)
             self.needs_reset("device-internal", f"queue {index}: internal error {type(e).__name__}: {e}")
+        finally:
+            self._budget = None
+            self._carry = None
+
+    def _discard_calls(self) -> int:
+        return self.inflate.discard_calls + self.deflate.discard_calls
+
+    def _finish_held(self, index: int, q) -> bool:
+        """Go on with the discards of a request that did not fit an earlier wake-up;
+        return it used once they are all done. False while some are still left."""
+        head, written, (ctr, offsets, lengths) = self._held.pop(index)
+        before = self._discard_calls()
+        self._discard(ctr, offsets, lengths)
+        self._budget.charge(0, 0, self._discard_calls() - before)
+        if self._carry is not None:
+            self._held[index] = (head, written, self._carry)
+            self._carry = None
+            return False
+        q.push_used(head, written)
+        if q.need_call():
+            self.signal_call(index)
+        return True
 
     def _rekick(self, index: int) -> None:
         notify(self.kick_fds.get(index), f"re-kick of queue {index}")
@@ -346,7 +382,18 @@ class BalloonDevice(VirtioTransport):
 
     def _discard(self, ctr: OpCounters, offsets: list[int], lengths: list[int] | int) -> None:
         """The discard stage: one system call per piece of memfd, per page on the PFN
-        path (`lengths` is then the page size), per run on the range paths."""
+        path (`lengths` is then the page size), per run on the range paths. Under a
+        wake-up budget, what does not fit is left in self._carry for a later wake-up
+        (the request is returned used only when all of it is done)."""
+        allowed = self._budget.discards if self._budget is not None else len(offsets)
+        if allowed < len(offsets):
+            allowed = max(allowed, 0)
+            rest = lengths if isinstance(lengths, int) else lengths[allowed:]
+            self._carry = (ctr, offsets[allowed:], rest)
+            offsets = offsets[:allowed]
+            lengths = lengths if isinstance(lengths, int) else lengths[:allowed]
+            if not offsets:
+                return
         _audit("balloon-lab:discard:b")
         t0 = _now()
         if self.discard_method == "madvise":

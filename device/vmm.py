@@ -230,6 +230,9 @@ class VMM:
             if events and poll_ns:
                 busy_until = time.perf_counter_ns() + poll_ns
             budget = WorkBudget()         # shared by every queue served in this wake-up
+            # the monitor and the control socket first, the guest's queues last: a
+            # wake-up's queue work (bounded by the budget) never delays a monitor answer
+            events.sort(key=lambda ev: ev[0].data[0] == "kick")
             for key, mask in events:
                 kind, idx = key.data
                 if kind == "kick":

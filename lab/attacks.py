@@ -18,7 +18,7 @@ from lab.raw_guest import F_INDIRECT, F_NEXT, HostileVM
 INDIRECT_BIT = 28
 RING_GPA = 0x100000            # the attacked ring (a 32768-entry ring takes 852 KiB)
 TABLE_GPA = 0x400000           # one indirect table, shared by every chain
-MAX_TABLE = 32768              # the device's max_chain: the longest table it walks
+MAX_TABLE = 4096               # the device's max_chain: the longest table it walks (32768 before)
 
 
 @dataclass
