@@ -70,10 +70,11 @@ class GuestRAM:
         self.mem = memoryview(self.mm)
 
     @classmethod
-    def create(cls, layout: GuestLayout, name: str = "balloon-lab-guest-ram") -> "GuestRAM":
+    def create(cls, layout: GuestLayout, name: str = "balloon-lab-guest-ram", *, seal: bool = True) -> "GuestRAM":
         fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, layout.ram_bytes)
-        seal_size(fd)
+        if seal:
+            seal_size(fd)
         return cls(fd, layout, owner=True)
 
     def close(self) -> None:

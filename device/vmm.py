@@ -44,7 +44,7 @@ class VMM:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.layout = GuestLayout.pc(args.guest_mib)
-        self.ram = GuestRAM.create(self.layout)
+        self.ram = GuestRAM.create(self.layout, seal=not getattr(args, "x_unsealed_ram", False))
         self.device = BalloonDevice(self.ram, protocol_device_features(args.protocol)
                                     | hint_device_features(getattr(args, "hint", "none")),
                                     ranges_policy=args.protocol == "pfn-ranges", discard=args.discard)
@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guest-cmd", default=None,
                    help="guest program to spawn instead of `python -m device.guest` (shell words; it gets "
                         "--control-fd N --agent PATH and the arguments after --)")
+    p.add_argument("--x-unsealed-ram", action="store_true",
+                   help="hand the guest a memfd whose size is not sealed (tests of the guard against a guest "
+                        "that shrinks guest RAM; never for real use)")
     p.add_argument("guest_args", nargs=argparse.REMAINDER, help="arguments after -- go to the guest")
     args = p.parse_args(argv)
     if args.guest_args and args.guest_args[0] == "--":

