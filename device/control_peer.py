@@ -12,10 +12,13 @@ and logs it, and reads again once the guest has drained its replies. docs/BAD_IN
 from __future__ import annotations
 
 import collections
+import errno
 import logging
+import selectors
 import socket
+from typing import Callable
 
-from device.control import FLAG_REPLY, HEADER, MAX_PAYLOAD, VERSION, Channel, ControlError, PeerGone
+from device.control import FLAG_REPLY, HEADER, MAX_PAYLOAD, VERSION, Channel, ControlError, Message, PeerGone
 
 log = logging.getLogger("balloon-lab.device")
 
@@ -77,3 +80,61 @@ class DeviceChannel(Channel):
             self.throttled = True
             self.throttle_episodes += 1
         return not self.throttled
+
+
+class ControlService:
+    """What the VMM's event loop does with the control socket, in one place (the VMM
+    and the control-plane fuzzer both drive it): on an event, flush queued replies and
+    serve at most one request; afterwards, say which events to wait for next."""
+
+    def __init__(self, chan: DeviceChannel, device, on_reply: Callable[[Message], bool],
+                 on_gone: Callable[[str], None]) -> None:
+        self.chan = chan
+        self.device = device          # a VirtioTransport: handle(), refuse()
+        self.on_reply = on_reply      # True when a message answered a request the VMM sent
+        self.on_gone = on_gone        # the guest hung up or died
+        self.mask = selectors.EVENT_READ
+
+    def on_event(self, mask: int) -> None:
+        """The socket is writable (flush queued replies) and/or readable (serve one
+        request). Never blocks: a guest that does not read its replies is throttled."""
+        ch = self.chan
+        try:
+            if mask & selectors.EVENT_WRITE:
+                ch.flush()
+            if not mask & selectors.EVENT_READ or not ch.may_read():
+                return
+            msg = ch.recv()
+        except BlockingIOError:
+            return
+        except PeerGone as e:
+            self.on_gone(str(e))
+            return
+        except ControlError as e:
+            self.device.refuse("control-malformed", str(e))
+            return
+        if self.on_reply(msg):        # the guest answered a VMM request
+            return
+        try:
+            self.device.handle(ch, msg)
+        except PeerGone as e:
+            self.on_gone(str(e))
+        except Exception as e:  # a bug in the lab's own code: count it, answer, keep the VMM up
+            log.exception("internal error serving control request %d", msg.req)
+            self.device.refuse("control-internal", f"request {msg.req}: {type(e).__name__}: {e}")
+            try:
+                ch.reply_result(msg.req, -errno.EIO, f"internal error: {type(e).__name__}")
+            except ControlError as e2:
+                self.on_gone(str(e2))
+
+    def wanted(self) -> int:
+        """The events to wait for now: readable unless the guest is throttled (counted
+        and logged once per episode as `control-reply-backlog`), writable while replies wait."""
+        ch = self.chan
+        episodes = ch.throttle_episodes
+        readable = ch.may_read()
+        if ch.throttle_episodes != episodes:
+            self.device.refuse("control-reply-backlog",
+                               f"the guest left {len(ch.outq)} replies unread; its requests are not read "
+                               f"until it reads them")
+        return (selectors.EVENT_READ if readable else 0) | (selectors.EVENT_WRITE if ch.wants_write else 0)

@@ -11,7 +11,6 @@ reported on the monitor; the VMM itself keeps running until `quit`.
 from __future__ import annotations
 
 import argparse
-import errno
 import faulthandler
 import logging
 import mmap
@@ -28,8 +27,7 @@ import numpy as np
 
 from device.balloon_device import BalloonDevice
 from device.budget import WorkBudget
-from device.control import ControlError, PeerGone
-from device.control_peer import DeviceChannel
+from device.control_peer import ControlService, DeviceChannel
 from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
 from device.free_page_hint import hint_device_features
 from device.guest_ram import GuestRAM, process_rss_bytes
@@ -55,7 +53,7 @@ class VMM:
         self.guest: subprocess.Popen | None = None
         self.guest_exit: str | None = None
         self.chan: DeviceChannel | None = None
-        self._control_mask = 0
+        self.control: ControlService | None = None
         self._kick_registered: dict[int, int] = {}
         self._deadlines: list[tuple[float, Deferred, object]] = []
         self.wakeups = 0
@@ -75,7 +73,7 @@ class VMM:
         self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
         theirs.close()
         self.chan = DeviceChannel(mine)
-        self._control_mask = selectors.EVENT_READ
+        self.control = ControlService(self.chan, self.device, self.migration.on_control_reply, self._guest_gone)
         self.sel.register(mine, selectors.EVENT_READ, ("control", None))
         log.info("guest process %d started", self.guest.pid)
 
@@ -242,8 +240,8 @@ class VMM:
                         pass
                     self.wakeups += 1
                     self.device.process_queue(idx, budget)
-                elif kind == "control":
-                    self._control(mask)
+                elif kind == "control" and self.chan is not None:
+                    self.control.on_event(mask)
                 elif kind == "bridge":
                     self.migration.bridge.run_pending()
                 elif kind == "listen":
@@ -264,53 +262,14 @@ class VMM:
                 self._guest_gone("guest process exited")
         self.shutdown()
 
-    def _control(self, mask: int) -> None:
-        """The control socket is writable (flush queued replies) and/or readable (serve
-        one request). Never blocks: a guest that does not read its replies is throttled."""
-        try:
-            if mask & selectors.EVENT_WRITE:
-                self.chan.flush()
-            if not mask & selectors.EVENT_READ or not self.chan.may_read():
-                return
-            msg = self.chan.recv()
-        except BlockingIOError:
-            return
-        except PeerGone as e:
-            self._guest_gone(str(e))
-            return
-        except ControlError as e:
-            self.device.refuse("control-malformed", str(e))
-            return
-        if self.migration.on_control_reply(msg):     # the guest answered a VMM request
-            return
-        try:
-            self.device.handle(self.chan, msg)
-        except PeerGone as e:
-            self._guest_gone(str(e))
-        except Exception as e:  # a bug in the lab's own code: count it, answer, keep the VMM up
-            log.exception("internal error serving control request %d", msg.req)
-            self.device.refuse("control-internal", f"request {msg.req}: {type(e).__name__}: {e}")
-            try:
-                self.chan.reply_result(msg.req, -errno.EIO, f"internal error: {type(e).__name__}")
-            except ControlError as e2:
-                self._guest_gone(str(e2))
-
     def _update_control(self) -> None:
-        """Watch the control socket for what is needed now: readable unless the guest is
-        throttled, writable while replies wait."""
-        ch = self.chan
-        if ch is None:
+        """Wait on the control socket for what the service needs now (device/control_peer.py)."""
+        if self.chan is None:
             return
-        episodes = ch.throttle_episodes
-        readable = ch.may_read()
-        if ch.throttle_episodes != episodes:
-            self.device.refuse("control-reply-backlog",
-                               f"the guest left {len(ch.outq)} replies unread; its requests are not read "
-                               f"until it reads them")
-        mask = (selectors.EVENT_READ if readable else 0) | (selectors.EVENT_WRITE if ch.wants_write else 0)
-        if mask != self._control_mask and mask:
-            self.sel.modify(ch.sock, mask, ("control", None))
-            self._control_mask = mask
+        mask = self.control.wanted()
+        if mask and mask != self.control.mask:
+            self.sel.modify(self.chan.sock, mask, ("control", None))
+            self.control.mask = mask
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
