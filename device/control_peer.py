@@ -72,7 +72,7 @@ class DeviceChannel(Channel):
         """False while the peer has `max_queued` unread replies (it is throttled); reads
         resume once it has drained half of them. The caller counts each new episode
         (`throttle_episodes` grows)."""
-        if self.throttled and len(self.outq) < self.max_queued // 2:
+        if self.throttled and len(self.outq) <= self.max_queued // 2:
             self.throttled = False
             log.warning("control: the guest read its replies again (%d queued); serving its requests again",
                         len(self.outq))
