@@ -49,6 +49,7 @@ from device.guest_ram import GuestRAM, memfd_data_extents
 from device.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
 from device.transport import VringConfig
 from device.virtqueue import DeviceQueue, RingError
+from lab import fuzz_control, fuzz_migration
 from lab.raw_guest import F_INDIRECT, F_NEXT, F_WRITE, RingAddrs, RawRing
 
 TARGETS = ("device", "ring", "pfn", "bitmap", "chunks")
@@ -844,6 +845,12 @@ GENERATORS: dict[str, Callable[[random.Random], dict]] = {
     "device": gen_device, "ring": gen_ring, "pfn": gen_pfn, "bitmap": gen_bitmap, "chunks": gen_chunks}
 MUTATORS = {"device": mutate_device, "ring": mutate_device, "pfn": mutate_decoder, "bitmap": mutate_decoder,
             "chunks": mutate_decoder}
+# The control plane and a hostile guest during migration (lab/fuzz_control.py, lab/fuzz_migration.py)
+GENERATORS.update(control=fuzz_control.gen_control, migration=fuzz_migration.gen_migration)
+MUTATORS.update(control=fuzz_control.mutate_control, migration=fuzz_migration.mutate_migration)
+# `balloon-lab fuzz --target`: which targets a run draws from, with their weights
+FAMILIES = {"rings": (TARGETS, WEIGHTS), "control": (("control",), (1.0,)),
+            "migration": (("migration",), (1.0,)), "control+migration": (("control", "migration"), (0.5, 0.5))}
 
 
 # ======================================================================================
@@ -879,10 +886,20 @@ class Rig:
             self.expected[name] = tuple(memfd_data_extents(ram.fd, ram.size))
         return self.rams[name]
 
+    def control_rig(self) -> "fuzz_control.ControlRig":
+        """The small sealed guest RAM of the control-plane and migration targets."""
+        if getattr(self, "_control", None) is None:
+            self._control = fuzz_control.ControlRig()
+        return self._control
+
     def close(self) -> None:
         for r in self.rams.values():
             r.close()
         self.rams.clear()
+        if getattr(self, "_control", None) is not None:
+            self.volatile += self._control.volatile
+            self._control.close()
+            self._control = None
 
     # --- memory state between execs ------------------------------------------------------
     def lost_and_restore(self, name: str) -> np.ndarray:
@@ -1307,6 +1324,10 @@ def execute(rig: Rig, case: dict, limit_s: float) -> Outcome:
         return rig.run_device(case, limit_s)
     if t == "ring":
         return rig.run_ring(case, limit_s)
+    if t in ("control", "migration"):
+        run = fuzz_control.run_control if t == "control" else fuzz_migration.run_migration
+        failure, detail, sig = run(rig.control_rig(), case, limit_s)
+        return Outcome(sig, failure, detail)
     return run_decoder(case, limit_s)
 
 
@@ -1404,22 +1425,24 @@ class FuzzResult:
         return d
 
 
-def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus: bool = False) -> FuzzResult:
+def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus: bool = False,
+                family: str = "rings") -> FuzzResult:
     """One process's share of the run."""
     rng = random.Random(seed)
     rig = Rig()
-    for name in LAYOUTS:           # create and fill every guest RAM before anything is timed
+    targets, weights = FAMILIES[family]
+    for name in LAYOUTS if family == "rings" else ():   # create and fill guest RAM before anything is timed
         rig.ram(name)
     _quiet()
     timer = hang_timer().__enter__()
     res = FuzzResult(seed=seed)
-    pools: dict[str, list[dict]] = {t: [] for t in TARGETS}
+    pools: dict[str, list[dict]] = {t: [] for t in targets}
     seen: dict[tuple, dict] = {}
     t0 = time.perf_counter()
     by_t: Counter[str] = Counter()
     try:
         for i in range(execs):
-            t = rng.choices(TARGETS, WEIGHTS)[0]
+            t = rng.choices(targets, weights)[0]
             pool = pools[t]
             if pool and rng.random() < 0.75:
                 case = MUTATORS[t](rng.choice(pool), rng, pool)
@@ -1487,8 +1510,8 @@ def select_corpus(cases: list[dict], limit: int) -> list[dict]:
 
 
 def _worker_entry(args):
-    execs, seed, limit_s, keep = args
-    return fuzz_worker(execs, seed, limit_s, _COUNTER, keep)
+    execs, seed, limit_s, keep, family = args
+    return fuzz_worker(execs, seed, limit_s, _COUNTER, keep, family)
 
 
 _COUNTER = None
@@ -1500,15 +1523,19 @@ def _init_worker(counter) -> None:
 
 
 def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_timeout_s: float = 2.0,
-             keep_corpus: bool = False, progress: Callable[[int, float], None] | None = None) -> FuzzResult:
-    """Run `execs` executions split over `workers` processes (default: one per CPU)."""
+             keep_corpus: bool = False, progress: Callable[[int, float], None] | None = None,
+             family: str = "rings") -> FuzzResult:
+    """Run `execs` executions split over `workers` processes (default: one per CPU) of the
+    targets of `family` (FAMILIES)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown fuzz target {family!r}; choose from {', '.join(FAMILIES)}")
     workers = max(1, min(workers or os.cpu_count() or 1, execs or 1))
     shares = [execs // workers + (1 if k < execs % workers else 0) for k in range(workers)]
     t0 = time.perf_counter()
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
-        pending = pool.map_async(_worker_entry, [(n, seed * 1000 + k, exec_timeout_s, keep_corpus)
+        pending = pool.map_async(_worker_entry, [(n, seed * 1000 + k, exec_timeout_s, keep_corpus, family)
                                                  for k, n in enumerate(shares)])
         while not pending.ready():
             pending.wait(5.0)

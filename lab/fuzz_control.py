@@ -161,7 +161,7 @@ def gen_control(rng: random.Random) -> dict:
     queues = rng.choice([[0, 1], [0, 1, 2], [0], [0, 1, 2, 3, 5]])
     r = rng.random()
     steps = [["setup", queues]] if r < 0.7 else _setup_steps(rng, queues) if r < 0.85 else []
-    steps += [_step(rng) for _ in range(rng.choice([1, 3, 8, 20]))]
+    steps += [_step(rng) for _ in range(rng.choice([1, 2, 4, 8, 16]))]
     return {"t": "control", "proto": rng.choice(PROTOCOLS), "hint": rng.choice(HINTS),
             "max_queued": rng.choice([1, 2, 8, 64]), "steps": steps}
 
@@ -299,6 +299,7 @@ class ControlRig:
         self.pristine = np.frombuffer(bytes(self.ram.mem), dtype=np.uint8).copy()
         self.expected = tuple(memfd_data_extents(self.ram.fd, self.ram.size))
         self.fds: int | None = None          # open fds between executions (a leak makes it grow)
+        self.volatile = 0                    # executions whose oracle allowed every page (volatile())
 
     def restore(self) -> np.ndarray:
         """memfd pages that lost their data in the last execution (then every byte is
@@ -313,9 +314,10 @@ class ControlRig:
             for o, n in self.expected:
                 want[o >> PAGE_SHIFT:(o + n) >> PAGE_SHIFT] = True
             lost = np.flatnonzero(want & ~mask)
-        cur = np.frombuffer(self.ram.mem, dtype=np.uint8)
-        if not np.array_equal(cur, self.pristine):
-            self.ram.mem[:] = self.pristine.tobytes()
+        cur = np.frombuffer(self.ram.mem, dtype=np.uint8).reshape(-1, 1 << PAGE_SHIFT)
+        want = self.pristine.reshape(-1, 1 << PAGE_SHIFT)
+        for pg in np.flatnonzero((cur != want).any(axis=1)).tolist():     # only the pages that changed
+            cur[pg] = want[pg]
         del cur
         return lost
 
@@ -420,6 +422,8 @@ class Guest:
             i = (slot + k) % 8
             ring.desc(i, g, ln, (2 if w else 0) | (1 if k + 1 < n else 0), (i + 1) % 8)
         ring.offer([slot])
+        if q in self.fds:
+            os.eventfd_write(self.fds[q], 1)       # and kick, as a driver does
         return True
 
     def inflate(self, pfns: list[int]) -> None:
@@ -428,14 +432,17 @@ class Guest:
         if self.post(0, [(REQ_BUF, len(raw), False)]):
             self.write(REQ_BUF, raw)
 
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+    def close_vmm_requests(self) -> None:
         for _req, _p, fds in self.vmm_requests:
             for fd in fds:
                 os.close(fd)
         self.vmm_requests.clear()
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.close_vmm_requests()
         if not self.closed:
             self.sock.close()
             self.closed = True
@@ -507,7 +514,7 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
     loop = None
     failure, detail = None, ""
     guest = Guest(theirs, rig, dev)
-    ctx = {"dev": dev, "hints": hints, "guest": guest, "chan": chan, "rig": rig, "expect": []}
+    ctx = {"dev": dev, "hints": hints, "guest": guest, "chan": chan, "rig": rig, "expect": [], "case": case}
 
     def on_reply(msg: C.Message) -> bool:      # as MigrationController.on_control_reply
         exp = ctx["expect"]
@@ -558,6 +565,7 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
                         loop.wakeup()
                 elif kind == "inflate":
                     guest.inflate(step[1])
+                    loop.wakeup()
                 elif kind == "setup":
                     direct_setup(dev, guest, step[1])
                 elif kind == "hup":
@@ -565,7 +573,7 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
                     loop.wakeup()
             # drain: the guest reads everything, the loop serves until quiet
             idle = 0
-            while idle < 3 and loop.gone is None:
+            while idle < 2 and loop.gone is None:
                 progressed = loop.wakeup()
                 got = guest.read(1 << 30)
                 idle = 0 if progressed or got else idle + 1
@@ -594,6 +602,7 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
     ballooned = set(np.flatnonzero(dev.ballooned_np == 1).tolist())
     vol = volatile(dev, loop.vrings_seen | {(q, v.desc, v.avail, v.used, v.size) for q, v in dev.vrings.items()})
     ctx["volatile"] = vol
+    rig.volatile += vol
     if failure is None and extra is not None:
         failure, detail = extra.check(ctx)
         sig += extra.signature(ctx)
@@ -603,6 +612,8 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
     except Exception as e:
         failure, detail = failure or "crash", detail or f"reset: {type(e).__name__}: {e}"
     chan.close()
+    if extra is not None:
+        extra.close()
     lost = rig.restore()
     if failure is None and not vol:
         lost_pfns = set(rig.layout.offset_to_pfn(lost << PAGE_SHIFT).tolist()) if lost.size else set()
