@@ -1321,6 +1321,8 @@ class hang_timer:
 
 def execute(rig: Rig, case: dict, limit_s: float) -> Outcome:
     t = case["t"]
+    if t not in ("control", "migration") and getattr(rig, "_control", None) is not None:
+        rig._control.fds = None         # other targets open fds of their own: a new baseline
     if t == "device":
         return rig.run_device(case, limit_s)
     if t == "ring":
