@@ -149,6 +149,11 @@ class BalloonDevice(VirtioTransport):
         self.signal_config()
 
     def activate(self) -> None:
+        # re-activation without a reset: the old queues' requests still owe discards;
+        # finish them (unbudgeted, once) so every page counted as ballooned is freed
+        for _head, _written, (ctr, offsets, lengths) in self._held.values():
+            self._discard(ctr, offsets, lengths)
+        self._held.clear()
         super().activate()
         # The pages the queues live in are never discarded, whatever the guest names.
         for v in self.vrings.values():
