@@ -57,12 +57,21 @@ def inflate(vm: HostileVM, q, pfns: list[int]) -> bool:
     return q.wait_used(target, 5.0)
 
 
-@pytest.fixture
-def vm():
+@pytest.fixture(scope="module")
+def shared():
     v = HostileVM(256, "pfn")
     v.guest.map_memory()
     yield v
     v.close()
+
+
+@pytest.fixture
+def vm(shared):
+    """The module's VMM, its device reset and its counters zeroed for each test."""
+    assert shared.alive()
+    shared.guest.reset()
+    shared.qmp.execute("x-balloon-lab-reset-counters")
+    return shared
 
 
 def test_guest_cannot_resize_sealed_ram(vm):
