@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from device.balloon_device import BalloonDevice
-from device.budget import WorkBudget
+from device.budget import WorkBudget, cpu_time
 from device.control_peer import ControlService, DeviceChannel
 from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
 from device.free_page_hint import hint_device_features
@@ -57,6 +57,8 @@ class VMM:
         self._kick_registered: dict[int, int] = {}
         self._deadlines: list[tuple[float, Deferred, object]] = []
         self.wakeups = 0
+        self.max_wakeup_cpu_s = 0.0       # CPU time of the costliest event-loop wake-up
+        self.wakeups_over_10ms = 0
         self.migration = MigrationController(self)   # migrate/query-migrate, --incoming, hint queues
         self.monitor = Monitor(args.monitor, {**self._commands(), **self.migration.commands()},
                                version="balloon-lab vmm")
@@ -204,6 +206,8 @@ class VMM:
     def _counters(self) -> dict:
         c = self.device.counters()
         c["device_wakeups"] = self.wakeups
+        c["loop"] = {"max_wakeup_cpu_ms": round(self.max_wakeup_cpu_s * 1e3, 3),
+                     "wakeups_over_10ms_cpu": self.wakeups_over_10ms}
         c["vmm_rss_bytes"] = process_rss_bytes(os.getpid())
         alive = self.guest is not None and self.guest_exit is None
         c["guest_rss_bytes"] = process_rss_bytes(self.guest.pid) if alive else 0
@@ -227,6 +231,7 @@ class VMM:
             events = self.sel.select(timeout=0 if now < busy_until else 0.2)
             if events and poll_ns:
                 busy_until = time.perf_counter_ns() + poll_ns
+            t_cpu = cpu_time() if events else 0.0
             budget = WorkBudget()         # shared by every queue served in this wake-up
             # the monitor and the control socket first, the guest's queues last: a
             # wake-up's queue work (bounded by the budget) never delays a monitor answer
@@ -256,6 +261,10 @@ class VMM:
                             self.sel.unregister(conn.sock)
                         except (KeyError, ValueError):
                             pass
+            if events:                    # the monitor waits at most one wake-up: keep the worst
+                spent = cpu_time() - t_cpu
+                self.max_wakeup_cpu_s = max(self.max_wakeup_cpu_s, spent)
+                self.wakeups_over_10ms += spent > 0.010
             self._expire_deadlines()
             self._update_control()
             if self.guest and self.guest_exit is None and self.guest.poll() is not None:

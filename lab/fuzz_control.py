@@ -26,7 +26,6 @@ Oracle, per execution:
 from __future__ import annotations
 
 import os
-import resource
 import random
 import select
 import selectors
@@ -38,7 +37,7 @@ import numpy as np
 
 from device import control as C
 from device.balloon_device import BalloonDevice
-from device.budget import WorkBudget
+from device.budget import WorkBudget, cpu_time
 from device.control_peer import ControlService, DeviceChannel
 from device.features import QUEUE_FEATURE, protocol_device_features
 from device.free_page_hint import HintDevice, hint_device_features
@@ -273,12 +272,6 @@ def open_fd(kind: str, ram: GuestRAM) -> int:
         b.close()
         return a.detach()
     return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-
-
-def cpu_time() -> float:
-    """This thread's CPU time (getrusage: ~1 us; time.thread_time() costs 100+ us here)."""
-    r = resource.getrusage(resource.RUSAGE_THREAD)
-    return r.ru_utime + r.ru_stime
 
 
 def fd_count() -> int:
