@@ -35,13 +35,21 @@ class VringConfig:
     used: int
 
 
+_notify_failures = 0
+
+
 def notify(fd: int | None, what: str) -> None:
-    """One eventfd notification (a real write(2)); a broken fd is logged, never fatal."""
+    """One eventfd notification (a real write(2)); a broken fd is logged, never fatal.
+    Rate-limited like refusals: a guest can make every write fail (it may write
+    0xfffffffffffffffe into its own eventfd) and must not flood the VMM's log."""
+    global _notify_failures
     if fd is not None:
         try:
             os.eventfd_write(fd, 1)
         except OSError as e:
-            log.warning("%s write failed: %s", what, e)
+            _notify_failures += 1
+            if _notify_failures <= 20 or _notify_failures % 10000 == 0:
+                log.warning("%s write failed (%d so far): %s", what, _notify_failures, e)
 
 
 class VirtioTransport:
