@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from device import wire
+from device.budget import WorkBudget
 from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_PAGE_CHUNKS, PFN_BATCH_MAX,
                              Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
 from device.guest_ram import GuestRAM, punch_hole
@@ -118,6 +119,10 @@ class BalloonDevice(VirtioTransport):
         self.stats_updated: float = 0.0
         self.stats_head: int | None = None       # the stats buffer the device holds
         self.stats_waiters: list = []
+        self.budget_yields = 0                   # wake-ups that ended with work left (re-kicked)
+        self._budget: WorkBudget | None = None   # of the wake-up being served
+        self._carry = None                       # discards of the current request left for later
+        self._held: dict[int, tuple] = {}        # queue -> (head, written, discards left)
         self._starts = [r.gpa for r in self.layout.regions]
         self._ends = [r.end for r in self.layout.regions]
         self._offs = [r.offset for r in self.layout.regions]
@@ -148,6 +153,11 @@ class BalloonDevice(VirtioTransport):
         self.signal_config()
 
     def activate(self) -> None:
+        # re-activation without a reset: the old queues' requests still owe discards;
+        # finish them (unbudgeted, once) so every page counted as ballooned is freed
+        for _head, _written, (ctr, offsets, lengths) in self._held.values():
+            self._discard(ctr, offsets, lengths)
+        self._held.clear()
         super().activate()
         # The pages the queues live in are never discarded, whatever the guest names.
         for v in self.vrings.values():
@@ -166,10 +176,13 @@ class BalloonDevice(VirtioTransport):
             self.host_pages.reset()
         self.config.actual = 0
         self.stats_head = None
+        self._held.clear()                      # a reset driver forgets its requests; so do we
 
     # --- queue processing -----------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
-        """A kick arrived on `index`: serve every available chain, then re-arm."""
+    def process_queue(self, index: int, budget: WorkBudget | None = None) -> None:
+        """A kick arrived on `index`: serve available chains until none is left or the
+        wake-up's budget (device/budget.py: descriptors, bytes, discards) is spent.
+        Without a budget (direct callers, tests) the work is unbounded."""
         if not self.live:
             self.refuse("queue-before-driver-ok" if not self.status & 4 else "queue-after-reset",
                         f"kick on queue {index} while the device is not live (status {self.status:#x})")
@@ -182,24 +195,39 @@ class BalloonDevice(VirtioTransport):
                    Q_STATS: self._stats_chain}.get(index)
         if handler is None:
             handler = self.extra_queue_handler(index)
-        # A guest that keeps adding chains while the device serves them must not keep the
-        # VMM in this loop (its monitor would starve): after `budget` chains, kick ourselves
+        budget = budget if budget is not None else WorkBudget.unlimited()
+        self._budget = budget
+        # A guest that keeps adding chains, or adds expensive ones, must not keep the VMM
+        # in this loop (its monitor would starve): once the budget is spent, kick ourselves
         # and go back to the event loop, which comes back here after serving everything else.
-        budget = max(4 * q.size, 1024)
         try:
+            if index in self._held and not self._finish_held(index, q):
+                self.budget_yields += 1
+                self._rekick(index)
+                return
             while True:
-                if budget == 0:
+                if budget.spent:
+                    self.budget_yields += 1
                     self._rekick(index)
                     break
-                chain = q.pop_avail()
+                walked, discards = q.walked, self._discard_calls()
+                try:
+                    chain = q.pop_avail()
+                finally:
+                    budget.charge(q.walked - walked, 0, 0)
                 if chain is None:
                     # Re-arm kicks (EVENT_IDX: avail_event), then look once more so a
                     # buffer added meanwhile is not left waiting for a kick that won't come.
                     if q.enable_notifications():
                         continue
                     break
-                budget -= 1
                 written = handler(chain)
+                budget.charge(0, min(chain.readable_bytes + chain.writable_bytes, MAX_REQUEST_BYTES),
+                              self._discard_calls() - discards)
+                if self._carry is not None:   # its discards did not fit the budget: finish them later
+                    self._held[index] = (chain.head, written or 0, self._carry)
+                    self._carry = None
+                    continue
                 if written is None:          # held (stats buffer): not used yet
                     continue
                 q.push_used(chain.head, written)
@@ -210,6 +238,28 @@ class BalloonDevice(VirtioTransport):
         except Exception as e:  # a bug in the lab's own code: never let guest input kill the VMM
             log.exception("internal error serving queue %d", index)
             self.needs_reset("device-internal", f"queue {index}: internal error {type(e).__name__}: {e}")
+        finally:
+            self._budget = None
+            self._carry = None
+
+    def _discard_calls(self) -> int:
+        return self.inflate.discard_calls + self.deflate.discard_calls
+
+    def _finish_held(self, index: int, q) -> bool:
+        """Go on with the discards of a request that did not fit an earlier wake-up;
+        return it used once they are all done. False while some are still left."""
+        head, written, (ctr, offsets, lengths) = self._held.pop(index)
+        before = self._discard_calls()
+        self._discard(ctr, offsets, lengths)
+        self._budget.charge(0, 0, self._discard_calls() - before)
+        if self._carry is not None:
+            self._held[index] = (head, written, self._carry)
+            self._carry = None
+            return False
+        q.push_used(head, written)
+        if q.need_call():
+            self.signal_call(index)
+        return True
 
     def _rekick(self, index: int) -> None:
         notify(self.kick_fds.get(index), f"re-kick of queue {index}")
@@ -362,7 +412,18 @@ class BalloonDevice(VirtioTransport):
 
     def _discard(self, ctr: OpCounters, offsets: list[int], lengths: list[int] | int) -> None:
         """The discard stage: one system call per piece of memfd, per page on the PFN
-        path (`lengths` is then the page size), per run on the range paths."""
+        path (`lengths` is then the page size), per run on the range paths. Under a
+        wake-up budget, what does not fit is left in self._carry for a later wake-up
+        (the request is returned used only when all of it is done)."""
+        allowed = self._budget.discards if self._budget is not None else len(offsets)
+        if allowed < len(offsets):
+            allowed = max(allowed, 0)
+            rest = lengths if isinstance(lengths, int) else lengths[allowed:]
+            self._carry = (ctr, offsets[allowed:], rest)
+            offsets = offsets[:allowed]
+            lengths = lengths if isinstance(lengths, int) else lengths[:allowed]
+            if not offsets:
+                return
         _audit("balloon-lab:discard:b")
         t0 = _now()
         if self.discard_method == "madvise":
@@ -470,8 +531,10 @@ class BalloonDevice(VirtioTransport):
             "memfd_allocated_bytes": self.ram.allocated_bytes(),
             "backing": self.ram.backing,
             "host_pages": self.host_pages.snapshot() if self.host_pages is not None else None,
-            "queues": {str(i): {"chains": q.chains, "calls": q.calls, "calls_suppressed": q.calls_suppressed}
+            "queues": {str(i): {"chains": q.chains, "calls": q.calls, "calls_suppressed": q.calls_suppressed,
+                                "descriptors_walked": q.walked}
                        for i, q in self.queues.items()},
+            "budget_yields": self.budget_yields,
         }
 
     def reset_counters(self) -> None:

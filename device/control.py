@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ VERSION = 0x1
 FLAG_REPLY = 0x4
 MAX_PAYLOAD = 4096
 MAX_FDS = 8
+# Receive buffer: larger than any packet a unix socket can carry by default (the peer's
+# send buffer, 208 KiB), so an oversized packet is reported with its real size.
+RECV_BUFFER = 1 << 19
 
 
 class Req(enum.IntEnum):
@@ -74,6 +78,7 @@ class Channel:
         if sock.type != socket.SOCK_SEQPACKET:
             raise ValueError("control channel must be a SOCK_SEQPACKET socket")
         self.sock = sock
+        self._rbuf: bytearray | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -92,25 +97,47 @@ class Channel:
             raise PeerGone(f"control peer went away: {e}") from e
 
     def recv(self) -> Message:
+        """One packet, validated. PeerGone when the peer hung up; ControlError (nothing
+        consumed but this packet, its fds closed) when the packet is malformed."""
+        if self._rbuf is None:
+            self._rbuf = bytearray(RECV_BUFFER)
         try:
-            data, fds, msg_flags, _ = socket.recv_fds(self.sock, HEADER.size + MAX_PAYLOAD + 1, MAX_FDS)
+            n, anc, msg_flags, _ = self.sock.recvmsg_into([self._rbuf], socket.CMSG_SPACE(MAX_FDS * 4))
         except ConnectionResetError as e:
             raise PeerGone(f"control peer went away: {e}") from e
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            raise PeerGone("control peer closed the socket")
-        if len(data) < HEADER.size:
+        fds = _fds_of(anc)
+        if n == 0 and self._hung_up():
             _close(fds)
-            raise ControlError(f"truncated control header ({len(data)} bytes)")
+            raise PeerGone("control peer closed the socket")
+        data = self._rbuf
+        if msg_flags & socket.MSG_TRUNC:
+            _close(fds)
+            raise ControlError(f"control packet of more than {RECV_BUFFER} bytes (limit: a {HEADER.size}-byte "
+                               f"header and {MAX_PAYLOAD} payload bytes)")
+        if n < HEADER.size:
+            _close(fds)
+            raise ControlError(f"truncated control packet: {n} bytes, shorter than the {HEADER.size}-byte header"
+                               + (" (an empty packet)" if n == 0 else ""))
         req, flags, size = HEADER.unpack_from(data)
         if flags & 0x3 != VERSION:
             _close(fds)
             raise ControlError(f"unsupported control protocol version {flags & 0x3}")
-        if size != len(data) - HEADER.size or size > MAX_PAYLOAD:
+        carried = n - HEADER.size
+        if carried > MAX_PAYLOAD:
             _close(fds)
-            raise ControlError(f"control payload size {size} does not match the {len(data) - HEADER.size} bytes received")
-        return Message(req, flags, bytes(data[HEADER.size:]), list(fds))
+            raise ControlError(f"control packet carries {carried} payload bytes, more than the {MAX_PAYLOAD}-byte "
+                               f"limit (its header says {size})")
+        if size != carried:
+            _close(fds)
+            raise ControlError(f"control header says {size} payload bytes, the packet carries {carried}")
+        return Message(req, flags, bytes(data[HEADER.size:n]), fds)
+
+    def _hung_up(self) -> bool:
+        """A 0-byte read is either the peer's hang-up or an empty packet (SOCK_SEQPACKET
+        delivers those): only a hang-up leaves the socket in POLLHUP/POLLRDHUP."""
+        p = select.poll()
+        p.register(self.sock, select.POLLIN | select.POLLRDHUP)
+        return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, ev in p.poll(0))
 
     # --- driver-side convenience: request, then wait for its reply ---------------------
     def call(self, req: Req, payload: bytes = b"", fds: list[int] | None = None) -> Message:
@@ -143,6 +170,15 @@ def unpack_result(payload: bytes) -> tuple[int, str]:
     if len(payload) < RESULT.size:
         raise ControlError("truncated result reply")
     return RESULT.unpack_from(payload)[0], payload[RESULT.size:].decode(errors="replace")
+
+
+def _fds_of(ancdata) -> list[int]:
+    """The file descriptors of SCM_RIGHTS ancillary data (a truncated last one dropped)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4]))
+    return fds
 
 
 def _close(fds: list[int]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
 from typing import Iterator
@@ -25,10 +26,29 @@ from device.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 DISCARD_METHODS = ("madvise", "punch-hole")
+# The seals QEMU puts on a memfd backend before sharing it: nobody (the guest holds the
+# fd too) can shrink or grow it, and nobody can change the seals. Without them a guest
+# could ftruncate guest RAM and the VMM's next touch of its mapping would die of SIGBUS.
+SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.fallocate.restype = ctypes.c_int
+
+
+def seal_size(fd: int) -> None:
+    """Seal a memfd's size (F_SEAL_SHRINK, F_SEAL_GROW, then F_SEAL_SEAL) before handing it
+    to another process. The memfd must have been created with MFD_ALLOW_SEALING and sized."""
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+
+
+def size_sealed(fd: int) -> bool:
+    """True when nobody can resize the memfd any more."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS
+    except OSError:
+        return False
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -54,9 +74,12 @@ class GuestRAM:
         self.mem = memoryview(self.mm)
 
     @classmethod
-    def create(cls, layout: GuestLayout, name: str = "balloon-lab-guest-ram", backing: str = "4k") -> "GuestRAM":
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | memfd_flags(backing))
+    def create(cls, layout: GuestLayout, name: str = "balloon-lab-guest-ram", backing: str = "4k", *,
+               seal: bool = True) -> "GuestRAM":
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | memfd_flags(backing))
         os.ftruncate(fd, layout.ram_bytes)
+        if seal:
+            seal_size(fd)
         return cls(fd, layout, owner=True, backing=backing)
 
     def close(self) -> None:
@@ -73,6 +96,12 @@ class GuestRAM:
                 os.close(self.fd)
             except OSError:
                 pass
+
+    def intact(self) -> bool:
+        """False when the memfd is now shorter than the mapping: touching the mapping
+        past the end would raise SIGBUS. Cannot happen to a sealed memfd; checked
+        before the device touches guest RAM so an unsealed one cannot kill the VMM."""
+        return os.fstat(self.fd).st_size >= self.size
 
     # --- access by guest-physical address (validated) ------------------------------
     def view(self, gpa: int, length: int) -> memoryview:

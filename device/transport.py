@@ -18,7 +18,7 @@ from device import control as C
 from device.control import Channel, Message, Req
 from device.features import (CONFIG_SIZE, QUEUE_FEATURE, QUEUE_NAMES, S_ACKNOWLEDGE, S_DRIVER,
                              S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET, bit, feature_names)
-from device.guest_ram import GuestRAM
+from device.guest_ram import GuestRAM, size_sealed
 from device.layout import BadAddress
 from device.virtqueue import DeviceQueue, RingError
 
@@ -35,13 +35,21 @@ class VringConfig:
     used: int
 
 
+_notify_failures = 0
+
+
 def notify(fd: int | None, what: str) -> None:
-    """One eventfd notification (a real write(2)); a broken fd is logged, never fatal."""
+    """One eventfd notification (a real write(2)); a broken fd is logged, never fatal.
+    Rate-limited like refusals: a guest can make every write fail (it may write
+    0xfffffffffffffffe into its own eventfd) and must not flood the VMM's log."""
+    global _notify_failures
     if fd is not None:
         try:
             os.eventfd_write(fd, 1)
         except OSError as e:
-            log.warning("%s write failed: %s", what, e)
+            _notify_failures += 1
+            if _notify_failures <= 20 or _notify_failures % 10000 == 0:
+                log.warning("%s write failed (%d so far): %s", what, _notify_failures, e)
 
 
 class VirtioTransport:
@@ -62,6 +70,8 @@ class VirtioTransport:
         self.dirty_log_fd: int | None = None
         self.errors: Counter[str] = Counter()
         self.on_kick_fds_changed = lambda: None
+        # A memfd whose size is sealed cannot shrink under the mapping (guest_ram.seal_size).
+        self._ram_sealed = size_sealed(ram.fd)
 
     # --- errors ------------------------------------------------------------------------
     def refuse(self, reason: str, message: str) -> None:
@@ -83,7 +93,25 @@ class VirtioTransport:
 
     @property
     def live(self) -> bool:
-        return bool(self.status & S_DRIVER_OK) and not self.status & (S_NEEDS_RESET | S_FAILED)
+        """DRIVER_OK and neither NEEDS_RESET nor FAILED, and guest RAM still whole: every
+        path that touches the rings asks this first, so an unsealed memfd that the guest
+        shrank becomes NEEDS_RESET here instead of a SIGBUS in the VMM."""
+        if not self.status & S_DRIVER_OK or self.status & (S_NEEDS_RESET | S_FAILED):
+            return False
+        return self._ram_sealed or self._ram_intact()
+
+    def _ram_intact(self) -> bool:
+        try:
+            size = os.fstat(self.ram.fd).st_size
+        except OSError as e:
+            size, why = -1, str(e)
+        else:
+            why = f"{size} bytes"
+        if size >= self.ram.size:
+            return True
+        self.needs_reset("ram-resized", f"the guest RAM memfd is now {why}, the device maps {self.ram.size}: "
+                                        f"guest RAM is not touched until the driver resets")
+        return False
 
     # --- notifications -----------------------------------------------------------------
     def signal_call(self, index: int) -> None:
@@ -169,8 +197,11 @@ class VirtioTransport:
     def _req_set_config(self, ch: Channel, req: Req, msg: Message) -> None:
         off, size = self._payload(msg, C.CONFIG_ACCESS, "SET_CONFIG")
         data = msg.payload[C.CONFIG_ACCESS.size:]
-        if off + size > CONFIG_SIZE or len(data) != size:
-            raise _Refused("config-range", errno.EINVAL, f"config write {off}+{size} with {len(data)} bytes is out of range")
+        if off + size > CONFIG_SIZE:
+            raise _Refused("config-range", errno.EINVAL, f"config write {off}+{size} is out of range (beyond {CONFIG_SIZE} bytes)")
+        if len(data) != size:
+            raise _Refused("control-truncated", errno.EINVAL,
+                           f"SET_CONFIG says {size} data bytes, the request carries {len(data)}")
         self.write_config(off, data)
         ch.reply_result(req)
 

@@ -11,7 +11,6 @@ reported on the monitor; the VMM itself keeps running until `quit`.
 from __future__ import annotations
 
 import argparse
-import errno
 import faulthandler
 import logging
 import mmap
@@ -27,7 +26,8 @@ import time
 import numpy as np
 
 from device.balloon_device import BalloonDevice
-from device.control import Channel, ControlError, PeerGone
+from device.budget import WorkBudget, cpu_time
+from device.control_peer import ControlService, DeviceChannel
 from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
 from device.free_page_hint import hint_device_features
 from device.backing import BACKINGS, backing_problem
@@ -48,7 +48,8 @@ class VMM:
         problem = backing_problem(args.backing, self.layout.ram_bytes)
         if problem is not None:
             raise SystemExit(f"vmm: cannot back guest RAM with {args.backing}: {problem}")
-        self.ram = GuestRAM.create(self.layout, backing=args.backing)
+        self.ram = GuestRAM.create(self.layout, backing=args.backing,
+                                   seal=not getattr(args, "x_unsealed_ram", False))
         self.device = BalloonDevice(self.ram, protocol_device_features(args.protocol)
                                     | hint_device_features(getattr(args, "hint", "none"))
                                     | reporting_device_features(args.reporting),
@@ -60,10 +61,13 @@ class VMM:
         self.running = True
         self.guest: subprocess.Popen | None = None
         self.guest_exit: str | None = None
-        self.chan: Channel | None = None
+        self.chan: DeviceChannel | None = None
+        self.control: ControlService | None = None
         self._kick_registered: dict[int, int] = {}
         self._deadlines: list[tuple[float, Deferred, object]] = []
         self.wakeups = 0
+        self.max_wakeup_cpu_s = 0.0       # CPU time of the costliest event-loop wake-up
+        self.wakeups_over_10ms = 0
         self.migration = MigrationController(self)   # migrate/query-migrate, --incoming, hint queues
         self.reporting = ReportingDevice(self.device, self.device.extra_queue_handler)   # queue 4
         self.device.extra_queue_handler = self.reporting.handler_for
@@ -81,7 +85,8 @@ class VMM:
         cmd = prog + ["--control-fd", str(theirs.fileno()), "--agent", self.args.agent] + list(self.args.guest_args)
         self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
         theirs.close()
-        self.chan = Channel(mine)
+        self.chan = DeviceChannel(mine)
+        self.control = ControlService(self.chan, self.device, self.migration.on_control_reply, self._guest_gone)
         self.sel.register(mine, selectors.EVENT_READ, ("control", None))
         log.info("guest process %d started", self.guest.pid)
 
@@ -217,6 +222,8 @@ class VMM:
     def _counters(self) -> dict:
         c = self.device.counters()
         c["device_wakeups"] = self.wakeups
+        c["loop"] = {"max_wakeup_cpu_ms": round(self.max_wakeup_cpu_s * 1e3, 3),
+                     "wakeups_over_10ms_cpu": self.wakeups_over_10ms}
         c["vmm_rss_bytes"] = process_rss_bytes(os.getpid())
         alive = self.guest is not None and self.guest_exit is None
         c["guest_rss_bytes"] = process_rss_bytes(self.guest.pid) if alive else 0
@@ -240,7 +247,12 @@ class VMM:
             events = self.sel.select(timeout=0 if now < busy_until else 0.2)
             if events and poll_ns:
                 busy_until = time.perf_counter_ns() + poll_ns
-            for key, _ in events:
+            t_cpu = cpu_time() if events else 0.0
+            budget = WorkBudget()         # shared by every queue served in this wake-up
+            # the monitor and the control socket first, the guest's queues last: a
+            # wake-up's queue work (bounded by the budget) never delays a monitor answer
+            events.sort(key=lambda ev: ev[0].data[0] == "kick")
+            for key, mask in events:
                 kind, idx = key.data
                 if kind == "kick":
                     try:
@@ -248,9 +260,9 @@ class VMM:
                     except BlockingIOError:
                         pass
                     self.wakeups += 1
-                    self.device.process_queue(idx)
-                elif kind == "control":
-                    self._control()
+                    self.device.process_queue(idx, budget)
+                elif kind == "control" and self.chan is not None:
+                    self.control.on_event(mask)
                 elif kind == "bridge":
                     self.migration.bridge.run_pending()
                 elif kind == "listen":
@@ -265,34 +277,25 @@ class VMM:
                             self.sel.unregister(conn.sock)
                         except (KeyError, ValueError):
                             pass
+            if events:                    # the monitor waits at most one wake-up: keep the worst
+                spent = cpu_time() - t_cpu
+                self.max_wakeup_cpu_s = max(self.max_wakeup_cpu_s, spent)
+                self.wakeups_over_10ms += spent > 0.010
             self._expire_deadlines()
             self.monitor.flush_throttled()
+            self._update_control()
             if self.guest and self.guest_exit is None and self.guest.poll() is not None:
                 self._guest_gone("guest process exited")
         self.shutdown()
 
-    def _control(self) -> None:
-        try:
-            msg = self.chan.recv()
-        except PeerGone as e:
-            self._guest_gone(str(e))
+    def _update_control(self) -> None:
+        """Wait on the control socket for what the service needs now (device/control_peer.py)."""
+        if self.chan is None:
             return
-        except ControlError as e:
-            self.device.refuse("control-malformed", str(e))
-            return
-        if self.migration.on_control_reply(msg):     # the guest answered a VMM request
-            return
-        try:
-            self.device.handle(self.chan, msg)
-        except PeerGone as e:
-            self._guest_gone(str(e))
-        except Exception as e:  # a bug in the lab's own code: count it, answer, keep the VMM up
-            log.exception("internal error serving control request %d", msg.req)
-            self.device.refuse("control-internal", f"request {msg.req}: {type(e).__name__}: {e}")
-            try:
-                self.chan.reply_result(msg.req, -errno.EIO, f"internal error: {type(e).__name__}")
-            except ControlError as e2:
-                self._guest_gone(str(e2))
+        mask = self.control.wanted()
+        if mask and mask != self.control.mask:
+            self.sel.modify(self.chan.sock, mask, ("control", None))
+            self.control.mask = mask
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -347,11 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guest-cmd", default=None,
                    help="guest program to spawn instead of `python -m device.guest` (shell words; it gets "
                         "--control-fd N --agent PATH and the arguments after --)")
+    p.add_argument("--x-unsealed-ram", action="store_true",
+                   help="hand the guest a memfd whose size is not sealed (tests of the guard against a guest "
+                        "that shrinks guest RAM; never for real use)")
     p.add_argument("guest_args", nargs=argparse.REMAINDER, help="arguments after -- go to the guest")
     args = p.parse_args(argv)
     if args.guest_args and args.guest_args[0] == "--":
         args.guest_args = args.guest_args[1:]
     logging.basicConfig(level=args.log_level.upper(), format="vmm[%(process)d] %(levelname)s %(name)s: %(message)s")
+    faulthandler.enable()                   # a fatal signal (SIGBUS, SIGSEGV) still leaves a traceback in the log
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(SystemExit(143)))
     vmm = VMM(args)

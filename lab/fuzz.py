@@ -50,6 +50,7 @@ from device.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
 from device.transport import VringConfig
 from device.virtqueue import DeviceQueue, RingError
 from lab import fuzz_formats
+from lab import fuzz_control, fuzz_migration
 from lab.raw_guest import F_INDIRECT, F_NEXT, F_WRITE, RingAddrs, RawRing
 
 TARGETS = ("device", "ring", "pfn", "bitmap", "chunks", "report")
@@ -865,6 +866,12 @@ GENERATORS: dict[str, Callable[[random.Random], dict]] = {
     "report": fuzz_formats.gen_report}
 MUTATORS = {"device": mutate_device, "ring": mutate_device, "pfn": mutate_decoder, "bitmap": mutate_decoder,
             "chunks": mutate_decoder, "report": fuzz_formats.mutate_report}
+# The control plane and a hostile guest during migration (lab/fuzz_control.py, lab/fuzz_migration.py)
+GENERATORS.update(control=fuzz_control.gen_control, migration=fuzz_migration.gen_migration)
+MUTATORS.update(control=fuzz_control.mutate_control, migration=fuzz_migration.mutate_migration)
+# `balloon-lab fuzz --target`: which targets a run draws from, with their weights
+FAMILIES = {"rings": (TARGETS, WEIGHTS), "control": (("control",), (1.0,)),
+            "migration": (("migration",), (1.0,)), "control+migration": (("control", "migration"), (0.5, 0.5))}
 
 
 # ======================================================================================
@@ -885,6 +892,7 @@ class Rig:
         self.expected: dict[str, tuple] = {}
         self.fill_mask: dict[str, np.ndarray] = {}
         self.volatile = 0        # execs whose oracle had to allow every page (see Bound)
+        self.timing_retries = 0  # control/migration execs re-run to confirm a slow wake-up
 
     def ram(self, name: str) -> GuestRAM:
         if name not in self.rams:
@@ -900,10 +908,20 @@ class Rig:
             self.expected[name] = tuple(memfd_data_extents(ram.fd, ram.size))
         return self.rams[name]
 
+    def control_rig(self) -> "fuzz_control.ControlRig":
+        """The small sealed guest RAM of the control-plane and migration targets."""
+        if getattr(self, "_control", None) is None:
+            self._control = fuzz_control.ControlRig()
+        return self._control
+
     def close(self) -> None:
         for r in self.rams.values():
             r.close()
         self.rams.clear()
+        if getattr(self, "_control", None) is not None:
+            self.volatile += self._control.volatile
+            self._control.close()
+            self._control = None
 
     # --- memory state between execs ------------------------------------------------------
     def lost_and_restore(self, name: str) -> np.ndarray:
@@ -1324,12 +1342,26 @@ class hang_timer:
 
 def execute(rig: Rig, case: dict, limit_s: float) -> Outcome:
     t = case["t"]
+    if t not in ("control", "migration") and getattr(rig, "_control", None) is not None:
+        rig._control.fds = None         # other targets open fds of their own: a new baseline
     if t == "device":
         return rig.run_device(case, limit_s)
     if t == "ring":
         return rig.run_ring(case, limit_s)
     if t == "report":
         return run_report(rig, case, limit_s)
+    if t in ("control", "migration"):
+        run = fuzz_control.run_control if t == "control" else fuzz_migration.run_migration
+        failure, detail, sig = run(rig.control_rig(), case, limit_s)
+        # a wake-up over the CPU bound is a hang when it is the case's doing: it must happen
+        # again on both of two more runs (a garbage collection of the fuzzer's own heap, or a
+        # coarse CPU clock, can make one wake-up look long once)
+        for _ in range(2):
+            if failure != "hang" or not detail.startswith("one wake-up"):
+                break
+            rig.timing_retries += 1
+            failure, detail, sig = run(rig.control_rig(), case, limit_s)
+        return Outcome(sig, failure, detail)
     return run_decoder(case, limit_s)
 
 
@@ -1428,6 +1460,7 @@ class FuzzResult:
     by_target: dict = field(default_factory=dict)
     signatures: int = 0
     volatile_execs: int = 0      # device execs whose oracle had to allow every page (see Bound)
+    timing_retries: int = 0      # control/migration execs re-run because one wake-up looked slow
     max_exec_ms: float = 0.0
     failures: list = field(default_factory=list)       # [{"kind", "detail", "case"}], at most 50
     seen: list = field(default_factory=list, repr=False)   # behaviour signatures, merged over workers
@@ -1442,22 +1475,24 @@ class FuzzResult:
         return d
 
 
-def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus: bool = False) -> FuzzResult:
+def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus: bool = False,
+                family: str = "rings") -> FuzzResult:
     """One process's share of the run."""
     rng = random.Random(seed)
     rig = Rig()
-    for name in LAYOUTS:           # create and fill every guest RAM before anything is timed
+    targets, weights = FAMILIES[family]
+    for name in LAYOUTS if family == "rings" else ():   # create and fill guest RAM before anything is timed
         rig.ram(name)
     _quiet()
     timer = hang_timer().__enter__()
     res = FuzzResult(seed=seed)
-    pools: dict[str, list[dict]] = {t: [] for t in TARGETS}
+    pools: dict[str, list[dict]] = {t: [] for t in targets}
     seen: dict[tuple, dict] = {}
     t0 = time.perf_counter()
     by_t: Counter[str] = Counter()
     try:
         for i in range(execs):
-            t = rng.choices(TARGETS, WEIGHTS)[0]
+            t = rng.choices(targets, weights)[0]
             pool = pools[t]
             if pool and rng.random() < 0.75:
                 case = MUTATORS[t](rng.choice(pool), rng, pool)
@@ -1494,6 +1529,7 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
         rig.close()
     res.execs = execs
     res.volatile_execs = rig.volatile
+    res.timing_retries = rig.timing_retries
     res.seconds = time.perf_counter() - t0
     res.by_target = dict(by_t)
     res.signatures = len(seen)
@@ -1525,8 +1561,8 @@ def select_corpus(cases: list[dict], limit: int) -> list[dict]:
 
 
 def _worker_entry(args):
-    execs, seed, limit_s, keep = args
-    return fuzz_worker(execs, seed, limit_s, _COUNTER, keep)
+    execs, seed, limit_s, keep, family = args
+    return fuzz_worker(execs, seed, limit_s, _COUNTER, keep, family)
 
 
 _COUNTER = None
@@ -1538,15 +1574,19 @@ def _init_worker(counter) -> None:
 
 
 def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_timeout_s: float = 2.0,
-             keep_corpus: bool = False, progress: Callable[[int, float], None] | None = None) -> FuzzResult:
-    """Run `execs` executions split over `workers` processes (default: one per CPU)."""
+             keep_corpus: bool = False, progress: Callable[[int, float], None] | None = None,
+             family: str = "rings") -> FuzzResult:
+    """Run `execs` executions split over `workers` processes (default: one per CPU) of the
+    targets of `family` (FAMILIES)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown fuzz target {family!r}; choose from {', '.join(FAMILIES)}")
     workers = max(1, min(workers or os.cpu_count() or 1, execs or 1))
     shares = [execs // workers + (1 if k < execs % workers else 0) for k in range(workers)]
     t0 = time.perf_counter()
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
-        pending = pool.map_async(_worker_entry, [(n, seed * 1000 + k, exec_timeout_s, keep_corpus)
+        pending = pool.map_async(_worker_entry, [(n, seed * 1000 + k, exec_timeout_s, keep_corpus, family)
                                                  for k, n in enumerate(shares)])
         while not pending.ready():
             pending.wait(5.0)
@@ -1563,6 +1603,7 @@ def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_time
         total.hangs += r.hangs
         total.oob_discards += r.oob_discards
         total.volatile_execs += r.volatile_execs
+        total.timing_retries += r.timing_retries
         total.max_exec_ms = max(total.max_exec_ms, r.max_exec_ms)
         total.failures += r.failures
         by_t.update(r.by_target)

@@ -606,11 +606,15 @@ def test_loop_shorter_than_max_chain_is_still_a_loop(rams):
     assert dev.errors == {"desc-loop": 1, "chain-too-long": 1}
 
 
-def test_max_size_ring_full_loop_is_bounded(rams):
-    # a 32768 ring whose every descriptor chains to the next, cyclically
+@pytest.mark.parametrize("max_chain", [None, 32768])
+def test_max_size_ring_full_loop_is_bounded(rams, max_chain):
+    # a 32768 ring whose every descriptor chains to the next, cyclically: the walk stops
+    # at max_chain (default 4096: chain-too-long) or, with max_chain = the ring size, at
+    # the first revisit (desc-loop)
     size = 32768
     rl = ring_layout(0x1000000, size)
-    dev = DeviceQueue(rams.vmm, 0, size, rl.desc_gpa, rl.avail_gpa, rl.used_gpa, event_idx=True, indirect=True)
+    dev = DeviceQueue(rams.vmm, 0, size, rl.desc_gpa, rl.avail_gpa, rl.used_gpa, event_idx=True, indirect=True,
+                      max_chain=max_chain)
     tbl = np.zeros(size, dtype=[("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
     tbl["addr"], tbl["len"], tbl["flags"] = DATA, 8, VIRTQ_DESC_F_NEXT
     tbl["next"] = (np.arange(size) + 1) % size
@@ -618,8 +622,8 @@ def test_max_size_ring_full_loop_is_bounded(rams):
     struct.pack_into("<HH", rams.guest.view(rl.avail_gpa, 6), 0, 0, 1)
     with pytest.raises(RingError) as e:
         dev.pop_avail()
-    assert e.value.reason == "desc-loop"
-    assert dev.descriptors == size
+    assert e.value.reason == ("chain-too-long" if max_chain is None else "desc-loop")
+    assert dev.descriptors == dev.walked == (4096 if max_chain is None else size)
 
 
 def test_direct_then_indirect_is_valid(rams):

@@ -23,6 +23,7 @@ import struct
 
 import numpy as np
 
+from device.guest_ram import seal_size
 from device.layout import PAGE_SIZE
 
 LOG_OFFSET = PAGE_SIZE
@@ -39,8 +40,9 @@ class DirtyLog:
             raise ValueError(f"max_pfn must be positive, got {max_pfn}")
         self.max_pfn = max_pfn
         self.size = LOG_OFFSET + (-(-max_pfn // PAGE_SIZE)) * PAGE_SIZE
-        self.fd = os.memfd_create("balloon-lab-dirty-log", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("balloon-lab-dirty-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.size)
+        seal_size(self.fd)          # the guest holds this fd too: it must not shrink it under us
         self.mm = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.log = np.frombuffer(self.mm, dtype=np.uint8, count=max_pfn, offset=LOG_OFFSET)
         self.inflight = np.frombuffer(self.mm, dtype=np.uint64, count=1, offset=INFLIGHT_OFFSET)

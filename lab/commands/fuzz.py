@@ -54,14 +54,21 @@ def _write_cases(directory: Path, name: str, cases: list[dict]) -> Path:
               help="At most this many cases in the saved corpus (one per kind of outcome first).")
 @click.option("--replay", type=click.Path(exists=True, path_type=Path), default=None,
               help="Run the saved cases in this file or directory instead of fuzzing.")
+@click.option("--target", "family", type=click.Choice(["rings", "control", "migration", "control+migration"]),
+              default="rings", show_default=True,
+              help="rings: decoders, ring walker, device queues. control: message sequences on the control "
+                   "socket. migration: a guest turning hostile during a live migration.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, replay, as_json, quiet) -> None:
+def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, replay, family, as_json,
+            quiet) -> None:
     """Fuzz the balloon device as a hostile guest: garbage rings, descriptor loops, chains in the
     MMIO hole, truncated and oversized bitmaps, bad chunks, over the decoders, the ring walker and
-    the device's inflate/deflate/stats/hint/reporting queues, in-process over a real memfd. A run counts
-    crashes, hangs (an execution past --exec-timeout) and out-of-range discards (a page lost its
-    data, per SEEK_DATA on the memfd, although the guest never named it)."""
+    the device's inflate/deflate/stats/hint/reporting queues (--target rings); message sequences on the
+    control socket (--target control); a guest turning hostile during a live migration (--target
+    migration); in-process over a real memfd. A run counts crashes, hangs (an execution past
+    --exec-timeout, or one event-loop wake-up over the 50 ms CPU bound) and out-of-range discards
+    (a page lost its data, per SEEK_DATA on the memfd, although the guest never named it)."""
     from lab import fuzz
 
     if replay is not None:
@@ -76,21 +83,23 @@ def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, re
         sys.exit(1 if bad else 0)
 
     if not quiet:
-        click.echo(f"balloon-lab fuzz: {execs:,} execs, seed {seed}", err=True)
+        click.echo(f"balloon-lab fuzz: {execs:,} execs of {family}, seed {seed}", err=True)
     res = fuzz.run_fuzz(execs, seed=seed, workers=workers, exec_timeout_s=exec_timeout,
-                        keep_corpus=save_corpus is not None, progress=_progress(execs, quiet))
+                        keep_corpus=save_corpus is not None, progress=_progress(execs, quiet), family=family)
     failed = res.crashes + res.hangs + res.oob_discards
     report = res.to_json()
-    report["command"] = (f"balloon-lab fuzz --execs {execs} --seed {seed}"
+    report["target"] = family
+    report["command"] = (f"balloon-lab fuzz --execs {execs} --seed {seed} --target {family}"
                          + (f" --workers {res.workers}" if workers else "") + " --json")
     if res.failures:
         d = out or out_dir() / "fuzz"
-        path = _write_cases(d, f"failures-seed{seed}.jsonl",
+        path = _write_cases(d, f"failures-{family}-seed{seed}.jsonl",
                             [dict(f["case"], failure=f["kind"], detail=f["detail"]) for f in res.failures])
         report["failures_file"] = str(path)
     report["failures"] = [{"kind": f["kind"], "detail": f["detail"]} for f in res.failures[:20]]
     if save_corpus is not None:
-        report["corpus_file"] = str(_write_cases(save_corpus, f"corpus-seed{seed}.jsonl",
+        report["corpus_file"] = str(_write_cases(save_corpus, f"corpus-{family}-seed{seed}.jsonl"
+                                                 if family != "rings" else f"corpus-seed{seed}.jsonl",
                                                  fuzz.select_corpus(res.corpus, corpus_max)))
     if as_json:
         click.echo(json.dumps(report))

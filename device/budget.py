@@ -1,0 +1,52 @@
+"""The work one event-loop wake-up may do for the guest's queues, so the monitor keeps answering.
+
+The VMM has one event loop: while it serves a queue, nothing else (the monitor, the
+control socket, the other queues) is served. Counting chains does not bound that time,
+because one chain may be one descriptor or an indirect table of 4096 of them (max_chain), and one
+request may name one page or carry a 16 MiB bitmap. So a wake-up is budgeted in what
+costs time: descriptors walked (every descriptor of every chain, refused or not, the
+whole indirect table), bytes of requests read from guest RAM, and discard system
+calls. Once any is spent the device re-kicks the queue itself and returns to the loop,
+which serves everything else before it comes back. A single chain is never split, so
+one wake-up does at most the budget plus one chain: the bound docs/BAD_INPUT.md states
+and benchmarks/chain_attack.py measures.
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+# Per wake-up, for all queues together. About 2 ms each on the project's machine when
+# quiet (walk ~0.5 us/descriptor, copy ~1 GB/s, MADV_REMOVE ~3.5 us/page).
+DESCRIPTORS_PER_WAKEUP = 4096
+BYTES_PER_WAKEUP = 256 << 10
+DISCARDS_PER_WAKEUP = 1024
+
+
+@dataclass
+class WorkBudget:
+    descriptors: int = DESCRIPTORS_PER_WAKEUP
+    bytes: int = BYTES_PER_WAKEUP
+    discards: int = DISCARDS_PER_WAKEUP
+
+    @classmethod
+    def unlimited(cls) -> "WorkBudget":
+        """For callers outside the event loop (tests, the in-process fuzzers' old targets)."""
+        big = 1 << 62
+        return cls(big, big, big)
+
+    @property
+    def spent(self) -> bool:
+        return self.descriptors <= 0 or self.bytes <= 0 or self.discards <= 0
+
+    def charge(self, descriptors: int, nbytes: int, discards: int) -> None:
+        self.descriptors -= descriptors
+        self.bytes -= nbytes
+        self.discards -= discards
+
+
+def cpu_time() -> float:
+    """This thread's CPU time in seconds: what a wake-up costs whatever the machine's load
+    (getrusage, ~1 us here; time.thread_time() costs 100+ us on this kind of VM)."""
+    r = resource.getrusage(resource.RUSAGE_THREAD)
+    return r.ru_utime + r.ru_stime
