@@ -44,6 +44,8 @@ _TIMING_WORDS = ("stages_ns", "time")
 #   kicks for the same 128 requests);
 # - eventfd reads: an eventfd read returns the sum of all writes since the last read, and a
 #   non-blocking read that finds nothing fails (`*_read_empty`, seen: 255 vs 257 in A/A runs);
+# - device re-kicks and budget yields: how much work one wake-up finds on the ring depends on
+#   how far the driver got meanwhile, so how often the work budget runs out varies;
 # - page allocator events, faults and RSS: whole-process kernel counts (other threads,
 #   the interpreter's own allocations, RCU-deferred frees).
 SCHEDULING_GAUGES = frozenset({
@@ -53,6 +55,7 @@ SCHEDULING_GAUGES = frozenset({
     "config_read", "config_reads", "other_read", "other_reads",
     "interrupts", "call_write", "call_writes", "eventfd_writes",
     "kicks", "kick_write", "kick_writes", "device_calls", "config_notifications",
+    "device_rekicks", "budget_yields",
 })
 _GAUGE_SUFFIXES = ("_read_empty",)  # per-queue failed reads of any eventfd kind: kick_read_empty, call_read_empty, ...
 _GAUGE_PARTS = SCHEDULING_GAUGES

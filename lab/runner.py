@@ -330,6 +330,7 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
         "device_wakeups": dev1["device_wakeups"] - dev0["device_wakeups"],
         "device_calls": sum(q["calls"] for q in dev1["queues"].values())
                         - sum(q["calls"] for q in dev0["queues"].values()),
+        "budget_yields": dev1.get("budget_yields", 0) - dev0.get("budget_yields", 0),
         "device_errors": {k: v - dev0["errors"].get(k, 0) for k, v in dev1["errors"].items()
                           if v - dev0["errors"].get(k, 0)},
         "memfd_bytes_before": dev0["memfd_allocated_bytes"], "memfd_bytes_after": dev1["memfd_allocated_bytes"],

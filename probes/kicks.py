@@ -35,9 +35,22 @@ class KicksReading:
         return sum(n for (p, _, k, o), n in self.counts.items()
                    if (kind is None or k == kind) and (op is None or o == op) and (pid is None or p == pid))
 
+    def device_pids(self) -> set[int]:
+        """The processes that read kick eventfds: the device side (the VMM, or QEMU)."""
+        return {p for (p, _, k, o) in self.counts if k == "kick" and o in ("read", "read_empty")}
+
     @property
     def kicks(self) -> int:
-        return self.total("kick", "write")
+        """Guest -> device notifications: kick-fd writes by processes other than the device."""
+        dev = self.device_pids()
+        return sum(n for (p, _, k, o), n in self.counts.items() if k == "kick" and o == "write" and p not in dev)
+
+    @property
+    def device_rekicks(self) -> int:
+        """Kick-fd writes by the device itself: it re-kicks a queue when its per-wake-up work
+        budget ends with work left (device/budget.py), counted as `budget_yields` there."""
+        dev = self.device_pids()
+        return sum(n for (p, _, k, o), n in self.counts.items() if k == "kick" and o == "write" and p in dev)
 
     @property
     def interrupts(self) -> int:

@@ -60,6 +60,7 @@ class ProbeReading:
     interrupts: int | None = None              # writes to call eventfds
     config_notifications: int | None = None    # writes to config eventfds
     device_wakeups: int | None = None          # reads of kick eventfds that returned data
+    device_rekicks: int | None = None          # kick-fd writes by the device itself (work budget spent)
     interrupt_reads: int | None = None         # reads of call eventfds that returned data
     empty_reads: int | None = None             # reads of registered eventfds that failed (EAGAIN)
     eventfd_writes: int | None = None          # writes to any registered eventfd (incl. kind "other")
@@ -348,6 +349,7 @@ class ProbeSession:
             kr: KicksReading = k.read(bpf, self.module.targets)
             r.kicks, r.interrupts, r.config_notifications = kr.kicks, kr.interrupts, kr.config_notifications
             r.device_wakeups, r.interrupt_reads = kr.device_wakeups, kr.interrupt_reads
+            r.device_rekicks = kr.device_rekicks
             r.empty_reads, r.eventfd_writes = kr.total(op="read_empty"), kr.total(op="write")
             r.per_queue = kr.per_queue()
             r.eventfds = [{"pid": p, "fd": fd, "queue": q, "kind": kind}
