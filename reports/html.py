@@ -32,8 +32,8 @@ header.top h1 { margin: 0 0 4px; font-size: 21px; font-weight: 600; }
 header.top .meta { color: #c9d1d9; font-size: 13px; }
 header.top .meta code { color: #fff; }
 nav.toc { position: sticky; top: 0; z-index: 5; background: #fff; border-bottom: 1px solid var(--line);
-          padding: 7px 32px; font-size: 13px; }
-nav.toc a { color: #2457a6; text-decoration: none; margin-right: 16px; white-space: nowrap; }
+          padding: 7px 32px; font-size: 13px; display: flex; flex-wrap: wrap; gap: 2px 16px; }
+nav.toc a { color: #2457a6; text-decoration: none; white-space: nowrap; }
 main { max-width: 1180px; margin: 0 auto; padding: 8px 32px 48px; }
 section { margin: 26px 0 34px; }
 h2 { font-size: 18px; margin: 0 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--fg); }

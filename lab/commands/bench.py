@@ -24,7 +24,7 @@ def pfn_vs_madvise(guest_mib: int, inflate_mib: int, seed: int) -> dict:
     lp = LabProcesses(t)
     try:
         lp.agent.execute("workload-prepare", {"name": t.workload, "params": {}, "seed": seed})
-        target = (inflate_mib * MiB) >> PAGE_SHIFT
+        target = round(inflate_mib * MiB) >> PAGE_SHIFT
         inflate = balloon_op(lp, "inflate", target, None)
         v1 = verify(lp, target)
         lp.qmp.execute("x-balloon-lab-reset-counters")
@@ -62,7 +62,7 @@ def idle_memory(guest_mib: int, touched_mib: int, inflate_mib: int, protocol: st
         sample("boot")
         lp.agent.execute("workload-prepare", {"name": "idle", "params": t.workload_params, "seed": seed})
         sample("workload")
-        target = (inflate_mib * MiB) >> PAGE_SHIFT
+        target = round(inflate_mib * MiB) >> PAGE_SHIFT
         balloon_op(lp, "inflate", target, None)
         v1 = verify(lp, target)
         sample("inflated")
@@ -87,8 +87,11 @@ def _checked(guest_mib: int, inflate_mib: int, protocol: str, seed: int, **more)
                                             arms=[protocol], seed=seed, trials=1, warmups=0, **more))
 
 
-def _given(value: int | None, default: int) -> int:
-    return default if value is None else value
+def _given(value: int | float | None, default: int) -> int | float:
+    """The option's value or the command's default; a whole float (--inflate-mib 512 parses
+    as 512.0, since fractions of whole pages are allowed) back to int."""
+    v = default if value is None else value
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def _measure(fn, *args) -> dict:
