@@ -42,13 +42,18 @@ def describe_environment(env: dict[str, Any]) -> list[str]:
 
 def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_now: bool,
                  metrics: tuple[str, ...], all_counters: bool) -> str:
-    out = describe_header(run, store)
-    measured = [t for t in store.trials(run.id, include_warmups=False) if t.status == "ok" and t.result]
+    measured = _measured(store, run)
+    out = describe_header(run, store, measured)
     out += describe_stats(comp, computed_now, metrics, all_counters, run, measured)
     return "\n".join(out)
 
 
-def describe_header(run: RunInfo, store: Store) -> list[str]:
+def _measured(store: Store, run: RunInfo, host: str | None = None) -> list:
+    """The run's ok measured trials (of one host if given): read once per `show`."""
+    return [t for t in store.trials(run.id, include_warmups=False, host=host) if t.status == "ok" and t.result]
+
+
+def describe_header(run: RunInfo, store: Store, measured: list | None = None) -> list[str]:
     """Everything about a run but its statistics."""
     s = run.spec
     out = [f"run {run.id}  {run.name}  ({run.status})",
@@ -63,7 +68,8 @@ def describe_header(run: RunInfo, store: Store) -> list[str]:
                               else ":")]
     out += ["    " + line for line in describe_environment(run.environment)]
     out.append(f"  trials: {run.trials_ok} ok, {run.trials_failed} failed, {plural(run.warmups, 'warm-up')}")
-    measured = [t for t in store.trials(run.id, include_warmups=False) if t.status == "ok" and t.result]
+    if measured is None:
+        measured = _measured(store, run)
     if measured and s.get("kind") == "balloon":
         out.append(f"  timings: {twins.DESIGN_TEXT[twins.timing_design([t.result for t in measured])]}")
     loads = [(t.result.get("host_load") or {}).get("start") for t in measured if t.result.get("host_load")]
@@ -146,9 +152,7 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
                 out = describe_header(run, store)
                 for h, c in comps.items():
                     out += [f"\n=== host {h} ==="] + describe_stats(c, run.status != "complete", metrics,
-                                                                     all_counters, run,
-                                                                     [t for t in store.trials(run.id, host=h)
-                                                                      if t.status == "ok" and t.result])
+                                                                     all_counters, run, _measured(store, run, h))
                 click.echo("\n".join(out))
                 return
             computed_now = store.get_comparison(run.id) is None
