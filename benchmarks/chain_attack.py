@@ -2,7 +2,7 @@
 
     python benchmarks/chain_attack.py --ring-size 32768 --json
 
-Starts a real VMM with the raw hostile guest (lab/raw_guest.py), fills every entry of
+Starts a real VMM with the raw hostile guest (device/guest/raw_guest.py), fills every entry of
 an inflate ring of the given size with one indirect table of 32768 zero-length
 descriptors, kicks once, and asks the monitor `query-balloon` every 5 ms until the
 device has used every chain. Prints the worst and typical answer times, the time to
@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lab.attacks import MAX_TABLE, chain_attack  # noqa: E402
-from lab.raw_guest import HostileVM  # noqa: E402
+from lab.hostile_vm import HostileVM  # noqa: E402
 
 
 def main() -> int:

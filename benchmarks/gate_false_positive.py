@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as sst
 
-from device.guest_ram import GuestRAM
-from device.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 from lab.experiment import run_experiment
 from lab.gate import GateInputError, Thresholds, load_input, run_gate
 from lab.spec import ExperimentSpec, SpecError, load_spec

@@ -1,6 +1,6 @@
 """Attacks a hostile guest can make on the VMM's event loop, and the monitor's answer time under them.
 
-Each attack drives the real VMM (`python -m device.vmm`) through lab/raw_guest.py, which
+Each attack drives the real VMM (`python -m device.host.vmm`) through device/guest/raw_guest.py, which
 speaks docs/PROTOCOL.md from scratch, while the orchestrator's side keeps asking the
 monitor `query-balloon` and records how long each answer took. The tests
 (tests/test_hostile_loop.py) and `benchmarks/chain_attack.py` use these; the figures in
@@ -13,7 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from lab.raw_guest import F_INDIRECT, F_NEXT, HostileVM
+from device.guest.raw_guest import F_INDIRECT, F_NEXT
+from lab.hostile_vm import HostileVM
 
 INDIRECT_BIT = 28
 RING_GPA = 0x100000            # the attacked ring (a 32768-entry ring takes 852 KiB)

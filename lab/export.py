@@ -19,7 +19,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
-from lab import metrics as M
+from lab import metrics
 from lab.store import Store
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -48,7 +48,7 @@ def export_rows(store: Store, run_ids: Iterable[str]) -> Iterator[ExportRow]:
     for run_id in run_ids:
         run = store.get_run(run_id)
         for idx, arm, rnd, warmup, status, name, kind, value in store.metric_rows(run.id):
-            unit = None if name is None else (M.unit(name) or COUNT_UNIT)
+            unit = None if name is None else (metrics.unit(name) or COUNT_UNIT)
             yield ExportRow(run.id, run.name, idx, arm, rnd, bool(warmup), status, name, kind, unit, value)
 
 

@@ -40,18 +40,19 @@ from typing import Callable
 
 import numpy as np
 
-from device import wire
-from device.balloon_device import BalloonDevice
-from device.free_page_hint import CMD_GET_FREE_PAGES, HintDevice, hint_device_features
-from device.features import (QUEUE_FEATURE, F_PAGE_BITMAP, F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, S_ACKNOWLEDGE,
+from device.virtio import wire
+from device.host.balloon_device import BalloonDevice
+from device.host.hint_queues import HintQueues
+from device.virtio.hint_format import CMD_GET_FREE_PAGES, hint_device_features
+from device.virtio.features import (QUEUE_FEATURE, F_PAGE_BITMAP, F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, S_ACKNOWLEDGE,
                              S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, bit, protocol_device_features)
-from device.guest_ram import GuestRAM, memfd_data_extents
-from device.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
-from device.transport import VringConfig
-from device.virtqueue import DeviceQueue, RingError
+from device.virtio.ram import GuestRAM, memfd_data_extents
+from device.virtio.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
+from device.virtio.transport import VringConfig
+from device.virtio.virtqueue import DeviceQueue, RingError
 from lab import fuzz_formats
 from lab import fuzz_control, fuzz_migration
-from lab.raw_guest import F_INDIRECT, F_NEXT, F_WRITE, RingAddrs, RawRing
+from device.guest.raw_guest import F_INDIRECT, F_NEXT, F_WRITE, RingAddrs, RawRing
 
 TARGETS = ("device", "ring", "pfn", "bitmap", "chunks", "report")
 WEIGHTS = (0.40, 0.15, 0.10, 0.15, 0.12, 0.08)       # report: lab/fuzz_formats.py
@@ -586,7 +587,7 @@ def _split(g: int, n: int, rng: random.Random, first: int | None = None) -> list
 
 
 def gen_hints(case: dict, b: _Builder, rng: random.Random, fl: FuzzLayout, q: int) -> None:
-    """A free-page-hint exchange as device/free_page_hint.py describes it, mostly well formed."""
+    """A free-page-hint exchange as device/host/hint_queues.py describes it, mostly well formed."""
     if q == 3:          # upstream: the VMM asks (cmd_id 2), the guest sends cmd_id, blocks, STOP
         b.chain(3, [(b.buf(struct.pack("<I", rng.choice([2, 2, 2, 1, 3]))), 4, False)], False)
         for _ in range(rng.randrange(1, 4)):
@@ -1011,7 +1012,7 @@ class Rig:
         dev = BalloonDevice(ram, offered, ranges_policy=proto == "pfn-ranges")
         hints = None
         if 3 in case["queues"] or 5 in case["queues"]:      # (queues 3 and 5 only exist then)
-            hints = HintDevice(dev)
+            hints = HintQueues(dev)
             dev.extra_queue_handler = hints.handler_for     # as the VMM's migration controller does
         dev.driver_features = feats
         n = case["qsize"]
@@ -1076,7 +1077,7 @@ class Rig:
                bool(dev.deflate.pages), dev.stats_head is not None)
         return Outcome(sig, failure, detail)
 
-    def _check(self, case: dict, dev: BalloonDevice, hints: HintDevice | None, pre_mem, lay: GuestLayout, bound: Bound,
+    def _check(self, case: dict, dev: BalloonDevice, hints: HintQueues | None, pre_mem, lay: GuestLayout, bound: Bound,
                lost: np.ndarray, pre: np.ndarray) -> tuple[str | None, str]:
         allowed = bound.allowed
         if lost.size:
@@ -1203,9 +1204,9 @@ def _ballooned(dev: BalloonDevice) -> np.ndarray:
     return cand[b[cand] == 1]
 
 
-def vmm_step(dev: BalloonDevice, hints: HintDevice | None, k: int) -> None:
+def vmm_step(dev: BalloonDevice, hints: HintQueues | None, k: int) -> None:
     """What the VMM does between guest kicks, only when its own preconditions hold (the
-    real VMM checks them before calling; see device/migration/controller.py)."""
+    real VMM checks them before calling; see device/host/migration/controller.py)."""
     if k == STATS_POLL:
         dev.request_stats()
     elif hints is None:

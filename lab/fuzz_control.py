@@ -2,8 +2,8 @@
 
 Each execution is one guest session, in-process but over the real pieces: a
 SOCK_SEQPACKET socket pair, the VMM's DeviceChannel and ControlService
-(device/control_peer.py), a fresh BalloonDevice over a real memfd, real eventfds,
-and `LoopModel`, one event-loop wake-up as device/vmm.py runs it (control socket
+(device/host/control_peer.py), a fresh BalloonDevice over a real memfd, real eventfds,
+and `LoopModel`, one event-loop wake-up as device/host/vmm.py runs it (control socket
 first, then kicks under one WorkBudget). The guest sends generated and mutated
 sequences: well-formed requests in and out of order, every request code, payloads
 of any size (0 to past the 4096-byte limit), lying size fields, bad versions, reply
@@ -35,16 +35,17 @@ import time
 
 import numpy as np
 
-from device import control as C
-from device.balloon_device import BalloonDevice
-from device.budget import WorkBudget, cpu_time
-from device.control_peer import ControlService, DeviceChannel
-from device.features import QUEUE_FEATURE, protocol_device_features
-from device.free_page_hint import HintDevice, hint_device_features
-from device.guest_ram import GuestRAM, memfd_data_extents
-from device.layout import PAGE_SHIFT, GuestLayout, Region
-from device.transport import VringConfig
-from lab.raw_guest import RawRing, RingAddrs
+from device.virtio import control
+from device.host.balloon_device import BalloonDevice
+from device.host.budget import WorkBudget, cpu_time
+from device.host.control_peer import ControlService, DeviceChannel
+from device.virtio.features import QUEUE_FEATURE, protocol_device_features
+from device.host.hint_queues import HintQueues
+from device.virtio.hint_format import hint_device_features
+from device.virtio.ram import GuestRAM, memfd_data_extents
+from device.virtio.layout import PAGE_SHIFT, GuestLayout, Region
+from device.virtio.transport import VringConfig
+from device.guest.raw_guest import RawRing, RingAddrs
 
 KiB256 = 256 << 10
 WAKEUP_BOUND_S = 0.050            # one wake-up's CPU time: the monitor's worst wait (docs/BAD_INPUT.md)
@@ -74,33 +75,33 @@ def _payload(rng: random.Random, req: int) -> bytes:
     if r < 0.08:
         return bytes(rng.choice([0, 1, 3, 11, 4095, 4096, 4097, 4200]) * [0])[:0] + \
             rng.randbytes(rng.choice([0, 1, 3, 11, 4095, 4096, 4097, 4200]))
-    if req == C.Req.SET_FEATURES:
+    if req == control.Req.SET_FEATURES:
         feats = protocol_device_features(rng.choice(PROTOCOLS)) | hint_device_features(rng.choice(HINTS))
-        return C.U64.pack(feats if r < 0.8 else rng.getrandbits(64))
-    if req == C.Req.SET_STATUS:
-        return C.U32.pack(rng.choice(STATUS_VALUES))
-    if req in (C.Req.GET_CONFIG, C.Req.SET_CONFIG):
+        return control.U64.pack(feats if r < 0.8 else rng.getrandbits(64))
+    if req == control.Req.SET_STATUS:
+        return control.U32.pack(rng.choice(STATUS_VALUES))
+    if req in (control.Req.GET_CONFIG, control.Req.SET_CONFIG):
         off, size = rng.choice([(4, 4), (0, 16), (12, 4), (12, 8), (16, 0), (0, 0), (rng.randrange(20), rng.randrange(20))])
-        data = b"" if req == C.Req.GET_CONFIG else rng.randbytes(size if rng.random() < 0.8 else rng.randrange(24))
-        return C.CONFIG_ACCESS.pack(off, size) + data
-    if req == C.Req.SET_VRING:
+        data = b"" if req == control.Req.GET_CONFIG else rng.randbytes(size if rng.random() < 0.8 else rng.randrange(24))
+        return control.CONFIG_ACCESS.pack(off, size) + data
+    if req == control.Req.SET_VRING:
         q = rng.choice([0, 1, 2, 3, 5, 4, 6, 7])
         size = rng.choice([8, 8, 1, 2, 256, 32768, 0, 3, 65536])
         base = rng.choice(QUEUE_GPAS)
         a = RingAddrs.at(base, max(size, 1)) if size and not size & (size - 1) and size <= 32768 else \
             RingAddrs(size, base, base + 16 * 8, base + 0x100)
-        return C.VRING.pack(q, size, a.desc, a.avail, a.used)
-    if req in (C.Req.SET_VRING_KICK, C.Req.SET_VRING_CALL):
-        return C.U32.pack(rng.choice([0, 1, 2, 3, 5, 6, 1 << 31]))
-    if req == C.Req.SET_DIRTY_LOG:
+        return control.VRING.pack(q, size, a.desc, a.avail, a.used)
+    if req in (control.Req.SET_VRING_KICK, control.Req.SET_VRING_CALL):
+        return control.U32.pack(rng.choice([0, 1, 2, 3, 5, 6, 1 << 31]))
+    if req == control.Req.SET_DIRTY_LOG:
         return struct.pack("<QQQQ", 768, 4096, 0, 8192)
     return b"" if r < 0.9 else rng.randbytes(rng.randrange(16))
 
 
 def _fds_for(rng: random.Random, req: int) -> list[str]:
-    takes = req in (C.Req.SET_VRING_KICK, C.Req.SET_VRING_CALL, C.Req.SET_CONFIG_CALL, C.Req.SET_DIRTY_LOG)
+    takes = req in (control.Req.SET_VRING_KICK, control.Req.SET_VRING_CALL, control.Req.SET_CONFIG_CALL, control.Req.SET_DIRTY_LOG)
     if takes and rng.random() < 0.85:
-        return ["eventfd"] if req != C.Req.SET_DIRTY_LOG else ["memfd"]
+        return ["eventfd"] if req != control.Req.SET_DIRTY_LOG else ["memfd"]
     if rng.random() < 0.1:
         return [rng.choice(FD_KINDS) for _ in range(rng.choice([1, 2, 8]))]
     return []
@@ -110,9 +111,9 @@ def _msg(rng: random.Random, req: int | None = None) -> list:
     if req is None:
         req = rng.choice(list(range(1, 14)) + [0, 14, 99, 0xFFFFFFFF])
     payload = _payload(rng, req)
-    flags = C.VERSION
+    flags = control.VERSION
     if rng.random() < 0.05:
-        flags = rng.choice([0, 2, 3, C.VERSION | C.FLAG_REPLY, 0xFFFFFFFF])
+        flags = rng.choice([0, 2, 3, control.VERSION | control.FLAG_REPLY, 0xFFFFFFFF])
     size = None if rng.random() < 0.93 else rng.choice([0, len(payload) + 1, max(0, len(payload) - 1), 4097, 1 << 31])
     return ["msg", req, flags, size, payload.hex(), _fds_for(rng, req)]
 
@@ -123,17 +124,17 @@ def ring_base(q: int) -> int:
 
 def _setup_steps(rng: random.Random, queues: list[int]) -> list[list]:
     """A valid start-up sequence (docs/PROTOCOL.md), so executions reach DRIVER_OK."""
-    R = C.Req
-    st = [["msg", R.SET_STATUS, 1, None, C.U32.pack(3).hex(), []],
+    R = control.Req
+    st = [["msg", R.SET_STATUS, 1, None, control.U32.pack(3).hex(), []],
           ["msg", R.SET_FEATURES, 1, None, "@offered", []],
-          ["msg", R.SET_STATUS, 1, None, C.U32.pack(11).hex(), []],
+          ["msg", R.SET_STATUS, 1, None, control.U32.pack(11).hex(), []],
           ["msg", R.SET_CONFIG_CALL, 1, None, "", ["eventfd"]]]
     for q in queues:
         a = RingAddrs.at(ring_base(q), 8)
-        st += [["msg", R.SET_VRING, 1, None, C.VRING.pack(q, 8, a.desc, a.avail, a.used).hex(), []],
-               ["msg", R.SET_VRING_KICK, 1, None, C.U32.pack(q).hex(), ["eventfd"]],
-               ["msg", R.SET_VRING_CALL, 1, None, C.U32.pack(q).hex(), ["eventfd"]]]
-    st.append(["msg", R.SET_STATUS, 1, None, C.U32.pack(15).hex(), []])
+        st += [["msg", R.SET_VRING, 1, None, control.VRING.pack(q, 8, a.desc, a.avail, a.used).hex(), []],
+               ["msg", R.SET_VRING_KICK, 1, None, control.U32.pack(q).hex(), ["eventfd"]],
+               ["msg", R.SET_VRING_CALL, 1, None, control.U32.pack(q).hex(), ["eventfd"]]]
+    st.append(["msg", R.SET_STATUS, 1, None, control.U32.pack(15).hex(), []])
     return st
 
 
@@ -201,7 +202,7 @@ def mutate_control(case: dict, rng: random.Random, pool: list[dict]) -> dict:
 
 
 # ======================================================================================
-# One wake-up of the VMM's loop, as device/vmm.py runs it
+# One wake-up of the VMM's loop, as device/host/vmm.py runs it
 # ======================================================================================
 class LoopModel:
     """The VMM's event loop over the control socket and the kick eventfds, one wake-up
@@ -358,7 +359,7 @@ class Guest:
                 self.sock.send(data, socket.MSG_DONTWAIT)
             if req is not None:
                 self.sent_requests.append(req)
-                if req == C.Req.SET_VRING_KICK and kinds == ["eventfd"] and len(data) >= 16:
+                if req == control.Req.SET_VRING_KICK and kinds == ["eventfd"] and len(data) >= 16:
                     old = self.fds.pop(struct.unpack_from("<I", data, 12)[0], None)
                     if old is not None:
                         os.close(old)
@@ -373,23 +374,23 @@ class Guest:
         got = 0
         while got < n and not self.closed:
             try:
-                data, fds, _f, _a = socket.recv_fds(self.sock, C.HEADER.size + C.MAX_PAYLOAD + 1, C.MAX_FDS,
+                data, fds, _f, _a = socket.recv_fds(self.sock, control.HEADER.size + control.MAX_PAYLOAD + 1, control.MAX_FDS,
                                                     socket.MSG_DONTWAIT)
             except (BlockingIOError, ConnectionResetError):
                 break
             if not data:
                 break
             got += 1
-            if len(data) >= C.HEADER.size and C.HEADER.unpack_from(data)[1] == C.VERSION:
-                self.vmm_requests.append((C.HEADER.unpack_from(data)[0], bytes(data[C.HEADER.size:]), list(fds)))
+            if len(data) >= control.HEADER.size and control.HEADER.unpack_from(data)[1] == control.VERSION:
+                self.vmm_requests.append((control.HEADER.unpack_from(data)[0], bytes(data[control.HEADER.size:]), list(fds)))
                 continue                             # a request from the VMM (SET_DIRTY_LOG)
             for fd in fds:
                 os.close(fd)
-            if len(data) < C.HEADER.size:
+            if len(data) < control.HEADER.size:
                 self.bad_reply = f"reply of {len(data)} bytes"
                 continue
-            req, flags, size = C.HEADER.unpack_from(data)
-            if size != len(data) - C.HEADER.size or flags != C.VERSION | C.FLAG_REPLY:
+            req, flags, size = control.HEADER.unpack_from(data)
+            if size != len(data) - control.HEADER.size or flags != control.VERSION | control.FLAG_REPLY:
                 self.bad_reply = f"reply framing: req {req} flags {flags:#x} size {size}, {len(data)} bytes"
             self.replies.append(req)
         return got
@@ -485,12 +486,12 @@ def volatile(dev: BalloonDevice, seen: set) -> bool:
 
 def _well_formed(data: bytes) -> int | None:
     """The request code if the device must answer this packet, else None."""
-    if len(data) < C.HEADER.size:
+    if len(data) < control.HEADER.size:
         return None
-    req, flags, size = C.HEADER.unpack_from(data)
-    if flags & 3 != C.VERSION or size != len(data) - C.HEADER.size or size > C.MAX_PAYLOAD:
+    req, flags, size = control.HEADER.unpack_from(data)
+    if flags & 3 != control.VERSION or size != len(data) - control.HEADER.size or size > control.MAX_PAYLOAD:
         return None
-    return None if flags & C.FLAG_REPLY else req
+    return None if flags & control.FLAG_REPLY else req
 
 
 def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> tuple[str | None, str, tuple]:
@@ -501,7 +502,7 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
 
     offered = protocol_device_features(case["proto"]) | hint_device_features(case["hint"])
     dev = BalloonDevice(rig.ram, offered, ranges_policy=case["proto"] == "pfn-ranges")
-    hints = HintDevice(dev)
+    hints = HintQueues(dev)
     dev.extra_queue_handler = hints.handler_for
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)    # a full socket after a few replies
@@ -511,12 +512,12 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
     guest = Guest(theirs, rig, dev)
     ctx = {"dev": dev, "hints": hints, "guest": guest, "chan": chan, "rig": rig, "expect": [], "case": case}
 
-    def on_reply(msg: C.Message) -> bool:      # as MigrationController.on_control_reply
+    def on_reply(msg: control.Message) -> bool:      # as MigrationController.on_control_reply
         exp = ctx["expect"]
         if not msg.is_reply or not exp or exp[0] != msg.req:
             return False
         exp.pop(0)
-        C._close(msg.fds)
+        control._close(msg.fds)
         return True
 
     loop = LoopModel(dev, None)                     # type: ignore[arg-type]
@@ -532,9 +533,9 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
                     pass
                 elif kind == "msg":
                     _, req, flags, size, payload, kinds = step
-                    body = C.U64.pack(dev.device_features).hex() if payload == "@offered" else payload
+                    body = control.U64.pack(dev.device_features).hex() if payload == "@offered" else payload
                     body = bytes.fromhex(body)
-                    data = C.HEADER.pack(req & 0xFFFFFFFF, flags & 0xFFFFFFFF,
+                    data = control.HEADER.pack(req & 0xFFFFFFFF, flags & 0xFFFFFFFF,
                                          (len(body) if size is None else size) & 0xFFFFFFFF) + body
                     guest.send(data, kinds, _well_formed(data))
                     loop.wakeup()
@@ -550,7 +551,7 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
                     guest.read(step[1])
                 elif kind == "flood":
                     for _ in range(step[1]):
-                        guest.send(C.HEADER.pack(C.Req.GET_STATUS, C.VERSION, 0), [], C.Req.GET_STATUS)
+                        guest.send(control.HEADER.pack(control.Req.GET_STATUS, control.VERSION, 0), [], control.Req.GET_STATUS)
                         if len(guest.sent_requests) % 7 == 0:
                             loop.wakeup()
                 elif kind == "kick":

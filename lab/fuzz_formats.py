@@ -21,11 +21,11 @@ import struct
 
 import numpy as np
 
-from device.balloon_device import IN_BALLOON, QUEUE_MEMORY, BalloonDevice
-from device.features import (F_REPORTING, Q_REPORTING, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit,
+from device.host.balloon_device import IN_BALLOON, QUEUE_MEMORY, BalloonDevice
+from device.virtio.features import (F_REPORTING, Q_REPORTING, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit,
                              protocol_device_features)
-from device.guest_ram import GuestRAM
-from device.layout import PAGE_SHIFT, GuestLayout
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import PAGE_SHIFT, GuestLayout
 
 RAM_MIB = 32
 RING = 0x1000
@@ -117,7 +117,7 @@ class ReportRig:
         struct.pack_into("<HHH", ram.mem, avail, 0, 1, 0)     # flags, idx = 1, ring[0] = head 0
         dev.activate()
         dev.status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
-        from device.page_reporting_device import ReportingDevice
+        from device.host.page_reporting_device import ReportingDevice
         rd = ReportingDevice(dev, dev.extra_queue_handler)
         dev.extra_queue_handler = rd.handler_for
         pre = np.asarray([p for p in case["pre"] if 0 <= p < dev.layout.max_pfn], dtype=np.int64)

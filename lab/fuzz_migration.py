@@ -1,10 +1,10 @@
 """Migration fuzzer: a guest that turns hostile while the VMM migrates it.
 
 Built on the control-plane fuzzer's session (lab/fuzz_control.py: the real
-DeviceChannel, ControlService, BalloonDevice, HintDevice, eventfds and memfd, one
+DeviceChannel, ControlService, BalloonDevice, HintQueues, eventfds and memfd, one
 event-loop wake-up at a time), with the steps of a live migration in between the
 guest's: the VMM hands the guest a dirty log (SET_DIRTY_LOG over the control socket,
-a real sealed memfd, device/migration/dirty_log.py), asks for free-page hints
+a real sealed memfd, device/virtio/dirty_log.py), asks for free-page hints
 (upstream: a new cmd_id; bitmap: a request on the misc queue), snapshots the hinted
 pages for round 1, harvests the dirty log, says STOP or DONE. The guest meanwhile:
 hints pages (any range, any bitmap, stale or current cmd_id / req_id) and then writes
@@ -32,10 +32,10 @@ import struct
 
 import numpy as np
 
-from device import control as C
-from device.layout import BadAddress
-from device.migration.dirty_log import LOG_OFFSET, DirtyLog
-from lab import fuzz_control as FC
+from device.virtio import control
+from device.virtio.layout import BadAddress
+from device.virtio.dirty_log import LOG_OFFSET, DirtyLog
+from lab import fuzz_control
 
 Q_HINT, Q_MISC = 3, 5
 HINT_BUF = 0x14000               # where the guest writes cmd_id buffers and bitmaps
@@ -73,7 +73,7 @@ def _guest_step(rng: random.Random, max_pfn: int) -> list:
     if r < 0.85:
         return ["stop"]
     if r < 0.9:
-        return ["msg", C.Req.SET_DIRTY_LOG, C.VERSION, None, struct.pack("<QQQQ", 192, 4096, 0, 8192).hex(), ["memfd"]]
+        return ["msg", control.Req.SET_DIRTY_LOG, control.VERSION, None, struct.pack("<QQQQ", 192, 4096, 0, 8192).hex(), ["memfd"]]
     return ["kick", rng.choice([Q_HINT, Q_MISC, 0])]
 
 
@@ -81,7 +81,7 @@ def gen_migration(rng: random.Random) -> dict:
     hint = rng.choice(["upstream", "bitmap", "upstream", "bitmap", "none"])
     queues = [0, 1, Q_HINT, Q_MISC]
     steps: list[list] = [["setup", queues]]
-    max_pfn = FC.layout().max_pfn
+    max_pfn = fuzz_control.layout().max_pfn
     plan = ["attach", ["answer", 0, 1], ["misc-buffer", 16], "hint-start", "hint-request", ["cmd-id", "current"]] + \
         [None] * rng.choice([1, 3, 6]) + ["round1"] + [None] * rng.choice([1, 2]) + ["harvest", "hint-done", "harvest"]
     for p in plan:
@@ -96,9 +96,9 @@ def gen_migration(rng: random.Random) -> dict:
 
 
 def mutate_migration(case: dict, rng: random.Random, pool: list[dict]) -> dict:
-    c = dict(case, steps=FC.copy_steps(case["steps"]))
+    c = dict(case, steps=fuzz_control.copy_steps(case["steps"]))
     steps = c["steps"]
-    max_pfn = FC.layout().max_pfn
+    max_pfn = fuzz_control.layout().max_pfn
     for _ in range(rng.choice([1, 2, 3])):
         r = rng.random()
         if r < 0.35:
@@ -111,7 +111,7 @@ def mutate_migration(case: dict, rng: random.Random, pool: list[dict]) -> dict:
             i, j = rng.randrange(1, len(steps)), rng.randrange(1, len(steps))
             steps[i], steps[j] = steps[j], steps[i]
         elif r < 0.9:
-            steps.insert(rng.randrange(1, len(steps) + 1), FC._step(rng))     # any control-plane step
+            steps.insert(rng.randrange(1, len(steps) + 1), fuzz_control._step(rng))     # any control-plane step
         else:
             c["hint"] = rng.choice(["upstream", "bitmap", "none"])
     del steps[120:]
@@ -190,7 +190,7 @@ class MigrationSteps:
                     off = ctx["rig"].layout.translate(pfn << 12, 8)
                 except BadAddress:
                     continue
-                if off < FC.LOW:
+                if off < fuzz_control.LOW:
                     continue                           # rings and requests: not the guest's data
                 ctx["rig"].ram.mem[off:off + 8] = struct.pack("<Q", 0x5A5A0000 + pfn)
                 if mark and self.guest_log is not None and pfn < len(self.guest_log) - LOG_OFFSET:
@@ -202,10 +202,10 @@ class MigrationSteps:
             _, code, times = step
             guest.read(1 << 30)
             for req, _payload, fds in list(guest.vmm_requests):
-                if req == C.Req.SET_DIRTY_LOG and fds and self.guest_log is None and code == 0:
+                if req == control.Req.SET_DIRTY_LOG and fds and self.guest_log is None and code == 0:
                     self._map_guest_log(fds[0])
                 for _ in range(times):
-                    guest.send(C.HEADER.pack(req, C.VERSION | C.FLAG_REPLY, 8) + struct.pack("<q", code), [], None)
+                    guest.send(control.HEADER.pack(req, control.VERSION | control.FLAG_REPLY, 8) + struct.pack("<q", code), [], None)
                     loop.wakeup()
             guest.close_vmm_requests()
             return True
@@ -236,10 +236,10 @@ class MigrationSteps:
             if self.log is None and ctx["loop"].gone is None:
                 self.log = DirtyLog(dev.layout.max_pfn)
                 hints.mark_dirty = self.log.mark
-                ctx["expect"].append(int(C.Req.SET_DIRTY_LOG))
+                ctx["expect"].append(int(control.Req.SET_DIRTY_LOG))
                 try:
-                    chan.send(C.Req.SET_DIRTY_LOG, self.log.payload(), [self.log.fd])
-                except C.ControlError:
+                    chan.send(control.Req.SET_DIRTY_LOG, self.log.payload(), [self.log.fd])
+                except control.ControlError:
                     pass
         elif kind == "detach":
             hints.mark_dirty = None
@@ -292,9 +292,9 @@ class MigrationSteps:
         self.guest_log = self.guest_log_fd = self.log = None
 
 
-def run_migration(rig: FC.ControlRig, case: dict, limit_s: float) -> tuple[str | None, str, tuple]:
+def run_migration(rig: fuzz_control.ControlRig, case: dict, limit_s: float) -> tuple[str | None, str, tuple]:
     ms = MigrationSteps()
     try:
-        return FC.run_control(rig, case, limit_s, extra=ms)
+        return fuzz_control.run_control(rig, case, limit_s, extra=ms)
     finally:
         ms.close()

@@ -24,9 +24,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lab import environment as E
-from lab import metrics as M
-from lab import stats as S
+from lab import environment as lab_env
+from lab import metrics as lab_metrics
+from lab import stats
 from lab.store import BaselineError, Store, StoreError, load_baseline
 
 DEFAULT_TIMING_THRESHOLD = 0.10
@@ -82,13 +82,13 @@ class Limit:
         """A bare number is a fraction for timings and gauges, an absolute tolerance for counters."""
         if self.mode != "number":
             return self
-        return Limit("relative" if M.is_statistical(kind) else "absolute", self.value)
+        return Limit("relative" if lab_metrics.is_statistical(kind) else "absolute", self.value)
 
     def describe(self, kind: str) -> str:
         lim = self.for_kind(kind)
         if lim.mode == "ignore":
             return "ignored"
-        if M.is_statistical(kind):
+        if lab_metrics.is_statistical(kind):
             return f"+{lim.value:.0%}" if lim.mode == "relative" else f"+{lim.value:g}"
         if lim.value == 0:
             return "exact"
@@ -100,7 +100,7 @@ class Thresholds:
     """Defaults plus per-metric rules; for a metric the LAST matching rule wins
     (file rules first, then --threshold flags), so put general patterns first."""
 
-    alpha: float = S.ALPHA
+    alpha: float = stats.ALPHA
     timing: Limit = Limit("relative", DEFAULT_TIMING_THRESHOLD)
     counter: Limit = Limit("absolute", DEFAULT_COUNTER_TOLERANCE)
     rules: list[tuple[str, Limit]] = field(default_factory=list)
@@ -109,10 +109,10 @@ class Thresholds:
 
     def floor(self, metric: str) -> float:
         """The smallest absolute worsening of a timing that counts, in the metric's unit."""
-        return self.timing_floor_ms * _MS_IN.get(M.unit(metric), 0.0)
+        return self.timing_floor_ms * _MS_IN.get(lab_metrics.unit(metric), 0.0)
 
     def limit(self, metric: str, kind: str) -> Limit:
-        lim = self.timing if M.is_statistical(kind) else self.counter
+        lim = self.timing if lab_metrics.is_statistical(kind) else self.counter
         for pattern, rule in self.rules:
             if fnmatch.fnmatchcase(metric, pattern):
                 lim = rule
@@ -147,12 +147,12 @@ class Thresholds:
         if unknown:
             raise GateInputError(f"thresholds file {p}: unknown key(s) {', '.join(sorted(unknown))} "
                                  "(allowed: alpha, timing, counter, metrics, timing_floor_ms, min_trials)")
+        th = cls()
         if "min_trials" in doc:
             n = doc["min_trials"]
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise GateInputError(f"thresholds file {p}: min_trials must be an integer >= 1, got {n!r}")
             th.min_trials = n
-        th = cls()
         if "alpha" in doc:
             a = doc["alpha"]
             if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1:
@@ -164,9 +164,9 @@ class Thresholds:
                 raise GateInputError(f"thresholds file {p}: timing_floor_ms must be a number >= 0, got {f!r}")
             th.timing_floor_ms = float(f)
         if "timing" in doc:
-            th.timing = Limit.parse(doc["timing"], what="timing (default)").for_kind(M.TIMING)
+            th.timing = Limit.parse(doc["timing"], what="timing (default)").for_kind(lab_metrics.TIMING)
         if "counter" in doc:
-            th.counter = Limit.parse(doc["counter"], what="counter (default)").for_kind(M.COUNTER)
+            th.counter = Limit.parse(doc["counter"], what="counter (default)").for_kind(lab_metrics.COUNTER)
         rules = doc.get("metrics", {})
         if not isinstance(rules, dict):
             raise GateInputError(f"thresholds file {p}: [metrics] must be a table of pattern = threshold")
@@ -174,9 +174,9 @@ class Thresholds:
         return th
 
     def describe(self) -> str:
-        return (f"timings/gauges worse by more than {self.timing.describe(M.TIMING)} with Holm p < {self.alpha:g}"
+        return (f"timings/gauges worse by more than {self.timing.describe(lab_metrics.TIMING)} with Holm p < {self.alpha:g}"
                 f" (timings also by >= {self.timing_floor_ms:g} ms); "
-                f"counters {self.counter.describe(M.COUNTER)}; every baseline arm needs "
+                f"counters {self.counter.describe(lab_metrics.COUNTER)}; every baseline arm needs "
                 + (f">= {self.min_trials}" if self.min_trials else "all its")
                 + " ok measured trials in the candidate"
                 + (f"; {len(self.rules)} per-metric rule(s)" if self.rules else ""))
@@ -403,7 +403,7 @@ def run_gate(baseline: GateInput, candidate: GateInput, thresholds: Thresholds |
         if not allow_spec_change:
             raise GateInputError(msg + " (pass --allow-spec-change to gate them anyway)")
         notes.append(msg)
-    env_diffs = E.differences(baseline.environment, candidate.environment)
+    env_diffs = lab_env.differences(baseline.environment, candidate.environment)
     if env_diffs:
         notes.append("environments differ, timings may not be comparable: " + "; ".join(env_diffs))
     if not baseline.table:
@@ -454,7 +454,7 @@ def _check_arm_trials(arm: str, baseline: GateInput, candidate: GateInput, th: T
     for): a missing, failed or partly failed arm is a regression, never a note."""
     n_b, n_c = baseline.ok_trials(arm), candidate.ok_trials(arm)
     need = th.min_trials if th.min_trials is not None else int(candidate.spec.get("trials") or 1)
-    c = Check(arm, TRIALS_METRIC, M.COUNTER, "pass", f">= {need}", n_baseline=n_b, n_candidate=n_c,
+    c = Check(arm, TRIALS_METRIC, lab_metrics.COUNTER, "pass", f">= {need}", n_baseline=n_b, n_candidate=n_c,
               baseline_median=float(n_b), candidate_median=float(n_c))
     failed, err = 0, None
     if candidate.outcomes is not None and arm in candidate.outcomes:
@@ -482,7 +482,7 @@ def _relative(table: Mapping[str, Mapping[str, np.ndarray]], arm: str, ref: str)
     for m, v in table[arm].items():
         r = table[ref].get(m)
         med = float(np.median(r)) if r is not None and len(r) else 0.0
-        out[m] = v / med if M.classify(m) == M.TIMING and med > 0 else v
+        out[m] = v / med if lab_metrics.classify(m) == lab_metrics.TIMING and med > 0 else v
     return out
 
 
@@ -492,44 +492,44 @@ def _check_arm(arm: str, base: Mapping[str, np.ndarray], cand: Mapping[str, np.n
     checks: list[Check] = []
     limits: dict[str, Limit] = {}
     for m in sorted(set(base) | set(cand)):
-        kind = M.classify(m)
+        kind = lab_metrics.classify(m)
         lim = th.limit(m, kind)
         if m not in base or m not in cand:
             side = "candidate" if m in base else "baseline"
             checks.append(Check(arm, m, kind, "missing", lim.describe(kind), message=f"absent in the {side}"))
         elif lim.mode == "ignore":
             checks.append(Check(arm, m, kind, "ignored", "ignored", message="ignored by threshold rule"))
-        elif arm == reference and kind == M.TIMING:
+        elif arm == reference and kind == lab_metrics.TIMING:
             checks.append(Check(arm, m, kind, "ignored", "ignored",
                                 message="reference arm in relative mode: other arms are measured against it"))
         else:
             limits[m] = lim
-    dups = S.duplicates([{m: base[m] for m in limits}, {m: cand[m] for m in limits}], all_kinds=True)
+    dups = stats.duplicates([{m: base[m] for m in limits}, {m: cand[m] for m in limits}], all_kinds=True)
     for dup, kept in dups.items():
         if limits[dup] == limits[kept]:  # same samples, same limit: the same verdict, so say it once
             del limits[dup]
-            checks.append(Check(arm, dup, M.classify(dup), "ignored", "ignored",
+            checks.append(Check(arm, dup, lab_metrics.classify(dup), "ignored", "ignored",
                                 message=f"samples identical to {kept}, gated there"))
-    family = [m for m in limits if M.is_statistical(M.classify(m))
+    family = [m for m in limits if lab_metrics.is_statistical(lab_metrics.classify(m))
               and not (np.ptp(base[m]) == 0 and np.ptp(cand[m]) == 0 and base[m][0] == cand[m][0])]
     if family:
         # the arm's trial count (a metric a probe missed in some trial has fewer samples, and less power)
         n_b = max(len(base[m]) for m in family)
         n_c = max(len(cand[m]) for m in family)
-        floor = S.min_mann_whitney_p(n_b, n_c)
+        floor = stats.min_mann_whitney_p(n_b, n_c)
         need = th.alpha / len(family)
         if floor >= need:
-            k = next(k for k in range(2, 1000) if S.min_mann_whitney_p(k, k) < need)
+            k = next(k for k in range(2, 1000) if stats.min_mann_whitney_p(k, k) < need)
             raise GateInputError(
                 f"too few trials in arm {arm}: baseline {n_b}, candidate {n_c}. With {len(family)} timing/gauge "
                 f"metrics under Holm, a regression needs p < {th.alpha:g}/{len(family)} = {need:.2g}, and "
                 f"Mann-Whitney cannot go below {floor:.2g} with these sizes: run at least {k} trials per arm "
                 "(or gate fewer metrics with --threshold PATTERN=ignore)")
-    for r in S.compare_samples(base, cand, baseline_label=arm, label=arm, metrics=list(limits), alpha=th.alpha):
-        if M.is_statistical(r.kind):
-            floor = th.floor(r.metric) if r.kind == M.TIMING and reference is None else 0.0
+    for r in stats.compare_samples(base, cand, baseline_label=arm, label=arm, metrics=list(limits), alpha=th.alpha):
+        if lab_metrics.is_statistical(r.kind):
+            floor = th.floor(r.metric) if r.kind == lab_metrics.TIMING and reference is None else 0.0
             checks.append(_decide_statistical(r, limits[r.metric], th.alpha,
-                                              reference if r.kind == M.TIMING else None, floor))
+                                              reference if r.kind == lab_metrics.TIMING else None, floor))
         else:
             paired = None
             if rounds is not None and r.metric in rounds[0] and r.metric in rounds[1]:
@@ -539,7 +539,7 @@ def _check_arm(arm: str, base: Mapping[str, np.ndarray], cand: Mapping[str, np.n
     return checks
 
 
-def _check_from(r: S.PairResult, lim: Limit) -> Check:
+def _check_from(r: stats.PairResult, lim: Limit) -> Check:
     return Check(arm=r.arm, metric=r.metric, kind=r.kind, status="pass", limit=lim.describe(r.kind),
                  n_baseline=r.n_baseline, n_candidate=r.n, baseline_median=r.baseline_median,
                  candidate_median=r.median, ratio=r.ratio, ratio_ci_low=r.ratio_ci_low,
@@ -547,12 +547,12 @@ def _check_from(r: S.PairResult, lim: Limit) -> Check:
                  cliffs_delta=r.cliffs_delta)
 
 
-def _decide_statistical(r: S.PairResult, lim: Limit, alpha: float, reference: str | None,
+def _decide_statistical(r: stats.PairResult, lim: Limit, alpha: float, reference: str | None,
                         floor: float = 0.0) -> Check:
     if reference is not None:
         fmt = lambda v: f"{v:.4g} x {reference}"  # noqa: E731 - values are ratios to the reference arm
     else:
-        fmt = S.value_formatter(r.metric, r.baseline_median)
+        fmt = stats.value_formatter(r.metric, r.baseline_median)
     c = _check_from(r, lim)
     significant = r.p_holm is not None and r.p_holm < alpha
     ci = f" [{r.ratio_ci_low:.3f}, {r.ratio_ci_high:.3f}]" if r.ratio_ci_low is not None else ""
@@ -574,11 +574,11 @@ def _by_round(bv: np.ndarray, br: np.ndarray, cv: np.ndarray, cr: np.ndarray) ->
     return [(rnd, b[rnd], c[rnd]) for rnd in sorted(set(b) & set(c))]
 
 
-def _decide_counter(r: S.PairResult, lim: Limit, paired: list[tuple[int, float, float]] | None) -> Check:
+def _decide_counter(r: stats.PairResult, lim: Limit, paired: list[tuple[int, float, float]] | None) -> Check:
     """Counters are exact. When both sides recorded rounds they are compared round by
     round (a round's trials saw the same seed, so a seed-dependent counter such as the
     number of runs matches exactly); one failed trial then does not shift a median."""
-    fmt = S.value_formatter(r.metric, r.baseline_median)
+    fmt = stats.value_formatter(r.metric, r.baseline_median)
     c = _check_from(r, lim)
 
     def allowed(base_value: float) -> float:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import metrics as M
+from lab import metrics
 from lab.gate import GateInput, GateInputError, GateResult, Thresholds, load_input, run_gate
 from lab.store import BaselineError, Store, StoreError, load_baseline
 
@@ -55,8 +55,8 @@ def hosts_of(ref: str, db_path: str | Path, side: str) -> list[str] | None:
 
 
 def _counters_only(inp: GateInput) -> GateInput:
-    table = {a: {m: v for m, v in ms.items() if M.classify(m) == M.COUNTER} for a, ms in inp.table.items()}
-    rounds = None if inp.rounds is None else {a: {m: v for m, v in ms.items() if M.classify(m) == M.COUNTER}
+    table = {a: {m: v for m, v in ms.items() if metrics.classify(m) == metrics.COUNTER} for a, ms in inp.table.items()}
+    rounds = None if inp.rounds is None else {a: {m: v for m, v in ms.items() if metrics.classify(m) == metrics.COUNTER}
                                               for a, ms in inp.rounds.items()}
     return GateInput(inp.ref, inp.source, inp.run_id, inp.name, inp.spec, inp.environment, table, rounds)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lab import stats as S
+from lab import stats
 from lab.gate import spec_differences
 from lab.store import RunInfo, Store
 
@@ -69,7 +69,7 @@ def history(store: Store, metric: str, anchor_ref: str = "latest", arm: str | No
             if (arm is not None and a != arm) or metric not in metrics:
                 continue
             x = metrics[metric]
-            med, lo, hi = S.median_ci(x)
+            med, lo, hi = stats.median_ci(x)
             load = (run.environment.get("loadavg") or [None])[0]
             out.append(HistoryPoint(run.id, run.created_at, run.environment.get("git_commit"), a, float(med),
                                     lo, hi, int(np.size(x)), flag, load))

@@ -15,7 +15,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lab import environment as E
+from lab import environment
 
 HOST_ID_ENV = "BALLOON_LAB_HOST_ID"
 _THP_SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
@@ -72,14 +72,14 @@ def check_host_id(value: str) -> str:
 
 def identity(hid: str | None = None) -> HostIdentity:
     """This machine now, under host id `hid` (default host_id())."""
-    return HostIdentity(host_id=hid or host_id(), load=E.loadavg(), backing=backing(), **_static())
+    return HostIdentity(host_id=hid or host_id(), load=environment.loadavg(), backing=backing(), **_static())
 
 
 @functools.lru_cache(maxsize=1)
 def _static() -> dict[str, Any]:
     """The parts that do not change while a process lives (read once)."""
     return {"hostname": socket.gethostname(), "machine_id": machine_id(), "kernel": platform.release(),
-            "cpu_model": E.cpu_model(), "cores": os.cpu_count(), "memory_bytes": E.meminfo_bytes("MemTotal")}
+            "cpu_model": environment.cpu_model(), "cores": os.cpu_count(), "memory_bytes": environment.meminfo_bytes("MemTotal")}
 
 
 def machine_id() -> str | None:
@@ -104,6 +104,6 @@ def backing() -> dict[str, Any]:
         thp = next((w.strip("[]") for w in text.split() if w.startswith("[")), text.strip())
     except OSError:
         thp = None
-    total = E.meminfo_bytes("HugePages_Total")  # a count, not kB: undo the kB scaling
+    total = environment.meminfo_bytes("HugePages_Total")  # a count, not kB: undo the kB scaling
     return {"thp_shmem": thp, "hugepages_total": None if total is None else total // 1024,
-            "hugepage_bytes": E.meminfo_bytes("Hugepagesize")}
+            "hugepage_bytes": environment.meminfo_bytes("Hugepagesize")}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lab import host as H
+from lab import host as lab_host
 from lab import stats
 from lab.store import RunInfo, Store
 
@@ -39,7 +39,7 @@ def describe_hosts(store: Store, run: RunInfo) -> list[str]:
            + (" (timings compared only within a host):" if len(run.hosts) > 1 else ":")]
     for s in host_summaries(store, run):
         load = s["load_1min"]
-        out.append("    " + H.describe(s["identity"], s["host_id"]))
+        out.append("    " + lab_host.describe(s["identity"], s["host_id"]))
         out.append(f"      {s['trials']} trials ({s['ok']} measured ok, {s['failed']} failed), 1-min load "
                    + (f"{load[0]:.2f}-{load[1]:.2f}" if load else "?") + " over its trials"
                    + (f", {s['retried_attempts']} retried attempt(s)" if s["retried_attempts"] else ""))

@@ -123,7 +123,7 @@ class MigrationPair:
         self.t = t
         self.dir = tempfile.mkdtemp(prefix="balloon-lab-mig-")
         p = lambda name: os.path.join(self.dir, name)
-        py = [sys.executable, "-m", "device.vmm", "--guest-mib", str(t.guest_mib), "--log-level", t.log_level]
+        py = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(t.guest_mib), "--log-level", t.log_level]
         self.procs: list[subprocess.Popen] = []
         self.src_qmp = self.dst_qmp = None
         self.agent = None

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import procrastinate
 
 from lab import environment
-from lab import host as H
+from lab import host
 from lab.spec import ArmPlan, ExperimentSpec
 from lab.store import Store, StoreError, TrialRecord, now_iso
 
@@ -100,7 +100,7 @@ def submit(url: str, spec: ExperimentSpec, hosts: list[str], *,
     """Record a queued run of `spec` for `hosts` and enqueue its trials."""
     if not hosts:
         raise QueueError("--hosts names no host")
-    hosts = [H.check_host_id(h) for h in hosts]
+    hosts = [host.check_host_id(h) for h in hosts]
     if len(set(hosts)) != len(hosts):
         raise QueueError(f"a host is listed twice in {','.join(hosts)}")
     if max_attempts < 1:
@@ -187,7 +187,7 @@ def _trial_job(context: Any, *, run_id: str, idx: int, round: int, label: str, h
         raise _RetryTrial(f"trial {idx} of run {run_id} failed (attempt {attempt} of {max_attempts})")
     if rec.status == "failed" and attempt > 1:
         rec.error = f"failed in all {attempt} attempts; the last: {rec.error}"
-    rec.host_id, rec.host = host_id, H.identity(host_id).to_dict()
+    rec.host_id, rec.host = host_id, host.identity(host_id).to_dict()
     if not store.add_trial_once(run_id, rec):
         return "already stored"
     st.ran.append((run_id, idx, rec.status))
@@ -290,7 +290,7 @@ def run_worker(url: str, host_id: str | None = None, *, until_done: bool = False
     if stall_timeout_s <= 2 * heartbeat_s:
         raise QueueError(f"stall timeout {stall_timeout_s:g} s must exceed twice the heartbeat {heartbeat_s:g} s, "
                          "or live workers would be taken for lost ones")
-    hid = H.check_host_id(host_id) if host_id else H.host_id()
+    hid = host.check_host_id(host_id) if host_id else host.host_id()
     ensure_queue_schema(url)
     st = WorkerState(url=url, host_id=hid, name=f"{hid}@{socket.gethostname()}:{os.getpid()}",
                      trial_fn=trial_fn or default_trial_fn)

@@ -25,8 +25,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from device.layout import MiB, PAGE_SHIFT
-from device.page_reporting_driver import ReportingParams
+from device.virtio.layout import MiB, PAGE_SHIFT
+from device.guest.page_reporting_driver import ReportingParams
 from lab.monitor_client import MonitorError
 from lab.runner import BalloonTrial, LabProcesses, TrialFailed, verify
 

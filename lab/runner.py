@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from device.layout import MiB, PAGE_SHIFT
+from device.virtio.layout import MiB, PAGE_SHIFT
 from lab.backends import is_qemu_arm
 from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
@@ -44,8 +44,8 @@ class BalloonTrial:
     batch_pages: int | None = None
     discard: str = "madvise"
     backing: str = "4k"                 # host pages under guest RAM: 4k | thp | hugetlb
-    partial_tracking: str = "full"      # huge backings: full | qemu (device/host_pages.py)
-    alloc_policy: str = "linux"         # linux | hugepage-aware (device/alloc_policy.py)
+    partial_tracking: str = "full"      # huge backings: full | qemu (device/host/host_pages.py)
+    alloc_policy: str = "linux"         # linux | hugepage-aware (device/guest/alloc_policy.py)
     deflate: bool = True
     timeout_s: float = 600.0        # the runner's wait for the monitor and the agent
     device_timeout_s: float = 30.0  # the guest driver's wait for the device to use a request
@@ -75,7 +75,7 @@ class LabProcesses:
             guest_args += ["--batch-pages", str(t.batch_pages)]
         if t.init_on_alloc:
             guest_args.append("--init-on-alloc")
-        cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
+        cmd = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
                "--discard", t.discard, "--backing", t.backing, "--partial-tracking", t.partial_tracking,
                "--monitor", self.monitor_path, "--agent", self.agent_path,
                "--log-level", t.log_level] + (extra_vmm_args or []) + ["--"] + guest_args
@@ -243,7 +243,7 @@ def announce_backing(backing: str, guest_mib: int) -> None:
     stderr what was changed; a host that cannot is a TrialFailed naming the fix."""
     if (backing, guest_mib) in _announced:
         return
-    from device.backing import BackingError, ensure_backing
+    from device.virtio.backing import BackingError, ensure_backing
     try:
         for change in ensure_backing(backing, guest_mib * MiB):
             print(f"balloon-lab: for --backing {backing}: {change}", file=sys.stderr)

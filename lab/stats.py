@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats as sst
 
-from lab import metrics as M
+from lab import metrics as lab_metrics
 
 ALPHA = 0.05
 CONFIDENCE = 0.95
@@ -177,7 +177,7 @@ class PairResult:
 
     @property
     def exact(self) -> bool:
-        return not M.is_statistical(self.kind)
+        return not lab_metrics.is_statistical(self.kind)
 
 
 @dataclass
@@ -239,7 +239,7 @@ def verdict(kind: str, ratio: float, significant: bool | None, *, identical: boo
     """The word for one comparison. For timings and gauges "too few trials" means no
     difference could have been significant with these sample sizes after Holm
     (so "no difference" would be a claim the data cannot support)."""
-    if not M.is_statistical(kind):
+    if not lab_metrics.is_statistical(kind):
         if ratio == 1.0:
             return "equal"
         return "more" if ratio > 1.0 else "fewer"
@@ -249,7 +249,7 @@ def verdict(kind: str, ratio: float, significant: bool | None, *, identical: boo
         return "too few trials"
     if not significant:
         return "no difference"
-    if kind == M.TIMING:
+    if kind == lab_metrics.TIMING:
         return "slower" if ratio > 1.0 else "faster"
     return "higher" if ratio > 1.0 else "lower"
 
@@ -272,12 +272,12 @@ def duplicates(groups: Sequence[Mapping[str, np.ndarray]], *, all_kinds: bool = 
     seen: dict[tuple, str] = {}
     out: dict[str, str] = {}
     for name in sorted(common, key=lambda n: (n.count("."), n)):
-        if not all_kinds and not M.is_statistical(M.classify(name)):
+        if not all_kinds and not lab_metrics.is_statistical(lab_metrics.classify(name)):
             continue
         arrays = [np.asarray(g[name], dtype=float) for g in groups]
         if not all_kinds and all(a.size == 0 or np.ptp(a) == 0 for a in arrays):
             continue
-        key = (name.rsplit(".", 1)[-1], M.classify(name), *(a.tobytes() for a in arrays))
+        key = (name.rsplit(".", 1)[-1], lab_metrics.classify(name), *(a.tobytes() for a in arrays))
         if key in seen:
             out[name] = seen[key]
         else:
@@ -296,7 +296,7 @@ def compare_samples(base: Mapping[str, np.ndarray], other: Mapping[str, np.ndarr
     out: list[PairResult] = []
     identical: set[str] = set()
     for name in names:
-        kind = M.classify(name)
+        kind = lab_metrics.classify(name)
         b, o = np.asarray(base[name], dtype=float), np.asarray(other[name], dtype=float)
         if b.size == 0 or o.size == 0:
             continue
@@ -305,7 +305,7 @@ def compare_samples(base: Mapping[str, np.ndarray], other: Mapping[str, np.ndarr
                        n_baseline=int(b.size), n=int(o.size), baseline_median=mb, median=mo,
                        ratio=ratio_of_medians(b, o), ratio_ci_low=None, ratio_ci_high=None,
                        difference=mo - mb)
-        if not M.is_statistical(kind):
+        if not lab_metrics.is_statistical(kind):
             r.varies = bool(np.ptp(b) > 0 or np.ptp(o) > 0)
         elif np.ptp(b) == 0 and np.ptp(o) == 0 and mb == mo:
             identical.add(name)
@@ -341,7 +341,7 @@ def compare_arms(table: Table, baseline_arm: str, *, alpha: float = ALPHA, confi
                 continue
             x = np.asarray(table[arm][m], dtype=float)
             med, lo, hi = median_ci(x, confidence=confidence, n_resamples=n_resamples, seed=seed)
-            summaries.append(Summary(metric=m, kind=M.classify(m), arm=arm, n=int(x.size), median=med,
+            summaries.append(Summary(metric=m, kind=lab_metrics.classify(m), arm=arm, n=int(x.size), median=med,
                                      ci_low=lo, ci_high=hi, min=float(x.min()), max=float(x.max())))
     kept = [m for m in metrics if m not in folded]
     pairs: list[PairResult] = []
@@ -379,7 +379,7 @@ def value_formatter(metric: str, reference: float | Sequence[float | None]):
     compared by eye. The lab's one number formatter (reports/fmt.py) does the work."""
     from reports.fmt import row_formatter
     refs = list(reference) if isinstance(reference, (list, tuple)) else [reference]
-    return row_formatter(M.unit(metric), refs)
+    return row_formatter(lab_metrics.unit(metric), refs)
 
 
 def _fmt_ratio(r: float | None) -> str:
@@ -409,9 +409,9 @@ def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, show
     for m in comp.metrics:
         if not _matches(m, metrics):
             continue
-        kind = M.classify(m)
+        kind = lab_metrics.classify(m)
         pairs = [p for p in comp.pairs if p.metric == m]
-        if not show_equal_counters and not M.is_statistical(kind) and pairs and all(
+        if not show_equal_counters and not lab_metrics.is_statistical(kind) and pairs and all(
                 p.verdict == "equal" and not p.varies for p in pairs):
             continue
         fmt = value_formatter(m, [s.median for s in comp.summaries if s.metric == m])
@@ -421,7 +421,7 @@ def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, show
             if s is None:
                 continue
             med = fmt(s.median)
-            if s.ci_low is not None and M.is_statistical(kind):
+            if s.ci_low is not None and lab_metrics.is_statistical(kind):
                 med += f" [{fmt(s.ci_low)}, {fmt(s.ci_high)}]"
             elif s.min != s.max:
                 med += f" (range {fmt(s.min)}..{fmt(s.max)})"
@@ -474,9 +474,9 @@ def render_summaries(comp: Comparison, metrics: Sequence[str] | None = None) -> 
             s = comp.summary(arm, m)
             if s is None:
                 cells.append("-")
-            elif s.ci_low is not None and M.is_statistical(s.kind):
+            elif s.ci_low is not None and lab_metrics.is_statistical(s.kind):
                 cells.append(f"{fmt(s.median)} [{fmt(s.ci_low)}, {fmt(s.ci_high)}]")
             else:
                 cells.append(fmt(s.median))
-        rows.append((m, M.classify(m), *cells))
+        rows.append((m, lab_metrics.classify(m), *cells))
     return format_columns(header, rows)

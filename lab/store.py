@@ -27,10 +27,10 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from lab import host as H
-from lab import metrics as M
+from lab import host as lab_host
+from lab import metrics
 from lab import store_schema
-from lab import store_sql as Q
+from lab import store_sql
 
 RUN_STATUSES = ("running", "complete", "failed", "interrupted")
 TRIAL_STATUSES = ("ok", "failed")
@@ -173,22 +173,22 @@ class Store:
     create=False) or a postgresql:// URL (its tables created unless create=False)."""
 
     def __init__(self, path: str | Path, *, create: bool = True) -> None:
-        pg = Q.is_postgres(path)
-        self.path: str | Path = Q.redact(str(path)) if pg else Path(path)
+        pg = store_sql.is_postgres(path)
+        self.path: str | Path = store_sql.redact(str(path)) if pg else Path(path)
         if not pg and not self.path.exists():
             if not create:
                 raise StoreError(f"no results database at {self.path}")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.dialect = Q.POSTGRES if pg else Q.SQLITE
+        self.dialect = store_sql.POSTGRES if pg else store_sql.SQLITE
         try:
-            self.db, self.dialect = Q.connect(path if pg else self.path)
-            if pg and not create and Q.schema_version(self.db, self.dialect) == 0:
+            self.db, self.dialect = store_sql.connect(path if pg else self.path)
+            if pg and not create and store_sql.schema_version(self.db, self.dialect) == 0:
                 self.db.close()
                 raise StoreError(f"no balloon-lab results in {self.path} (no tables yet)")
-            if Q.schema_version(self.db, self.dialect) != SCHEMA_VERSION:
+            if store_sql.schema_version(self.db, self.dialect) != SCHEMA_VERSION:
                 with self._transaction() as db:
                     store_schema.migrate(db, self.dialect, str(self.path))
-        except (ValueError, Q.ConnectError) as e:
+        except (ValueError, store_sql.ConnectError) as e:
             raise StoreError(str(e)) from None
         except Exception as e:  # sqlite3.DatabaseError / psycopg.Error: not a store we can use
             if isinstance(e, StoreError):
@@ -198,7 +198,7 @@ class Store:
 
     @property
     def is_postgres(self) -> bool:
-        return self.dialect is Q.POSTGRES
+        return self.dialect is store_sql.POSTGRES
 
     def close(self) -> None:
         self.db.close()
@@ -339,13 +339,13 @@ class Store:
         metric_rows: list[tuple[str, Any, str]] = []
         hist_rows: list[tuple[str, str, int]] = []
         if rec.status == "ok" and rec.result is not None:
-            values, hists = M.flatten(rec.result)
-            metric_rows = [(n, v, M.classify(n)) for n, v in values.items()]
+            values, hists = metrics.flatten(rec.result)
+            metric_rows = [(n, v, metrics.classify(n)) for n, v in values.items()]
             hist_rows = [(n, b, c) for n, h in hists.items() for b, c in h.items()]
-        host_id = rec.host_id or H.host_id()
-        host = rec.host if rec.host is not None else H.identity(host_id).to_dict()
+        host_id = rec.host_id or lab_host.host_id()
+        host = rec.host if rec.host is not None else lab_host.identity(host_id).to_dict()
         with self._transaction() as db:
-            tid = Q.insert_id(
+            tid = store_sql.insert_id(
                 db, self.dialect,
                 "INSERT INTO trials (run_id, idx, round, arm, warmup, status, error, started_at, duration_s, result,"
                 " host_id, host) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -493,7 +493,7 @@ class Store:
                    | {"host_id": host},
             "spec": run.spec,
             "environment": run.environment,
-            "arms": {arm: {m: {"kind": M.classify(m), "samples": v.tolist(),
+            "arms": {arm: {m: {"kind": metrics.classify(m), "samples": v.tolist(),
                                "rounds": rounds[arm][m].astype(int).tolist()} for m, v in ms.items()}
                      for arm, ms in table.items()},
         }

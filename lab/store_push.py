@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lab import store_sql as Q
+from lab import store_sql
 from lab.store import Store
 
 _RUN_COLS = ("id", "kind", "name", "created_at", "finished_at", "status", "spec", "command_line", "environment",
@@ -58,7 +58,7 @@ def _copy_run(src: Store, dst: Store, run_id: str) -> bool:
         if db.execute(_insert(_RUN_COLS, "runs") + " ON CONFLICT (id) DO NOTHING", tuple(run)).rowcount == 0:
             return False
         for t in trials:
-            new_id = Q.insert_id(db, dst.dialect, _insert(("run_id",) + _TRIAL_COLS, "trials"),
+            new_id = store_sql.insert_id(db, dst.dialect, _insert(("run_id",) + _TRIAL_COLS, "trials"),
                                  (run_id,) + tuple(t)[1:])
             db.executemany("INSERT INTO metrics (trial_id, name, value, kind) VALUES (?,?,?,?)",
                            [(new_id, n, v, k) for n, v, k in

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lab import store_sql as Q
+from lab import store_sql
 
 _V1 = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -92,21 +92,21 @@ MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def statements(version: int, dialect: Q.Dialect) -> list[str]:
+def statements(version: int, dialect: store_sql.Dialect) -> list[str]:
     """The DDL/DML that takes a database from version-1 to `version`."""
     return [s.strip() for s in dialect.ddl(MIGRATIONS[version - 1]).split(";") if s.strip()]
 
 
-def migrate(db: Any, dialect: Q.Dialect, where: str) -> int:
+def migrate(db: Any, dialect: store_sql.Dialect, where: str) -> int:
     """Bring the database to SCHEMA_VERSION inside the caller's transaction; returns the
     version found. ValueError if the database is newer than this lab."""
-    Q.lock_schema(db, dialect)
-    found = Q.schema_version(db, dialect)
+    store_sql.lock_schema(db, dialect)
+    found = store_sql.schema_version(db, dialect)
     if found > SCHEMA_VERSION:
         raise ValueError(f"{where} has schema version {found}, newer than this lab's {SCHEMA_VERSION}: "
                          "upgrade balloon-lab")
     for version in range(found + 1, SCHEMA_VERSION + 1):
         for stmt in statements(version, dialect):
             db.execute(stmt)
-        Q.set_schema_version(db, dialect, version)
+        store_sql.set_schema_version(db, dialect, version)
     return found

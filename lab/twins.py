@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from lab import metrics as M
-from lab import stats as S
+from lab import metrics
+from lab import stats
 
 TWIN_KEY = "twin"
 DESIGN_TWIN = "twin"          # timings from unprobed twins, counts and kernel shares from probed ones
@@ -98,7 +98,7 @@ def _swap_timings(probed: Mapping[str, Any], unprobed: Mapping[str, Any], prefix
             out[key], sub = _swap_timings(value, other, name + ".")
             if sub:
                 replaced[key] = sub
-        elif _is_number(value) and _is_number(other) and M.classify(name) == M.TIMING:
+        elif _is_number(value) and _is_number(other) and metrics.classify(name) == metrics.TIMING:
             out[key], replaced[key] = other, value
         else:
             out[key] = value
@@ -112,10 +112,10 @@ def _is_number(v: Any) -> bool:
 def counter_mismatches(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Exact counters (outside the probes) that differ between two twins: with one seed
     they must not, so any entry here says the guest layout was not reproduced."""
-    ma, _ = M.flatten({k: v for k, v in a.items() if k not in (PROBE_KEY, TWIN_KEY)})
-    mb, _ = M.flatten({k: v for k, v in b.items() if k not in (PROBE_KEY, TWIN_KEY)})
+    ma, _ = metrics.flatten({k: v for k, v in a.items() if k not in (PROBE_KEY, TWIN_KEY)})
+    mb, _ = metrics.flatten({k: v for k, v in b.items() if k not in (PROBE_KEY, TWIN_KEY)})
     return [f"{k}: {ma[k]} unprobed, {mb[k]} probed" for k in sorted(set(ma) & set(mb))
-            if M.classify(k) == M.COUNTER and ma[k] != mb[k]]
+            if metrics.classify(k) == metrics.COUNTER and ma[k] != mb[k]]
 
 
 def timing_design(results: list[Mapping[str, Any]]) -> str:
@@ -171,7 +171,7 @@ def arm_overheads(trials: list[Any], metric: tuple[str, ...] = OVERHEAD_METRIC) 
     for arm, pairs in by_arm.items():
         u = np.array([a for a, _ in pairs]) / 1e6
         p = np.array([b for _, b in pairs]) / 1e6
-        out.append(ArmOverhead(arm, len(pairs), S.median_ci(u), S.median_ci(p), S.median_ci(p / u)))
+        out.append(ArmOverhead(arm, len(pairs), stats.median_ci(u), stats.median_ci(p), stats.median_ci(p / u)))
     return out
 
 

@@ -7,25 +7,25 @@ from typing import Sequence
 
 from matplotlib.figure import Figure
 
-from lab import metrics as M
+from lab import metrics
 from lab.history import HistoryPoint
-from reports import charts as C
+from reports import charts
 from reports.fmt import NS_PER, esc, time_unit
 from reports.sections import Section, chip, figure, nodata, note, scrolling, table, vfmt
 
 FLAG_COLOR = "#b3261e"
 
 
-@C.styled
+@charts.styled
 def history_chart(points: Sequence[HistoryPoint], run_ids: Sequence[str], current: str, colors: dict[str, str],
                   metric: str) -> Figure:
     """Median per run and arm (line + dots, 95 % CI whiskers) on a linear axis from
     zero; runs in storage order; flagged runs get a red ring and label, this run a band."""
-    fig = C.new_figure(C.WIDTH, 3.0)
+    fig = charts.new_figure(charts.WIDTH, 3.0)
     ax = fig.subplots()
-    to_ns = NS_PER.get(M.unit(metric))
+    to_ns = NS_PER.get(metrics.unit(metric))
     scale_in = to_ns or 1.0
-    uname, scale = time_unit([p.median * scale_in for p in points]) if to_ns else (M.unit(metric) or "count", 1.0)
+    uname, scale = time_unit([p.median * scale_in for p in points]) if to_ns else (metrics.unit(metric) or "count", 1.0)
     xs = {r: i for i, r in enumerate(run_ids)}
     arms = list(dict.fromkeys(p.arm for p in points))
     top = 0.0
@@ -70,7 +70,7 @@ def history_section(points: Sequence[HistoryPoint], current: str, metric: str | 
             "No other stored run has this experiment's spec yet: run the same command again (or in CI) and "
             f"this section plots <code>{esc(metric)}</code> across the runs, marking those the gate flagged. "
             f"<code>balloon-lab history {esc(metric)}</code> prints it."))
-    ch = C.render(history_chart(points, run_ids, current, colors, metric), "plot-history",
+    ch = charts.render(history_chart(points, run_ids, current, colors, metric), "plot-history",
                   f"{metric} across stored runs")
     body = [figure(ch, f"<code>{esc(metric)}</code> in each of the {len(run_ids)} stored runs with this run's spec "
                        "(the gate's definition: same kind, sizes, workload, seed, discard, probes), oldest first; "

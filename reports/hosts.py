@@ -6,7 +6,7 @@ measured the same value.
 """
 from __future__ import annotations
 
-from lab import metrics as M
+from lab import metrics
 from reports.data import ReportData
 from reports.fmt import esc, sig
 from reports.sections import Section, chip, note, table, vfmt
@@ -54,8 +54,8 @@ def _side_by_side(d: ReportData) -> str:
                 cells.append(f"{fmt(s.median)}{ci} <small>n={s.n}</small>")
             if not values:
                 continue
-            kind = M.classify(metric)
-            if kind == M.COUNTER:
+            kind = metrics.classify(metric)
+            if kind == metrics.COUNTER:
                 same = len(set(values)) == 1 and len(values) == len(hosts)
                 verdict = "equal on every host" if same else "<b>differs between hosts</b>"
                 classes.append("" if same else "bad")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab.store import Store
-from reports import data as D
-from reports import sections as SEC
+from reports import data
+from reports import sections as report_sections
 from reports.fmt import esc, plural, sig
 from reports.hosts import hosts_section
 from reports.real_stack import real_stack_section
@@ -103,21 +103,21 @@ class Report:
         return len(self.html.encode())
 
 
-def build(d: D.ReportData, report_path: str | None = None, extra: list[SEC.Section] | None = None) -> Report:
+def build(d: data.ReportData, report_path: str | None = None, extra: list[report_sections.Section] | None = None) -> Report:
     """Render a loaded run to a Report; `extra` sections (e.g. the history, which needs
     the store) go after the run's own and before the environment."""
     r = d.run
-    secs = [SEC.verdict_section(d), SEC.comparison_section(d)]
-    mig = SEC.migration_section(d)
+    secs = [report_sections.verdict_section(d), report_sections.comparison_section(d)]
+    mig = report_sections.migration_section(d)
     if d.kind == "migrate":
         # a migration has no inflate stages, run lengths or balloon kicks: those sections would only say so
-        secs += [mig, SEC.probes_section(d)]
+        secs += [mig, report_sections.probes_section(d)]
     else:
         real = real_stack_section(d)
-        secs += [SEC.stages_section(d)] + ([real] if real is not None else []) + [
-            SEC.probes_section(d), SEC.runlength_section(d), SEC.notifications_section(d)] + (
+        secs += [report_sections.stages_section(d)] + ([real] if real is not None else []) + [
+            report_sections.probes_section(d), report_sections.runlength_section(d), report_sections.notifications_section(d)] + (
             [mig] if mig is not None else [])
-    secs += list(extra or []) + [hosts_section(d), SEC.environment_section(d), SEC.reproduce_section(d, report_path)]
+    secs += list(extra or []) + [hosts_section(d), report_sections.environment_section(d), report_sections.reproduce_section(d, report_path)]
     spec = r.spec
     mib = d.inflate_mib
     what = (f"{esc(spec.get('kind', r.kind))}, guest {sig(d.guest_mib)} MiB"
@@ -125,7 +125,7 @@ def build(d: D.ReportData, report_path: str | None = None, extra: list[SEC.Secti
             + f", workload {esc(spec.get('workload', '?'))}, "
             + f"{plural(spec.get('trials'), 'trial')} + {plural(spec.get('warmups'), 'warm-up')} per arm, "
             + f"probes {'on' if spec.get('probes') else 'off'}")
-    arms = " ".join(SEC.chip(a, d.colors) for a in d.scheduled_arms)
+    arms = " ".join(report_sections.chip(a, d.colors) for a in d.scheduled_arms)
     banners = "".join(f'<p class="banner">{esc(n)}</p>' for n in d.notes)
     if d.probe_backends() and "bcc" not in d.probe_backends() and spec.get("probes"):
         banners += ('<p class="banner">The eBPF probes did not run for this run (backend none): kernel-side '
@@ -168,11 +168,11 @@ docs/REPORT.md explains each section.</footer>
 def render_report(store: Store, run_ref: str, report_path: str | None = None, host: str | None = None) -> Report:
     """The report of one run of `store` (id, unique prefix or "latest"); `host` picks
     which host's trials the detailed sections show when the run ran on several."""
-    d = D.load(store, run_ref, host)
+    d = data.load(store, run_ref, host)
     return build(d, report_path, [_history(store, d)])
 
 
-def _history(store: Store, d: D.ReportData) -> SEC.Section:
+def _history(store: Store, d: data.ReportData) -> report_sections.Section:
     """The run's headline metric across the stored runs of its experiment."""
     from lab.history import history
     from reports.history_section import headline_metric, history_section

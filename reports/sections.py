@@ -12,14 +12,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from lab import environment as E
-from lab import metrics as M
-from lab import stats as S
-from lab import twins as T
-from reports import charts as C
+from lab import environment
+from lab import metrics as lab_metrics
+from lab import stats
+from lab import twins
+from reports import charts as report_charts
 from lab.backends import is_qemu_arm
 from lab.backends.qemu.side_by_side import arm_title
-from reports import published as P
+from reports import published as published_figures
 from reports.data import MiB, OPS, STAGES, ReportData, finite
 from reports.fmt import (esc, fmt_bytes, fmt_ns, fmt_p, fmt_ratio, fmt_value, pct, sig, speed_phrase)
 from reports.palette import PUBLISHED_COLOR
@@ -30,7 +30,7 @@ class Section:
     id: str
     title: str
     body: str
-    charts: list[C.Chart] = field(default_factory=list)
+    charts: list[report_charts.Chart] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # what this section could not show, and why
 
 
@@ -48,7 +48,7 @@ def nodata(text: str) -> str:
     return f'<p class="nodata">{text}</p>'
 
 
-def figure(chart: C.Chart, caption: str) -> str:
+def figure(chart: report_charts.Chart, caption: str) -> str:
     return (f'<figure class="plot" id="{chart.id}" data-format="{chart.fmt}">{chart.html}'
             f'<figcaption>{caption}</figcaption></figure>')
 
@@ -72,7 +72,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", r
 def vfmt(metric: str) -> Callable[[float | None], str]:
     """A formatter for one metric's values, each value in its own readable unit
     (75.5 ms next to 1.05 s reads better than 0.0755 s next to 1.05 s)."""
-    u = M.unit(metric)
+    u = lab_metrics.unit(metric)
     return lambda v: fmt_value(v, u)
 
 
@@ -82,8 +82,8 @@ def _ci(d: ReportData, arm: str, metric: str) -> tuple[float | None, float | Non
     if s is not None and s.ci_low is not None:
         return s.ci_low, s.ci_high
     x = d.samples(arm, metric)
-    if x is not None and x.size >= S.MIN_BOOTSTRAP_N:
-        _, lo, hi = S.median_ci(x)
+    if x is not None and x.size >= stats.MIN_BOOTSTRAP_N:
+        _, lo, hi = stats.median_ci(x)
         return lo, hi
     return None, None
 
@@ -109,7 +109,7 @@ def _probes_missing_reason(d: ReportData) -> str:
 
 
 # --- verdict -------------------------------------------------------------------------
-def _sureness(pr: S.PairResult | None, n_a: int, n_b: int, alpha: float) -> tuple[str, str]:
+def _sureness(pr: stats.PairResult | None, n_a: int, n_b: int, alpha: float) -> tuple[str, str]:
     """(class, sentence) saying how sure the comparison is."""
     if pr is None:
         return "unsure", "no comparison available"
@@ -124,7 +124,7 @@ def _sureness(pr: S.PairResult | None, n_a: int, n_b: int, alpha: float) -> tupl
         d = pr.cliffs_delta
         if d is not None and abs(d) >= 0.999:
             how = (f"every {pr.arm} trial {'beat' if d < 0 else 'lost to'} every {pr.baseline_arm} trial"
-                   if pr.kind == M.TIMING else "no overlap between the arms' trials")
+                   if pr.kind == lab_metrics.TIMING else "no overlap between the arms' trials")
         elif d is not None:
             how = f"Cliff's δ = {d:+.2f}"
         else:
@@ -133,7 +133,7 @@ def _sureness(pr: S.PairResult | None, n_a: int, n_b: int, alpha: float) -> tupl
     return "unsure", f"not distinguishable: p(Holm) = {fmt_p(pr.p_holm)} ≥ α = {alpha:g}"
 
 
-def _ratio_ci_text(pr: S.PairResult | None) -> str:
+def _ratio_ci_text(pr: stats.PairResult | None) -> str:
     if pr is None or pr.ratio_ci_low is None or pr.ratio_ci_high is None:
         return ""
     lo, hi = pr.ratio_ci_low, pr.ratio_ci_high
@@ -157,10 +157,10 @@ def _told_apart(d: ReportData, a: str, b: str, metric: str, alpha: float) -> tup
                 return False, f"too few trials to tell, p(Holm) = {fmt_p(pr.p_holm)}"
             return pr.p_holm < alpha, f"p(Holm) = {fmt_p(pr.p_holm)}"
     xa, xb = d.samples(a, metric), d.samples(b, metric)
-    p, _delta, _ = S.mann_whitney(xa, xb)
+    p, _delta, _ = stats.mann_whitney(xa, xb)
     if p is None:
         return False, "too few trials to test"
-    if p >= alpha and S.min_mann_whitney_p(len(xa), len(xb)) >= alpha:
+    if p >= alpha and stats.min_mann_whitney_p(len(xa), len(xb)) >= alpha:
         return False, f"too few trials to tell, p = {fmt_p(p)}"
     return p < alpha, f"p = {fmt_p(p)}"
 
@@ -172,7 +172,7 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
     if not arms:
         return None
     comp = d.comparison
-    alpha = comp.alpha if comp else S.ALPHA
+    alpha = comp.alpha if comp else stats.ALPHA
     base = d.baseline if d.baseline in arms else arms[0]
     meds = {a: float(np.median(d.samples(a, metric))) for a in arms}
     order = sorted(arms, key=lambda a: meds[a])
@@ -216,7 +216,7 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
         if a in shown:
             continue
         xa, xw = d.samples(a, metric), d.samples(win, metric)
-        ratio, rlo, rhi = S.ratio_ci(xa, xw)
+        ratio, rlo, rhi = stats.ratio_ci(xa, xw)
         ok, evidence = apart[a]
         rest.append(f"{chip(a, d.colors)} {fmt(meds[a])}: {chip(win, d.colors)} is {speed_phrase(ratio)}"
                     + (f" (CI {sig(1 / rhi)}×–{sig(1 / rlo)}×)" if rlo and rhi and ratio < 1 else "")
@@ -250,7 +250,7 @@ def _counters_line(d: ReportData, items: Sequence[tuple[str, str]]) -> str:
 def run_warnings(d: ReportData) -> list[str]:
     """Load-average and governor warnings from the trials' own snapshots (else the run's start)."""
     loads = [(t.result.get("host_load") or {}).get("start") for t in d.measured() if t.result.get("host_load")]
-    return E.load_warnings(loads, "measured trials") if loads else E.load_warnings([d.run.environment], "runs")
+    return environment.load_warnings(loads, "measured trials") if loads else environment.load_warnings([d.run.environment], "runs")
 
 
 def verdict_section(d: ReportData) -> Section:
@@ -293,7 +293,7 @@ def verdict_section(d: ReportData) -> Section:
                                         "bytes on the ring")]))
     body += [note("Warning: " + esc(w), "nodata") for w in run_warnings(d)]
     if d.kind != "migrate" and d.measured():
-        body.append(note("Timings " + esc(T.DESIGN_TEXT[T.timing_design([t.result for t in d.measured()])]) + "."))
+        body.append(note("Timings " + esc(twins.DESIGN_TEXT[twins.timing_design([t.result for t in d.measured()])]) + "."))
     if d.comparison is not None:
         c = d.comparison
         body.append(note(f"Baseline {chip(c.baseline_arm, d.colors)}; {c.confidence:.0%} bootstrap CIs of medians; "
@@ -304,17 +304,17 @@ def verdict_section(d: ReportData) -> Section:
         if not d.has_metric(m):
             continue
         samples = {a: d.samples(a, m) for a in d.arms if d.samples(a, m) is not None}
-        unit = "ns" if M.unit(m) == "ns" else (M.unit(m) or "")
-        scale = {"ms": 1e6, "us": 1e3, "s": 1e9}.get(M.unit(m))
+        unit = "ns" if lab_metrics.unit(m) == "ns" else (lab_metrics.unit(m) or "")
+        scale = {"ms": 1e6, "us": 1e3, "s": 1e9}.get(lab_metrics.unit(m))
         cis = {a: _ci(d, a, m) for a in samples}
         if scale:  # show every time in ns internally so the chart picks one readable unit
             samples = {a: x * scale for a, x in samples.items()}
             cis = {a: (lo * scale if lo is not None else None, hi * scale if hi is not None else None)
                    for a, (lo, hi) in cis.items()}
             unit = "ns"
-        panels.append(C.Series(what, unit, samples, cis))
+        panels.append(report_charts.Series(what, unit, samples, cis))
     if panels:
-        ch = C.render(C.trials_strip(panels, d.arms, d.colors), "plot-totals",
+        ch = report_charts.render(report_charts.trials_strip(panels, d.arms, d.colors), "plot-totals",
                       "total time per trial and arm")
         charts.append(ch)
         body.append(figure(ch, "Each dot is one measured trial; the thick bar is the arm's median, the shaded band "
@@ -346,9 +346,9 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
     s = comp.summary(arm, metric)
     if s is None:
         return '<span class="muted">–</span>'
-    kind = M.classify(metric)
+    kind = lab_metrics.classify(metric)
     top = f"<b>{fmt(s.median)}</b>"
-    if M.is_statistical(kind) and s.ci_low is not None:
+    if lab_metrics.is_statistical(kind) and s.ci_low is not None:
         top += f'<br><span class="ci">[{fmt(s.ci_low)}, {fmt(s.ci_high)}]</span>'
     elif s.min != s.max:
         top += f'<br><span class="ci">range {fmt(s.min)}..{fmt(s.max)}</span>'
@@ -359,7 +359,7 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
         return top
     # colour says better/worse only where the lab defines it (timings and gauges: lower is better);
     # a counter's "more" can be good (more pages hinted) or bad (more syscalls)
-    stat = M.is_statistical(kind)
+    stat = lab_metrics.is_statistical(kind)
     vcls = "good" if stat and pr.verdict in _GOOD else "bad" if stat and pr.verdict in _BAD else "neutral"
     if pr.exact:
         diff = "=" if pr.difference == 0 else f"{'+' if pr.difference > 0 else ''}{fmt(pr.difference)}"
@@ -379,7 +379,7 @@ def _comparison_rows(d: ReportData, metrics: Sequence[str]) -> list[list[str]]:
         kept = comp.folded.get(m, m)
         fmt = vfmt(kept)
         name = f"<code>{esc(m)}</code>" + (f'<br><span class="muted">= {esc(kept)}</span>' if kept != m else "")
-        rows.append([name, M.classify(kept)] + [_cell(d, a, kept, fmt) for a in comp.arms])
+        rows.append([name, lab_metrics.classify(kept)] + [_cell(d, a, kept, fmt) for a in comp.arms])
     return rows
 
 
@@ -401,7 +401,7 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
     other arms, the ratio to the baseline marked − (significantly lower) or + (higher)."""
     comp = d.comparison
     fmt = vfmt(metric)
-    kind = M.classify(metric)
+    kind = lab_metrics.classify(metric)
     cells = [f"<code>{esc(metric)}</code>"]
     for a in comp.arms:
         s = comp.summary(a, metric)
@@ -412,7 +412,7 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
         if pr is None or s is None:
             cells.append("")
             continue
-        stat = M.is_statistical(kind)
+        stat = lab_metrics.is_statistical(kind)
         cls = "good" if stat and pr.verdict in _GOOD else "bad" if stat and pr.verdict in _BAD else "neutral"
         mark = _MARK[cls] or ("≠" if pr.exact and pr.difference else "")
         why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {pr.verdict}"
@@ -475,11 +475,11 @@ def _median_other(d: ReportData, arm: str, op: str) -> float:
     return float(np.median(tot - sum(parts)))
 
 
-def _published_speedup(pub: P.PublishedInflate) -> str:
+def _published_speedup(pub: published_figures.PublishedInflate) -> str:
     """A published speed-up in the report's one wording ("N× faster": the ratio of
     total times), converted from the published times, with the published wording and
     source beside it ("85 % faster" meant 85 % less time)."""
-    pfn = next((x for x in P.INFLATE if x.arm == "pfn"), None)
+    pfn = next((x for x in published_figures.INFLATE if x.arm == "pfn"), None)
     if pub.arm == "pfn" or pfn is None:
         return '<span class="muted">reference</span>'
     said = f"published as “{pct(pub.faster_than_pfn, 0)} faster”, " if pub.faster_than_pfn else ""
@@ -521,7 +521,7 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
         rows.append(cells)
         classes.append("")
     if op == "inflate":
-        for pub in P.INFLATE:
+        for pub in published_figures.INFLATE:
             cells = [f'<span class="pub">{esc(pub.label)}</span><br><span class="ci">{esc(pub.source)}</span>',
                      "–", f"<b>{sig(pub.total_ms)} ms</b><br><span class=\"ci\">7 GiB of 8 GiB idle</span>",
                      f"{sig(pub.ms_per_gib)} ms"]
@@ -567,7 +567,7 @@ def stages_section(d: ReportData) -> Section:
         shown = [s for s in list(STAGES) + ["total"] if any(meds[a].get(s) for a in arms)]
         cis = {a: {s: (_ci(d, a, m) if (m := d.stage_metric(op, s)) else (None, None)) for s in ("total",) + STAGES}
                for a in arms}
-        ch = C.render(C.stage_panels(op, shown, arms, d.colors, meds, cis),
+        ch = report_charts.render(report_charts.stage_panels(op, shown, arms, d.colors, meds, cis),
                       f"plot-stages-{op}", f"{op} time per stage and arm")
         charts.append(ch)
         dropped = [s for s in STAGES if s not in shown]
@@ -585,12 +585,12 @@ def stages_section(d: ReportData) -> Section:
             k = 1 / sum(shares.values()) if sum(shares.values()) > 0 else 0.0
             shares = {s: v * k for s, v in shares.items()}
             rows.append((a, shares, d.colors[a]))
-        for pub in P.INFLATE:
+        for pub in published_figures.INFLATE:
             if pub.shares:
                 shares = dict(pub.shares)
                 shares["other"] = max(0.0, 1 - sum(shares.values()))
                 rows.append((f"{pub.label} (published)", shares, PUBLISHED_COLOR))
-        ch = C.render(C.stage_shares(rows, STAGES), "plot-stage-shares", "share of inflate time per stage")
+        ch = report_charts.render(report_charts.stage_shares(rows, STAGES), "plot-stage-shares", "share of inflate time per stage")
         charts.append(ch)
         body.append(figure(ch, "Where an inflate's time goes: each stage's median as a share of the sum of the "
                                "stage medians (and 'other'), so every bar is 100 %. The last row is the "
@@ -613,7 +613,7 @@ def _per_trial(d: ReportData, name: str) -> dict[str, dict[float, float]]:
 def _overhead_table(d: ReportData) -> str:
     """The probes' own cost per arm, from the run's twin pairs (lab/twins.py); "" without twins."""
     rows = []
-    for o in T.arm_overheads(d.measured()):
+    for o in twins.arm_overheads(d.measured()):
         ci = lambda m: sig(m[0]) + (f" [{sig(m[1])}, {sig(m[2])}]" if m[1] is not None else "")  # noqa: E731
         rows.append([chip(o.arm, d.colors), str(o.pairs), ci(o.unprobed_ms) + " ms", ci(o.probed_ms) + " ms",
                      ci(o.ratio), f"{o.overhead_pct:+.1f} %"])
@@ -634,12 +634,12 @@ def probes_section(d: ReportData) -> Section:
         syscall = "fallocate"
     specs = [
         (f"probes.hists.{syscall}_len_log2", "plot-madvise-len", f"{syscall} length per call (log2 buckets)",
-         f"{syscall} calls per {phase}", C.bytes_tick, f"{syscall} length during {phase}",
+         f"{syscall} calls per {phase}", report_charts.bytes_tick, f"{syscall} length during {phase}",
          f"How many bytes each {syscall} call discarded. The PFN path makes one 4 KiB call per page (as QEMU "
          "does: see the qemu-pfn arm); range protocols make one call per run of "
          "contiguous pages, so their calls are few and long.", False),
         (f"probes.hists.{syscall}_ns_log2", "plot-madvise-ns", f"kernel time per {syscall} call (log2 buckets)",
-         f"{syscall} calls per {phase}", C.ns_tick, f"{syscall} latency during {phase}",
+         f"{syscall} calls per {phase}", report_charts.ns_tick, f"{syscall} latency during {phase}",
          "Time in the kernel per call, from syscall entry to exit (BCC tracepoints on the VMM). Many short calls "
          "(pfn) against few long ones (ranges): the total is in the comparison table as probes.madvise_kernel_ns.",
          False),
@@ -680,7 +680,7 @@ def probes_section(d: ReportData) -> Section:
                                                                                    f"{reason}.") + "</div>")
             missing.append(f"{cid}: {_plain(reason)}")
             continue
-        ch = C.render(C.log2_histogram(hists, d.arms, d.colors, xlabel=xlabel, ylabel=ylabel, tick=tick,
+        ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors, xlabel=xlabel, ylabel=ylabel, tick=tick,
                                        title=title, linear_buckets=linear), cid, title)
         charts.append(ch)
         body.append(figure(ch, caption + " Counts are per trial (summed over the measured trials, divided by "
@@ -701,9 +701,9 @@ def runlength_section(d: ReportData) -> Section:
         hists, ylabel = pages, "pages per inflate"
     else:
         hists, ylabel = runs, "runs per inflate"
-    ch = C.render(C.log2_histogram(hists, d.arms, d.colors,
+    ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors,
                                    xlabel="run length (pages of 4 KiB, log2 buckets)", ylabel=ylabel,
-                                   tick=C.pages_tick, title="runs of contiguous ballooned pages, as the device saw them"),
+                                   tick=report_charts.pages_tick, title="runs of contiguous ballooned pages, as the device saw them"),
                   "plot-run-length", "run-length distribution of ballooned pages")
     charts.append(ch)
     body.append(figure(ch, "How contiguous the ballooned pages were, per the device: a run is a maximal stretch of "
@@ -745,7 +745,7 @@ def notifications_section(d: ReportData) -> Section:
         for a in d.arms:
             x = d.samples(a, m)
             errors[label][a] = (float(x.min()) / mib, float(x.max()) / mib) if x is not None and np.ptp(x) > 0 else None
-    ch = C.render(C.grouped_bars([l for _, l in items], d.arms, d.colors, values,
+    ch = report_charts.render(report_charts.grouped_bars([l for _, l in items], d.arms, d.colors, values,
                                  ylabel="per MiB ballooned", title=f"notifications per MiB ({sig(mib)} MiB per trial)",
                                  errors=errors),
                   "plot-kicks-per-mib", "kicks and interrupts per MiB")
@@ -846,12 +846,12 @@ def migration_section(d: ReportData) -> Section | None:
         panels.append((title, xlabel, vals, cis))
     ratios: dict[str, float] = {}
     if base is not None:
-        for p in P.MIGRATION:
+        for p in published_figures.MIGRATION:
             if p.guest == "8 GB idle" and base in p.arm_times_ms:
                 ratios.update({a: t / p.arm_times_ms[base] for a, t in p.arm_times_ms.items()})
     panels.append(panels.pop(0)) if panels and panels[0][1] == "ratio" else None  # ratio panel last
     pub = {f"total time / {base}'s": ratios}
-    ch = C.render(C.migration_bars(panels, d.arms, d.colors, published=pub), "plot-migration-bars",
+    ch = report_charts.render(report_charts.migration_bars(panels, d.arms, d.colors, published=pub), "plot-migration-bars",
                   "migration time, downtime and bytes per arm")
     charts.append(ch)
     body.append(figure(ch, "Total migration time, downtime (stop-and-copy, the guest paused), bytes sent, and "
@@ -880,7 +880,7 @@ def migration_section(d: ReportData) -> Section | None:
         trial, log = logs[(len(logs) - 1) // 2]
         timeline_rows.append((a, _timeline_segments(trial.result, log)))
     if timeline_rows:
-        ch = C.render(C.migration_timeline(timeline_rows, d.colors), "plot-migration-timeline",
+        ch = report_charts.render(report_charts.migration_timeline(timeline_rows, d.colors), "plot-migration-timeline",
                       "migration rounds over time")
         charts.append(ch)
         body.append(figure(ch, "The median trial of each arm (by total time), phase by phase: setup, waiting for the "
@@ -891,14 +891,14 @@ def migration_section(d: ReportData) -> Section | None:
         body.append(nodata("No round-by-round timeline: the results carry no per-round log "
                            "(<code>per_round</code>), so only the totals above are shown."))
         missing.append("plot-migration-timeline: no per-round data")
-    def hinted_speedup(p: P.PublishedMigration) -> str:
+    def hinted_speedup(p: published_figures.PublishedMigration) -> str:
         """The published times in the report's one wording: hinted vs unhinted, "N× faster"."""
         hinted = [t for a, t in p.arm_times_ms.items() if a != "none"]
         return speed_phrase(hinted[0] / p.arm_times_ms["none"]) if hinted and p.arm_times_ms.get("none") else "–"
 
     pub_rows = [[esc(p.label), *(f"{sig(p.arm_times_ms[a])} ms" if a in p.arm_times_ms else "–"
                                  for a in ("none", "upstream", "bitmap")),
-                 f"<b>{hinted_speedup(p)}</b>", esc(p.source)] for p in P.MIGRATION]
+                 f"<b>{hinted_speedup(p)}</b>", esc(p.source)] for p in published_figures.MIGRATION]
     body.append("<h3>Published migration times</h3>" + table(
         ["experiment", "no hints", "FREE_PAGE_HINT", "seed bitmap", "hinted vs no hints", "source"], pub_rows, "",
         ["published"] * len(pub_rows)))

@@ -8,14 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from device import wire
-from device.balloon_device import BalloonDevice
-from device.features import (F_PAGE_BITMAP, F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, Q_DEFLATE,
+from device.virtio import wire
+from device.host.balloon_device import BalloonDevice
+from device.virtio.features import (F_PAGE_BITMAP, F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, Q_DEFLATE,
                              Q_INFLATE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, bit,
                              protocol_device_features)
-from device.guest_ram import GuestRAM
-from device.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
-from device.virtqueue import DriverQueue, ring_layout
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from device.virtio.virtqueue import DriverQueue, ring_layout
 
 RING_BASE = 1 << 20        # 1 MiB: rings
 BUF = 2 << 20              # 2 MiB: request buffer (64 KiB)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device.buddy import MAX_ORDER, BuddyAllocator
-from device.layout import GiB, GuestLayout, PAGE_SHIFT
+from device.guest.buddy import MAX_ORDER, BuddyAllocator
+from device.virtio.layout import GiB, GuestLayout, PAGE_SHIFT
 from workloads.shapes import run_lengths
 
 HOLE = (3 * GiB >> PAGE_SHIFT, 4 * GiB >> PAGE_SHIFT)

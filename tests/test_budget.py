@@ -1,17 +1,17 @@
-"""The work budget per event-loop wake-up (device/budget.py), in-process over a real memfd."""
+"""The work budget per event-loop wake-up (device/host/budget.py), in-process over a real memfd."""
 from __future__ import annotations
 
 import struct
 
 import numpy as np
 
-from device.balloon_device import BalloonDevice
-from device.budget import WorkBudget
-from device.features import protocol_device_features
-from device.guest_ram import GuestRAM
-from device.layout import GuestLayout
-from device.transport import VringConfig
-from lab.raw_guest import RawRing, RingAddrs
+from device.host.balloon_device import BalloonDevice
+from device.host.budget import WorkBudget
+from device.virtio.features import protocol_device_features
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import GuestLayout
+from device.virtio.transport import VringConfig
+from device.guest.raw_guest import RawRing, RingAddrs
 
 RING, BUF, DATA = 0x10000, 0x20000, 0x100000
 

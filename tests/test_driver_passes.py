@@ -1,5 +1,5 @@
 """Every protocol allocates in the same calls and writes `actual` as often: only
-encoding and transmission differ between the arms (device/balloon_driver.py)."""
+encoding and transmission differ between the arms (device/guest/balloon_driver.py)."""
 from __future__ import annotations
 
 import pytest

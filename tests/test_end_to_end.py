@@ -94,7 +94,7 @@ def test_idle_16g_guest_costs_what_it_touched():
 def test_deflate_on_oom_gives_pages_back_under_pressure():
     """DEFLATE_ON_OOM: with most of its memory ballooned, a guest that needs memory
     takes pages back from the balloon (telling the device), instead of failing."""
-    from device.layout import MiB, PAGE_SHIFT
+    from device.virtio.layout import MiB, PAGE_SHIFT
     from lab.runner import LabProcesses, balloon_op, verify
     t = BalloonTrial(protocol="bitmap", guest_mib=512, inflate_mib=384)
     lp = LabProcesses(t)
@@ -121,7 +121,7 @@ def test_deflate_on_oom_gives_pages_back_under_pressure():
 def test_monitor_speaks_qmp_and_polls_guest_stats():
     """The monitor follows QMP: greeting, capabilities, QEMU's command names; guest
     stats come from the stats virtqueue (the device returns the buffer to poll)."""
-    from device.layout import MiB, PAGE_SHIFT
+    from device.virtio.layout import MiB, PAGE_SHIFT
     from lab.monitor_client import MonitorError
     from lab.runner import LabProcesses, balloon_op
     lp = LabProcesses(BalloonTrial(protocol="pfn", guest_mib=256, inflate_mib=64))

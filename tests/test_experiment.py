@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import metrics as M
+from lab import metrics
 from lab.experiment import ExperimentInterrupted, analyse_run, load_comparison, run_experiment
 from lab.spec import ExperimentSpec
 from lab.store import Store
@@ -172,7 +172,7 @@ def _wait_for_trials(db: Path, n: int, proc: subprocess.Popen) -> None:
 
 
 def _assert_only_whole_trials(store: Store) -> None:
-    n_metrics = len(M.flatten(load_bench().madvise_loop_trial(
+    n_metrics = len(metrics.flatten(load_bench().madvise_loop_trial(
         ExperimentSpec(arms=["pfn"], guest_mib=64, inflate_mib=1, probes=False), "pfn", 0))[0])
     n_hists = 1
     for tid, in store.db.execute("SELECT id FROM trials").fetchall():

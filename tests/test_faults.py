@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from device.layout import MiB, PAGE_SHIFT
+from device.virtio.layout import MiB, PAGE_SHIFT
 from lab.experiment import run_experiment
 from lab.monitor_client import QMPClient
 from lab.runner import BalloonTrial, LabProcesses, TrialFailed, run_balloon

@@ -7,8 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from device import control_peer
-from device.migration import dirty_log
+from device.host import control_peer
+from device.host.hint_queues import HintQueues
+from device.virtio import dirty_log
 from lab import fuzz, fuzz_control, fuzz_migration
 
 
@@ -68,20 +69,20 @@ def test_migration_oracles_see_wrong_hints_and_an_unsealed_log(monkeypatch):
     run = fuzz_migration.run_migration
     assert all(_session(c, run)[0] is None for c in cases)
     # a hint device that marks one page more than the guest hinted
-    real = fuzz_migration.FC.HintDevice._free_page_chain
+    real = HintQueues._free_page_chain
 
     def sloppy(self, chain):
         r = real(self, chain)
         if self.hinted.any():
             self.hinted[np.flatnonzero(self.hinted)[-1] + 1] = True
         return r
-    monkeypatch.setattr(fuzz_migration.FC.HintDevice, "_free_page_chain", sloppy)
+    monkeypatch.setattr(HintQueues, "_free_page_chain", sloppy)
     up = {"t": "migration", "proto": "pfn", "hint": "upstream", "max_queued": 64,
           "steps": [["setup", [0, 1, 3, 5]], ["attach"], ["answer", 0, 1], ["hint-start"], ["cmd-id", "current"],
                     ["hint", [[40 << 12, 2 << 12]]], ["round1"]]}
     failure, detail, _ = _session(up, run)
     assert failure == "crash" and "no hint named" in detail
-    monkeypatch.setattr(fuzz_migration.FC.HintDevice, "_free_page_chain", real)
+    monkeypatch.setattr(HintQueues, "_free_page_chain", real)
     # a dirty log whose size is not sealed: the guest shrinks it
     monkeypatch.setattr(dirty_log, "seal_size", lambda fd: None)
     shrink = dict(up, steps=up["steps"][:3] + [["shrink-log"]])

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device import wire
-from device.balloon_device import BalloonDevice
+from device.virtio import wire
+from device.host.balloon_device import BalloonDevice
 from lab import fuzz
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
@@ -286,7 +286,7 @@ def test_found_cases_fail_without_their_fix(monkeypatch):
     the cases found by the fuzzer fail the way they did before the fix."""
     cases = fuzz.load_corpus(CORPUS / "found" / "hint-bitmap-not-ram.jsonl")
     assert cases and not fuzz.replay(cases)
-    import device.free_page_hint as fph
+    import device.host.hint_queues as fph
     monkeypatch.setattr(fph.wire, "check_runs_in_ram", lambda *a, **k: None)
     bad = fuzz.replay(cases)
     assert len(bad) == len(cases)

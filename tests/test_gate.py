@@ -291,12 +291,12 @@ def test_scheduling_gauges_never_fail_an_aa_comparison(store, db):
     """The A/A false alarm seen on main: probes.per_queue.0.call_read_empty 255 -> 255
     'differs in 2 of 7 common rounds'. Every name in the one gauge list is compared
     statistically, so the same distribution on both sides passes."""
-    from lab import metrics as M
+    from lab import metrics
 
     names = ["probes.per_queue.0.call_read_empty", "probes.per_queue.1.kick_read_empty", "probes.empty_reads",
              "probes.per_queue.0.config_read", "kicks", "interrupts", "deflate.device_calls"]
-    assert all(M.classify(n) == M.GAUGE for n in names)
-    assert M.classify("probes.madvise_calls") == M.COUNTER and M.classify("discard_calls") == M.COUNTER
+    assert all(metrics.classify(n) == metrics.GAUGE for n in names)
+    assert metrics.classify("probes.madvise_calls") == metrics.COUNTER and metrics.classify("discard_calls") == metrics.COUNTER
 
     def run(seed):
         rng = np.random.default_rng(seed)

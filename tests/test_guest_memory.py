@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from device.buddy import BuddyAllocator
-from device.guest_memory import GuestMemory
-from device.guest_ram import GuestRAM
-from device.layout import GiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from device.guest.buddy import BuddyAllocator
+from device.guest.page_contents import GuestPageContents
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import GiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout
 
 HIGH = 4 * GiB >> PAGE_SHIFT  # first PFN above the MMIO hole
 
@@ -18,18 +18,18 @@ HIGH = 4 * GiB >> PAGE_SHIFT  # first PFN above the MMIO hole
 def gm():
     lay = GuestLayout.pc(6144)  # sparse: costs only what is written
     ram = GuestRAM.create(lay)
-    mem = GuestMemory(ram, BuddyAllocator(lay))
+    mem = GuestPageContents(ram, BuddyAllocator(lay))
     yield mem
     mem.close()
     ram.close()
 
 
-def read_page(mem: GuestMemory, pfn: int) -> np.ndarray:
+def read_page(mem: GuestPageContents, pfn: int) -> np.ndarray:
     off = int(mem.layout.pfn_to_offset(np.array([pfn]))[0])
     return np.frombuffer(os.pread(mem.ram.fd, PAGE_SIZE, off), dtype=np.uint64)
 
 
-def some_pages(mem: GuestMemory) -> np.ndarray:
+def some_pages(mem: GuestPageContents) -> np.ndarray:
     """Allocated pages on both sides of the hole, some contiguous, some scattered."""
     a = mem.alloc
     low = a.alloc_range(5000, 300)

@@ -1,4 +1,4 @@
-"""The real VMM (`python -m device.vmm`) against a hostile guest: lab/raw_guest.py, which
+"""The real VMM (`python -m device.host.vmm`) against a hostile guest: device/guest/raw_guest.py, which
 speaks docs/PROTOCOL.md from scratch and writes whatever ring contents a test wants.
 
 Every bad-input case of DESIGN.md section 9 (and docs/BAD_INPUT.md) is played here:
@@ -16,8 +16,9 @@ import time
 
 import pytest
 
-from lab.raw_guest import (FAILED, F_INDIRECT, F_NEXT, F_WRITE, GET_FEATURES, GET_STATUS, HEADER, NEEDS_RESET,
-                           SET_DIRTY_LOG, SET_VRING, SET_VRING_CALL, SET_VRING_KICK, U32, HostileVM, RingAddrs)
+from device.guest.raw_guest import (FAILED, F_INDIRECT, F_NEXT, F_WRITE, GET_FEATURES, GET_STATUS, HEADER, NEEDS_RESET,
+                                    SET_DIRTY_LOG, SET_VRING, SET_VRING_CALL, SET_VRING_KICK, U32, RingAddrs)
+from lab.hostile_vm import HostileVM
 
 GUEST_MIB = 3200                      # RAM below 3 GiB, the hole, 128 MiB from 4 GiB
 RING = {0: 0x10000, 1: 0x11000, 2: 0x12000}

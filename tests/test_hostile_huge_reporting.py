@@ -1,14 +1,15 @@
 """The real VMM on a THP backing with free page reporting, against the raw hostile guest
-(lab/raw_guest.py): page_shift values in bitmap headers, and bad reporting chains on
+(device/guest/raw_guest.py): page_shift values in bitmap headers, and bad reporting chains on
 queue 4. Each refusal is counted and logged, nothing outside the named (and valid)
 pages loses data per the memfd's SEEK_DATA, and the VMM keeps answering."""
 from __future__ import annotations
 
 import pytest
 
-from device.backing import BackingError, ensure_backing
-from device.features import F_REPORTING, bit
-from lab.raw_guest import F_WRITE, NEEDS_RESET, HostileVM
+from device.virtio.backing import BackingError, ensure_backing
+from device.virtio.features import F_REPORTING, bit
+from device.guest.raw_guest import F_WRITE, NEEDS_RESET
+from lab.hostile_vm import HostileVM
 from test_hostile_guest import DATA, GUEST_MIB, HIGH, HOLE, MAX_PFN, RING, Hostile, delta, header
 
 HUGE = 512

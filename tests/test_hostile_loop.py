@@ -1,7 +1,7 @@
 """A hostile guest against the real VMM's event loop: it must neither crash nor freeze it.
 
-Items 1-5 of the hostile-guest report, each played by lab/raw_guest.py (written from the
-docs alone) against `python -m device.vmm`. Every test checks: the VMM survives, the
+Items 1-5 of the hostile-guest report, each played by device/guest/raw_guest.py (written from the
+docs alone) against `python -m device.host.vmm`. Every test checks: the VMM survives, the
 monitor answers `query-balloon` during the attack (MonitorProbe, its own connection),
 no page outside the ones the guest validly named loses its data (SEEK_DATA on the
 guest's copy of the memfd), and the counter and log line docs/BAD_INPUT.md documents.
@@ -19,7 +19,8 @@ import time
 import pytest
 
 from lab.attacks import MonitorProbe, chain_attack
-from lab.raw_guest import (GET_STATUS, HEADER, NEEDS_RESET, SET_CONFIG, VERSION, HostileVM)
+from device.guest.raw_guest import GET_STATUS, HEADER, NEEDS_RESET, SET_CONFIG, VERSION
+from lab.hostile_vm import HostileVM
 
 DATA = 0x1000000 >> 12               # pages that hold data (16 MiB)
 NDATA = 64

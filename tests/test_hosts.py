@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from lab import host as H
+from lab import host as lab_host
 from lab.cli import main as cli
 from lab.spec import ExperimentSpec
 from lab.store import Store, TrialRecord, now_iso
@@ -28,7 +28,7 @@ def _two_host_run(store: Store, slow_b: float = 1.0, pages_b: int = 4096) -> str
         for rnd in range(8):
             store.add_trial(run, TrialRecord(arm="pfn", idx=idx, round=rnd, warmup=False, status="ok",
                                              started_at=now_iso(), duration_s=0.1, host_id=host,
-                                             host=H.identity(host).to_dict(),
+                                             host=lab_host.identity(host).to_dict(),
                                              result=_result(scale * (50 + (rnd * 7) % 5), pages)))
             idx += 1
     store.finish_run(run, "complete")
@@ -36,7 +36,7 @@ def _two_host_run(store: Store, slow_b: float = 1.0, pages_b: int = 4096) -> str
 
 
 def test_every_trial_records_its_host(tmp_path, monkeypatch):
-    monkeypatch.setenv(H.HOST_ID_ENV, "rack3-node7")
+    monkeypatch.setenv(lab_host.HOST_ID_ENV, "rack3-node7")
     with Store(tmp_path / "lab.db") as store:
         run = store.create_run(SPEC, "balloon", {})
         store.add_trial(run, TrialRecord(arm="pfn", idx=0, round=0, warmup=False, status="ok",
@@ -45,10 +45,10 @@ def test_every_trial_records_its_host(tmp_path, monkeypatch):
     assert t.host_id == "rack3-node7" and t.host["host_id"] == "rack3-node7"
     for key in ("hostname", "machine_id", "kernel", "cpu_model", "memory_bytes", "backing", "load"):
         assert key in t.host
-    assert t.host["machine_id"] == H.machine_id() and len(t.host["load"]) == 3
+    assert t.host["machine_id"] == lab_host.machine_id() and len(t.host["load"]) == 3
     assert t.host["memory_bytes"] > 0 and "thp_shmem" in t.host["backing"]
     with pytest.raises(ValueError, match="host id"):
-        H.check_host_id("a b")
+        lab_host.check_host_id("a b")
 
 
 def test_runs_and_show_group_by_host(tmp_path):

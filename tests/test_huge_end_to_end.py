@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from device.backing import NR_HUGEPAGES, BackingError, ensure_backing, hugetlb_pool
-from device.page_reporting_driver import ReportingParams
+from device.virtio.backing import NR_HUGEPAGES, BackingError, ensure_backing, hugetlb_pool
+from device.guest.page_reporting_driver import ReportingParams
 from lab.reclaim import ReclaimTrial, run_reclaim
 from lab.runner import BalloonTrial, LabProcesses, run_balloon
 

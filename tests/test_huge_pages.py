@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device import wire
-from device.alloc_policy import allocate_for_balloon
-from device.backing import BackingError, ensure_backing
-from device.balloon_device import BalloonDevice
-from device.buddy import BuddyAllocator
-from device.features import (Q_DEFLATE, Q_INFLATE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK,
+from device.virtio import wire
+from device.guest.alloc_policy import allocate_for_balloon
+from device.virtio.backing import BackingError, ensure_backing
+from device.host.balloon_device import BalloonDevice
+from device.guest.buddy import BuddyAllocator
+from device.virtio.features import (Q_DEFLATE, Q_INFLATE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK,
                              F_RING_EVENT_IDX, bit, protocol_device_features)
-from device.guest_ram import GuestRAM
-from device.host_pages import HostPageTracker, host_page_runs
-from device.layout import PAGE_SHIFT, GuestLayout
-from device.virtqueue import DriverQueue, ring_layout
+from device.virtio.ram import GuestRAM
+from device.host.host_pages import HostPageTracker, host_page_runs
+from device.virtio.layout import PAGE_SHIFT, GuestLayout
+from device.virtio.virtqueue import DriverQueue, ring_layout
 
 PER = 512
 

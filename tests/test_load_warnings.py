@@ -7,7 +7,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from lab import environment as E
+from lab import environment
 from lab.commands import show as show_cmd
 from lab.commands.compare import run_length_table
 from lab.experiment import run_experiment
@@ -37,7 +37,7 @@ def test_every_trial_records_the_load_and_governor_around_it(store):
         hl = t.result["host_load"]
         assert set(hl) == {"start", "end"}
         assert len(hl["start"]["loadavg"]) == 3 and abs(hl["start"]["loadavg"][0] - now) < 5
-        assert hl["start"]["cpu_governor"] == E.cpu_governor()
+        assert hl["start"]["cpu_governor"] == environment.cpu_governor()
         assert hl["start"]["cores_usable"] == len(os.sched_getaffinity(0))
     assert "host_load.start.cores_usable" not in store.metric_table(run_id)["pfn"]     # not a metric
     assert "cpu_governor" in store.get_run(run_id).environment
@@ -64,7 +64,7 @@ def test_show_warns_when_trials_ran_under_load_or_without_performance_governor(s
     out = show(busy).output
     assert "WARNING: taken under load: 2 of 3 measured trials" in out and "(peak 3.50)" in out
     assert "CPU frequency governor powersave (not performance)" in out
-    assert E.load_warnings([{"loadavg": [1.9, 1, 1], "cores_usable": 2}]) == []
+    assert environment.load_warnings([{"loadavg": [1.9, 1, 1], "cores_usable": 2}]) == []
 
 
 def test_report_warns_about_load(store, tmp_path):

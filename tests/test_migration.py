@@ -10,23 +10,24 @@ import time
 import numpy as np
 import pytest
 
-from device import control as C
-from device.balloon_device import BalloonDevice
-from device.buddy import BuddyAllocator
-from device.control import Channel, Req
-from device.features import Q_FREE_PAGE, protocol_device_features
-from device.free_page_hint import HintDevice, mark_runs
-from device.guest_memory import GuestMemory
-from device.guest_ram import GuestRAM
-from device.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout
-from device.migration import stream as S
-from device.migration.destination import MigrationDestination
-from device.migration.dirty_log import DirtyLog, MappedDirtyLog
-from device.migration.guest_side import GuestChannel, migration_verify
-from device.migration.pages import PageScanner, fingerprint_memfd, fingerprint_pfns
-from device.migration.ratelimit import TokenBucket
-from device.migration.source import parse_uri
-from device.virtqueue import DeviceQueue, DriverQueue, ring_bytes
+from device.virtio import control
+from device.host.balloon_device import BalloonDevice
+from device.guest.buddy import BuddyAllocator
+from device.virtio.control import Channel, Req
+from device.virtio.features import Q_FREE_PAGE, protocol_device_features
+from device.host.hint_queues import HintQueues, mark_runs
+from device.guest.page_contents import GuestPageContents
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from device.host.migration import stream
+from device.host.migration.destination import MigrationDestination
+from device.virtio.dirty_log import DirtyLog, MappedDirtyLog
+from device.guest.migration_side import GuestChannel, migration_verify
+from device.host.migration.pages import PageScanner
+from device.virtio.page_pattern import fingerprint_memfd, fingerprint_pfns
+from device.host.migration.ratelimit import TokenBucket
+from device.host.migration.source import parse_uri
+from device.virtio.virtqueue import DeviceQueue, DriverQueue, ring_bytes
 from lab.migrate_runner import MigrateTrial, run_migration
 
 
@@ -34,7 +35,7 @@ from lab.migrate_runner import MigrateTrial, run_migration
 def guest():
     ram = GuestRAM.create(GuestLayout.pc(64))
     alloc = BuddyAllocator(ram.layout)
-    mem = GuestMemory(ram, alloc)
+    mem = GuestPageContents(ram, alloc)
     yield ram, alloc, mem
     mem.close()
     ram.close()
@@ -83,23 +84,23 @@ def test_guest_channel_serves_a_vmm_request_that_arrives_during_its_own_call(gue
     def device_side():                                         # ... then answers the guest's own request
         msg = vmm.recv()
         assert msg.req == Req.GET_STATUS and not msg.is_reply
-        vmm.send(Req.GET_STATUS, C.U32.pack(7), reply=True)
+        vmm.send(Req.GET_STATUS, control.U32.pack(7), reply=True)
 
     th = threading.Thread(target=device_side)
     th.start()
     reply = gch.call(Req.GET_STATUS)
     th.join()
-    assert C.U32.unpack(reply.payload)[0] == 7
+    assert control.U32.unpack(reply.payload)[0] == 7
     assert len(gch.pending) == 1                               # queued, not mistaken for the reply
     gch.serve_pending()
     res = vmm.recv()
-    assert res.is_reply and res.req == Req.SET_DIRTY_LOG and C.unpack_result(res.payload)[0] == 0
+    assert res.is_reply and res.req == Req.SET_DIRTY_LOG and control.unpack_result(res.payload)[0] == 0
     mem.hold("x", alloc.alloc_pages(5), seed=1)
     assert len(dl.harvest()) == 5                              # the guest now logs into the VMM's memfd
     vmm.send(Req.GET_FEATURES)                                 # a request the guest does not serve
     gch.serve_readable()
     res = vmm.recv()
-    assert C.unpack_result(res.payload)[0] < 0
+    assert control.unpack_result(res.payload)[0] < 0
     mem.detach_dirty_log()
     gch.close()
     vmm.close()
@@ -129,7 +130,7 @@ def test_scanner_sends_data_and_zero_flags_without_faulting_memory_in(guest):
         res = sc.read_chunk(c0, off, np.ones(c1 - c0, dtype=bool))
         data_pfns.append(res.data_pfns)
         zero += res.nzero
-        assert res.ndata == int(np.count_nonzero(res.flags == S.FLAG_DATA))
+        assert res.ndata == int(np.count_nonzero(res.flags == stream.FLAG_DATA))
         assert sum(len(memoryview(d).cast("B")) for d in res.data) == res.ndata * PAGE_SIZE
     data_pfns = np.concatenate(data_pfns)
     assert np.array_equal(data_pfns, held)
@@ -188,7 +189,7 @@ def test_mark_runs_matches_a_loop():
 def test_upstream_hints_are_validated_and_only_count_for_the_current_cmd_id(guest):
     ram, alloc, mem = guest
     dev = BalloonDevice(ram, protocol_device_features("pfn"))
-    hints = HintDevice(dev)
+    hints = HintQueues(dev)
     base = int(alloc.alloc_block(2)) << PAGE_SHIFT
     d, a, u = ring_bytes(16)
     drv = DriverQueue(ram, Q_FREE_PAGE, 16, base, base + d, base + ((d + a + 3) & ~3), event_idx=False,
@@ -221,15 +222,15 @@ def test_upstream_hints_are_validated_and_only_count_for_the_current_cmd_id(gues
 
 # --- destination: a hostile or broken stream fails the migration, never the VMM ------------------------
 def _hello(sock, layout):
-    S.send_json(sock, S.MsgType.HELLO, {"magic": S.MAGIC, "version": S.VERSION, "page_size": PAGE_SIZE,
+    stream.send_json(sock, stream.MsgType.HELLO, {"magic": stream.MAGIC, "version": stream.VERSION, "page_size": PAGE_SIZE,
                                         "layout": layout.to_dict(), "hint": "none"})
 
 
 def _pages(sock, start, flags, data=b""):
     flags = np.asarray(flags, dtype=np.uint8)
-    ndata = int(np.count_nonzero(flags == S.FLAG_DATA))
-    S.send_parts(sock, [S.header(S.MsgType.PAGES, 1, S.pages_message_len(len(flags), ndata)),
-                        S.PAGES_HEAD.pack(start, len(flags), ndata), flags.tobytes(), data])
+    ndata = int(np.count_nonzero(flags == stream.FLAG_DATA))
+    stream.send_parts(sock, [stream.header(stream.MsgType.PAGES, 1, stream.pages_message_len(len(flags), ndata)),
+                        stream.PAGES_HEAD.pack(start, len(flags), ndata), flags.tobytes(), data])
 
 
 @pytest.fixture
@@ -247,8 +248,8 @@ def destination():
 def test_destination_refuses_a_different_layout(destination):
     ram, dst, sock = destination
     _hello(sock, GuestLayout.pc(64))
-    with pytest.raises(S.StreamError, match="layout"):
-        S.expect(sock, S.MsgType.ACK)
+    with pytest.raises(stream.StreamError, match="layout"):
+        stream.expect(sock, stream.MsgType.ACK)
     assert dst.finished.wait(10) and dst.status == "failed" and "layout" in dst.error
 
 
@@ -260,11 +261,11 @@ def test_destination_refuses_a_different_layout(destination):
 def test_destination_refuses_malformed_pages(destination, case, reason):
     ram, dst, sock = destination
     _hello(sock, ram.layout)
-    S.expect(sock, S.MsgType.ACK)
+    stream.expect(sock, stream.MsgType.ACK)
     if case == "bad-flag":
         _pages(sock, 10, [1, 3])
     elif case == "ndata":
-        S.send_parts(sock, [S.header(S.MsgType.PAGES, 1, S.pages_message_len(2, 1)), S.PAGES_HEAD.pack(10, 2, 1),
+        stream.send_parts(sock, [stream.header(stream.MsgType.PAGES, 1, stream.pages_message_len(2, 1)), stream.PAGES_HEAD.pack(10, 2, 1),
                             bytes([1, 1]), bytes(PAGE_SIZE)])
     else:
         _pages(sock, (3 << 30 >> PAGE_SHIFT) - 1, [1, 1])        # last page of region 0 and the hole
@@ -276,22 +277,22 @@ def test_destination_refuses_malformed_pages(destination, case, reason):
 def test_destination_writes_data_and_punches_a_page_that_became_zero(destination):
     ram, dst, sock = destination
     _hello(sock, ram.layout)
-    S.expect(sock, S.MsgType.ACK)
+    stream.expect(sock, stream.MsgType.ACK)
     page = np.full(PAGE_SIZE // 8, 0x0123456789ABCDEF, dtype=np.uint64).tobytes()
     hi = (4 << 30) >> PAGE_SHIFT                                   # first page of region 1
     _pages(sock, 100, [2, 0, 2], page + page)
     _pages(sock, hi, [2], page)
-    S.send_empty(sock, S.MsgType.SYNC)
-    S.expect(sock, S.MsgType.ACK)
+    stream.send_empty(sock, stream.MsgType.SYNC)
+    stream.expect(sock, stream.MsgType.ACK)
     assert ram.allocated_bytes() == 3 * PAGE_SIZE
     assert os.pread(ram.fd, PAGE_SIZE, (3 << 30)) == page            # region 1 starts at memfd 3 GiB
     _pages(sock, 100, [1])                                         # page 100 is zero now
-    S.send_empty(sock, S.MsgType.END)
-    _, ack = S.expect(sock, S.MsgType.ACK)
+    stream.send_empty(sock, stream.MsgType.END)
+    _, ack = stream.expect(sock, stream.MsgType.ACK)
     assert ack["pages_data"] == 3 and ack["pages_zero"] == 1 and ack["pages_punched"] == 1
     assert ram.allocated_bytes() == 2 * PAGE_SIZE
     assert os.pread(ram.fd, PAGE_SIZE, 100 * PAGE_SIZE) == bytes(PAGE_SIZE)
-    S.send_empty(sock, S.MsgType.BYE)
+    stream.send_empty(sock, stream.MsgType.BYE)
     assert dst.finished.wait(10) and dst.status == "completed"
 
 

@@ -12,9 +12,9 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from lab import host as H
+from lab import host
 from lab import store_schema
-from lab import store_sql as Q
+from lab import store_sql
 from lab.cli import main as cli
 from lab.store import Store, StoreError, TrialRecord, now_iso
 from test_store import SPEC, result, trial
@@ -43,7 +43,7 @@ def test_postgres_store_answers_like_sqlite(pg_db, tmp_path):
         assert pg.is_postgres and not lite.is_postgres
         runs = {s: _fill(s) for s in (pg, lite)}
         for s in (pg, lite):
-            assert Q.schema_version(s.db, s.dialect) == store_schema.SCHEMA_VERSION == 2
+            assert store_sql.schema_version(s.db, s.dialect) == store_schema.SCHEMA_VERSION == 2
         a, b = (s.metric_table(runs[s]) for s in (pg, lite))
         assert list(a) == list(b) == ["pfn", "bitmap"]
         for arm in a:
@@ -55,11 +55,11 @@ def test_postgres_store_answers_like_sqlite(pg_db, tmp_path):
         ra, rb = pg.get_run(runs[pg][:6]), lite.get_run(runs[lite])
         assert (ra.trials_ok, ra.trials_failed, ra.warmups, ra.status, ra.notes) == \
                (rb.trials_ok, rb.trials_failed, rb.warmups, rb.status, rb.notes) == (6, 1, 1, "complete", "first\nsecond")
-        assert ra.hosts == rb.hosts == [H.host_id()]
+        assert ra.hosts == rb.hosts == [host.host_id()]
         assert pg.resolve_run_id("latest") == runs[pg]
         ta = pg.trials(runs[pg], include_warmups=True)
         assert [t.result for t in ta] == [t.result for t in lite.trials(runs[lite], include_warmups=True)]
-        assert ta[0].host["machine_id"] == H.machine_id() and ta[0].host["host_id"] == H.host_id()
+        assert ta[0].host["machine_id"] == host.machine_id() and ta[0].host["host_id"] == host.host_id()
         assert pg.get_comparison(runs[pg]) == lite.get_comparison(runs[lite]) is not None
         pg.save_comparison(runs[pg], {"x": 2})  # upsert replaces
         assert pg.get_comparison(runs[pg]) == {"x": 2}
@@ -84,7 +84,7 @@ def test_postgres_trial_is_all_or_nothing(pg_db):
 def test_version_1_sqlite_store_is_migrated(tmp_path):
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)
-    for stmt in store_schema.statements(1, Q.SQLITE):
+    for stmt in store_schema.statements(1, store_sql.SQLITE):
         db.execute(stmt)
     db.execute("INSERT INTO runs (id, kind, name, created_at, status, spec, command_line, environment, host)"
                " VALUES ('abc123', 'balloon', 'old', '2024-01-01T00:00:00+00:00', 'complete', '{}', '', '{}', 'oldbox')")
@@ -132,7 +132,7 @@ def test_runs_via_environment_variable(pg_db, monkeypatch):
     with Store(pg_db) as s:
         run = _fill(s)
     monkeypatch.setenv("BALLOON_LAB_DB", pg_db)
-    out = CliRunner().invoke(cli, ["runs", "--host", H.host_id()])
+    out = CliRunner().invoke(cli, ["runs", "--host", host.host_id()])
     assert out.exit_code == 0 and run in out.output
 
 

@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from device.layout import MiB
-from device.monitor import ERROR_CLASSES, JsonStream
+from device.virtio.layout import MiB
+from device.host.monitor import ERROR_CLASSES, JsonStream
 from lab.runner import BalloonTrial, LabProcesses
 
 GUEST_MIB = 256

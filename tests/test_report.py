@@ -13,8 +13,8 @@ from lab.experiment import run_experiment
 from lab.runner import run_trial
 from lab.spec import ExperimentSpec
 from lab.store import Store
-from reports import charts as C
-from reports import data as D
+from reports import charts
+from reports import data
 from reports.html import build, write_report
 from reports.palette import ARM_COLORS, arm_colors
 from reports.sections import vfmt
@@ -40,7 +40,7 @@ def real_run(tmp_path_factory):
 def real_report(real_run):
     db, run_id = real_run
     with Store(db) as store:
-        d = D.load(store, run_id[:6])                    # a unique prefix works like the id
+        d = data.load(store, run_id[:6])                    # a unique prefix works like the id
         trials = store.trials(run_id)
     return d, build(d), trials
 
@@ -173,17 +173,17 @@ def test_colours_are_fixed_per_arm_and_distinct():
 def test_svg_ids_are_prefixed_and_png_fallback_for_huge_charts():
     import numpy as np
 
-    fig = C.new_figure(4, 3)
+    fig = charts.new_figure(4, 3)
     ax = fig.subplots()
     ax.plot(np.arange(100), np.arange(100) ** 2, marker="o")
     ax.set_yscale("log")
-    svg = C.render(fig, "plot-a", "a chart").html
+    svg = charts.render(fig, "plot-a", "a chart").html
     ids = _attrs(svg, "id")
     assert ids and all(i.startswith("plot-a-") for i in ids)
     refs = re.findall(r'href="#([^"]+)"', svg) + re.findall(r"url\(#([^)]+)\)", svg)
     assert refs and all(r in ids for r in refs)
     assert "<style" not in svg and "<?xml" not in svg and "<metadata" not in svg
-    big = C.render(fig, "plot-b", "a chart", max_svg_bytes=1000)
+    big = charts.render(fig, "plot-b", "a chart", max_svg_bytes=1000)
     assert big.fmt == "png" and big.html.startswith('<img class="chart"') and "data:image/png;base64," in big.html
 
 

@@ -7,7 +7,7 @@ import re
 
 from lab.spec import ExperimentSpec
 from lab.store import Store
-from reports import data as D
+from reports import data
 from reports.html import build
 from test_gate import make_run
 
@@ -18,7 +18,7 @@ SPEC = ExperimentSpec(name="verdict", arms=["pfn", "bitmap", "chunks"], trials=1
 def _verdict(tmp_path, medians: dict[str, float]) -> tuple[str, str]:
     with Store(tmp_path / "lab.db") as s:
         run = make_run(s, medians=medians, seed=3, spec=SPEC)
-        html = build(D.load(s, run)).html
+        html = build(data.load(s, run)).html
     v = html[html.index('<section id="verdict">'):html.index('<section id="comparison">')]
     return re.sub(r"<[^>]+>", "", v), html
 

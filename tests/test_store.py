@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from lab import metrics as M
+from lab import metrics as lab_metrics
 from lab.spec import ExperimentSpec
 from lab.store import (BaselineError, Store, StoreError, TrialRecord, load_baseline, now_iso)
 
@@ -58,7 +58,7 @@ SPEC = ExperimentSpec(name="t", arms=["pfn", "bitmap"], trials=3, warmups=0, pro
 
 
 def test_flatten_and_classify_a_runner_result():
-    metrics, hists = M.flatten(result(4_000_000_000))
+    metrics, hists = lab_metrics.flatten(result(4_000_000_000))
     assert metrics["inflate.stages_ns.total"] == 4_000_000_000
     assert metrics["stages_ns.deflate.transmit"] == 1_000_000_000
     assert metrics["probes.madvise_calls"] == 131072
@@ -69,15 +69,15 @@ def test_flatten_and_classify_a_runner_result():
     assert "probes.hists.madvise_ns_log2" not in hists  # empty
     assert not any("hist" in name for name in metrics)
     assert not any("per_pid" in name for name in metrics)  # pid-keyed: never the same name twice
-    assert M.classify("inflate.stages_ns.total") == M.TIMING
-    assert M.classify("probes.madvise_kernel_ns") == M.TIMING
-    assert M.classify("cpu_s_source") == M.TIMING and M.classify("downtime_ms") == M.TIMING
-    assert M.classify("probes.madvise_calls") == M.COUNTER and M.classify("inflate.bytes_on_ring") == M.COUNTER
-    assert M.classify("rss_peak_bytes") == M.GAUGE and M.classify("probes.page_faults") == M.GAUGE
-    assert M.classify("rss_peak_bytes.vmm") == M.GAUGE and M.classify("workload.stop.cycles") == M.GAUGE
-    assert M.classify("probes.stages.encode.ns") == M.TIMING and M.classify("probes.seconds") == M.TIMING
-    assert M.classify("probes.stages.encode.count") == M.COUNTER
-    assert M.unit("probes.stages.encode.ns") == "ns" and M.unit("rss_peak_bytes.vmm") == "bytes"
+    assert lab_metrics.classify("inflate.stages_ns.total") == lab_metrics.TIMING
+    assert lab_metrics.classify("probes.madvise_kernel_ns") == lab_metrics.TIMING
+    assert lab_metrics.classify("cpu_s_source") == lab_metrics.TIMING and lab_metrics.classify("downtime_ms") == lab_metrics.TIMING
+    assert lab_metrics.classify("probes.madvise_calls") == lab_metrics.COUNTER and lab_metrics.classify("inflate.bytes_on_ring") == lab_metrics.COUNTER
+    assert lab_metrics.classify("rss_peak_bytes") == lab_metrics.GAUGE and lab_metrics.classify("probes.page_faults") == lab_metrics.GAUGE
+    assert lab_metrics.classify("rss_peak_bytes.vmm") == lab_metrics.GAUGE and lab_metrics.classify("workload.stop.cycles") == lab_metrics.GAUGE
+    assert lab_metrics.classify("probes.stages.encode.ns") == lab_metrics.TIMING and lab_metrics.classify("probes.seconds") == lab_metrics.TIMING
+    assert lab_metrics.classify("probes.stages.encode.count") == lab_metrics.COUNTER
+    assert lab_metrics.unit("probes.stages.encode.ns") == "ns" and lab_metrics.unit("rss_peak_bytes.vmm") == "bytes"
 
 
 def test_database_is_created_in_wal_mode_with_its_directory(store, tmp_path):
@@ -129,7 +129,7 @@ def test_ctrl_c_during_a_trial_write_is_held_until_the_trial_is_whole(store):
                      " BEGIN SELECT interrupt_me(); END")
     with pytest.raises(KeyboardInterrupt):
         store.add_trial(run, trial("pfn", 0, result(10**9)))
-    n_metrics = len(M.flatten(result(10**9))[0])
+    n_metrics = len(lab_metrics.flatten(result(10**9))[0])
     assert store.db.execute("SELECT count(*) FROM trials").fetchone()[0] == 1
     assert store.db.execute("SELECT count(*) FROM metrics").fetchone()[0] == n_metrics
 

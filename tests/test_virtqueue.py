@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device.guest_ram import GuestRAM
-from device.layout import GiB, MiB, GuestLayout
-from device.virtqueue import (
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import GiB, MiB, GuestLayout
+from device.virtio.virtqueue import (
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,

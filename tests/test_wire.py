@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device.layout import GiB, GuestLayout
-from device.wire import (
+from device.virtio.layout import GiB, GuestLayout
+from device.virtio.wire import (
     BITMAP_HEADER_SIZE,
     MAX_CHUNK_BYTES,
     BitmapHeader,

@@ -7,17 +7,17 @@ import time
 import numpy as np
 import pytest
 
-from device.buddy import BuddyAllocator
-from device.guest_memory import GuestMemory
-from device.guest_ram import GuestRAM
-from device.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from device.guest.buddy import BuddyAllocator
+from device.guest.page_contents import GuestPageContents
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 from workloads import WORKLOADS, describe_workloads, make_workload, parse_params, run_lengths
 
 
 def guest(mib: int):
     lay = GuestLayout.pc(mib)
     ram = GuestRAM.create(lay)
-    return GuestMemory(ram, BuddyAllocator(lay))
+    return GuestPageContents(ram, BuddyAllocator(lay))
 
 
 @pytest.fixture
@@ -28,13 +28,13 @@ def g512():
     mem.ram.close()
 
 
-def data_pfns(mem: GuestMemory) -> np.ndarray:
+def data_pfns(mem: GuestPageContents) -> np.ndarray:
     """PFNs the kernel says hold data (SEEK_DATA/SEEK_HOLE), not our bookkeeping."""
     rows = np.flatnonzero(mem.ram.data_page_mask())
     return mem.layout.offset_to_pfn(rows << PAGE_SHIFT)
 
 
-def free_runs(mem: GuestMemory) -> np.ndarray:
+def free_runs(mem: GuestPageContents) -> np.ndarray:
     return run_lengths(np.flatnonzero(mem.alloc.free_page_mask()))
 
 
@@ -191,7 +191,7 @@ def test_dirty_writes_are_logged_and_recorded(g512):
     assert np.isin(ws, changed).any() and not np.isin(changed, ws).all()  # held and free pages
     assert log_run[changed].all()  # every page whose bytes changed is in the log
     assert mem.verify().ok  # the record says what each held page holds now
-    # the kernel's own oracle: exactly the pages ever written through GuestMemory hold data
+    # the kernel's own oracle: exactly the pages ever written through GuestPageContents hold data
     assert np.array_equal(np.sort(data_pfns(mem)), np.flatnonzero(log_all))
 
 

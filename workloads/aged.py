@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.guest_memory import GuestMemory
+from device.guest.page_contents import GuestPageContents
 from workloads.base import Workload, param
 from workloads.idle import IdleParams, shape_idle
 
@@ -32,7 +32,7 @@ class Aged(Workload):
     name = "aged"
     Params = AgedParams
 
-    def prepare(self, mem: GuestMemory) -> dict:
+    def prepare(self, mem: GuestPageContents) -> dict:
         p = self.params
         summary = shape_idle(mem, IdleParams(used_share=p.used_share, stale_share=0.0, regions=p.regions),
                              self.seed, "aged")
@@ -47,7 +47,7 @@ class Aged(Workload):
         return summary
 
 
-def pin_blocks(mem: GuestMemory, share: float, seed: int, order: int = 9) -> int:
+def pin_blocks(mem: GuestPageContents, share: float, seed: int, order: int = 9) -> int:
     """Hold one page at a random offset in `share` of the free aligned 2**order-page
     blocks (loops per pinned block, not per page). Returns the blocks pinned."""
     rng = np.random.default_rng([seed, 0x9195])

@@ -18,7 +18,8 @@ import typing
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from device.guest_memory import GuestMemory, seed_ok
+from device.guest.page_contents import GuestPageContents
+from device.virtio.page_pattern import seed_ok
 
 
 def param(default, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False, choices=None, help: str = ""):
@@ -145,10 +146,10 @@ class Workload(ABC):
         """Cross-field checks (ValueError); single fields are checked by make_workload."""
 
     @abstractmethod
-    def prepare(self, mem: GuestMemory) -> dict:
+    def prepare(self, mem: GuestPageContents) -> dict:
         """Shape guest memory before balloon operations; return a summary."""
 
-    def start(self, mem: GuestMemory) -> None:
+    def start(self, mem: GuestPageContents) -> None:
         """Begin concurrent activity (no-op for static workloads)."""
 
     def stop(self) -> dict:
@@ -172,7 +173,7 @@ class BackgroundWorkload(Workload):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        self._mem: GuestMemory | None = None
+        self._mem: GuestPageContents | None = None
         self._t0 = self._t1 = 0.0
         self.steps = 0
 
@@ -180,13 +181,13 @@ class BackgroundWorkload(Workload):
     def _rate(self) -> float: ...
 
     @abstractmethod
-    def _step(self, mem: GuestMemory) -> None: ...
+    def _step(self, mem: GuestPageContents) -> None: ...
 
-    def _finish(self, mem: GuestMemory) -> dict:
+    def _finish(self, mem: GuestPageContents) -> dict:
         """Clean up after the thread stopped; return counters."""
         return {}
 
-    def start(self, mem: GuestMemory) -> None:
+    def start(self, mem: GuestPageContents) -> None:
         if self._thread is not None:
             raise RuntimeError(f"workload {self.name!r} already started")
         self._mem = mem
@@ -195,7 +196,7 @@ class BackgroundWorkload(Workload):
         self._t0 = time.monotonic()
         self._thread.start()
 
-    def _loop(self, mem: GuestMemory) -> None:
+    def _loop(self, mem: GuestPageContents) -> None:
         period = 1.0 / self._rate()
         nxt = time.monotonic()
         try:

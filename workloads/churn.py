@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from device.guest_memory import GuestMemory
+from device.guest.page_contents import GuestPageContents
 from workloads.base import BackgroundWorkload, param
 
 _M64 = (1 << 64) - 1
@@ -40,16 +40,16 @@ class Churn(BackgroundWorkload):
         self.short_allocs = 0
         self.pages_checked = 0
 
-    def prepare(self, mem: GuestMemory) -> dict:
+    def prepare(self, mem: GuestPageContents) -> dict:
         return {"note": "churn shapes nothing before start()"}
 
     def _rate(self) -> float:
         return self.params.rate
 
-    def _cap(self, mem: GuestMemory) -> int:
+    def _cap(self, mem: GuestPageContents) -> int:
         return int(self.params.held_share * mem.alloc.ram_pages)
 
-    def _retire_oldest(self, mem: GuestMemory) -> None:
+    def _retire_oldest(self, mem: GuestPageContents) -> None:
         name, n = self._live.popleft()
         res = mem.verify([name])
         self.pages_checked += res.pages_checked
@@ -58,7 +58,7 @@ class Churn(BackgroundWorkload):
         self._held -= n
         self.pages_freed += n
 
-    def _step(self, mem: GuestMemory) -> None:
+    def _step(self, mem: GuestPageContents) -> None:
         c = self.cycles
         self.cycles += 1
         pages = mem.alloc.alloc_pages(self.params.batch_pages)
@@ -76,7 +76,7 @@ class Churn(BackgroundWorkload):
             if len(pages) < self.params.batch_pages and self._held <= cap:
                 break
 
-    def _finish(self, mem: GuestMemory) -> dict:
+    def _finish(self, mem: GuestPageContents) -> dict:
         while self._live:
             self._retire_oldest(mem)
         return {"cycles": self.cycles, "pages_churned": self.pages_allocated, "pages_freed": self.pages_freed,

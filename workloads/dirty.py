@@ -6,7 +6,7 @@ MiB/s in `tick_hz` ticks: a `free_write_share` of each tick's pages go into free
 memory (a run inside a random free 4 MiB block that it allocates briefly, fills and
 frees again: free-but-dirty pages a free-page hint may have covered) and the rest rewrite random pages of the working
 set, or of the pages a `targets(mem)` callback returns, with a new seed per tick.
-Every write goes through GuestMemory, so an attached dirty log sees it and the
+Every write goes through GuestPageContents, so an attached dirty log sees it and the
 holdings record exactly what each held page must contain (mem.verify() checks it).
 """
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Callable
 
 import numpy as np
 
-from device.guest_memory import GuestMemory
+from device.guest.page_contents import GuestPageContents
 from workloads.base import BackgroundWorkload, param
 from workloads.idle import IdleParams, shape_idle
 
 _M64 = (1 << 64) - 1
 PAGES_PER_MIB = 256
 
-TargetsFn = Callable[[GuestMemory], np.ndarray]
+TargetsFn = Callable[[GuestPageContents], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,14 @@ class Dirty(BackgroundWorkload):
         """Choose which held pages the thread rewrites (default: its working set)."""
         self.targets = targets
 
-    def prepare(self, mem: GuestMemory) -> dict:
+    def prepare(self, mem: GuestPageContents) -> dict:
         p = self.params
         return shape_idle(mem, IdleParams(p.used_share, p.stale_share, p.regions, 3), self.seed, self.HOLDING)
 
     def _rate(self) -> float:
         return self.params.tick_hz
 
-    def _step(self, mem: GuestMemory) -> None:
+    def _step(self, mem: GuestPageContents) -> None:
         p = self.params
         self._carry += p.rate_mib_s * PAGES_PER_MIB / p.tick_hz
         n = int(self._carry)
@@ -95,7 +95,7 @@ class Dirty(BackgroundWorkload):
             if len(pages) < n_free:
                 self.ticks_short += 1
 
-    def _borrow_free(self, mem: GuestMemory, n: int) -> np.ndarray:
+    def _borrow_free(self, mem: GuestPageContents, n: int) -> np.ndarray:
         """Allocate n free pages at random places in free memory: runs inside randomly
         chosen free order-10 blocks (so the writes spread over free memory as a busy
         guest's page cache does, instead of recycling the same few hot pages), or
@@ -116,7 +116,7 @@ class Dirty(BackgroundWorkload):
             out.append(mem.alloc.alloc_pages(left, notify_oom=False))
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
-    def _finish(self, mem: GuestMemory) -> dict:
+    def _finish(self, mem: GuestPageContents) -> dict:
         pages = self.held_pages_written + self.free_pages_written
         secs = max(self._t1 - self._t0, 1e-9)
         return {"ticks": self.steps, "held_pages_written": self.held_pages_written,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from device.guest_memory import GuestMemory
+from device.guest.page_contents import GuestPageContents
 from workloads.base import Workload, param
 
 
@@ -37,7 +37,7 @@ class Fragment(Workload):
     name = "fragment"
     Params = FragmentParams
 
-    def prepare(self, mem: GuestMemory) -> dict:
+    def prepare(self, mem: GuestPageContents) -> dict:
         p = self.params
         want = int(round(p.share * mem.alloc.ram_pages))
         pages = mem.alloc.alloc_pages(want, notify_oom=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from device.guest_memory import GuestMemory
+from device.guest.page_contents import GuestPageContents
 from workloads.base import Workload, param
 
 
@@ -20,7 +20,7 @@ class Hog(Workload):
     name = "hog"
     Params = HogParams
 
-    def prepare(self, mem: GuestMemory) -> dict:
+    def prepare(self, mem: GuestPageContents) -> dict:
         want = int(round(self.params.share * mem.alloc.ram_pages))
         pages = mem.alloc.alloc_pages(want)
         mem.hold("hog", pages, self.seed)

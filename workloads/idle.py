@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.guest_memory import GuestMemory
+from device.guest.page_contents import GuestPageContents
 from workloads.base import Workload, param
 from workloads.shapes import place_regions, split_even
 
@@ -25,7 +25,7 @@ class IdleParams:
     stale_regions: int = param(3, 1, 64, help="clusters the stale memory is spread over")
 
 
-def shape_idle(mem: GuestMemory, p: IdleParams, seed: int, holding: str) -> dict:
+def shape_idle(mem: GuestPageContents, p: IdleParams, seed: int, holding: str) -> dict:
     """Lay out an idle guest's memory; the in-use pages become holding `holding`."""
     alloc = mem.alloc
     ram = alloc.ram_pages
@@ -64,5 +64,5 @@ class Idle(Workload):
             raise ValueError(f"workload 'idle': used_share + stale_share must be <= 1.0, "
                              f"got {p.used_share} + {p.stale_share}")
 
-    def prepare(self, mem: GuestMemory) -> dict:
+    def prepare(self, mem: GuestPageContents) -> dict:
         return shape_idle(mem, self.params, self.seed, "idle")

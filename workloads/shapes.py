@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from device.wire import pfns_to_runs
+from device.virtio.wire import pfns_to_runs
 
-from device.buddy import MAX_BLOCK, BuddyAllocator
+from device.guest.buddy import MAX_BLOCK, BuddyAllocator
 
 
 def run_lengths(pfns: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from device.layout import MiB, PAGE_SHIFT
+from device.virtio.layout import MiB, PAGE_SHIFT
 from lab.cli_checks import checked, refuse
 from lab.runner import BalloonTrial, LabProcesses, TrialFailed, balloon_op, verify
 from lab.spec import BALLOON_ARMS, ExperimentSpec, spec_options

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from device.backing import BACKINGS
-from device.page_reporting_driver import ReportingParams
+from device.virtio.backing import BACKINGS
+from device.guest.page_reporting_driver import ReportingParams
 from lab.reclaim import RECLAIM_ARMS, ReclaimTrial, run_reclaim
 from lab.runner import TrialFailed
 

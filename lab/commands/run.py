@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from device.features import PROTOCOLS
+from device.virtio.features import PROTOCOLS
 from lab.backends import QEMU_BALLOON_ARMS, is_qemu_arm
 from lab.cli_checks import checked
 from lab.runner import BalloonTrial, TrialFailed, run_balloon

@@ -1,6 +1,6 @@
 """The dirty log: one byte per guest PFN in shared memory, marked by every guest write.
 
-Like KVM's dirty bitmap, but kept by the guest model itself: GuestMemory sets
+Like KVM's dirty bitmap, but kept by the guest model itself: GuestPageContents sets
 log[pfn] = 1 after the data of a write chunk is in place (attach_dirty_log), and
 counts write chunks in progress in `inflight`. The VMM creates the log as its own
 small memfd (one page of header, then max_pfn bytes; only touched pages cost
@@ -23,8 +23,8 @@ import struct
 
 import numpy as np
 
-from device.guest_ram import seal_size
-from device.layout import PAGE_SIZE
+from device.virtio.ram import seal_size
+from device.virtio.layout import PAGE_SIZE
 
 LOG_OFFSET = PAGE_SIZE
 INFLIGHT_OFFSET = 0
@@ -85,7 +85,7 @@ def _close_mapping(log) -> None:
 
 
 class MappedDirtyLog:
-    """Guest side: the VMM's memfd mapped, as the arrays GuestMemory.attach_dirty_log takes."""
+    """Guest side: the VMM's memfd mapped, as the arrays GuestPageContents.attach_dirty_log takes."""
 
     def __init__(self, fd: int, payload: bytes, min_pfns: int) -> None:
         if len(payload) < SET_DIRTY_LOG.size:

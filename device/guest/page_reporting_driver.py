@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from device import wire
-from device.balloon_driver import BalloonDriver, OpReport
-from device.buddy import MAX_ORDER, BuddyAllocator
-from device.features import Q_REPORTING
-from device.layout import PAGE_SHIFT
+from device.virtio import wire
+from device.guest.balloon_driver import BalloonDriver, DriverOpReport
+from device.guest.buddy import MAX_ORDER, BuddyAllocator
+from device.virtio.features import Q_REPORTING
+from device.virtio.layout import PAGE_SHIFT
 
 log = logging.getLogger("balloon-lab.reporting")
 
@@ -164,7 +164,7 @@ class ReportingDriver:
         """One request: the blocks as device-writable descriptors, wait until used, then
         give them back to the free lists marked reported (page_reporting_drain)."""
         bufs = [(b << PAGE_SHIFT, (1 << k) << PAGE_SHIFT) for b, k in sg]
-        rep = OpReport("report", 0)
+        rep = DriverOpReport("report", 0)
         try:
             self.q.add_buf([], bufs, "report")
             self.q.kick_if_needed()

@@ -21,12 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from device import wire
-from device.balloon_device import IN_GUEST, BalloonDevice, OpCounters
-from device.features import F_REPORTING, Q_REPORTING, bit
-from device.host_pages import host_page_runs
-from device.layout import PAGE_SHIFT
-from device.virtqueue import DescChain
+from device.virtio import wire
+from device.host.balloon_device import IN_GUEST, BalloonDevice, DeviceOpCounters
+from device.virtio.features import F_REPORTING, Q_REPORTING, bit
+from device.host.host_pages import host_page_runs
+from device.virtio.layout import PAGE_SHIFT
+from device.virtio.virtqueue import DescChain
 
 log = logging.getLogger("balloon-lab.reporting")
 
@@ -45,7 +45,7 @@ class ReportingDevice:
     def __init__(self, device: BalloonDevice, fallback: Callable[[int], Callable[[DescChain], int]]) -> None:
         self.dev = device
         self.fallback = fallback
-        self.ctr = OpCounters()
+        self.ctr = DeviceOpCounters()
         self.blocks = 0
         self.reported_bytes = 0
         self.host_pages_discarded = 0

@@ -19,10 +19,11 @@ import time
 
 import numpy as np
 
-from device.guest_ram import GuestRAM, process_rss_bytes
-from device.layout import PAGE_SIZE, BadAddress, GuestLayout
-from device.migration import stream as S
-from device.migration.pages import fingerprint_memfd, runs
+from device.virtio.ram import GuestRAM, process_rss_bytes
+from device.virtio.layout import PAGE_SIZE, BadAddress, GuestLayout
+from device.host.migration import stream
+from device.host.migration.pages import runs
+from device.virtio.page_pattern import fingerprint_memfd
 
 log = logging.getLogger("balloon-lab.migration")
 
@@ -34,15 +35,15 @@ class MigrationDestination(threading.Thread):
         self.layout: GuestLayout = ram.layout
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(S.parse_uri(uri, "--incoming", listen=True))
+        self.listener.bind(stream.parse_uri(uri, "--incoming", listen=True))
         self.listener.listen(1)
         self.port = self.listener.getsockname()[1]
         self.status = "setup"
         self.error: str | None = None
         self.device_state: dict | None = None
         self.has_data = np.zeros(self.layout.max_pfn, dtype=bool)
-        self.flags_buf = bytearray(S.MAX_PAGES_PER_MESSAGE)
-        self.data_buf = bytearray(S.MAX_PAGES_PER_MESSAGE * PAGE_SIZE)
+        self.flags_buf = bytearray(stream.MAX_PAGES_PER_MESSAGE)
+        self.data_buf = bytearray(stream.MAX_PAGES_PER_MESSAGE * PAGE_SIZE)
         self.data_mv = memoryview(self.data_buf)
         self.counters = {"messages": 0, "pages_data": 0, "pages_zero": 0, "pages_punched": 0, "bytes": 0,
                          "pwrite_calls": 0, "rounds": 0}
@@ -65,7 +66,7 @@ class MigrationDestination(threading.Thread):
                 log.error("incoming migration failed: %s", self.error)
                 if conn is not None:
                     try:
-                        S.send_json(conn, S.MsgType.ERROR, {"message": self.error})
+                        stream.send_json(conn, stream.MsgType.ERROR, {"message": self.error})
                     except OSError:
                         pass
         finally:
@@ -83,77 +84,77 @@ class MigrationDestination(threading.Thread):
 
     # --- the stream ----------------------------------------------------------------------
     def _receive(self, conn: socket.socket) -> None:
-        h, hello = S.expect(conn, S.MsgType.HELLO)
-        if not isinstance(hello, dict) or hello.get("magic") != S.MAGIC or hello.get("version") != S.VERSION:
-            raise S.StreamError(f"not a balloon-lab migration stream of version {S.VERSION}: {hello!r}")
+        h, hello = stream.expect(conn, stream.MsgType.HELLO)
+        if not isinstance(hello, dict) or hello.get("magic") != stream.MAGIC or hello.get("version") != stream.VERSION:
+            raise stream.StreamError(f"not a balloon-lab migration stream of version {stream.VERSION}: {hello!r}")
         if hello.get("page_size") != PAGE_SIZE:
-            raise S.StreamError(f"page size {hello.get('page_size')} differs from {PAGE_SIZE}")
+            raise stream.StreamError(f"page size {hello.get('page_size')} differs from {PAGE_SIZE}")
         try:
             theirs = GuestLayout.from_dict(hello["layout"])
         except (KeyError, TypeError, ValueError) as e:
-            raise S.StreamError(f"HELLO carries no valid layout: {e}") from None
+            raise stream.StreamError(f"HELLO carries no valid layout: {e}") from None
         if theirs != self.layout:
-            raise S.StreamError(f"source guest layout {theirs.to_dict()} differs from this VMM's "
+            raise stream.StreamError(f"source guest layout {theirs.to_dict()} differs from this VMM's "
                                 f"{self.layout.to_dict()} (start the destination with the same --guest-mib)")
-        S.send_json(conn, S.MsgType.ACK, {"ok": True})
+        stream.send_json(conn, stream.MsgType.ACK, {"ok": True})
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         self.t_first = time.monotonic()
         while True:
-            h = S.recv_header(conn)
+            h = stream.recv_header(conn)
             t = h.type
-            if t == S.MsgType.PAGES:
+            if t == stream.MsgType.PAGES:
                 self._pages(conn, h)
-            elif t == S.MsgType.ROUND_END:
-                S.recv_json(conn, h)
+            elif t == stream.MsgType.ROUND_END:
+                stream.recv_json(conn, h)
                 self.counters["rounds"] = max(self.counters["rounds"], h.arg)
-            elif t == S.MsgType.DEVICE:
-                self.device_state = S.recv_json(conn, h)
-            elif t == S.MsgType.END:
+            elif t == stream.MsgType.DEVICE:
+                self.device_state = stream.recv_json(conn, h)
+            elif t == stream.MsgType.END:
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
                 self.cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
                 self.t_end = time.monotonic()
                 self.status = "completed"
-                S.send_json(conn, S.MsgType.ACK, self.summary())
-            elif t == S.MsgType.VERIFY:
+                stream.send_json(conn, stream.MsgType.ACK, self.summary())
+            elif t == stream.MsgType.VERIFY:
                 fps = fingerprint_memfd(self.ram.fd, self.layout)
                 nz = np.flatnonzero(fps)
-                S.send_parts(conn, [S.header(S.MsgType.VERIFY_DATA, 0, 8 + 16 * len(nz))]
-                             + S.pack_verify_data(nz, fps[nz]))
-            elif t == S.MsgType.SYNC:
-                S.send_json(conn, S.MsgType.ACK, {"synced": True})
-            elif t == S.MsgType.ERROR:
-                msg = S.recv_json(conn, h)
-                raise S.StreamError(f"source gave up: {msg.get('message') if isinstance(msg, dict) else msg}")
-            elif t == S.MsgType.BYE:
+                stream.send_parts(conn, [stream.header(stream.MsgType.VERIFY_DATA, 0, 8 + 16 * len(nz))]
+                             + stream.pack_verify_data(nz, fps[nz]))
+            elif t == stream.MsgType.SYNC:
+                stream.send_json(conn, stream.MsgType.ACK, {"synced": True})
+            elif t == stream.MsgType.ERROR:
+                msg = stream.recv_json(conn, h)
+                raise stream.StreamError(f"source gave up: {msg.get('message') if isinstance(msg, dict) else msg}")
+            elif t == stream.MsgType.BYE:
                 return
             else:
-                raise S.StreamError(f"unknown message type {t}")
+                raise stream.StreamError(f"unknown message type {t}")
 
-    def _pages(self, conn: socket.socket, h: S.Header) -> None:
-        if h.length < S.PAGES_HEAD.size:
-            raise S.StreamError(f"PAGES message of {h.length} bytes is shorter than its header")
-        head = S.recv_payload(conn, S.PAGES_HEAD.size)
-        start, npages, ndata = S.PAGES_HEAD.unpack(head)
-        if not 0 < npages <= S.MAX_PAGES_PER_MESSAGE or ndata > npages:
-            raise S.StreamError(f"PAGES: {npages} pages / {ndata} data pages (at most {S.MAX_PAGES_PER_MESSAGE})")
-        if h.length != S.pages_message_len(npages, ndata):
-            raise S.StreamError(f"PAGES length {h.length} does not match {npages} pages with {ndata} data pages")
+    def _pages(self, conn: socket.socket, h: stream.Header) -> None:
+        if h.length < stream.PAGES_HEAD.size:
+            raise stream.StreamError(f"PAGES message of {h.length} bytes is shorter than its header")
+        head = stream.recv_payload(conn, stream.PAGES_HEAD.size)
+        start, npages, ndata = stream.PAGES_HEAD.unpack(head)
+        if not 0 < npages <= stream.MAX_PAGES_PER_MESSAGE or ndata > npages:
+            raise stream.StreamError(f"PAGES: {npages} pages / {ndata} data pages (at most {stream.MAX_PAGES_PER_MESSAGE})")
+        if h.length != stream.pages_message_len(npages, ndata):
+            raise stream.StreamError(f"PAGES length {h.length} does not match {npages} pages with {ndata} data pages")
         try:
             pieces = self.layout.split_runs(start, npages)
         except BadAddress as e:
-            raise S.StreamError(f"PAGES {start:#x}+{npages}: {e}") from None
+            raise stream.StreamError(f"PAGES {start:#x}+{npages}: {e}") from None
         if len(pieces) != 1:
-            raise S.StreamError(f"PAGES {start:#x}+{npages} crosses a RAM region edge")
+            raise stream.StreamError(f"PAGES {start:#x}+{npages} crosses a RAM region edge")
         base = pieces[0][0]
         fmv = memoryview(self.flags_buf)[:npages]
-        S.recv_exact(conn, fmv)
+        stream.recv_exact(conn, fmv)
         flags = np.frombuffer(self.flags_buf, dtype=np.uint8, count=npages)
-        if (flags > S.FLAG_DATA).any():
-            raise S.StreamError(f"PAGES {start:#x}: unknown page flag {int(flags.max())}")
-        didx = np.flatnonzero(flags == S.FLAG_DATA)
+        if (flags > stream.FLAG_DATA).any():
+            raise stream.StreamError(f"PAGES {start:#x}: unknown page flag {int(flags.max())}")
+        didx = np.flatnonzero(flags == stream.FLAG_DATA)
         if len(didx) != ndata:
-            raise S.StreamError(f"PAGES {start:#x}: header says {ndata} data pages, flags say {len(didx)}")
-        S.recv_exact(conn, self.data_mv[:ndata * PAGE_SIZE])
+            raise stream.StreamError(f"PAGES {start:#x}: header says {ndata} data pages, flags say {len(didx)}")
+        stream.recv_exact(conn, self.data_mv[:ndata * PAGE_SIZE])
         pos = 0
         fd = self.ram.fd
         for a, b in zip(*(x.tolist() for x in runs(didx))):
@@ -165,7 +166,7 @@ class MigrationDestination(threading.Thread):
                 done += os.pwrite(fd, src[done:], off + done)
             self.counters["pwrite_calls"] += 1
             pos += n
-        zidx = np.flatnonzero(flags == S.FLAG_ZERO)
+        zidx = np.flatnonzero(flags == stream.FLAG_ZERO)
         if len(didx):
             self.has_data[start + didx] = True
         if len(zidx):
@@ -180,7 +181,7 @@ class MigrationDestination(threading.Thread):
         c["messages"] += 1
         c["pages_data"] += int(ndata)
         c["pages_zero"] += len(zidx)
-        c["bytes"] += S.HEADER.size + h.length
+        c["bytes"] += stream.HEADER.size + h.length
 
     # --- reporting ---------------------------------------------------------------------
     def summary(self) -> dict:

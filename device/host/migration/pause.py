@@ -1,7 +1,7 @@
 """Stopping the guest for stop-and-copy: SIGSTOP, wait until every thread is stopped,
 and make sure no write is half-logged.
 
-GuestMemory counts write chunks in progress in the dirty log's `inflight` word:
+GuestPageContents counts write chunks in progress in the dirty log's `inflight` word:
 a chunk's data is written before its dirty mark, so a guest stopped between the
 two has changed pages the log does not show. Then the guest is resumed briefly
 and stopped again, until it stops with inflight == 0 (guest_memory.py).

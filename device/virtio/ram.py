@@ -20,8 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
-from device.backing import advise_mapping, host_page_shift, memfd_flags
-from device.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from device.virtio.backing import advise_mapping, host_page_shift, memfd_flags
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

@@ -34,20 +34,20 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from device import control as C
-from device import wire
-from device.alloc_policy import HUGE_ORDER, allocate_for_balloon
-from device.buddy import BuddyAllocator
-from device.control import Channel, ControlError, PeerGone, Req
-from device.features import F_FREE_PAGE_HINT, F_REPORTING, Q_FREE_PAGE, Q_MISC, Q_REPORTING
-from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_PAGE_BITMAP,
+from device.virtio import control
+from device.virtio import wire
+from device.guest.alloc_policy import HUGE_ORDER, allocate_for_balloon
+from device.guest.buddy import BuddyAllocator
+from device.virtio.control import Channel, ControlError, PeerGone, Req
+from device.virtio.features import F_FREE_PAGE_HINT, F_REPORTING, Q_FREE_PAGE, Q_MISC, Q_REPORTING
+from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_PAGE_BITMAP,
                              F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_STATS_VQ, F_VERSION_1,
                              PFN_BATCH_MAX, Q_DEFLATE, Q_INFLATE, Q_STATS, QUEUE_NAMES, S_ACKNOWLEDGE,
                              S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, STAT_ENTRY, STAT_TAGS, bit)
-from device.guest_memory import GuestMemory
-from device.guest_ram import GuestRAM
-from device.layout import PAGE_SHIFT, PAGE_SIZE
-from device.virtqueue import DriverQueue, ring_bytes
+from device.guest.page_contents import GuestPageContents
+from device.virtio.ram import GuestRAM
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
+from device.virtio.virtqueue import DriverQueue, ring_bytes
 
 log = logging.getLogger("balloon-lab.driver")
 _now = time.perf_counter_ns
@@ -66,7 +66,7 @@ class DeviceTimeout(RuntimeError):
 
 
 @dataclass
-class OpReport:
+class DriverOpReport:
     """One inflate or deflate as the guest saw it."""
 
     kind: str
@@ -104,12 +104,12 @@ class DriverOptions:
     # far more than the ~0.2 ms per request that sleeping costs (docs/BENCHMARKS.md).
     halt_poll_us: int = 0
     # free page hinting for migration: none | upstream (FREE_PAGE_HINT, queue 3) | bitmap
-    # (PAGE_BITMAP's misc queue 5); device/free_page_driver.py serves those queues
+    # (PAGE_BITMAP's misc queue 5); device/guest/hint_driver.py serves those queues
     hint: str = "none"
     # which pages the balloon takes: linux (order-0, lowest orders first) | hugepage-aware
-    # (whole aligned order-9 blocks first); device/alloc_policy.py
+    # (whole aligned order-9 blocks first); device/guest/alloc_policy.py
     alloc_policy: str = "linux"
-    # free page reporting (REPORTING, queue 4); device/page_reporting_driver.py serves it
+    # free page reporting (REPORTING, queue 4); device/guest/page_reporting_driver.py serves it
     reporting: bool = False
     # Zero every page allocated for the balloon, as Linux does with init_on_alloc (on in
     # Debian's kernels): the host then discards populated pages (docs/REAL_STACK.md)
@@ -117,7 +117,7 @@ class DriverOptions:
 
 
 class BalloonDriver:
-    def __init__(self, chan: Channel, ram: GuestRAM, allocator: BuddyAllocator, memory: GuestMemory,
+    def __init__(self, chan: Channel, ram: GuestRAM, allocator: BuddyAllocator, memory: GuestPageContents,
                  opts: DriverOptions) -> None:
         self.chan = chan
         self.ram = ram
@@ -133,15 +133,15 @@ class BalloonDriver:
         self.actual = 0
         self.lock = threading.RLock()
         self.failed: str | None = None
-        self.reports: list[OpReport] = []
+        self.reports: list[DriverOpReport] = []
         self.wire_format = "pfn"
         self.last_deflated = np.zeros(0, np.int64)   # pages the last deflate gave back
 
     # --- probe: negotiation and queue set-up -------------------------------------------------
-    def probe(self) -> None:
+    def bring_up(self) -> None:
         ch = self.chan
-        ch.call_result(Req.SET_STATUS, C.U32.pack(S_ACKNOWLEDGE | S_DRIVER))
-        offered = C.U64.unpack(ch.call(Req.GET_FEATURES).payload)[0]
+        ch.call_result(Req.SET_STATUS, control.U32.pack(S_ACKNOWLEDGE | S_DRIVER))
+        offered = control.U64.unpack(ch.call(Req.GET_FEATURES).payload)[0]
         want = bit(F_MUST_TELL_HOST) | bit(F_STATS_VQ) | bit(F_DEFLATE_ON_OOM) | bit(F_VERSION_1)
         if self.opts.event_idx:
             want |= bit(F_RING_EVENT_IDX)
@@ -162,9 +162,9 @@ class BalloonDriver:
             if self.wire_format == "pfn":   # decodes inflates as bitmaps too (chunks still win)
                 self.wire_format = "bitmap"
         self.features = want & offered
-        ch.call_result(Req.SET_FEATURES, C.U64.pack(self.features))
-        ch.call_result(Req.SET_STATUS, C.U32.pack(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK))
-        status = C.U32.unpack(ch.call(Req.GET_STATUS).payload)[0]
+        ch.call_result(Req.SET_FEATURES, control.U64.pack(self.features))
+        ch.call_result(Req.SET_STATUS, control.U32.pack(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK))
+        status = control.U32.unpack(ch.call(Req.GET_STATUS).payload)[0]
         if not status & S_FEATURES_OK:
             raise ControlError("device did not accept FEATURES_OK")
         ch.call_result(Req.SET_CONFIG_CALL, b"", [self.config_fd])
@@ -175,7 +175,7 @@ class BalloonDriver:
         for index in queues:
             self._setup_queue(index)
         self._setup_buffers()
-        ch.call_result(Req.SET_STATUS, C.U32.pack(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK))
+        ch.call_result(Req.SET_STATUS, control.U32.pack(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK))
         if Q_STATS in self.queues:
             self._fill_stats()
             self.queues[Q_STATS].add_buf([(self.stats_gpa, STAT_ENTRY.size * len(STAT_TAGS))], [], "stats")
@@ -209,9 +209,9 @@ class BalloonDriver:
         q = DriverQueue(self.ram, index, QUEUE_SIZE, base, base + avail_off, base + used_off,
                         event_idx=self.has(F_RING_EVENT_IDX), indirect=self.has(F_RING_INDIRECT_DESC),
                         kick=lambda fd=kick: os.eventfd_write(fd, 1), indirect_area=indirect_area)
-        self.chan.call_result(Req.SET_VRING, C.VRING.pack(index, QUEUE_SIZE, base, base + avail_off, base + used_off))
-        self.chan.call_result(Req.SET_VRING_KICK, C.U32.pack(index), [kick])
-        self.chan.call_result(Req.SET_VRING_CALL, C.U32.pack(index), [call])
+        self.chan.call_result(Req.SET_VRING, control.VRING.pack(index, QUEUE_SIZE, base, base + avail_off, base + used_off))
+        self.chan.call_result(Req.SET_VRING_KICK, control.U32.pack(index), [kick])
+        self.chan.call_result(Req.SET_VRING_CALL, control.U32.pack(index), [call])
         self.queues[index] = q
         self.kick_fds[index] = kick
         self.call_fds[index] = call
@@ -233,16 +233,16 @@ class BalloonDriver:
 
     # --- config change: the host asked for a new balloon size --------------------------------
     def read_config_u32(self, off: int) -> int:
-        msg = self.chan.call(Req.GET_CONFIG, C.CONFIG_ACCESS.pack(off, 4))
-        return C.U32.unpack_from(msg.payload, C.CONFIG_ACCESS.size)[0]
+        msg = self.chan.call(Req.GET_CONFIG, control.CONFIG_ACCESS.pack(off, 4))
+        return control.U32.unpack_from(msg.payload, control.CONFIG_ACCESS.size)[0]
 
     def write_actual(self) -> None:
-        self.chan.call_result(Req.SET_CONFIG, C.CONFIG_ACCESS.pack(CFG_ACTUAL, 4) + C.U32.pack(self.actual))
+        self.chan.call_result(Req.SET_CONFIG, control.CONFIG_ACCESS.pack(CFG_ACTUAL, 4) + control.U32.pack(self.actual))
 
     def device_status(self) -> int:
-        return C.U32.unpack(self.chan.call(Req.GET_STATUS).payload)[0]
+        return control.U32.unpack(self.chan.call(Req.GET_STATUS).payload)[0]
 
-    def on_config_change(self) -> OpReport | None:
+    def on_config_change(self) -> DriverOpReport | None:
         try:
             os.eventfd_read(self.config_fd)
         except BlockingIOError:
@@ -264,7 +264,7 @@ class BalloonDriver:
 
     # --- inflate -------------------------------------------------------------------------------
     @contextmanager
-    def _operation(self, rep: OpReport):
+    def _operation(self, rep: DriverOpReport):
         """Time one inflate/deflate, mark it for the USDT probe, and turn a failure into
         the report's error (the driver stops; the orchestrator sees why)."""
         t_start = _now()
@@ -278,8 +278,8 @@ class BalloonDriver:
         rep.total_ns = _now() - t_start
         _audit(f"balloon-lab:{rep.kind}:e")
 
-    def inflate(self, n: int, target: int | None = None) -> OpReport:
-        rep = OpReport("inflate", target if target is not None else self.actual + n)
+    def inflate(self, n: int, target: int | None = None) -> DriverOpReport:
+        rep = DriverOpReport("inflate", target if target is not None else self.actual + n)
         q = self.queues[Q_INFLATE]
         left = n
         with self._operation(rep):
@@ -320,8 +320,8 @@ class BalloonDriver:
         return max(FILL_PASS, self.batch_pages if self.wire_format != "pfn" else 0)
 
     # --- deflate -------------------------------------------------------------------------------
-    def deflate(self, n: int, target: int | None = None) -> OpReport:
-        rep = OpReport("deflate", target if target is not None else self.actual - n)
+    def deflate(self, n: int, target: int | None = None) -> DriverOpReport:
+        rep = DriverOpReport("deflate", target if target is not None else self.actual - n)
         q = self.queues[Q_DEFLATE]
         returned: list[np.ndarray] = []
         left = n
@@ -368,7 +368,7 @@ class BalloonDriver:
             return before - self.actual
 
     # --- one batch of pages onto the ring, by wire format ------------------------------------
-    def _send_pages(self, q: DriverQueue, pages: np.ndarray, rep: OpReport, inflate: bool = True,
+    def _send_pages(self, q: DriverQueue, pages: np.ndarray, rep: DriverOpReport, inflate: bool = True,
                     whole_blocks: int = 0) -> None:
         """`whole_blocks`: pages[:whole_blocks * 512] are whole aligned 2 MiB blocks; the
         bitmap protocol names those with page_shift 21, one bit per block."""
@@ -403,7 +403,7 @@ class BalloonDriver:
             for bufs, part in reqs:
                 self._transmit(q, bufs, rep, part, inflate)
 
-    def _send_bitmap(self, q: DriverQueue, pages: np.ndarray, rep: OpReport, inflate: bool, page_shift: int) -> None:
+    def _send_bitmap(self, q: DriverQueue, pages: np.ndarray, rep: DriverOpReport, inflate: bool, page_shift: int) -> None:
         """Bitmap requests for `pages`; with page_shift > 12 they are whole aligned blocks
         of 2**(page_shift - 12) pages and each bit names one block."""
         _audit("balloon-lab:encode:b")
@@ -430,7 +430,7 @@ class BalloonDriver:
             _audit("balloon-lab:encode:e")
             self._transmit(q, bufs, rep, part, inflate)
 
-    def _transmit(self, q: DriverQueue, bufs: list[tuple[int, int]], rep: OpReport, pages: np.ndarray,
+    def _transmit(self, q: DriverQueue, bufs: list[tuple[int, int]], rep: DriverOpReport, pages: np.ndarray,
                   inflate: bool) -> None:
         _audit("balloon-lab:transmit:b")
         t0 = _now()
@@ -452,7 +452,7 @@ class BalloonDriver:
         else:
             self.actual -= int(pages.size)
 
-    def _update_actual(self, rep: OpReport) -> None:
+    def _update_actual(self, rep: DriverOpReport) -> None:
         """Write `actual` to config space. Linux does it after every fill/leak pass; here
         it is once per allocation batch (a config write is a control round trip here,
         an MMIO exit there)."""
@@ -461,7 +461,7 @@ class BalloonDriver:
         rep.config_ns += _now() - t0
         rep.config_writes += 1
 
-    def _wait_used(self, q: DriverQueue, rep: OpReport) -> None:
+    def _wait_used(self, q: DriverQueue, rep: DriverOpReport) -> None:
         fd = self.call_fds[q.index]
         if self.opts.halt_poll_us:
             # Interrupts stay enabled while polling: the device still calls, and the

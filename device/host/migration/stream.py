@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.layout import PAGE_SIZE
+from device.virtio.layout import PAGE_SIZE
 
 MAGIC = "balloon-lab-migration"
 VERSION = 1

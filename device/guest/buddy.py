@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from device.layout import GuestLayout
+from device.virtio.layout import GuestLayout
 
 MAX_ORDER = 10  # orders 0..10, like Linux's MAX_PAGE_ORDER
 MAX_BLOCK = 1 << MAX_ORDER
@@ -92,7 +92,7 @@ class BuddyAllocator:
         self._free: list[np.ndarray] = [np.empty(0, dtype=np.int64) for _ in range(MAX_ORDER + 1)]
         self._nfree = 0
         self.kernel_pages = reserved_pages
-        # Free page reporting (device/page_reporting_driver.py) sets these: one flag per
+        # Free page reporting (device/guest/page_reporting_driver.py) sets these: one flag per
         # aligned 2**reported_order block, "reported to the host and not freed since".
         self.reported: np.ndarray | None = None
         self.reported_order = 0

@@ -25,15 +25,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from device.control import Message, Req, unpack_result
-from device.free_page_hint import HintDevice
-from device.layout import PAGE_SHIFT, PAGE_SIZE
-from device.migration.destination import MigrationDestination
-from device.migration.dirty_log import DirtyLog
-from device.migration.pause import resume_guest
-from device.migration.source import MigrationParams, MigrationSource
-from device.monitor import CommandError
-from device.virtqueue import ring_bytes
+from device.virtio.control import Message, Req, unpack_result
+from device.host.hint_queues import HintQueues
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
+from device.host.migration.destination import MigrationDestination
+from device.virtio.dirty_log import DirtyLog
+from device.host.migration.pause import resume_guest
+from device.host.migration.source import MigrationParams, MigrationSource
+from device.host.monitor import CommandError
+from device.virtio.virtqueue import ring_bytes
 
 log = logging.getLogger("balloon-lab.migration")
 
@@ -149,7 +149,7 @@ class _Port:
         def snap() -> dict:
             d = self.vmm.device
             ball = np.flatnonzero(d.ballooned_np == 1)      # 1: in the balloon (2 marks queue memory)
-            from device.wire import pfns_to_runs
+            from device.virtio.wire import pfns_to_runs
             starts, lens = pfns_to_runs(ball) if len(ball) else (ball, ball)
             return {"config": {"num_pages": d.config.num_pages, "actual": d.config.actual,
                                "free_page_hint_cmd_id": d.config.free_page_hint_cmd_id,
@@ -169,7 +169,7 @@ class MigrationController:
         self.incoming_uri: str | None = getattr(args, "incoming", None)
         self.hint = getattr(args, "hint", "none")
         self.bridge = LoopBridge()
-        self.hints = HintDevice(vmm.device, mark_dirty=self._mark_dirty)
+        self.hints = HintQueues(vmm.device, mark_dirty=self._mark_dirty)
         vmm.device.extra_queue_handler = self.hints.handler_for
         self.params = MigrationParams()
         self.source: MigrationSource | None = None

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device import wire
-from device.budget import WorkBudget
-from device.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_PAGE_CHUNKS, PFN_BATCH_MAX,
+from device.virtio import wire
+from device.host.budget import WorkBudget
+from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_PAGE_CHUNKS, PFN_BATCH_MAX,
                              Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
-from device.guest_ram import GuestRAM, punch_hole
-from device.host_pages import HostPageTracker, host_page_runs
-from device.layout import PAGE_SHIFT, PAGE_SIZE
-from device.transport import VirtioTransport, notify
-from device.virtqueue import DescChain, RingError
+from device.virtio.ram import GuestRAM, punch_hole
+from device.host.host_pages import HostPageTracker, host_page_runs
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
+from device.virtio.transport import VirtioTransport, notify
+from device.virtio.virtqueue import DescChain, RingError
 
 log = logging.getLogger("balloon-lab.device")
 _now = time.perf_counter_ns
@@ -42,7 +42,7 @@ MAX_REQUEST_BYTES = 16 << 20
 
 
 @dataclass
-class OpCounters:
+class DeviceOpCounters:
     """What the device did for one direction (inflate or deflate)."""
 
     requests: int = 0
@@ -113,8 +113,8 @@ class BalloonDevice(VirtioTransport):
         # Huge host pages: discard a host page only when all of it is ballooned (host_pages.py)
         self.host_pages = (HostPageTracker(ram.size >> PAGE_SHIFT, ram.host_page_shift, partial_tracking)
                            if ram.host_page_shift > PAGE_SHIFT else None)
-        self.inflate = OpCounters()
-        self.deflate = OpCounters()
+        self.inflate = DeviceOpCounters()
+        self.deflate = DeviceOpCounters()
         self.stats: dict[str, int] = {}
         self.stats_updated: float = 0.0
         self.stats_head: int | None = None       # the stats buffer the device holds
@@ -181,7 +181,7 @@ class BalloonDevice(VirtioTransport):
     # --- queue processing -----------------------------------------------------------------
     def process_queue(self, index: int, budget: WorkBudget | None = None) -> None:
         """A kick arrived on `index`: serve available chains until none is left or the
-        wake-up's budget (device/budget.py: descriptors, bytes, discards) is spent.
+        wake-up's budget (device/host/budget.py: descriptors, bytes, discards) is spent.
         Without a budget (direct callers, tests) the work is unbounded."""
         if not self.live:
             self.refuse("queue-before-driver-ok" if not self.status & 4 else "queue-after-reset",
@@ -274,7 +274,7 @@ class BalloonDevice(VirtioTransport):
     def _deflate_chain(self, chain: DescChain) -> int:
         return self._balloon_chain(chain, self.deflate, inflate=False)
 
-    def _balloon_chain(self, chain: DescChain, ctr: OpCounters, *, inflate: bool) -> int:
+    def _balloon_chain(self, chain: DescChain, ctr: DeviceOpCounters, *, inflate: bool) -> int:
         ctr.requests += 1
         ctr.descriptors += len(chain.elements)
         if any(e[2] for e in chain.elements):
@@ -310,7 +310,7 @@ class BalloonDevice(VirtioTransport):
         self._runs(runs[0], runs[1], ctr, inflate)
         return 0
 
-    def _pfns_per_page(self, pfns: np.ndarray, ctr: OpCounters, inflate: bool) -> None:
+    def _pfns_per_page(self, pfns: np.ndarray, ctr: DeviceOpCounters, inflate: bool) -> None:
         """The PFN protocol as QEMU serves it: per page, translate then discard.
         This is the one place with a Python loop per page, because the protocol is."""
         starts, ends, offs = self._starts, self._ends, self._offs
@@ -351,7 +351,7 @@ class BalloonDevice(VirtioTransport):
             ctr.add_pfn_batch(np.asarray(accepted, dtype=np.int64))
         self._report_bad(bad, first_bad, ctr)
 
-    def _runs(self, starts: np.ndarray, lengths: np.ndarray, ctr: OpCounters, inflate: bool) -> None:
+    def _runs(self, starts: np.ndarray, lengths: np.ndarray, ctr: DeviceOpCounters, inflate: bool) -> None:
         """Range protocols: validate all pages (numpy), translate per run, one discard per run."""
         starts = np.asarray(starts, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
@@ -395,7 +395,7 @@ class BalloonDevice(VirtioTransport):
             ctr.add_accepted(good)
         self._report_bad(bad, first_bad, ctr)
 
-    def _host_page_update(self, ctr: OpCounters, mpages: np.ndarray, inflate: bool) -> None:
+    def _host_page_update(self, ctr: DeviceOpCounters, mpages: np.ndarray, inflate: bool) -> None:
         """Huge backings: record the sub-pages (memfd page indices, request order) and
         discard the host pages they complete, one call per run of adjacent host pages.
         The bookkeeping is timed as translation; only the system calls are discard."""
@@ -410,7 +410,7 @@ class BalloonDevice(VirtioTransport):
             offs, lens = host_page_runs(done, self.ram.host_page_shift)
             self._discard(ctr, offs.tolist(), lens.tolist())
 
-    def _discard(self, ctr: OpCounters, offsets: list[int], lengths: list[int] | int) -> None:
+    def _discard(self, ctr: DeviceOpCounters, offsets: list[int], lengths: list[int] | int) -> None:
         """The discard stage: one system call per piece of memfd, per page on the PFN
         path (`lengths` is then the page size), per run on the range paths. Under a
         wake-up budget, what does not fit is left in self._carry for a later wake-up
@@ -442,7 +442,7 @@ class BalloonDevice(VirtioTransport):
         _audit("balloon-lab:discard:e")
         ctr.discard_calls += len(offsets)
 
-    def _report_bad(self, bad: Counter, first_bad: int | None, ctr: OpCounters) -> None:
+    def _report_bad(self, bad: Counter, first_bad: int | None, ctr: DeviceOpCounters) -> None:
         for reason, n in bad.items():
             ctr.refused_pages += n
             self.errors[reason] += n
@@ -454,7 +454,7 @@ class BalloonDevice(VirtioTransport):
             log.warning("refused %d page(s) of one request (%s); first bad PFN %#x; nothing discarded for them",
                         sum(bad.values()), dict(bad), first_bad)
 
-    def _decode_bitmap(self, chain: DescChain, ctr: OpCounters):
+    def _decode_bitmap(self, chain: DescChain, ctr: DeviceOpCounters):
         bufs = chain.readable()
         total = sum(len(b) for b in bufs)
         limit = min(MAX_REQUEST_BYTES, wire.BITMAP_HEADER_SIZE + (self.layout.max_pfn + 7) // 8)
@@ -538,8 +538,8 @@ class BalloonDevice(VirtioTransport):
         }
 
     def reset_counters(self) -> None:
-        self.inflate = OpCounters()
-        self.deflate = OpCounters()
+        self.inflate = DeviceOpCounters()
+        self.deflate = DeviceOpCounters()
         self.errors.clear()
 
     def verify_discarded(self) -> dict:

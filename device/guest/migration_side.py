@@ -13,7 +13,7 @@ without fd detaches the log. See dirty_log.py for the layout.
 
 migration_verify: after the switchover the guest checks, for every page it holds
 in use, that the destination's memfd (opened through /proc/<pid>/fd/<n>) holds
-exactly what it must (its expected fingerprint from GuestMemory's record) and that
+exactly what it must (its expected fingerprint from GuestPageContents's record) and that
 its own RAM does too. Pages the guest rewrote after the switchover (marked in the
 dirty log, which the source cleared while the guest was stopped) are left out and
 counted.
@@ -29,11 +29,11 @@ import threading
 
 import numpy as np
 
-from device import control as C
-from device.control import Channel, ControlError, Message, Req
-from device.guest_memory import GuestMemory
-from device.migration.dirty_log import MappedDirtyLog
-from device.migration.pages import fingerprint_pfns
+from device.virtio import control
+from device.virtio.control import Channel, ControlError, Message, Req
+from device.guest.page_contents import GuestPageContents
+from device.virtio.dirty_log import MappedDirtyLog
+from device.virtio.page_pattern import fingerprint_pfns
 
 log = logging.getLogger("balloon-lab.guest")
 
@@ -58,7 +58,7 @@ class GuestChannel(Channel):
                     self.pending.append(msg)        # a VMM request: served from the loop
                     continue
                 if msg.req != req:
-                    C._close(msg.fds)
+                    control._close(msg.fds)
                     raise ControlError(f"expected reply to {req.name}, got reply to {msg.req}")
                 return msg
 
@@ -70,7 +70,7 @@ class GuestChannel(Channel):
                 return
             msg = self.recv()
             if msg.is_reply:
-                C._close(msg.fds)
+                control._close(msg.fds)
                 log.warning("control: unexpected reply to request %d from the VMM", msg.req)
                 return
             self.pending.append(msg)
@@ -86,11 +86,11 @@ class GuestChannel(Channel):
 
     def _handle(self, msg: Message) -> tuple[int, str]:
         if msg.req != Req.SET_DIRTY_LOG:
-            C._close(msg.fds)
+            control._close(msg.fds)
             return -errno.ENOSYS, f"the guest serves no request {msg.req} from the VMM"
-        mem: GuestMemory | None = self.memory_getter() if self.memory_getter else None
+        mem: GuestPageContents | None = self.memory_getter() if self.memory_getter else None
         if mem is None:
-            C._close(msg.fds)
+            control._close(msg.fds)
             return -errno.EAGAIN, "guest memory not ready"
         if not msg.payload and not msg.fds:
             mem.detach_dirty_log()
@@ -99,13 +99,13 @@ class GuestChannel(Channel):
                 self.dirty_log = None
             return 0, "detached"
         if len(msg.fds) != 1:
-            C._close(msg.fds)
+            control._close(msg.fds)
             return -errno.EBADF, f"SET_DIRTY_LOG needs exactly one memfd, got {len(msg.fds)}"
         try:
             dl = MappedDirtyLog(msg.fds[0], msg.payload, mem.max_pfn)
             mem.attach_dirty_log(dl.log, dl.inflight)
         except (ValueError, OSError) as e:
-            C._close(msg.fds)
+            control._close(msg.fds)
             return -errno.EINVAL, f"SET_DIRTY_LOG refused: {e}"
         old, self.dirty_log = self.dirty_log, dl
         if old is not None:
@@ -114,7 +114,7 @@ class GuestChannel(Channel):
         return 0, ""
 
 
-def migration_verify(memory: GuestMemory, dest_path: str, dirty: np.ndarray | None) -> dict:
+def migration_verify(memory: GuestPageContents, dest_path: str, dirty: np.ndarray | None) -> dict:
     """Compare every held page at the destination and at the source with what the
     guest's record says it must hold. `dirty`: the attached dirty log (pages set
     there were rewritten after the switchover and are skipped)."""

@@ -10,30 +10,18 @@ then classified zero/data in one numpy reduction per span.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
-from device.guest_memory import FPV
-from device.guest_ram import memfd_data_extents
-from device.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
-from device.migration.stream import FLAG_DATA, FLAG_ZERO
+from device.virtio.page_pattern import WORDS, pread_full
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from device.host.migration.stream import FLAG_DATA, FLAG_ZERO
 
-WORDS = PAGE_SIZE // 8
 CHUNK_PAGES = 2048      # 8 MiB per read buffer
 GAP_PAGES = 32          # read across gaps of up to 128 KiB rather than issue another pread
 MAX_DATA_RUNS_AS_IOV = 64
-
-
-def pread_full(fd: int, mv: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(mv):
-        n = os.preadv(fd, [mv[got:]], offset + got)
-        if n <= 0:
-            raise OSError(f"short pread of guest RAM at offset {offset + got:#x}")
-        got += n
 
 
 def runs(idx: np.ndarray, gap: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -128,55 +116,3 @@ class PageScanner:
         # many short runs: gather them into one buffer (one numpy copy) instead of a long iovec
         np.take(self.words, didx, axis=0, out=self.gwords[:len(didx)])
         return [memoryview(self.gbuf)[:len(didx) * PAGE_SIZE]]
-
-
-# --- fingerprints (verification) -----------------------------------------------------------
-def fingerprint_memfd(fd: int, layout: GuestLayout, skip: np.ndarray | None = None,
-                      chunk_pages: int = CHUNK_PAGES) -> np.ndarray:
-    """uint64 fingerprint per PFN over [0, max_pfn): GuestMemory's page fingerprint
-    (sum of word[i] * FPV[i]) for every page the memfd holds data for, 0 for holes
-    (a zero page's fingerprint is 0 too). Pages where `skip` is True are not read
-    (left 0). Reads only the memfd's data extents, with pread."""
-    out = np.zeros(layout.max_pfn, dtype=np.uint64)
-    buf = bytearray(chunk_pages * PAGE_SIZE)
-    mv = memoryview(buf)
-    words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, WORDS)
-    size = layout.ram_bytes
-    for off, ln in memfd_data_extents(fd, size):
-        pos, end = off, off + ln
-        while pos < end:
-            n = min(chunk_pages * PAGE_SIZE, end - pos)
-            npg = n >> PAGE_SHIFT
-            pfns = layout.offset_to_pfn(np.arange(pos, pos + n, PAGE_SIZE, dtype=np.int64))
-            if skip is not None and skip[pfns].all():
-                pos += n
-                continue
-            pread_full(fd, mv[:n], pos)
-            out[pfns] = words[:npg] @ FPV
-            pos += n
-    if skip is not None:
-        out[skip] = 0
-    return out
-
-
-def fingerprint_pfns(fd: int, layout: GuestLayout, pfns: np.ndarray) -> np.ndarray:
-    """Fingerprints of the given sorted RAM PFNs, read with pread in spans."""
-    pfns = np.asarray(pfns, dtype=np.int64)
-    out = np.empty(len(pfns), dtype=np.uint64)
-    if not len(pfns):
-        return out
-    buf = bytearray(CHUNK_PAGES * PAGE_SIZE)
-    mv = memoryview(buf)
-    words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, WORDS)
-    offs = layout.pfn_to_offset(pfns) >> PAGE_SHIFT   # memfd page numbers (sorted like pfns)
-    i = 0
-    while i < len(offs):
-        # one span: pages within CHUNK_PAGES of the first one
-        j = int(np.searchsorted(offs, offs[i] + CHUNK_PAGES, side="left"))
-        base = int(offs[i])
-        span = int(offs[j - 1]) - base + 1
-        pread_full(fd, mv[:span * PAGE_SIZE], base * PAGE_SIZE)
-        rows = offs[i:j] - base
-        out[i:j] = words[rows] @ FPV
-        i = j
-    return out

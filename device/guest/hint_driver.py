@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device import wire
-from device.balloon_driver import BalloonDriver, DeviceTimeout
-from device.features import (CFG_FREE_PAGE_HINT_CMD_ID, F_FREE_PAGE_HINT, F_PAGE_BITMAP, FREE_PAGE_HINT_CMD_ID_DONE,
+from device.virtio import wire
+from device.guest.balloon_driver import BalloonDriver, DeviceTimeout
+from device.virtio.features import (CFG_FREE_PAGE_HINT_CMD_ID, F_FREE_PAGE_HINT, F_PAGE_BITMAP, FREE_PAGE_HINT_CMD_ID_DONE,
                              FREE_PAGE_HINT_CMD_ID_MIN, FREE_PAGE_HINT_CMD_ID_STOP, Q_FREE_PAGE, Q_MISC)
-from device.free_page_hint import (BITMAP_FLAG_LAST, CMD_GET_FREE_PAGES, CMD_ID, HINT_BLOCK_BYTES, HINT_ORDER,
+from device.virtio.hint_format import (BITMAP_FLAG_LAST, CMD_GET_FREE_PAGES, CMD_ID, HINT_BLOCK_BYTES, HINT_ORDER,
                                    MISC_REQUEST)
-from device.guest_memory import GuestMemory
-from device.layout import PAGE_SHIFT, PAGE_SIZE
-from device.virtqueue import DriverQueue, ring_bytes
+from device.guest.page_contents import GuestPageContents
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
+from device.virtio.virtqueue import DriverQueue, ring_bytes
 
 log = logging.getLogger("balloon-lab.hint-driver")
 
@@ -62,7 +62,7 @@ class HintReport:
 
 
 class FreePageDriver:
-    def __init__(self, balloon: BalloonDriver, memory: GuestMemory) -> None:
+    def __init__(self, balloon: BalloonDriver, memory: GuestPageContents) -> None:
         self.b = balloon
         self.ram = balloon.ram
         self.alloc = balloon.alloc

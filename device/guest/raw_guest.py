@@ -1,6 +1,6 @@
 """A raw, hostile guest: the control protocol and split rings written from the docs alone.
 
-Tests use it to play an untrusted guest against the real VMM (`python -m device.vmm`).
+Tests use it to play an untrusted guest against the real VMM (`python -m device.host.vmm`).
 Nothing here imports the lab's device code: the framing follows docs/PROTOCOL.md and
 the ring layout docs/VIRTQUEUE.md (virtio 1.2 section 2.7), byte by byte, so a test
 that passes also shows the documents are enough to drive the device, and a bug shared
@@ -8,7 +8,7 @@ by the lab's driver and device cannot hide itself. Every byte the device reads i
 under the caller's control: malformed packets, descriptor loops, rings in the MMIO
 hole, fds that are not eventfds.
 
-How it connects: `HostileVM` starts the VMM with `--guest-cmd "python -m lab.raw_guest"`.
+How it connects: `HostileVM` starts the VMM with `--guest-cmd "python -m device.guest.raw_guest"`.
 The VMM spawns that trampoline as its guest, passing `--control-fd N --agent PATH` as
 it does for the real guest; the trampoline hands the control socket to the test over
 the agent socket (SCM_RIGHTS) and then waits, so the test process itself holds the
@@ -27,13 +27,9 @@ import argparse
 import mmap
 import os
 import select
-import shlex
-import shutil
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -386,9 +382,9 @@ class RawGuest:
 
 # --- the trampoline the VMM spawns ---------------------------------------------------------
 def trampoline(argv: list[str] | None = None) -> int:
-    """`python -m lab.raw_guest --control-fd N --agent PATH`: hand the control socket to
+    """`python -m device.guest.raw_guest --control-fd N --agent PATH`: hand the control socket to
     whoever connects to PATH, then stay alive (the VMM watches this pid) until they hang up."""
-    p = argparse.ArgumentParser(prog="lab.raw_guest")
+    p = argparse.ArgumentParser(prog="device.guest.raw_guest")
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--agent", required=True)
     args, _ = p.parse_known_args(argv)
@@ -401,88 +397,6 @@ def trampoline(argv: list[str] | None = None) -> int:
     while conn.recv(4096):
         pass
     return 0
-
-
-class HostileVM:
-    """A real VMM whose guest is this module: `.guest` (RawGuest), `.qmp` (monitor).
-    The VMM's stderr (its log) is kept in a file: `.log()`."""
-
-    def __init__(self, guest_mib: int = 512, protocol: str = "pfn", *, log_level: str = "WARNING",
-                 extra_args: Iterable[str] = (), timeout: float = 20.0) -> None:
-        from lab.monitor_client import QMPClient, wait_for_socket   # orchestrator side, not the guest's code
-
-        self.dir = tempfile.mkdtemp(prefix="balloon-lab-hostile-")
-        self.monitor = os.path.join(self.dir, "monitor.sock")
-        self.agent = os.path.join(self.dir, "agent.sock")
-        self.log_path = os.path.join(self.dir, "vmm.log")
-        self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "device.vmm", "--guest-mib", str(guest_mib), "--protocol", protocol,
-               "--monitor", self.monitor, "--agent", self.agent, "--log-level", log_level,
-               "--guest-cmd", f"{shlex.quote(sys.executable)} -m lab.raw_guest", *extra_args]
-        self.vmm = subprocess.Popen(cmd, stderr=self._log)
-        self.qmp = None
-        self.guest: RawGuest | None = None
-        try:
-            alive = lambda: self.vmm.poll() is None
-            wait_for_socket(self.monitor, timeout, alive)
-            self.qmp = QMPClient(self.monitor, timeout=timeout)
-            wait_for_socket(self.agent, timeout, alive)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            for _ in range(200):
-                try:
-                    s.connect(self.agent)
-                    break
-                except ConnectionRefusedError:
-                    time.sleep(0.01)
-            s.settimeout(timeout)
-            _, fds, _, _ = socket.recv_fds(s, 64, 1)
-            if len(fds) != 1:
-                raise RawError("the trampoline did not hand over the control socket")
-            self._tramp = s
-            self.guest = RawGuest(socket.socket(fileno=fds[0]), timeout)
-            self.info = self.qmp.execute("x-balloon-lab-info")
-        except Exception:
-            self.close()
-            raise
-
-    def __enter__(self) -> "HostileVM":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def alive(self) -> bool:
-        return self.vmm.poll() is None
-
-    def counters(self) -> dict:
-        return self.qmp.execute("x-balloon-lab-counters")
-
-    def errors(self) -> dict[str, int]:
-        return self.counters()["errors"]
-
-    def log(self) -> str:
-        self._log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def close(self) -> None:
-        if self.guest is not None:
-            self.guest.close()
-        if self.qmp is not None and self.alive():
-            try:
-                self.qmp.execute("quit", timeout=5)
-            except Exception:
-                pass
-            self.qmp.close()
-        try:
-            self.vmm.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.vmm.kill()
-            self.vmm.wait()
-        if getattr(self, "_tramp", None) is not None:
-            self._tramp.close()
-        self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-from device import control as C
-from device.control import Channel, Message, Req
-from device.features import (CONFIG_SIZE, QUEUE_FEATURE, QUEUE_NAMES, S_ACKNOWLEDGE, S_DRIVER,
+from device.virtio import control
+from device.virtio.control import Channel, Message, Req
+from device.virtio.features import (CONFIG_SIZE, QUEUE_FEATURE, QUEUE_NAMES, S_ACKNOWLEDGE, S_DRIVER,
                              S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET, bit, feature_names)
-from device.guest_ram import GuestRAM, size_sealed
-from device.layout import BadAddress
-from device.virtqueue import DeviceQueue, RingError
+from device.virtio.ram import GuestRAM, size_sealed
+from device.virtio.layout import BadAddress
+from device.virtio.virtqueue import DeviceQueue, RingError
 
 log = logging.getLogger("balloon-lab.device")
 
@@ -124,26 +124,26 @@ class VirtioTransport:
     def handle(self, ch: Channel, msg: Message) -> None:
         """Serve one control request and send its reply. Closes fds the request does not keep."""
         if msg.is_reply:
-            C._close(msg.fds)
+            control._close(msg.fds)
             self.refuse("control-unexpected-reply", f"unexpected reply message {msg.req}")
             return
         try:
             req = Req(msg.req)
         except ValueError:
-            C._close(msg.fds)
+            control._close(msg.fds)
             self.refuse("control-unknown-request", f"unknown control request {msg.req}")
             ch.reply_result(msg.req, -errno.ENOSYS, f"unknown request {msg.req}")
             return
         handler = getattr(self, f"_req_{req.name.lower()}")
         if msg.fds and req not in _TAKES_FD:
             # fds on a request that takes none would pile up in the VMM until it runs out
-            C._close(msg.fds)
+            control._close(msg.fds)
             self.refuse("control-unexpected-fd", f"{req.name} carried {len(msg.fds)} file descriptor(s); closed them")
             msg.fds = []
         try:
             handler(ch, req, msg)
         except _Refused as e:
-            C._close(msg.fds)
+            control._close(msg.fds)
             self.refuse(e.reason, f"{req.name}: {e.message}")
             ch.reply_result(req, -e.err, e.message)
 
@@ -168,10 +168,10 @@ class VirtioTransport:
         return fd
 
     def _req_get_features(self, ch: Channel, req: Req, msg: Message) -> None:
-        ch.send(req, C.U64.pack(self.device_features), reply=True)
+        ch.send(req, control.U64.pack(self.device_features), reply=True)
 
     def _req_set_features(self, ch: Channel, req: Req, msg: Message) -> None:
-        (features,) = self._payload(msg, C.U64, "SET_FEATURES")
+        (features,) = self._payload(msg, control.U64, "SET_FEATURES")
         if self.status & S_FEATURES_OK:
             raise _Refused("features-after-ok", errno.EBUSY, "features cannot change after FEATURES_OK")
         unknown = features & ~self.device_features
@@ -184,19 +184,19 @@ class VirtioTransport:
 
     def _req_get_mem_table(self, ch: Channel, req: Req, msg: Message) -> None:
         regions = self.ram.layout.regions
-        payload = C.MEM_TABLE_HEAD.pack(len(regions), 0) + b"".join(
-            C.REGION.pack(r.gpa, r.size, r.offset) for r in regions)
+        payload = control.MEM_TABLE_HEAD.pack(len(regions), 0) + b"".join(
+            control.REGION.pack(r.gpa, r.size, r.offset) for r in regions)
         ch.send(req, payload, [self.ram.fd], reply=True)
 
     def _req_get_config(self, ch: Channel, req: Req, msg: Message) -> None:
-        off, size = self._payload(msg, C.CONFIG_ACCESS, "GET_CONFIG")
+        off, size = self._payload(msg, control.CONFIG_ACCESS, "GET_CONFIG")
         if off + size > CONFIG_SIZE:
             raise _Refused("config-range", errno.EINVAL, f"config read {off}+{size} beyond {CONFIG_SIZE} bytes")
-        ch.send(req, C.CONFIG_ACCESS.pack(off, size) + self.read_config()[off:off + size], reply=True)
+        ch.send(req, control.CONFIG_ACCESS.pack(off, size) + self.read_config()[off:off + size], reply=True)
 
     def _req_set_config(self, ch: Channel, req: Req, msg: Message) -> None:
-        off, size = self._payload(msg, C.CONFIG_ACCESS, "SET_CONFIG")
-        data = msg.payload[C.CONFIG_ACCESS.size:]
+        off, size = self._payload(msg, control.CONFIG_ACCESS, "SET_CONFIG")
+        data = msg.payload[control.CONFIG_ACCESS.size:]
         if off + size > CONFIG_SIZE:
             raise _Refused("config-range", errno.EINVAL, f"config write {off}+{size} is out of range (beyond {CONFIG_SIZE} bytes)")
         if len(data) != size:
@@ -206,7 +206,7 @@ class VirtioTransport:
         ch.reply_result(req)
 
     def _req_set_vring(self, ch: Channel, req: Req, msg: Message) -> None:
-        index, size, desc, avail, used = self._payload(msg, C.VRING, "SET_VRING")
+        index, size, desc, avail, used = self._payload(msg, control.VRING, "SET_VRING")
         self._check_queue_index(index)
         if self.status & S_DRIVER_OK:
             raise _Refused("vring-after-driver-ok", errno.EBUSY, "queues cannot be set up after DRIVER_OK")
@@ -226,7 +226,7 @@ class VirtioTransport:
 
     def _set_queue_fd(self, msg: Message, table: dict[int, int], what: str) -> None:
         """Install a queue's eventfd (replacing and closing any earlier one)."""
-        (index,) = self._payload(msg, C.U32, what)
+        (index,) = self._payload(msg, control.U32, what)
         self._check_queue_index(index)
         fd = self._one_fd(msg)
         old = table.pop(index, None)
@@ -246,7 +246,7 @@ class VirtioTransport:
         raise _Refused("control-direction", errno.EPERM, "SET_DIRTY_LOG is sent by the VMM, not the guest")
 
     def _req_set_status(self, ch: Channel, req: Req, msg: Message) -> None:
-        (status,) = self._payload(msg, C.U32, "SET_STATUS")
+        (status,) = self._payload(msg, control.U32, "SET_STATUS")
         status &= 0xFF
         if status == 0:
             self.reset()
@@ -267,7 +267,7 @@ class VirtioTransport:
         ch.reply_result(req)
 
     def _req_get_status(self, ch: Channel, req: Req, msg: Message) -> None:
-        ch.send(req, C.U32.pack(self.status), reply=True)
+        ch.send(req, control.U32.pack(self.status), reply=True)
 
     def _req_reset(self, ch: Channel, req: Req, msg: Message) -> None:
         self.reset()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.buddy import BuddyAllocator
+from device.guest.buddy import BuddyAllocator
 
 ALLOC_POLICIES = ("linux", "hugepage-aware")
 HUGE_ORDER = 9

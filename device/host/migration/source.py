@@ -36,14 +36,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device.guest_ram import GuestRAM, process_rss_bytes
-from device.layout import PAGE_SIZE
-from device.migration import stream as S
-from device.migration.dirty_log import DirtyLog
-from device.migration.pages import PageScanner, fingerprint_memfd
-from device.migration.pause import pause_guest, resume_guest
-from device.migration.ratelimit import TokenBucket
-from device.migration.stream import parse_uri
+from device.virtio.ram import GuestRAM, process_rss_bytes
+from device.virtio.layout import PAGE_SIZE
+from device.host.migration import stream
+from device.virtio.dirty_log import DirtyLog
+from device.host.migration.pages import PageScanner
+from device.virtio.page_pattern import fingerprint_memfd
+from device.host.migration.pause import pause_guest, resume_guest
+from device.host.migration.ratelimit import TokenBucket
+from device.host.migration.stream import parse_uri
 
 log = logging.getLogger("balloon-lab.migration")
 
@@ -162,7 +163,7 @@ class MigrationSource(threading.Thread):
             log.error("migration failed: %s", st.error)
             try:
                 if self.sock is not None:
-                    S.send_json(self.sock, S.MsgType.ERROR, {"message": st.error})
+                    stream.send_json(self.sock, stream.MsgType.ERROR, {"message": st.error})
             except OSError:
                 pass
             if self.paused_pid is not None:
@@ -195,9 +196,9 @@ class MigrationSource(threading.Thread):
         self.sock.settimeout(None)
         # small control messages (END, SYNC, ACK) must not wait for Nagle / delayed ACK (40 ms)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        S.send_json(self.sock, S.MsgType.HELLO, {"magic": S.MAGIC, "version": S.VERSION, "page_size": PAGE_SIZE,
+        stream.send_json(self.sock, stream.MsgType.HELLO, {"magic": stream.MAGIC, "version": stream.VERSION, "page_size": PAGE_SIZE,
                                                  "layout": self.layout.to_dict(), "hint": st.hint})
-        S.expect(self.sock, S.MsgType.ACK)
+        stream.expect(self.sock, stream.MsgType.ACK)
         # dirty logging on before anything is read or hinted
         self.dirty = DirtyLog(self.layout.max_pfn)
         self.port.attach_dirty_log(self.dirty)
@@ -234,8 +235,8 @@ class MigrationSource(threading.Thread):
             self._round(len(st.rounds) + 1, None, dirty)
             dirty = self.dirty.harvest()
         # drain what the destination has not applied yet, then stop-and-copy
-        S.send_empty(self.sock, S.MsgType.SYNC)
-        S.expect(self.sock, S.MsgType.ACK)
+        stream.send_empty(self.sock, stream.MsgType.SYNC)
+        stream.expect(self.sock, stream.MsgType.ACK)
         st.status = "device"
         t_stop = time.monotonic()
         pr = pause_guest(gpid, self.dirty.inflight)
@@ -246,10 +247,10 @@ class MigrationSource(threading.Thread):
         marks.append(("harvest", time.monotonic()))
         st.stop_copy = self._send_pfns(0, final)
         marks.append(("send_pages", time.monotonic()))
-        S.send_json(self.sock, S.MsgType.DEVICE, self.port.device_state())
+        stream.send_json(self.sock, stream.MsgType.DEVICE, self.port.device_state())
         marks.append(("device_state", time.monotonic()))
-        S.send_empty(self.sock, S.MsgType.END)
-        _, ack = S.expect(self.sock, S.MsgType.ACK)
+        stream.send_empty(self.sock, stream.MsgType.END)
+        _, ack = stream.expect(self.sock, stream.MsgType.ACK)
         t_end = time.monotonic()
         marks.append(("destination_ack", t_end))
         prev = t_stop
@@ -269,7 +270,7 @@ class MigrationSource(threading.Thread):
         log.info("migration completed in %.1f ms (downtime %.1f ms, %d rounds)", st.total_ms, st.downtime_ms,
                  len(st.rounds))
         st.verification = self._verify()
-        S.send_empty(self.sock, S.MsgType.BYE)
+        stream.send_empty(self.sock, stream.MsgType.BYE)
 
     def _expected_ms(self, pages: int, elapsed_s: float) -> float:
         """How long sending `pages` dirty pages would take: at the page rate the last
@@ -310,7 +311,7 @@ class MigrationSource(threading.Thread):
                 self.st.remaining_pages = total - done
             rs.ms = (time.monotonic() - t0) * 1000
         self.st.rounds.append(rs)
-        S.send_json(self.sock, S.MsgType.ROUND_END, {"round": no, "pages": rs.pages_sent + rs.pages_zero}, arg=no)
+        stream.send_json(self.sock, stream.MsgType.ROUND_END, {"round": no, "pages": rs.pages_sent + rs.pages_zero}, arg=no)
         return rs
 
     def _send_pfns(self, no: int, pfns: np.ndarray) -> RoundStats:
@@ -335,14 +336,14 @@ class MigrationSource(threading.Thread):
         if res is None:
             return
         npages = len(res.flags)
-        length = S.pages_message_len(npages, res.ndata)
-        parts = [S.header(S.MsgType.PAGES, no, length), S.PAGES_HEAD.pack(res.start_pfn, npages, res.ndata),
+        length = stream.pages_message_len(npages, res.ndata)
+        parts = [stream.header(stream.MsgType.PAGES, no, length), stream.PAGES_HEAD.pack(res.start_pfn, npages, res.ndata),
                  res.flags] + res.data
-        n = S.HEADER.size + length
+        n = stream.HEADER.size + length
         slept = self.bucket.slept_s
         self.bucket.consume(n)
         t2 = time.perf_counter()
-        S.send_parts(self.sock, parts)
+        stream.send_parts(self.sock, parts)
         rs.throttle_ms += (self.bucket.slept_s - slept) * 1000
         rs.send_ms += (time.perf_counter() - t2) * 1000
         rs.pages_examined += res.examined
@@ -357,10 +358,10 @@ class MigrationSource(threading.Thread):
         """Every page outside the hinted-and-never-rewritten set must have the same
         fingerprint at both ends (holes and zero pages count as 0)."""
         t0 = time.monotonic()
-        S.send_empty(self.sock, S.MsgType.VERIFY)
+        stream.send_empty(self.sock, stream.MsgType.VERIFY)
         src = fingerprint_memfd(self.ram.fd, self.layout, skip=self.dst_stale)
-        _, raw = S.expect(self.sock, S.MsgType.VERIFY_DATA)
-        pfns, fps = S.unpack_verify_data(raw)
+        _, raw = stream.expect(self.sock, stream.MsgType.VERIFY_DATA)
+        pfns, fps = stream.unpack_verify_data(raw)
         dst = np.zeros(self.layout.max_pfn, dtype=np.uint64)
         ok_idx = (pfns >= 0) & (pfns < self.layout.max_pfn)
         dst[pfns[ok_idx]] = fps[ok_idx]

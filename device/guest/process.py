@@ -1,6 +1,6 @@
 """The guest process: guest kernel model, virtio-balloon driver, workloads, agent.
 
-    python -m device.guest --control-fd FD --agent SOCK [--protocol P] [--batch-pages N]
+    python -m device.guest.process --control-fd FD --agent SOCK [--protocol P] [--batch-pages N]
 
 Spawned by the VMM with one end of the control socket. It maps guest RAM (the memfd
 the VMM sends in GET_MEM_TABLE), builds the buddy allocator over the guest's RAM
@@ -24,32 +24,32 @@ import time
 
 import numpy as np
 
-from device import control as C
-from device.balloon_driver import BalloonDriver, DriverOptions
-from device.buddy import BuddyAllocator
-from device.control import Channel, PeerGone, Req
-from device.features import Q_MISC, Q_STATS
-from device.backing import BACKINGS
-from device.alloc_policy import ALLOC_POLICIES
-from device.features import F_REPORTING
-from device.free_page_driver import FreePageDriver
-from device.page_reporting_driver import ReportingDriver, ReportingParams
-from device.migration.guest_side import GuestChannel, migration_verify
-from device.guest_memory import GuestMemory
-from device.guest_ram import GuestRAM, process_rss_bytes
-from device import wire
-from device.layout import PAGE_SHIFT, GuestLayout, Region
+from device.virtio import control
+from device.guest.balloon_driver import BalloonDriver, DriverOptions
+from device.guest.buddy import BuddyAllocator
+from device.virtio.control import Channel, PeerGone, Req
+from device.virtio.features import Q_MISC, Q_STATS
+from device.virtio.backing import BACKINGS
+from device.guest.alloc_policy import ALLOC_POLICIES
+from device.virtio.features import F_REPORTING
+from device.guest.hint_driver import FreePageDriver
+from device.guest.page_reporting_driver import ReportingDriver, ReportingParams
+from device.guest.migration_side import GuestChannel, migration_verify
+from device.guest.page_contents import GuestPageContents
+from device.virtio.ram import GuestRAM, process_rss_bytes
+from device.virtio import wire
+from device.virtio.layout import PAGE_SHIFT, GuestLayout, Region
 
 log = logging.getLogger("balloon-lab.guest")
 
 
 def fetch_memory(chan: Channel, backing: str = "4k") -> GuestRAM:
     msg = chan.call(Req.GET_MEM_TABLE)
-    n, _ = C.MEM_TABLE_HEAD.unpack_from(msg.payload)
-    regions = tuple(Region(*C.REGION.unpack_from(msg.payload, C.MEM_TABLE_HEAD.size + i * C.REGION.size))
+    n, _ = control.MEM_TABLE_HEAD.unpack_from(msg.payload)
+    regions = tuple(Region(*control.REGION.unpack_from(msg.payload, control.MEM_TABLE_HEAD.size + i * control.REGION.size))
                     for i in range(n))
     if len(msg.fds) != 1:
-        raise C.ControlError("GET_MEM_TABLE reply carried no memfd")
+        raise control.ControlError("GET_MEM_TABLE reply carried no memfd")
     return GuestRAM(msg.fds[0], GuestLayout(regions), owner=True, backing=backing)
 
 
@@ -60,7 +60,7 @@ class Guest:
         self.chan = GuestChannel(socket.socket(fileno=args.control_fd), lambda: getattr(self, "memory", None))
         self.ram = fetch_memory(self.chan, args.backing)
         self.alloc = BuddyAllocator(self.ram.layout)
-        self.memory = GuestMemory(self.ram, self.alloc)
+        self.memory = GuestPageContents(self.ram, self.alloc)
         self.driver = BalloonDriver(self.chan, self.ram, self.alloc, self.memory,
                                     DriverOptions(protocol=args.protocol, batch_pages=args.batch_pages,
                                                   timeout_s=args.timeout, halt_poll_us=args.halt_poll_us,
@@ -201,7 +201,7 @@ class Guest:
 
     # --- loop ---------------------------------------------------------------------------------
     def run(self) -> None:
-        self.driver.probe()
+        self.driver.bring_up()
         # The agent socket appears only once the device is live: an orchestrator that
         # can connect may rely on every queue and eventfd being set up.
         self.agent.bind(self.args.agent)
@@ -264,7 +264,7 @@ _DEFERRED = object()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="device.guest")
+    p = argparse.ArgumentParser(prog="device.guest.process")
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--agent", required=True)
     p.add_argument("--protocol", default="auto", choices=("auto", "pfn", "bitmap", "chunks"))

@@ -27,40 +27,20 @@ the guest lose its own free pages' contents, never touch anything else.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from typing import Callable
 
 import numpy as np
 
-from device import wire
-from device.features import (F_FREE_PAGE_HINT, F_PAGE_BITMAP, FREE_PAGE_HINT_CMD_ID_DONE,
-                             FREE_PAGE_HINT_CMD_ID_MIN, FREE_PAGE_HINT_CMD_ID_STOP, Q_FREE_PAGE, Q_MISC, bit)
-from device.layout import PAGE_SHIFT, PAGE_SIZE, BadAddress
-from device.virtqueue import DescChain
+from device.virtio import wire
+from device.virtio.features import (F_FREE_PAGE_HINT, F_PAGE_BITMAP, FREE_PAGE_HINT_CMD_ID_DONE,
+                                    FREE_PAGE_HINT_CMD_ID_MIN, FREE_PAGE_HINT_CMD_ID_STOP, Q_FREE_PAGE, Q_MISC)
+from device.virtio.hint_format import BITMAP_FLAG_LAST, CMD_GET_FREE_PAGES, CMD_ID, MISC_REQUEST
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, BadAddress
+from device.virtio.virtqueue import DescChain
 
 log = logging.getLogger("balloon-lab.hint")
-
-HINT_DESIGNS = ("none", "upstream", "bitmap")
-HINT_ORDER = 10
-HINT_BLOCK_BYTES = PAGE_SIZE << HINT_ORDER
-CMD_GET_FREE_PAGES = 2
-BITMAP_FLAG_LAST = 1
-MISC_REQUEST = struct.Struct("<HHIQ")      # cmd, page_shift, reserved, req_id
-CMD_ID = struct.Struct("<I")
-
-
-def hint_device_features(design: str) -> int:
-    """Feature bits the VMM must offer (on top of its protocol's) for a hint design."""
-    if design == "none":
-        return 0
-    if design == "upstream":
-        return bit(F_FREE_PAGE_HINT)
-    if design == "bitmap":
-        return bit(F_PAGE_BITMAP)
-    raise ValueError(f"unknown hint design {design!r}; choose from {', '.join(HINT_DESIGNS)}")
-
 
 def mark_runs(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
     """mask[s:s+l] = True for every run (vectorized when there are many runs)."""
@@ -75,7 +55,7 @@ def mark_runs(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None
     mask[lo:hi] |= np.cumsum(delta[:-1]) > 0
 
 
-class HintDevice:
+class HintQueues:
     """The hint queues of one BalloonDevice. Runs in the VMM's main loop thread;
     the migration thread reads `hinted` and waits on the events."""
 

@@ -1,6 +1,6 @@
 """The VMM process: owns guest RAM, serves the balloon device and the monitor.
 
-    python -m device.vmm --guest-mib N --protocol P --monitor SOCK --agent SOCK [...]
+    python -m device.host.vmm --guest-mib N --protocol P --monitor SOCK --agent SOCK [...]
 
 It creates guest RAM as one memfd, spawns the guest process with one end of a
 SOCK_SEQPACKET control socket, and runs one event loop over: the monitor socket,
@@ -25,18 +25,18 @@ import time
 
 import numpy as np
 
-from device.balloon_device import BalloonDevice
-from device.budget import WorkBudget, cpu_time
-from device.control_peer import ControlService, DeviceChannel
-from device.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
-from device.free_page_hint import hint_device_features
-from device.backing import BACKINGS, backing_problem
-from device.guest_ram import GuestRAM, process_rss_bytes
-from device.host_pages import PARTIAL_TRACKING
-from device.page_reporting_device import ReportingDevice, reporting_device_features
-from device.layout import PAGE_SHIFT, GuestLayout
-from device.migration.controller import MigrationController, add_vmm_arguments
-from device.monitor import CommandError, Deferred, Monitor
+from device.host.balloon_device import BalloonDevice
+from device.host.budget import WorkBudget, cpu_time
+from device.host.control_peer import ControlService, DeviceChannel
+from device.virtio.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
+from device.virtio.hint_format import hint_device_features
+from device.virtio.backing import BACKINGS, backing_problem
+from device.virtio.ram import GuestRAM, process_rss_bytes
+from device.host.host_pages import PARTIAL_TRACKING
+from device.host.page_reporting_device import ReportingDevice, reporting_device_features
+from device.virtio.layout import PAGE_SHIFT, GuestLayout
+from device.host.migration.controller import MigrationController, add_vmm_arguments
+from device.host.monitor import CommandError, Deferred, Monitor
 
 log = logging.getLogger("balloon-lab.vmm")
 
@@ -79,9 +79,9 @@ class VMM:
     # --- guest process -----------------------------------------------------------------
     def spawn_guest(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # --guest-cmd replaces the guest program (e.g. the hostile test client lab/raw_guest.py);
+        # --guest-cmd replaces the guest program (e.g. the hostile test client device/guest/raw_guest.py);
         # it gets the same --control-fd/--agent arguments and the arguments after `--`.
-        prog = shlex.split(self.args.guest_cmd) if self.args.guest_cmd else [sys.executable, "-m", "device.guest"]
+        prog = shlex.split(self.args.guest_cmd) if self.args.guest_cmd else [sys.executable, "-m", "device.guest.process"]
         cmd = prog + ["--control-fd", str(theirs.fileno()), "--agent", self.args.agent] + list(self.args.guest_args)
         self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
         theirs.close()
@@ -289,7 +289,7 @@ class VMM:
         self.shutdown()
 
     def _update_control(self) -> None:
-        """Wait on the control socket for what the service needs now (device/control_peer.py)."""
+        """Wait on the control socket for what the service needs now (device/host/control_peer.py)."""
         if self.chan is None:
             return
         mask = self.control.wanted()
@@ -329,7 +329,7 @@ class VMM:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="device.vmm", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="device.host.vmm", description=__doc__.splitlines()[0])
     p.add_argument("--guest-mib", type=int, required=True)
     p.add_argument("--protocol", default="pfn", choices=("pfn", "pfn-ranges", "bitmap", "chunks"))
     p.add_argument("--discard", default="madvise", choices=("madvise", "punch-hole"))
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                         "always sleep; polling slowed the PFN path here, see docs/BENCHMARKS.md)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--guest-cmd", default=None,
-                   help="guest program to spawn instead of `python -m device.guest` (shell words; it gets "
+                   help="guest program to spawn instead of `python -m device.guest.process` (shell words; it gets "
                         "--control-fd N --agent PATH and the arguments after --)")
     p.add_argument("--x-unsealed-ram", action="store_true",
                    help="hand the guest a memfd whose size is not sealed (tests of the guard against a guest "

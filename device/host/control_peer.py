@@ -18,7 +18,7 @@ import selectors
 import socket
 from typing import Callable
 
-from device.control import FLAG_REPLY, HEADER, MAX_PAYLOAD, VERSION, Channel, ControlError, Message, PeerGone
+from device.virtio.control import FLAG_REPLY, HEADER, MAX_PAYLOAD, VERSION, Channel, ControlError, Message, PeerGone
 
 log = logging.getLogger("balloon-lab.device")
 

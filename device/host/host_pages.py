@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.layout import PAGE_SHIFT
+from device.virtio.layout import PAGE_SHIFT
 
 PARTIAL_TRACKING = ("full", "qemu")
 
