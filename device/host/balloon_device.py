@@ -31,7 +31,8 @@ from device.virtio.ram import GuestRAM, punch_hole
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.virtio.transport import VirtioTransport, notify
-from device.virtio.virtqueue import DescChain, RingError
+from device.virtio.device_queue import DescChain
+from device.virtio.split_ring import RingError, ring_pages
 
 log = logging.getLogger("balloon-lab.device")
 _now = time.perf_counter_ns
@@ -123,9 +124,6 @@ class BalloonDevice(VirtioTransport):
         self._budget: WorkBudget | None = None   # of the wake-up being served
         self._carry = None                       # discards of the current request left for later
         self._held: dict[int, tuple] = {}        # queue -> (head, written, discards left)
-        self._starts = [r.gpa for r in self.layout.regions]
-        self._ends = [r.end for r in self.layout.regions]
-        self._offs = [r.offset for r in self.layout.regions]
 
     # --- config space --------------------------------------------------------------------
     def read_config(self) -> bytes:
@@ -161,8 +159,7 @@ class BalloonDevice(VirtioTransport):
         super().activate()
         # The pages the queues live in are never discarded, whatever the guest names.
         for v in self.vrings.values():
-            for gpa, n in ((v.desc, 16 * v.size), (v.avail, 6 + 2 * v.size), (v.used, 6 + 8 * v.size)):
-                self.ballooned_np[gpa >> PAGE_SHIFT:((gpa + n - 1) >> PAGE_SHIFT) + 1] = QUEUE_MEMORY
+            self.ballooned_np[ring_pages(v.size, v.desc, v.avail, v.used)] = QUEUE_MEMORY
 
     @property
     def ballooned_pages(self) -> int:
@@ -313,7 +310,8 @@ class BalloonDevice(VirtioTransport):
     def _pfns_per_page(self, pfns: np.ndarray, ctr: DeviceOpCounters, inflate: bool) -> None:
         """The PFN protocol as QEMU serves it: per page, translate then discard.
         This is the one place with a Python loop per page, because the protocol is."""
-        starts, ends, offs = self._starts, self._ends, self._offs
+        table = self.layout.table                # the guest's one region table (layout.py)
+        starts, ends, offs = table.starts, table.ends, table.offsets
         ballooned = self.ballooned
         max_pfn = len(ballooned)
         want = IN_BALLOON if inflate else IN_GUEST

@@ -38,7 +38,7 @@ from device.virtio.features import (F_FREE_PAGE_HINT, F_PAGE_BITMAP, FREE_PAGE_H
                                     FREE_PAGE_HINT_CMD_ID_MIN, FREE_PAGE_HINT_CMD_ID_STOP, Q_FREE_PAGE, Q_MISC)
 from device.virtio.hint_format import BITMAP_FLAG_LAST, CMD_GET_FREE_PAGES, CMD_ID, MISC_REQUEST
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, BadAddress
-from device.virtio.virtqueue import DescChain
+from device.virtio.device_queue import DescChain
 
 log = logging.getLogger("balloon-lab.hint")
 

@@ -26,7 +26,7 @@ from device.host.balloon_device import IN_GUEST, BalloonDevice, DeviceOpCounters
 from device.virtio.features import F_REPORTING, Q_REPORTING, bit
 from device.host.host_pages import host_page_runs
 from device.virtio.layout import PAGE_SHIFT
-from device.virtio.virtqueue import DescChain
+from device.virtio.device_queue import DescChain
 
 log = logging.getLogger("balloon-lab.reporting")
 

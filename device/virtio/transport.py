@@ -20,7 +20,8 @@ from device.virtio.features import (CONFIG_SIZE, QUEUE_FEATURE, QUEUE_NAMES, S_A
                              S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET, bit, feature_names)
 from device.virtio.ram import GuestRAM, size_sealed
 from device.virtio.layout import BadAddress
-from device.virtio.virtqueue import DeviceQueue, RingError
+from device.virtio.device_queue import DeviceQueue
+from device.virtio.split_ring import RingError
 
 log = logging.getLogger("balloon-lab.device")
 

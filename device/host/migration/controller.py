@@ -27,13 +27,12 @@ import numpy as np
 
 from device.virtio.control import Message, Req, unpack_result
 from device.host.hint_queues import HintQueues
-from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.host.migration.destination import MigrationDestination
 from device.virtio.dirty_log import DirtyLog
 from device.host.migration.pause import resume_guest
 from device.host.migration.source import MigrationParams, MigrationSource
 from device.host.monitor import CommandError
-from device.virtio.virtqueue import ring_bytes
+from device.virtio.split_ring import ring_pages
 
 log = logging.getLogger("balloon-lab.migration")
 
@@ -136,11 +135,7 @@ class _Port:
         """Pages of every vring the device knows: the device writes the used rings
         (QEMU marks those pages dirty when it does), so they go in stop-and-copy."""
         def collect() -> np.ndarray:
-            parts = []
-            for v in self.vmm.device.vrings.values():
-                d, a, u = ring_bytes(v.size)
-                for gpa, n in ((v.desc, d), (v.avail, a), (v.used, u)):
-                    parts.append(np.arange(gpa >> PAGE_SHIFT, (gpa + n + PAGE_SIZE - 1) >> PAGE_SHIFT))
+            parts = [ring_pages(v.size, v.desc, v.avail, v.used) for v in self.vmm.device.vrings.values()]
             pf = np.concatenate(parts) if parts else np.zeros(0, np.int64)
             return np.unique(pf[self.vmm.layout.ram_pfn_mask(pf)])
         return self.ctl.bridge.call(collect)
