@@ -1013,7 +1013,7 @@ class Rig:
         hints = None
         if 3 in case["queues"] or 5 in case["queues"]:      # (queues 3 and 5 only exist then)
             hints = HintQueues(dev)
-            dev.extra_queue_handler = hints.handler_for     # as the VMM's migration controller does
+            hints.register_queues(dev.register_queue)     # as the VMM's migration controller does
         dev.driver_features = feats
         n = case["qsize"]
         for q in case["queues"]:
