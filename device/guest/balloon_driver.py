@@ -26,7 +26,6 @@ import logging
 import os
 import resource
 import select
-import sys
 import threading
 from contextlib import contextmanager
 import time
@@ -48,11 +47,12 @@ from device.guest.page_contents import GuestPageContents
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.virtio.driver_queue import DriverQueue
+from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
 from device.virtio.split_ring import ring_area_bytes, ring_layout
+from device.virtio.stage import stage
 
 log = logging.getLogger("balloon-lab.driver")
 _now = time.perf_counter_ns
-_audit = sys.audit
 
 QUEUE_SIZE = 256
 ALLOC_BATCH = 65536            # pages the allocator hands out per call, for every protocol
@@ -66,6 +66,27 @@ class DeviceTimeout(RuntimeError):
     """The device did not use a buffer in time (a stalled or dead VMM)."""
 
 
+# What the driver reports per inflate/deflate (DriverOpReport); the lab sums them per operation.
+DRIVER_OP_METRICS = MetricSet("device/guest/balloon_driver.py DRIVER_OP_METRICS", [
+    Metric("pages", COUNTER, "", "pages the driver put into (or took out of) the balloon"),
+    Metric("requests", COUNTER, "", "requests sent on the ring, each waited for until used"),
+    Metric("kicks", GAUGE, "", "kick eventfd writes (EVENT_IDX skips a kick while the device still polls)"),
+    Metric("interrupts", GAUGE, "", "call eventfd reads that returned an interrupt"),
+    Metric("bytes_on_ring", COUNTER, "bytes", "request bytes put on the ring (chunks: 16 per descriptor)"),
+    Metric("descriptors", COUNTER, "", "descriptors in the requests sent"),
+    Metric("alloc_ns", TIMING, "ns", "alloc stage: taking pages from the guest allocator (and zeroing them)"),
+    Metric("encode_ns", TIMING, "ns", "encode stage: building PFN arrays, bitmaps or chunk chains"),
+    Metric("wait_ns", TIMING, "ns", "transmit stage: ring, kick and waiting for used, device work included"),
+    Metric("config_ns", TIMING, "ns", "writing `actual` to config space after each pass"),
+    Metric("alloc_calls", COUNTER, "", "calls into the allocator (the same for every protocol)"),
+    Metric("config_writes", COUNTER, "", "`actual` updates: one per fill/leak pass"),
+    Metric("total_ns", TIMING, "ns", "the whole inflate or deflate as the guest saw it"),
+    Metric("short_pages", COUNTER, "", "pages the allocator could not give"),
+    Metric("target_pages", COUNTER, "", "the balloon size the operation aimed at"),
+])
+
+
+@declared_by(DRIVER_OP_METRICS)
 @dataclass
 class DriverOpReport:
     """One inflate or deflate as the guest saw it."""
@@ -265,16 +286,13 @@ class BalloonDriver:
     def _operation(self, rep: DriverOpReport):
         """Time one inflate/deflate, mark it for the USDT probe, and turn a failure into
         the report's error (the driver stops; the orchestrator sees why)."""
-        t_start = _now()
-        _audit(f"balloon-lab:{rep.kind}:b")
-        try:
-            yield
-        except Exception as e:
-            rep.error = f"{type(e).__name__}: {e}"
-            self.failed = rep.error
-            log.error("%s failed: %s", rep.kind, rep.error)
-        rep.total_ns = _now() - t_start
-        _audit(f"balloon-lab:{rep.kind}:e")
+        with stage(rep.kind, rep, "total_ns"):
+            try:
+                yield
+            except Exception as e:
+                rep.error = f"{type(e).__name__}: {e}"
+                self.failed = rep.error
+                log.error("%s failed: %s", rep.kind, rep.error)
 
     def inflate(self, n: int, target: int | None = None) -> DriverOpReport:
         rep = DriverOpReport("inflate", target if target is not None else self.actual + n)
@@ -284,25 +302,22 @@ class BalloonDriver:
             while left > 0:
                 want = min(self._pass_pages(), left)
                 parts, got = [], 0
-                _audit("balloon-lab:alloc:b")
-                t0 = _now()
-                wholes, rests, n_blocks = [], [], 0
-                while got < want:
-                    part = allocate_for_balloon(self.alloc, min(ALLOC_BATCH, want - got), self.opts.alloc_policy)
-                    rep.alloc_calls += 1
-                    if part.pages.size == 0:
-                        break
-                    w = part.whole_blocks << HUGE_ORDER     # whole 2 MiB blocks lead each part
-                    wholes.append(part.pages[:w])
-                    rests.append(part.pages[w:])
-                    n_blocks += part.whole_blocks
-                    got += int(part.pages.size)
-                parts = wholes + rests
-                pages = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.int64))
-                if self.opts.init_on_alloc and pages.size:
-                    self.memory.zero_pages(pages)     # part of allocating, as in the kernel
-                rep.alloc_ns += _now() - t0
-                _audit("balloon-lab:alloc:e")
+                with stage("alloc", rep):
+                    wholes, rests, n_blocks = [], [], 0
+                    while got < want:
+                        part = allocate_for_balloon(self.alloc, min(ALLOC_BATCH, want - got), self.opts.alloc_policy)
+                        rep.alloc_calls += 1
+                        if part.pages.size == 0:
+                            break
+                        w = part.whole_blocks << HUGE_ORDER     # whole 2 MiB blocks lead each part
+                        wholes.append(part.pages[:w])
+                        rests.append(part.pages[w:])
+                        n_blocks += part.whole_blocks
+                        got += int(part.pages.size)
+                    parts = wholes + rests
+                    pages = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.int64))
+                    if self.opts.init_on_alloc and pages.size:
+                        self.memory.zero_pages(pages)     # part of allocating, as in the kernel
                 if pages.size:
                     left -= int(pages.size)
                     self._send_pages(q, pages, rep, whole_blocks=n_blocks)
@@ -331,12 +346,9 @@ class BalloonDriver:
                 self._send_pages(q, np.sort(batch), rep, inflate=False)
                 self._update_actual(rep)
                 returned.append(batch)
-                _audit("balloon-lab:alloc:b")
-                t0 = _now()
-                self.alloc.free_pages(batch)
-                rep.alloc_calls += 1
-                rep.alloc_ns += _now() - t0
-                _audit("balloon-lab:alloc:e")
+                with stage("alloc", rep):
+                    self.alloc.free_pages(batch)
+                    rep.alloc_calls += 1
         self.last_deflated = np.concatenate(returned) if returned else np.zeros(0, np.int64)
         return rep
 
@@ -374,12 +386,9 @@ class BalloonDriver:
         if fmt == "pfn":
             for i in range(0, pages.size, self.batch_pages):
                 part = pages[i:i + self.batch_pages]
-                _audit("balloon-lab:encode:b")
-                t0 = _now()
-                nbytes = 4 * part.size
-                self.ram.np_view(self.req_gpa, nbytes, np.dtype("<u4"))[:] = part
-                rep.encode_ns += _now() - t0
-                _audit("balloon-lab:encode:e")
+                with stage("encode", rep):
+                    nbytes = 4 * part.size
+                    self.ram.np_view(self.req_gpa, nbytes, np.dtype("<u4"))[:] = part
                 self._transmit(q, [(self.req_gpa, nbytes)], rep, part, inflate)
         elif fmt == "bitmap":
             n_whole = whole_blocks << HUGE_ORDER
@@ -388,57 +397,44 @@ class BalloonDriver:
             if pages.size > n_whole:
                 self._send_bitmap(q, pages[n_whole:], rep, inflate, PAGE_SHIFT)
         else:  # chunks: one descriptor per run
-            _audit("balloon-lab:encode:b")
-            t0 = _now()
-            starts, lengths = wire.pfns_to_runs(np.sort(pages))
-            gpas, nbytes = wire.runs_to_chunk_arrays(starts, lengths, max_chunk_bytes=MAX_CHUNK_BYTES)
-            spans = wire.chunk_requests(gpas, nbytes, max_chunks=MAX_CHUNKS_PER_REQUEST)
-            # the pages each request covers (bookkeeping for the balloon), inside encode as for bitmap
-            reqs = [(np.column_stack((gpas[i:j], nbytes[i:j])),
-                     wire.runs_to_pfns(gpas[i:j] >> PAGE_SHIFT, nbytes[i:j] >> PAGE_SHIFT)) for i, j in spans]
-            rep.encode_ns += _now() - t0
-            _audit("balloon-lab:encode:e")
+            with stage("encode", rep):
+                starts, lengths = wire.pfns_to_runs(np.sort(pages))
+                gpas, nbytes = wire.runs_to_chunk_arrays(starts, lengths, max_chunk_bytes=MAX_CHUNK_BYTES)
+                spans = wire.chunk_requests(gpas, nbytes, max_chunks=MAX_CHUNKS_PER_REQUEST)
+                # the pages each request covers (bookkeeping for the balloon), inside encode as for bitmap
+                reqs = [(np.column_stack((gpas[i:j], nbytes[i:j])),
+                         wire.runs_to_pfns(gpas[i:j] >> PAGE_SHIFT, nbytes[i:j] >> PAGE_SHIFT)) for i, j in spans]
             for bufs, part in reqs:
                 self._transmit(q, bufs, rep, part, inflate)
 
     def _send_bitmap(self, q: DriverQueue, pages: np.ndarray, rep: DriverOpReport, inflate: bool, page_shift: int) -> None:
         """Bitmap requests for `pages`; with page_shift > 12 they are whole aligned blocks
         of 2**(page_shift - 12) pages and each bit names one block."""
-        _audit("balloon-lab:encode:b")
-        t0 = _now()
-        unit = page_shift - PAGE_SHIFT
-        sorted_pages = np.sort(pages)
-        units = sorted_pages[:: 1 << unit] >> unit
-        per_req = max(1, self.batch_pages >> unit)
-        reqs = wire.encode_bitmap_requests(units, pages_per_request=per_req, page_shift=page_shift,
-                                           cmd=0 if inflate else 1, req_id_start=rep.requests)
-        # the pages each request covers: encode_bitmap_requests windows are aligned
-        win = (sorted_pages >> unit) // per_req
-        parts = np.split(sorted_pages, np.flatnonzero(np.diff(win)) + 1)
-        rep.encode_ns += _now() - t0
-        _audit("balloon-lab:encode:e")
+        with stage("encode", rep):
+            unit = page_shift - PAGE_SHIFT
+            sorted_pages = np.sort(pages)
+            units = sorted_pages[:: 1 << unit] >> unit
+            per_req = max(1, self.batch_pages >> unit)
+            reqs = wire.encode_bitmap_requests(units, pages_per_request=per_req, page_shift=page_shift,
+                                               cmd=0 if inflate else 1, req_id_start=rep.requests)
+            # the pages each request covers: encode_bitmap_requests windows are aligned
+            win = (sorted_pages >> unit) // per_req
+            parts = np.split(sorted_pages, np.flatnonzero(np.diff(win)) + 1)
         for raw, part in zip(reqs, parts):
-            _audit("balloon-lab:encode:b")
-            t0 = _now()
-            self.ram.view(self.req_gpa, len(raw))[:] = raw
-            # Header in its own descriptor, bitmap split per page: the seed's v3 SG bitmaps.
-            bufs = [(self.req_gpa, 32)] + [(self.req_gpa + off, min(PAGE_SIZE, len(raw) - off))
-                                           for off in range(32, len(raw), PAGE_SIZE)]
-            rep.encode_ns += _now() - t0
-            _audit("balloon-lab:encode:e")
+            with stage("encode", rep):
+                self.ram.view(self.req_gpa, len(raw))[:] = raw
+                # Header in its own descriptor, bitmap split per page: the seed's v3 SG bitmaps.
+                bufs = [(self.req_gpa, 32)] + [(self.req_gpa + off, min(PAGE_SIZE, len(raw) - off))
+                                               for off in range(32, len(raw), PAGE_SIZE)]
             self._transmit(q, bufs, rep, part, inflate)
 
     def _transmit(self, q: DriverQueue, bufs: list[tuple[int, int]], rep: DriverOpReport, pages: np.ndarray,
                   inflate: bool) -> None:
-        _audit("balloon-lab:transmit:b")
-        t0 = _now()
-        kicks0 = q.kicks
-        q.add_buf(bufs, [], rep.requests)
-        q.kick_if_needed()
-        self._wait_used(q, rep)
-        t1 = _now()
-        _audit("balloon-lab:transmit:e")
-        rep.wait_ns += t1 - t0
+        with stage("transmit", rep, "wait_ns"):
+            kicks0 = q.kicks
+            q.add_buf(bufs, [], rep.requests)
+            q.kick_if_needed()
+            self._wait_used(q, rep)
         rep.kicks += q.kicks - kicks0
         rep.requests += 1
         rep.descriptors += len(bufs)

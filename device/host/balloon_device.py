@@ -16,7 +16,6 @@ import bisect
 import logging
 import mmap
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,18 +30,41 @@ from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_
 from device.virtio.ram import GuestRAM, punch_hole
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
+from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
+from device.virtio.stage import stage
 from device.virtio.transport import DeviceListener, VirtioTransport, notify
 from device.virtio.device_queue import DescChain
 from device.virtio.split_ring import RingError, ring_pages
 
 log = logging.getLogger("balloon-lab.device")
 _now = time.perf_counter_ns
-_audit = sys.audit
 
 # Upper bound on what one request may make the device copy out of guest RAM.
 MAX_REQUEST_BYTES = 16 << 20
 
 
+# What the device counts per direction (DeviceOpCounters, and its snapshot's "runs").
+DEVICE_OP_METRICS = MetricSet("device/host/balloon_device.py DEVICE_OP_METRICS", [
+    Metric("requests", COUNTER, "", "inflate/deflate requests (descriptor chains) the device served"),
+    Metric("pages", COUNTER, "", "pages the device accepted into (or out of) the balloon"),
+    Metric("discard_calls", COUNTER, "", "madvise/fallocate system calls that discarded guest memory"),
+    Metric("translations", COUNTER, "", "guest-physical to memfd translations: per page (pfn), per run (ranges)"),
+    Metric("bytes_on_ring", COUNTER, "bytes", "request bytes the device read from the ring (chunks: 16 per descriptor)"),
+    Metric("descriptors", COUNTER, "", "descriptors in the chains the device served"),
+    Metric("translate_ns", TIMING, "ns", "time in the translate stage: validate pages, look up regions"),
+    Metric("discard_ns", TIMING, "ns", "time in the discard stage: the system calls that free memory"),
+    Metric("refused_pages", COUNTER, "", "pages the guest named that the device refused (counted by reason in errors)"),
+    Metric("runs", COUNTER, "", "runs of contiguous pages accepted (what a range protocol discards one call each)"),
+])
+# The device's own counters beside the per-direction ones (BalloonDevice.counters()).
+DEVICE_METRICS = MetricSet("device/host/balloon_device.py DEVICE_METRICS", [
+    Metric("budget_yields", GAUGE, "", "wake-ups that ended with work left (the device re-kicked itself)"),
+    Metric("ballooned_pages", COUNTER, "", "pages in the balloon as the device sees it"),
+    Metric("memfd_allocated_bytes", COUNTER, "bytes", "guest RAM the memfd holds (st_blocks), the kernel's view"),
+])
+
+
+@declared_by(DEVICE_OP_METRICS)
 @dataclass
 class DeviceOpCounters:
     """What the device did for one direction (inflate or deflate)."""
@@ -343,26 +365,22 @@ class BalloonDevice(VirtioTransport):
         hvas: list[int] = []
         bad: Counter[str] = Counter()
         first_bad = None
-        _audit("balloon-lab:translate:b")
-        t0 = _now()
-        for pfn in pfns.tolist():
-            gpa = pfn << PAGE_SHIFT
-            i = bisect.bisect_right(starts, gpa) - 1
-            if i < 0 or gpa >= ends[i] or pfn >= max_pfn:
-                bad["pfn-not-ram"] += 1
-                first_bad = first_bad if first_bad is not None else pfn
-                continue
-            if ballooned[pfn] != expect:
-                bad[_refusal(ballooned[pfn], inflate)] += 1
-                first_bad = first_bad if first_bad is not None else pfn
-                continue
-            ballooned[pfn] = want
-            accepted.append(pfn)
-            hvas.append(offs[i] + gpa - starts[i])
-        t1 = _now()
-        _audit("balloon-lab:translate:e")
+        with stage("translate", ctr):
+            for pfn in pfns.tolist():
+                gpa = pfn << PAGE_SHIFT
+                i = bisect.bisect_right(starts, gpa) - 1
+                if i < 0 or gpa >= ends[i] or pfn >= max_pfn:
+                    bad["pfn-not-ram"] += 1
+                    first_bad = first_bad if first_bad is not None else pfn
+                    continue
+                if ballooned[pfn] != expect:
+                    bad[_refusal(ballooned[pfn], inflate)] += 1
+                    first_bad = first_bad if first_bad is not None else pfn
+                    continue
+                ballooned[pfn] = want
+                accepted.append(pfn)
+                hvas.append(offs[i] + gpa - starts[i])
         ctr.translations += len(pfns)
-        ctr.translate_ns += t1 - t0
         if self.host_pages is not None:
             self._host_page_update(ctr, np.asarray(hvas, dtype=np.int64) >> PAGE_SHIFT, inflate)
         elif inflate and hvas:
@@ -378,34 +396,30 @@ class BalloonDevice(VirtioTransport):
         lengths = np.asarray(lengths, dtype=np.int64)
         if starts.size == 0:
             return
-        _audit("balloon-lab:translate:b")
-        t0 = _now()
-        pfns = wire.runs_to_pfns(starts, lengths)
-        ok = self.layout.ram_pfn_mask(pfns)
-        bad: Counter[str] = Counter()
-        first_bad = None
-        if not ok.all():
-            bad["pfn-not-ram"] += int((~ok).sum())
-            first_bad = int(pfns[~ok][0])
-        inram = pfns[ok]
-        state = self.ballooned_np[inram]
-        want = IN_BALLOON if inflate else IN_GUEST
-        dup = state != (IN_GUEST if inflate else IN_BALLOON)
-        if dup.any():
-            for st in np.unique(state[dup]).tolist():
-                bad[_refusal(st, inflate)] += int((state[dup] == st).sum())
-            first_bad = first_bad if first_bad is not None else int(inram[dup][0])
-        good = wire.sorted_unique(inram[~dup])
-        self.ballooned_np[good] = want
-        gstarts, glens = wire.pfns_to_runs(good) if good.size else (good, good)
-        # Translation per run, split where a run crosses a region edge.
-        # Translation per run (numpy over all runs at once), split where a run crosses
-        # a region edge.
-        offs, lens = self.layout.runs_to_offsets(gstarts, glens)
-        t1 = _now()
-        _audit("balloon-lab:translate:e")
+        with stage("translate", ctr):
+            pfns = wire.runs_to_pfns(starts, lengths)
+            ok = self.layout.ram_pfn_mask(pfns)
+            bad: Counter[str] = Counter()
+            first_bad = None
+            if not ok.all():
+                bad["pfn-not-ram"] += int((~ok).sum())
+                first_bad = int(pfns[~ok][0])
+            inram = pfns[ok]
+            state = self.ballooned_np[inram]
+            want = IN_BALLOON if inflate else IN_GUEST
+            dup = state != (IN_GUEST if inflate else IN_BALLOON)
+            if dup.any():
+                for st in np.unique(state[dup]).tolist():
+                    bad[_refusal(st, inflate)] += int((state[dup] == st).sum())
+                first_bad = first_bad if first_bad is not None else int(inram[dup][0])
+            good = wire.sorted_unique(inram[~dup])
+            self.ballooned_np[good] = want
+            gstarts, glens = wire.pfns_to_runs(good) if good.size else (good, good)
+            # Translation per run, split where a run crosses a region edge.
+            # Translation per run (numpy over all runs at once), split where a run crosses
+            # a region edge.
+            offs, lens = self.layout.runs_to_offsets(gstarts, glens)
         ctr.translations += int(offs.size)
-        ctr.translate_ns += t1 - t0
         if self.host_pages is not None:
             self._host_page_update(ctr, self.layout.pfn_to_offset(good) >> PAGE_SHIFT, inflate)
         elif inflate and offs.size:
@@ -445,22 +459,19 @@ class BalloonDevice(VirtioTransport):
             lengths = lengths if isinstance(lengths, int) else lengths[:allowed]
             if not offsets:
                 return
-        _audit("balloon-lab:discard:b")
-        t0 = _now()
-        if self.discard_method == "madvise":
-            madvise, remove = self.ram.mm.madvise, mmap.MADV_REMOVE
-            if isinstance(lengths, int):
-                for off in offsets:
-                    madvise(remove, off, lengths)
+        with stage("discard", ctr):
+            if self.discard_method == "madvise":
+                madvise, remove = self.ram.mm.madvise, mmap.MADV_REMOVE
+                if isinstance(lengths, int):
+                    for off in offsets:
+                        madvise(remove, off, lengths)
+                else:
+                    for off, ln in zip(offsets, lengths):
+                        madvise(remove, off, ln)
             else:
-                for off, ln in zip(offsets, lengths):
-                    madvise(remove, off, ln)
-        else:
-            fd = self.ram.fd
-            for off, ln in zip(offsets, lengths if not isinstance(lengths, int) else [lengths] * len(offsets)):
-                punch_hole(fd, off, ln)
-        ctr.discard_ns += _now() - t0
-        _audit("balloon-lab:discard:e")
+                fd = self.ram.fd
+                for off, ln in zip(offsets, lengths if not isinstance(lengths, int) else [lengths] * len(offsets)):
+                    punch_hole(fd, off, ln)
         ctr.discard_calls += len(offsets)
 
     def _report_bad(self, bad: Counter, first_bad: int | None, ctr: DeviceOpCounters) -> None:
