@@ -15,8 +15,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
 from probes.bpf import LAB_MAX_TARGETS, BpfModule, Concern, ConcernUnavailable, ProbeUnavailable, preflight
-from probes.kicks import KINDS, KicksProbe, KicksReading
+from probes.kicks import KINDS, OPS, KicksProbe, KicksReading
 from probes.madvise import MadviseProbe, MadviseReading
 from probes.pagealloc import PageAllocProbe, PageAllocReading
 from probes.stages import StagesProbe, StagesReading, audit_semaphore, exe_has_audit
@@ -40,6 +41,59 @@ def _banner(reason: str, fix: str) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+# Per queue and eventfd kind, "<kind>_<op>" (probes/kicks.py). Writes to config eventfds
+# are the VMM's own config changes and writes to unregistered kinds are not the
+# protocol's doing either way: those two are exact; every read, and kick and call
+# writes (EVENT_IDX), depend on scheduling.
+_EXACT_EVENTFD_OPS = ("config_write", "other_write")
+
+
+def _eventfd_metric(kind: str, op: str) -> Metric:
+    name = f"{kind}_{op}"
+    what = {"write": "writes to", "read": "reads that returned data from", "read_empty": "reads that found nothing on"}[op]
+    return Metric(f"per_queue.*.{name}", COUNTER if name in _EXACT_EVENTFD_OPS else GAUGE, "",
+                  f"{what} the queue's {kind} eventfds")
+
+
+_SYSCALL_METRICS = [
+    (f"{call}_{what}", kind, unit, f"{call}(2) {doc}")
+    for call in ("madvise", "fallocate")
+    for what, kind, unit, doc in (("calls", COUNTER, "", "calls by the probed processes"),
+                                  ("kernel_ns", TIMING, "ns", "time in the kernel, entry to exit"),
+                                  ("errors", COUNTER, "", "calls that failed"),
+                                  ("bytes", COUNTER, "bytes", "bytes named by the calls"))]
+
+# What the probes measure (ProbeReading's numbers), declared once for the lab.
+PROBE_METRICS = MetricSet("probes/session.py PROBE_METRICS", [
+    Metric("seconds", TIMING, "s", "wall time the reading covers (since attach or clear)"),
+    *(Metric(n, k, u, d) for n, k, u, d in _SYSCALL_METRICS),
+    Metric("kicks", GAUGE, "", "writes to kick eventfds (EVENT_IDX skips some while the device polls)"),
+    Metric("interrupts", GAUGE, "", "writes to call eventfds (EVENT_IDX skips some while the driver is busy)"),
+    Metric("config_notifications", GAUGE, "", "writes to config-change eventfds"),
+    Metric("device_wakeups", GAUGE, "", "reads of kick eventfds that returned data: device wake-ups"),
+    Metric("device_rekicks", GAUGE, "", "kick eventfd writes by the device itself (its work budget was spent)"),
+    Metric("interrupt_reads", GAUGE, "", "reads of call eventfds that returned data"),
+    Metric("empty_reads", GAUGE, "", "reads of registered eventfds that found nothing (EAGAIN)"),
+    Metric("eventfd_writes", GAUGE, "", "writes to any registered eventfd"),
+    Metric("page_allocs", GAUGE, "", "kmem:mm_page_alloc events of the probed processes"),
+    Metric("page_alloc_pages", GAUGE, "", "pages those allocations took (2^order each)"),
+    Metric("page_frees", GAUGE, "", "kmem:mm_page_free events"),
+    Metric("page_free_pages", GAUGE, "", "pages those frees returned"),
+    Metric("page_frees_batched", GAUGE, "", "kmem:mm_page_free_batched events"),
+    Metric("page_faults", GAUGE, "", "user page faults (exceptions:page_fault_user)"),
+    Metric("advice.*", COUNTER, "", "madvise calls per advice (MADV_REMOVE, ...)"),
+    Metric("fallocate_modes.*", COUNTER, "", "fallocate calls per mode"),
+    *(_eventfd_metric(kind, op) for kind in KINDS for op in OPS),
+    Metric("stages.*.count", COUNTER, "", "completed stages (begin/end marker pairs) of this name"),
+    Metric("stages.*.ns", TIMING, "ns", "time between the stage's markers, by the probe's own clock"),
+    *(Metric(f"stages.*.{n}", k, u, f"{d}, made inside the stage") for n, k, u, d in _SYSCALL_METRICS
+      if n.endswith(("_calls", "_kernel_ns"))),
+    Metric("stage_anomalies.*", COUNTER, "", "stage markers that did not pair up (probes/stages.c ANOM_*)"),
+    Metric("collisions.*", COUNTER, "", "per-thread probe entries lost to a thread-id clash"),
+])
+
+
+@declared_by(PROBE_METRICS)
 @dataclass
 class ProbeReading:
     """What the probes saw since the last clear(). Counters are None when backend is 'none'."""

@@ -22,11 +22,18 @@ from device.virtio.features import (CONFIG_SIZE, QUEUE_FEATURE, QUEUE_NAMES, S_A
 from device.virtio.ram import GuestRAM, size_sealed
 from device.virtio.layout import BadAddress
 from device.virtio.device_queue import DeviceQueue
+from device.virtio.metric_decl import COUNTER, Metric, MetricSet
 from device.virtio.split_ring import RingError
 
 log = logging.getLogger("balloon-lab.device")
 
 MAX_QUEUE_SIZE = 32768
+
+# VirtioTransport.errors: one counter per refusal reason ("pfn-not-ram", "ring-desc-loop",
+# ...; docs/BAD_INPUT.md lists each with its message and whether it sets NEEDS_RESET).
+REFUSAL_METRICS = MetricSet("device/virtio/transport.py REFUSAL_METRICS", [
+    Metric("*", COUNTER, "", "pieces of guest input refused for this reason (docs/BAD_INPUT.md)"),
+])
 
 
 @dataclass
