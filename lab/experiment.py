@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Callable, Mapping
 
-from lab import environment, stats
+from lab import environment, metrics, stats, trial_result
 from lab.backends import backend_environment
 from lab.spec import ArmPlan, ExperimentSpec
 from lab.store import Store, TrialRecord, dumps, now_iso
@@ -59,6 +59,10 @@ def check_result(result: Any) -> str | None:
     try:
         dumps(result)
     except (TypeError, ValueError) as e:
+        return f"result cannot be stored: {e}"
+    try:
+        metrics.check_declared(result)
+    except metrics.UndeclaredMetric as e:
         return f"result cannot be stored: {e}"
     return None
 
@@ -168,7 +172,7 @@ def _one_trial(spec: ExperimentSpec, plan: ArmPlan, trial_fn: TrialFn, rnd: int,
     t0 = time.perf_counter()
     result: Any = None
     try:
-        result = trial_fn(spec, plan.arm, rnd)
+        result = trial_result.to_json(trial_fn(spec, plan.arm, rnd))   # a TrialResult is stored as its JSON
         if isinstance(result, dict):
             result = {**result, "host_load": {"start": load, "end": environment.load_snapshot()}}
         error = check_result(result)

@@ -75,7 +75,9 @@ def run_twins(run_one: Callable[[Any], dict], session: Any, rnd: int) -> dict:
 
 def merge_twins(unprobed: Mapping[str, Any], probed: Mapping[str, Any], first: str) -> dict:
     """The probed result with its timings taken from the unprobed twin (see module doc)."""
-    merged, replaced = _swap_timings(probed, unprobed, "")
+    timings = {n for n in metrics.flatten({k: v for k, v in probed.items() if k != PROBE_KEY})[0]
+               if metrics.classify(n) == metrics.TIMING}
+    merged, replaced = _swap_timings(probed, unprobed, "", timings)
     mismatches = counter_mismatches(unprobed, probed)
     merged["verified"] = bool(probed.get("verified")) and bool(unprobed.get("verified"))
     merged[TWIN_KEY] = {
@@ -86,7 +88,8 @@ def merge_twins(unprobed: Mapping[str, Any], probed: Mapping[str, Any], first: s
     return merged
 
 
-def _swap_timings(probed: Mapping[str, Any], unprobed: Mapping[str, Any], prefix: str) -> tuple[dict, dict]:
+def _swap_timings(probed: Mapping[str, Any], unprobed: Mapping[str, Any], prefix: str,
+                  timings: set[str]) -> tuple[dict, dict]:
     out: dict[str, Any] = {}
     replaced: dict[str, Any] = {}
     for key, value in probed.items():
@@ -95,10 +98,10 @@ def _swap_timings(probed: Mapping[str, Any], unprobed: Mapping[str, Any], prefix
         if key == PROBE_KEY and not prefix:
             out[key] = value
         elif isinstance(value, Mapping) and isinstance(other, Mapping):
-            out[key], sub = _swap_timings(value, other, name + ".")
+            out[key], sub = _swap_timings(value, other, name + ".", timings)
             if sub:
                 replaced[key] = sub
-        elif _is_number(value) and _is_number(other) and metrics.classify(name) == metrics.TIMING:
+        elif _is_number(value) and _is_number(other) and name in timings:
             out[key], replaced[key] = other, value
         else:
             out[key] = value

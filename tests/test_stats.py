@@ -47,8 +47,9 @@ def test_holm_matches_hand_computation():
 
 def test_holm_is_applied_across_the_metrics_of_a_pair():
     rng = np.random.default_rng(3)
-    base = {f"m{i}_ns": lognormal(rng, 100, 10) for i in range(5)}
-    other = {f"m{i}_ns": lognormal(rng, 100 * (1.5 if i == 0 else 1.0), 10) for i in range(5)}
+    names = [f"stages_ns.inflate.{s}" for s in ("alloc", "encode", "transmit", "translate", "discard")]
+    base = {m: lognormal(rng, 100, 10) for m in names}
+    other = {m: lognormal(rng, 100 * (1.5 if i == 0 else 1.0), 10) for i, m in enumerate(names)}
     pairs = stats.compare_samples(base, other, baseline_label="a", label="b")
     raw = [p.p_value for p in pairs]
     assert [p.p_holm for p in pairs] == pytest.approx(stats.holm(raw))
@@ -82,7 +83,7 @@ def test_small_samples_and_zero_variance_are_graceful():
     assert p == 1.0 and d == 0.0 and cles == 0.5
     p, d, _ = stats.mann_whitney([1.0], [2.0])
     assert p is None and d == 1.0
-    comp = stats.compare_arms({"a": {"x_ns": np.array([1.0, 2.0])}, "b": {"x_ns": np.array([3.0, 4.0])}}, "a")
+    comp = stats.compare_arms({"a": {"wall_ns": np.array([1.0, 2.0])}, "b": {"wall_ns": np.array([3.0, 4.0])}}, "a")
     (pr,) = comp.pairs
     assert pr.ratio_ci_low is None and pr.ratio == pytest.approx(3.5 / 1.5)
     assert comp.notes and "fewer than 3" in comp.notes[0]
@@ -121,9 +122,9 @@ def test_min_mann_whitney_p_is_the_exact_floor():
 def test_comparison_json_round_trip_and_rendering():
     rng = np.random.default_rng(6)
     table = {"pfn": {"inflate.stages_ns.total": lognormal(rng, 4e9, 8), "pages": np.full(8, 1835008.0),
-                     "rss_peak_bytes": lognormal(rng, 2 << 30, 8)},
+                     "rss_bytes.vmm": lognormal(rng, 2 << 30, 8)},
              "bitmap": {"inflate.stages_ns.total": lognormal(rng, 6e8, 8), "pages": np.full(8, 1835008.0),
-                        "rss_peak_bytes": lognormal(rng, 2 << 30, 8)}}
+                        "rss_bytes.vmm": lognormal(rng, 2 << 30, 8)}}
     comp = stats.compare_arms(table, "pfn")
     back = stats.Comparison.from_dict(json.loads(comp.to_json()))
     assert back.to_dict() == json.loads(comp.to_json())

@@ -38,8 +38,8 @@ def result(total: int, *, verified: bool = True, madvise: int = 131072) -> dict:
                                      {"lo": 4096, "hi": 8191, "count": madvise}]},
                                  "madvise_ns_log2": {"unit": "ns", "buckets": []},
                                  "page_alloc_order": {"0": 1000}}},
-            "wall_ns": total + 1000, "rss_peak_bytes": 300 << 20,
-            "workload": {"name": "idle", "touched_bytes": 64 << 20}, "errors": {"bad_pfn": 0}}
+            "wall_ns": total + 1000, "rss_bytes": {"vmm": 300 << 20},
+            "workload": {"name": "idle", "prepare": {"used_pages": 16384}}, "errors": {"bad_pfn": 0}}
 
 
 def trial(arm: str, idx: int, res: dict | None, *, warmup=False, status="ok", error=None) -> TrialRecord:
@@ -73,11 +73,11 @@ def test_flatten_and_classify_a_runner_result():
     assert lab_metrics.classify("probes.madvise_kernel_ns") == lab_metrics.TIMING
     assert lab_metrics.classify("cpu_s_source") == lab_metrics.TIMING and lab_metrics.classify("downtime_ms") == lab_metrics.TIMING
     assert lab_metrics.classify("probes.madvise_calls") == lab_metrics.COUNTER and lab_metrics.classify("inflate.bytes_on_ring") == lab_metrics.COUNTER
-    assert lab_metrics.classify("rss_peak_bytes") == lab_metrics.GAUGE and lab_metrics.classify("probes.page_faults") == lab_metrics.GAUGE
-    assert lab_metrics.classify("rss_peak_bytes.vmm") == lab_metrics.GAUGE and lab_metrics.classify("workload.stop.cycles") == lab_metrics.GAUGE
+    assert lab_metrics.classify("rss_bytes.vmm") == lab_metrics.GAUGE and lab_metrics.classify("probes.page_faults") == lab_metrics.GAUGE
+    assert lab_metrics.classify("memory.source_vmm.rss_peak_bytes") == lab_metrics.GAUGE and lab_metrics.classify("workload.stop.cycles") == lab_metrics.GAUGE
     assert lab_metrics.classify("probes.stages.encode.ns") == lab_metrics.TIMING and lab_metrics.classify("probes.seconds") == lab_metrics.TIMING
     assert lab_metrics.classify("probes.stages.encode.count") == lab_metrics.COUNTER
-    assert lab_metrics.unit("probes.stages.encode.ns") == "ns" and lab_metrics.unit("rss_peak_bytes.vmm") == "bytes"
+    assert lab_metrics.unit("probes.stages.encode.ns") == "ns" and lab_metrics.unit("memory.source_vmm.rss_peak_bytes") == "bytes"
 
 
 def test_database_is_created_in_wal_mode_with_its_directory(store, tmp_path):

@@ -29,10 +29,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from device.virtio.layout import PAGE_SHIFT
+from device.virtio.metric_decl import COUNTER, Metric, MetricSet, declared_by
 
 PARTIAL_TRACKING = ("full", "qemu")
 
+# HostPageTracker.snapshot(): what the tracker holds and did (huge backings only).
+HOST_PAGE_METRICS = MetricSet("device/host/host_pages.py HOST_PAGE_METRICS", [
+    Metric("discarded_host_pages", COUNTER, "", "host pages the device chose to discard"),
+    Metric("completed_requests", COUNTER, "", "requests that completed at least one host page"),
+    Metric("dropped_partials", COUNTER, "", "qemu tracking: partial bitmaps given up on"),
+    Metric("host_page_bytes", COUNTER, "bytes", "size of one host page of the backing"),
+    Metric("partial_host_pages", COUNTER, "", "host pages partly in the balloon (not discardable yet)"),
+    Metric("whole_host_pages", COUNTER, "", "host pages wholly in the balloon"),
+    Metric("whole_discarded", COUNTER, "", "host pages the device has discarded"),
+    Metric("whole_not_discarded", COUNTER, "", "wholly ballooned host pages still holding memory"),
+])
 
+
+@declared_by(HOST_PAGE_METRICS)
 @dataclass
 class HostPageCounters:
     """What the tracker did since the counters were reset."""

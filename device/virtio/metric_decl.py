@@ -110,9 +110,12 @@ class MetricSet:
 
     def check(self, values: Mapping[str, Any], prefix: str = "") -> None:
         """Raise UndeclaredMetric for any number in `values` (nested dicts walked) that
-        no declaration covers: what crosses a process boundary as a dict is declared."""
+        no declaration covers: what crosses a process boundary as a dict is declared.
+        Histograms ({bucket: count} under a key ending in "hist") are not metrics."""
         for key, value in values.items():
             name = f"{prefix}{key}"
+            if str(key).endswith("hist"):
+                continue
             if isinstance(value, Mapping):
                 self.check(value, name + ".")
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
