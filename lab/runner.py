@@ -25,8 +25,8 @@ from lab.backends import is_qemu_arm
 from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 from lab.orphans import die_with_parent
+from lab.trial_result import STAGES, OpResult, TrialResult  # noqa: F401 (STAGES: the runner's stage names)
 
-STAGES = ("alloc", "encode", "transmit", "translate", "discard", "total")
 
 
 class TrialFailed(RuntimeError):
@@ -378,6 +378,12 @@ def attach_probes(probes, lp: LabProcesses) -> None:
 
 
 def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
+    """Run one trial: its result as stored (TrialResult.to_json(), the `balloon-lab run
+    --json` object); raises TrialFailed (never returns a half-measured result)."""
+    return run_balloon_trial(t, probes, on_started).to_json()
+
+
+def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialResult:
     """Run one trial; raises TrialFailed (never returns a half-measured result)."""
     wall0 = time.perf_counter_ns()
     try:
@@ -415,32 +421,32 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
         lp.close()
     verified = v_inflate["ok"] and (v_deflate is None or v_deflate["ok"])
     # The top level is the inflate (the operation the protocols are compared on);
-    # `deflate` holds the same fields for the way back. No number appears twice.
-    ops = {"inflate": inflate, "deflate": deflate}
-    for op in ops.values():
-        if op is not None:
-            op.pop("kind")
-    stages = {k: v.pop("stages_ns") for k, v in ops.items() if v is not None}
-    probe_readings = {k: v.pop("probes") for k, v in ops.items() if v is not None}
-    result = {
-        "protocol": t.protocol, "guest_mib": t.guest_mib, "inflate_mib": t.inflate_mib,
-        "pids": pids,
-        "workload": {"name": t.workload, "params": t.workload_params, "seed": t.seed,
-                     "prepare": prep.get("summary"), "stop": wl},
-        "wire_format": lp.guest_info["driver"]["wire_format"], "batch_pages": lp.guest_info["driver"]["batch_pages"],
-        "discard": t.discard, "guest_init_on_alloc": t.init_on_alloc,
-        "backing": t.backing, "partial_tracking": t.partial_tracking, "alloc_policy": t.alloc_policy,
-        **inflate,
-        "memfd_freed_bytes": freed,
-        "stages_ns": stages,
-        "deflate": deflate,
-        "verification": {"after_inflate": v_inflate, "after_deflate": v_deflate},
-        "verified": bool(verified),
-        "errors": final["errors"],
-        "probes": _probe_summary(probe_readings, probes),
-        "trial_wall_ns": time.perf_counter_ns() - wall0,
-    }
-    return result
+    # `deflate` holds the same fields for the way back. No number appears twice
+    # (lab/trial_result.py: stage times and probe readings have their own fields).
+    ops = {k: v for k, v in (("inflate", inflate), ("deflate", deflate)) if v is not None}
+    driver = lp.guest_info["driver"]
+    return TrialResult(
+        protocol=t.protocol, guest_mib=t.guest_mib, inflate_mib=t.inflate_mib, pids=pids,
+        workload={"name": t.workload, "params": t.workload_params, "seed": t.seed,
+                  "prepare": prep.get("summary"), "stop": wl},
+        wire_format=driver["wire_format"], batch_pages=driver["batch_pages"],
+        discard=t.discard, guest_init_on_alloc=t.init_on_alloc,
+        backing=t.backing, partial_tracking=t.partial_tracking, alloc_policy=t.alloc_policy,
+        inflate=_op_result(inflate), deflate=_op_result(deflate) if deflate is not None else None,
+        memfd_freed_bytes=freed,
+        stages_ns={k: op["stages_ns"] for k, op in ops.items()},
+        verification={"after_inflate": v_inflate, "after_deflate": v_deflate},
+        verified=bool(verified),
+        errors=final["errors"],
+        probes=_probe_summary({k: op["probes"] for k, op in ops.items()}, probes),
+        trial_wall_ns=time.perf_counter_ns() - wall0,
+    )
+
+
+def _op_result(op: dict) -> OpResult:
+    """balloon_op's dict as the trial result holds it: its stage times and probe
+    reading go to the trial's `stages_ns` and `probes`, `kind` is where it sits."""
+    return OpResult.from_json({k: v for k, v in op.items() if k not in ("kind", "stages_ns", "probes")})
 
 
 def run_trial(spec, arm: str, probe_session=None, rnd: int = 0) -> dict:

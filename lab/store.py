@@ -31,6 +31,7 @@ from lab import host as lab_host
 from lab import metrics
 from lab import store_schema
 from lab import store_sql
+from lab import trial_result
 
 RUN_STATUSES = ("running", "complete", "failed", "interrupted")
 TRIAL_STATUSES = ("ok", "failed")
@@ -59,7 +60,7 @@ class TrialRecord:
     status: str  # ok | failed
     started_at: str
     duration_s: float
-    result: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None  # as stored: a balloon trial's is lab/trial_result.py's JSON
     error: str | None = None
     id: int | None = None  # row id, set when read back
     host_id: str | None = None  # which host ran it (None: this one, lab.host.host_id())
@@ -335,11 +336,12 @@ class Store:
         Metrics are stored only for ok trials (failed ones keep their result for debugging)."""
         if rec.status not in TRIAL_STATUSES:
             raise StoreError(f"trial status {rec.status!r} is not one of {TRIAL_STATUSES}")
-        result_json = dumps(rec.result) if rec.result is not None else None
+        result = trial_result.to_json(rec.result)      # a TrialResult, or any trial function's dict
+        result_json = dumps(result) if result is not None else None
         metric_rows: list[tuple[str, Any, str]] = []
         hist_rows: list[tuple[str, str, int]] = []
-        if rec.status == "ok" and rec.result is not None:
-            values, hists = metrics.flatten(rec.result)
+        if rec.status == "ok" and result is not None:
+            values, hists = metrics.flatten(result)
             metric_rows = [(n, v, metrics.classify(n)) for n, v in values.items()]
             hist_rows = [(n, b, c) for n, h in hists.items() for b, c in h.items()]
         host_id = rec.host_id or lab_host.host_id()
