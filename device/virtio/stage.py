@@ -27,7 +27,7 @@ assert len(PREFIX) == 12, "stages.c compares the prefix as 8 + 4 bytes"
 
 _now = time.perf_counter_ns
 _audit = sys.audit
-_events: dict[str, tuple[str, str, str]] = {}     # name -> (begin event, end event, default field)
+_events: dict[tuple[str, str | None], tuple[str, str, str]] = {}   # (name, field) -> (begin, end, field)
 
 
 def check_name(name: str) -> str:
@@ -43,32 +43,29 @@ def event(name: str, phase: str) -> str:
     return f"{PREFIX}{check_name(name)}:{phase}"
 
 
-def _events_of(name: str) -> tuple[str, str, str]:
-    ev = _events.get(name)
-    if ev is None:
-        ev = _events[name] = (event(name, "b"), event(name, "e"), f"{name}_ns")
+def _events_of(name: str, field: str | None) -> tuple[str, str, str]:
+    ev = _events[name, field] = (event(name, "b"), event(name, "e"), field or f"{name}_ns")
     return ev
 
 
 class stage:
     """Context manager: one stage, its markers and its time (see the module doc).
-    A class, not a generator: it is on the per-request path, and measured."""
+    A class with slots, not a generator, and the event names computed once per name:
+    it is on the per-request path (benchmarks/stage_marker_cost.py measures it)."""
 
-    __slots__ = ("_begin", "_end", "_into", "_field", "_t0")
+    __slots__ = ("_ev", "_into", "_t0")
 
     def __init__(self, name: str, into: Any = None, field: str | None = None) -> None:
-        self._begin, self._end, default = _events_of(name)
+        self._ev = _events.get((name, field)) or _events_of(name, field)
         self._into = into
-        self._field = field or default
 
-    def __enter__(self) -> "stage":
-        _audit(self._begin)
+    def __enter__(self) -> None:
+        _audit(self._ev[0])
         self._t0 = _now()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         elapsed = _now() - self._t0
-        _audit(self._end)
-        into = self._into
-        if into is not None:
-            setattr(into, self._field, getattr(into, self._field) + elapsed)
+        ev = self._ev
+        _audit(ev[1])
+        if self._into is not None:
+            setattr(self._into, ev[2], getattr(self._into, ev[2]) + elapsed)
