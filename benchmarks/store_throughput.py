@@ -35,7 +35,7 @@ def sample_result(i: int) -> dict[str, Any]:
     return {"protocol": "pfn", "verified": True, "pages": 65536, "requests": 256, "kicks": 256 + i % 3,
             "discard_calls": 65536, "runs": 40 + i % 5, "translations": 65536,
             "stages_ns": {"inflate": stages, "deflate": dict(stages)},
-            "run_length_hist": {"1": 3 + i % 4, "8": 20, "512": 17}, "rss_peak_bytes": 300 << 20}
+            "run_length_hist": {"1": 3 + i % 4, "8": 20, "512": 17}, "rss_bytes": {"vmm": 300 << 20}}
 
 
 def _writer(target: str, run_id: str, first: int, count: int, arms: list[str], out: "mp.Queue") -> None:

@@ -147,12 +147,22 @@ class Catalog:
         return m
 
 
+# Names only the runner's first versions stored (version-1 results, lab/trial_result.py):
+# each operation's probe reading inside it or under probes.<op>, and the processes'
+# RSS as rss_peak_bytes. Declared so a store holding such runs still reads.
+EARLIER_METRICS = [
+    *(m for op in ("inflate", "deflate") for m in PROBE_METRICS.under(f"{op}.probes")),
+    *PROBE_METRICS.under("probes.inflate"),
+    Metric("rss_peak_bytes.*", GAUGE, "bytes", "resident set of the VMM and of the guest process (first versions)"),
+]
+
 _CATALOG = Catalog()
 _CATALOG.add(TRIAL_METRICS)
 _CATALOG.add(PROBE_METRICS.under("probes"))
 _CATALOG.add(PROBE_METRICS.under("probes.deflate"))
 _CATALOG.add(WORKLOAD_METRICS)
 _CATALOG.add(MIGRATE_METRICS)
+_CATALOG.add(EARLIER_METRICS)
 
 
 def declaration(name: str) -> Metric:
