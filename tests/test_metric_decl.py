@@ -20,7 +20,9 @@ from device.virtio.layout import GuestLayout
 from device.virtio.metric_decl import COUNTER, TIMING, Metric, MetricSet, UndeclaredMetric, declared_by
 from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS, DRIVER_QUEUE_METRICS
 from device.virtio.ram import GuestRAM
-from device.virtio.virtqueue import DeviceQueue, DriverQueue, ring_layout
+from device.virtio.device_queue import DeviceQueue
+from device.virtio.driver_queue import DriverQueue
+from device.virtio.split_ring import ring_layout
 from lab import metric_catalog, metrics
 from lab.trial_result import SCHEMA_VERSION, VERSION_KEY, TrialResult
 from probes.session import PROBE_METRICS, ProbeReading
