@@ -27,8 +27,8 @@ COUNTER = "counter"
 TIMING = "timing"
 GAUGE = "gauge"
 KINDS = (TIMING, GAUGE, COUNTER)
-# "" is a count (pages, calls, requests); "share" a fraction of a whole.
-UNITS = ("", "ns", "us", "ms", "s", "bytes", "share")
+# "" is a count (pages, calls, requests) or a ratio.
+UNITS = ("", "ns", "us", "ms", "s", "bytes")
 WILDCARD = "*"
 
 
