@@ -163,9 +163,12 @@ def _encode_pfns(pages: np.ndarray, *, batch_pages: int, **_: Any) -> list[WireR
     return [WireRequest(part, part) for part in (pages[i:i + batch_pages] for i in range(0, pages.size, batch_pages))]
 
 
+_LE32 = np.dtype("<u4")
+
+
 def _place_pfns(ram, gpa: int, pfns: np.ndarray) -> list[tuple[int, int]]:
     nbytes = 4 * pfns.size
-    ram.np_view(gpa, nbytes, np.dtype("<u4"))[:] = pfns
+    ram.np_view(gpa, nbytes, _LE32)[:] = pfns
     return [(gpa, nbytes)]
 
 
