@@ -49,7 +49,7 @@ from device.virtio.features import (QUEUE_FEATURE, F_PAGE_BITMAP, F_PAGE_CHUNKS,
 from device.virtio.ram import GuestRAM, memfd_data_extents
 from device.virtio.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
 from device.virtio.transport import VringConfig
-from device.virtio.virtqueue import DeviceQueue, RingError
+from device.virtio.device_queue import DeviceQueue, RingError
 from lab import fuzz_formats
 from lab import fuzz_control, fuzz_migration
 from device.guest.raw_guest import F_INDIRECT, F_NEXT, F_WRITE, RingAddrs, RawRing
@@ -1013,7 +1013,7 @@ class Rig:
         hints = None
         if 3 in case["queues"] or 5 in case["queues"]:      # (queues 3 and 5 only exist then)
             hints = HintQueues(dev)
-            dev.extra_queue_handler = hints.handler_for     # as the VMM's migration controller does
+            hints.register_queues(dev.register_queue)     # as the VMM's migration controller does
         dev.driver_features = feats
         n = case["qsize"]
         for q in case["queues"]:

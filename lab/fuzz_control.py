@@ -503,7 +503,7 @@ def run_control(rig: ControlRig, case: dict, limit_s: float, *, extra=None) -> t
     offered = protocol_device_features(case["proto"]) | hint_device_features(case["hint"])
     dev = BalloonDevice(rig.ram, offered, ranges_policy=case["proto"] == "pfn-ranges")
     hints = HintQueues(dev)
-    dev.extra_queue_handler = hints.handler_for
+    hints.register_queues(dev.register_queue)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)    # a full socket after a few replies
     chan = DeviceChannel(mine, max_queued=case["max_queued"])

@@ -15,7 +15,8 @@ from device.virtio.features import (F_PAGE_BITMAP, F_PAGE_CHUNKS, F_RING_EVENT_I
 from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
-from device.virtio.virtqueue import DriverQueue, ring_layout
+from device.virtio.driver_queue import DriverQueue
+from device.virtio.split_ring import ring_layout
 
 RING_BASE = 1 << 20        # 1 MiB: rings
 BUF = 2 << 20              # 2 MiB: request buffer (64 KiB)

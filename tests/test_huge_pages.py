@@ -17,7 +17,8 @@ from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
-from device.virtio.virtqueue import DriverQueue, ring_layout
+from device.virtio.driver_queue import DriverQueue
+from device.virtio.split_ring import ring_layout
 
 PER = 512
 

@@ -75,7 +75,7 @@ class Refusal(Exception):
 
 
 class Chain(Protocol):
-    """The part of a validated descriptor chain (device/virtio virtqueue's DescChain)
+    """The part of a validated descriptor chain (device/virtio/device_queue.py's DescChain)
     a decoder reads."""
 
     elements: list
