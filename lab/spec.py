@@ -27,7 +27,6 @@ from device.virtio.hint_format import HINT_DESIGNS
 from device.virtio.protocols import PROTOCOL_NAMES, max_batch_of
 from lab.backends import QEMU_BALLOON_ARMS, QEMU_MIGRATE_ARMS, check_qemu_spec
 
-# The choices below are their owners' (imported above), never re-declared here.
 KINDS = ("balloon", "migrate")
 BALLOON_ARMS = PROTOCOL_NAMES
 MIGRATE_ARMS = HINT_DESIGNS
