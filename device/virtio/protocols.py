@@ -88,7 +88,13 @@ class Chain(Protocol):
 
 @dataclass(frozen=True)
 class WireFormat:
-    """How a batch of pages travels on the inflate/deflate rings."""
+    """How a batch of pages travels on the inflate/deflate rings.
+
+    encode (driver): (pages, *, batch_pages, inflate, req_id_start, page_shift) ->
+    [WireRequest]; decode (device): (chain, *, max_pfn, copy_limit) -> DecodedRequest,
+    or Refusal. encodes_whole_pass and place keep the encode stage (and its USDT
+    markers) where each format always had it: bitmap and chunks encode a whole pass
+    in one stage; pfn and bitmap write each request into the buffer in a stage of its own."""
 
     name: str
     feature: int | None          # the feature bit that selects it; None: the format without one
