@@ -187,7 +187,7 @@ def check_usdt_audit() -> Check:
 
 def check_memory_syscalls() -> Check:
     """memfd_create, MADV_REMOVE freeing memfd blocks, fallocate(PUNCH_HOLE), eventfd round trip."""
-    from device.virtio.ram import punch_hole
+    from device.virtio.discard import punch_hole
 
     name = "memfd-eventfd-madv-remove"
     n = 256

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from device.virtio.layout import MiB, PAGE_SHIFT
+from device.virtio.protocols import PROTOCOLS
 from lab.backends import is_qemu_arm
 from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
@@ -253,7 +254,8 @@ def announce_backing(backing: str, guest_mib: int) -> None:
 
 
 def _driver_protocol(protocol: str) -> str:
-    return {"pfn": "pfn", "pfn-ranges": "pfn", "bitmap": "bitmap", "chunks": "chunks"}[protocol]
+    """The guest driver's --protocol for an arm: its wire format (device/virtio/protocols.py)."""
+    return PROTOCOLS[protocol].wire_format
 
 
 def _stages(guest_rep: dict, dev_before: dict, dev_after: dict, kind: str) -> dict:

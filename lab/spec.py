@@ -19,19 +19,19 @@ from typing import Any, Callable, Mapping
 
 import click
 
+from device.guest.alloc_policy import ALLOC_POLICIES
+from device.host.host_pages import PARTIAL_TRACKING
+from device.virtio.backing import BACKINGS
+from device.virtio.discard import DISCARD_METHOD_NAMES
+from device.virtio.hint_format import HINT_DESIGNS
+from device.virtio.protocols import PROTOCOL_NAMES, max_batch_of
 from lab.backends import QEMU_BALLOON_ARMS, QEMU_MIGRATE_ARMS, check_qemu_spec
 
 KINDS = ("balloon", "migrate")
-BALLOON_ARMS = ("pfn", "pfn-ranges", "bitmap", "chunks")
-MIGRATE_ARMS = ("none", "upstream", "bitmap")
+BALLOON_ARMS = PROTOCOL_NAMES
+MIGRATE_ARMS = HINT_DESIGNS
 ARMS_BY_KIND = {"balloon": BALLOON_ARMS + QEMU_BALLOON_ARMS, "migrate": MIGRATE_ARMS + QEMU_MIGRATE_ARMS}
 DEFAULT_ARMS = {"balloon": BALLOON_ARMS, "migrate": MIGRATE_ARMS}  # the real stack only when asked for
-DISCARD_METHODS = ("madvise", "punch-hole")
-BACKINGS = ("4k", "thp", "hugetlb")                 # device/virtio/backing.py
-PARTIAL_TRACKING = ("full", "qemu")                 # device/host/host_pages.py
-ALLOC_POLICIES = ("linux", "hugepage-aware")        # device/guest/alloc_policy.py
-PFN_ARMS = ("pfn", "pfn-ranges")
-PFN_MAX_PER_REQUEST = 256  # the pfn wire format's limit (Linux VIRTIO_BALLOON_ARRAY_PFNS_MAX)
 NO_PROBES_SUFFIX = "/no-probes"
 GUEST_MIB_RANGE = (64, 65536)
 DEFAULT_BANDWIDTH = "10gbit"
@@ -206,13 +206,13 @@ class ExperimentSpec:
         if self.probe_overhead and not self.probes:
             raise SpecError("probe_overhead", "measuring probe overhead needs probes = true")
         if self.batch_pages is not None:
-            limit = PFN_MAX_PER_REQUEST if any(a in PFN_ARMS for a in self.arms) else None
+            limit = max_batch_of(self.arms)     # the pfn wire format's 256, if an arm uses it
             _check_int("batch_pages", self.batch_pages, 1, limit)
         if self.bitmap_pages_per_request is not None:
             n = _check_int("bitmap_pages_per_request", self.bitmap_pages_per_request, 8, None)
             if n % 8:
                 raise SpecError("bitmap_pages_per_request", f"{n} is not a multiple of 8 (whole bitmap bytes)")
-        _check_choice("discard", self.discard, DISCARD_METHODS)
+        _check_choice("discard", self.discard, DISCARD_METHOD_NAMES)
         _check_choice("backing", self.backing, BACKINGS)
         _check_choice("partial_tracking", self.partial_tracking, PARTIAL_TRACKING)
         _check_choice("alloc_policy", self.alloc_policy, ALLOC_POLICIES)
@@ -230,11 +230,11 @@ class ExperimentSpec:
         return plans
 
     def batch_pages_for(self, arm: str) -> int | None:
-        """Driver request size for an arm: the explicit value, 256 for pfn arms, else
-        None (the protocol's own default)."""
+        """Driver request size for an arm: the explicit value, 256 for pfn arms (the
+        format's max_batch), else None (the protocol's own default)."""
         if self.batch_pages is not None:
             return self.batch_pages
-        return PFN_MAX_PER_REQUEST if arm in PFN_ARMS else None
+        return max_batch_of([arm])
 
     # serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -371,7 +371,7 @@ FIELDS: tuple[Field, ...] = (
     Field("batch_pages", "--batch-pages", "Pages per driver request.", int),
     Field("bitmap_pages_per_request", "--bitmap-pages-per-request",
           "Pages one bitmap request covers (multiple of 8).", int),
-    Field("discard", "--discard", "How the device frees memory.", click.Choice(DISCARD_METHODS)),
+    Field("discard", "--discard", "How the device frees memory.", click.Choice(DISCARD_METHOD_NAMES)),
     Field("bandwidth", "--bandwidth", "Migration link rate, e.g. 10gbit.",
           to_text=lambda v: [format_bandwidth(v)]),
     Field("probe_overhead", "--probe-overhead", "Also run the first arm without probes.",

@@ -11,8 +11,8 @@ import pytest
 from device.virtio import wire
 from device.host.balloon_device import BalloonDevice
 from device.virtio.features import (F_PAGE_BITMAP, F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, Q_DEFLATE,
-                             Q_INFLATE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, bit,
-                             protocol_device_features)
+                             Q_INFLATE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, bit)
+from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 from device.virtio.driver_queue import DriverQueue

@@ -7,7 +7,7 @@ import numpy as np
 
 from device.host.balloon_device import BalloonDevice
 from device.host.budget import WorkBudget
-from device.virtio.features import protocol_device_features
+from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import GuestLayout
 from device.virtio.transport import VringConfig

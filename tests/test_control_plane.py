@@ -11,7 +11,8 @@ from device.virtio import control
 from device.host.balloon_device import BalloonDevice
 from device.virtio.control import Channel, ControlError, Req
 from device.virtio.features import (F_PAGE_BITMAP, F_PAGE_CHUNKS, F_STATS_VQ, Q_FREE_PAGE, Q_INFLATE, Q_MISC, S_ACKNOWLEDGE,
-                             S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit, protocol_device_features)
+                             S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit)
+from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import GuestLayout
 

@@ -206,7 +206,7 @@ def test_madvise_errors_are_counted(session, children):
 @EBPF
 def test_fallocate_punch_hole_count(session, children):
     c = children("""
-    from device.virtio.ram import punch_hole
+    from device.virtio.discard import punch_hole
     n = int(sys.argv[1])
     fd, mm = memfd(n)
     mm.write(b"x" * (n * PAGE))

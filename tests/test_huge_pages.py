@@ -12,7 +12,8 @@ from device.virtio.backing import BackingError, ensure_backing
 from device.host.balloon_device import BalloonDevice
 from device.guest.buddy import BuddyAllocator
 from device.virtio.features import (Q_DEFLATE, Q_INFLATE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK,
-                             F_RING_EVENT_IDX, bit, protocol_device_features)
+                             F_RING_EVENT_IDX, bit)
+from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, GuestLayout

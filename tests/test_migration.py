@@ -14,7 +14,8 @@ from device.virtio import control
 from device.host.balloon_device import BalloonDevice
 from device.guest.buddy import BuddyAllocator
 from device.virtio.control import Channel, Req
-from device.virtio.features import Q_FREE_PAGE, protocol_device_features
+from device.virtio.features import Q_FREE_PAGE
+from device.virtio.protocols import protocol_device_features
 from device.host.hint_queues import HintQueues, mark_runs
 from device.guest.page_contents import GuestPageContents
 from device.virtio.ram import GuestRAM

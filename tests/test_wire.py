@@ -25,13 +25,13 @@ from device.virtio.wire import (
     encode_pfns,
     encode_pfns_into,
     pfns_to_runs,
-    request_stats,
     run_length_hist,
     run_length_pages_hist,
     runs_to_chunk_arrays,
     runs_to_chunks,
     runs_to_pfns,
 )
+from device.virtio.protocols import request_stats
 
 LAYOUT = GuestLayout.pc(6144)  # RAM PFNs [0, 786432) and [1048576, 1835008)
 MAX_PFN = LAYOUT.max_pfn

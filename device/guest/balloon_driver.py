@@ -27,25 +27,26 @@ import os
 import resource
 import select
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from device.virtio import control
-from device.virtio import wire
 from device.guest.alloc_policy import HUGE_ORDER, allocate_for_balloon
 from device.guest.buddy import BuddyAllocator
 from device.virtio.control import Channel, ControlError, PeerGone, Req
 from device.virtio.features import F_FREE_PAGE_HINT, F_REPORTING, Q_FREE_PAGE, Q_MISC, Q_REPORTING
 from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_DEFLATE_ON_OOM, F_MUST_TELL_HOST, F_PAGE_BITMAP,
-                             F_PAGE_CHUNKS, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_STATS_VQ, F_VERSION_1,
-                             PFN_BATCH_MAX, Q_DEFLATE, Q_INFLATE, Q_STATS, QUEUE_NAMES, S_ACKNOWLEDGE,
+                             F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_STATS_VQ, F_VERSION_1,
+                             Q_DEFLATE, Q_INFLATE, Q_STATS, QUEUE_NAMES, S_ACKNOWLEDGE,
                              S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, STAT_ENTRY, STAT_TAGS, bit)
 from device.guest.page_contents import GuestPageContents
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
+from device.virtio.protocols import (MAX_CHUNKS_PER_REQUEST, PFN_WIRE, WireFormat, accepted_wire_format,
+                                     negotiated_wire_format)
 from device.virtio.driver_queue import DriverQueue
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
 from device.virtio.split_ring import ring_area_bytes, ring_layout
@@ -56,10 +57,7 @@ _now = time.perf_counter_ns
 
 QUEUE_SIZE = 256
 ALLOC_BATCH = 65536            # pages the allocator hands out per call, for every protocol
-DEFAULT_RANGE_BATCH = 262144   # pages per bitmap/chunks request (1 GiB), a driver parameter
 FILL_PASS = 262144             # pages per fill/leak pass (one `actual` update each), for every protocol
-MAX_CHUNKS_PER_REQUEST = 4096  # descriptors in one chunks request (indirect table of 64 KiB)
-MAX_CHUNK_BYTES = 1 << 30      # a descriptor's le32 len caps one chunk; split longer runs
 
 
 class DeviceTimeout(RuntimeError):
@@ -115,8 +113,8 @@ class DriverOpReport:
 
 @dataclass
 class DriverOptions:
-    protocol: str = "auto"              # which wire format to accept if offered: auto|pfn|bitmap|chunks
-    batch_pages: int | None = None      # pages per request; None: 256 for pfn, 1 GiB for ranges
+    protocol: str = "auto"              # which wire format to accept if offered: auto or a WIRE_FORMAT_NAMES name
+    batch_pages: int | None = None      # pages per request; None: the wire format's default_batch
     event_idx: bool = True
     indirect: bool = True
     timeout_s: float = 30.0
@@ -156,7 +154,8 @@ class BalloonDriver:
         self.lock = threading.RLock()
         self.failed: str | None = None
         self.reports: list[DriverOpReport] = []
-        self.wire_format = "pfn"
+        self.wire: WireFormat = PFN_WIRE          # device/virtio/protocols.py, chosen at bring_up
+        self.wire_format = self.wire.name
         self.last_deflated = np.zeros(0, np.int64)   # pages the last deflate gave back
 
     # --- probe: negotiation and queue set-up -------------------------------------------------
@@ -169,21 +168,19 @@ class BalloonDriver:
             want |= bit(F_RING_EVENT_IDX)
         if self.opts.indirect:
             want |= bit(F_RING_INDIRECT_DESC)
-        if self.opts.protocol in ("auto", "chunks") and offered & bit(F_PAGE_CHUNKS):
-            want |= bit(F_PAGE_CHUNKS)
-            self.wire_format = "chunks"
-        elif self.opts.protocol in ("auto", "bitmap") and offered & bit(F_PAGE_BITMAP):
-            want |= bit(F_PAGE_BITMAP)
-            self.wire_format = "bitmap"
+        accepted = accepted_wire_format(self.opts.protocol, offered)
+        if accepted.feature is not None:
+            want |= bit(accepted.feature)
         if self.opts.reporting:
             want |= bit(F_REPORTING)
         if self.opts.hint == "upstream":
             want |= bit(F_FREE_PAGE_HINT)
         elif self.opts.hint == "bitmap" and offered & bit(F_PAGE_BITMAP):
             want |= bit(F_PAGE_BITMAP)      # one feature for the seed's bitmaps: the device then
-            if self.wire_format == "pfn":   # decodes inflates as bitmaps too (chunks still win)
-                self.wire_format = "bitmap"
+                                            # decodes inflates as bitmaps too (chunks still win)
         self.features = want & offered
+        self.wire = negotiated_wire_format(self.features)   # what the device will decode
+        self.wire_format = self.wire.name
         ch.call_result(Req.SET_FEATURES, control.U64.pack(self.features))
         ch.call_result(Req.SET_STATUS, control.U32.pack(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK))
         status = control.U32.unpack(ch.call(Req.GET_STATUS).payload)[0]
@@ -236,18 +233,16 @@ class BalloonDriver:
         self.call_fds[index] = call
 
     def _setup_buffers(self) -> None:
-        fmt = self.wire_format
+        fmt = self.wire
         if self.opts.batch_pages is not None:
             self.batch_pages = int(self.opts.batch_pages)
         else:
-            self.batch_pages = PFN_BATCH_MAX if fmt == "pfn" else DEFAULT_RANGE_BATCH
-        if fmt == "pfn" and not 1 <= self.batch_pages <= PFN_BATCH_MAX:
-            raise ValueError(f"batch_pages must be 1..{PFN_BATCH_MAX} for the pfn protocol, got {self.batch_pages}")
-        if fmt == "bitmap":
-            self.req_bytes = 32 + -(-self.batch_pages // 8)
-        else:
-            self.req_bytes = 4 * PFN_BATCH_MAX
-        self.req_gpa = self._alloc_contig(self.req_bytes) if fmt != "chunks" else 0
+            self.batch_pages = fmt.default_batch
+        if fmt.max_batch is not None and not 1 <= self.batch_pages <= fmt.max_batch:
+            raise ValueError(f"batch_pages must be 1..{fmt.max_batch} for the {fmt.name} protocol, "
+                             f"got {self.batch_pages}")
+        self.req_bytes = fmt.request_buffer_bytes(self.batch_pages)
+        self.req_gpa = self._alloc_contig(self.req_bytes) if self.req_bytes else 0
         self.stats_gpa = self._alloc_contig(STAT_ENTRY.size * len(STAT_TAGS))
 
     # --- config change: the host asked for a new balloon size --------------------------------
@@ -329,8 +324,9 @@ class BalloonDriver:
         return rep
 
     def _pass_pages(self) -> int:
-        """Pages per fill/leak pass: FILL_PASS for every protocol (see the module doc)."""
-        return max(FILL_PASS, self.batch_pages if self.wire_format != "pfn" else 0)
+        """Pages per fill/leak pass: FILL_PASS for every protocol (see the module doc); a
+        larger request (a format without max_batch, when the user asks) makes it larger."""
+        return max(FILL_PASS, self.batch_pages)
 
     # --- deflate -------------------------------------------------------------------------------
     def deflate(self, n: int, target: int | None = None) -> DriverOpReport:
@@ -377,56 +373,26 @@ class BalloonDriver:
             self.reports.append(rep)
             return before - self.actual
 
-    # --- one batch of pages onto the ring, by wire format ------------------------------------
+    # --- one batch of pages onto the ring, in the negotiated wire format --------------------
     def _send_pages(self, q: DriverQueue, pages: np.ndarray, rep: DriverOpReport, inflate: bool = True,
                     whole_blocks: int = 0) -> None:
-        """`whole_blocks`: pages[:whole_blocks * 512] are whole aligned 2 MiB blocks; the
-        bitmap protocol names those with page_shift 21, one bit per block."""
-        fmt = self.wire_format
-        if fmt == "pfn":
-            for i in range(0, pages.size, self.batch_pages):
-                part = pages[i:i + self.batch_pages]
-                with stage("encode", rep):
-                    nbytes = 4 * part.size
-                    self.ram.np_view(self.req_gpa, nbytes, np.dtype("<u4"))[:] = part
-                self._transmit(q, [(self.req_gpa, nbytes)], rep, part, inflate)
-        elif fmt == "bitmap":
-            n_whole = whole_blocks << HUGE_ORDER
-            if n_whole:
-                self._send_bitmap(q, pages[:n_whole], rep, inflate, PAGE_SHIFT + HUGE_ORDER)
-            if pages.size > n_whole:
-                self._send_bitmap(q, pages[n_whole:], rep, inflate, PAGE_SHIFT)
-        else:  # chunks: one descriptor per run
-            with stage("encode", rep):
-                starts, lengths = wire.pfns_to_runs(np.sort(pages))
-                gpas, nbytes = wire.runs_to_chunk_arrays(starts, lengths, max_chunk_bytes=MAX_CHUNK_BYTES)
-                spans = wire.chunk_requests(gpas, nbytes, max_chunks=MAX_CHUNKS_PER_REQUEST)
-                # the pages each request covers (bookkeeping for the balloon), inside encode as for bitmap
-                reqs = [(np.column_stack((gpas[i:j], nbytes[i:j])),
-                         wire.runs_to_pfns(gpas[i:j] >> PAGE_SHIFT, nbytes[i:j] >> PAGE_SHIFT)) for i, j in spans]
-            for bufs, part in reqs:
-                self._transmit(q, bufs, rep, part, inflate)
-
-    def _send_bitmap(self, q: DriverQueue, pages: np.ndarray, rep: DriverOpReport, inflate: bool, page_shift: int) -> None:
-        """Bitmap requests for `pages`; with page_shift > 12 they are whole aligned blocks
-        of 2**(page_shift - 12) pages and each bit names one block."""
-        with stage("encode", rep):
-            unit = page_shift - PAGE_SHIFT
-            sorted_pages = np.sort(pages)
-            units = sorted_pages[:: 1 << unit] >> unit
-            per_req = max(1, self.batch_pages >> unit)
-            reqs = wire.encode_bitmap_requests(units, pages_per_request=per_req, page_shift=page_shift,
-                                               cmd=0 if inflate else 1, req_id_start=rep.requests)
-            # the pages each request covers: encode_bitmap_requests windows are aligned
-            win = (sorted_pages >> unit) // per_req
-            parts = np.split(sorted_pages, np.flatnonzero(np.diff(win)) + 1)
-        for raw, part in zip(reqs, parts):
-            with stage("encode", rep):
-                self.ram.view(self.req_gpa, len(raw))[:] = raw
-                # Header in its own descriptor, bitmap split per page: the seed's v3 SG bitmaps.
-                bufs = [(self.req_gpa, 32)] + [(self.req_gpa + off, min(PAGE_SIZE, len(raw) - off))
-                                               for off in range(32, len(raw), PAGE_SIZE)]
-            self._transmit(q, bufs, rep, part, inflate)
+        """Encode a pass with the wire format's `encode` (device/virtio/protocols.py) and
+        send its requests one by one. A format that encodes whole passes (bitmap, chunks)
+        does so in one encode stage; writing a request into the request buffer (pfn,
+        bitmap) is an encode stage of its own. `whole_blocks`: pages[:whole_blocks * 512]
+        are whole aligned 2 MiB blocks, which the bitmap format names one bit per block."""
+        fmt = self.wire
+        for group, page_shift in fmt.unit_groups(pages, whole_blocks << HUGE_ORDER):
+            # a whole-pass encode is one encode stage; a per-request one is timed at `place`
+            with stage("encode", rep) if fmt.encodes_whole_pass else nullcontext():
+                requests = fmt.encode(group, batch_pages=self.batch_pages, inflate=inflate,
+                                      req_id_start=rep.requests, page_shift=page_shift)
+            for request in requests:
+                bufs = request.descriptors
+                if request.payload is not None:
+                    with stage("encode", rep):
+                        bufs = fmt.place(self.ram, self.req_gpa, request.payload)
+                self._transmit(q, bufs, rep, request.pages, inflate)
 
     def _transmit(self, q: DriverQueue, bufs: list[tuple[int, int]], rep: DriverOpReport, pages: np.ndarray,
                   inflate: bool) -> None:
@@ -438,7 +404,8 @@ class BalloonDriver:
         rep.kicks += q.kicks - kicks0
         rep.requests += 1
         rep.descriptors += len(bufs)
-        rep.bytes_on_ring += 16 * len(bufs) if self.wire_format == "chunks" else sum(n for _, n in bufs)
+        # a request buffer's bytes, or (chunks: the descriptors are the pages) 16 per descriptor
+        rep.bytes_on_ring += sum(n for _, n in bufs) if self.wire.place is not None else 16 * len(bufs)
         rep.pages += int(pages.size)
         if inflate:
             self.balloon.append(np.asarray(pages, dtype=np.int64))

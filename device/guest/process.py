@@ -32,6 +32,8 @@ from device.virtio.features import Q_MISC, Q_STATS
 from device.virtio.backing import BACKINGS
 from device.guest.alloc_policy import ALLOC_POLICIES
 from device.virtio.features import F_REPORTING
+from device.virtio.hint_format import HINT_DESIGNS
+from device.virtio.protocols import WIRE_FORMAT_NAMES
 from device.guest.hint_driver import FreePageDriver
 from device.guest.page_reporting_driver import ReportingDriver, ReportingParams
 from device.guest.migration_side import GuestChannel, migration_verify
@@ -267,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="device.guest.process")
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--agent", required=True)
-    p.add_argument("--protocol", default="auto", choices=("auto", "pfn", "bitmap", "chunks"))
+    p.add_argument("--protocol", default="auto", choices=("auto",) + WIRE_FORMAT_NAMES)
     p.add_argument("--batch-pages", type=int, default=None)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--halt-poll-us", type=int, default=DriverOptions.halt_poll_us,
                    help="poll for used buffers this long before sleeping (like KVM halt polling)")
-    p.add_argument("--hint", default="none", choices=("none", "upstream", "bitmap"),
+    p.add_argument("--hint", default="none", choices=HINT_DESIGNS,
                    help="free page hinting design the driver negotiates (for migration)")
     p.add_argument("--backing", default="4k", choices=BACKINGS,
                    help="guest RAM backing (thp: the guest's mapping asks for huge pages too)")

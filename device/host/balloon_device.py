@@ -1,11 +1,11 @@
 """The virtio-balloon device model: config space, inflate/deflate/stats queues.
 
-The inflate path, by wire format (DESIGN.md section 4):
-  pfn         -> _inflate_pfns_per_page: one translation and one discard per page,
+The inflate path, by protocol (device/virtio/protocols.py decodes each wire format):
+  pfn         -> _pfns_per_page: one translation and one discard per page,
                  as QEMU does (the protocol is per page, so is the Python loop)
-  pfn-ranges  -> decode PFNs, merge into runs (numpy), _discard_runs
-  bitmap      -> wire.decode_bitmap -> runs (numpy), _discard_runs
-  chunks      -> each descriptor is one run, _discard_runs
+  pfn-ranges  -> decode PFNs, merge into runs (numpy, ranges_policy), _runs
+  bitmap      -> decode the bitmap -> runs (numpy), _runs
+  chunks      -> each descriptor is one run, _runs
 Every page the guest names is validated (RAM, not already in the balloon) before
 anything is discarded; refusals are counted by reason. Stage times (translate,
 discard) are measured here and marked for the USDT probe with sys.audit per request.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import mmap
 import os
 import time
 from collections import Counter
@@ -25,9 +24,11 @@ import numpy as np
 
 from device.virtio import wire
 from device.host.budget import WorkBudget
-from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_PAGE_CHUNKS, PFN_BATCH_MAX,
+from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES,
                              Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
-from device.virtio.ram import GuestRAM, punch_hole
+from device.virtio.discard import discard_runs
+from device.virtio.protocols import Refusal, negotiated_wire_format
+from device.virtio.ram import GuestRAM
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
@@ -322,33 +323,21 @@ class BalloonDevice(VirtioTransport):
         if any(e[2] for e in chain.elements):
             self.refuse("writable-buffer", "inflate/deflate buffers must be device-readable")
             return 0
-        if self.has(F_PAGE_CHUNKS):
-            ctr.bytes_on_ring += 16 * len(chain.elements)
-            runs = self._decode_chunks(chain)
-        elif self.has(F_PAGE_BITMAP):
-            runs = self._decode_bitmap(chain, ctr)
-        else:
-            if chain.readable_bytes > 4 * PFN_BATCH_MAX:     # refuse before copying anything
-                self.refuse("pfn-array-too-long", f"{chain.readable_bytes} bytes of PFNs in one request "
-                                                  f"(max {PFN_BATCH_MAX} PFNs)")
-                return 0
-            raw = chain.gather(MAX_REQUEST_BYTES)
-            ctr.bytes_on_ring += len(raw)
-            try:
-                pfns = wire.decode_pfns(raw)
-            except wire.WireError as e:
-                self.refuse(f"pfn-{e.reason}", str(e))
-                return 0
-            if len(pfns) > PFN_BATCH_MAX:
-                self.refuse("pfn-array-too-long", f"{len(pfns)} PFNs in one request (max {PFN_BATCH_MAX})")
-                return 0
-            if self.ranges_policy:
-                runs = wire.pfns_to_runs(pfns.astype(np.int64))
-            else:
-                self._pfns_per_page(pfns, ctr, inflate)
-                return 0
-        if runs is None:
+        try:   # the negotiated wire format's decoder (device/virtio/protocols.py)
+            request = negotiated_wire_format(self.driver_features).decode(
+                chain, max_pfn=self.layout.max_pfn, copy_limit=MAX_REQUEST_BYTES)
+        except Refusal as e:
+            ctr.bytes_on_ring += e.ring_bytes
+            self.refuse(e.reason, e.message)
             return 0
+        ctr.bytes_on_ring += request.ring_bytes
+        runs = request.runs
+        if runs is None:                 # a PFN array: per page, or merged into runs (pfn-ranges)
+            if self.ranges_policy:
+                runs = wire.pfns_to_runs(request.pfns.astype(np.int64))
+            else:
+                self._pfns_per_page(request.pfns, ctr, inflate)
+                return 0
         self._runs(runs[0], runs[1], ctr, inflate)
         return 0
 
@@ -460,18 +449,7 @@ class BalloonDevice(VirtioTransport):
             if not offsets:
                 return
         with stage("discard", ctr):
-            if self.discard_method == "madvise":
-                madvise, remove = self.ram.mm.madvise, mmap.MADV_REMOVE
-                if isinstance(lengths, int):
-                    for off in offsets:
-                        madvise(remove, off, lengths)
-                else:
-                    for off, ln in zip(offsets, lengths):
-                        madvise(remove, off, ln)
-            else:
-                fd = self.ram.fd
-                for off, ln in zip(offsets, lengths if not isinstance(lengths, int) else [lengths] * len(offsets)):
-                    punch_hole(fd, off, ln)
+            discard_runs(self.ram, self.discard_method, offsets, lengths)
         ctr.discard_calls += len(offsets)
 
     def _report_bad(self, bad: Counter, first_bad: int | None, ctr: DeviceOpCounters) -> None:
@@ -485,30 +463,6 @@ class BalloonDevice(VirtioTransport):
                 return
             log.warning("refused %d page(s) of one request (%s); first bad PFN %#x; nothing discarded for them",
                         sum(bad.values()), dict(bad), first_bad)
-
-    def _decode_bitmap(self, chain: DescChain, ctr: DeviceOpCounters):
-        bufs = chain.readable()
-        total = sum(len(b) for b in bufs)
-        limit = min(MAX_REQUEST_BYTES, wire.BITMAP_HEADER_SIZE + (self.layout.max_pfn + 7) // 8)
-        if total > limit:    # refused before copying: no bitmap of this guest is that long
-            self.refuse("bitmap-bitmap-too-large", f"bitmap request of {total} bytes; a guest of "
-                                                   f"{self.layout.max_pfn} PFNs needs at most {limit}")
-            return None
-        ctr.bytes_on_ring += total
-        try:
-            _hdr, starts, lengths = wire.decode_bitmap(bufs, max_pfn=self.layout.max_pfn,
-                                                       page_shifts=wire.BITMAP_PAGE_SHIFTS)
-        except wire.WireError as e:
-            self.refuse(f"bitmap-{e.reason}", str(e))
-            return None
-        return starts, lengths
-
-    def _decode_chunks(self, chain: DescChain):
-        try:
-            return wire.chunks_to_runs([(e[0], e[1]) for e in chain.elements], max_pfn=self.layout.max_pfn)
-        except wire.WireError as e:
-            self.refuse(f"chunks-{e.reason}", str(e))
-            return None
 
     # --- stats queue: the device polls by returning the buffer -----------------------------
     def _stats_chain(self, chain: DescChain) -> int | None:

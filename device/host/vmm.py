@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
-import mmap
 import os
 import selectors
 import shlex
@@ -37,7 +36,9 @@ import numpy as np
 from device.host.balloon_device import BalloonDevice
 from device.host.budget import WorkBudget, cpu_time
 from device.host.control_peer import ControlService, DeviceChannel
-from device.virtio.features import QEMU_STAT_NAMES, STAT_TAGS, protocol_device_features
+from device.virtio.discard import DISCARD_METHOD_NAMES, discard_runs
+from device.virtio.features import QEMU_STAT_NAMES, STAT_TAGS
+from device.virtio.protocols import PROTOCOL_NAMES, PROTOCOLS, protocol_device_features
 from device.virtio.hint_format import hint_device_features
 from device.virtio.backing import BACKINGS, backing_problem
 from device.virtio.ram import GuestRAM, process_rss_bytes
@@ -74,7 +75,7 @@ class VMM:
         self.device = BalloonDevice(self.ram, protocol_device_features(args.protocol)
                                     | hint_device_features(getattr(args, "hint", "none"))
                                     | reporting_device_features(args.reporting),
-                                    ranges_policy=args.protocol == "pfn-ranges", discard=args.discard,
+                                    ranges_policy=PROTOCOLS[args.protocol].merge_runs, discard=args.discard,
                                     partial_tracking=args.partial_tracking,
                                     listener=DeviceListener(kick_fds_changed=self._rearm_kicks,
                                                             actual_changed=self._actual_changed))
@@ -258,10 +259,9 @@ class VMM:
             raise CommandError("no deflated pages recorded: inflate, deflate and re-touch first")
         offs = np.sort(self.layout.pfn_to_offset(pfns)).tolist()   # ascending, as inflate requests are
         populated = int(self.ram.data_page_mask()[self.layout.pfn_to_offset(pfns) >> PAGE_SHIFT].sum())
-        madvise, remove, page = self.ram.mm.madvise, mmap.MADV_REMOVE, 1 << PAGE_SHIFT
         t0 = time.perf_counter_ns()
-        for off in offs:        # per page on purpose: this is the bare per-page syscall cost
-            madvise(remove, off, page)
+        # per page on purpose: this is the bare per-page syscall cost
+        discard_runs(self.ram, "madvise", offs, 1 << PAGE_SHIFT)
         ns = time.perf_counter_ns() - t0
         return {"pages": len(offs), "populated_before": populated, "ns": ns, "ns_per_page": ns / len(offs)}
 
@@ -376,8 +376,8 @@ class VMM:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="device.host.vmm", description=__doc__.splitlines()[0])
     p.add_argument("--guest-mib", type=int, required=True)
-    p.add_argument("--protocol", default="pfn", choices=("pfn", "pfn-ranges", "bitmap", "chunks"))
-    p.add_argument("--discard", default="madvise", choices=("madvise", "punch-hole"))
+    p.add_argument("--protocol", default="pfn", choices=PROTOCOL_NAMES)
+    p.add_argument("--discard", default="madvise", choices=DISCARD_METHOD_NAMES)
     p.add_argument("--backing", default="4k", choices=BACKINGS,
                    help="host pages under guest RAM: 4k memfd, thp (MADV_HUGEPAGE), hugetlb (MFD_HUGETLB)")
     p.add_argument("--partial-tracking", default="full", choices=PARTIAL_TRACKING,

@@ -99,20 +99,13 @@ class BalloonConfig:
         return cls(*CONFIG.unpack(raw))
 
 
-# --- protocols the lab compares ----------------------------------------------------------
-PROTOCOLS = ("pfn", "pfn-ranges", "bitmap", "chunks")
+# --- the PFN wire format's limit (the protocols themselves: device/virtio/protocols.py) ---
 PFN_BATCH_MAX = 256  # VIRTIO_BALLOON_ARRAY_PFNS_MAX in Linux
 
 
 def protocol_device_features(protocol: str) -> int:
-    """Features the VMM offers for an arm: the wire format is chosen by feature bit,
-    pfn-ranges is the PFN wire format with a device-side merge policy."""
-    base = (bit(F_MUST_TELL_HOST) | bit(F_STATS_VQ) | bit(F_DEFLATE_ON_OOM) | bit(F_FREE_PAGE_HINT)
-            | bit(F_RING_INDIRECT_DESC) | bit(F_RING_EVENT_IDX) | bit(F_VERSION_1))
-    if protocol in ("pfn", "pfn-ranges"):
-        return base
-    if protocol == "bitmap":
-        return base | bit(F_PAGE_BITMAP)
-    if protocol == "chunks":
-        return base | bit(F_PAGE_CHUNKS)
-    raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    """Features the VMM offers for an arm, from the table in device/virtio/protocols.py.
+    Only lab/fuzz*.py still import it from here (they move to the table when the
+    fuzzer becomes its own package); everything else imports it from the table."""
+    from device.virtio.protocols import protocol_device_features as from_table
+    return from_table(protocol)

@@ -10,8 +10,6 @@ never faulted in (ENVIRONMENT.md).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -21,20 +19,13 @@ from typing import Iterator
 import numpy as np
 
 from device.virtio.backing import advise_mapping, host_page_shift, memfd_flags
+from device.virtio.discard import discard_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-DISCARD_METHODS = ("madvise", "punch-hole")
 # The seals QEMU puts on a memfd backend before sharing it: nobody (the guest holds the
 # fd too) can shrink or grow it, and nobody can change the seals. Without them a guest
 # could ftruncate guest RAM and the VMM's next touch of its mapping would die of SIGBUS.
 SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_libc.fallocate.restype = ctypes.c_int
-
 
 def seal_size(fd: int) -> None:
     """Seal a memfd's size (F_SEAL_SHRINK, F_SEAL_GROW, then F_SEAL_SEAL) before handing it
@@ -49,13 +40,6 @@ def size_sealed(fd: int) -> bool:
         return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SIZE_SEALS == SIZE_SEALS
     except OSError:
         return False
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """fallocate(PUNCH_HOLE|KEEP_SIZE): free the file's blocks in the range."""
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"fallocate(PUNCH_HOLE) failed: {os.strerror(e)}")
 
 
 class GuestRAM:
@@ -117,13 +101,8 @@ class GuestRAM:
 
     # --- discard ------------------------------------------------------------------
     def discard(self, offset: int, length: int, method: str = "madvise") -> None:
-        """One system call freeing memfd [offset, offset+length)."""
-        if method == "madvise":
-            self.mm.madvise(mmap.MADV_REMOVE, offset, length)
-        elif method == "punch-hole":
-            punch_hole(self.fd, offset, length)
-        else:
-            raise ValueError(f"unknown discard method {method!r}; choose from {DISCARD_METHODS}")
+        """One system call freeing memfd [offset, offset+length) (device/virtio/discard.py)."""
+        discard_runs(self, method, (offset,), (length,))
 
     # --- what the memfd really holds ------------------------------------------------
     def allocated_bytes(self) -> int:

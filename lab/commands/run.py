@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from device.virtio.features import PROTOCOLS
+from device.virtio.protocols import PROTOCOL_NAMES
 from lab.backends import QEMU_BALLOON_ARMS, is_qemu_arm
 from lab.cli_checks import checked
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
@@ -60,7 +60,7 @@ examples:
     balloon-lab run --protocol chunks --workload fragment --param share=0.6
     balloon-lab run --protocol bitmap --guest-mib 4096 --inflate-mib 3072 --json
 """)
-@click.option("--protocol", type=click.Choice(PROTOCOLS + QEMU_BALLOON_ARMS), default="pfn", show_default=True,
+@click.option("--protocol", type=click.Choice(PROTOCOL_NAMES + QEMU_BALLOON_ARMS), default="pfn", show_default=True,
               help="The one protocol (arm) to run: a lab protocol, or a real-stack arm (QEMU + Linux guest).")
 @spec_options(only=RUN_FIELDS, spec_file=False)
 @click.option("--no-deflate", is_flag=True, help="inflate only")

@@ -33,6 +33,7 @@ from device.host.control_peer import DeviceChannel
 from device.host.hint_queues import HintQueues
 from device.host.migration.destination import MigrationDestination
 from device.virtio.dirty_log import DirtyLog
+from device.virtio.hint_format import HINT_DESIGNS
 from device.host.migration.pause import resume_guest
 from device.host.migration.source import MigrationParams, MigrationSource
 from device.host.monitor import CommandError
@@ -46,7 +47,7 @@ def add_vmm_arguments(p) -> None:
     """The VMM's migration options (argparse)."""
     p.add_argument("--incoming", default=None, metavar="tcp:127.0.0.1:PORT",
                    help="destination mode: no guest, wait for an incoming migration (PORT 0: any free port)")
-    p.add_argument("--hint", default="none", choices=("none", "upstream", "bitmap"),
+    p.add_argument("--hint", default="none", choices=HINT_DESIGNS,
                    help="free page hinting design the device offers for migration")
 
 
