@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from device.guest.balloon_driver import DRIVER_OP_METRICS
-from device.host.balloon_device import DEVICE_METRICS, DEVICE_OP_METRICS
+from device.host.balloon_metrics import DEVICE_METRICS, DEVICE_OP_METRICS
 from device.host.host_pages import HOST_PAGE_METRICS
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet
 from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS

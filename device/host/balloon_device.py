@@ -14,108 +14,36 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from device.virtio import wire
 from device.host.budget import WorkBudget
-from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES,
-                             Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
+from device.virtio.features import (CFG_NUM_PAGES, Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
 from device.virtio.discard import discard_runs
 from device.virtio.protocols import Refusal, negotiated_wire_format
 from device.virtio.ram import GuestRAM
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
+from device.host.balloon_metrics import DeviceOpCounters
 from device.virtio.stage import stage
 from device.virtio.transport import DeviceListener, VirtioTransport, notify
 from device.virtio.device_queue import DescChain
 from device.virtio.split_ring import RingError, ring_pages
 
 log = logging.getLogger("balloon-lab.device")
-_now = time.perf_counter_ns
-
-# Upper bound on what one request may make the device copy out of guest RAM.
-MAX_REQUEST_BYTES = 16 << 20
-
-
-# What the device counts per direction (DeviceOpCounters, and its snapshot's "runs").
-DEVICE_OP_METRICS = MetricSet("device/host/balloon_device.py DEVICE_OP_METRICS", [
-    Metric("requests", COUNTER, "", "inflate/deflate requests (descriptor chains) the device served"),
-    Metric("pages", COUNTER, "", "pages the device accepted into (or out of) the balloon"),
-    Metric("discard_calls", COUNTER, "", "madvise/fallocate system calls that discarded guest memory"),
-    Metric("translations", COUNTER, "", "guest-physical to memfd translations: per page (pfn), per run (ranges)"),
-    Metric("bytes_on_ring", COUNTER, "bytes", "request bytes the device read from the ring (chunks: 16 per descriptor)"),
-    Metric("descriptors", COUNTER, "", "descriptors in the chains the device served"),
-    Metric("translate_ns", TIMING, "ns", "time in the translate stage: validate pages, look up regions"),
-    Metric("discard_ns", TIMING, "ns", "time in the discard stage: the system calls that free memory"),
-    Metric("refused_pages", COUNTER, "", "pages the guest named that the device refused (counted by reason in errors)"),
-    Metric("runs", COUNTER, "", "runs of contiguous pages accepted (what a range protocol discards one call each)"),
-])
-# The device's own counters beside the per-direction ones (BalloonDevice.counters()).
-DEVICE_METRICS = MetricSet("device/host/balloon_device.py DEVICE_METRICS", [
-    Metric("budget_yields", GAUGE, "", "wake-ups that ended with work left (the device re-kicked itself)"),
-    Metric("ballooned_pages", COUNTER, "", "pages in the balloon as the device sees it"),
-    Metric("memfd_allocated_bytes", COUNTER, "bytes", "guest RAM the memfd holds (st_blocks), the kernel's view"),
-])
-
-
-@declared_by(DEVICE_OP_METRICS)
-@dataclass
-class DeviceOpCounters:
-    """What the device did for one direction (inflate or deflate)."""
-
-    requests: int = 0
-    pages: int = 0
-    discard_calls: int = 0
-    translations: int = 0
-    bytes_on_ring: int = 0
-    descriptors: int = 0
-    translate_ns: int = 0
-    discard_ns: int = 0
-    refused_pages: int = 0
-    _run_lengths: list = field(default_factory=list, repr=False)   # range paths: per request
-    _pfn_batches: list = field(default_factory=list, repr=False)   # PFN path: pages per request
-    _given: list = field(default_factory=list, repr=False)         # pages accepted (deflate)
-
-    def add_runs(self, lengths: np.ndarray) -> None:
-        self._run_lengths.append(np.asarray(lengths, dtype=np.int64))
-
-    def add_pfn_batch(self, pfns: np.ndarray) -> None:
-        """PFN path: keep the request's pages; their runs are derived when read, so the
-        per-page hot path does no numpy work."""
-        self._pfn_batches.append(pfns)
-
-    def add_accepted(self, pfns: np.ndarray) -> None:
-        self._given.append(pfns)
-
-    def pfns(self) -> np.ndarray:
-        """Every page this direction accepted since the counters were reset (deflate)."""
-        parts = self._given + self._pfn_batches
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-    def snapshot(self) -> dict:
-        parts = self._run_lengths + [wire.pfns_to_runs(p)[1] for p in self._pfn_batches]
-        lengths = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        return {
-            "requests": self.requests, "pages": self.pages, "discard_calls": self.discard_calls,
-            "translations": self.translations, "bytes_on_ring": self.bytes_on_ring,
-            "descriptors": self.descriptors, "translate_ns": self.translate_ns,
-            "discard_ns": self.discard_ns, "refused_pages": self.refused_pages,
-            "runs": int(lengths.size),
-            "run_length_hist": {str(k): v for k, v in wire.run_length_hist(lengths).items()},
-            "run_length_pages_hist": {str(k): v for k, v in wire.run_length_pages_hist(lengths).items()},
-        }
-
 
 # What serves one queue's chains: returns the bytes written into the chain (0 for the
 # balloon's device-readable requests), or None to hold the buffer unused (the stats queue).
 ChainHandler = Callable[[DescChain], "int | None"]
+
+_now = time.perf_counter_ns
+
+# Upper bound on what one request may make the device copy out of guest RAM.
+MAX_REQUEST_BYTES = 16 << 20
 
 
 def _unserved(chain: DescChain) -> int:

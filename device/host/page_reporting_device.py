@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 
 from device.virtio import wire
-from device.host.balloon_device import IN_GUEST, BalloonDevice, ChainHandler, DeviceOpCounters
+from device.host.balloon_device import IN_GUEST, BalloonDevice, ChainHandler
+from device.host.balloon_metrics import DeviceOpCounters
 from device.virtio.features import F_REPORTING, Q_REPORTING, bit
 from device.host.host_pages import host_page_runs
 from device.virtio.layout import PAGE_SHIFT
