@@ -87,3 +87,71 @@ def test_the_side_rule_sees_a_violation(tmp_path):
     assert any(_in_room(m, "device.host") for m in mods if m.startswith("device.host"))
     assert {m for m in mods if _in_room(m, "device.host")} == {"device.host", "device.host.vmm"}
     assert not _in_room("device.hostile", "device.host")
+
+
+# The device's API for the lab (docs/ARCHITECTURE.md, "What the lab may use of the
+# device"): module -> the names lab/, reports/ and benchmarks/ may import from it. The
+# lab starts the VMM and the guest as processes (python -m device.host.vmm) and talks
+# to them over sockets; what it imports is the tables it offers choices from, the
+# metric declarations it reads kinds and units from, the host checks `doctor` runs,
+# and the hostile raw guest its attacks play. Anything else is a device internal.
+DEVICE_API = {
+    "device.virtio.protocols": {"PROTOCOLS", "PROTOCOL_NAMES", "max_batch_of"},
+    "device.virtio.discard": {"DISCARD_METHOD_NAMES", "punch_hole"},
+    "device.virtio.backing": {"BACKINGS", "BackingError", "ensure_backing", "advise_mapping", "MFD_HUGE_2MB",
+                              "MFD_HUGETLB", "NR_HUGEPAGES", "THP_SHMEM_KNOB", "thp_shmem_state", "backing_problem",
+                              "hugetlb_pool"},
+    "device.virtio.hint_format": {"HINT_DESIGNS"},
+    "device.virtio.layout": {"MiB", "GiB", "PAGE_SHIFT", "PAGE_SIZE"},
+    "device.host.host_pages": {"PARTIAL_TRACKING", "HOST_PAGE_METRICS"},
+    "device.guest.alloc_policy": {"ALLOC_POLICIES"},
+    "device.guest.page_reporting_driver": {"ReportingParams"},
+    "device.virtio.metric_decl": {"COUNTER", "GAUGE", "TIMING", "Metric", "MetricSet", "UndeclaredMetric",
+                                  "declared_by"},
+    "device.host.balloon_metrics": {"DEVICE_METRICS", "DEVICE_OP_METRICS"},
+    "device.guest.balloon_driver": {"DRIVER_OP_METRICS"},
+    "device.virtio.queue_metrics": {"DEVICE_QUEUE_METRICS"},
+    "device.virtio.transport": {"REFUSAL_METRICS"},
+    "device.guest.raw_guest": {"RawError", "RawGuest", "F_INDIRECT", "F_NEXT"},
+}
+# Rooms that use more of the device on purpose: the fuzzer and the benchmarks drive a
+# device in-process (white-box, like the tests), so the rule does not apply to them.
+LAB_ROOMS = ("lab", "reports")
+
+
+def imported_names(path: Path) -> set[tuple[int, str, str]]:
+    """(line, module, name) of every `from device... import name` in a Python file;
+    name is "*" for a bare `import device...`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[tuple[int, str, str]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("device"):
+            out |= {(node.lineno, node.module, a.name) for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {(node.lineno, a.name, "*") for a in node.names if a.name.startswith("device")}
+    return out
+
+
+@pytest.mark.parametrize("room", LAB_ROOMS)
+def test_the_lab_uses_only_the_device_api(room):
+    bad = [f"{f.relative_to(ROOT)}:{line} imports {name} from {mod}"
+           for f in sorted((ROOT / room).rglob("*.py"))
+           for line, mod, name in sorted(imported_names(f)) if name not in DEVICE_API.get(mod, ())]
+    assert not bad, ("not in the device's API for the lab (docs/ARCHITECTURE.md; tests/test_import_rules.py "
+                     "DEVICE_API):\n" + "\n".join(bad))
+
+
+def test_the_api_rule_sees_a_violation(tmp_path):
+    f = tmp_path / "z.py"
+    f.write_text("from device.host.balloon_device import BalloonDevice\nfrom device.virtio.protocols import PROTOCOLS\n")
+    names = imported_names(f)
+    assert (1, "device.host.balloon_device", "BalloonDevice") in names
+    assert [n for _, m, n in names if n not in DEVICE_API.get(m, ())] == ["BalloonDevice"]
+
+
+def test_every_api_name_exists():
+    """The list above is documentation: a name that no longer exists is an error."""
+    import importlib
+    missing = [f"{m}.{n}" for m, names in DEVICE_API.items() for n in names
+               if not hasattr(importlib.import_module(m), n)]
+    assert not missing, missing
