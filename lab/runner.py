@@ -25,6 +25,7 @@ from lab.backends import is_qemu_arm
 from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 from lab.orphans import die_with_parent
+from lab.probe_summary import probe_summary as _probe_summary
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard", "total")
 
@@ -481,13 +482,3 @@ def run_trial(spec, arm: str, probe_session=None, rnd: int = 0) -> dict:
 def trial_fn(probe_session=None):
     """run_experiment's trial function for balloon specs, with this probe session."""
     return lambda spec, arm, rnd: run_trial(spec, arm, probe_session, rnd)
-
-
-def _probe_summary(readings: dict, probes) -> dict:
-    """What the probes saw during the inflate at the top level, the deflate beside it."""
-    if probes is None:
-        return {"backend": "none", "reason": "probes off"}
-    out = dict(readings.get("inflate") or {})
-    if readings.get("deflate") is not None:
-        out["deflate"] = readings["deflate"]
-    return out
