@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from lab.commands import gate as gate_cmd
 from lab.experiment import run_experiment
-from lab.gate import GateInputError, Limit, Thresholds
+from lab.gate_inputs import GateInputError
+from lab.gate_thresholds import Limit, Thresholds
 from lab.spec import ExperimentSpec
 from lab.store import Store, TrialRecord, now_iso
 
@@ -285,6 +286,26 @@ def test_partly_failed_arm_is_a_regression_by_default(store, db):
     assert code == 1, out
     assert "REGRESSION  bitmap  ok_trials: arm bitmap: 9 ok measured trial(s) in the candidate, minimum 10" in out
     assert gate(db, "--baseline", base, "--candidate", cand, "--min-trials", "9")[0] == 0
+
+
+def test_min_trials_from_the_thresholds_file_is_applied(store, db, tmp_path):
+    """min_trials read from the file (it once raised: the parser used `th` before making it)
+    lowers the trials a candidate arm needs exactly as --min-trials does."""
+    base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
+    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=2, skip=("bitmap", 4))
+    f = tmp_path / "thresholds.toml"
+    f.write_text('min_trials = 9\ntiming = "20%"\n')
+    th = Thresholds.from_file(f)
+    assert th.min_trials == 9 and th.timing == Limit("relative", 0.2)
+    assert "every baseline arm needs >= 9 ok measured trials" in th.describe()
+    code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f, "-v")
+    assert code == 0, out
+    assert "pass        bitmap  ok_trials: arm bitmap: 9 ok measured trials (minimum 9)" in out
+    f.write_text("min_trials = 10\n")
+    code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f)
+    assert code == 1 and "9 ok measured trial(s) in the candidate, minimum 10" in out, out
+    f.write_text("min_trials = 0\n")
+    assert gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f)[0] == 2
 
 
 def test_scheduling_gauges_never_fail_an_aa_comparison(store, db):
