@@ -20,7 +20,8 @@ from lab.gate import run_gate
 from lab.gate_inputs import GateInput, GateInputError, load_input
 from lab.gate_result import GateResult
 from lab.gate_thresholds import Thresholds
-from lab.store import BaselineError, Store, StoreError, load_baseline
+from lab.baseline_file import BaselineError, load_baseline
+from lab.store import Store, StoreError
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:

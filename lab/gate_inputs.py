@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lab.store import BaselineError, Store, StoreError, load_baseline
+from lab.baseline_file import BaselineError, load_baseline
+from lab.store import Store, StoreError
 
 # Spec fields that define the experiment: if they differ, the runs measure different things.
 COMPARABLE_SPEC_FIELDS = ("kind", "guest_mib", "inflate_mib", "workload", "workload_params", "seed",

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from lab.commands import gate as gate_cmd
 from lab.experiment import run_experiment
+from lab.baseline_file import export_baseline
 from lab.gate_inputs import GateInputError
 from lab.gate_thresholds import Limit, Thresholds
 from lab.spec import ExperimentSpec
@@ -113,7 +114,7 @@ def test_counters_are_compared_round_by_round(store, db, tmp_path):
     code, out, _ = gate(db, "--baseline", base, "--candidate", bumped)
     assert code == 1 and "bitmap  runs: 131.5 -> 131.5: differs in 1 of 10 common rounds (round 6: 142 -> 143, +1)" in out
     # the same through a baseline file, which keeps the rounds
-    f = store.export_baseline(base, tmp_path / "b.json")
+    f = export_baseline(store, base, tmp_path / "b.json")
     assert gate(db, "--baseline", f, "--candidate", missing, "--min-trials", "9")[0] == 0
     assert gate(db, "--baseline", f, "--candidate", bumped)[0] == 1
 
@@ -121,7 +122,7 @@ def test_counters_are_compared_round_by_round(store, db, tmp_path):
 def test_baseline_file_round_trip_through_the_gate(store, db, tmp_path):
     base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
     cand = make_run(store, medians={"pfn": 6e9, "bitmap": 6e8}, seed=2)
-    f = store.export_baseline(base, tmp_path / "baseline.json")
+    f = export_baseline(store, base, tmp_path / "baseline.json")
     code, out, _ = gate(db, "--baseline", f, "--candidate", cand)
     assert code == 1 and "pfn  inflate.stages_ns.total" in out and f"file {f}" in out
 
