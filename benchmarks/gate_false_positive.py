@@ -30,7 +30,9 @@ from scipy import stats as sst
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 from lab.experiment import run_experiment
-from lab.gate import GateInputError, Thresholds, load_input, run_gate
+from lab.gate import run_gate
+from lab.gate_inputs import GateInputError, load_input
+from lab.gate_thresholds import Thresholds
 from lab.spec import ExperimentSpec, SpecError, load_spec
 from lab.store import Store
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from lab.orphans import wait_or_kill
 from probes.bpf import PROJECT_ROOT, Problem, bcc_fix, preflight
 
 MADVISE_CALLS = 100          # the tracepoint check's known number of calls
@@ -168,11 +169,7 @@ def check_usdt_audit() -> Check:
             child.stdin.close()
         except OSError:
             pass
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        wait_or_kill(child, 10)
     stats = reading.per_pid.get(child.pid, {}).get("doctor")
     seen = stats.count if stats else 0
     bad = {k: v for k, v in reading.anomalies.items() if v}

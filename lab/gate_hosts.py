@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from lab import metrics
-from lab.gate import GateInput, GateInputError, GateResult, Thresholds, load_input, run_gate
-from lab.store import BaselineError, Store, StoreError, load_baseline
+from lab.gate import run_gate
+from lab.gate_inputs import GateInput, GateInputError, load_input
+from lab.gate_result import GateResult
+from lab.gate_thresholds import Thresholds
+from lab.baseline_file import BaselineError, load_baseline
+from lab.store import Store, StoreError
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:

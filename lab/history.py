@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lab import stats
-from lab.gate import spec_differences
+from lab.gate_inputs import spec_differences
 from lab.store import RunInfo, Store
 
 GATE_NOTE = "gate: "

@@ -19,6 +19,7 @@ from typing import Iterable
 
 from device.guest.raw_guest import RawError, RawGuest
 from lab.monitor_client import QMPClient, wait_for_socket
+from lab.orphans import wait_or_kill
 
 
 class HostileVM:
@@ -90,11 +91,7 @@ class HostileVM:
             except Exception:
                 pass
             self.qmp.close()
-        try:
-            self.vmm.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.vmm.kill()
-            self.vmm.wait()
+        wait_or_kill(self.vmm, 10)
         if getattr(self, "_tramp", None) is not None:
             self._tramp.close()
         self._log.close()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from device.virtio.hint_format import HINT_DESIGNS
 from lab.monitor_client import AgentClient, QMPClient, wait_for_socket
-from lab.orphans import die_with_parent
+from lab.orphans import die_with_parent, wait_or_kill
 from lab.runner import TrialFailed
 
 HINTS = HINT_DESIGNS   # device/virtio/hint_format.py
@@ -173,11 +173,7 @@ class MigrationPair:
             if c is not None:
                 c.close()
         for pr in self.procs:
-            try:
-                pr.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pr.kill()
-                pr.wait()
+            wait_or_kill(pr, 20)
         if self.guest_pid:
             try:
                 os.kill(self.guest_pid, signal.SIGCONT)

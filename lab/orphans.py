@@ -1,4 +1,4 @@
-"""Trial processes die with the process that started them.
+"""Trial processes die with the process that started them, and are reaped when done.
 
 A VMM started for a trial must not outlive its orchestrator: a worker killed with
 SIGKILL mid-trial (lab/queue.py) cannot tear anything down, and an orphaned VMM would
@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import subprocess
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -25,3 +26,13 @@ def die_with_parent() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
+    """Give a child that was asked to quit `timeout` seconds to exit, then SIGKILL it;
+    reaped either way (no zombie, no process outliving its trial). Its exit status."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

@@ -25,7 +25,8 @@ from device.virtio.protocols import PROTOCOLS
 from lab.backends import is_qemu_arm
 from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
-from lab.orphans import die_with_parent
+from lab.orphans import die_with_parent, wait_or_kill
+from lab.probe_summary import probe_summary as _probe_summary
 from lab.trial_result import STAGES, OpResult, TrialResult  # noqa: F401 (STAGES: the runner's stage names)
 
 
@@ -190,11 +191,7 @@ class LabProcesses:
         for c in (self.qmp, self.agent):
             if c is not None:
                 c.close()
-        try:
-            self.vmm.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.vmm.kill()
-            self.vmm.wait()
+        wait_or_kill(self.vmm, 15)
         gp = getattr(self, "info", {}).get("guest_pid") if hasattr(self, "info") else None
         if gp:
             try:
@@ -489,13 +486,3 @@ def run_trial(spec, arm: str, probe_session=None, rnd: int = 0) -> dict:
 def trial_fn(probe_session=None):
     """run_experiment's trial function for balloon specs, with this probe session."""
     return lambda spec, arm, rnd: run_trial(spec, arm, probe_session, rnd)
-
-
-def _probe_summary(readings: dict, probes) -> dict:
-    """What the probes saw during the inflate at the top level, the deflate beside it."""
-    if probes is None:
-        return {"backend": "none", "reason": "probes off"}
-    out = dict(readings.get("inflate") or {})
-    if readings.get("deflate") is not None:
-        out["deflate"] = readings["deflate"]
-    return out

@@ -1,6 +1,7 @@
 """The results store: an embedded SQLite database (WAL), or a PostgreSQL database shared
 by many hosts, holding every run and trial (lab/store_sql.py is the dialect seam,
-lab/store_schema.py the versioned schema).
+lab/store_schema.py the versioned schema, lab/store_records.py the records it holds,
+lab/baseline_file.py a run exported for the CI gate).
 
 A trial (its row, its flattened metrics, its histograms) is written in ONE
 transaction with SIGINT/SIGTERM deferred, so neither Ctrl-C nor SIGKILL can leave
@@ -12,16 +13,13 @@ a reused pid is not mistaken for it) and reported as "interrupted".
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
-import math
 import os
 import re
 import signal
 import socket
 import threading
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -33,102 +31,14 @@ from lab import store_schema
 from lab import store_sql
 from lab import trial_result
 
-RUN_STATUSES = ("running", "complete", "failed", "interrupted")
-TRIAL_STATUSES = ("ok", "failed")
-BASELINE_FORMAT = "balloon-lab-baseline"
-BASELINE_VERSION = 1
+# the records are the store's vocabulary: its callers import them from here
+from lab.store_records import RUN_STATUSES, TRIAL_STATUSES, RunInfo, TrialRecord, dumps, now_iso  # noqa: F401
+
 SCHEMA_VERSION = store_schema.SCHEMA_VERSION
 
 
 class StoreError(Exception):
     """A request the store cannot answer: unknown or ambiguous run, bad status, ..."""
-
-
-class BaselineError(ValueError):
-    """A baseline file that cannot be used; the message says why."""
-
-
-@dataclass
-class TrialRecord:
-    """One trial as recorded. `idx` orders trials within a run; `round` is the
-    repetition (every arm runs once per round, warm-up rounds first)."""
-
-    arm: str
-    idx: int
-    round: int
-    warmup: bool
-    status: str  # ok | failed
-    started_at: str
-    duration_s: float
-    result: dict[str, Any] | None = None  # as stored: a balloon trial's is lab/trial_result.py's JSON
-    error: str | None = None
-    id: int | None = None  # row id, set when read back
-    host_id: str | None = None  # which host ran it (None: this one, lab.host.host_id())
-    host: dict[str, Any] | None = None  # that host's identity and load (None: measured when stored)
-
-
-@dataclass
-class RunInfo:
-    id: str
-    kind: str
-    name: str
-    created_at: str
-    finished_at: str | None
-    status: str
-    spec: dict[str, Any]
-    command_line: str
-    environment: dict[str, Any]
-    probe_backend: str | None
-    notes: str | None
-    trials_ok: int = 0
-    trials_failed: int = 0
-    warmups: int = 0
-    hosts: list[str] = field(default_factory=list)  # host ids that ran its trials, first seen first
-
-    @property
-    def arms(self) -> list[str]:
-        """Arm labels in schedule order (from the spec, plus any only seen in trials)."""
-        return list(self.spec.get("_arm_labels") or self.spec.get("arms") or [])
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Baseline:
-    """A run exported to a file: what the gate compares against."""
-
-    path: str
-    run: dict[str, Any]
-    spec: dict[str, Any]
-    environment: dict[str, Any]
-    table: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    rounds: dict[str, dict[str, np.ndarray]] | None = None  # the round of each sample, if recorded
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def json_ready(obj: Any) -> Any:
-    """Plain JSON values: numpy scalars/arrays unwrapped, non-finite floats -> None."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_ready(obj.tolist())
-    if isinstance(obj, np.generic):
-        return json_ready(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    raise TypeError(f"{type(obj).__name__} value {obj!r} cannot be stored as JSON")
-
-
-def dumps(obj: Any, **kw: Any) -> str:
-    return json.dumps(json_ready(obj), allow_nan=False, **kw)
 
 
 def _proc_start(pid: int) -> int | None:
@@ -465,89 +375,3 @@ class Store:
     def get_comparison(self, run_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT data FROM comparisons WHERE run_id=?", (run_id,)).fetchone()
         return json.loads(row["data"]) if row else None
-
-    # --- baselines --------------------------------------------------------------------
-    def export_baseline(self, run_id: str, path: str | Path, *, allow_incomplete: bool = False,
-                        host: str | None = None) -> Path:
-        """Write a run's spec, environment and per-arm per-metric samples to a JSON file
-        (for committing into a repository as the CI gate's baseline). A baseline holds one
-        host's trials (timings of two hosts are not one sample): `host` picks it when the
-        run ran on several."""
-        run = self.get_run(run_id)
-        if run.status != "complete" and not allow_incomplete:
-            raise StoreError(f"run {run.id} is {run.status}, not complete: a baseline must come from a "
-                             "finished run (pass allow_incomplete to export it anyway)")
-        if host is None and len(run.hosts) > 1:
-            raise StoreError(f"run {run.id} ran on hosts {', '.join(run.hosts)}: export one host's baseline "
-                             "(--host)")
-        if host is not None and host not in run.hosts:
-            raise StoreError(f"run {run.id} has no trials on host {host!r} (hosts: {', '.join(run.hosts) or 'none'})")
-        host = host or (run.hosts[0] if run.hosts else None)
-        table, rounds = self.metric_table(run.id, host), self.round_table(run.id, host)
-        if not table:
-            raise StoreError(f"run {run.id} has no measured ok trials to export")
-        doc = {
-            "format": BASELINE_FORMAT,
-            "version": BASELINE_VERSION,
-            "exported_at": now_iso(),
-            "run": {k: getattr(run, k) for k in ("id", "name", "kind", "status", "created_at", "finished_at",
-                                                 "command_line", "probe_backend", "trials_ok", "trials_failed")}
-                   | {"host_id": host},
-            "spec": run.spec,
-            "environment": run.environment,
-            "arms": {arm: {m: {"kind": metrics.classify(m), "samples": v.tolist(),
-                               "rounds": rounds[arm][m].astype(int).tolist()} for m, v in ms.items()}
-                     for arm, ms in table.items()},
-        }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
-
-
-def load_baseline(path: str | Path) -> Baseline:
-    """Read a file written by export_baseline; BaselineError names what is wrong."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise BaselineError(f"baseline file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BaselineError(f"cannot read baseline file {p}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise BaselineError(f"baseline file {p} is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != BASELINE_FORMAT:
-        raise BaselineError(f"{p} is not a balloon-lab baseline (no \"format\": \"{BASELINE_FORMAT}\")")
-    if doc.get("version") != BASELINE_VERSION:
-        raise BaselineError(f"{p} has baseline version {doc.get('version')!r}; this lab reads {BASELINE_VERSION}")
-    arms = doc.get("arms")
-    if not isinstance(arms, dict) or not arms:
-        raise BaselineError(f"{p} has no \"arms\" with samples")
-    table: dict[str, dict[str, np.ndarray]] = {}
-    rounds: dict[str, dict[str, np.ndarray]] = {}
-    for arm, ms in arms.items():
-        if not isinstance(ms, dict):
-            raise BaselineError(f"{p}: arms.{arm} is not a table of metrics")
-        table[arm], rounds[arm] = {}, {}
-        for m, entry in ms.items():
-            samples = entry.get("samples") if isinstance(entry, dict) else None
-            if not _numbers(samples):
-                raise BaselineError(f"{p}: arms.{arm}.{m}.samples must be a non-empty list of numbers")
-            table[arm][m] = np.asarray(samples, dtype=float)
-            if "rounds" in entry:
-                if not _numbers(entry["rounds"]) or len(entry["rounds"]) != len(samples):
-                    raise BaselineError(f"{p}: arms.{arm}.{m}.rounds must list one round per sample")
-                rounds[arm][m] = np.asarray(entry["rounds"], dtype=float)
-    for key in ("run", "spec", "environment"):
-        if not isinstance(doc.get(key, {}), dict):
-            raise BaselineError(f"{p}: \"{key}\" must be an object")
-    complete = all(set(rounds[a]) == set(table[a]) for a in table)
-    return Baseline(path=str(p), run=doc.get("run", {}), spec=doc.get("spec", {}),
-                    environment=doc.get("environment", {}), table=table, rounds=rounds if complete else None)
-
-
-def _numbers(xs: Any) -> bool:
-    return (isinstance(xs, list) and bool(xs)
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs))

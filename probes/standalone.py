@@ -1,6 +1,10 @@
 """Point the probes at any running process (a real QEMU, a lab process, anything).
 
-Shared by `balloon-lab probe` and the loaders' own `python -m probes.<name>` mains.
+Shared by `balloon-lab probe` and each probe's own `python -m probes.<name>` program.
+That program is its package's __main__.py, not the loader (the package's __init__.py):
+this module imports the loaders through probes/session.py, so a loader that imported
+it back would close an import circle, and `python -m` would run the loader twice.
+
 The lab cannot know another program's virtqueue fds, so every eventfd the process
 has open when probing starts is registered as kind "other" (cheap: one readlink per
 fd), unless the caller names fds explicitly (FD[:QUEUE[:KIND]]).

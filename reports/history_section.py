@@ -11,7 +11,7 @@ from lab import metrics
 from lab.history import HistoryPoint
 from reports import charts
 from reports.fmt import NS_PER, esc, time_unit
-from reports.sections import Section, chip, figure, nodata, note, scrolling, table, vfmt
+from reports.section_parts import Section, chip, figure, nodata, note, scrolling, table, vfmt
 
 FLAG_COLOR = "#b3261e"
 

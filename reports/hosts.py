@@ -9,7 +9,7 @@ from __future__ import annotations
 from lab import metrics
 from reports.data import ReportData
 from reports.fmt import esc, sig
-from reports.sections import Section, chip, note, table, vfmt
+from reports.section_parts import Section, chip, note, table, vfmt
 
 # What the side-by-side table shows, when the run has it (balloon, then migration metrics).
 SIDE_BY_SIDE = ("stages_ns.inflate.total", "stages_ns.inflate.discard", "stages_ns.inflate.transmit",

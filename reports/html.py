@@ -13,10 +13,17 @@ from pathlib import Path
 
 from lab.store import Store
 from reports import data
-from reports import sections as report_sections
+from reports.comparison_table import comparison_section
 from reports.fmt import esc, plural, sig
 from reports.hosts import hosts_section
+from reports.migration_section import migration_section
+from reports.probe_histograms import probes_section
+from reports.provenance import environment_section, reproduce_section
 from reports.real_stack import real_stack_section
+from reports.ring_counts import notifications_section, runlength_section
+from reports.section_parts import Section, chip
+from reports.stage_breakdown import stages_section
+from reports.verdict import verdict_section
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src 'none'; "
        "connect-src 'none'; script-src 'none'; form-action 'none'; base-uri 'none'")
@@ -103,21 +110,21 @@ class Report:
         return len(self.html.encode())
 
 
-def build(d: data.ReportData, report_path: str | None = None, extra: list[report_sections.Section] | None = None) -> Report:
+def build(d: data.ReportData, report_path: str | None = None, extra: list[Section] | None = None) -> Report:
     """Render a loaded run to a Report; `extra` sections (e.g. the history, which needs
     the store) go after the run's own and before the environment."""
     r = d.run
-    secs = [report_sections.verdict_section(d), report_sections.comparison_section(d)]
-    mig = report_sections.migration_section(d)
+    secs = [verdict_section(d), comparison_section(d)]
+    mig = migration_section(d)
     if d.kind == "migrate":
         # a migration has no inflate stages, run lengths or balloon kicks: those sections would only say so
-        secs += [mig, report_sections.probes_section(d)]
+        secs += [mig, probes_section(d)]
     else:
         real = real_stack_section(d)
-        secs += [report_sections.stages_section(d)] + ([real] if real is not None else []) + [
-            report_sections.probes_section(d), report_sections.runlength_section(d), report_sections.notifications_section(d)] + (
+        secs += [stages_section(d)] + ([real] if real is not None else []) + [
+            probes_section(d), runlength_section(d), notifications_section(d)] + (
             [mig] if mig is not None else [])
-    secs += list(extra or []) + [hosts_section(d), report_sections.environment_section(d), report_sections.reproduce_section(d, report_path)]
+    secs += list(extra or []) + [hosts_section(d), environment_section(d), reproduce_section(d, report_path)]
     spec = r.spec
     mib = d.inflate_mib
     what = (f"{esc(spec.get('kind', r.kind))}, guest {sig(d.guest_mib)} MiB"
@@ -125,7 +132,7 @@ def build(d: data.ReportData, report_path: str | None = None, extra: list[report
             + f", workload {esc(spec.get('workload', '?'))}, "
             + f"{plural(spec.get('trials'), 'trial')} + {plural(spec.get('warmups'), 'warm-up')} per arm, "
             + f"probes {'on' if spec.get('probes') else 'off'}")
-    arms = " ".join(report_sections.chip(a, d.colors) for a in d.scheduled_arms)
+    arms = " ".join(chip(a, d.colors) for a in d.scheduled_arms)
     banners = "".join(f'<p class="banner">{esc(n)}</p>' for n in d.notes)
     if d.probe_backends() and "bcc" not in d.probe_backends() and spec.get("probes"):
         banners += ('<p class="banner">The eBPF probes did not run for this run (backend none): kernel-side '
@@ -172,7 +179,7 @@ def render_report(store: Store, run_ref: str, report_path: str | None = None, ho
     return build(d, report_path, [_history(store, d)])
 
 
-def _history(store: Store, d: data.ReportData) -> report_sections.Section:
+def _history(store: Store, d: data.ReportData) -> Section:
     """The run's headline metric across the stored runs of its experiment."""
     from lab.history import history
     from reports.history_section import headline_metric, history_section

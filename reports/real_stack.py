@@ -11,7 +11,7 @@ from lab.backends import is_qemu_arm
 from lab.backends.qemu.side_by_side import EVENT_IDX_NOTE, ROWS, arm_title
 from reports.data import ReportData
 from reports.fmt import esc, fmt_bytes, fmt_ns, sig
-from reports.sections import Section, chip, note, table
+from reports.section_parts import Section, chip, note, table
 
 
 def _cell(d: ReportData, arm: str, metric, unit: str) -> tuple[str, float | None]:

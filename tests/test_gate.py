@@ -13,7 +13,9 @@ from click.testing import CliRunner
 
 from lab.commands import gate as gate_cmd
 from lab.experiment import run_experiment
-from lab.gate import GateInputError, Limit, Thresholds
+from lab.baseline_file import export_baseline
+from lab.gate_inputs import GateInputError
+from lab.gate_thresholds import Limit, Thresholds
 from lab.spec import ExperimentSpec
 from lab.store import Store, TrialRecord, now_iso
 
@@ -112,7 +114,7 @@ def test_counters_are_compared_round_by_round(store, db, tmp_path):
     code, out, _ = gate(db, "--baseline", base, "--candidate", bumped)
     assert code == 1 and "bitmap  runs: 131.5 -> 131.5: differs in 1 of 10 common rounds (round 6: 142 -> 143, +1)" in out
     # the same through a baseline file, which keeps the rounds
-    f = store.export_baseline(base, tmp_path / "b.json")
+    f = export_baseline(store, base, tmp_path / "b.json")
     assert gate(db, "--baseline", f, "--candidate", missing, "--min-trials", "9")[0] == 0
     assert gate(db, "--baseline", f, "--candidate", bumped)[0] == 1
 
@@ -120,7 +122,7 @@ def test_counters_are_compared_round_by_round(store, db, tmp_path):
 def test_baseline_file_round_trip_through_the_gate(store, db, tmp_path):
     base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
     cand = make_run(store, medians={"pfn": 6e9, "bitmap": 6e8}, seed=2)
-    f = store.export_baseline(base, tmp_path / "baseline.json")
+    f = export_baseline(store, base, tmp_path / "baseline.json")
     code, out, _ = gate(db, "--baseline", f, "--candidate", cand)
     assert code == 1 and "pfn  inflate.stages_ns.total" in out and f"file {f}" in out
 
@@ -285,6 +287,26 @@ def test_partly_failed_arm_is_a_regression_by_default(store, db):
     assert code == 1, out
     assert "REGRESSION  bitmap  ok_trials: arm bitmap: 9 ok measured trial(s) in the candidate, minimum 10" in out
     assert gate(db, "--baseline", base, "--candidate", cand, "--min-trials", "9")[0] == 0
+
+
+def test_min_trials_from_the_thresholds_file_is_applied(store, db, tmp_path):
+    """min_trials read from the file (it once raised: the parser used `th` before making it)
+    lowers the trials a candidate arm needs exactly as --min-trials does."""
+    base = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=1)
+    cand = make_run(store, medians={"pfn": 4e9, "bitmap": 6e8}, seed=2, skip=("bitmap", 4))
+    f = tmp_path / "thresholds.toml"
+    f.write_text('min_trials = 9\ntiming = "20%"\n')
+    th = Thresholds.from_file(f)
+    assert th.min_trials == 9 and th.timing == Limit("relative", 0.2)
+    assert "every baseline arm needs >= 9 ok measured trials" in th.describe()
+    code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f, "-v")
+    assert code == 0, out
+    assert "pass        bitmap  ok_trials: arm bitmap: 9 ok measured trials (minimum 9)" in out
+    f.write_text("min_trials = 10\n")
+    code, out, _ = gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f)
+    assert code == 1 and "9 ok measured trial(s) in the candidate, minimum 10" in out, out
+    f.write_text("min_trials = 0\n")
+    assert gate(db, "--baseline", base, "--candidate", cand, "--thresholds", f)[0] == 2
 
 
 def test_scheduling_gauges_never_fail_an_aa_comparison(store, db):

@@ -17,7 +17,7 @@ from reports import charts
 from reports import data
 from reports.html import build, write_report
 from reports.palette import ARM_COLORS, arm_colors
-from reports.sections import vfmt
+from reports.section_parts import vfmt
 
 ROOT = Path(__file__).resolve().parents[1]
 BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")

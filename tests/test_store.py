@@ -13,7 +13,8 @@ import pytest
 
 from lab import metrics as lab_metrics
 from lab.spec import ExperimentSpec
-from lab.store import (BaselineError, Store, StoreError, TrialRecord, load_baseline, now_iso)
+from lab.baseline_file import BaselineError, export_baseline, load_baseline
+from lab.store import Store, StoreError, TrialRecord, now_iso
 
 
 def stage_block(total: int) -> dict:
@@ -190,7 +191,7 @@ def _complete_run(store) -> str:
 
 def test_baseline_export_and_load(store, tmp_path):
     run = _complete_run(store)
-    path = store.export_baseline(run, tmp_path / "ci" / "baseline.json")
+    path = export_baseline(store, run, tmp_path / "ci" / "baseline.json")
     b = load_baseline(path)
     assert b.run["id"] == run and b.spec["arms"] == ["pfn", "bitmap"] and b.environment["kernel"] == "6.1"
     for arm in ("pfn", "bitmap"):
@@ -205,8 +206,8 @@ def test_incomplete_run_is_not_exported_unless_asked(store, tmp_path):
     run = store.create_run(SPEC, "balloon", {})
     store.add_trial(run, trial("pfn", 0, result(10**9)))
     with pytest.raises(StoreError, match="not complete"):
-        store.export_baseline(run, tmp_path / "b.json")
-    store.export_baseline(run, tmp_path / "b.json", allow_incomplete=True)
+        export_baseline(store, run, tmp_path / "b.json")
+    export_baseline(store, run, tmp_path / "b.json", allow_incomplete=True)
     assert load_baseline(tmp_path / "b.json").table["pfn"]["pages"][0] == 131072
 
 

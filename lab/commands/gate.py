@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
-from lab.gate import EXIT_UNUSABLE, GateInputError, Thresholds
+from lab.gate_inputs import GateInputError
+from lab.gate_result import EXIT_UNUSABLE
+from lab.gate_thresholds import Thresholds
 from lab.gate_hosts import HostsGateResult, gate_hosts, split_ref
 from lab.paths import db_option, default_db_path
 from lab.store import dumps

@@ -11,6 +11,7 @@ from lab.backends import QEMU_BALLOON_ARMS, is_qemu_arm
 from lab.cli_checks import checked
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
 from lab.spec import spec_from_cli, spec_options
+from lab.trial_text import format_result
 
 # The spec fields `run` takes (with compare's names, aliases and defaults).
 RUN_FIELDS = ("guest_mib", "inflate_mib", "workload", "workload_params", "seed", "batch_pages", "discard", "probes",
@@ -23,35 +24,6 @@ def open_probes(enabled: bool):
         return None
     from probes.session import ProbeSession
     return ProbeSession(enabled=True)
-
-
-def format_result(r: dict) -> str:
-    lines = [f"protocol {r['protocol']} ({r['wire_format']} wire format, {r['batch_pages']} pages/request), "
-             f"guest {r['guest_mib']} MiB, inflate {r['inflate_mib']} MiB, workload {r['workload']['name']}",
-             f"  verified: {'yes' if r['verified'] else 'NO'}",
-             f"  pages {r['pages']}  requests {r['requests']}  kicks {r['kicks']}  interrupts {r['interrupts']}",
-             f"  discard calls {r['discard_calls']}  runs {r['runs']}  translations {r['translations']}",
-             f"  memfd freed {r['memfd_freed_bytes'] / 2**20:.1f} MiB"]
-    hp = r.get("host_pages")
-    if hp:
-        lines.append(f"  backing {r['backing']}: {hp['host_page_bytes'] >> 20} MiB host pages, "
-                     f"{hp['discarded_host_pages']} discarded, {hp['whole_not_discarded']} whole but kept, "
-                     f"{hp['partial_host_pages']} partial ({hp['mode']} tracking, allocation {r['alloc_policy']})")
-    for op, st in r["stages_ns"].items():
-        tot = st["total"] or 1
-        parts = "  ".join(f"{k} {st[k] / 1e6:.1f} ms ({100 * st[k] / tot:.1f} %)"
-                          for k in ("alloc", "encode", "transmit", "translate", "discard"))
-        lines.append(f"  {op}: total {st['total'] / 1e6:.1f} ms = {parts}")
-    p = r.get("probes") or {}
-    if p.get("backend") == "bcc":
-        lines.append(f"  probes (bcc): madvise calls {p.get('madvise_calls')}, kernel time "
-                     f"{p.get('madvise_kernel_ns', 0) / 1e6:.1f} ms, kicks {p.get('kicks')}, "
-                     f"interrupts {p.get('interrupts')}, page faults {p.get('page_faults')}")
-    else:
-        lines.append(f"  probes: none ({p.get('reason', 'unavailable')})")
-    if r["errors"]:
-        lines.append(f"  device refused: {r['errors']}")
-    return "\n".join(lines)
 
 
 @click.command("run", epilog="""\b
@@ -77,10 +49,10 @@ def command(protocol, no_deflate, as_json, **kwargs) -> None:
                          batch_pages=spec.batch_pages, discard=spec.discard, deflate=not no_deflate,
                          backing=spec.backing, partial_tracking=spec.partial_tracking,
                          alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc)
-    run_and_print(run_balloon, trial, TrialFailed, format_result, spec.probes, as_json)
+    run_and_print(run_balloon, trial, TrialFailed, spec.probes, as_json)
 
 
-def run_and_print(run_fn, trial, failure: type[Exception], fmt, probes: bool, as_json: bool) -> None:
+def run_and_print(run_fn, trial, failure: type[Exception], probes: bool, as_json: bool) -> None:
     """Run one trial with the probes, print it (text or JSON) and exit 0 only if verified."""
     session = open_probes(probes)
     try:
@@ -91,14 +63,13 @@ def run_and_print(run_fn, trial, failure: type[Exception], fmt, probes: bool, as
     finally:
         if session is not None:
             session.detach()
-    click.echo(json.dumps(result) if as_json else fmt(result))
+    click.echo(json.dumps(result) if as_json else format_result(result))
     sys.exit(0 if result["verified"] else 1)
 
 
 def run_qemu(arm: str, spec, no_deflate: bool, as_json: bool) -> None:
     """`run --protocol qemu-*`: one trial on the real stack (exits). The spec validator
     has already refused what the real stack cannot do (workloads, --batch-pages)."""
-    from lab.backends.qemu.side_by_side import format_qemu_result
     from lab.backends.qemu.trial import QemuBalloonTrial, QemuTrialFailed, run_qemu_balloon
     try:
         trial = QemuBalloonTrial(arm=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
@@ -106,4 +77,4 @@ def run_qemu(arm: str, spec, no_deflate: bool, as_json: bool) -> None:
                                  seed=spec.seed, deflate=not no_deflate)
     except ValueError as e:
         raise click.UsageError(str(e))
-    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, format_qemu_result, spec.probes, as_json)
+    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, spec.probes, as_json)

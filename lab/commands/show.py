@@ -9,6 +9,7 @@ import click
 
 from lab import twins
 from lab.backends.qemu.side_by_side import side_by_side
+from lab.baseline_file import export_baseline as write_baseline
 from lab.commands.runs import local_time
 from lab.environment import load_warnings
 from lab.experiment import load_comparison
@@ -134,7 +135,7 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
         with Store(path, create=False) as store:
             run = store.get_run(run_ref)
             if export_baseline:
-                store.export_baseline(run.id, export_baseline, allow_incomplete=allow_incomplete, host=host)
+                write_baseline(store, run.id, export_baseline, allow_incomplete=allow_incomplete, host=host)
                 click.echo(f"wrote baseline of run {run.id} to {export_baseline}", err=True)
                 return
             if host is not None and host not in run.hosts:

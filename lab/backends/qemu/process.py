@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from lab.backends.qemu.agent import AgentError, GuestAgent
 from lab.backends.qemu.image import GuestImage
 from lab.monitor_client import MonitorError, QMPClient, wait_for_socket
+from lab.orphans import wait_or_kill
 
 QEMU = "qemu-system-x86_64"
 TRACE_EVENTS = ("virtqueue_pop", "virtio_queue_notify", "virtio_notify", "virtio_notify_irqfd",
@@ -162,11 +162,7 @@ class QemuProcess:
         for c in (self.qmp, self.agent):
             if c is not None:
                 c.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        wait_or_kill(self.proc, 10)
         if self.proc.stderr:
             self.proc.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)

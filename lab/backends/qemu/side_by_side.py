@@ -70,30 +70,3 @@ def side_by_side(comp, env: Mapping[str, Any]) -> str:
         lines.append("note: " + EVENT_IDX_NOTE)
     return "\n".join(lines)
 
-
-def format_qemu_result(r: Mapping[str, Any]) -> str:
-    """`balloon-lab run --protocol qemu-*` in text form."""
-    env = r["environment"]
-    lines = [f"{arm_title(r['protocol'], env)}: guest kernel {env['guest_kernel']}, {r['memory_backend']} RAM, "
-             f"guest {r['guest_mib']} MiB, inflate {r['inflate_mib']} MiB, workload {r['workload']['name']} "
-             f"({r['workload']['real']['command'].split('workload.sh ')[-1]})",
-             f"  verified: {'yes' if r['verified'] else 'NO'}  "
-             + "  ".join(f"{k}={'ok' if v else 'FAILED'}" for k, v in r["verification"]["after_inflate"]["checks"].items()),
-             f"  from QEMU's trace: pages {r['pages']}  requests {r['requests']}  kicks {r['kicks']}  "
-             f"interrupts {r['interrupts']}"]
-    for op in ("inflate", "deflate"):
-        st = r["stages_ns"].get(op)
-        if st:
-            extra = f", discard (kernel, from the probes) {st['discard'] / 1e6:.1f} ms" if "discard" in st else ""
-            lines.append(f"  {op}: total {st['total'] / 1e6:.1f} ms (host wall, `balloon` to query-balloon){extra}")
-    freed = r.get("memfd_freed_bytes", r["rss_bytes"]["freed"])
-    lines.append(f"  host memory freed by the inflate: {freed / 2**20:.1f} MiB "
-                 f"({'memfd blocks' if 'memfd_freed_bytes' in r else 'QEMU RSS'})")
-    p = r.get("probes") or {}
-    if p.get("backend") == "bcc":
-        lines.append(f"  probes (bcc, QEMU pid): madvise calls {p.get('madvise_calls')} ({p.get('advice')}), "
-                     f"bytes {p.get('madvise_bytes')}, kernel {p.get('madvise_kernel_ns', 0) / 1e6:.1f} ms; "
-                     f"fallocate calls {p.get('fallocate_calls')}")
-    else:
-        lines.append(f"  probes: none ({p.get('reason', 'unavailable')})")
-    return "\n".join(lines)

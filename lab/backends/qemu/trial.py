@@ -28,6 +28,7 @@ from lab.backends.qemu.process import QemuConfig, QemuError, QemuProcess, qemu_v
 from lab.backends.qemu.trace import TraceReader, settled_window
 from lab.backends.qemu.workloads import real_workload
 from lab.monitor_client import MonitorError
+from lab.probe_summary import probe_summary
 
 PAGE = 4096
 MIB = 1 << 20
@@ -210,15 +211,10 @@ def run_qemu_balloon(t: QemuBalloonTrial, probes=None) -> dict:
         "verification": {"after_inflate": v_inflate, "after_deflate": v_deflate},
         "verified": bool(verified),
         "errors": {},
-        "probes": _probe_summary(readings, probes),
+        "probes": probe_summary(readings, probes),
         "boot_ns": boot_ns, "workload_ns": workload_ns,
         "trial_wall_ns": time.perf_counter_ns() - wall0,
     }
     if "memfd_bytes_before" in inflate:
         result["memfd_freed_bytes"] = inflate["memfd_bytes_before"] - inflate["memfd_bytes_after"]
     return result
-
-
-def _probe_summary(readings: dict, probes) -> dict:
-    from lab.runner import _probe_summary as summary
-    return summary(readings, probes)

@@ -206,8 +206,3 @@ class StagesProbe(Concern):
         bpf[b"stage_stats"].clear()
         array_zero(bpf[b"stage_anomalies"])
 
-
-if __name__ == "__main__":
-    from probes.standalone import main
-
-    raise SystemExit(main(["stages"]))

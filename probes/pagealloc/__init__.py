@@ -84,8 +84,3 @@ class PageAllocProbe(Concern):
         array_zero(bpf[b"pa_allocs"])
         array_zero(bpf[b"pa_events"])
 
-
-if __name__ == "__main__":
-    from probes.standalone import main
-
-    raise SystemExit(main(["pagealloc"]))

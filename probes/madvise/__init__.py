@@ -135,8 +135,3 @@ class MadviseProbe(Concern):
         for t in (b"sc_stats", b"sc_len_hist", b"sc_ns_hist"):
             array_zero(bpf[t])
 
-
-if __name__ == "__main__":
-    from probes.standalone import main
-
-    raise SystemExit(main(["madvise"]))

@@ -145,8 +145,3 @@ class KicksProbe(Concern):
     def clear(self, bpf: Any) -> None:
         bpf[b"notify_counts"].clear()
 
-
-if __name__ == "__main__":
-    from probes.standalone import main
-
-    raise SystemExit(main(["kicks"]))

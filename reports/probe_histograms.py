@@ -1,0 +1,108 @@
+"""The probe histograms section: what the eBPF probes saw per arm (madvise or fallocate
+lengths and kernel time, page allocations by order) and what the probes cost."""
+from __future__ import annotations
+
+from lab import twins
+from lab.backends import is_qemu_arm
+from reports import charts as report_charts
+from reports.data import ReportData
+from reports.fmt import esc, fmt_bytes, fmt_ns, sig
+from reports.section_parts import Section, chip, figure, hist_per_trial, nodata, note, table
+
+
+def _plain(html_text: str) -> str:
+    """Text of an HTML fragment, for terminals (`balloon-lab report` lists what is missing)."""
+    import html as _html
+    import re as _re
+    return _html.unescape(_re.sub(r"<[^>]+>", "", html_text))
+
+
+def _probes_missing_reason(d: ReportData) -> str:
+    if d.run.spec.get("probes") is False:
+        return "probes were off for this run (<code>--no-probes</code>)"
+    backends = d.probe_backends()
+    reasons = d.probe_reasons()
+    why = ("; ".join(esc(r) for r in reasons[:3])) if reasons else "no reason recorded"
+    if backends and set(backends) == {"none"}:
+        return f"probe backend was <code>none</code> in every trial ({why}); <code>balloon-lab doctor</code> says what to fix"
+    if not d.arms:
+        return "the run has no measured trial"
+    return f"no trial recorded this histogram (backends: {esc(backends)}; {why})"
+
+
+def _overhead_table(d: ReportData) -> str:
+    """The probes' own cost per arm, from the run's twin pairs (lab/twins.py); "" without twins."""
+    rows = []
+    for o in twins.arm_overheads(d.measured()):
+        ci = lambda m: sig(m[0]) + (f" [{sig(m[1])}, {sig(m[2])}]" if m[1] is not None else "")  # noqa: E731
+        rows.append([chip(o.arm, d.colors), str(o.pairs), ci(o.unprobed_ms) + " ms", ci(o.probed_ms) + " ms",
+                     ci(o.ratio), f"{o.overhead_pct:+.1f} %"])
+    if not rows:
+        return ""
+    return (table(["arm", "twin pairs", "inflate, probes detached", "inflate, probes attached",
+                   "attached / detached (per pair)", "overhead"], rows, "probes")
+            + note("What the probes cost each arm, measured by this run's twin trials: every trial ran once with "
+                   "every BPF program detached (the timings this report shows) and once probed (the counts and "
+                   "histograms). Medians with 95 % bootstrap CIs."))
+
+
+def probes_section(d: ReportData) -> Section:
+    body, charts, missing = [], [], []
+    phase = "migration" if d.kind == "migrate" else "inflate"
+    syscall = "madvise"
+    if not d.has_hist("probes.hists.madvise_len_log2") and d.has_hist("probes.hists.fallocate_len_log2"):
+        syscall = "fallocate"
+    specs = [
+        (f"probes.hists.{syscall}_len_log2", "plot-madvise-len", f"{syscall} length per call (log2 buckets)",
+         f"{syscall} calls per {phase}", report_charts.bytes_tick, f"{syscall} length during {phase}",
+         f"How many bytes each {syscall} call discarded. The PFN path makes one 4 KiB call per page (as QEMU "
+         "does: see the qemu-pfn arm); range protocols make one call per run of "
+         "contiguous pages, so their calls are few and long.", False),
+        (f"probes.hists.{syscall}_ns_log2", "plot-madvise-ns", f"kernel time per {syscall} call (log2 buckets)",
+         f"{syscall} calls per {phase}", report_charts.ns_tick, f"{syscall} latency during {phase}",
+         "Time in the kernel per call, from syscall entry to exit (BCC tracepoints on the VMM). Many short calls "
+         "(pfn) against few long ones (ranges): the total is in the comparison table as probes.madvise_kernel_ns.",
+         False),
+        ("probes.hists.page_alloc_order", "plot-page-alloc-order", "allocation order n (blocks of 2ⁿ pages of 4 KiB)",
+         f"page allocations per {phase}", lambda o: f"{o:g}", f"host page allocations by order during {phase}",
+         "kmem:mm_page_alloc in the VMM and guest processes, by order: what the host kernel allocated while the "
+         "balloon inflated (page tables, page-cache and memfd pages touched by the protocol's own buffers).",
+         True),
+    ]
+    reason = _probes_missing_reason(d)
+    summary_rows = []
+    for a in d.arms:
+        calls = d.median(a, "probes.madvise_calls")
+        if calls is None:
+            continue
+        kns = d.median(a, "probes.madvise_kernel_ns")
+        mib = d.inflate_mib
+        summary_rows.append([chip(a, d.colors), sig(calls), sig(calls / mib) if mib else "–", fmt_ns(kns),
+                             fmt_ns(kns / calls) if kns and calls else "–", fmt_bytes(d.median(a, "probes.madvise_bytes")),
+                             sig(d.median(a, "probes.page_allocs")), sig(d.median(a, "probes.page_faults"))])
+    if summary_rows and d.kind == "migrate":
+        body.append(table(["arm", "madvise calls", "calls per MiB", "kernel time", "per call", "bytes discarded",
+                           "page allocs", "page faults"], summary_rows, "probes"))
+    elif summary_rows:
+        body.append(table(["arm", "madvise calls", "calls per MiB", "kernel time", "per call", "bytes discarded",
+                           "page allocs", "page faults"], summary_rows, "probes"))
+        real = any(is_qemu_arm(a) for a in d.arms)
+        body.append(note(f"Medians per {phase}, as the eBPF probes saw them (not the lab's own counters). "
+                         + ("The qemu arms are a real QEMU + Linux guest traced the same way in this run: the pfn "
+                            "arm must make the same number of calls per MiB." if real else
+                            "Add the arm <code>qemu-pfn</code> to measure a real QEMU + Linux guest the same way "
+                            "beside them.")))
+    body.append(_overhead_table(d))
+    for name, cid, xlabel, ylabel, tick, title, caption, linear in specs:
+        hists = hist_per_trial(d, name)
+        if not hists:
+            body.append(f'<div class="plot-missing" id="{cid}-missing">' + nodata(f"{esc(title)}: no probe data: "
+                                                                                   f"{reason}.") + "</div>")
+            missing.append(f"{cid}: {_plain(reason)}")
+            continue
+        ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors, xlabel=xlabel, ylabel=ylabel, tick=tick,
+                                       title=title, linear_buckets=linear), cid, title)
+        charts.append(ch)
+        body.append(figure(ch, caption + " Counts are per trial (summed over the measured trials, divided by "
+                                         "their number)."))
+    return Section("probes", "Probe histograms", "".join(body), charts, missing)
