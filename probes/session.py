@@ -41,7 +41,7 @@ def _banner(reason: str, fix: str) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-# Per queue and eventfd kind, "<kind>_<op>" (probes/kicks.py). Writes to config eventfds
+# Per queue and eventfd kind, "<kind>_<op>" (probes/kicks/). Writes to config eventfds
 # are the VMM's own config changes and writes to unregistered kinds are not the
 # protocol's doing either way: those two are exact; every read, and kick and call
 # writes (EVENT_IDX), depend on scheduling.
