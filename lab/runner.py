@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from device.virtio.layout import MiB, PAGE_SHIFT
 from device.virtio.protocols import PROTOCOLS
@@ -27,7 +27,7 @@ from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 from lab.orphans import die_with_parent, wait_or_kill
 from lab.probe_summary import probe_summary as _probe_summary
-from lab.trial_result import STAGES, OpResult, TrialResult  # noqa: F401 (STAGES: the runner's stage names)
+from lab.trial_result import OpResult, TrialResult
 
 
 

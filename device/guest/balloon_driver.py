@@ -29,7 +29,7 @@ import select
 import threading
 from contextlib import contextmanager, nullcontext
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 

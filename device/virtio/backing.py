@@ -19,7 +19,6 @@ lab before a trial) and returns one sentence per change, so nothing changes sile
 from __future__ import annotations
 
 import mmap
-import os
 from dataclasses import dataclass
 
 BACKINGS = ("4k", "thp", "hugetlb")
