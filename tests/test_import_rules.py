@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # package -> top-level packages it must not import
 FORBIDDEN = {
-    "device": {"lab", "reports", "probes"},
+    "device": {"lab", "reports", "probes", "fuzz"},
     "workloads": {"lab", "reports", "probes"},
     "probes": {"lab"},
+    "fuzz": {"lab", "reports", "probes"},     # the fuzzer tests the device; lab/ only runs it (CLI)
 }
 
 
@@ -45,3 +46,12 @@ def test_the_rule_sees_a_violation(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("import os\n\ndef f():\n    from lab.spec import load_spec\n    return load_spec\n")
     assert (4, "lab") in imported_packages(f)
+
+
+def test_raw_guest_is_written_from_the_docs_alone():
+    """The hostile raw guest (whose RawRing device/rig.py's DeviceRig writes rings with)
+    imports none of the project's code: what it puts on a ring does not come from the
+    code that reads it."""
+    own = {"device", "lab", "fuzz", "reports", "probes", "workloads"}
+    bad = sorted((line, mod) for line, mod in imported_packages(ROOT / "device/guest/raw_guest.py") if mod in own)
+    assert not bad, bad
