@@ -36,7 +36,6 @@ def layout() -> GuestLayout:
     return GuestLayout((Region(0, KiB256, 0), Region(2 * KiB256, KiB256, KiB256)))
 
 
-
 def _payload(rng: random.Random, req: int) -> bytes:
     """A plausible payload for `req`, often slightly wrong."""
     r = rng.random()

@@ -42,7 +42,6 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-
 def _named_by(data: bytes, buf_gpa: int, max_pfn: int) -> set[int]:
     """Every RAM PFN the request bytes could name, read as a PFN array, a bitmap, or
     (chunks) the buffer's own range: the bound does not depend on the negotiated format."""

@@ -51,7 +51,6 @@ def load_corpus(path: str | Path) -> list[dict]:
     return [case_from_json(c) for c in out]
 
 
-
 def select_corpus(cases: list[dict], limit: int) -> list[dict]:
     """At most `limit` cases to keep as regression tests: one per kind of outcome (target
     and the set of refusals, from the signature), the smallest first, then the rest of

@@ -45,7 +45,6 @@ def quiet() -> None:
     logging.getLogger("balloon-lab").setLevel(logging.CRITICAL + 1)
 
 
-
 @dataclass
 class FuzzResult:
     execs: int = 0
@@ -135,7 +134,6 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
     if keep_corpus:
         res.corpus = [dict(case_to_json(c), signature=repr(s)) for s, c in seen.items()]
     return res
-
 
 
 def _worker_entry(args):

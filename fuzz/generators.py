@@ -232,7 +232,6 @@ def gen_device(rng: random.Random) -> dict:
     return case
 
 
-
 # --- decoder targets ---------------------------------------------------------------------
 def gen_pfn(rng: random.Random) -> dict:
     fl = fuzz_layout(rng.choice(LAYOUTS))

@@ -50,7 +50,6 @@ def mutate_bytes(rng: random.Random, data: bytes, fl: FuzzLayout) -> bytes:
     return bytes(b)
 
 
-
 def mutate_device(case: dict, rng: random.Random, pool: list[dict]) -> dict:
     c = copy_case(case)
     fl = fuzz_layout(c["layout"])
@@ -130,7 +129,6 @@ def mutate_device(case: dict, rng: random.Random, pool: list[dict]) -> dict:
                 qd2["idx"] = len(qd2["heads"])
     c["mem"] = c["mem"][-24:]
     return c
-
 
 
 def mutate_decoder(case: dict, rng: random.Random, pool: list[dict]) -> dict:

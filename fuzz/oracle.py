@@ -7,7 +7,7 @@ queue, where "named" is computed from memory as it was before the exec by the
 independent, lenient reading of fuzz/reference_decoders.py (exec_bound). Pages the
 device says it ballooned must really be gone from the memfd, and pages the hint
 queues mark free must be ones the guest hinted (check_device_exec). A chain the ring
-walker hands out must lie inside RAM as this module's own translation says
+walker hands out must lie inside RAM as this package's own translation says
 (check_chain).
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ class Bound:
     allowed: np.ndarray
     touched: set[int]
     volatile: bool
-
 
 
 def _overlap(x: tuple[int, int], y: tuple[int, int]) -> bool:
@@ -227,9 +226,8 @@ def ballooned_pfns(dev: BalloonDevice) -> np.ndarray:
     return cand[b[cand] == 1]
 
 
-
 def check_chain(c, lay: GuestLayout, max_chain: int) -> str | None:
-    """What a validated chain must satisfy, checked with this module's own translation."""
+    """What a validated chain must satisfy, checked with this package's own translation (ram_offset)."""
     if len(c.elements) > max_chain or not c.elements:
         return f"chain of {len(c.elements)} elements (max_chain {max_chain})"
     seen_w = False

@@ -143,7 +143,6 @@ def named_mask(protocol: str, rd: GuestReader, lay: GuestLayout, chains: list[Ch
     return out
 
 
-
 def ref_bitmap(data: bytes, max_pfn: int) -> tuple[str | None, tuple[np.ndarray, np.ndarray]]:
     """The bitmap format as DESIGN.md section 4 states it: (refusal or None, maximal runs
     (starts, lengths) of the PFNs whose bits are set), by unpacking every bit."""
