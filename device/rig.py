@@ -17,6 +17,11 @@ hostile ring contents (loops, bad indices, buffers in the hole) that a validatin
 driver would refuse. The raw guest keeps using it against the real VMM process; this
 rig uses it in-process.
 
+Who uses it: the device's unit tests (through tests/conftest.py's fixtures) and every
+fuzz target (fuzz/). The hostile-guest tests (tests/test_hostile_*.py) stay on
+lab/hostile_vm.py's HostileVM: they drive the real VMM process over the control
+socket, log and monitor included, which an in-process rig cannot stand in for.
+
     rig = DeviceRig(mib=64, protocol="pfn")
     rig.start({0: 0x10000, 1: 0x11000})
     rig.write(0x20000, struct.pack("<2I", 300, 301))
@@ -59,8 +64,9 @@ class DeviceRig:
 
     `ram` given: the rig uses it and leaves it open (the fuzzer reuses one memfd for
     many devices); otherwise it creates a sealed memfd of `layout` (default: the PC
-    layout of `mib` MiB) and closes it in close(). `features` defaults to what the
-    device offers for `protocol`; other keywords go to BalloonDevice."""
+    layout of `mib` MiB) and closes it in close(). `features` is what the device
+    offers (default: its offer for `protocol`, which also picks the pfn-ranges
+    policy); other keywords go to BalloonDevice."""
 
     def __init__(self, ram: GuestRAM | None = None, *, mib: int = 64, layout: GuestLayout | None = None,
                  protocol: str = "pfn", features: int | None = None, backing: str = "4k",
