@@ -133,7 +133,7 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
     rig = DeviceRig(state.ram, protocol=case["proto"], features=offered)
     dev = rig.device
     hints = HintQueues(dev)
-    dev.extra_queue_handler = hints.handler_for
+    hints.register_queues(dev.register_queue)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)    # a full socket after a few replies
     chan = DeviceChannel(mine, max_queued=case["max_queued"])

@@ -31,7 +31,7 @@ from device.virtio.features import (QUEUE_FEATURE, F_RING_EVENT_IDX, F_RING_INDI
 from device.virtio.hint_format import hint_device_features
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 from device.virtio.ram import GuestRAM, memfd_data_extents
-from device.virtio.virtqueue import DeviceQueue, RingError
+from device.virtio.device_queue import DeviceQueue, RingError
 from fuzz.cases import (BUF_AREA, DATA_BYTE, DATA_PAGE, HINT_DONE, HINT_REQUEST, HINT_START, HINT_STOP, STATS_POLL,
                         Outcome, fuzz_layout, kick_steps, ring_gpa)
 from fuzz.oracle import MemoryBeforeExec, check_chain, check_device_exec, exec_bound, subtract_ranges, wire_format
@@ -158,7 +158,7 @@ class DeviceTarget:
         hints = None
         if 3 in case["queues"] or 5 in case["queues"]:      # (queues 3 and 5 only exist then)
             hints = HintQueues(dev)
-            dev.extra_queue_handler = hints.handler_for     # as the VMM's migration controller does
+            hints.register_queues(dev.register_queue)     # as the VMM's migration controller does
         rig.negotiate(feats)
         n = case["qsize"]
         for q in case["queues"]:

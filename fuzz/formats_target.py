@@ -119,8 +119,8 @@ class ReportTarget:
         ring.offer([0])                                         # avail ring[0] = head 0, idx = 1
         rig.driver_ok()
         from device.host.page_reporting_device import ReportingDevice
-        rd = ReportingDevice(dev, dev.extra_queue_handler)
-        dev.extra_queue_handler = rd.handler_for
+        rd = ReportingDevice(dev)
+        rd.register_queues(dev.register_queue)
         pre = np.asarray([p for p in case["pre"] if 0 <= p < dev.layout.max_pfn], dtype=np.int64)
         dev.ballooned_np[pre] = np.where(dev.ballooned_np[pre] == QUEUE_MEMORY, QUEUE_MEMORY, IN_BALLOON)
         try:

@@ -1,7 +1,10 @@
-"""Who may import whom (DESIGN.md's layout): the device and the guest's workloads are
+"""Who may import whom (docs/ARCHITECTURE.md): the device and the guest's workloads are
 the system under test and never depend on the lab that measures them, and the probes
-never reach into the lab's orchestration. Checked from the source, every import
-statement (function-level ones too), so a violation fails here, not in a review."""
+never reach into the lab's orchestration. Inside the device, the two sides of the
+virtio boundary only meet in device/virtio/: the guest side never imports the host
+side, nor the host side the guest's, and the shared room imports neither. Checked from
+the source, every import statement (function-level ones too), so a violation fails
+here, not in a review."""
 from __future__ import annotations
 
 import ast
@@ -20,16 +23,37 @@ FORBIDDEN = {
 }
 
 
-def imported_packages(path: Path) -> set[tuple[int, str]]:
-    """(line, top-level package) of every absolute import in a Python file."""
+# device room -> device rooms it must not import (a room is a dotted prefix)
+# device/rig.py, the shared test rig, sets up both sides at once (a device and the raw
+# guest's ring writer): it stands outside the rooms, and no room imports it.
+DEVICE_FORBIDDEN = {
+    "device.guest": {"device.host", "device.rig"},
+    "device.host": {"device.guest", "device.rig"},
+    "device.virtio": {"device.host", "device.guest", "device.rig"},
+}
+
+
+def imported_modules(path: Path) -> set[tuple[int, str]]:
+    """(line, dotted module) of every absolute import in a Python file."""
     tree = ast.parse(path.read_text(), filename=str(path))
     out: set[tuple[int, str]] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out |= {(node.lineno, a.name.split(".")[0]) for a in node.names}
+            out |= {(node.lineno, a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            out.add((node.lineno, node.module.split(".")[0]))
+            out |= {(node.lineno, node.module)}
+            # `from device import host` names a room too
+            out |= {(node.lineno, f"{node.module}.{a.name}") for a in node.names}
     return out
+
+
+def imported_packages(path: Path) -> set[tuple[int, str]]:
+    """(line, top-level package) of every absolute import in a Python file."""
+    return {(line, mod.split(".")[0]) for line, mod in imported_modules(path)}
+
+
+def _in_room(module: str, room: str) -> bool:
+    return module == room or module.startswith(room + ".")
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -46,6 +70,26 @@ def test_the_rule_sees_a_violation(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("import os\n\ndef f():\n    from lab.spec import load_spec\n    return load_spec\n")
     assert (4, "lab") in imported_packages(f)
+
+
+@pytest.mark.parametrize("room", sorted(DEVICE_FORBIDDEN))
+def test_device_sides_meet_only_in_virtio(room):
+    files = sorted((ROOT / room.replace(".", "/")).rglob("*.py"))
+    assert files, f"no Python files in {room}"
+    bad = [f"{f.relative_to(ROOT)}:{line} imports {mod}"
+           for f in files for line, mod in sorted(imported_modules(f))
+           for other in DEVICE_FORBIDDEN[room] if _in_room(mod, other)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_side_rule_sees_a_violation(tmp_path):
+    """`from device import host` and `import device.host.vmm` both name the host room."""
+    f = tmp_path / "y.py"
+    f.write_text("from device import host\nimport device.host.vmm as v\nfrom device.virtio.layout import GiB\n")
+    mods = {m for _, m in imported_modules(f)}
+    assert any(_in_room(m, "device.host") for m in mods if m.startswith("device.host"))
+    assert {m for m in mods if _in_room(m, "device.host")} == {"device.host", "device.host.vmm"}
+    assert not _in_room("device.hostile", "device.host")
 
 
 def test_raw_guest_is_written_from_the_docs_alone():

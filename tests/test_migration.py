@@ -27,7 +27,9 @@ from device.host.migration.pages import PageScanner
 from device.virtio.page_pattern import fingerprint_memfd, fingerprint_pfns
 from device.host.migration.ratelimit import TokenBucket
 from device.host.migration.source import parse_uri
-from device.virtio.virtqueue import DeviceQueue, DriverQueue, ring_bytes
+from device.virtio.device_queue import DeviceQueue
+from device.virtio.driver_queue import DriverQueue
+from device.virtio.split_ring import ring_layout
 from lab.migrate_runner import MigrateTrial, run_migration
 
 
@@ -191,10 +193,10 @@ def test_upstream_hints_are_validated_and_only_count_for_the_current_cmd_id(gues
     dev = BalloonDevice(ram, protocol_device_features("pfn"))
     hints = HintQueues(dev)
     base = int(alloc.alloc_block(2)) << PAGE_SHIFT
-    d, a, u = ring_bytes(16)
-    drv = DriverQueue(ram, Q_FREE_PAGE, 16, base, base + d, base + ((d + a + 3) & ~3), event_idx=False,
+    rl = ring_layout(base, 16)
+    drv = DriverQueue(ram, Q_FREE_PAGE, 16, rl.desc_gpa, rl.avail_gpa, rl.used_gpa, event_idx=False,
                       indirect=False, kick=lambda: None)
-    devq = DeviceQueue(ram, Q_FREE_PAGE, 16, base, base + d, base + ((d + a + 3) & ~3), event_idx=False,
+    devq = DeviceQueue(ram, Q_FREE_PAGE, 16, rl.desc_gpa, rl.avail_gpa, rl.used_gpa, event_idx=False,
                        indirect=False)
     cmd_gpa = int(alloc.alloc_block(0)) << PAGE_SHIFT
     block = int(alloc.take_free_block(10))

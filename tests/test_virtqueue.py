@@ -14,16 +14,15 @@ from hypothesis import strategies as st
 
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import GiB, MiB, GuestLayout
-from device.virtio.virtqueue import (
+from device.virtio.device_queue import DeviceQueue, gather
+from device.virtio.driver_queue import DriverQueue
+from device.virtio.split_ring import (
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
-    DeviceQueue,
-    DriverQueue,
     QueueFull,
     RingError,
-    gather,
     ring_area_bytes,
     ring_bytes,
     ring_layout,

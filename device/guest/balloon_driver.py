@@ -47,7 +47,8 @@ from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_DEFLATE_ON_OOM,
 from device.guest.page_contents import GuestPageContents
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
-from device.virtio.virtqueue import DriverQueue, ring_bytes
+from device.virtio.driver_queue import DriverQueue
+from device.virtio.split_ring import ring_area_bytes, ring_layout
 
 log = logging.getLogger("balloon-lab.driver")
 _now = time.perf_counter_ns
@@ -197,19 +198,16 @@ class BalloonDriver:
         return gpa
 
     def _setup_queue(self, index: int) -> None:
-        d, a, u = ring_bytes(QUEUE_SIZE)
-        avail_off = d
-        used_off = (avail_off + a + 3) & ~3
-        base = self._alloc_contig(used_off + u)
+        rl = ring_layout(self._alloc_contig(ring_area_bytes(QUEUE_SIZE)), QUEUE_SIZE)
         kick = os.eventfd(0, os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         indirect_area = None
         if self.has(F_RING_INDIRECT_DESC) and index in (Q_INFLATE, Q_DEFLATE):
             indirect_area = (self._alloc_contig(16 * MAX_CHUNKS_PER_REQUEST), 16 * MAX_CHUNKS_PER_REQUEST)
-        q = DriverQueue(self.ram, index, QUEUE_SIZE, base, base + avail_off, base + used_off,
+        q = DriverQueue(self.ram, index, QUEUE_SIZE, rl.desc_gpa, rl.avail_gpa, rl.used_gpa,
                         event_idx=self.has(F_RING_EVENT_IDX), indirect=self.has(F_RING_INDIRECT_DESC),
                         kick=lambda fd=kick: os.eventfd_write(fd, 1), indirect_area=indirect_area)
-        self.chan.call_result(Req.SET_VRING, control.VRING.pack(index, QUEUE_SIZE, base, base + avail_off, base + used_off))
+        self.chan.call_result(Req.SET_VRING, control.VRING.pack(index, QUEUE_SIZE, rl.desc_gpa, rl.avail_gpa, rl.used_gpa))
         self.chan.call_result(Req.SET_VRING_KICK, control.U32.pack(index), [kick])
         self.chan.call_result(Req.SET_VRING_CALL, control.U32.pack(index), [call])
         self.queues[index] = q

@@ -37,7 +37,8 @@ from device.virtio.hint_format import (BITMAP_FLAG_LAST, CMD_GET_FREE_PAGES, CMD
                                    MISC_REQUEST)
 from device.guest.page_contents import GuestPageContents
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
-from device.virtio.virtqueue import DriverQueue, ring_bytes
+from device.virtio.driver_queue import DriverQueue
+from device.virtio.split_ring import ring_bytes
 
 log = logging.getLogger("balloon-lab.hint-driver")
 

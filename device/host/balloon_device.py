@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -30,8 +31,9 @@ from device.virtio.features import (CFG_ACTUAL, CFG_NUM_PAGES, F_PAGE_BITMAP, F_
 from device.virtio.ram import GuestRAM, punch_hole
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
-from device.virtio.transport import VirtioTransport, notify
-from device.virtio.virtqueue import DescChain, RingError
+from device.virtio.transport import DeviceListener, VirtioTransport, notify
+from device.virtio.device_queue import DescChain
+from device.virtio.split_ring import RingError, ring_pages
 
 log = logging.getLogger("balloon-lab.device")
 _now = time.perf_counter_ns
@@ -88,6 +90,16 @@ class DeviceOpCounters:
         }
 
 
+# What serves one queue's chains: returns the bytes written into the chain (0 for the
+# balloon's device-readable requests), or None to hold the buffer unused (the stats queue).
+ChainHandler = Callable[[DescChain], "int | None"]
+
+
+def _unserved(chain: DescChain) -> int:
+    """A queue no handler was registered for: its chains go back used, 0 bytes written."""
+    return 0
+
+
 # Page states in BalloonDevice.ballooned (one byte per PFN)
 IN_GUEST, IN_BALLOON, QUEUE_MEMORY = 0, 1, 2
 
@@ -99,9 +111,16 @@ def _refusal(state: int, inflate: bool) -> str:
 
 
 class BalloonDevice(VirtioTransport):
+    """Serves queues 0-2 (inflate, deflate, stats) itself; whoever owns the other queues
+    registers a handler for each (register_queue): the hint queues 3 and 5
+    (device/host/hint_queues.py, registered by the migration controller), free page
+    reporting on 4 (device/host/page_reporting_device.py, registered by the VMM).
+    `listener` hears of kick-fd and `actual` changes (transport.DeviceListener)."""
+
     def __init__(self, ram: GuestRAM, device_features: int, *, ranges_policy: bool = False,
-                 discard: str = "madvise", partial_tracking: str = "full") -> None:
-        super().__init__(ram, device_features)
+                 discard: str = "madvise", partial_tracking: str = "full",
+                 listener: DeviceListener | None = None) -> None:
+        super().__init__(ram, device_features, listener)
         self.layout = ram.layout
         self.config = BalloonConfig()
         self.ranges_policy = ranges_policy      # pfn-ranges: merge PFNs into runs first
@@ -123,9 +142,10 @@ class BalloonDevice(VirtioTransport):
         self._budget: WorkBudget | None = None   # of the wake-up being served
         self._carry = None                       # discards of the current request left for later
         self._held: dict[int, tuple] = {}        # queue -> (head, written, discards left)
-        self._starts = [r.gpa for r in self.layout.regions]
-        self._ends = [r.end for r in self.layout.regions]
-        self._offs = [r.offset for r in self.layout.regions]
+        self._queue_handlers: dict[int, ChainHandler] = {}
+        self.register_queue(Q_INFLATE, self._inflate_chain)
+        self.register_queue(Q_DEFLATE, self._deflate_chain)
+        self.register_queue(Q_STATS, self._stats_chain)
 
     # --- config space --------------------------------------------------------------------
     def read_config(self) -> bytes:
@@ -143,10 +163,7 @@ class BalloonDevice(VirtioTransport):
         if new.actual != self.config.actual:
             log.debug("actual: %d -> %d pages", self.config.actual, new.actual)
         self.config = new
-        self.on_actual_changed(new.actual)
-
-    def on_actual_changed(self, actual: int) -> None:
-        pass
+        self.listener.actual_changed(new.actual)
 
     def set_target_pages(self, num_pages: int) -> None:
         self.config.num_pages = num_pages
@@ -161,8 +178,7 @@ class BalloonDevice(VirtioTransport):
         super().activate()
         # The pages the queues live in are never discarded, whatever the guest names.
         for v in self.vrings.values():
-            for gpa, n in ((v.desc, 16 * v.size), (v.avail, 6 + 2 * v.size), (v.used, 6 + 8 * v.size)):
-                self.ballooned_np[gpa >> PAGE_SHIFT:((gpa + n - 1) >> PAGE_SHIFT) + 1] = QUEUE_MEMORY
+            self.ballooned_np[ring_pages(v.size, v.desc, v.avail, v.used)] = QUEUE_MEMORY
 
     @property
     def ballooned_pages(self) -> int:
@@ -191,10 +207,7 @@ class BalloonDevice(VirtioTransport):
         if q is None:
             self.refuse("queue-not-set-up", f"kick on queue {index}, which was not set up")
             return
-        handler = {Q_INFLATE: self._inflate_chain, Q_DEFLATE: self._deflate_chain,
-                   Q_STATS: self._stats_chain}.get(index)
-        if handler is None:
-            handler = self.extra_queue_handler(index)
+        handler = self._queue_handlers.get(index, _unserved)
         budget = budget if budget is not None else WorkBudget.unlimited()
         self._budget = budget
         # A guest that keeps adding chains, or adds expensive ones, must not keep the VMM
@@ -264,8 +277,15 @@ class BalloonDevice(VirtioTransport):
     def _rekick(self, index: int) -> None:
         notify(self.kick_fds.get(index), f"re-kick of queue {index}")
 
-    def extra_queue_handler(self, index: int):
-        return lambda chain: 0
+    def register_queue(self, index: int, handler: ChainHandler) -> None:
+        """Serve queue `index`'s chains with `handler` from now on (each queue has one
+        owner: a second registration raises ValueError, as does an index the transport
+        does not have). A queue nobody registered returns its chains used, 0 bytes written."""
+        if not 0 <= index < self.NUM_QUEUES:
+            raise ValueError(f"queue {index} does not exist (queues 0..{self.NUM_QUEUES - 1})")
+        if index in self._queue_handlers:
+            raise ValueError(f"queue {index} already has a handler ({self._queue_handlers[index]!r})")
+        self._queue_handlers[index] = handler
 
     # --- inflate / deflate --------------------------------------------------------------
     def _inflate_chain(self, chain: DescChain) -> int:
@@ -313,7 +333,8 @@ class BalloonDevice(VirtioTransport):
     def _pfns_per_page(self, pfns: np.ndarray, ctr: DeviceOpCounters, inflate: bool) -> None:
         """The PFN protocol as QEMU serves it: per page, translate then discard.
         This is the one place with a Python loop per page, because the protocol is."""
-        starts, ends, offs = self._starts, self._ends, self._offs
+        table = self.layout.table                # the guest's one region table (layout.py)
+        starts, ends, offs = table.starts, table.ends, table.offsets
         ballooned = self.ballooned
         max_pfn = len(ballooned)
         want = IN_BALLOON if inflate else IN_GUEST

@@ -34,11 +34,12 @@ from typing import Callable
 import numpy as np
 
 from device.virtio import wire
+from device.host.balloon_device import ChainHandler
 from device.virtio.features import (F_FREE_PAGE_HINT, F_PAGE_BITMAP, FREE_PAGE_HINT_CMD_ID_DONE,
                                     FREE_PAGE_HINT_CMD_ID_MIN, FREE_PAGE_HINT_CMD_ID_STOP, Q_FREE_PAGE, Q_MISC)
 from device.virtio.hint_format import BITMAP_FLAG_LAST, CMD_GET_FREE_PAGES, CMD_ID, MISC_REQUEST
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, BadAddress
-from device.virtio.virtqueue import DescChain
+from device.virtio.device_queue import DescChain
 
 log = logging.getLogger("balloon-lab.hint")
 
@@ -89,18 +90,12 @@ class HintQueues:
         self.report_done.clear()
         self.stats = self._zero_stats()
 
-    # --- queue dispatch ----------------------------------------------------------------
-    def handler_for(self, index: int):
-        """BalloonDevice.extra_queue_handler: the chain handler of queue `index`."""
-        if index == Q_FREE_PAGE:
-            return self._free_page_chain
-        if index == Q_MISC:
-            return self._misc_chain
-        return self._unexpected
-
-    def _unexpected(self, chain: DescChain) -> int:
-        self.dev.refuse("queue-unexpected", f"chain {chain.head} on a queue the device does not serve")
-        return 0
+    # --- the queues served here --------------------------------------------------------
+    def register_queues(self, register: Callable[[int, ChainHandler], None]) -> None:
+        """Serve queue 3 (free page hint) and queue 5 (misc) through `register`
+        (BalloonDevice.register_queue), as their owner (the migration controller) decides."""
+        register(Q_FREE_PAGE, self._free_page_chain)
+        register(Q_MISC, self._misc_chain)
 
     # --- upstream: queue 3 -------------------------------------------------------------
     @property

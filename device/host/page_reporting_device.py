@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 
 from device.virtio import wire
-from device.host.balloon_device import IN_GUEST, BalloonDevice, DeviceOpCounters
+from device.host.balloon_device import IN_GUEST, BalloonDevice, ChainHandler, DeviceOpCounters
 from device.virtio.features import F_REPORTING, Q_REPORTING, bit
 from device.host.host_pages import host_page_runs
 from device.virtio.layout import PAGE_SHIFT
-from device.virtio.virtqueue import DescChain
+from device.virtio.device_queue import DescChain
 
 log = logging.getLogger("balloon-lab.reporting")
 
@@ -40,18 +40,18 @@ def reporting_device_features(offer: bool) -> int:
 
 
 class ReportingDevice:
-    """Queue 4 of one BalloonDevice; other extra queues go to `fallback`."""
+    """Queue 4 of one BalloonDevice (register_queues puts it there)."""
 
-    def __init__(self, device: BalloonDevice, fallback: Callable[[int], Callable[[DescChain], int]]) -> None:
+    def __init__(self, device: BalloonDevice) -> None:
         self.dev = device
-        self.fallback = fallback
         self.ctr = DeviceOpCounters()
         self.blocks = 0
         self.reported_bytes = 0
         self.host_pages_discarded = 0
 
-    def handler_for(self, index: int):
-        return self._report_chain if index == Q_REPORTING else self.fallback(index)
+    def register_queues(self, register: Callable[[int, ChainHandler], None]) -> None:
+        """Serve queue 4 (reporting) through `register` (BalloonDevice.register_queue)."""
+        register(Q_REPORTING, self._report_chain)
 
     def _report_chain(self, chain: DescChain) -> int:
         dev, ctr = self.dev, self.ctr

@@ -7,6 +7,13 @@ SOCK_SEQPACKET control socket, and runs one event loop over: the monitor socket,
 the control socket, and each queue's kick eventfd (every kick is a real write(2) by
 the guest and a real read(2) here). A guest that dies or breaks the protocol is
 reported on the monitor; the VMM itself keeps running until `quit`.
+
+Wiring, all of it here: the device gets a DeviceListener (kick fds changed: the loop
+re-registers them; `actual` changed: BALLOON_CHANGE on the monitor); each owner of a
+queue beyond 0-2 registers it on the device (the migration controller queues 3 and 5,
+free page reporting queue 4); the migration controller gets MigrationHandles, never
+the VMM; and the loop maps each fd it waits on to its handler in one table
+(VMM.event_handlers, filled only by _watch/_unwatch).
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -33,12 +42,24 @@ from device.virtio.hint_format import hint_device_features
 from device.virtio.backing import BACKINGS, backing_problem
 from device.virtio.ram import GuestRAM, process_rss_bytes
 from device.host.host_pages import PARTIAL_TRACKING
+from device.host.loop_bridge import LoopBridge
 from device.host.page_reporting_device import ReportingDevice, reporting_device_features
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
-from device.host.migration.controller import MigrationController, add_vmm_arguments
+from device.virtio.transport import DeviceListener
+from device.host.migration.controller import MigrationController, MigrationHandles, add_vmm_arguments
 from device.host.monitor import CommandError, Deferred, Monitor
 
 log = logging.getLogger("balloon-lab.vmm")
+
+
+@dataclass(frozen=True)
+class EventHandler:
+    """What the loop does when one fd it waits on is ready: serve(mask, budget), with the
+    wake-up's shared WorkBudget. Guest queue work (kicks) is served after everything
+    else that woke the loop, so it never delays a monitor answer."""
+
+    serve: Callable[[int, WorkBudget], None]
+    queue_work: bool = False
 
 
 class VMM:
@@ -54,10 +75,11 @@ class VMM:
                                     | hint_device_features(getattr(args, "hint", "none"))
                                     | reporting_device_features(args.reporting),
                                     ranges_policy=args.protocol == "pfn-ranges", discard=args.discard,
-                                    partial_tracking=args.partial_tracking)
-        self.device.on_kick_fds_changed = self._rearm_kicks
-        self.device.on_actual_changed = self._actual_changed
+                                    partial_tracking=args.partial_tracking,
+                                    listener=DeviceListener(kick_fds_changed=self._rearm_kicks,
+                                                            actual_changed=self._actual_changed))
         self.sel = selectors.DefaultSelector()
+        self.event_handlers: dict[int, EventHandler] = {}     # fd -> what serves it (_watch, _unwatch)
         self.running = True
         self.guest: subprocess.Popen | None = None
         self.guest_exit: str | None = None
@@ -68,13 +90,62 @@ class VMM:
         self.wakeups = 0
         self.max_wakeup_cpu_s = 0.0       # CPU time of the costliest event-loop wake-up
         self.wakeups_over_10ms = 0
-        self.migration = MigrationController(self)   # migrate/query-migrate, --incoming, hint queues
-        self.reporting = ReportingDevice(self.device, self.device.extra_queue_handler)   # queue 4
-        self.device.extra_queue_handler = self.reporting.handler_for
+        self.bridge = LoopBridge()                   # other threads run closures in this loop
+        # migrate/query-migrate, --incoming, hint queues 3 and 5
+        self.migration = MigrationController(self._migration_handles(), incoming=getattr(args, "incoming", None),
+                                             hint=getattr(args, "hint", "none"))
+        self.reporting = ReportingDevice(self.device)   # queue 4
+        self.reporting.register_queues(self.device.register_queue)
         self.monitor = Monitor(args.monitor, {**self._commands(), **self.migration.commands()},
                                version="balloon-lab vmm")
-        self.sel.register(self.monitor.listener, selectors.EVENT_READ, ("listen", None))
-        self.sel.register(self.migration.bridge_fd, selectors.EVENT_READ, ("bridge", None))
+        self._watch(self.monitor.listener, EventHandler(self._serve_listener))
+        self._watch(self.bridge.fd, EventHandler(lambda mask, budget: self.bridge.run_pending()))
+
+    def _migration_handles(self) -> MigrationHandles:
+        """What the migration controller may use of this VMM (and nothing else)."""
+        return MigrationHandles(
+            ram=self.ram, device=self.device, register_queue=self.device.register_queue,
+            run_in_loop=self.bridge.call,
+            control_channel=lambda: self.chan,
+            guest_pid=lambda: self.guest.pid if self.guest else None,
+            guest_exit=lambda: self.guest_exit,
+            guest_running=lambda: (self.guest is not None and self.guest_exit is None
+                                   and self.guest.poll() is None))
+
+    # --- the loop's table: fd -> handler ----------------------------------------------------
+    def _watch(self, fileobj, handler: EventHandler, events: int = selectors.EVENT_READ) -> None:
+        key = self.sel.register(fileobj, events)
+        self.event_handlers[key.fd] = handler
+
+    def _unwatch(self, fileobj) -> None:
+        """Stop waiting on fileobj (gone already: nothing to do)."""
+        try:
+            key = self.sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            return
+        self.event_handlers.pop(key.fd, None)
+
+    def _serve_listener(self, mask: int, budget: WorkBudget) -> None:
+        conn = self.monitor.accept()
+        if conn.sock.fileno() != -1:
+            self._watch(conn.sock, EventHandler(lambda mask, budget: self._serve_monitor(conn)))
+
+    def _serve_monitor(self, conn) -> None:
+        self.monitor.readable(conn)
+        if conn.sock.fileno() == -1 or conn.sock.fileno() not in self.monitor.conns:
+            self._unwatch(conn.sock)
+
+    def _serve_control(self, mask: int, budget: WorkBudget) -> None:
+        if self.chan is not None:
+            self.control.on_event(mask)
+
+    def _serve_kick(self, fd: int, index: int, budget: WorkBudget) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        self.wakeups += 1
+        self.device.process_queue(index, budget)
 
     # --- guest process -----------------------------------------------------------------
     def spawn_guest(self) -> None:
@@ -87,7 +158,7 @@ class VMM:
         theirs.close()
         self.chan = DeviceChannel(mine)
         self.control = ControlService(self.chan, self.device, self.migration.on_control_reply, self._guest_gone)
-        self.sel.register(mine, selectors.EVENT_READ, ("control", None))
+        self._watch(mine, EventHandler(self._serve_control))
         log.info("guest process %d started", self.guest.pid)
 
     def _guest_gone(self, why: str) -> None:
@@ -103,28 +174,23 @@ class VMM:
                   f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
         self.guest_exit = f"{why}; {status}"
         log.error("guest process lost: %s", self.guest_exit)
-        self.sel.unregister(self.chan.sock)
+        self._unwatch(self.chan.sock)
         self.chan.close()
         self.chan = None
         for fd in list(self._kick_registered.values()):
-            try:
-                self.sel.unregister(fd)
-            except (KeyError, ValueError):
-                pass
+            self._unwatch(fd)
         self._kick_registered.clear()
         self.monitor.event("GUEST_LOST", {"reason": self.guest_exit})
 
     def _rearm_kicks(self) -> None:
         for idx, fd in list(self._kick_registered.items()):
             if self.device.kick_fds.get(idx) != fd:
-                try:
-                    self.sel.unregister(fd)
-                except (KeyError, ValueError):
-                    pass
+                self._unwatch(fd)
                 del self._kick_registered[idx]
         for idx, fd in self.device.kick_fds.items():
             if idx not in self._kick_registered:
-                self.sel.register(fd, selectors.EVENT_READ, ("kick", idx))
+                self._watch(fd, EventHandler(lambda mask, budget, fd=fd, idx=idx: self._serve_kick(fd, idx, budget),
+                                             queue_work=True))
                 self._kick_registered[idx] = fd
 
     def _actual_changed(self, actual: int) -> None:
@@ -250,33 +316,12 @@ class VMM:
             t_cpu = cpu_time() if events else 0.0
             budget = WorkBudget()         # shared by every queue served in this wake-up
             # the monitor and the control socket first, the guest's queues last: a
-            # wake-up's queue work (bounded by the budget) never delays a monitor answer
-            events.sort(key=lambda ev: ev[0].data[0] == "kick")
-            for key, mask in events:
-                kind, idx = key.data
-                if kind == "kick":
-                    try:
-                        os.eventfd_read(key.fd)
-                    except BlockingIOError:
-                        pass
-                    self.wakeups += 1
-                    self.device.process_queue(idx, budget)
-                elif kind == "control" and self.chan is not None:
-                    self.control.on_event(mask)
-                elif kind == "bridge":
-                    self.migration.bridge.run_pending()
-                elif kind == "listen":
-                    conn = self.monitor.accept()
-                    if conn.sock.fileno() != -1:
-                        self.sel.register(conn.sock, selectors.EVENT_READ, ("monitor", conn))
-                elif kind == "monitor":
-                    conn = idx
-                    self.monitor.readable(conn)
-                    if conn.sock.fileno() == -1 or conn.sock.fileno() not in self.monitor.conns:
-                        try:
-                            self.sel.unregister(conn.sock)
-                        except (KeyError, ValueError):
-                            pass
+            # wake-up's queue work (bounded by the budget) never delays a monitor answer.
+            # Handlers are looked up once, at wake-up, as the selector reported the fds.
+            ready = sorted(((self.event_handlers[key.fd], mask) for key, mask in events),
+                           key=lambda ready_fd: ready_fd[0].queue_work)
+            for handler, mask in ready:
+                handler.serve(mask, budget)
             if events:                    # the monitor waits at most one wake-up: keep the worst
                 spent = cpu_time() - t_cpu
                 self.max_wakeup_cpu_s = max(self.max_wakeup_cpu_s, spent)
@@ -294,7 +339,7 @@ class VMM:
             return
         mask = self.control.wanted()
         if mask and mask != self.control.mask:
-            self.sel.modify(self.chan.sock, mask, ("control", None))
+            self.sel.modify(self.chan.sock, mask)
             self.control.mask = mask
 
     def _expire_deadlines(self) -> None:

@@ -4,11 +4,15 @@ RAM below 3 GiB, an MMIO hole from 3 GiB to 4 GiB, the rest of RAM from 4 GiB up
 Each RAM region maps to a contiguous range of the guest-RAM memfd. Translation
 (guest-physical address -> memfd offset) is a bisect over the sorted region starts
 plus a bounds check; the device treats every address it is given as hostile.
+
+GuestLayout is the one owner of the region table (RegionTable): the balloon device's
+per-page loop, the device queues' chain translation and the numpy helpers below all
+read the table it built once, so there is one answer to "is this RAM, and where".
 """
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,16 +49,40 @@ class Region:
         return self.end >> PAGE_SHIFT
 
 
+@dataclass(frozen=True, eq=False)
+class RegionTable:
+    """The regions' starts, ends and memfd offsets, built once by GuestLayout in the two
+    shapes its readers need: Python lists for the per-page bisect of the PFN path (an
+    int list indexes faster than numpy there) and uint64 arrays for vectorized
+    translation of long chains."""
+
+    starts: list[int]
+    ends: list[int]
+    offsets: list[int]
+    start_array: np.ndarray
+    end_array: np.ndarray
+    offset_array: np.ndarray
+
+    @classmethod
+    def of(cls, regions: tuple[Region, ...]) -> "RegionTable":
+        starts, ends, offsets = [r.gpa for r in regions], [r.end for r in regions], [r.offset for r in regions]
+        return cls(starts, ends, offsets, np.array(starts, dtype=np.uint64), np.array(ends, dtype=np.uint64),
+                   np.array(offsets, dtype=np.uint64))
+
+
 @dataclass(frozen=True)
 class GuestLayout:
     """The RAM regions of one guest, sorted by guest-physical address."""
 
     regions: tuple[Region, ...]
+    table: RegionTable = field(init=False, repr=False, compare=False)   # built here, and only here
 
     def __post_init__(self) -> None:
+        table = RegionTable.of(self.regions)
+        object.__setattr__(self, "table", table)
         # cached for the per-page bisect of the PFN path
-        object.__setattr__(self, "_starts", [r.gpa for r in self.regions])
-        object.__setattr__(self, "_ends", [r.end for r in self.regions])
+        object.__setattr__(self, "_starts", table.starts)
+        object.__setattr__(self, "_ends", table.ends)
 
     @classmethod
     def pc(cls, guest_mib: int) -> "GuestLayout":
@@ -105,6 +133,17 @@ class GuestLayout:
         if gpa + length > r.end:
             raise BadAddress(f"GPA range {gpa:#x}+{length:#x} leaves RAM region {r.gpa:#x}-{r.end:#x}")
         return r.offset + (gpa - r.gpa)
+
+    def translate_many(self, gpas: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """translate() for many ranges at once (uint64 arrays, one searchsorted):
+        (memfd offsets, ok), where ok[k] is False unless range k lies inside one RAM
+        region; the offsets of ranges that are not ok mean nothing."""
+        t = self.table
+        idx = np.searchsorted(t.start_array, gpas, side="right").astype(np.int64) - 1
+        cl = np.clip(idx, 0, len(t.start_array) - 1)
+        end = t.end_array[cl]
+        ok = (idx >= 0) & (gpas < end) & (lengths <= end - np.minimum(gpas, end))
+        return t.offset_array[cl] + (gpas - t.start_array[cl]), ok
 
     def split_runs(self, start_pfn: int, npages: int) -> list[tuple[int, int]]:
         """Split a PFN run at region edges into (memfd_offset, length) pieces.

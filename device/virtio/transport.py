@@ -13,6 +13,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 from device.virtio import control
 from device.virtio.control import Channel, Message, Req
@@ -20,7 +21,8 @@ from device.virtio.features import (CONFIG_SIZE, QUEUE_FEATURE, QUEUE_NAMES, S_A
                              S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET, bit, feature_names)
 from device.virtio.ram import GuestRAM, size_sealed
 from device.virtio.layout import BadAddress
-from device.virtio.virtqueue import DeviceQueue, RingError
+from device.virtio.device_queue import DeviceQueue
+from device.virtio.split_ring import RingError
 
 log = logging.getLogger("balloon-lab.device")
 
@@ -33,6 +35,25 @@ class VringConfig:
     desc: int
     avail: int
     used: int
+
+
+def _ignore(*_args) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class DeviceListener:
+    """What a device tells the one who runs it, given at construction: the VMM passes
+    its own (its event loop re-registers kick eventfds, its monitor emits
+    BALLOON_CHANGE); tests and the fuzzer pass none. Both are called from the thread
+    that serves the control request, the VMM's main loop."""
+
+    # SET_VRING_KICK installed or replaced a queue's kick eventfd, or a reset closed them
+    # all: device.kick_fds is the new set of fds to wait on.
+    kick_fds_changed: Callable[[], None] = _ignore
+    # The driver wrote the config space (balloon: `actual`, pages in the balloon); called on
+    # every write, with the value after it, changed or not.
+    actual_changed: Callable[[int], None] = _ignore
 
 
 _notify_failures = 0
@@ -57,8 +78,9 @@ class VirtioTransport:
 
     NUM_QUEUES = 6
 
-    def __init__(self, ram: GuestRAM, device_features: int) -> None:
+    def __init__(self, ram: GuestRAM, device_features: int, listener: DeviceListener | None = None) -> None:
         self.ram = ram
+        self.listener = listener if listener is not None else DeviceListener()
         self.device_features = device_features
         self.driver_features = 0
         self.status = 0
@@ -69,7 +91,6 @@ class VirtioTransport:
         self.config_call_fd: int | None = None
         self.dirty_log_fd: int | None = None
         self.errors: Counter[str] = Counter()
-        self.on_kick_fds_changed = lambda: None
         # A memfd whose size is sealed cannot shrink under the mapping (guest_ram.seal_size).
         self._ram_sealed = size_sealed(ram.fd)
 
@@ -217,7 +238,7 @@ class VirtioTransport:
 
     def _req_set_vring_kick(self, ch: Channel, req: Req, msg: Message) -> None:
         self._set_queue_fd(msg, self.kick_fds, "SET_VRING_KICK")
-        self.on_kick_fds_changed()
+        self.listener.kick_fds_changed()
         ch.reply_result(req)
 
     def _req_set_vring_call(self, ch: Channel, req: Req, msg: Message) -> None:
@@ -303,7 +324,7 @@ class VirtioTransport:
         if self.config_call_fd is not None:
             os.close(self.config_call_fd)
             self.config_call_fd = None
-        self.on_kick_fds_changed()
+        self.listener.kick_fds_changed()
         self.on_reset()
 
     # --- for subclasses --------------------------------------------------------------------

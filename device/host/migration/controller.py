@@ -1,13 +1,15 @@
-"""Migration inside the VMM process: monitor commands, the main-loop bridge, the hint device.
+"""Migration inside the VMM process: monitor commands, the source's port, the hint device.
 
 The VMM's event loop owns the device, the virtqueues and the control socket; the
 migration runs in a thread (source.py / destination.py). Whatever the migration
 thread needs from the loop's side (the config write that asks for hints, sending
 SET_DIRTY_LOG and waiting for its reply, a snapshot of the device state, the ring
-addresses) it asks for through LoopBridge: the closure runs in the main loop, the
-thread waits for its result. vmm.py wires this in with a handful of lines:
-the bridge's eventfd in its selector, replies to VMM-initiated control requests
-routed to on_control_reply(), the commands merged into the monitor's.
+addresses) it asks for through `run_in_loop` (the VMM's LoopBridge,
+device/host/loop_bridge.py): the closure runs in the main loop, the thread waits for
+its result. The controller sees its VMM only through MigrationHandles, which vmm.py
+builds; vmm.py also routes replies to VMM-initiated control requests to
+on_control_reply() and merges the commands into the monitor's. The controller owns
+the hint queues (3 and 5) and registers them on the device.
 
 Monitor commands (QEMU's names): migrate {uri}, query-migrate, migrate-set-parameters
 {max-bandwidth (bytes/s), downtime-limit (ms), x-max-rounds, x-hint-wait-ms},
@@ -19,21 +21,23 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from device.virtio.control import Message, Req, unpack_result
+from device.host.balloon_device import BalloonDevice, ChainHandler
+from device.host.control_peer import DeviceChannel
 from device.host.hint_queues import HintQueues
-from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.host.migration.destination import MigrationDestination
 from device.virtio.dirty_log import DirtyLog
 from device.host.migration.pause import resume_guest
 from device.host.migration.source import MigrationParams, MigrationSource
 from device.host.monitor import CommandError
-from device.virtio.virtqueue import ring_bytes
+from device.virtio.ram import GuestRAM
+from device.virtio.split_ring import ring_pages
 
 log = logging.getLogger("balloon-lab.migration")
 
@@ -46,39 +50,20 @@ def add_vmm_arguments(p) -> None:
                    help="free page hinting design the device offers for migration")
 
 
-class LoopBridge:
-    """Run closures in the VMM's main loop from another thread, and wait for them."""
+@dataclass(frozen=True)
+class MigrationHandles:
+    """Exactly what the migration controller uses of its VMM; vmm.py builds it. The
+    callables are asked at the moment of use: the guest and its control socket come
+    and go while the VMM runs."""
 
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
-
-    def call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
-        box: list = [None, None]
-        done = threading.Event()
-        self.q.put((fn, box, done))
-        os.eventfd_write(self.fd, 1)
-        if not done.wait(timeout):
-            raise TimeoutError(f"the VMM main loop did not run {getattr(fn, '__name__', fn)} within {timeout} s")
-        if box[1] is not None:
-            raise box[1]
-        return box[0]
-
-    def run_pending(self) -> None:
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                fn, box, done = self.q.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                box[0] = fn()
-            except Exception as e:
-                box[1] = e
-            done.set()
+    ram: GuestRAM                                   # the source reads it, the destination fills it
+    device: BalloonDevice                           # its state and ring pages migrate; the hint queues live on it
+    register_queue: Callable[[int, ChainHandler], None]   # BalloonDevice.register_queue: where the hint queues go
+    run_in_loop: Callable[[Callable[[], Any]], Any]  # run a closure in the VMM's main loop and wait (LoopBridge.call)
+    control_channel: Callable[[], DeviceChannel | None]   # the control socket to the guest, None once it is gone
+    guest_pid: Callable[[], int | None]             # the guest process the VMM spawned, None if none (a destination)
+    guest_exit: Callable[[], str | None]            # why the guest was lost, None while it was not
+    guest_running: Callable[[], bool]               # spawned, not lost, and not exited (Popen.poll) right now
 
 
 class _Port:
@@ -86,28 +71,31 @@ class _Port:
 
     def __init__(self, ctl: "MigrationController") -> None:
         self.ctl = ctl
-        self.vmm = ctl.vmm
+        self.handles = ctl.handles
         self.hints = ctl.hints
         self.hinted = ctl.hints.hinted
         self.report_done = ctl.hints.report_done
 
     def guest_pid(self) -> int:
-        g = self.vmm.guest
-        if g is None or self.vmm.guest_exit is not None or g.poll() is not None:
+        if not self.handles.guest_running():
             raise RuntimeError("the source has no running guest")
-        return g.pid
+        return self.handles.guest_pid()
 
     def attach_dirty_log(self, dl: DirtyLog, timeout: float = 30.0) -> None:
+        """Hand the guest the dirty log (SET_DIRTY_LOG) and wait for its answer; the
+        controller keeps the log to mark what the hint queues write."""
+        self.ctl.dirty_log = dl
         done = threading.Event()
         box: list = [None]
 
         def send() -> None:
-            if self.vmm.chan is None:
+            chan = self.handles.control_channel()
+            if chan is None:
                 raise RuntimeError("the guest's control socket is gone")
             self.ctl.expect_reply(Req.SET_DIRTY_LOG, lambda msg: (box.__setitem__(0, msg), done.set()))
-            self.vmm.chan.send(Req.SET_DIRTY_LOG, dl.payload(), [dl.fd])
+            chan.send(Req.SET_DIRTY_LOG, dl.payload(), [dl.fd])
 
-        self.ctl.bridge.call(send)
+        self.ctl.run_in_loop(send)
         if not done.wait(timeout):
             raise TimeoutError("the guest did not answer SET_DIRTY_LOG")
         code, reason = unpack_result(box[0].payload)
@@ -123,31 +111,27 @@ class _Port:
                 self.hints.request_bitmap()
             else:
                 raise ValueError(f"unknown hint design {design!r}")
-        self.ctl.bridge.call(go)
+        self.ctl.run_in_loop(go)
 
     def hints_done(self, design: str) -> None:
         if design == "upstream":
-            self.ctl.bridge.call(self.hints.done_upstream)
+            self.ctl.run_in_loop(self.hints.done_upstream)
 
     def hint_snapshot(self) -> dict:
-        return self.ctl.bridge.call(self.hints.snapshot)
+        return self.ctl.run_in_loop(self.hints.snapshot)
 
     def ring_pfns(self) -> np.ndarray:
         """Pages of every vring the device knows: the device writes the used rings
         (QEMU marks those pages dirty when it does), so they go in stop-and-copy."""
         def collect() -> np.ndarray:
-            parts = []
-            for v in self.vmm.device.vrings.values():
-                d, a, u = ring_bytes(v.size)
-                for gpa, n in ((v.desc, d), (v.avail, a), (v.used, u)):
-                    parts.append(np.arange(gpa >> PAGE_SHIFT, (gpa + n + PAGE_SIZE - 1) >> PAGE_SHIFT))
+            parts = [ring_pages(v.size, v.desc, v.avail, v.used) for v in self.handles.device.vrings.values()]
             pf = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            return np.unique(pf[self.vmm.layout.ram_pfn_mask(pf)])
-        return self.ctl.bridge.call(collect)
+            return np.unique(pf[self.handles.ram.layout.ram_pfn_mask(pf)])
+        return self.ctl.run_in_loop(collect)
 
     def device_state(self) -> dict:
         def snap() -> dict:
-            d = self.vmm.device
+            d = self.handles.device
             ball = np.flatnonzero(d.ballooned_np == 1)      # 1: in the balloon (2 marks queue memory)
             from device.virtio.wire import pfns_to_runs
             starts, lens = pfns_to_runs(ball) if len(ball) else (ball, ball)
@@ -159,25 +143,28 @@ class _Port:
                                         **(d.queues[i].state() if i in d.queues else {})}
                                for i, v in d.vrings.items()},
                     "ballooned_runs": [starts.tolist(), lens.tolist()]}
-        return self.ctl.bridge.call(snap)
+        return self.ctl.run_in_loop(snap)
 
 
 class MigrationController:
-    def __init__(self, vmm) -> None:
-        self.vmm = vmm
-        args = vmm.args
-        self.incoming_uri: str | None = getattr(args, "incoming", None)
-        self.hint = getattr(args, "hint", "none")
-        self.bridge = LoopBridge()
-        self.hints = HintQueues(vmm.device, mark_dirty=self._mark_dirty)
-        vmm.device.extra_queue_handler = self.hints.handler_for
+    """migrate / query-migrate / --incoming of one VMM, which it sees only through
+    `handles`; `incoming` (tcp:127.0.0.1:PORT) makes it a destination, `hint` is the
+    free page hinting design the device offers (none, upstream, bitmap)."""
+
+    def __init__(self, handles: MigrationHandles, *, incoming: str | None = None, hint: str = "none") -> None:
+        self.handles = handles
+        self.run_in_loop = handles.run_in_loop
+        self.incoming_uri: str | None = incoming
+        self.hint = hint
+        self.hints = HintQueues(handles.device, mark_dirty=self._mark_dirty)
+        self.hints.register_queues(handles.register_queue)
         self.params = MigrationParams()
         self.source: MigrationSource | None = None
         self.dest: MigrationDestination | None = None
         self.dirty_log: DirtyLog | None = None
         self._replies: list[tuple[int, Callable[[Message], None]]] = []
         if self.incoming_uri is not None:
-            self.dest = MigrationDestination(vmm.ram, self.incoming_uri)
+            self.dest = MigrationDestination(handles.ram, self.incoming_uri)
 
     @property
     def incoming(self) -> bool:
@@ -187,10 +174,6 @@ class MigrationController:
     def paused(self) -> bool:
         """The source guest is stopped after a completed migration (QEMU's postmigrate)."""
         return self.source is not None and self.source.paused_pid is not None and self.source.st.status == "completed"
-
-    @property
-    def bridge_fd(self) -> int:
-        return self.bridge.fd
 
     def start_incoming(self) -> None:
         assert self.dest is not None
@@ -235,7 +218,7 @@ class MigrationController:
             return {"running": False, "status": "postmigrate"}
         if self.source is not None and self.source.st.status == "device":
             return {"running": False, "status": "finish-migrate"}
-        ok = self.vmm.guest_exit is None
+        ok = self.handles.guest_exit() is None
         return {"running": ok, "status": "running" if ok else "guest-lost"}
 
     def _cmd_migrate(self, args: dict) -> None:
@@ -246,7 +229,7 @@ class MigrationController:
             raise CommandError("There's a migration process in progress", "GenericError")
         if self.paused:
             raise CommandError("the guest was already migrated away (use cont first)")
-        if self.vmm.guest is None or self.vmm.guest_exit is not None:
+        if self.handles.guest_pid() is None or self.handles.guest_exit() is not None:
             raise CommandError("no running guest to migrate", "DeviceNotActive")
         if self.hint == "upstream" and not self.hints.upstream_ready:
             raise CommandError("hint design upstream: the driver did not negotiate FREE_PAGE_HINT")
@@ -258,15 +241,9 @@ class MigrationController:
             self.dirty_log = None
         port = _Port(self)
         try:
-            src = MigrationSource(self.vmm.ram, port, uri, self.hint, self.params)
+            src = MigrationSource(self.handles.ram, port, uri, self.hint, self.params)
         except ValueError as e:
             raise CommandError(str(e)) from None
-        orig_attach = port.attach_dirty_log
-
-        def attach(dl: DirtyLog, timeout: float = 30.0) -> None:
-            self.dirty_log = dl
-            orig_attach(dl, timeout)
-        port.attach_dirty_log = attach
         self.source = src
         src.start()
 
@@ -308,10 +285,11 @@ class MigrationController:
             src.paused_pid = None
 
     def _cmd_info(self, args: dict) -> dict:
-        return {"pid": os.getpid(), "ram_fd": self.vmm.ram.fd, "ram_bytes": self.vmm.layout.ram_bytes,
+        ram = self.handles.ram
+        return {"pid": os.getpid(), "ram_fd": ram.fd, "ram_bytes": ram.layout.ram_bytes,
                 "incoming": self.incoming, "incoming_port": self.dest.port if self.dest else None,
-                "hint": self.hint, "guest_pid": self.vmm.guest.pid if self.vmm.guest else None,
-                "paused": self.paused, "ram_allocated_bytes": self.vmm.ram.allocated_bytes(),
+                "hint": self.hint, "guest_pid": self.handles.guest_pid(),
+                "paused": self.paused, "ram_allocated_bytes": ram.allocated_bytes(),
                 "device_state": self.dest.device_state if self.dest else None,
                 "hint_device": self.hints.snapshot()}
 
