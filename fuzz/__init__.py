@@ -8,14 +8,14 @@ a real memfd and real eventfds (device/rig.py's DeviceRig). The pieces, one job 
   mutators.py            what a hostile guest changes in them
   reference_decoders.py  the formats and a lenient ring walk, written from the docs
   oracle.py              what an exec may discard, balloon or hint, and the check
-  device_target.py       targets "device" and "ring"
-  decoder_target.py      targets "pfn", "bitmap", "chunks" (wire.py against the references)
-  formats_target.py      target "report" (free page reporting queue)
+  device_target.py       targets device and ring
+  decoder_target.py      targets pfn, bitmap, chunks (wire.py against the references)
+  formats_target.py      target report (free page reporting queue)
   control_cases.py       control-plane message sequences (generation, mutation)
   control_guest.py       the hostile guest's end of a control session
   loop_model.py          one wake-up of the VMM's event loop
-  control_target.py      target "control" (sessions on the control socket)
-  migration_target.py    target "migration" (a guest turning hostile mid-migration)
+  control_target.py      target control (sessions on the control socket)
+  migration_target.py    target migration (a guest turning hostile mid-migration)
   targets.py             each target's generator, mutator and runner; one worker's state
   time_limit.py          the per-exec time limit (hangs)
   corpus.py              case files (JSON), choosing the corpus to keep

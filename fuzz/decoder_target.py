@@ -1,4 +1,4 @@
-"""Targets "pfn", "bitmap" and "chunks": the wire decoders against the reference decoders.
+"""The decoder targets (pfn, bitmap, chunks): the wire decoders against the reference decoders.
 
 wire.decode_pfns, wire.decode_bitmap and wire.chunks_to_runs are run on generated and
 mutated requests; each result (refusal reason, or the pages / runs decoded) must equal
