@@ -5,74 +5,58 @@ import struct
 
 import numpy as np
 
-from device.host.balloon_device import BalloonDevice
 from device.host.budget import WorkBudget
-from device.virtio.protocols import protocol_device_features
-from device.virtio.ram import GuestRAM
-from device.virtio.layout import GuestLayout
-from device.virtio.transport import VringConfig
-from device.guest.raw_guest import RawRing, RingAddrs
 
 RING, BUF, DATA = 0x10000, 0x20000, 0x100000
 
 
-def _device(protocol: str):
-    ram = GuestRAM.create(GuestLayout.pc(64))
-    dev = BalloonDevice(ram, protocol_device_features(protocol))
-    dev.driver_features = dev.device_features
-    a = RingAddrs.at(RING, 8)
-    dev.vrings[0] = VringConfig(8, a.desc, a.avail, a.used)
+def _device(make_device_rig, protocol: str):
+    """A live device over 64 MiB, every offered feature, the inflate queue (size 8) at RING."""
+    rig = make_device_rig(mib=64, protocol=protocol)
+    rig.start({0: RING}, 8)
+    return rig.ram, rig.device, rig.ring(0)
+
+
+def test_a_request_with_more_discards_than_the_budget_spans_wake_ups(make_device_rig):
+    ram, dev, ring = _device(make_device_rig, "bitmap")
+    npages = 6000                               # every other page: 3000 runs, 3000 discards
+    ram.mem[DATA:DATA + npages * 4096] = b"\xa5" * (npages * 4096)
+    bits = np.zeros(npages, dtype=np.uint8)
+    bits[::2] = 1
+    bitmap = np.packbits(bits, bitorder="little").tobytes()
+    raw = struct.pack("<HHHHQQQ", 0, 12, 0, 0, 1, DATA >> 12, len(bitmap)) + bitmap
+    ram.mem[BUF:BUF + len(raw)] = raw
+    ring.desc(0, BUF, len(raw))
+    ring.offer([0])
+    wakeups = 0
+    while ring.used_idx() == 0:
+        dev.process_queue(0, WorkBudget())
+        wakeups += 1
+        assert wakeups < 10
+    assert wakeups == 3                         # 1024 + 1024 + 952 discards
+    assert dev.inflate.discard_calls == 3000 and dev.budget_yields == 2
+    assert dev.verify_discarded()["ballooned_with_data"] == 0
+    mask = ram.data_page_mask()
+    first = DATA >> 12
+    assert not mask[first:first + npages:2].any() and mask[first + 1:first + npages:2].all()
+
+
+def test_expensive_chains_are_one_per_wake_up(make_device_rig):
+    ram, dev, ring = _device(make_device_rig, "pfn")
+    n = 4096                                    # max_chain empty descriptors in one indirect table
+    tbl = b"".join(struct.pack("<QIHH", BUF, 0, 1 if i + 1 < n else 0, i + 1 if i + 1 < n else 0)
+                   for i in range(n))
+    ram.mem[DATA:DATA + len(tbl)] = tbl
+    for i in range(8):
+        ring.desc(i, DATA, len(tbl), 4)
+    ring.offer(range(8))
+    dev.driver_features |= 1 << 28
     dev.activate()
     dev.status = 15
-    return ram, dev, RawRing(ram.mem, ram.layout.translate, a)
-
-
-def test_a_request_with_more_discards_than_the_budget_spans_wake_ups():
-    ram, dev, ring = _device("bitmap")
-    try:
-        npages = 6000                               # every other page: 3000 runs, 3000 discards
-        ram.mem[DATA:DATA + npages * 4096] = b"\xa5" * (npages * 4096)
-        bits = np.zeros(npages, dtype=np.uint8)
-        bits[::2] = 1
-        bitmap = np.packbits(bits, bitorder="little").tobytes()
-        raw = struct.pack("<HHHHQQQ", 0, 12, 0, 0, 1, DATA >> 12, len(bitmap)) + bitmap
-        ram.mem[BUF:BUF + len(raw)] = raw
-        ring.desc(0, BUF, len(raw))
-        ring.offer([0])
-        wakeups = 0
-        while ring.used_idx() == 0:
-            dev.process_queue(0, WorkBudget())
-            wakeups += 1
-            assert wakeups < 10
-        assert wakeups == 3                         # 1024 + 1024 + 952 discards
-        assert dev.inflate.discard_calls == 3000 and dev.budget_yields == 2
-        assert dev.verify_discarded()["ballooned_with_data"] == 0
-        mask = ram.data_page_mask()
-        first = DATA >> 12
-        assert not mask[first:first + npages:2].any() and mask[first + 1:first + npages:2].all()
-    finally:
-        ram.close()
-
-
-def test_expensive_chains_are_one_per_wake_up():
-    ram, dev, ring = _device("pfn")
-    try:
-        n = 4096                                    # max_chain empty descriptors in one indirect table
-        tbl = b"".join(struct.pack("<QIHH", BUF, 0, 1 if i + 1 < n else 0, i + 1 if i + 1 < n else 0)
-                       for i in range(n))
-        ram.mem[DATA:DATA + len(tbl)] = tbl
-        for i in range(8):
-            ring.desc(i, DATA, len(tbl), 4)
-        ring.offer(range(8))
-        dev.driver_features |= 1 << 28
-        dev.activate()
-        dev.status = 15
-        served = []
-        while ring.used_idx() < 8:
-            before = ring.used_idx()
-            dev.process_queue(0, WorkBudget())
-            served.append(ring.used_idx() - before)
-        assert served == [1] * 8                    # 4096 descriptors spend the budget at once
-        assert dev.errors["pfn-pfn-array-len"] == 8
-    finally:
-        ram.close()
+    served = []
+    while ring.used_idx() < 8:
+        before = ring.used_idx()
+        dev.process_queue(0, WorkBudget())
+        served.append(ring.used_idx() - before)
+    assert served == [1] * 8                    # 4096 descriptors spend the budget at once
+    assert dev.errors["pfn-pfn-array-len"] == 8

@@ -8,21 +8,19 @@ import numpy as np
 import pytest
 
 from device.virtio import control
-from device.host.balloon_device import BalloonDevice
 from device.virtio.control import Channel, ControlError, Req
 from device.virtio.features import (F_PAGE_BITMAP, F_PAGE_CHUNKS, F_STATS_VQ, Q_FREE_PAGE, Q_INFLATE, Q_MISC, S_ACKNOWLEDGE,
                              S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit)
 from device.virtio.protocols import protocol_device_features
-from device.virtio.ram import GuestRAM
-from device.virtio.layout import GuestLayout
+from device.rig import DeviceRig
 
 
 class Pair:
     """The device serving one request at a time from the driver's channel."""
 
     def __init__(self, protocol: str = "pfn", mib: int = 64) -> None:
-        self.ram = GuestRAM.create(GuestLayout.pc(mib))
-        self.dev = BalloonDevice(self.ram, protocol_device_features(protocol))
+        self.rig = DeviceRig(mib=mib, protocol=protocol)      # a device that nothing set up yet
+        self.ram, self.dev = self.rig.ram, self.rig.device
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.drv, self.devch = Channel(a), Channel(b)
 
@@ -37,7 +35,7 @@ class Pair:
     def close(self) -> None:
         self.drv.close()
         self.devch.close()
-        self.ram.close()
+        self.rig.close()
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from device.host.hint_queues import HintQueues
 from device.host.page_reporting_device import ReportingDevice
 from device.virtio.driver_queue import DriverQueue
 from device.virtio.features import (CFG_ACTUAL, F_RING_EVENT_IDX, Q_FREE_PAGE, Q_INFLATE, Q_MISC, Q_REPORTING,
-                                    Q_STATS, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit,
-                                    protocol_device_features)
+                                    Q_STATS, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit)
+from device.virtio.protocols import protocol_device_features
 from device.virtio.layout import GiB, MiB, BadAddress, GuestLayout
 from device.virtio.ram import GuestRAM
 from device.virtio.split_ring import ring_layout

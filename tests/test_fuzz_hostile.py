@@ -1,4 +1,4 @@
-"""The control-plane and migration fuzzers (lab/fuzz_control.py, lab/fuzz_migration.py):
+"""The control-plane and migration fuzzers (fuzz/control_target.py, fuzz/migration_target.py):
 short clean runs, and their oracles catching bugs planted in the real code."""
 from __future__ import annotations
 
@@ -8,26 +8,28 @@ import numpy as np
 import pytest
 
 from device.host import control_peer
+from device.host.balloon_device import BalloonDevice
 from device.host.hint_queues import HintQueues
 from device.virtio import dirty_log
-from lab import fuzz, fuzz_control, fuzz_migration
+from fuzz import control_target, engine, migration_target
+from fuzz.time_limit import hang_timer
 
 
 @pytest.mark.parametrize("family", ["control", "migration"])
 def test_short_run_is_clean(family):
-    res = fuzz.run_fuzz(150, seed=5, workers=1, family=family)
+    res = engine.run_fuzz(150, seed=5, workers=1, family=family)
     assert res.execs == 150 and res.by_target == {family: 150}
     assert (res.crashes, res.hangs, res.oob_discards) == (0, 0, 0), res.failures[:3]
     assert res.signatures > 20          # the generators reach many different behaviours
 
 
-def _session(case: dict, run=fuzz_control.run_control):
-    rig = fuzz_control.ControlRig()
+def _session(case: dict, run=control_target.run_control):
+    state = control_target.ControlWorkerState()
     try:
-        with fuzz.hang_timer():
-            return run(rig, case, 5.0)
+        with hang_timer():
+            return run(state, case, 5.0)
     finally:
-        rig.close()
+        state.close()
 
 
 def test_control_oracle_sees_a_lost_reply(monkeypatch):
@@ -54,19 +56,19 @@ def test_control_oracle_sees_a_discard_nobody_named(monkeypatch):
     case = {"t": "control", "proto": "pfn", "hint": "none", "max_queued": 64,
             "steps": [["setup", [0, 1]], ["inflate", [140, 141]], ["serve", 2]]}
     assert _session(case)[0] is None
-    real = fuzz_control.BalloonDevice._discard
+    real = BalloonDevice._discard
 
     def one_more(self, ctr, offsets, lengths):      # discards the page after each named one too
         real(self, ctr, list(offsets) + [o + 4096 for o in offsets], lengths)
-    monkeypatch.setattr(fuzz_control.BalloonDevice, "_discard", one_more)
+    monkeypatch.setattr(BalloonDevice, "_discard", one_more)
     failure, detail, _ = _session(case)
     assert failure == "oob-discard" and "142" in detail
 
 
 def test_migration_oracles_see_wrong_hints_and_an_unsealed_log(monkeypatch):
     rng = random.Random(11)
-    cases = [fuzz_migration.gen_migration(rng) for _ in range(40)]
-    run = fuzz_migration.run_migration
+    cases = [migration_target.gen_migration(rng) for _ in range(40)]
+    run = migration_target.run_migration
     assert all(_session(c, run)[0] is None for c in cases)
     # a hint device that marks one page more than the guest hinted
     real = HintQueues._free_page_chain

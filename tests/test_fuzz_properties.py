@@ -1,8 +1,8 @@
 """Property-based tests (hypothesis) on the hostile-input paths, and the fuzz corpus.
 
-Decoders (wire.py) against the reference decoders in lab/fuzz.py, written from the
-format descriptions; the ring walker and the whole device (inflate, deflate, stats,
-free-page hints) over a real memfd with lab/fuzz.py's oracle: nothing but RingError
+Decoders (wire.py) against the reference decoders in fuzz/reference_decoders.py, written
+from the format descriptions; the ring walker and the whole device (inflate, deflate,
+stats, free-page hints) over a real memfd with fuzz/oracle.py: nothing but RingError
 from the ring, no exception from the device, no page loses its data unless the guest
 named it on the inflate queue (SEEK_DATA), no page is hinted free unless the guest
 hinted it and it is RAM. Every case in tests/fuzz_corpus/ is replayed, and the oracle
@@ -25,31 +25,33 @@ from hypothesis import strategies as st
 
 from device.virtio import wire
 from device.host.balloon_device import BalloonDevice
-from lab import fuzz
+from fuzz import cases, corpus, engine, generators, mutators, targets
+from fuzz.cases import Outcome, fuzz_layout
+from fuzz.decoder_target import run_decoder
+from fuzz.time_limit import hang_timer
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 REPO = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).with_name("balloon-lab"))
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                              HealthCheck.too_slow])
-MAX_PFNS = st.sampled_from([1, 8, 9, 256, 768, 1 << 20, fuzz.flayout("pc").max_pfn])
+MAX_PFNS = st.sampled_from([1, 8, 9, 256, 768, 1 << 20, fuzz_layout("pc").max_pfn])
 
 
 @pytest.fixture(scope="module")
-def rig():
-    r = fuzz.Rig()
-    fuzz._quiet()
-    yield r
-    r.close()
+def rig(fuzz_device_target):
+    """The device and ring targets over their memfds (tests/conftest.py), logs quiet."""
+    engine.quiet()
+    return fuzz_device_target
 
 
 @pytest.fixture(autouse=True)
 def alarm():
-    with fuzz.hang_timer():
+    with hang_timer():
         yield
 
 
-def ok(outcome: fuzz.Outcome) -> None:
+def ok(outcome: Outcome) -> None:
     assert outcome.failure is None, f"{outcome.failure}: {outcome.detail}"
 
 
@@ -59,7 +61,7 @@ def ok(outcome: fuzz.Outcome) -> None:
 @SETTINGS
 @given(data=st.binary(max_size=1100), max_pfn=st.none() | MAX_PFNS)
 def test_pfn_decoder_accepts_exactly_whole_le32_arrays(data, max_pfn):
-    ok(fuzz.run_decoder({"t": "pfn", "data": data, "max_pfn": max_pfn}, 5.0))
+    ok(run_decoder({"t": "pfn", "data": data, "max_pfn": max_pfn}, 5.0))
 
 
 def _header(cmd, shift, start, blen):
@@ -83,7 +85,7 @@ def bitmaps(draw):
 @SETTINGS
 @given(case=bitmaps())
 def test_bitmap_decoder_matches_the_format_for_any_header_and_split(case):
-    ok(fuzz.run_decoder(case, 5.0))
+    ok(run_decoder(case, 5.0))
 
 
 @st.composite
@@ -99,7 +101,7 @@ def chunk_lists(draw):
 @SETTINGS
 @given(case=chunk_lists())
 def test_chunks_decoder_matches_the_format(case):
-    ok(fuzz.run_decoder(case, 5.0))
+    ok(run_decoder(case, 5.0))
 
 
 @SETTINGS
@@ -125,9 +127,9 @@ def device_cases(draw, target="device"):
     """A generated case, then a few mutations: hypothesis drives the fuzzer's own
     generator and mutator through a seeded Random, so failures shrink to a seed."""
     rng = random.Random(draw(st.integers(0, 2 ** 32 - 1)))
-    case = fuzz.GENERATORS[target](rng)
+    case = targets.GENERATORS[target](rng)
     for _ in range(draw(st.integers(0, 6))):
-        case = fuzz.MUTATORS[target](case, rng, [])
+        case = targets.MUTATORS[target](case, rng, [])
     return case
 
 
@@ -147,7 +149,7 @@ def test_device_never_discards_unnamed_pages_never_raises(rig, case):
 def raw_rings(draw):
     """Ring contents straight from hypothesis (no generator): descriptors, heads, idx."""
     n = draw(st.sampled_from([1, 2, 4, 8]))
-    lay = fuzz.flayout("mini")
+    lay = fuzz_layout("mini")
     addr = st.sampled_from([0x8000, 0x8010, 0x9000, 0x40000, 0xFF000, 0x100000, 0x1FF000, 0x200000, 0x2FF000,
                             0x300000, 2 ** 64 - 16]) | st.integers(0, 2 ** 64 - 1)
     desc = st.lists(st.tuples(addr, st.integers(0, 0x2000) | st.integers(0, 2 ** 32 - 1),
@@ -157,7 +159,7 @@ def raw_rings(draw):
     qs = {0: {"desc": draw(desc), "heads": draw(st.lists(st.integers(0, n), max_size=n)), "last": 0,
               "idx": draw(st.integers(0, n + 1) | st.integers(0, 0xFFFF)), "flags": 0, "event": 0}}
     mem = [[0x8000, draw(pfn_buf)], [0x9000, draw(st.binary(max_size=256))]]
-    return {"t": "device", "layout": "mini", "proto": draw(st.sampled_from(fuzz.PROTOCOLS)), "qsize": n,
+    return {"t": "device", "layout": "mini", "proto": draw(st.sampled_from(cases.PROTOCOLS)), "qsize": n,
             "hint": "none", "indirect": draw(st.booleans()), "event_idx": draw(st.booleans()), "status": "live",
             "pre": [], "queues": qs, "mem": mem, "kicks": [0, 0]}
 
@@ -176,16 +178,16 @@ def hint_cases(draw):
     case = draw(device_cases("device"))
     case["hint"] = draw(st.sampled_from(["upstream", "bitmap"]))
     rng = random.Random(draw(st.integers(0, 2 ** 32 - 1)))
-    b = fuzz._Builder(case, rng)
-    b.next_buf = fuzz.BUF_AREA[0] + 0x20000          # after whatever the case already placed
+    b = generators.CaseBuilder(case, rng)
+    b.next_buf = cases.BUF_AREA[0] + 0x20000          # after whatever the case already placed
     for q in case["queues"]:
         b.next_desc[q] = len(case["queues"][q]["heads"])
     q = 3 if case["hint"] == "upstream" else 5
-    fuzz.gen_hints(case, b, rng, fuzz.flayout(case["layout"]), q)
+    generators.gen_hints(case, b, rng, fuzz_layout(case["layout"]), q)
     for qd in case["queues"].values():
         qd["idx"] = qd["last"] + len(qd["heads"])
     for _ in range(draw(st.integers(0, 3))):
-        case = fuzz.mutate_device(case, rng, [])
+        case = mutators.mutate_device(case, rng, [])
     return case
 
 
@@ -200,10 +202,10 @@ def test_well_formed_hints_are_taken(rig):
     rng = random.Random(3)
     hinted = 0
     for i in range(60):
-        case = fuzz.gen_device(rng)
+        case = generators.gen_device(rng)
         case.update(hint=rng.choice(["upstream", "bitmap"]), queues={}, mem=[], kicks=[], pre=[], status="live")
-        b = fuzz._Builder(case, rng)
-        fuzz.gen_hints(case, b, rng, fuzz.flayout(case["layout"]), 3 if case["hint"] == "upstream" else 5)
+        b = generators.CaseBuilder(case, rng)
+        generators.gen_hints(case, b, rng, fuzz_layout(case["layout"]), 3 if case["hint"] == "upstream" else 5)
         for qd in case["queues"].values():
             qd["idx"] = len(qd["heads"])
         o = rig.run_device(case, 5.0)
@@ -273,22 +275,22 @@ def test_oracle_catches_a_hang_and_a_crash(rig, monkeypatch):
 # The corpus: every case found or kept is replayed
 # ======================================================================================
 def test_corpus_replays_clean():
-    cases = fuzz.load_corpus(CORPUS)
+    cases = corpus.load_corpus(CORPUS)
     assert len(cases) >= 100
     kinds = {c["t"] for c in cases}
-    assert kinds == set(fuzz.TARGETS) | {"control", "migration"}
-    bad = fuzz.replay(cases)
+    assert kinds == set(targets.TARGETS) | {"control", "migration"}
+    bad = engine.replay(cases)
     assert not bad, [(o.failure, o.detail) for _, o in bad[:5]]
 
 
 def test_found_cases_fail_without_their_fix(monkeypatch):
     """The regression cases are real: with the hint device's RAM check removed again,
     the cases found by the fuzzer fail the way they did before the fix."""
-    cases = fuzz.load_corpus(CORPUS / "found" / "hint-bitmap-not-ram.jsonl")
-    assert cases and not fuzz.replay(cases)
+    cases = corpus.load_corpus(CORPUS / "found" / "hint-bitmap-not-ram.jsonl")
+    assert cases and not engine.replay(cases)
     import device.host.hint_queues as fph
     monkeypatch.setattr(fph.wire, "check_runs_in_ram", lambda *a, **k: None)
-    bad = fuzz.replay(cases)
+    bad = engine.replay(cases)
     assert len(bad) == len(cases)
     assert all(o.failure == "crash" and "hint device marked pages" in o.detail for _, o in bad)
 

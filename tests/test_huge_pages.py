@@ -9,16 +9,12 @@ import pytest
 from device.virtio import wire
 from device.guest.alloc_policy import allocate_for_balloon
 from device.virtio.backing import BackingError, ensure_backing
-from device.host.balloon_device import BalloonDevice
 from device.guest.buddy import BuddyAllocator
-from device.virtio.features import (Q_DEFLATE, Q_INFLATE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK,
-                             F_RING_EVENT_IDX, bit)
+from device.virtio.features import F_RING_EVENT_IDX, Q_DEFLATE, Q_INFLATE, bit
 from device.virtio.protocols import protocol_device_features
-from device.virtio.ram import GuestRAM
+from device.rig import DeviceRig
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
-from device.virtio.driver_queue import DriverQueue
-from device.virtio.split_ring import ring_layout
 
 PER = 512
 
@@ -120,66 +116,48 @@ def test_hugepage_aware_allocation_takes_whole_aligned_blocks_first_and_keeps_th
 
 
 # --- the device over a real THP memfd -------------------------------------------------------------
-class ThpRig:
-    """A BalloonDevice over a 64 MiB THP memfd with the driver side of its queues in-process."""
+def thp_rig(make_device_rig, tracking: str) -> DeviceRig:
+    """A pfn device over a 64 MiB THP memfd (DeviceRig), inflate and deflate queues of 64
+    without EVENT_IDX, guest data from 4 MiB: 30 huge pages."""
+    try:
+        ensure_backing("thp")
+    except BackingError as e:
+        pytest.skip(f"no shmem THP here: {e}")
+    rig = make_device_rig(mib=64, backing="thp", protocol="pfn", partial_tracking=tracking)
+    rig.start({Q_INFLATE: 0x10000, Q_DEFLATE: 0x20000}, 64,
+              features=protocol_device_features("pfn") & ~bit(F_RING_EVENT_IDX))
+    rig.ram.mem[4 << 20:] = b"\xab" * ((60) << 20)
+    return rig
 
-    def __init__(self, tracking: str) -> None:
-        try:
-            ensure_backing("thp")
-        except BackingError as e:
-            pytest.skip(f"no shmem THP here: {e}")
-        self.ram = GuestRAM.create(GuestLayout.pc(64), backing="thp")
-        feats = protocol_device_features("pfn")
-        self.dev = BalloonDevice(self.ram, feats, partial_tracking=tracking)
-        self.dev.driver_features = feats & ~bit(F_RING_EVENT_IDX)
-        self.q = {}
-        for i, qi in enumerate((Q_INFLATE, Q_DEFLATE)):
-            lay = ring_layout(0x10000 + i * 0x10000, 64)
-            self.dev.vrings[qi] = type("V", (), {"size": 64, "desc": lay.desc_gpa, "avail": lay.avail_gpa,
-                                                 "used": lay.used_gpa})()
-            self.q[qi] = DriverQueue(self.ram, qi, 64, lay.desc_gpa, lay.avail_gpa, lay.used_gpa,
-                                     event_idx=False, indirect=False, kick=lambda: None)
-        self.dev.activate()
-        self.dev.status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
-        self.ram.mem[4 << 20:] = b"\xab" * ((60) << 20)      # guest data from 4 MiB: 30 huge pages
 
-    def pfns(self, qi: int, pfns) -> None:
-        raw = wire.encode_pfns(np.asarray(pfns, dtype=np.int64))
-        self.ram.view(0x40000, len(raw))[:] = raw
-        self.q[qi].add_buf([(0x40000, len(raw))], [], "req")
-        self.q[qi].kick_if_needed()
-        self.dev.process_queue(qi)
-        self.q[qi].get_used()
-
-    def close(self) -> None:
-        self.ram.close()
+def send_pfns(rig: DeviceRig, qi: int, pfns) -> None:
+    raw = wire.encode_pfns(np.asarray(pfns, dtype=np.int64))
+    rig.write(0x40000, raw)
+    rig.request(qi, [(0x40000, len(raw), False)])
 
 
 @pytest.mark.parametrize("tracking", ["full", "qemu"])
-def test_linux_sized_pfn_requests_on_thp_free_a_host_page_only_with_full_tracking(tracking):
-    r = ThpRig(tracking)
-    try:
-        hp = 5                                                   # host page 5: PFNs 2560..3071
-        before = r.ram.allocated_bytes()
-        for k in range(0, PER, 256):                             # Linux's 256-PFN requests
-            r.pfns(Q_INFLATE, np.arange(hp * PER + k, hp * PER + k + 256))
-        freed = before - r.ram.allocated_bytes()
-        v = r.dev.verify_discarded()
-        assert v["ballooned_with_data"] == 0 and v["whole_host_pages"] == 1
-        if tracking == "full":
-            assert freed == 2 << 20 and v["whole_with_data"] == 0
-            assert not r.ram.host_pages_with_data(np.array([hp]))[0]
-        else:                                                    # QEMU: each request holds half of it
-            assert freed == 0 and v["whole_with_data"] == 1
-        # deflate of part of it, re-inflate: freed again (full) / still kept (qemu)
-        r.pfns(Q_DEFLATE, np.arange(hp * PER, hp * PER + 8))
-        r.ram.mem[(hp * PER) << PAGE_SHIFT:(hp * PER + 8) << PAGE_SHIFT] = b"\x11" * (8 << PAGE_SHIFT)  # reuse
-        assert r.ram.host_pages_with_data(np.array([hp]))[0]
-        r.pfns(Q_INFLATE, np.arange(hp * PER, hp * PER + 8))
-        assert r.ram.host_pages_with_data(np.array([hp]))[0] == (tracking == "qemu")
-        # a partially ballooned host page keeps its data until whole
-        r.pfns(Q_INFLATE, np.arange(7 * PER, 7 * PER + 100))
-        assert r.ram.host_pages_with_data(np.array([7]))[0]
-        assert r.dev.errors.get("device-internal", 0) == 0
-    finally:
-        r.close()
+def test_linux_sized_pfn_requests_on_thp_free_a_host_page_only_with_full_tracking(make_device_rig, tracking):
+    r = thp_rig(make_device_rig, tracking)
+    hp = 5                                                   # host page 5: PFNs 2560..3071
+    before = r.ram.allocated_bytes()
+    for k in range(0, PER, 256):                             # Linux's 256-PFN requests
+        send_pfns(r, Q_INFLATE, np.arange(hp * PER + k, hp * PER + k + 256))
+    freed = before - r.ram.allocated_bytes()
+    v = r.device.verify_discarded()
+    assert v["ballooned_with_data"] == 0 and v["whole_host_pages"] == 1
+    if tracking == "full":
+        assert freed == 2 << 20 and v["whole_with_data"] == 0
+        assert not r.ram.host_pages_with_data(np.array([hp]))[0]
+    else:                                                    # QEMU: each request holds half of it
+        assert freed == 0 and v["whole_with_data"] == 1
+    # deflate of part of it, re-inflate: freed again (full) / still kept (qemu)
+    send_pfns(r, Q_DEFLATE, np.arange(hp * PER, hp * PER + 8))
+    r.ram.mem[(hp * PER) << PAGE_SHIFT:(hp * PER + 8) << PAGE_SHIFT] = b"\x11" * (8 << PAGE_SHIFT)  # reuse
+    assert r.ram.host_pages_with_data(np.array([hp]))[0]
+    send_pfns(r, Q_INFLATE, np.arange(hp * PER, hp * PER + 8))
+    assert r.ram.host_pages_with_data(np.array([hp]))[0] == (tracking == "qemu")
+    # a partially ballooned host page keeps its data until whole
+    send_pfns(r, Q_INFLATE, np.arange(7 * PER, 7 * PER + 100))
+    assert r.ram.host_pages_with_data(np.array([7]))[0]
+    assert r.device.errors.get("device-internal", 0) == 0

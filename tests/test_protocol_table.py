@@ -28,7 +28,38 @@ from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.virtio.protocols import (MAX_CHUNK_BYTES, MAX_CHUNKS_PER_REQUEST, PROTOCOL_NAMES, PROTOCOLS,
                                      WIRE_FORMAT_NAMES, WIRE_FORMATS, Refusal, accepted_wire_format,
                                      negotiated_wire_format, protocol, protocol_device_features)
-from test_balloon_device import BUF, Rig
+from device.rig import DeviceRig
+from device.virtio.driver_queue import DriverQueue
+from device.virtio.features import Q_DEFLATE
+from device.virtio.split_ring import ring_layout
+from test_balloon_device import BUF, RING_BASE, balloon_rig
+
+IND = 3 << 20              # the driver queue's indirect tables
+
+
+class Rig:
+    """The shared DeviceRig (device/rig.py, set up as test_balloon_device's balloon_rig)
+    with the lab's own DriverQueue as its driver side: these tests pin what the
+    driver's encoders put on the ring, indirect tables included, byte for byte."""
+
+    def __init__(self, protocol: str, mib: int, populate_mib: int) -> None:
+        self.rig = balloon_rig(lambda **options: DeviceRig(**options), protocol, populate_mib, mib)
+        self.dev, self.ram, self.layout = self.rig.device, self.rig.ram, self.rig.layout
+        self.q = {}
+        for i, qi in enumerate((Q_INFLATE, Q_DEFLATE)):
+            lay = ring_layout(RING_BASE + i * 65536, 256)
+            self.q[qi] = DriverQueue(self.ram, qi, 256, lay.desc_gpa, lay.avail_gpa, lay.used_gpa, event_idx=False,
+                                     indirect=True, kick=lambda: None, indirect_area=(IND + i * 65536, 65536))
+
+    def send(self, qi: int, bufs) -> None:
+        q = self.q[qi]
+        q.add_buf(bufs, [], "req")
+        q.kick_if_needed()
+        self.dev.process_queue(qi)
+        q.get_used()
+
+    def close(self) -> None:
+        self.rig.close()
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE_ORDER = 9

@@ -101,11 +101,3 @@ class BalloonConfig:
 
 # --- the PFN wire format's limit (the protocols themselves: device/virtio/protocols.py) ---
 PFN_BATCH_MAX = 256  # VIRTIO_BALLOON_ARRAY_PFNS_MAX in Linux
-
-
-def protocol_device_features(protocol: str) -> int:
-    """Features the VMM offers for an arm, from the table in device/virtio/protocols.py.
-    Only lab/fuzz*.py still import it from here (they move to the table when the
-    fuzzer becomes its own package); everything else imports it from the table."""
-    from device.virtio.protocols import protocol_device_features as from_table
-    return from_table(protocol)

@@ -69,12 +69,12 @@ def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, re
     migration); in-process over a real memfd. A run counts crashes, hangs (an execution past
     --exec-timeout, or one event-loop wake-up over the 50 ms CPU bound) and out-of-range discards
     (a page lost its data, per SEEK_DATA on the memfd, although the guest never named it)."""
-    from lab import fuzz
+    from fuzz import corpus, engine
 
     if replay is not None:
-        cases = fuzz.load_corpus(replay)
+        cases = corpus.load_corpus(replay)
         t0 = time.perf_counter()
-        bad = fuzz.replay(cases, exec_timeout)
+        bad = engine.replay(cases, exec_timeout)
         res = {"replayed": len(cases), "failed": len(bad), "seconds": round(time.perf_counter() - t0, 2),
                "failures": [{"kind": o.failure, "detail": o.detail} for _, o in bad[:20]]}
         click.echo(json.dumps(res) if as_json else
@@ -84,7 +84,7 @@ def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, re
 
     if not quiet:
         click.echo(f"balloon-lab fuzz: {execs:,} execs of {family}, seed {seed}", err=True)
-    res = fuzz.run_fuzz(execs, seed=seed, workers=workers, exec_timeout_s=exec_timeout,
+    res = engine.run_fuzz(execs, seed=seed, workers=workers, exec_timeout_s=exec_timeout,
                         keep_corpus=save_corpus is not None, progress=_progress(execs, quiet), family=family)
     failed = res.crashes + res.hangs + res.oob_discards
     report = res.to_json()
@@ -100,7 +100,7 @@ def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, re
     if save_corpus is not None:
         report["corpus_file"] = str(_write_cases(save_corpus, f"corpus-{family}-seed{seed}.jsonl"
                                                  if family != "rings" else f"corpus-seed{seed}.jsonl",
-                                                 fuzz.select_corpus(res.corpus, corpus_max)))
+                                                 corpus.select_corpus(res.corpus, corpus_max)))
     if as_json:
         click.echo(json.dumps(report))
     else:

@@ -1,6 +1,6 @@
 """Migration fuzzer: a guest that turns hostile while the VMM migrates it.
 
-Built on the control-plane fuzzer's session (lab/fuzz_control.py: the real
+Built on the control-plane fuzzer's session (fuzz/control_target.py: the real
 DeviceChannel, ControlService, BalloonDevice, HintQueues, eventfds and memfd, one
 event-loop wake-up at a time), with the steps of a live migration in between the
 guest's: the VMM hands the guest a dirty log (SET_DIRTY_LOG over the control socket,
@@ -34,8 +34,10 @@ import numpy as np
 
 from device.virtio import control
 from device.virtio.layout import BadAddress
+from device.virtio.protocols import WIRE_FORMAT_NAMES
 from device.virtio.dirty_log import LOG_OFFSET, DirtyLog
-from lab import fuzz_control
+from fuzz.control_cases import LOW, control_step, copy_steps, layout
+from fuzz.control_target import ControlWorkerState, run_control
 
 Q_HINT, Q_MISC = 3, 5
 HINT_BUF = 0x14000               # where the guest writes cmd_id buffers and bitmaps
@@ -81,7 +83,7 @@ def gen_migration(rng: random.Random) -> dict:
     hint = rng.choice(["upstream", "bitmap", "upstream", "bitmap", "none"])
     queues = [0, 1, Q_HINT, Q_MISC]
     steps: list[list] = [["setup", queues]]
-    max_pfn = fuzz_control.layout().max_pfn
+    max_pfn = layout().max_pfn
     plan = ["attach", ["answer", 0, 1], ["misc-buffer", 16], "hint-start", "hint-request", ["cmd-id", "current"]] + \
         [None] * rng.choice([1, 3, 6]) + ["round1"] + [None] * rng.choice([1, 2]) + ["harvest", "hint-done", "harvest"]
     for p in plan:
@@ -91,14 +93,14 @@ def gen_migration(rng: random.Random) -> dict:
             steps.append([p])
         else:
             steps.append(_guest_step(rng, max_pfn) if rng.random() < 0.8 else [rng.choice(VMM_STEPS)])
-    return {"t": "migration", "proto": rng.choice(["pfn", "bitmap", "chunks"]), "hint": hint,
+    return {"t": "migration", "proto": rng.choice(WIRE_FORMAT_NAMES), "hint": hint,
             "max_queued": rng.choice([2, 8, 64]), "steps": steps}
 
 
 def mutate_migration(case: dict, rng: random.Random, pool: list[dict]) -> dict:
-    c = dict(case, steps=fuzz_control.copy_steps(case["steps"]))
+    c = dict(case, steps=copy_steps(case["steps"]))
     steps = c["steps"]
-    max_pfn = fuzz_control.layout().max_pfn
+    max_pfn = layout().max_pfn
     for _ in range(rng.choice([1, 2, 3])):
         r = rng.random()
         if r < 0.35:
@@ -111,7 +113,7 @@ def mutate_migration(case: dict, rng: random.Random, pool: list[dict]) -> dict:
             i, j = rng.randrange(1, len(steps)), rng.randrange(1, len(steps))
             steps[i], steps[j] = steps[j], steps[i]
         elif r < 0.9:
-            steps.insert(rng.randrange(1, len(steps) + 1), fuzz_control._step(rng))     # any control-plane step
+            steps.insert(rng.randrange(1, len(steps) + 1), control_step(rng))     # any control-plane step
         else:
             c["hint"] = rng.choice(["upstream", "bitmap", "none"])
     del steps[120:]
@@ -119,7 +121,7 @@ def mutate_migration(case: dict, rng: random.Random, pool: list[dict]) -> dict:
 
 
 class MigrationSteps:
-    """The migration's steps and checks, plugged into lab.fuzz_control.run_control."""
+    """The migration's steps and checks, plugged into fuzz.control_target.run_control."""
 
     def __init__(self) -> None:
         self.log: DirtyLog | None = None
@@ -187,12 +189,12 @@ class MigrationSteps:
             _, pfns, mark = step
             for pfn in pfns:
                 try:
-                    off = ctx["rig"].layout.translate(pfn << 12, 8)
+                    off = ctx["state"].layout.translate(pfn << 12, 8)
                 except BadAddress:
                     continue
-                if off < fuzz_control.LOW:
+                if off < LOW:
                     continue                           # rings and requests: not the guest's data
-                ctx["rig"].ram.mem[off:off + 8] = struct.pack("<Q", 0x5A5A0000 + pfn)
+                ctx["state"].ram.mem[off:off + 8] = struct.pack("<Q", 0x5A5A0000 + pfn)
                 if mark and self.guest_log is not None and pfn < len(self.guest_log) - LOG_OFFSET:
                     self.guest_log[LOG_OFFSET + pfn] = 1
                     if self.round1 is not None:
@@ -264,9 +266,9 @@ class MigrationSteps:
     def check(self, ctx: dict) -> tuple[str | None, str]:
         if self.failure is not None:
             return self.failure
-        hints, rig = ctx["hints"], ctx["rig"]
+        hints, state = ctx["hints"], ctx["state"]
         marked = np.flatnonzero(hints.hinted)
-        ram = rig.layout.ram_pfn_mask(marked) if marked.size else marked.astype(bool)
+        ram = state.layout.ram_pfn_mask(marked) if marked.size else marked.astype(bool)
         wrong = [int(p) for p, r in zip(marked.tolist(), ram.tolist()) if not r or p not in self.hint_bound]
         if wrong:
             return "crash", f"hint device marked pages {wrong[:8]} free that no hint named (or no RAM)"
@@ -292,9 +294,9 @@ class MigrationSteps:
         self.guest_log = self.guest_log_fd = self.log = None
 
 
-def run_migration(rig: fuzz_control.ControlRig, case: dict, limit_s: float) -> tuple[str | None, str, tuple]:
+def run_migration(state: ControlWorkerState, case: dict, limit_s: float) -> tuple[str | None, str, tuple]:
     ms = MigrationSteps()
     try:
-        return fuzz_control.run_control(rig, case, limit_s, extra=ms)
+        return run_control(state, case, limit_s, extra=ms)
     finally:
         ms.close()

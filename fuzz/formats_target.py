@@ -17,22 +17,22 @@ Every page outside the ring holds data before each exec (refilled as needed).
 from __future__ import annotations
 
 import random
-import struct
-
 import numpy as np
 
-from device.host.balloon_device import IN_BALLOON, QUEUE_MEMORY, BalloonDevice
-from device.virtio.features import (F_REPORTING, Q_REPORTING, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit,
-                             protocol_device_features)
+from device.guest.raw_guest import F_NEXT, F_WRITE
+from device.host.balloon_device import IN_BALLOON, QUEUE_MEMORY
+from device.rig import DeviceRig
+from device.virtio.features import F_REPORTING, Q_REPORTING, bit
+from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
+from fuzz.cases import Outcome
+from fuzz.time_limit import Hang, arm, disarm, hang_detail
 
 RAM_MIB = 32
 RING = 0x1000
 QSIZE = 16
 HUGE = 512                     # 4 KiB pages per 2 MiB host page
-F_NEXT, F_WRITE = 1, 2
-DESC = struct.Struct("<QIHH")
 BACKINGS = ("4k", "thp")
 
 
@@ -75,8 +75,8 @@ def mutate_report(case: dict, rng: random.Random, pool: list[dict], times: int |
     return c
 
 
-class ReportRig:
-    """One device per backing over a 32 MiB memfd, reused across execs."""
+class ReportTarget:
+    """One worker's 32 MiB memfd per backing; each exec a fresh device over it."""
 
     def __init__(self) -> None:
         self.rams: dict[str, GuestRAM] = {}
@@ -86,6 +86,11 @@ class ReportRig:
             self.rams[backing] = GuestRAM.create(GuestLayout.pc(RAM_MIB), name=f"balloon-lab-fuzz-report-{backing}",
                                                  backing=backing)
         return self.rams[backing]
+
+    def close(self) -> None:
+        for ram in self.rams.values():
+            ram.close()
+        self.rams.clear()
 
     def _refill(self, ram: GuestRAM) -> np.ndarray:
         data = ram.data_page_mask()
@@ -103,20 +108,17 @@ class ReportRig:
         ram = self.ram(case["backing"])
         before = self._refill(ram)
         feats = protocol_device_features("pfn") | bit(F_REPORTING)
-        dev = BalloonDevice(ram, feats)
-        dev.driver_features = feats & ~bit(29)                  # no EVENT_IDX: simplest ring
-        base = RING
-        avail = base + 16 * QSIZE
-        used = (avail + 6 + 2 * QSIZE + 3) & ~3
-        dev.vrings[Q_REPORTING] = type("V", (), {"size": QSIZE, "desc": base, "avail": avail, "used": used})()
+        rig = DeviceRig(ram, features=feats)
+        dev = rig.device
+        rig.negotiate(feats & ~bit(29))                         # no EVENT_IDX: simplest ring
         ram.mem[RING:RING + 4096] = bytes(4096)
+        ring = rig.set_vring(Q_REPORTING, RING, QSIZE, zero=False)
         chain = case["chain"]
         for i, (a, ln, w) in enumerate(chain):
             fl = (F_WRITE if w else 0) | (F_NEXT if i + 1 < len(chain) else 0)
-            DESC.pack_into(ram.mem, base + 16 * i, a & ((1 << 64) - 1), ln & 0xFFFFFFFF, fl, i + 1)
-        struct.pack_into("<HHH", ram.mem, avail, 0, 1, 0)     # flags, idx = 1, ring[0] = head 0
-        dev.activate()
-        dev.status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
+            ring.desc(i, a, ln, fl, i + 1)
+        ring.offer([0])                                         # avail ring[0] = head 0, idx = 1
+        rig.driver_ok()
         from device.host.page_reporting_device import ReportingDevice
         rd = ReportingDevice(dev)
         rd.register_queues(dev.register_queue)
@@ -151,3 +153,16 @@ class ReportRig:
                 if lost.size != hp.size * HUGE:
                     return sig, "oob-discard", f"lost {lost.size} pages, not whole 2 MiB host pages"
         return sig, None, ""
+
+
+def run_report(target: ReportTarget, case: dict, limit_s: float) -> Outcome:
+    """One exec of the report target under the per-exec time limit."""
+    try:
+        arm(limit_s)
+        try:
+            sig, failure, detail = target.run(case)
+        finally:
+            disarm()
+    except Hang:
+        return Outcome(("report", "hang"), "hang", hang_detail(limit_s))
+    return Outcome(sig, failure, detail)

@@ -1,0 +1,94 @@
+"""The decoder targets (pfn, bitmap, chunks): the wire decoders against the reference decoders.
+
+wire.decode_pfns, wire.decode_bitmap and wire.chunks_to_runs are run on generated and
+mutated requests; each result (refusal reason, or the pages / runs decoded) must equal
+what fuzz/reference_decoders.py reads from the same bytes. A refusal reason the
+format does not know, an accepted request the format refuses, a refused request it
+allows, or different pages, is a crash.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from device.virtio import wire
+from device.virtio.layout import PAGE_SHIFT
+from fuzz.cases import Outcome
+from fuzz.reference_decoders import merge_spans, ref_bitmap, ref_chunks
+from fuzz.time_limit import Hang, arm, disarm, hang_detail
+
+WIRE_REASONS = {"pfn-array-len", "pfn-range", "truncated-header", "bad-page-shift", "bitmap-len",
+                "bitmap-too-large", "beyond-ram", "unaligned", "zero-length", "overflow", "overlap",
+                "bad-chunks", "not-ram", "bad-type", "unaligned-start"}
+
+
+def run_decoder(case: dict, limit_s: float) -> Outcome:
+    t = case["t"]
+    failure, detail, reason = None, "", "ok"
+    try:
+        arm(limit_s)
+        try:
+            if t == "pfn":
+                reason, failure, detail = _check_pfn(case)
+            elif t == "bitmap":
+                reason, failure, detail = _check_bitmap(case)
+            else:
+                reason, failure, detail = _check_chunks(case)
+        finally:
+            disarm()
+    except Hang:
+        failure, detail = "hang", hang_detail(limit_s)
+    except Exception as e:
+        failure, detail = "crash", f"{type(e).__name__}: {e}"
+    return Outcome((t, reason), failure, detail)
+
+
+def _check_pfn(case: dict):
+    data, mx = case["data"], case["max_pfn"]
+    try:
+        got = wire.decode_pfns(data, max_pfn=mx)
+    except wire.WireError as e:
+        ok_reason = e.reason in WIRE_REASONS
+        return e.reason, None if ok_reason else "crash", "" if ok_reason else f"unknown reason {e.reason}"
+    ref = np.frombuffer(data[: len(data) // 4 * 4], dtype="<u4")
+    if len(data) == 0 or len(data) % 4:
+        return "ok", "crash", f"accepted a {len(data)}-byte PFN array"
+    if not np.array_equal(got, ref):
+        return "ok", "crash", "decoded PFNs differ from the bytes"
+    if mx is not None and got.size and int(got.max()) >= mx:
+        return "ok", "crash", f"accepted PFN {int(got.max())} >= max_pfn {mx}"
+    return "ok", None, ""
+
+
+def _check_bitmap(case: dict):
+    bufs, mx = case["bufs"], case["max_pfn"]
+    ref_reason, (rs, rl) = ref_bitmap(b"".join(bufs), mx)
+    try:
+        _hdr, starts, lengths = wire.decode_bitmap(bufs, max_pfn=mx, page_shifts=wire.BITMAP_PAGE_SHIFTS)
+    except wire.WireError as e:
+        if ref_reason is None:
+            return e.reason, "crash", f"refused ({e}) a request the format allows"
+        return e.reason, None, ""
+    if ref_reason is not None:
+        return "ok", "crash", f"accepted a request the format refuses ({ref_reason})"
+    if not (np.array_equal(starts, rs) and np.array_equal(lengths, rl)):
+        return "ok", "crash", "decoded runs differ from the bitmap's set bits"
+    return "ok", None, ""
+
+
+def _check_chunks(case: dict):
+    ch, mx = [tuple(x) for x in case["chunks"]], case["max_pfn"]
+    ref_reason, spans = ref_chunks(ch, mx)
+    try:
+        s, ln = wire.chunks_to_runs(ch, max_pfn=mx, merge=case["merge"])
+    except wire.WireError as e:
+        if ref_reason is None:
+            return e.reason, "crash", f"refused ({e}) a request the format allows"
+        return e.reason, None, ""
+    if ref_reason is not None:
+        return "ok", "crash", f"accepted a request the format refuses ({ref_reason})"
+    got = list(zip(s.tolist(), ln.tolist()))
+    want = merge_spans(spans) if case["merge"] else [(g >> PAGE_SHIFT, n >> PAGE_SHIFT) for g, n in ch]
+    if got != want:
+        return "ok", "crash", f"decoded runs {got[:4]} differ from the chunks' {want[:4]}"
+    return "ok", None, ""
+

@@ -1,0 +1,53 @@
+"""The per-exec time limit: an exec past it is a hang.
+
+Every target runs its exec between arm() and disarm() inside one hang_timer(): the
+timer raises Hang (a BaseException, so no `except Exception` in the device or the
+fuzzer can swallow it) when the exec used its CPU time (ITIMER_PROF: a loaded
+machine does not make an exec a hang) or WALL_FACTOR times that of wall-clock time
+(a device blocked in a system call uses no CPU).
+"""
+from __future__ import annotations
+
+import signal
+
+WALL_FACTOR = 10    # the wall-clock backstop: a device blocked in a system call uses no CPU
+
+
+class Hang(BaseException):
+    """The per-exec time limit fired (BaseException: no `except Exception` may swallow it)."""
+
+
+def hang_detail(limit_s: float) -> str:
+    """The failure detail of a hang."""
+    return f"exec used more than {limit_s} s of CPU (or {limit_s * WALL_FACTOR} s of wall-clock time)"
+
+
+def _on_alarm(signum, frame):
+    raise Hang()
+
+
+def arm(limit_s: float) -> None:
+    """An exec may use limit_s of CPU (ITIMER_PROF: a loaded machine does not make it a
+    hang), and WALL_FACTOR times that of wall-clock time (a blocked device is a hang too)."""
+    signal.setitimer(signal.ITIMER_PROF, limit_s)
+    signal.setitimer(signal.ITIMER_REAL, limit_s * WALL_FACTOR)
+
+
+def disarm() -> None:
+    """Stop both timers (the exec finished in time)."""
+    signal.setitimer(signal.ITIMER_PROF, 0)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class hang_timer:
+    """Install the Hang handlers for SIGPROF and SIGALRM for the duration of a run."""
+
+    def __enter__(self) -> "hang_timer":
+        self.old = {sig: signal.signal(sig, _on_alarm) for sig in (signal.SIGPROF, signal.SIGALRM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        disarm()
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
