@@ -17,7 +17,7 @@ import numpy as np
 from device.guest.raw_guest import F_INDIRECT, F_NEXT, F_WRITE
 from device.virtio.hint_format import CMD_GET_FREE_PAGES, HINT_DESIGNS
 from device.virtio.layout import PAGE_SHIFT
-from device.virtio.protocols import PROTOCOLS
+from device.virtio import protocols as protocol_table
 from fuzz.cases import (BUF_AREA, HINT_DONE, HINT_REQUEST, HINT_START, LAYOUT_WEIGHTS, LAYOUTS,
                         PROTOCOLS, STATS_POLL, U64_MAX, FuzzLayout, fuzz_layout)
 
@@ -113,7 +113,7 @@ def encode_request(protocol: str, pfns: list[int], rng: random.Random, b: CaseBu
                    ) -> list[tuple[int, int, bool]]:
     """Buffers of one request in the protocol's wire format (this module's own encoder;
     which format an arm puts on the ring is the protocols table's)."""
-    protocol = PROTOCOLS[protocol].wire.name
+    protocol = protocol_table.PROTOCOLS[protocol].wire.name
     if protocol == "pfn":
         raw = struct.pack(f"<{len(pfns)}I", *[p & 0xFFFFFFFF for p in pfns])
         g = b.buf(raw, 4)
