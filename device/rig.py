@@ -219,15 +219,13 @@ class DeviceRig:
         return dict(self.device.errors)
 
     def close(self) -> None:
-        """Close the driver's eventfds, the device's, and the RAM if the rig made it."""
-        dev = self.device
-        for table in (self.driver_kick_fds, self.driver_call_fds, dev.kick_fds, dev.call_fds):
+        """Close the driver's eventfds, reset the device (which closes its own, as a
+        guest's reset does), and the RAM if the rig made it."""
+        for table in (self.driver_kick_fds, self.driver_call_fds):
             for fd in table.values():
                 os.close(fd)
             table.clear()
-        if dev.config_call_fd is not None:
-            os.close(dev.config_call_fd)
-            dev.config_call_fd = None
+        self.device.reset()
         if self.owns_ram:
             self.ram.close()
 

@@ -59,17 +59,28 @@ def _check_pfn(case: dict):
     return "ok", None, ""
 
 
+def _against_reference(decode, ref_reason: str | None):
+    """Run the device's decoder; its refusal must match the reference decoder's. Returns
+    (verdict, None) when that settles the case, else (None, what it decoded)."""
+    try:
+        decoded = decode()
+    except wire.WireError as e:
+        if ref_reason is None:
+            return (e.reason, "crash", f"refused ({e}) a request the format allows"), None
+        return (e.reason, None, ""), None
+    if ref_reason is not None:
+        return ("ok", "crash", f"accepted a request the format refuses ({ref_reason})"), None
+    return None, decoded
+
+
 def _check_bitmap(case: dict):
     bufs, mx = case["bufs"], case["max_pfn"]
     ref_reason, (rs, rl) = ref_bitmap(b"".join(bufs), mx)
-    try:
-        _hdr, starts, lengths = wire.decode_bitmap(bufs, max_pfn=mx, page_shifts=wire.BITMAP_PAGE_SHIFTS)
-    except wire.WireError as e:
-        if ref_reason is None:
-            return e.reason, "crash", f"refused ({e}) a request the format allows"
-        return e.reason, None, ""
-    if ref_reason is not None:
-        return "ok", "crash", f"accepted a request the format refuses ({ref_reason})"
+    verdict, decoded = _against_reference(
+        lambda: wire.decode_bitmap(bufs, max_pfn=mx, page_shifts=wire.BITMAP_PAGE_SHIFTS), ref_reason)
+    if verdict is not None:
+        return verdict
+    _hdr, starts, lengths = decoded
     if not (np.array_equal(starts, rs) and np.array_equal(lengths, rl)):
         return "ok", "crash", "decoded runs differ from the bitmap's set bits"
     return "ok", None, ""
@@ -78,14 +89,11 @@ def _check_bitmap(case: dict):
 def _check_chunks(case: dict):
     ch, mx = [tuple(x) for x in case["chunks"]], case["max_pfn"]
     ref_reason, spans = ref_chunks(ch, mx)
-    try:
-        s, ln = wire.chunks_to_runs(ch, max_pfn=mx, merge=case["merge"])
-    except wire.WireError as e:
-        if ref_reason is None:
-            return e.reason, "crash", f"refused ({e}) a request the format allows"
-        return e.reason, None, ""
-    if ref_reason is not None:
-        return "ok", "crash", f"accepted a request the format refuses ({ref_reason})"
+    verdict, decoded = _against_reference(lambda: wire.chunks_to_runs(ch, max_pfn=mx, merge=case["merge"]),
+                                          ref_reason)
+    if verdict is not None:
+        return verdict
+    s, ln = decoded
     got = list(zip(s.tolist(), ln.tolist()))
     want = merge_spans(spans) if case["merge"] else [(g >> PAGE_SHIFT, n >> PAGE_SHIFT) for g, n in ch]
     if got != want:
