@@ -71,7 +71,7 @@ PROBE_METRICS = MetricSet("probes/session.py PROBE_METRICS", [
     Metric("interrupts", GAUGE, "", "writes to call eventfds (EVENT_IDX skips some while the driver is busy)"),
     Metric("config_notifications", GAUGE, "", "writes to config-change eventfds"),
     Metric("device_wakeups", GAUGE, "", "reads of kick eventfds that returned data: device wake-ups"),
-    Metric("device_rekicks", GAUGE, "", "kick eventfd writes by the device itself (its work budget was spent)"),
+    Metric("device_rekicks", GAUGE, "", "kick eventfd writes by the device itself (budget spent, work left)"),
     Metric("interrupt_reads", GAUGE, "", "reads of call eventfds that returned data"),
     Metric("empty_reads", GAUGE, "", "reads of registered eventfds that found nothing (EAGAIN)"),
     Metric("eventfd_writes", GAUGE, "", "writes to any registered eventfd"),
@@ -114,7 +114,7 @@ class ProbeReading:
     interrupts: int | None = None              # writes to call eventfds
     config_notifications: int | None = None    # writes to config eventfds
     device_wakeups: int | None = None          # reads of kick eventfds that returned data
-    device_rekicks: int | None = None          # kick-fd writes by the device itself (work budget spent)
+    device_rekicks: int | None = None          # kick-fd writes by the device itself (budget spent, work left)
     interrupt_reads: int | None = None         # reads of call eventfds that returned data
     empty_reads: int | None = None             # reads of registered eventfds that failed (EAGAIN)
     eventfd_writes: int | None = None          # writes to any registered eventfd (incl. kind "other")

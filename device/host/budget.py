@@ -6,8 +6,10 @@ because one chain may be one descriptor or an indirect table of 4096 of them (ma
 request may name one page or carry a 16 MiB bitmap. So a wake-up is budgeted in what
 costs time: descriptors walked (every descriptor of every chain, refused or not, the
 whole indirect table), bytes of requests read from guest RAM, and discard system
-calls. Once any is spent the device re-kicks the queue itself and returns to the loop,
-which serves everything else before it comes back. A single chain is never split, so
+calls. Once any is spent the device returns to the loop, re-kicking the queue itself if
+work is left (a budget that ends with the last chain re-arms kicks instead: a wake-up
+with nothing to serve would only come after the guest saw its request done); the loop
+serves everything else before it comes back. A single chain is never split, so
 one wake-up does at most the budget plus one chain: the bound docs/BAD_INPUT.md states
 and benchmarks/chain_attack.py measures.
 """

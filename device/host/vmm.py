@@ -143,9 +143,9 @@ class VMM:
     def _serve_kick(self, fd: int, index: int, budget: WorkBudget) -> None:
         try:
             os.eventfd_read(fd)
+            self.wakeups += 1      # a wake-up is a read that returned data, as the probe counts it
         except BlockingIOError:
-            pass
-        self.wakeups += 1
+            pass                   # emptied meanwhile (the guest holds the same eventfd): look anyway
         self.device.process_queue(index, budget)
 
     # --- guest process -----------------------------------------------------------------
