@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab import metrics as M  # noqa: E402
+from lab import metrics  # noqa: E402
 from lab.environment import loadavg  # noqa: E402
 from lab.spec import ExperimentSpec  # noqa: E402
 from lab.store import Store, TrialRecord, now_iso  # noqa: E402
@@ -68,7 +68,7 @@ def write_concurrently(target: str, writers: int, trials: int) -> dict[str, Any]
     if any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"writer exit codes {[p.exitcode for p in procs]}")
     per_writer = sorted(q.get() for _ in procs)
-    n_metrics = len(M.flatten(sample_result(0))[0])
+    n_metrics = len(metrics.flatten(sample_result(0))[0])
     with Store(target) as store:
         stored = store.trial_count(run_id)
         idxs = [t.idx for t in store.trials(run_id)]
