@@ -44,6 +44,10 @@ MIGRATE_METRICS = MetricSet("lab/metric_catalog.py MIGRATE_METRICS", [
     Metric("bytes_sent", COUNTER, "bytes", "bytes on the migration stream"),
     Metric("pages_sent", COUNTER, "", "pages sent with their data"),
     Metric("pages_zero", COUNTER, "", "pages sent as the zero flag"),
+    # QEMU's own migration (lab/backends/qemu/migrate.py: query-migrate's "ram" fields)
+    Metric("pages_skipped", COUNTER, "", "pages QEMU skipped (ram.skipped: e.g. hinted free)"),
+    Metric("ram_total_bytes", COUNTER, "bytes", "guest RAM QEMU migrates (ram.total)"),
+    Metric("page_size", COUNTER, "", "QEMU's target page size, bytes (a parameter)"),
     Metric("wire_gbit_s", TIMING, "s", "stream rate, Gbit/s (kind and unit as the name-guessing had them)"),
     Metric("pages_hinted", COUNTER, "", "pages skipped because the guest hinted them free"),
     Metric("pages_examined", COUNTER, "", "pages the source looked at"),

@@ -51,6 +51,18 @@ def test_every_metric_of_a_stored_trial_is_declared():
     metrics.check_declared(stored)
 
 
+def test_every_metric_of_a_real_qemu_migration_is_declared_as_before():
+    """QEMU's own migration results (lab/backends/qemu/migrate.py) hold query-migrate's
+    fields: each is declared, with the kind and unit the name-guessing gave them."""
+    doc = json.loads((DATA / "qemu_migration_results.json").read_text())
+    assert {r["hint"] for r in doc["results"]} == {"none", "upstream"}
+    for result in doc["results"]:
+        metrics.check_declared(result)
+    differ = {n: (kind, unit, metrics.classify(n), metrics.unit(n)) for n, (kind, unit) in doc["kinds_before"].items()
+              if (metrics.classify(n), metrics.unit(n)) != (kind, unit)}
+    assert differ == {} and "pages_skipped" in doc["kinds_before"]
+
+
 def test_an_undeclared_metric_is_a_clear_error():
     with pytest.raises(UndeclaredMetric) as e:
         metrics.classify("inflate.no_such_counter")
