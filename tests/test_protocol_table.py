@@ -37,7 +37,7 @@ from test_balloon_device import BUF, RING_BASE, balloon_rig
 IND = 3 << 20              # the driver queue's indirect tables
 
 
-class Rig:
+class DeviceWithDriverQueue:
     """The shared DeviceRig (device/rig.py, set up as test_balloon_device's balloon_rig)
     with the lab's own DriverQueue as its driver side: these tests pin what the
     driver's encoders put on the ring, indirect tables included, byte for byte."""
@@ -125,13 +125,13 @@ def old_requests(fmt_name, pages, batch_pages, inflate, whole_blocks):
 def rigs():
     """A device + ring per protocol; a 3076 MiB guest (RAM up to 3 GiB and 4 MiB above
     the hole), memfd sparse."""
-    made = {name: Rig(name, mib=3076, populate_mib=1) for name in PROTOCOL_NAMES}
+    made = {name: DeviceWithDriverQueue(name, mib=3076, populate_mib=1) for name in PROTOCOL_NAMES}
     yield made
     for r in made.values():
         r.close()
 
 
-def _on_ring(r: Rig, bufs):
+def _on_ring(r: DeviceWithDriverQueue, bufs):
     """Put one request on the inflate ring; the device side pops it as a real chain."""
     q, dq = r.q[Q_INFLATE], r.dev.queues[Q_INFLATE]
     q.add_buf(bufs, [], "req")
@@ -203,7 +203,7 @@ def test_encode_decode_round_trip_and_bytes(rigs, name, raw_pfns, blocks, batch,
 def test_device_balloons_exactly_the_pages_sent(name, raw_pfns):
     """Through the whole device (its decode and merge policy from the table): the
     pages it marks as ballooned are the pages the driver encoded, in every protocol."""
-    r = Rig(name, mib=3076, populate_mib=1)
+    r = DeviceWithDriverQueue(name, mib=3076, populate_mib=1)
     try:
         fmt = PROTOCOLS[name].wire
         pages = np.array([p for p in raw_pfns if p < r.layout.max_pfn], dtype=np.int64)
