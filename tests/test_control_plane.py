@@ -15,7 +15,7 @@ from device.virtio.protocols import protocol_device_features
 from device.rig import DeviceRig
 
 
-class Pair:
+class DeviceOverControlSocket:
     """The device serving one request at a time from the driver's channel."""
 
     def __init__(self, protocol: str = "pfn", mib: int = 64) -> None:
@@ -40,7 +40,7 @@ class Pair:
 
 @pytest.fixture
 def pair():
-    p = Pair()
+    p = DeviceOverControlSocket()
     yield p
     p.close()
 
@@ -80,7 +80,7 @@ def test_queue_of_unnegotiated_feature_refused(pair):
 
 
 def test_ring_outside_ram_fails_activation():
-    p = Pair(mib=64)
+    p = DeviceOverControlSocket(mib=64)
     try:
         p.result(Req.SET_STATUS, control.U32.pack(S_ACKNOWLEDGE | S_DRIVER))
         p.result(Req.SET_FEATURES, control.U64.pack(0))
@@ -95,7 +95,7 @@ def test_ring_outside_ram_fails_activation():
 
 
 def test_mem_table_hands_over_the_memfd():
-    p = Pair(mib=6144)
+    p = DeviceOverControlSocket(mib=6144)
     try:
         msg = p.call(Req.GET_MEM_TABLE)
         n, _ = control.MEM_TABLE_HEAD.unpack_from(msg.payload)

@@ -31,7 +31,7 @@ HIGH = (4 << 30) >> 12                # first PFN above it
 MAX_PFN = HIGH + (128 << 20 >> 12)    # one past the last RAM page
 
 
-class Hostile:
+class HostileVMSession:
     """One VMM + raw guest, reset to a clean device before each test."""
 
     def __init__(self, protocol: str) -> None:
@@ -106,30 +106,30 @@ def header(start_pfn: int, bmap_len: int, page_shift: int = 12, cmd: int = 0) ->
 
 @pytest.fixture(scope="module")
 def pfn_vm():
-    h = Hostile("pfn")
+    h = HostileVMSession("pfn")
     yield h
     h.close()
 
 
 @pytest.fixture(scope="module")
 def bitmap_vm():
-    h = Hostile("bitmap")
+    h = HostileVMSession("bitmap")
     yield h
     h.close()
 
 
 @pytest.fixture(scope="module")
 def chunks_vm():
-    h = Hostile("chunks")
+    h = HostileVMSession("chunks")
     yield h
     h.close()
 
 
-def delta(h: Hostile, before: dict, reason: str) -> int:
+def delta(h: HostileVMSession, before: dict, reason: str) -> int:
     return h.errors().get(reason, 0) - before.get(reason, 0)
 
 
-def eventually(h: Hostile, before: dict, reason: str, at_least: int = 1, timeout: float = 10.0) -> int:
+def eventually(h: HostileVMSession, before: dict, reason: str, at_least: int = 1, timeout: float = 10.0) -> int:
     """The counter once it reached `at_least` (the VMM serves kicks asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:

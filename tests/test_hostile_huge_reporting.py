@@ -10,14 +10,14 @@ from device.virtio.backing import BackingError, ensure_backing
 from device.virtio.features import F_REPORTING, bit
 from device.guest.raw_guest import F_WRITE, NEEDS_RESET
 from lab.hostile_vm import HostileVM
-from test_hostile_guest import DATA, GUEST_MIB, HIGH, HOLE, MAX_PFN, RING, Hostile, delta, header
+from test_hostile_guest import DATA, GUEST_MIB, HIGH, HOLE, MAX_PFN, RING, HostileVMSession, delta, header
 
 HUGE = 512
 BLOCK = DATA                      # 16 MiB: a 2 MiB-aligned block that holds the test's data pages
 RING4 = 0x13000
 
 
-class HugeHostile(Hostile):
+class HugeHostileVMSession(HostileVMSession):
     def __init__(self, protocol: str) -> None:
         try:
             ensure_backing("thp")
@@ -36,7 +36,7 @@ class HugeHostile(Hostile):
 
 @pytest.fixture(scope="module")
 def huge_vm():
-    h = HugeHostile("bitmap")
+    h = HugeHostileVMSession("bitmap")
     yield h
     h.close()
     RING.pop(4, None)
