@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device.virtio.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
-from device.virtio.protocols import PROTOCOL_NAMES
 
-PROTOCOLS = PROTOCOL_NAMES             # every arm of the protocols table
 QUEUES = (0, 1, 2, 3, 5)            # inflate, deflate, stats, free-page hint, misc
 # Steps that are not guest kicks: what the VMM does on its side between them.
 STATS_POLL = -1                     # return the held stats buffer (qom-get guest-stats)

@@ -20,8 +20,6 @@ from device.virtio.layout import GuestLayout, Region
 
 KiB256 = 256 << 10
 WAKEUP_BOUND_S = 0.050            # one wake-up's CPU time: the monitor's worst wait (docs/BAD_INPUT.md)
-PROTOCOLS = PROTOCOL_NAMES
-HINTS = HINT_DESIGNS
 FD_KINDS = ("eventfd", "memfd", "pipe", "socket", "devnull")
 RING0 = 0x10000                   # where `inflate` steps put queue 0's ring (size 8) ...
 REQ_BUF = 0x12000                 # ... and their request
@@ -44,7 +42,7 @@ def _payload(rng: random.Random, req: int) -> bytes:
         return bytes(rng.choice([0, 1, 3, 11, 4095, 4096, 4097, 4200]) * [0])[:0] + \
             rng.randbytes(rng.choice([0, 1, 3, 11, 4095, 4096, 4097, 4200]))
     if req == control.Req.SET_FEATURES:
-        feats = protocol_device_features(rng.choice(PROTOCOLS)) | hint_device_features(rng.choice(HINTS))
+        feats = protocol_device_features(rng.choice(PROTOCOL_NAMES)) | hint_device_features(rng.choice(HINT_DESIGNS))
         return control.U64.pack(feats if r < 0.8 else rng.getrandbits(64))
     if req == control.Req.SET_STATUS:
         return control.U32.pack(rng.choice(STATUS_VALUES))
@@ -130,7 +128,7 @@ def gen_control(rng: random.Random) -> dict:
     r = rng.random()
     steps = [["setup", queues]] if r < 0.7 else _setup_steps(rng, queues) if r < 0.85 else []
     steps += [control_step(rng) for _ in range(rng.choice([1, 2, 4, 8, 16]))]
-    return {"t": "control", "proto": rng.choice(PROTOCOLS), "hint": rng.choice(HINTS),
+    return {"t": "control", "proto": rng.choice(PROTOCOL_NAMES), "hint": rng.choice(HINT_DESIGNS),
             "max_queued": rng.choice([1, 2, 8, 64]), "steps": steps}
 
 

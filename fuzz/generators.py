@@ -17,9 +17,9 @@ import numpy as np
 from device.guest.raw_guest import F_INDIRECT, F_NEXT, F_WRITE
 from device.virtio.hint_format import CMD_GET_FREE_PAGES, HINT_DESIGNS
 from device.virtio.layout import PAGE_SHIFT
-from device.virtio import protocols as protocol_table
+from device.virtio.protocols import PROTOCOL_NAMES, PROTOCOLS
 from fuzz.cases import (BUF_AREA, HINT_DONE, HINT_REQUEST, HINT_START, LAYOUT_WEIGHTS, LAYOUTS,
-                        PROTOCOLS, STATS_POLL, U64_MAX, FuzzLayout, fuzz_layout)
+                        STATS_POLL, U64_MAX, FuzzLayout, fuzz_layout)
 
 
 def interesting_u64(rng: random.Random, fl: FuzzLayout) -> int:
@@ -113,7 +113,7 @@ def encode_request(protocol: str, pfns: list[int], rng: random.Random, b: CaseBu
                    ) -> list[tuple[int, int, bool]]:
     """Buffers of one request in the protocol's wire format (this module's own encoder;
     which format an arm puts on the ring is the protocols table's)."""
-    protocol = protocol_table.PROTOCOLS[protocol].wire.name
+    protocol = PROTOCOLS[protocol].wire.name
     if protocol == "pfn":
         raw = struct.pack(f"<{len(pfns)}I", *[p & 0xFFFFFFFF for p in pfns])
         g = b.buf(raw, 4)
@@ -197,7 +197,7 @@ def gen_hints(case: dict, b: CaseBuilder, rng: random.Random, fl: FuzzLayout, q:
 def gen_device(rng: random.Random) -> dict:
     lname = rng.choices(LAYOUTS, LAYOUT_WEIGHTS)[0]
     fl = fuzz_layout(lname)
-    case = {"t": "device", "layout": lname, "proto": rng.choice(PROTOCOLS), "qsize": rng.choice([1, 2, 4, 8, 8, 16]),
+    case = {"t": "device", "layout": lname, "proto": rng.choice(PROTOCOL_NAMES), "qsize": rng.choice([1, 2, 4, 8, 8, 16]),
             "hint": rng.choices(HINT_DESIGNS, (0.6, 0.2, 0.2))[0],
             "indirect": rng.random() < 0.8, "event_idx": rng.random() < 0.5, "status": "live",
             "pre": [], "queues": {}, "mem": [], "kicks": []}

@@ -138,7 +138,7 @@ class MigrationSteps:
     # --- steps ----------------------------------------------------------------------------
     def step(self, step: list, ctx: dict) -> bool:
         kind = step[0]
-        guest, dev, hints, chan, loop = ctx["guest"], ctx["dev"], ctx["hints"], ctx["chan"], ctx["loop"]
+        loop = ctx["loop"]
         if kind in VMM_STEPS:
             self._vmm(kind, ctx)
             loop.wakeup()

@@ -15,7 +15,8 @@ import struct
 from device.guest.raw_guest import F_INDIRECT, F_NEXT, F_WRITE
 from device.virtio.layout import PAGE_SHIFT
 from device.virtio.hint_format import HINT_DESIGNS
-from fuzz.cases import PROTOCOLS, QUEUES, U64_MAX, VMM_STEPS, FuzzLayout, copy_case, fuzz_layout
+from device.virtio.protocols import PROTOCOL_NAMES
+from fuzz.cases import QUEUES, U64_MAX, VMM_STEPS, FuzzLayout, copy_case, fuzz_layout
 from fuzz.generators import interesting_len, interesting_u64, pick_pfns
 
 PAGE_SHIFTS = (0, 11, 12, 13, 20, 21, 22, 63, 0xFFFF)   # what mutations put in a bitmap header
@@ -97,7 +98,7 @@ def mutate_device(case: dict, rng: random.Random, pool: list[dict]) -> dict:
             w = rng.choice(c["mem"])
             w[1] = mutate_bytes(rng, w[1], fl)
         elif op == 10:
-            c["proto"] = rng.choice(PROTOCOLS)
+            c["proto"] = rng.choice(PROTOCOL_NAMES)
         elif op == 11:
             r = rng.random()
             if r < 0.3:

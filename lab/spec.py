@@ -286,15 +286,6 @@ def _check_int(name: str, v: Any, lo: int | None, hi: int | None) -> int:
 PAGES_PER_MIB = 256
 
 
-def parse_mib(text: Any) -> int | float:
-    """MiB as given on the command line: 512, or 100.5 (a whole number of 4 KiB pages)."""
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        raise SpecError("inflate_mib", f"{text!r} is not a number of MiB") from None
-    return int(v) if v.is_integer() else v
-
-
 def check_mib(name: str, v: Any, lo: int, hi: int) -> int | float:
     """An integer, or a float that is a whole number of 4 KiB pages (so the last request
     of an inflate can be partial); integral floats come back as int."""

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from device.virtio import wire
+from device.virtio.protocols import PROTOCOL_NAMES
 from device.host.balloon_device import BalloonDevice
 from fuzz import cases, corpus, engine, generators, mutators, targets
 from fuzz.cases import Outcome, fuzz_layout
@@ -159,7 +160,7 @@ def raw_rings(draw):
     qs = {0: {"desc": draw(desc), "heads": draw(st.lists(st.integers(0, n), max_size=n)), "last": 0,
               "idx": draw(st.integers(0, n + 1) | st.integers(0, 0xFFFF)), "flags": 0, "event": 0}}
     mem = [[0x8000, draw(pfn_buf)], [0x9000, draw(st.binary(max_size=256))]]
-    return {"t": "device", "layout": "mini", "proto": draw(st.sampled_from(cases.PROTOCOLS)), "qsize": n,
+    return {"t": "device", "layout": "mini", "proto": draw(st.sampled_from(PROTOCOL_NAMES)), "qsize": n,
             "hint": "none", "indirect": draw(st.booleans()), "event_idx": draw(st.booleans()), "status": "live",
             "pre": [], "queues": qs, "mem": mem, "kicks": [0, 0]}
 

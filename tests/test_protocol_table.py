@@ -25,7 +25,7 @@ from device.virtio import wire
 from device.virtio.discard import DISCARD_METHOD_NAMES, DISCARD_METHODS, discard_method, discard_runs
 from device.virtio.features import F_PAGE_BITMAP, F_PAGE_CHUNKS, PFN_BATCH_MAX, Q_INFLATE, bit
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
-from device.virtio.protocols import (MAX_CHUNK_BYTES, MAX_CHUNKS_PER_REQUEST, PROTOCOL_NAMES, PROTOCOLS,
+from device.virtio.protocols import (DRIVER_CHUNK_BYTES, MAX_CHUNKS_PER_REQUEST, PROTOCOL_NAMES, PROTOCOLS,
                                      WIRE_FORMAT_NAMES, WIRE_FORMATS, Refusal, accepted_wire_format,
                                      negotiated_wire_format, protocol, protocol_device_features)
 from device.rig import DeviceRig
@@ -104,7 +104,7 @@ def old_bitmap(pages, batch_pages, inflate, whole_blocks):
 
 def old_chunks(pages):
     starts, lengths = wire.pfns_to_runs(np.sort(pages))
-    gpas, nbytes = wire.runs_to_chunk_arrays(starts, lengths, max_chunk_bytes=MAX_CHUNK_BYTES)
+    gpas, nbytes = wire.runs_to_chunk_arrays(starts, lengths, max_chunk_bytes=DRIVER_CHUNK_BYTES)
     spans = wire.chunk_requests(gpas, nbytes, max_chunks=MAX_CHUNKS_PER_REQUEST)
     return [(None, np.column_stack((gpas[i:j], nbytes[i:j])),
              wire.runs_to_pfns(gpas[i:j] >> PAGE_SHIFT, nbytes[i:j] >> PAGE_SHIFT)) for i, j in spans]

@@ -31,7 +31,6 @@ from device.virtio.wire import (
     runs_to_chunks,
     runs_to_pfns,
 )
-from device.virtio.protocols import request_stats
 
 LAYOUT = GuestLayout.pc(6144)  # RAM PFNs [0, 786432) and [1048576, 1835008)
 MAX_PFN = LAYOUT.max_pfn
@@ -350,22 +349,6 @@ def test_chunk_requests():
     with pytest.raises(WireError) as e:
         chunk_requests(np.zeros(1), np.array([(1 << 32) + 4096]), max_chunks=4)
     assert reason(e) == "too-long"
-
-
-def test_request_stats_match_encoders():
-    pfns = edge_pfns()
-    s, ln = pfns_to_runs(pfns)
-    st_pfn = request_stats("pfn", s, ln)
-    assert (st_pfn.pages, st_pfn.runs, st_pfn.requests) == (pfns.size, s.size, -(-pfns.size // 256))
-    assert st_pfn.payload_bytes == len(encode_pfns(pfns))
-    reqs = encode_bitmap_requests(pfns, pages_per_request=4096, cmd=0)
-    st_bm = request_stats("bitmap", s, ln, pages_per_request=4096)
-    assert st_bm.requests == len(reqs) and st_bm.payload_bytes == sum(map(len, reqs))
-    st_ch = request_stats("chunks", s, ln, max_chunks_per_request=100)
-    assert st_ch.requests == -(-s.size // 100)
-    assert st_ch.descriptors == s.size + st_ch.requests  # each multi-chunk request adds its indirect descriptor
-    with pytest.raises(ValueError):
-        request_stats("carrier-pigeon", s, ln)
 
 
 def test_gib_scale_round_trip():

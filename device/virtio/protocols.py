@@ -6,7 +6,7 @@ Two levels, because the lab compares more protocols than there are wire formats:
   inflate/deflate rings. The feature bit the driver and device negotiate selects it
   (none for pfn); the driver's `--protocol` names it, and a trial's result records it
   as `wire_format`. It brings the driver's `encode` (a pass of pages -> requests), the
-  device's `decode` (one chain -> PFNs or runs) and the ring cost of a set of runs.
+  device's `decode` (one chain -> PFNs or runs).
 - a **protocol** (BalloonProtocol: pfn, pfn-ranges, bitmap, chunks) is an arm of an
   experiment: a wire format plus what the device does with it. pfn-ranges is the PFN
   wire format with the device merging each request's PFNs into runs first
@@ -32,7 +32,7 @@ from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 
 RANGE_BATCH = 262144            # pages per bitmap/chunks request (1 GiB) unless the user gives a batch
 MAX_CHUNKS_PER_REQUEST = 4096   # descriptors in one chunks request (indirect table of 64 KiB)
-MAX_CHUNK_BYTES = 1 << 30       # a descriptor's le32 len caps one chunk; the driver splits longer runs
+DRIVER_CHUNK_BYTES = 1 << 30    # the driver splits runs longer than this (wire.MAX_CHUNK_BYTES is what a descriptor can carry)
 HUGE_BLOCK_SHIFT = wire.BITMAP_PAGE_SHIFTS[-1]   # bitmap page_shift naming whole 2 MiB blocks
 # What the VMM offers for every protocol; the protocol's own bit comes on top.
 BASE_DEVICE_FEATURES = (bit(F_MUST_TELL_HOST) | bit(F_STATS_VQ) | bit(F_DEFLATE_ON_OOM) | bit(F_FREE_PAGE_HINT)
@@ -107,7 +107,6 @@ class WireFormat:
     place: Callable[[Any, int, Any], list] | None   # payload -> request buffer -> descriptors; None: no buffer
     request_buffer_bytes: Callable[[int], int]      # the driver's request buffer for a batch (0: none)
     decode: Callable[..., DecodedRequest]
-    ring_cost: Callable[..., "RequestStats"]
     doc: str
 
     def unit_groups(self, pages: np.ndarray, whole_pages: int) -> list[tuple[np.ndarray, int]]:
@@ -157,8 +156,6 @@ class BalloonProtocol:
         """Features the VMM offers for this arm: the wire format's bit on the base set."""
         return BASE_DEVICE_FEATURES | (bit(self.feature) if self.feature is not None else 0)
 
-    def request_stats(self, starts, lengths, **params) -> "RequestStats":
-        return request_stats(self.name, starts, lengths, **params)
 
 
 # ======================================================================================
@@ -236,7 +233,7 @@ def _decode_bitmap(chain: Chain, *, max_pfn: int, copy_limit: int) -> DecodedReq
 # ======================================================================================
 def _encode_chunks(pages: np.ndarray, **_: Any) -> list[WireRequest]:
     starts, lengths = wire.pfns_to_runs(np.sort(pages))
-    gpas, nbytes = wire.runs_to_chunk_arrays(starts, lengths, max_chunk_bytes=MAX_CHUNK_BYTES)
+    gpas, nbytes = wire.runs_to_chunk_arrays(starts, lengths, max_chunk_bytes=DRIVER_CHUNK_BYTES)
     spans = wire.chunk_requests(gpas, nbytes, max_chunks=MAX_CHUNKS_PER_REQUEST)
     # the pages each request covers (bookkeeping for the balloon), inside encode as for bitmap
     return [WireRequest(wire.runs_to_pfns(gpas[i:j] >> PAGE_SHIFT, nbytes[i:j] >> PAGE_SHIFT),
@@ -253,63 +250,22 @@ def _decode_chunks(chain: Chain, *, max_pfn: int, copy_limit: int) -> DecodedReq
 
 
 # ======================================================================================
-# Ring cost of a set of runs under each wire format, computed without encoding
-# ======================================================================================
-@dataclass(frozen=True)
-class RequestStats:
-    protocol: str
-    pages: int
-    runs: int
-    requests: int
-    descriptors: int  # ring descriptors (indirect tables count their entries)
-    payload_bytes: int  # bytes the device reads from guest buffers
-    descriptor_bytes: int  # 16 bytes per descriptor touched
-
-
-def _pfn_cost(protocol: str, s: np.ndarray, ln: np.ndarray, *, pfns_per_request: int, **_: Any) -> RequestStats:
-    pages, runs = int(ln.sum()), int(s.size)
-    req = -(-pages // pfns_per_request)
-    return RequestStats(protocol, pages, runs, req, req, 4 * pages, 16 * req)
-
-
-def _bitmap_cost(protocol: str, s: np.ndarray, ln: np.ndarray, *, pages_per_request: int, **_: Any) -> RequestStats:
-    pages, runs = int(ln.sum()), int(s.size)
-    if pages == 0:
-        return RequestStats(protocol, 0, 0, 0, 0, 0, 0)
-    u = wire.runs_to_pfns(s, ln)
-    u.sort()
-    _, _, _, nbytes = wire._bitmap_windows(u, pages_per_request)
-    req = int(nbytes.size)
-    return RequestStats(protocol, pages, runs, req, req, req * wire.BITMAP_HEADER_SIZE + int(nbytes.sum()), 16 * req)
-
-
-def _chunks_cost(protocol: str, s: np.ndarray, ln: np.ndarray, *, max_chunks_per_request: int,
-                 max_chunk_bytes: int, **_: Any) -> RequestStats:
-    pages, runs = int(ln.sum()), int(s.size)
-    g, nb = wire.runs_to_chunk_arrays(s, ln, max_chunk_bytes=max_chunk_bytes) if runs else (np.zeros(0), np.zeros(0))
-    reqs = wire.chunk_requests(g, nb, max_chunks=max_chunks_per_request)
-    desc = int(nb.size) + sum(1 for a, b in reqs if b - a > 1)
-    return RequestStats(protocol, pages, runs, len(reqs), desc, 0, 16 * desc)
-
-
-# ======================================================================================
 # The table
 # ======================================================================================
 PFN_WIRE = WireFormat(
     name="pfn", feature=None, priority=0, default_batch=PFN_BATCH_MAX, max_batch=PFN_BATCH_MAX,
     encodes_whole_pass=False, names_huge_blocks=False, encode=_encode_pfns, place=_place_pfns,
-    request_buffer_bytes=lambda batch: 4 * PFN_BATCH_MAX, decode=_decode_pfns, ring_cost=_pfn_cost,
+    request_buffer_bytes=lambda batch: 4 * PFN_BATCH_MAX, decode=_decode_pfns,
     doc="le32 PFN arrays, at most 256 per request (Linux's VIRTIO_BALLOON_ARRAY_PFNS_MAX)")
 BITMAP_WIRE = WireFormat(
     name="bitmap", feature=F_PAGE_BITMAP, priority=1, default_batch=RANGE_BATCH, max_batch=None,
     encodes_whole_pass=True, names_huge_blocks=True, encode=_encode_bitmaps, place=_place_bitmap,
     request_buffer_bytes=lambda batch: wire.BITMAP_HEADER_SIZE + -(-batch // 8), decode=_decode_bitmap,
-    ring_cost=_bitmap_cost,
     doc="the seed's 32-byte header + bitmap, header and each bitmap page in their own descriptor")
 CHUNKS_WIRE = WireFormat(
     name="chunks", feature=F_PAGE_CHUNKS, priority=2, default_batch=RANGE_BATCH, max_batch=None,
     encodes_whole_pass=True, names_huge_blocks=False, encode=_encode_chunks, place=None,
-    request_buffer_bytes=lambda batch: 0, decode=_decode_chunks, ring_cost=_chunks_cost,
+    request_buffer_bytes=lambda batch: 0, decode=_decode_chunks,
     doc="one (GPA, length) descriptor per run of ballooned pages, indirect when long")
 
 WIRE_FORMATS: dict[str, WireFormat] = {f.name: f for f in (PFN_WIRE, BITMAP_WIRE, CHUNKS_WIRE)}
@@ -365,20 +321,3 @@ def max_batch_of(names: Iterable[str]) -> int | None:
     names outside the table, such as the real-stack arms, have none)."""
     limits = [PROTOCOLS[n].max_batch for n in names if n in PROTOCOLS and PROTOCOLS[n].max_batch is not None]
     return min(limits) if limits else None
-
-
-def request_stats(protocol_name: str, starts, lengths, *, pfns_per_request: int = 256,
-                  pages_per_request: int = 32768, max_chunks_per_request: int = 256,
-                  max_chunk_bytes: int = wire.MAX_CHUNK_BYTES) -> RequestStats:
-    """What sending these runs costs on the ring under one protocol, computed
-    without encoding: pfn / pfn-ranges one descriptor per request of <= 256 PFNs;
-    bitmap one request (one descriptor) per non-empty window; chunks one descriptor
-    per chunk, requests of <= max_chunks_per_request chunks and <= 2^32 bytes (plus
-    the indirect descriptor when a request has more than one chunk)."""
-    s = wire._as_int64(starts, "starts")
-    ln = wire._as_int64(lengths, "lengths")
-    if protocol_name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol_name!r}; choose from {PROTOCOL_NAMES}")
-    return PROTOCOLS[protocol_name].wire.ring_cost(
-        protocol_name, s, ln, pfns_per_request=pfns_per_request, pages_per_request=pages_per_request,
-        max_chunks_per_request=max_chunks_per_request, max_chunk_bytes=max_chunk_bytes)

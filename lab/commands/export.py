@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from lab.cli_checks import refuse, writable_file
+from lab.export import FORMATS
 from lab.paths import db_option, default_db_path
 from lab.store import Store, StoreError
 
@@ -28,7 +29,7 @@ In pandas (docs/EXPORT.md has more):
 
 @click.command("export", epilog=EXAMPLES)
 @click.argument("run_refs", metavar="RUN...", nargs=-1, required=True)
-@click.option("--format", "fmt", type=click.Choice(("csv", "jsonl", "parquet")), default="csv", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="csv", show_default=True,
               help="csv and jsonl go to stdout unless -o is given; parquet needs -o.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File to write (default: stdout).")

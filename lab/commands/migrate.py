@@ -23,7 +23,7 @@ from lab.experiment import ExperimentInterrupted, load_comparison, run_experimen
 from lab.migrate_runner import HINTS, SEED_FIGURES, run_trial
 from lab.paths import db_option, default_db_path
 from lab.cli_checks import checked, refuse
-from lab.spec import ExperimentSpec, format_bandwidth, load_spec, toml_value
+from lab.spec import DEFAULT_BANDWIDTH, ExperimentSpec, format_bandwidth, load_spec, toml_value
 from lab.store import Store
 
 JSON_KEYS = ("hint", "total_ms", "downtime_ms", "rounds", "bytes_sent", "pages_sent", "pages_zero", "pages_hinted",
@@ -59,7 +59,7 @@ class MigrateSpec(ExperimentSpec):
 
 # The paper's setup (an idle 8 GiB guest at 10 Gbit/s, one trial); everything else
 # defaults as in `compare` (ExperimentSpec), the seed included.
-MIGRATE_DEFAULTS = dict(guest_mib=8192, workload="idle", trials=1, warmups=0, probes=True, bandwidth="10gbit")
+MIGRATE_DEFAULTS = dict(guest_mib=8192, workload="idle", trials=1, warmups=0, probes=True, bandwidth=DEFAULT_BANDWIDTH)
 MIGRATE_FLAGS = {"arms": "--hint"}
 
 

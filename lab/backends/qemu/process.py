@@ -25,9 +25,6 @@ from lab.orphans import wait_or_kill
 QEMU = "qemu-system-x86_64"
 TRACE_EVENTS = ("virtqueue_pop", "virtio_queue_notify", "virtio_notify", "virtio_notify_irqfd",
                 "virtio_balloon_handle_output", "virtio_balloon_to_target")
-MEMORY_BACKENDS = ("anonymous", "memfd")
-
-
 class QemuError(RuntimeError):
     """QEMU or its guest could not be started or driven; the message says which."""
 
