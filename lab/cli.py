@@ -1,10 +1,13 @@
 """balloon-lab command line: one click group; each command lives in lab/commands/."""
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
 import click
+
+from lab.store_guard import StoreError
 
 # Each module in lab/commands/ defines one click command (or group) named `command`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -22,9 +25,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+# what a full or read-only disk says: the user's to fix, not a bug to show a traceback for
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
 class OneLineUsageErrors(click.Group):
     """Usage errors of every command as one line naming the option, exit 2 (click's
-    default is a usage block and a blank line; scripts and humans both want one line)."""
+    default is a usage block and a blank line; scripts and humans both want one line).
+    So are a results database the command cannot use (damaged, foreign, full: a
+    StoreError, lab/store_guard.py) and a full or read-only disk, wherever they surface."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -33,6 +42,16 @@ class OneLineUsageErrors(click.Group):
             where = e.ctx.command_path if e.ctx is not None else ctx.command_path
             click.echo(f"{where}: {e.format_message()} (see --help)", err=True)
             sys.exit(e.exit_code)
+        except StoreError as e:
+            click.echo(f"{ctx.command_path} {ctx.invoked_subcommand or ''}: {e}".replace(" :", ":"), err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in DISK_ERRNOS:
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            click.echo(f"{ctx.command_path} {ctx.invoked_subcommand or ''}:{where} {e.strerror}"
+                       .replace(" :", ":"), err=True)
+            sys.exit(2)
 
 
 @click.group(cls=OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})

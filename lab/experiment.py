@@ -9,6 +9,7 @@ and Ctrl-C or SIGTERM marks the run interrupted and raises ExperimentInterrupted
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
@@ -20,7 +21,7 @@ from typing import Any, Callable, Mapping
 from lab import environment, metrics, stats, trial_result
 from lab.backends import backend_environment
 from lab.spec import ArmPlan, ExperimentSpec
-from lab.store import Store, TrialRecord, dumps, now_iso
+from lab.store import Store, StoreError, TrialRecord, dumps, now_iso
 
 # trial_fn(spec, arm, round) -> result dict. `round` is the same for every arm of a
 # round (warm-up rounds first), so a runner seeding its workload with spec.seed + round
@@ -124,14 +125,27 @@ def run_experiment(spec: ExperimentSpec, trial_fn: TrialFn, store: Store, *, pro
     except (KeyboardInterrupt, _Terminated) as e:
         signum = e.signum if isinstance(e, _Terminated) else signal.SIGINT
         store.finish_run(run_id, "interrupted")
-        prog.say(f"run {run_id} interrupted ({signal.Signals(signum).name}); completed trials are kept")
         raise ExperimentInterrupted(run_id, signum) from None
+    except StoreError as e:          # the store cannot take more (a full disk): keep what it holds
+        raise _store_gave_out(store, run_id, e) from None
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
     analyse_run(store, run_id, baseline_arm=plans[0].label)
     prog.say(f"run {run_id} {status}: `balloon-lab show {run_id}` for the comparison")
     return run_id
+
+
+def _store_gave_out(store: Store, run_id: str, err: StoreError) -> StoreError:
+    """The run's one-line error when its store stopped taking writes mid-run: the trials
+    stored before stay (each was one transaction), the run is marked failed if the store
+    still takes that much (otherwise `runs` shows it interrupted: its process is gone)."""
+    kept = ""
+    with contextlib.suppress(StoreError):
+        kept = f" ({store.trial_count(run_id)} trials of this run stored: `balloon-lab show {run_id}`)"
+    with contextlib.suppress(StoreError):
+        store.finish_run(run_id, "failed")
+    return StoreError(f"run {run_id} stopped: {err}{kept}")
 
 
 def _run_rounds(spec: ExperimentSpec, plans: list[ArmPlan], trial_fn: TrialFn, store: Store, run_id: str,
