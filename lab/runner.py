@@ -12,20 +12,19 @@ the target.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 from device.virtio.layout import MiB, PAGE_SHIFT
+from device.virtio.signals import signals_deferred
 from device.virtio.protocols import PROTOCOLS
 from lab.backends import is_qemu_arm
 from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
-from lab.orphans import die_with_parent, wait_or_kill
+from lab.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
 from lab.probe_summary import probe_summary as _probe_summary
 from lab.trial_result import OpResult, TrialResult
 
@@ -66,7 +65,7 @@ class LabProcesses:
     def __init__(self, t: BalloonTrial, extra_vmm_args: list[str] | None = None,
                  extra_guest_args: list[str] | None = None) -> None:
         self.t = t
-        self.dir = tempfile.mkdtemp(prefix="balloon-lab-")
+        self.dir = scratch_dir()
         self.monitor_path = os.path.join(self.dir, "monitor.sock")
         self.agent_path = os.path.join(self.dir, "agent.sock")
         announce_backing(t.backing, t.guest_mib)
@@ -86,7 +85,7 @@ class LabProcesses:
         self.log_path = os.path.join(self.dir, "children.log")
         self._log_quoted = False
         with open(self.log_path, "wb") as log:
-            self.vmm = subprocess.Popen(cmd, stderr=log, preexec_fn=die_with_parent)
+            self.vmm = spawn(cmd, stderr=log)
         self.qmp: QMPClient | None = None
         self.agent: AgentClient | None = None
         try:
@@ -100,6 +99,10 @@ class LabProcesses:
             err = self.failure("starting the VMM and its guest", e)
             self.close()
             raise err from e
+        except BaseException:              # Ctrl-C or SIGTERM while starting: nothing left behind
+            self._log_quoted = True        # (the VMM's log of an interrupted start is noise)
+            self.close()
+            raise
 
     def _both_alive(self) -> bool:
         """The VMM runs and has not lost its guest (asked at most every 0.1 s): a guest
@@ -174,6 +177,12 @@ class LabProcesses:
         return TrialFailed(msg)
 
     def close(self) -> None:
+        """Quit the VMM (and so its guest), reap both, remove the scratch directory. A
+        second Ctrl-C or SIGTERM waits until this is done (at most ~15 s: then SIGKILL)."""
+        with signals_deferred():
+            self._close()
+
+    def _close(self) -> None:
         stalled = _proc_fate(self.vmm.pid, self.vmm)    # dead or stopped: no `quit` to wait for
         try:
             if self.qmp is not None and not stalled:
@@ -202,7 +211,7 @@ class LabProcesses:
             tail = self.log_tail(200)
             if tail:
                 print(tail, file=sys.stderr)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_scratch(self.dir)
 
 
 def _proc_fate(pid: int, popen: subprocess.Popen | None = None) -> str | None:

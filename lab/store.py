@@ -16,15 +16,14 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from device.virtio.signals import signals_deferred
 from lab import host as lab_host
 from lab import metrics
 from lab import store_schema
@@ -50,31 +49,6 @@ def _proc_start(pid: int) -> int | None:
     # the command name (field 2) may contain spaces and parentheses: split after the last ')'
     fields = stat.rsplit(")", 1)[1].split()
     return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Defer SIGINT/SIGTERM until the block is done, then deliver them to the handlers
-    that were in place, so Python cannot raise KeyboardInterrupt between two statements
-    of one transaction. (A signal mask would not do: a process-directed signal goes to
-    any thread not blocking it, e.g. a BLAS worker, and Python then runs the handler in
-    the main thread anyway.) Handlers only run in the main thread, so a write from
-    another thread needs no protection."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    old = {s: h for s, h in old.items() if h is not None}  # None: installed from C, leave it alone
-    for s in old:
-        signal.signal(s, lambda signum, _frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        for s in pending:
-            signal.raise_signal(s)
 
 
 class Store:
@@ -128,7 +102,7 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        with _signals_deferred():
+        with signals_deferred():
             self.db.execute(self.dialect.begin)
             try:
                 yield self.db

@@ -16,7 +16,7 @@ from lab import twins
 from lab.backends.qemu.side_by_side import side_by_side
 from lab.cli_checks import checked, refuse, writable_file
 from lab.environment import load_warnings
-from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
+from lab.experiment import load_comparison, run_experiment
 from lab.paths import db_option, default_db_path
 from lab.runner import trial_fn
 from lab.spec import spec_from_cli, spec_options
@@ -134,11 +134,8 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
     path = db_path or default_db_path()
     try:
         with Store(path) as store:
-            try:
-                run_id = run_experiment(spec, trial_fn(session), store, progress=not quiet, probe_session=session)
-            except ExperimentInterrupted as e:
-                click.echo(f"interrupted: run {e.run_id} kept its completed trials", err=True)
-                sys.exit(130)
+            # Ctrl-C or SIGTERM: the run is marked interrupted, lab/cli.py says so in one line
+            run_id = run_experiment(spec, trial_fn(session), store, progress=not quiet, probe_session=session)
             comp = load_comparison(store, run_id)
             if comp is None:
                 click.echo(f"run {run_id}: no successful trial of the baseline arm; "

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from lab.backends import is_qemu_arm
-from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
+from lab.experiment import load_comparison, run_experiment
 from lab.migrate_runner import HINTS, SEED_FIGURES, run_trial
 from lab.paths import db_option, default_db_path
 from lab.cli_checks import checked, refuse
@@ -221,16 +221,13 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
     path = db_path or default_db_path()
     try:
         with Store(path) as store:
-            try:
-                def trial(s, arm: str, rnd: int) -> dict:
-                    if is_qemu_arm(arm):          # the real stack: source + destination QEMU
-                        from lab.backends.qemu.migrate import run_qemu_migrate_trial
-                        return run_qemu_migrate_trial(s, arm, session, downtime_limit_ms, qemu_guest_append)
-                    return run_trial(s, arm, rnd, session, **extra)
-                run_id = run_experiment(spec, trial, store, progress=not quiet, probe_session=session, notes=notes)
-            except ExperimentInterrupted as e:
-                click.echo(f"interrupted: run {e.run_id} kept its completed trials", err=True)
-                sys.exit(130)
+            def trial(s, arm: str, rnd: int) -> dict:
+                if is_qemu_arm(arm):          # the real stack: source + destination QEMU
+                    from lab.backends.qemu.migrate import run_qemu_migrate_trial
+                    return run_qemu_migrate_trial(s, arm, session, downtime_limit_ms, qemu_guest_append)
+                return run_trial(s, arm, rnd, session, **extra)
+            # Ctrl-C or SIGTERM: the run is marked interrupted, lab/cli.py says so in one line
+            run_id = run_experiment(spec, trial, store, progress=not quiet, probe_session=session, notes=notes)
             recs = store.trials(run_id, include_warmups=False)  # medians and PASS/FAIL: measured trials only
             by_arm: dict[str, list[dict]] = {a: [] for a in spec.arms}
             failed: dict[str, int] = {}
