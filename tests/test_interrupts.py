@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from device.virtio import host_knobs
-from lab.store import Store
+from lab.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")

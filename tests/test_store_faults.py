@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.store import Store
+from lab.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")
@@ -145,8 +145,8 @@ def test_a_store_is_stamped_with_the_labs_application_id(tmp_path):
 # --- kill -9 in the middle of a write -----------------------------------------------------
 WRITER = textwrap.dedent("""
     import sys, time
-    from lab.spec import ExperimentSpec
-    from lab.store import Store, TrialRecord, now_iso
+    from lab.trials.spec import ExperimentSpec
+    from lab.store.store import Store, TrialRecord, now_iso
 
     store = Store(sys.argv[1])
     run = store.create_run(ExperimentSpec(name="killed", arms=["pfn"], trials=50, warmups=0, probes=False), "balloon", {})
