@@ -108,7 +108,7 @@ DEVICE_API = {
     "device.virtio": {"host_knobs"},
     "device.virtio.host_knobs": {"HUGETLB_POOL", "THP_SHMEM", "BPF_STATS", "KnobError", "raise_knob",
                                  "restore_all", "restore_left_behind"},
-    "device.virtio.signals": {"signals_deferred"},
+    "device.virtio.signals": {"signals_deferred", "die_with_parent"},
     "device.virtio.layout": {"MiB", "GiB", "PAGE_SHIFT", "PAGE_SIZE"},
     "device.host.host_pages": {"PARTIAL_TRACKING", "HOST_PAGE_METRICS"},
     "device.guest.alloc_policy": {"ALLOC_POLICIES"},

@@ -162,6 +162,35 @@ def test_hugetlb_pool_is_restored_on_exit_sigterm_and_after_sigkill(tmp_path):
     assert not [d for d in dirs if os.path.exists(d)]
 
 
+def rss_mib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_lab_while_the_guest_fills_memory_leaves_no_process(tmp_path):
+    """The guest of a killed lab's VMM must not go on writing guest RAM alone (it does
+    not look at its control socket while a workload step runs): it dies with its VMM."""
+    err = tmp_path / "err"
+    p = start(["run", "--guest-mib", "2048", "--inflate-mib", "1024", "--workload", "aged", "--no-probes"], err)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:          # the guest is writing its RAM (aged: all of it)
+        kids = descendants(p.pid)
+        if len(kids) >= 2 and max(rss_mib(k) for k in kids) > 200:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the guest never started writing: {err.read_text()[-2000:]}")
+    p.kill()
+    p.wait(10)
+    time.sleep(2.0)
+    left = [k for k in kids if alive(k)]
+    assert not left, [(k, rss_mib(k), open(f"/proc/{k}/cmdline").read()[:80]) for k in left]
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     from device.virtio import host_knobs

@@ -46,10 +46,13 @@ STORE_COMMANDS = {
 
 
 def cli(args: list[str], db: Path, tmp: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The command, with its scratch directories in `tmp` (so its one line is not joined by
+    a note about another test's killed command, lab/trials/orphans.py)."""
     args = [a.format(tmp=tmp, db=db) for a in args]
     if args[:2] != ["db", "push"]:
         args += ["--db", str(db)]
-    return subprocess.run([BALLOON_LAB, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([BALLOON_LAB, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TMPDIR": str(tmp)})
 
 
 def assert_one_line_refusal(out: subprocess.CompletedProcess, what: str) -> None:

@@ -42,6 +42,7 @@ from device.virtio.protocols import PROTOCOL_NAMES, PROTOCOLS, protocol_device_f
 from device.virtio.hint_format import hint_device_features
 from device.virtio.backing import BACKINGS, backing_problem
 from device.virtio.ram import GuestRAM, process_rss_bytes
+from device.virtio.signals import die_with_parent
 from device.host.host_pages import PARTIAL_TRACKING
 from device.host.loop_bridge import LoopBridge
 from device.host.page_reporting_device import ReportingDevice, reporting_device_features
@@ -155,7 +156,9 @@ class VMM:
         # it gets the same --control-fd/--agent arguments and the arguments after `--`.
         prog = shlex.split(self.args.guest_cmd) if self.args.guest_cmd else [sys.executable, "-m", "device.guest.process"]
         cmd = prog + ["--control-fd", str(theirs.fileno()), "--agent", self.args.agent] + list(self.args.guest_args)
-        self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+        # the guest dies with its VMM (PR_SET_PDEATHSIG): a guest busy in a workload would not
+        # notice the hang-up and go on filling host memory alone
+        self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent)
         theirs.close()
         self.chan = DeviceChannel(mine)
         self.control = ControlService(self.chan, self.device, self.migration.on_control_reply, self._guest_gone)

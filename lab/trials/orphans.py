@@ -20,8 +20,6 @@ SIGKILL, by the next `balloon-lab` command (sweep_left_behind()).
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
 import glob
 import os
 import re
@@ -31,18 +29,7 @@ import subprocess
 import tempfile
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def die_with_parent() -> None:
-    """subprocess.Popen(preexec_fn=die_with_parent): SIGKILL this child when its parent
-    dies, and at once if the parent already died before the call."""
-    parent = os.getppid()
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
-
+from device.virtio.signals import die_with_parent
 
 def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
     """Give a child that was asked to quit `timeout` seconds to exit, then SIGKILL it;

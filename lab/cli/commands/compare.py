@@ -14,7 +14,7 @@ import click
 
 from lab.trials import twins
 from lab.trials.qemu.side_by_side import side_by_side
-from lab.cli.checks import checked, refuse, writable_file
+from lab.cli.checks import checked, fits_in_memory, memory_option, refuse, writable_file
 from lab.machine.environment import load_warnings
 from lab.trials.experiment import load_comparison, run_experiment
 from lab.store.db_path import db_option, default_db_path
@@ -122,11 +122,13 @@ examples:
               help="Also write the HTML report of this run to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (run_id, per-arm medians and CIs).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@memory_option
 def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwargs) -> None:
     """Run interleaved trials of the protocol arms and compare them (first arm = baseline)."""
     spec = checked("compare", lambda: spec_from_cli(kwargs))
     if spec.kind != "balloon":
         refuse("compare", "--kind: must be balloon (use `balloon-lab migrate` for migrations)")
+    fits_in_memory("compare", spec)
     if report_path is not None:
         writable_file("compare", "--report", report_path)
     from lab.trials.probing import open_probes

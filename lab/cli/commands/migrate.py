@@ -22,7 +22,7 @@ from lab.trials.backends import is_qemu_arm
 from lab.trials.experiment import load_comparison, run_experiment
 from lab.trials.model.migrate_runner import HINTS, SEED_FIGURES, run_trial
 from lab.store.db_path import db_option, default_db_path
-from lab.cli.checks import checked, refuse
+from lab.cli.checks import checked, fits_in_memory, memory_option, refuse
 from lab.trials.spec import DEFAULT_BANDWIDTH, ExperimentSpec, format_bandwidth, load_spec, toml_value
 from lab.store.store import Store
 
@@ -185,6 +185,7 @@ def memory_lines(by_arm: dict[str, list[dict]]) -> str:
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: every trial and the medians.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@memory_option
 def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, warmups, seed, probes,
             downtime_limit_ms, max_rounds, hint_wait_ms, settle_s, backends, qemu_guest_append, db_path, as_json,
             quiet) -> None:
@@ -206,6 +207,7 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
     if params:
         overrides["workload_params"] = checked("migrate", lambda: dict(parse_param(p) for p in params), MIGRATE_FLAGS)
     spec = checked("migrate", lambda: load_spec(spec_path, overrides), MIGRATE_FLAGS)
+    fits_in_memory("migrate", spec)
     for flag, v, low in (("--downtime-limit-ms", downtime_limit_ms, 0), ("--max-rounds", max_rounds, 1),
                          ("--hint-wait-ms", hint_wait_ms, 0), ("--settle-s", settle_s, 0)):
         if v < low:

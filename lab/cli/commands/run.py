@@ -8,7 +8,7 @@ import click
 
 from device.virtio.protocols import PROTOCOL_NAMES
 from lab.trials.backends import QEMU_BALLOON_ARMS, is_qemu_arm
-from lab.cli.checks import checked
+from lab.cli.checks import checked, fits_in_memory, memory_option
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.runner import run_balloon
 from lab.trials.spec import spec_from_cli, spec_options
@@ -31,11 +31,13 @@ examples:
 @spec_options(only=RUN_FIELDS, spec_file=False)
 @click.option("--no-deflate", is_flag=True, help="inflate only")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@memory_option
 def command(protocol, no_deflate, as_json, **kwargs) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
     Parameters are checked (as `compare` checks them) before any process starts."""
     spec = checked("run", lambda: spec_from_cli(kwargs, {"kind": "balloon", "arms": [protocol], "trials": 1,
                                                         "warmups": 0}))
+    fits_in_memory("run", spec)
     if is_qemu_arm(protocol):
         run_qemu(protocol, spec, no_deflate, as_json)
     trial = BalloonTrial(protocol=protocol, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,

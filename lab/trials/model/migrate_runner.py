@@ -27,7 +27,9 @@ from device.virtio.hint_format import HINT_DESIGNS
 from device.virtio.signals import signals_deferred
 from lab.trials.monitor_client import AgentClient, QMPClient, wait_for_socket
 from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
+from lab.machine import memory
 from lab.trials.model.balloon_trial import TrialFailed
+from workloads import make_workload
 
 HINTS = HINT_DESIGNS   # device/virtio/hint_format.py
 # The published figures the lab reproduces (SEED.md), printed beside ours.
@@ -121,6 +123,12 @@ class MigrationPair:
 
     def __init__(self, t: MigrateTrial) -> None:
         self.t = t
+        touched = make_workload(t.workload, dict(t.workload_params), seed=t.seed).touched_share()
+        try:           # source and destination hold guest RAM at once (lab/machine/memory.py)
+            memory.check(memory.balloon_trial_need(t.guest_mib, touched, copies=2),
+                         f"migrating a {t.guest_mib} MiB guest with workload {t.workload}")
+        except memory.NotEnoughMemory as e:
+            raise TrialFailed(str(e)) from None
         self.dir = scratch_dir("mig")
         p = lambda name: os.path.join(self.dir, name)
         py = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(t.guest_mib), "--log-level", t.log_level]

@@ -16,6 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from lab.machine import memory
 from lab.trials.qemu.agent import AgentError, GuestAgent
 from lab.trials.qemu.image import GuestImage
 from lab.trials.monitor_client import MonitorError, QMPClient, wait_for_socket
@@ -83,6 +84,11 @@ class QemuProcess:
 
     def __init__(self, cfg: QemuConfig, image: GuestImage) -> None:
         self.cfg, self.image = cfg, image
+        try:           # a Linux guest writes all its RAM sooner or later (lab/machine/memory.py)
+            memory.check(memory.balloon_trial_need(cfg.guest_mib, 1.0, real_guest=True),
+                         f"QEMU with a {cfg.guest_mib} MiB Linux guest")
+        except memory.NotEnoughMemory as e:
+            raise QemuError(str(e)) from None
         self.dir = scratch_dir("qemu")
         self.trace_path = os.path.join(self.dir, "trace.log")
         self.console_path = os.path.join(self.dir, "console.log")
