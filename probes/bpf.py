@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device.virtio.signals import signals_deferred
+from system.signals import signals_deferred
 
 PROBES_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PROBES_DIR.parent
@@ -221,7 +221,7 @@ class BpfModule:
 
     def suspend(self) -> None:
         """Detach the tracepoint programs (the module stays loaded: resume() costs no compile).
-        Ctrl-C and SIGTERM wait until BCC's bookkeeping matches the kernel's (device/virtio/signals.py)."""
+        Ctrl-C and SIGTERM wait until BCC's bookkeeping matches the kernel's (system/signals.py)."""
         if not self.suspended:
             with signals_deferred():
                 for tp in self.tracepoints:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
-from device.virtio.signals import signals_deferred
+from system.signals import signals_deferred
 from probes.bpf import LAB_MAX_TARGETS, BpfModule, Concern, ConcernUnavailable, ProbeUnavailable, preflight
 from probes.kicks import KINDS, OPS, KicksProbe, KicksReading
 from probes.madvise import MadviseProbe, MadviseReading

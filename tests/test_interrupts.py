@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from device.virtio import host_knobs
+from system import knobs
 from lab.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,8 +193,8 @@ def test_kill_9_of_the_lab_while_the_guest_fills_memory_leaves_no_process(tmp_pa
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from device.virtio import host_knobs
-    hold = host_knobs.raise_knob(host_knobs.HUGETLB_POOL, int(sys.argv[1]))
+    from system import knobs
+    hold = knobs.raise_knob(knobs.HUGETLB_POOL, int(sys.argv[1]))
     print("held", flush=True)
     sys.stdin.readline()          # hold until told
 """)
@@ -205,7 +205,7 @@ def test_two_holders_of_one_knob_keep_it_until_the_last_is_gone(tmp_path, monkey
     leaves the other's share; the second is killed with SIGKILL: restore_left_behind puts
     the original back. Each knob's holders live in their own registry (a test directory)."""
     monkeypatch.setenv("BALLOON_LAB_KNOBS_DIR", str(tmp_path / "knobs"))
-    monkeypatch.setattr(host_knobs, "REGISTRY", tmp_path / "knobs")
+    monkeypatch.setattr(knobs, "REGISTRY", tmp_path / "knobs")
     before = hugepages()
     procs = []
     for share in (1, 2):
@@ -222,7 +222,7 @@ def test_two_holders_of_one_knob_keep_it_until_the_last_is_gone(tmp_path, monkey
     b.kill()
     b.wait(10)
     assert hugepages() == before + 2            # nobody could restore for it yet
-    said = host_knobs.restore_left_behind()
+    said = knobs.restore_left_behind()
     assert said == [f"set vm.nr_hugepages from {before + 2} back to {before} (left raised by balloon-lab pid "
                     f"{b.pid}, which is gone)"]
     assert hugepages() == before
@@ -232,13 +232,13 @@ def test_two_holders_of_one_knob_keep_it_until_the_last_is_gone(tmp_path, monkey
 def test_a_restore_the_kernel_refuses_gives_the_command(tmp_path, monkeypatch):
     """A raised setting whose restore fails (here: its registry says the original was a
     value the kernel does not take) is reported with the exact command, not dropped."""
-    monkeypatch.setattr(host_knobs, "REGISTRY", tmp_path / "knobs")
+    monkeypatch.setattr(knobs, "REGISTRY", tmp_path / "knobs")
     before = hugepages()
-    hold = host_knobs.raise_knob(host_knobs.HUGETLB_POOL, 1)
+    hold = knobs.raise_knob(knobs.HUGETLB_POOL, 1)
     try:
-        state = tmp_path / "knobs" / f"{host_knobs.HUGETLB_POOL.key}.json"
+        state = tmp_path / "knobs" / f"{knobs.HUGETLB_POOL.key}.json"
         state.write_text(state.read_text().replace('"original": "', '"original": "x'))
-        with pytest.raises(host_knobs.KnobError, match=r"could not set vm\.nr_hugepages back to x\d+ .*restore it "
+        with pytest.raises(knobs.KnobError, match=r"could not set vm\.nr_hugepages back to x\d+ .*restore it "
                                                        r"with `sysctl -w vm\.nr_hugepages=x\d+`"):
             hold.release()
     finally:

@@ -42,7 +42,7 @@ from device.virtio.protocols import PROTOCOL_NAMES, PROTOCOLS, protocol_device_f
 from device.virtio.hint_format import hint_device_features
 from device.virtio.backing import BACKINGS, backing_problem
 from device.virtio.ram import GuestRAM, process_rss_bytes
-from device.virtio.signals import die_with_parent
+from system.signals import die_with_parent
 from device.host.host_pages import PARTIAL_TRACKING
 from device.host.loop_bridge import LoopBridge
 from device.host.page_reporting_device import ReportingDevice, reporting_device_features

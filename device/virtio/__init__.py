@@ -7,7 +7,6 @@
     discard.py                How the VMM frees ballooned guest RAM, declared once: the discard methods and the one loop.
     driver_queue.py           The driver (guest) side of one split virtqueue: DriverQueue.
     features.py               virtio-balloon constants: feature bits, device status, config space, stats tags, queues.
-    host_knobs.py             Kernel knobs a lab process raises for a while, restored on every exit path.
     hint_format.py            What the guest and the device exchange for free-page hinting (queues 3 and 5).
     layout.py                 Guest-physical memory layout of a PC-like guest, and address translation.
     metric_decl.py            Metric declarations: each counter, timing and gauge declared once, with its kind,
@@ -15,7 +14,6 @@
     protocols.py              The balloon protocols the lab compares, declared once: every other place reads this table.
     queue_metrics.py          Declared counters of the split virtqueue, both ends (device/virtio/driver_queue.py, device_queue.py).
     ram.py                    Guest RAM: one memfd shared by the VMM and the guest process.
-    signals.py                SIGINT and SIGTERM held back over a section that must not be cut in two.
     split_ring.py             The split ring of virtio 1.2 section 2.7: its layout, its structs, its rules.
     stage.py                  Stage timing with the USDT stage markers, written once: `with stage("encode", rep):`.
     transport.py              Device side of the control plane: the virtio transport a device sits behind.

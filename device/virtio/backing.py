@@ -15,7 +15,7 @@ ballooned sub-pages per host page (device/host/host_pages.py).
 
 `ensure_backing` changes the two kernel knobs when asked (doctor, the lab before a
 trial) and returns one sentence per change, so nothing changes silently; each change
-is restored when the process ends (device/virtio/host_knobs.py). scripts/setup.sh is
+is restored when the process ends (system/knobs.py). scripts/setup.sh is
 the one place that sets them for good, when asked to.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import mmap
 from dataclasses import dataclass
 
-from device.virtio import host_knobs
+from system import knobs
 
 BACKINGS = ("4k", "thp", "hugetlb")
 HUGE_PAGE_SHIFT = 21
@@ -133,8 +133,8 @@ def ensure_backing(backing: str, ram_bytes: int = 0) -> list[str]:
     """Make the host able to provide `backing` for `ram_bytes` of guest RAM: set the
     THP knob to `advise`, or raise the hugetlb pool by what is missing. Returns one
     sentence per change made (empty: nothing needed). Each change is a hold on the
-    knob (device/virtio/host_knobs.py), restored when the process ends or calls
-    host_knobs.restore_all(). BackingError when the change is not possible (not root,
+    knob (system/knobs.py), restored when the process ends or calls
+    knobs.restore_all(). BackingError when the change is not possible (not root,
     or the kernel cannot find the huge pages): then nothing stays changed."""
     changes: list[str] = []
     if backing_problem(backing, ram_bytes) is None:
@@ -142,13 +142,13 @@ def ensure_backing(backing: str, ram_bytes: int = 0) -> list[str]:
     hold = None
     try:
         if backing == "thp":
-            hold = host_knobs.raise_knob(host_knobs.THP_SHMEM, "advise")
+            hold = knobs.raise_knob(knobs.THP_SHMEM, "advise")
         elif backing == "hugetlb":
             pool = hugetlb_pool()
-            hold = host_knobs.raise_knob(host_knobs.HUGETLB_POOL, pages_for(ram_bytes) - pool.available,
+            hold = knobs.raise_knob(knobs.HUGETLB_POOL, pages_for(ram_bytes) - pool.available,
                                          f"{pages_for(ram_bytes) * pool.page_bytes >> 20} MiB of hugetlb pool "
                                          f"for a {ram_bytes >> 20} MiB guest")
-    except host_knobs.KnobError as e:
+    except knobs.KnobError as e:
         raise BackingError(f"{backing_problem(backing, ram_bytes)}; {e}") from None
     if hold is not None:
         changes.append(hold.change)

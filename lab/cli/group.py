@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from device.virtio import host_knobs
-from device.virtio.signals import signals_deferred
+from system import knobs
+from system.signals import signals_deferred
 from lab.trials import interrupts
 from lab.trials.orphans import remove_all_scratch, sweep_left_behind
 from lab.store.guard import StoreError
@@ -78,13 +78,13 @@ def _say(line: str) -> None:
 
 
 def _restore_knobs() -> None:
-    for line in host_knobs.restore_all():
+    for line in knobs.restore_all():
         _say(line)
 
 
 def _tidy_up_after_killed_commands() -> None:
     """Knobs and scratch directories a command killed with SIGKILL left behind."""
-    for line in host_knobs.restore_left_behind():
+    for line in knobs.restore_left_behind():
         _say(line)
     for d in sweep_left_behind():
         _say(f"removed {d}, left behind by a balloon-lab process that was killed")

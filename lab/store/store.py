@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from device.virtio.signals import signals_deferred
+from system.signals import signals_deferred
 from lab.machine import identity as lab_host
 from lab.results import metrics
 from lab.store import guard as store_guard

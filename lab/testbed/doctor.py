@@ -281,7 +281,7 @@ def check_huge_pages() -> Check:
     for the check (then restored). The detail says every change made."""
     from device.virtio.backing import (MFD_HUGE_2MB, MFD_HUGETLB, NR_HUGEPAGES, THP_SHMEM_KNOB, BackingError,
                                 ensure_backing, hugetlb_pool, thp_shmem_state)
-    from device.virtio.host_knobs import HUGETLB_POOL, KnobError, raise_knob
+    from system.knobs import HUGETLB_POOL, KnobError, raise_knob
     name = "huge-pages"
     notes: list[str] = []
     try:

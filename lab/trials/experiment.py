@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any, Callable, Mapping
 
-from device.virtio.signals import signals_deferred
+from system.signals import signals_deferred
 from lab.machine import environment
 from lab.results import metrics
 from lab.analysis import stats

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 from typing import Any
 
-from device.virtio.signals import die_with_parent
+from system.signals import die_with_parent
 
 def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
     """Give a child that was asked to quit `timeout` seconds to exit, then SIGKILL it;

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from device.virtio.hint_format import HINT_DESIGNS
-from device.virtio.signals import signals_deferred
+from system.signals import signals_deferred
 from lab.trials.monitor_client import AgentClient, QMPClient, wait_for_socket
 from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
 from lab.machine import memory

@@ -14,7 +14,7 @@ import time
 
 from device.virtio.backing import hugetlb_pool
 from device.virtio.layout import MiB
-from device.virtio.signals import signals_deferred
+from system.signals import signals_deferred
 from device.virtio.protocols import PROTOCOLS
 from lab.machine import memory, oom
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
