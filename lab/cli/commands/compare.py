@@ -76,7 +76,7 @@ def run_length_table(store: Store, run_id: str) -> str:
 
 def kernel_share_table(comp: Comparison) -> str:
     """From the probes: how much of the discard stage the kernel spent inside madvise."""
-    lines = ["discard stage, seen by the probes (medians):",
+    lines = ["discard stage, seen by the probes in the probed twins (both columns from the same twin; medians):",
              f"{'arm':<14}{'stage ms':>10}{'madvise calls':>15}{'kernel ms':>11}{'kernel share':>14}"]
     any_row = False
     for arm in comp.arms:
@@ -174,7 +174,7 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 overhead = twins.overhead_table(trials)
                 if overhead:
                     click.echo("\n" + overhead)
-                for n in twins.mismatch_notes(trials)[:5]:
+                for n in twins.stage_notes(trials) + twins.mismatch_notes(trials)[:5]:
                     click.echo(f"note: {n}")
             if report_path is not None:
                 from reports.html import write_report
