@@ -89,7 +89,7 @@ def test_ring_target_catches_a_slow_chain_walk(monkeypatch):
         case = dict(inflate_case([0x50]), t="ring")
         assert target.run_ring(case, 5.0).failure is None
         monkeypatch.setattr(DeviceQueue, "pop_avail", slowed(DeviceQueue.pop_avail))
-        assert_slow(target.run_ring(case, 5.0), "walking chain 0 of queue 0")
+        assert_slow(target.run_ring(case, 5.0), "walking chain ")
     finally:
         target.close()
 
