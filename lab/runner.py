@@ -53,10 +53,16 @@ class BalloonTrial:
     device_timeout_s: float = 30.0  # the guest driver's wait for the device to use a request
     log_level: str = "WARNING"
     init_on_alloc: bool = False     # the guest zeroes what it allocates for the balloon (Linux init_on_alloc)
+    # Inflate/deflate cycles in one pair of processes: more samples per process start
+    # (`balloon-lab ab` uses them); the workload gives deflated memory its contents back
+    # between cycles (Workload.retouch), so each inflate frees as much as the first.
+    cycles: int = 1
 
     def __post_init__(self) -> None:
         if self.inflate_mib <= 0 or self.inflate_mib >= self.guest_mib:
             raise ValueError(f"inflate_mib must be in 1..{self.guest_mib - 1}, got {self.inflate_mib}")
+        if self.cycles < 1 or (self.cycles > 1 and not self.deflate):
+            raise ValueError(f"cycles must be >= 1, and more than one needs the deflate (got {self.cycles})")
 
 
 class LabProcesses:
@@ -313,7 +319,7 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
     if g["errors"]:
         raise TrialFailed(f"{kind} failed in the guest: {g['errors'][0]}")
     keys = ("requests", "pages", "discard_calls", "translations", "bytes_on_ring", "descriptors",
-            "refused_pages", "runs")
+            "refused_pages", "runs", "discard_cpu_ns")
     dev = _delta(dev1[kind], dev0[kind], keys)
     return {
         "kind": kind, "target_pages": target_pages, "actual": res["actual"], "wall_ns": wall,
@@ -321,6 +327,7 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
         "bytes_on_ring": g["bytes_on_ring"], "descriptors": g["descriptors"],
         "alloc_calls": g["alloc_calls"], "config_writes": g["config_writes"],
         "discard_calls": dev["discard_calls"], "translations": dev["translations"], "runs": dev["runs"],
+        "discard_cpu_ns": dev["discard_cpu_ns"],
         "device_requests": dev["requests"], "device_pages": dev["pages"], "refused_pages": dev["refused_pages"],
         "run_length_hist": _hist_delta(dev1[kind]["run_length_hist"], dev0[kind]["run_length_hist"]),
         "run_length_pages_hist": _hist_delta(dev1[kind]["run_length_pages_hist"],
@@ -409,6 +416,10 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialRes
             phase = "deflate"
             deflate = balloon_op(lp, "deflate", 0, probes)
             v_deflate = verify(lp, 0)
+        cycles = []
+        for c in range(2, t.cycles + 1):
+            phase = f"cycle {c}"
+            cycles.append(_cycle(lp, target))
         phase = "finishing"
         wl = lp.agent.execute("workload-stop")
         pids = lp.pids
@@ -418,7 +429,8 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialRes
         raise lp.failure(phase, e) from e
     finally:
         lp.close()
-    verified = v_inflate["ok"] and (v_deflate is None or v_deflate["ok"])
+    verified = (v_inflate["ok"] and (v_deflate is None or v_deflate["ok"])
+                and all(c["verified"] for c in cycles))
     # The top level is the inflate (the operation the protocols are compared on);
     # `deflate` holds the same fields for the way back. No number appears twice
     # (lab/trial_result.py: stage times and probe readings have their own fields).
@@ -439,7 +451,22 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialRes
         errors=final["errors"],
         probes=_probe_summary({k: op["probes"] for k, op in ops.items()}, probes),
         trial_wall_ns=time.perf_counter_ns() - wall0,
+        cycles=cycles or None,
     )
+
+
+def _cycle(lp: LabProcesses, target: int) -> dict:
+    """One more inflate/deflate cycle in the same processes, after the workload gave the
+    deflated memory its contents back: its ops' fields (as the trial's top level and
+    `deflate` hold them), stage times and verdict."""
+    lp.agent.execute("workload-retouch")
+    inflate = balloon_op(lp, "inflate", target, None)
+    v_inflate = verify(lp, target)
+    deflate = balloon_op(lp, "deflate", 0, None)
+    v_deflate = verify(lp, 0)
+    return {**_op_result(inflate).to_json(), "deflate": _op_result(deflate).to_json(),
+            "stages_ns": {"inflate": inflate["stages_ns"], "deflate": deflate["stages_ns"]},
+            "verified": bool(v_inflate["ok"] and v_deflate["ok"])}
 
 
 def _op_result(op: dict) -> OpResult:

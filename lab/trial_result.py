@@ -50,7 +50,7 @@ OP_METRICS = MetricSet("lab/trial_result.py OP_METRICS", [
     Metric("wall_ns", TIMING, "ns", "from the monitor's balloon command to the guest reporting the target reached"),
     *(DRIVER_OP_METRICS[n] for n in ("pages", "requests", "kicks", "interrupts", "bytes_on_ring", "descriptors",
                                      "alloc_calls", "config_writes")),
-    *(DEVICE_OP_METRICS[n] for n in ("discard_calls", "translations", "runs", "refused_pages")),
+    *(DEVICE_OP_METRICS[n] for n in ("discard_calls", "translations", "runs", "refused_pages", "discard_cpu_ns")),
     _as(DEVICE_OP_METRICS["requests"], "device_requests", "requests the device served (equals the driver's)"),
     _as(DEVICE_OP_METRICS["pages"], "device_pages", "pages the device accepted (equals the driver's)"),
     Metric("device_wakeups", GAUGE, "", "VMM reads of kick eventfds that returned data (device/host/vmm.py)"),
@@ -107,7 +107,7 @@ _OP_FIELDS = ("target_pages", "actual", "wall_ns", "pages", "requests", "kicks",
               "descriptors", "alloc_calls", "config_writes", "discard_calls", "translations", "runs",
               "device_requests", "device_pages", "refused_pages", "run_length_hist", "run_length_pages_hist",
               "device_wakeups", "device_calls", "budget_yields", "device_errors", "memfd_bytes_before",
-              "memfd_bytes_after", "host_pages", "rss_bytes")
+              "memfd_bytes_after", "host_pages", "rss_bytes", "discard_cpu_ns")
 
 
 @dataclass
@@ -141,6 +141,7 @@ class OpResult:
     memfd_bytes_after: int = 0
     host_pages: dict[str, Any] | None = None
     rss_bytes: dict[str, int] = field(default_factory=dict)
+    discard_cpu_ns: int = 0
     extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
 
     def to_json(self) -> dict[str, Any]:
@@ -179,6 +180,9 @@ class TrialResult:
     trial_wall_ns: int = 0
     twin: dict[str, Any] | None = None        # lab.twins: the probed twin's timings (not a metric)
     host_load: dict[str, Any] | None = None   # lab.experiment: load around the trial (not a metric)
+    # `run --cycles K`: cycles 2..K in the same processes, each with its ops' fields, stage
+    # times and verdict, as the top level holds cycle 1's (a list: not flattened into metrics)
+    cycles: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)                  # keys this version does not know
 
     def to_json(self) -> dict[str, Any]:
@@ -191,7 +195,7 @@ class TrialResult:
         out["deflate"] = self.deflate.to_json() if self.deflate is not None else None
         for name in _TAIL:
             out[name] = getattr(self, name)
-        for name in ("twin", "host_load"):
+        for name in ("twin", "host_load", "cycles"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out.update(self.extra)
@@ -203,9 +207,10 @@ class TrialResult:
         version = d.get(VERSION_KEY, 1)
         if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
             raise ValueError(f"trial result version {version!r}: this lab reads versions 1 to {SCHEMA_VERSION}")
-        known = {VERSION_KEY, "inflate", "deflate", "stages_ns", "memfd_freed_bytes", "twin", "host_load",
+        known = {VERSION_KEY, "inflate", "deflate", "stages_ns", "memfd_freed_bytes", "twin", "host_load", "cycles",
                  *_HEAD, *_TAIL, *_OP_FIELDS}
-        return cls(**{k: d[k] for k in (*_HEAD, *_TAIL, "stages_ns", "memfd_freed_bytes", "twin", "host_load")
+        return cls(**{k: d[k] for k in (*_HEAD, *_TAIL, "stages_ns", "memfd_freed_bytes", "twin", "host_load",
+                                        "cycles")
                       if k in d},
                    inflate=OpResult.from_json({k: d[k] for k in _OP_FIELDS if k in d}),
                    deflate=OpResult.from_json(d["deflate"]) if isinstance(d.get("deflate"), Mapping) else None,

@@ -38,13 +38,18 @@ class Aged(Workload):
                              self.seed, "aged")
         if p.pin_share > 0:
             summary["pinned_blocks"] = pin_blocks(mem, p.pin_share, self.seed)
-        # Touch every remaining free page once: allocate all, write, free (buddy merging
-        # restores the large blocks, so the free memory's shape is the idle one).
-        free = mem.alloc.alloc_pages(mem.alloc.free_pages_count, notify_oom=False)
-        stale = mem.touch_stale(free, self.seed ^ 0xA6ED) if free.size else 0
-        summary.update(stale_pages=int(free.size), untouched_free_pages=mem.alloc.free_pages_count - int(free.size),
-                       free_pages=mem.alloc.free_pages_count)
+        summary.update(self.retouch(mem))
         return summary
+
+    def retouch(self, mem: GuestPageContents) -> dict:
+        """Touch every free page once: allocate all, write, free (buddy merging restores
+        the large blocks, so the free memory's shape is the idle one). After a deflate
+        this gives the returned pages data again, as prepare() left them."""
+        free = mem.alloc.alloc_pages(mem.alloc.free_pages_count, notify_oom=False)
+        if free.size:
+            mem.touch_stale(free, self.seed ^ 0xA6ED)
+        return {"stale_pages": int(free.size), "untouched_free_pages": mem.alloc.free_pages_count - int(free.size),
+                "free_pages": mem.alloc.free_pages_count}
 
 
 def pin_blocks(mem: GuestPageContents, share: float, seed: int, order: int = 9) -> int:

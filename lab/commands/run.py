@@ -8,7 +8,7 @@ import click
 
 from device.virtio.protocols import PROTOCOL_NAMES
 from lab.backends import QEMU_BALLOON_ARMS, is_qemu_arm
-from lab.cli_checks import checked
+from lab.cli_checks import checked, refuse
 from lab.runner import BalloonTrial, TrialFailed, run_balloon
 from lab.spec import spec_from_cli, spec_options
 from lab.trial_text import format_result
@@ -36,20 +36,38 @@ examples:
               help="The one protocol (arm) to run: a lab protocol, or a real-stack arm (QEMU + Linux guest).")
 @spec_options(only=RUN_FIELDS, spec_file=False)
 @click.option("--no-deflate", is_flag=True, help="inflate only")
+@click.option("--cycles", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Inflate/deflate cycles in the same processes (the workload gives deflated memory its "
+                   "contents back between cycles; 'aged' can). Cycles 2..K go to the JSON's `cycles` list.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(protocol, no_deflate, as_json, **kwargs) -> None:
+def command(protocol, no_deflate, cycles, as_json, **kwargs) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
     Parameters are checked (as `compare` checks them) before any process starts."""
     spec = checked("run", lambda: spec_from_cli(kwargs, {"kind": "balloon", "arms": [protocol], "trials": 1,
                                                         "warmups": 0}))
+    if cycles > 1:
+        check_cycles("run", cycles, no_deflate, spec.workload, is_qemu_arm(protocol))
     if is_qemu_arm(protocol):
         run_qemu(protocol, spec, no_deflate, as_json)
     trial = BalloonTrial(protocol=protocol, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
                          workload=spec.workload, workload_params=dict(spec.workload_params), seed=spec.seed,
                          batch_pages=spec.batch_pages, discard=spec.discard, deflate=not no_deflate,
                          backing=spec.backing, partial_tracking=spec.partial_tracking,
-                         alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc)
+                         alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc, cycles=cycles)
     run_and_print(run_balloon, trial, TrialFailed, spec.probes, as_json)
+
+
+def check_cycles(command: str, cycles: int, no_deflate: bool, workload: str, qemu: bool) -> None:
+    """Refuse, before any process starts, --cycles that this trial cannot repeat."""
+    from workloads import WORKLOADS
+    if no_deflate:
+        refuse(command, f"--cycles {cycles} needs the deflate (drop --no-deflate)")
+    if qemu:
+        refuse(command, f"--cycles {cycles}: the real-stack arms run one cycle per trial")
+    if not WORKLOADS[workload].can_retouch():
+        able = ", ".join(n for n, w in WORKLOADS.items() if w.can_retouch())
+        refuse(command, f"--cycles {cycles} with --workload {workload}: it cannot give deflated memory its "
+                        f"contents back between cycles (workloads that can: {able})")
 
 
 def run_and_print(run_fn, trial, failure: type[Exception], probes: bool, as_json: bool) -> None:
