@@ -29,7 +29,7 @@ from typing import Any, Mapping
 from device.guest.balloon_driver import DRIVER_OP_METRICS
 from device.host.balloon_metrics import DEVICE_METRICS, DEVICE_OP_METRICS
 from device.host.host_pages import HOST_PAGE_METRICS
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet
+from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, ZERO, Metric, MetricSet
 from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS
 from device.virtio.transport import REFUSAL_METRICS
 
@@ -90,11 +90,12 @@ TRIAL_METRICS = MetricSet("lab/trial_result.py TRIAL_METRICS", [
       for op in ("inflate", "deflate") for s in STAGES),
     Metric("memfd_freed_bytes", COUNTER, "bytes", "guest RAM the inflate freed from the memfd (the kernel's count)"),
     Metric("verification.*.balloon_pages", COUNTER, "", "pages in the guest's balloon at the check"),
-    Metric("verification.*.ballooned_with_data", COUNTER, "", "ballooned pages the memfd still holds (must be 0)"),
+    Metric("verification.*.ballooned_with_data", COUNTER, "", "ballooned pages the memfd still holds", better=ZERO),
     Metric("verification.*.kept_pages_checked", COUNTER, "", "held pages whose contents were hashed"),
     *(_as(HOST_PAGE_METRICS[n], f"verification.*.{n}") for n in ("host_page_bytes", "whole_host_pages",
                                                                  "partial_host_pages")),
-    Metric("verification.*.whole_with_data", COUNTER, "", "wholly ballooned host pages still holding data"),
+    Metric("verification.*.whole_with_data", COUNTER, "", "wholly ballooned host pages still holding data",
+           better=ZERO),
     Metric("verification.*.guest_memtotal_kib", COUNTER, "", "qemu: the guest's MemTotal at the check, KiB"),
     *REFUSAL_METRICS.under("errors"),
     Metric("trial_wall_ns", TIMING, "ns", "the whole trial, processes started to processes gone"),
@@ -108,6 +109,7 @@ _OP_FIELDS = ("target_pages", "actual", "wall_ns", "pages", "requests", "kicks",
               "device_requests", "device_pages", "refused_pages", "run_length_hist", "run_length_pages_hist",
               "device_wakeups", "device_calls", "budget_yields", "device_errors", "memfd_bytes_before",
               "memfd_bytes_after", "host_pages", "rss_bytes", "discard_cpu_ns")
+_OPTIONAL_OP_FIELDS = frozenset({"discard_cpu_ns"})     # written only when measured
 
 
 @dataclass
@@ -141,11 +143,12 @@ class OpResult:
     memfd_bytes_after: int = 0
     host_pages: dict[str, Any] | None = None
     rss_bytes: dict[str, int] = field(default_factory=dict)
-    discard_cpu_ns: int = 0
+    discard_cpu_ns: int | None = None      # newer than version 2's first results: absent there
     extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
 
     def to_json(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in _OP_FIELDS}, **self.extra}
+        return {**{k: getattr(self, k) for k in _OP_FIELDS
+                   if not (k in _OPTIONAL_OP_FIELDS and getattr(self, k) is None)}, **self.extra}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "OpResult":
