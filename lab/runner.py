@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from device.virtio.layout import MiB, PAGE_SHIFT
 from device.virtio.protocols import PROTOCOLS
@@ -383,14 +384,26 @@ def attach_probes(probes, lp: LabProcesses) -> None:
         probes.register_eventfd(guest, drv["config_fd"], 0, "config")
 
 
-def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
+class Pace(Protocol):
+    """Who decides when each cycle starts (`run --paced`: `balloon-lab ab` runs the two
+    sides' cycles in turn), and hears each cycle's record when it ends."""
+
+    def before(self, cycle: int) -> None: ...
+
+    def after(self, cycle: int, record: dict) -> None: ...
+
+
+def run_balloon(t: BalloonTrial, probes=None, on_started=None, pace: Pace | None = None) -> dict:
     """Run one trial: its result as stored (TrialResult.to_json(), the `balloon-lab run
     --json` object); raises TrialFailed (never returns a half-measured result)."""
-    return run_balloon_trial(t, probes, on_started).to_json()
+    return run_balloon_trial(t, probes, on_started, pace).to_json()
 
 
-def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialResult:
-    """Run one trial; raises TrialFailed (never returns a half-measured result)."""
+def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None, pace: Pace | None = None) -> TrialResult:
+    """Run one trial; raises TrialFailed (never returns a half-measured result).
+    With t.cycles > 1 the inflate/deflate repeats in the same processes (the probes,
+    if any, read the first cycle); the first cycle is the result's top level, the
+    others its `cycles` list."""
     wall0 = time.perf_counter_ns()
     try:
         lp = LabProcesses(t)
@@ -407,19 +420,27 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialRes
                                                      "seed": t.seed})
         lp.agent.execute("workload-start")
         target = round(t.inflate_mib * MiB) >> PAGE_SHIFT
-        phase = "inflate"
-        inflate = balloon_op(lp, "inflate", target, probes)
-        v_inflate = verify(lp, target)
+        done = []
+        for c in range(1, t.cycles + 1):
+            if pace is not None:
+                pace.before(c)
+            if c > 1:
+                phase = f"cycle {c}: workload-retouch"
+                lp.agent.execute("workload-retouch")
+            phase = "inflate" if c == 1 else f"cycle {c}: inflate"
+            inflate = balloon_op(lp, "inflate", target, probes if c == 1 else None)
+            v_inflate = verify(lp, target)
+            deflate = v_deflate = None
+            if t.deflate:
+                phase = "deflate" if c == 1 else f"cycle {c}: deflate"
+                deflate = balloon_op(lp, "deflate", 0, probes if c == 1 else None)
+                v_deflate = verify(lp, 0)
+            done.append((inflate, v_inflate, deflate, v_deflate))
+            if pace is not None:
+                pace.after(c, _cycle_record(*done[-1]))
+        inflate, v_inflate, deflate, v_deflate = done[0]
+        cycles = [_cycle_record(*d) for d in done[1:]]
         freed = inflate["memfd_bytes_before"] - inflate["memfd_bytes_after"]
-        deflate = v_deflate = None
-        if t.deflate:
-            phase = "deflate"
-            deflate = balloon_op(lp, "deflate", 0, probes)
-            v_deflate = verify(lp, 0)
-        cycles = []
-        for c in range(2, t.cycles + 1):
-            phase = f"cycle {c}"
-            cycles.append(_cycle(lp, target))
         phase = "finishing"
         wl = lp.agent.execute("workload-stop")
         pids = lp.pids
@@ -455,18 +476,14 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialRes
     )
 
 
-def _cycle(lp: LabProcesses, target: int) -> dict:
-    """One more inflate/deflate cycle in the same processes, after the workload gave the
-    deflated memory its contents back: its ops' fields (as the trial's top level and
-    `deflate` hold them), stage times and verdict."""
-    lp.agent.execute("workload-retouch")
-    inflate = balloon_op(lp, "inflate", target, None)
-    v_inflate = verify(lp, target)
-    deflate = balloon_op(lp, "deflate", 0, None)
-    v_deflate = verify(lp, 0)
-    return {**_op_result(inflate).to_json(), "deflate": _op_result(deflate).to_json(),
-            "stages_ns": {"inflate": inflate["stages_ns"], "deflate": deflate["stages_ns"]},
-            "verified": bool(v_inflate["ok"] and v_deflate["ok"])}
+def _cycle_record(inflate: dict, v_inflate: dict, deflate: dict | None, v_deflate: dict | None) -> dict:
+    """One inflate/deflate cycle as `cycles` holds it: its ops' fields (as the trial's top
+    level and `deflate` hold them), stage times and verdict."""
+    ops = {k: v for k, v in (("inflate", inflate), ("deflate", deflate)) if v is not None}
+    return {**_op_result(inflate).to_json(),
+            "deflate": _op_result(deflate).to_json() if deflate is not None else None,
+            "stages_ns": {k: op["stages_ns"] for k, op in ops.items()},
+            "verified": bool(v_inflate["ok"] and (v_deflate is None or v_deflate["ok"]))}
 
 
 def _op_result(op: dict) -> OpResult:

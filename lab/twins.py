@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from lab import metrics
-from lab import stats
 
 TWIN_KEY = "twin"
 DESIGN_TWIN = "twin"          # timings from unprobed twins, counts and kernel shares from probed ones
@@ -174,6 +173,7 @@ def arm_overheads(trials: list[Any], metric: tuple[str, ...] = OVERHEAD_METRIC) 
     for arm, pairs in by_arm.items():
         u = np.array([a for a, _ in pairs]) / 1e6
         p = np.array([b for _, b in pairs]) / 1e6
+        from lab import stats      # scipy: imported here, so a trial (`run`) does not wait 1-2 s for it
         out.append(ArmOverhead(arm, len(pairs), stats.median_ci(u), stats.median_ci(p), stats.median_ci(p / u)))
     return out
 

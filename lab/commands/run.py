@@ -1,6 +1,7 @@
 """`balloon-lab run`: one trial of one protocol, printed as text or one JSON object."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -39,14 +40,19 @@ examples:
 @click.option("--cycles", type=click.IntRange(1, 100), default=1, show_default=True,
               help="Inflate/deflate cycles in the same processes (the workload gives deflated memory its "
                    "contents back between cycles; 'aged' can). Cycles 2..K go to the JSON's `cycles` list.")
+@click.option("--paced", is_flag=True,
+              help="Start each cycle when a line arrives on stdin and print its record as one JSON line when it "
+                   "ends (`balloon-lab ab` runs two revisions' cycles in turn); the result follows as the last line.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(protocol, no_deflate, cycles, as_json, **kwargs) -> None:
+def command(protocol, no_deflate, cycles, paced, as_json, **kwargs) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
     Parameters are checked (as `compare` checks them) before any process starts."""
     spec = checked("run", lambda: spec_from_cli(kwargs, {"kind": "balloon", "arms": [protocol], "trials": 1,
                                                         "warmups": 0}))
     if cycles > 1:
         check_cycles("run", cycles, no_deflate, spec.workload, is_qemu_arm(protocol))
+    if paced and (not as_json or is_qemu_arm(protocol)):
+        refuse("run", "--paced needs --json and a lab arm (its cycles print JSON lines)")
     if is_qemu_arm(protocol):
         run_qemu(protocol, spec, no_deflate, as_json)
     trial = BalloonTrial(protocol=protocol, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
@@ -54,7 +60,21 @@ def command(protocol, no_deflate, cycles, as_json, **kwargs) -> None:
                          batch_pages=spec.batch_pages, discard=spec.discard, deflate=not no_deflate,
                          backing=spec.backing, partial_tracking=spec.partial_tracking,
                          alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc, cycles=cycles)
-    run_and_print(run_balloon, trial, TrialFailed, spec.probes, as_json)
+    run_fn = functools.partial(run_balloon, pace=StdioPace()) if paced else run_balloon
+    run_and_print(run_fn, trial, TrialFailed, spec.probes, as_json)
+
+
+class StdioPace:
+    """`--paced`: a cycle starts when a line arrives on stdin; its record goes to stdout
+    as one JSON line ({"cycle": c, ...}), flushed at once."""
+
+    def before(self, cycle: int) -> None:
+        if not sys.stdin.readline():
+            raise TrialFailed(f"--paced: stdin closed before cycle {cycle}")
+
+    def after(self, cycle: int, record: dict) -> None:
+        sys.stdout.write(json.dumps({"cycle": cycle, **record}) + "\n")
+        sys.stdout.flush()
 
 
 def check_cycles(command: str, cycles: int, no_deflate: bool, workload: str, qemu: bool) -> None:
