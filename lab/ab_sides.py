@@ -9,7 +9,7 @@ the sides is their code.
 
 Sides are spoken to only through `balloon-lab run ... --json`, with options every
 revision since 59e0f30 has; what a side can do beyond that (`--cycles`) is read from
-its own `run --help`, so an old base still runs, with fewer samples per trial.
+its own `run --help`, so an old base still runs, one cycle per trial.
 
 A name that is neither a checkout nor a commit here (a shallow clone lacks old
 commits) is a SideError: exit 2, with the command that fetches it.
@@ -47,9 +47,10 @@ class Side:
     options: frozenset[str] = field(default_factory=frozenset)   # `run` options this side has
 
     @property
-    def cycles(self) -> bool:
-        """True if the side's `run` repeats inflate/deflate cycles in one process."""
-        return "--cycles" in self.options
+    def paced(self) -> bool:
+        """True if the side's `run` repeats inflate/deflate cycles in one pair of
+        processes, each started by a line on stdin (`--cycles K --paced`)."""
+        return {"--cycles", "--paced"} <= self.options
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-c", CLI, *args]
@@ -64,7 +65,7 @@ class Side:
 
     def to_dict(self) -> dict:
         return {"label": self.label, "ref": self.ref, "path": str(self.path), "commit": self.commit,
-                "dirty": self.dirty, "cycles": self.cycles}
+                "dirty": self.dirty, "paced": self.paced}
 
 
 def lab_root() -> Path:

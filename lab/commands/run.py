@@ -65,10 +65,13 @@ def command(protocol, no_deflate, cycles, paced, as_json, **kwargs) -> None:
 
 
 class StdioPace:
-    """`--paced`: a cycle starts when a line arrives on stdin; its record goes to stdout
-    as one JSON line ({"cycle": c, ...}), flushed at once."""
+    """`--paced`: before each cycle a line {"waiting": c} on stdout (the processes are
+    ready, nothing runs); the cycle starts when a line arrives on stdin; its record goes
+    to stdout as one JSON line ({"cycle": c, ...}). Every line is flushed at once."""
 
     def before(self, cycle: int) -> None:
+        sys.stdout.write(json.dumps({"waiting": cycle}) + "\n")
+        sys.stdout.flush()
         if not sys.stdin.readline():
             raise TrialFailed(f"--paced: stdin closed before cycle {cycle}")
 

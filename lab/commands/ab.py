@@ -1,0 +1,134 @@
+"""`balloon-lab ab BASE [CANDIDATE]`: two revisions of the lab, interleaved in one job, gated.
+
+Exit 0 no regression, 1 regression, 3 inconclusive, 2 unusable input. --json prints the
+answer on stdout; under GitHub Actions a step summary and annotations are written too.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from device.virtio.protocols import PROTOCOL_NAMES
+from lab import metrics as lab_metrics
+from lab.ab_output import render_markdown, render_text
+from lab.ab_paired import ALPHA, MAX_MDE, MIN_EFFECT
+from lab.ab_rounds import BaseFailed, Plan
+from lab.ab_session import Settings, run_ab
+from lab.ab_sides import SideError
+from lab.ab_verdict import DEFAULT_IGNORED, DEFAULT_METRICS, EXIT_UNUSABLE, MetricRule, to_dict
+from lab.ci_summary import report_to_github
+
+# CI's size (.ci/run): what fits ~5 minutes on 2 cores and still sees a 10 % slower
+# discard on every arm (docs/STATISTICS.md, docs/BENCHMARKS.md).
+DEFAULT_ARMS = "pfn,bitmap,chunks"
+DEFAULT_GUEST_MIB, DEFAULT_INFLATE_MIB = 1024, 896
+DEFAULT_CYCLES, DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 8, 3, 7
+
+
+def _fraction(text: str, what: str) -> float:
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise click.BadParameter(f"{what}: {text!r} is not a fraction or a percentage (e.g. 5% or 0.05)") from None
+    if not 0 < v < 1:
+        raise click.BadParameter(f"{what}: {text!r} must be between 0 and 100 %")
+    return v
+
+
+def _rules(items: tuple[str, ...], min_effect: float) -> tuple[MetricRule, ...]:
+    out = []
+    for item in items or DEFAULT_METRICS:
+        name, sep, effect = item.partition("=")
+        name = name.strip()
+        try:
+            kind = lab_metrics.classify(name)
+        except lab_metrics.UndeclaredMetric as e:
+            raise click.BadParameter(str(e), param_hint="--metric") from None
+        if not lab_metrics.is_statistical(kind) or lab_metrics.better(name) not in (lab_metrics.LOWER,
+                                                                                   lab_metrics.HIGHER):
+            raise click.BadParameter(f"{name} is a {kind} ({lab_metrics.better(name)}): ab gates timings and "
+                                     "gauges with a better side; counters are compared exactly anyway",
+                                     param_hint="--metric")
+        out.append(MetricRule(name, _fraction(effect, name) if sep else min_effect))
+    return tuple(out)
+
+
+@click.command("ab", epilog="""\b
+examples:
+    balloon-lab ab 59e0f30                       # main as it was against the working tree
+    balloon-lab ab HEAD HEAD --arms bitmap       # A/A: the same commit in two worktrees
+    balloon-lab ab $(cat .ci/gate/base) HEAD --json --budget 420     # what .ci/run does
+    balloon-lab ab main ../other-checkout --metric stages_ns.inflate.total=10%
+""")
+@click.argument("base")
+@click.argument("candidate", required=False)
+@click.option("--arms", default=DEFAULT_ARMS, show_default=True, help="Comma-separated lab arms.")
+@click.option("--guest-mib", type=click.IntRange(64, 65536), default=DEFAULT_GUEST_MIB, show_default=True)
+@click.option("--inflate-mib", type=click.FloatRange(1, min_open=False), default=DEFAULT_INFLATE_MIB,
+              show_default=True)
+@click.option("--workload", default="aged", show_default=True,
+              help="Guest workload; paced cycles need one that can repeat them (aged).")
+@click.option("--workload-param", "--param", "params", multiple=True, metavar="KEY=VALUE")
+@click.option("--cycles", type=click.IntRange(1, 100), default=DEFAULT_CYCLES, show_default=True,
+              help="Inflate/deflate cycles per trial when both sides are paced (each one pair).")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=DEFAULT_ROUNDS, show_default=True,
+              help="Rounds before the first decision.")
+@click.option("--max-rounds", type=click.IntRange(1, 1000), default=DEFAULT_MAX_ROUNDS, show_default=True,
+              help="At most this many rounds for an arm whose answer is not clear.")
+@click.option("--budget", type=click.FloatRange(1), default=None, metavar="SECONDS",
+              help="Add no round that would end after this many seconds (CI's time box).")
+@click.option("--metric", "metric_items", multiple=True, metavar="NAME[=EFFECT]",
+              help="A timing to gate, with its own minimum effect (repeatable; replaces the defaults: "
+                   + ", ".join(DEFAULT_METRICS) + ").")
+@click.option("--min-effect", default=f"{MIN_EFFECT:.0%}", show_default=True,
+              help="Smallest change that counts as a regression (or an improvement).")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=ALPHA,
+              show_default=True, help="Significance level of the signed-rank test.")
+@click.option("--max-mde", default=f"{MAX_MDE:.0%}", show_default=True,
+              help="A metric without a significant change is unclear while this test could miss more than this.")
+@click.option("--ignore", "ignored", multiple=True, metavar="PATTERN",
+              help="A counter (glob) not to compare, e.g. one removed on purpose (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON on stdout (the text goes to stderr).")
+@click.option("-v", "--verbose", is_flag=True, help="Also list ignored and new counters.")
+def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cycles, rounds, max_rounds, budget,
+            metric_items, min_effect, alpha, max_mde, ignored, as_json, verbose) -> None:
+    """Gate CANDIDATE (default: the working tree) against BASE, each a git revision of this
+    repository or the path of a checkout. Both run in one job, interleaved round by round
+    (and cycle by cycle when both can), every trial with its own revision's code and this
+    interpreter; each timing is decided on paired ratios (signed-rank p < alpha and worse
+    than the minimum effect), exact counters must be equal in every pair. Exit 0 no
+    regression, 1 regression, 3 inconclusive, 2 unusable input."""
+    arm_list = tuple(a.strip() for a in arms.split(",") if a.strip())
+    bad = [a for a in arm_list if a not in PROTOCOL_NAMES]
+    if not arm_list or bad:
+        raise click.BadParameter(f"{', '.join(bad) or 'none given'}: ab gates the lab's arms "
+                                 f"({', '.join(PROTOCOL_NAMES)})", param_hint="--arms")
+    if inflate_mib >= guest_mib:
+        raise click.BadParameter(f"{inflate_mib:g} must be below --guest-mib {guest_mib}", param_hint="--inflate-mib")
+    if max_rounds < rounds:
+        raise click.BadParameter(f"{max_rounds} is below --rounds {rounds}", param_hint="--max-rounds")
+    settings = Settings(
+        plan=Plan(arms=arm_list, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
+                  params=tuple(params), cycles=cycles, rounds=rounds, max_rounds=max_rounds),
+        rules=_rules(metric_items, _fraction(min_effect, "--min-effect")),
+        ignored=DEFAULT_IGNORED + tuple(ignored), alpha=alpha, max_mde=_fraction(max_mde, "--max-mde"),
+        budget_s=budget)
+    try:
+        result = run_ab(base, candidate, settings, progress=lambda line: click.echo(line, err=True))
+    except (SideError, BaseFailed) as e:
+        click.echo(f"balloon-lab ab: unusable input: {e}", err=True)
+        if as_json:
+            click.echo(json.dumps({"verdict": "unusable", "exit_code": EXIT_UNUSABLE, "error": str(e)}, indent=1))
+        report_to_github("balloon-lab ab", f"### balloon-lab ab: unusable input (exit 2)\n\n{e}\n", [str(e)],
+                         json_on_stdout=as_json)
+        sys.exit(EXIT_UNUSABLE)
+    text = render_text(result, verbose=verbose)
+    if as_json:
+        click.echo(json.dumps(to_dict(result), indent=1))
+    click.echo(text, err=as_json)
+    report_to_github("balloon-lab ab", render_markdown(result), result.regressions,
+                     [f"{r.arm} {r.metric}: {r.why}" for r in result.unclear], json_on_stdout=as_json)
+    sys.exit(result.exit_code)
