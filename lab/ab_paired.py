@@ -17,19 +17,19 @@ shifts, an effect alone flags noise):
 
   regression   p < alpha and worse by more than min_effect
   improvement  p < alpha and better by more than min_effect
-  same         otherwise, when the data rule out a regression of min_effect: the worse
-               end of the CI is inside min_effect, or the change is significant but
-               smaller than min_effect
-  unclear      otherwise: the estimate is worse than min_effect without significance,
-               or the CI still reaches past it and the MDE is above `max_mde`
-               (Chromium Pinpoint's "unknown": more rounds before a verdict)
+  same         p < alpha but the change is smaller than min_effect, or p >= alpha and
+               the estimate is not worse than min_effect (the MDE says what such a
+               "same" could have missed)
+  unclear      p >= alpha and the estimate worse than min_effect: it looks like a
+               regression without proof (Chromium Pinpoint's "unknown": more rounds
+               before a verdict)
 
 docs/STATISTICS.md explains it for users.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,6 @@ from lab.stats import median_ci
 
 ALPHA = 0.01
 MIN_EFFECT = 0.05
-MAX_MDE = 0.15
 POWER = 0.80
 LOWER, HIGHER = "lower", "higher"     # which way is better (the catalogue's direction)
 VERDICTS = ("regression", "unclear", "improvement", "same")
@@ -64,6 +63,8 @@ class PairedResult:
     min_effect: float
     verdict: str
     why: str
+    base_values: list[float] = field(default_factory=list, repr=False)        # per pair, in pair order
+    candidate_values: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,7 +104,7 @@ def minimum_detectable_effect(log_ratios: np.ndarray, alpha: float = ALPHA, powe
 
 
 def decide(arm: str, metric: str, unit: str, better: str, base: np.ndarray, candidate: np.ndarray, *,
-           alpha: float = ALPHA, min_effect: float = MIN_EFFECT, max_mde: float = MAX_MDE) -> PairedResult:
+           alpha: float = ALPHA, min_effect: float = MIN_EFFECT) -> PairedResult:
     """The verdict of one metric from its per-round values (base[i] and candidate[i] from round i)."""
     b, c = np.asarray(base, dtype=float), np.asarray(candidate, dtype=float)
     if b.shape != c.shape or b.size == 0:
@@ -116,10 +117,7 @@ def decide(arm: str, metric: str, unit: str, better: str, base: np.ndarray, cand
     p = signed_rank_p(logs)
     mde = minimum_detectable_effect(logs, alpha)
     # worse > 0 means the candidate is worse by that fraction, whichever way is better
-    sign = 1.0 if better == LOWER else -1.0
-    worse = ratio - 1.0 if sign > 0 else 1.0 / ratio - 1.0
-    worst_end = hi if sign > 0 else lo
-    worst = None if worst_end is None else (worst_end - 1.0 if sign > 0 else 1.0 / worst_end - 1.0)
+    worse = ratio - 1.0 if better == LOWER else 1.0 / ratio - 1.0
     significant = p is not None and p < alpha
     if significant and worse > min_effect:
         verdict, why = "regression", f"worse by {worse:.1%} (> {min_effect:.0%}), p = {p:.2g} < {alpha:g}"
@@ -129,17 +127,13 @@ def decide(arm: str, metric: str, unit: str, better: str, base: np.ndarray, cand
         verdict, why = "same", f"changed by {abs(worse):.1%}, less than the {min_effect:.0%} minimum effect"
     elif worse > min_effect:
         verdict, why = "unclear", f"looks {worse:.1%} worse but p = {_p(p)} >= {alpha:g}"
-    elif worst is not None and worst <= min_effect:
-        verdict, why = "same", f"no change (p = {_p(p)}); the CI rules out a regression of {min_effect:.0%}"
-    elif mde <= max_mde:
-        verdict, why = "same", f"no change (p = {_p(p)}); this test would have seen {mde:.1%}"
     else:
-        verdict, why = "unclear", (f"no significant change (p = {_p(p)}), but this test could miss up to "
-                                   f"{'any change' if math.isinf(mde) else f'{mde:.1%}'} at n = {b.size}")
+        seen = "no change could reach p < alpha" if math.isinf(mde) else f"it would have seen {mde:.1%}"
+        verdict, why = "same", f"no significant change (p = {_p(p)}); {seen} at n = {b.size}"
     return PairedResult(arm=arm, metric=metric, unit=unit, better=better, n=int(b.size),
                         base_median=float(np.median(b)), candidate_median=float(np.median(c)),
                         ratio=ratio, ci_low=lo, ci_high=hi, p=p, mde=mde, min_effect=min_effect,
-                        verdict=verdict, why=why)
+                        verdict=verdict, why=why, base_values=b.tolist(), candidate_values=c.tolist())
 
 
 def _p(p: float | None) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lab.ab_paired import ALPHA, MAX_MDE
+from lab.ab_paired import ALPHA
 from lab.ab_rounds import PACED, Plan, Rounds, mode_of, run_rounds
 from lab.ab_sides import Side, lab_root, prepare_side, remove_side, resolve_commit, workdir
 from lab.ab_verdict import ABResult, MetricRule, judge
@@ -26,7 +26,6 @@ class Settings:
     rules: tuple[MetricRule, ...]
     ignored: tuple[str, ...]
     alpha: float = ALPHA
-    max_mde: float = MAX_MDE
     budget_s: float | None = None        # stop adding rounds when the next would end after this
 
 
@@ -44,8 +43,8 @@ def run_ab(base_ref: str, candidate_ref: str | None, settings: Settings,
         candidate = prepare_side("candidate", candidate_ref, repo, work)
         sides.append(candidate)
         if progress:
-            progress(f"ab: {base.describe()}")
-            progress(f"ab: {candidate.describe()}")
+            progress(f"ab: base {base.describe()}")
+            progress(f"ab: candidate {candidate.describe()}")
         return _compare(base, candidate, settings, t0, progress)
     finally:
         for s in sides:
@@ -71,7 +70,7 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
 
     def decide() -> ABResult:
         return judge(rounds, plan.arms, settings.rules, base=base, candidate=candidate, mode=mode, cycles=cycles,
-                     ignored=settings.ignored, alpha=settings.alpha, max_mde=settings.max_mde)
+                     ignored=settings.ignored, alpha=settings.alpha)
 
     result = decide()
     while done < plan.max_rounds and result.open_arms():
@@ -90,4 +89,5 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
         result = decide()
     result.notes = notes + result.notes
     result.seconds = time.monotonic() - t0
+    result.raw = rounds
     return result

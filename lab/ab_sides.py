@@ -60,7 +60,7 @@ class Side:
 
     def describe(self) -> str:
         what = self.commit[:12] if self.commit else "?"
-        return (f"{self.label} {self.ref} ({what}{' + uncommitted changes' if self.dirty else ''}"
+        return (f"{self.ref} ({what}{' + uncommitted changes' if self.dirty else ''}"
                 f"{', worktree ' + str(self.path) if self.temporary else ', ' + str(self.path)})")
 
     def to_dict(self) -> dict:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lab import metrics as lab_metrics
-from lab.ab_paired import ALPHA, MAX_MDE, PairedResult, decide
+from lab.ab_paired import ALPHA, PairedResult, decide
 from lab.ab_rounds import Rounds
 
 EXIT_PASS, EXIT_REGRESSION, EXIT_UNUSABLE, EXIT_INCONCLUSIVE = 0, 1, 2, 3
@@ -69,12 +69,12 @@ class ABResult:
     mode: str                        # paced | trials
     cycles: int                      # cycles per trial
     alpha: float
-    max_mde: float
     timings: list[PairedResult]
     counters: list[CounterCheck]
     trials: list[ArmTrials]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    raw: Rounds | None = None        # every trial, for --trials-out
 
     @property
     def regressions(self) -> list[str]:
@@ -179,8 +179,7 @@ def check_trials(arm: str, rounds: Rounds) -> ArmTrials:
 
 
 def judge(rounds: Rounds, arms: Sequence[str], rules: Sequence[MetricRule], *, base, candidate, mode: str,
-          cycles: int, ignored: Sequence[str] = DEFAULT_IGNORED, alpha: float = ALPHA,
-          max_mde: float = MAX_MDE) -> ABResult:
+          cycles: int, ignored: Sequence[str] = DEFAULT_IGNORED, alpha: float = ALPHA) -> ABResult:
     """Every check of every arm from the trials so far."""
     timings: list[PairedResult] = []
     counters: list[CounterCheck] = []
@@ -205,8 +204,8 @@ def judge(rounds: Rounds, arms: Sequence[str], rules: Sequence[MetricRule], *, b
                 continue
             better = lab_metrics.better(rule.name)
             timings.append(decide(arm, rule.name, lab_metrics.unit(rule.name), better, b, c, alpha=alpha,
-                                  min_effect=rule.min_effect, max_mde=max_mde))
-    return ABResult(base=base, candidate=candidate, mode=mode, cycles=cycles, alpha=alpha, max_mde=max_mde,
+                                  min_effect=rule.min_effect))
+    return ABResult(base=base, candidate=candidate, mode=mode, cycles=cycles, alpha=alpha,
                     timings=timings, counters=counters, trials=trials, notes=notes)
 
 
@@ -220,6 +219,8 @@ def to_dict(result: ABResult) -> dict[str, Any]:
             d[k] = {"value": d[k], "unit": "candidate/base"}
         for k in ("mde", "min_effect"):
             d[k] = {"value": d[k], "unit": "fraction"}
+        for k in ("base_values", "candidate_values"):
+            d[k] = {"value": d[k], "unit": r.unit or "count"}
         return d
     return {
         "verdict": result.verdict,
@@ -229,7 +230,6 @@ def to_dict(result: ABResult) -> dict[str, Any]:
         "mode": result.mode,
         "cycles_per_trial": result.cycles,
         "alpha": result.alpha,
-        "max_mde": {"value": result.max_mde, "unit": "fraction"},
         "seconds": {"value": round(result.seconds, 1), "unit": "s"},
         "regressions": result.regressions,
         "trials": [asdict(t) for t in result.trials],

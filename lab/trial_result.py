@@ -51,6 +51,9 @@ OP_METRICS = MetricSet("lab/trial_result.py OP_METRICS", [
     *(DRIVER_OP_METRICS[n] for n in ("pages", "requests", "kicks", "interrupts", "bytes_on_ring", "descriptors",
                                      "alloc_calls", "config_writes")),
     *(DEVICE_OP_METRICS[n] for n in ("discard_calls", "translations", "runs", "refused_pages", "discard_cpu_ns")),
+    _as(DRIVER_OP_METRICS["cpu_ns"], "cpu_ns.guest"),
+    _as(DEVICE_OP_METRICS["cpu_ns"], "cpu_ns.vmm", "CPU time of the VMM's thread serving the operation's requests: "
+                                                  "ring, decode, translate, discard"),
     _as(DEVICE_OP_METRICS["requests"], "device_requests", "requests the device served (equals the driver's)"),
     _as(DEVICE_OP_METRICS["pages"], "device_pages", "pages the device accepted (equals the driver's)"),
     Metric("device_wakeups", GAUGE, "", "VMM reads of kick eventfds that returned data (device/host/vmm.py)"),
@@ -108,8 +111,8 @@ _OP_FIELDS = ("target_pages", "actual", "wall_ns", "pages", "requests", "kicks",
               "descriptors", "alloc_calls", "config_writes", "discard_calls", "translations", "runs",
               "device_requests", "device_pages", "refused_pages", "run_length_hist", "run_length_pages_hist",
               "device_wakeups", "device_calls", "budget_yields", "device_errors", "memfd_bytes_before",
-              "memfd_bytes_after", "host_pages", "rss_bytes", "discard_cpu_ns")
-_OPTIONAL_OP_FIELDS = frozenset({"discard_cpu_ns"})     # written only when measured
+              "memfd_bytes_after", "host_pages", "rss_bytes", "discard_cpu_ns", "cpu_ns")
+_OPTIONAL_OP_FIELDS = frozenset({"discard_cpu_ns", "cpu_ns"})     # written only when measured
 
 
 @dataclass
@@ -144,6 +147,7 @@ class OpResult:
     host_pages: dict[str, Any] | None = None
     rss_bytes: dict[str, int] = field(default_factory=dict)
     discard_cpu_ns: int | None = None      # newer than version 2's first results: absent there
+    cpu_ns: dict[str, int] | None = None   # {"guest": driver thread, "vmm": device thread}, the same
     extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
 
     def to_json(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ DRIVER_OP_METRICS = MetricSet("device/guest/balloon_driver.py DRIVER_OP_METRICS"
     Metric("alloc_calls", COUNTER, "", "calls into the allocator (the same for every protocol)"),
     Metric("config_writes", COUNTER, "", "`actual` updates: one per fill/leak pass"),
     Metric("total_ns", TIMING, "ns", "the whole inflate or deflate as the guest saw it"),
+    Metric("cpu_ns", TIMING, "ns", "CPU time of the driver's thread in the operation (the total without waiting)"),
     Metric("short_pages", COUNTER, "", "pages the allocator could not give"),
     Metric("target_pages", COUNTER, "", "the balloon size the operation aimed at"),
 ])
@@ -104,6 +105,7 @@ class DriverOpReport:
     alloc_calls: int = 0    # calls into the allocator (the same for every protocol)
     config_writes: int = 0  # `actual` updates: one per pass (the same for every protocol)
     total_ns: int = 0
+    cpu_ns: int = 0         # the driver thread's CPU time in the operation: waiting is not in it
     short_pages: int = 0    # pages the allocator could not give
     error: str | None = None
 
@@ -281,6 +283,7 @@ class BalloonDriver:
     def _operation(self, rep: DriverOpReport):
         """Time one inflate/deflate, mark it for the USDT probe, and turn a failure into
         the report's error (the driver stops; the orchestrator sees why)."""
+        cpu0 = time.thread_time_ns()
         with stage(rep.kind, rep, "total_ns"):
             try:
                 yield
@@ -288,6 +291,7 @@ class BalloonDriver:
                 rep.error = f"{type(e).__name__}: {e}"
                 self.failed = rep.error
                 log.error("%s failed: %s", rep.kind, rep.error)
+        rep.cpu_ns += time.thread_time_ns() - cpu0
 
     def inflate(self, n: int, target: int | None = None) -> DriverOpReport:
         rep = DriverOpReport("inflate", target if target is not None else self.actual + n)

@@ -160,6 +160,8 @@ class BalloonDevice(VirtioTransport):
             self.refuse("queue-not-set-up", f"kick on queue {index}, which was not set up")
             return
         handler = self._queue_handlers.get(index, _unserved)
+        ctr = {Q_INFLATE: self.inflate, Q_DEFLATE: self.deflate}.get(index)
+        cpu0 = _cpu_now()
         budget = budget if budget is not None else WorkBudget.unlimited()
         self._budget = budget
         # A guest that keeps adding chains, or adds expensive ones, must not keep the VMM
@@ -211,6 +213,8 @@ class BalloonDevice(VirtioTransport):
         finally:
             self._budget = None
             self._carry = None
+            if ctr is not None:
+                ctr.cpu_ns += _cpu_now() - cpu0
 
     def _discard_calls(self) -> int:
         return self.inflate.discard_calls + self.deflate.discard_calls

@@ -28,6 +28,8 @@ DEVICE_OP_METRICS = MetricSet("device/host/balloon_metrics.py DEVICE_OP_METRICS"
     Metric("discard_cpu_ns", TIMING, "ns", "CPU time of the VMM's thread in the discard stage (user + system): "
                                            "quieter than discard_ns, time spent waiting for a CPU is not in it"),
     Metric("refused_pages", COUNTER, "", "pages the guest named that the device refused (counted by reason in errors)"),
+    Metric("cpu_ns", TIMING, "ns", "CPU time of the VMM's thread serving this queue's kicks: ring, decode, "
+                                   "translate, discard"),
     Metric("runs", COUNTER, "", "runs of contiguous pages accepted (what a range protocol discards one call each)"),
 ])
 # The device's own counters beside the per-direction ones (BalloonDevice.counters()).
@@ -53,6 +55,7 @@ class DeviceOpCounters:
     discard_ns: int = 0
     discard_cpu_ns: int = 0
     refused_pages: int = 0
+    cpu_ns: int = 0
     _run_lengths: list = field(default_factory=list, repr=False)   # range paths: per request
     _pfn_batches: list = field(default_factory=list, repr=False)   # PFN path: pages per request
     _given: list = field(default_factory=list, repr=False)         # pages accepted (deflate)
@@ -80,7 +83,7 @@ class DeviceOpCounters:
             "requests": self.requests, "pages": self.pages, "discard_calls": self.discard_calls,
             "translations": self.translations, "bytes_on_ring": self.bytes_on_ring,
             "descriptors": self.descriptors, "translate_ns": self.translate_ns,
-            "discard_ns": self.discard_ns, "discard_cpu_ns": self.discard_cpu_ns,
+            "discard_ns": self.discard_ns, "discard_cpu_ns": self.discard_cpu_ns, "cpu_ns": self.cpu_ns,
             "refused_pages": self.refused_pages,
             "runs": int(lengths.size),
             "run_length_hist": {str(k): v for k, v in wire.run_length_hist(lengths).items()},

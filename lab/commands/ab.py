@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from device.virtio.protocols import PROTOCOL_NAMES
 from lab import metrics as lab_metrics
 from lab.ab_output import render_markdown, render_text
-from lab.ab_paired import ALPHA, MAX_MDE, MIN_EFFECT
+from lab.ab_paired import ALPHA, MIN_EFFECT
 from lab.ab_rounds import BaseFailed, Plan
 from lab.ab_session import Settings, run_ab
 from lab.ab_sides import SideError
 from lab.ab_verdict import DEFAULT_IGNORED, DEFAULT_METRICS, EXIT_UNUSABLE, MetricRule, to_dict
 from lab.ci_summary import report_to_github
+from lab.cli_checks import writable_file
 
 # CI's size (.ci/run): what fits ~5 minutes on 2 cores and still sees a 10 % slower
 # discard on every arm (docs/STATISTICS.md, docs/BENCHMARKS.md).
@@ -87,14 +89,14 @@ examples:
               help="Smallest change that counts as a regression (or an improvement).")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=ALPHA,
               show_default=True, help="Significance level of the signed-rank test.")
-@click.option("--max-mde", default=f"{MAX_MDE:.0%}", show_default=True,
-              help="A metric without a significant change is unclear while this test could miss more than this.")
 @click.option("--ignore", "ignored", multiple=True, metavar="PATTERN",
               help="A counter (glob) not to compare, e.g. one removed on purpose (repeatable).")
+@click.option("--trials-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every trial (each cycle's metrics) to this file, one JSON object a line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON on stdout (the text goes to stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Also list ignored and new counters.")
 def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cycles, rounds, max_rounds, budget,
-            metric_items, min_effect, alpha, max_mde, ignored, as_json, verbose) -> None:
+            metric_items, min_effect, alpha, ignored, trials_out, as_json, verbose) -> None:
     """Gate CANDIDATE (default: the working tree) against BASE, each a git revision of this
     repository or the path of a checkout. Both run in one job, interleaved round by round
     (and cycle by cycle when both can), every trial with its own revision's code and this
@@ -108,14 +110,15 @@ def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cyc
                                  f"({', '.join(PROTOCOL_NAMES)})", param_hint="--arms")
     if inflate_mib >= guest_mib:
         raise click.BadParameter(f"{inflate_mib:g} must be below --guest-mib {guest_mib}", param_hint="--inflate-mib")
+    if trials_out is not None:
+        writable_file("ab", "--trials-out", trials_out)
     if max_rounds < rounds:
         raise click.BadParameter(f"{max_rounds} is below --rounds {rounds}", param_hint="--max-rounds")
     settings = Settings(
         plan=Plan(arms=arm_list, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
                   params=tuple(params), cycles=cycles, rounds=rounds, max_rounds=max_rounds),
         rules=_rules(metric_items, _fraction(min_effect, "--min-effect")),
-        ignored=DEFAULT_IGNORED + tuple(ignored), alpha=alpha, max_mde=_fraction(max_mde, "--max-mde"),
-        budget_s=budget)
+        ignored=DEFAULT_IGNORED + tuple(ignored), alpha=alpha, budget_s=budget)
     try:
         result = run_ab(base, candidate, settings, progress=lambda line: click.echo(line, err=True))
     except (SideError, BaseFailed) as e:
@@ -125,6 +128,10 @@ def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cyc
         report_to_github("balloon-lab ab", f"### balloon-lab ab: unusable input (exit 2)\n\n{e}\n", [str(e)],
                          json_on_stdout=as_json)
         sys.exit(EXIT_UNUSABLE)
+    if trials_out is not None and result.raw is not None:
+        with open(trials_out, "w") as f:
+            for t in result.raw.trials.values():
+                f.write(json.dumps(t.to_dict()) + "\n")
     text = render_text(result, verbose=verbose)
     if as_json:
         click.echo(json.dumps(to_dict(result), indent=1))
