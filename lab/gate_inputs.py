@@ -39,6 +39,7 @@ class GateInput:
     # per scheduled arm: (ok measured trials, failed measured trials, first error); None for
     # baseline files, whose ok trials are the samples they carry
     outcomes: dict[str, tuple[int, int, str | None]] | None = None
+    span: tuple[str | None, str | None] = (None, None)    # the run's start and end (ISO), if known
 
     def ok_trials(self, arm: str) -> int:
         """Measured trials of `arm` that succeeded (the most samples any metric has)."""
@@ -80,7 +81,8 @@ def load_input(ref: str, db_path: str | Path, side: str = "input", host: str | N
         except BaselineError as e:
             raise GateInputError(f"{side}: {e}") from None
         return GateInput(ref, "file", b.run.get("id"), b.run.get("name") or b.spec.get("name", ""),
-                         b.spec, b.environment, b.table, b.rounds)
+                         b.spec, b.environment, b.table, b.rounds,
+                         span=(b.run.get("created_at"), b.run.get("finished_at")))
     if "/" in ref or ref.endswith(".json") or p.exists():
         raise GateInputError(f"{side}: file {ref} does not exist (or is not a file)")
     try:
@@ -106,7 +108,8 @@ def load_input(ref: str, db_path: str | Path, side: str = "input", host: str | N
         raise GateInputError(f"{side}: {e}") from None
     finally:
         store.close()
-    return GateInput(ref, "run", run.id, run.name, run.spec, run.environment, table, rounds, outcomes)
+    return GateInput(ref, "run", run.id, run.name, run.spec, run.environment, table, rounds, outcomes,
+                     span=(run.created_at, run.finished_at))
 
 
 def spec_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
