@@ -1,28 +1,33 @@
 """The paired decision of `balloon-lab ab`: per metric, on per-round ratios candidate/base.
 
-Round r ran the base and the candidate back to back (order alternating), so the ratio
-of the two is free of the drift that makes separate runs incomparable here. For one
-metric of one arm, with n rounds:
+Round r ran the base and the candidate side by side (their cycles in turn, or their
+trials back to back), so the ratio of the two is free of the drift that makes separate
+runs incomparable here. One round gives one ratio: the median of its cycles' ratios.
+The round, not the cycle, is the unit: the two processes of a round can differ by a
+few per cent for the whole round (where their memory landed, which CPU they shared),
+so cycles of one round are not independent samples; rounds are. For one metric of one
+arm, with n rounds:
 
 - the estimate is the median of the per-round ratios, with a 95 % bootstrap CI;
-- p is the two-sided Wilcoxon signed-rank test of the log ratios against 0 (exact
-  for small n): is the candidate consistently above or below the base?
-- the minimum detectable effect (MDE) is the smallest change this test would find
-  with 80 % power at this n and the spread seen (normal approximation of the signed-
-  rank test, efficiency 3/pi), infinite when n rounds can never reach p < alpha.
+- p is the one-sided Wilcoxon signed-rank test of the log ratios (exact for small n),
+  in the direction the estimate points: is the candidate consistently worse (or
+  better) than the base? n rounds can reach p = 1/2**n, so a verdict needs n >= 7;
+- the minimum detectable effect (MDE) is the smallest change this test finds with
+  80 % power at this n and the spread seen (normal approximation of the signed-rank
+  test, efficiency 3/pi); infinite while n rounds cannot reach p < alpha.
 
 The verdict needs both a significant p and an effect of at least `min_effect` in the
 metric's worse direction (Firecracker's ab_test does the same: p alone flags 0.5 %
 shifts, an effect alone flags noise):
 
-  regression   p < alpha and worse by more than min_effect
-  improvement  p < alpha and better by more than min_effect
-  same         p < alpha but the change is smaller than min_effect, or p >= alpha and
-               the estimate is not worse than min_effect (the MDE says what such a
+  regression   worse by more than min_effect, p < alpha
+  improvement  better by more than min_effect, p < alpha
+  same         a significant change smaller than min_effect, or no significant change
+               and an estimate not worse than min_effect (the MDE says what such a
                "same" could have missed)
-  unclear      p >= alpha and the estimate worse than min_effect: it looks like a
-               regression without proof (Chromium Pinpoint's "unknown": more rounds
-               before a verdict)
+  unclear      worse by more than min_effect, p >= alpha: it looks like a regression
+               without proof (Chromium Pinpoint's "unknown": more rounds, then a verdict);
+               or too few rounds for any p < alpha
 
 docs/STATISTICS.md explains it for users.
 """
@@ -41,7 +46,6 @@ ALPHA = 0.01
 MIN_EFFECT = 0.05
 POWER = 0.80
 LOWER, HIGHER = "lower", "higher"     # which way is better (the catalogue's direction)
-VERDICTS = ("regression", "unclear", "improvement", "same")
 
 
 @dataclass
@@ -52,19 +56,19 @@ class PairedResult:
     metric: str
     unit: str
     better: str                  # lower | higher
-    n: int                       # rounds (pairs)
+    n: int                       # rounds
+    pairs: int                   # cycle pairs in them
     base_median: float
     candidate_median: float
-    ratio: float                 # median of candidate/base per round
+    ratio: float                 # median of the per-round ratios candidate/base
     ci_low: float | None
     ci_high: float | None
-    p: float | None
-    mde: float                   # relative, e.g. 0.07; inf when n cannot reach alpha
+    p: float | None              # one-sided, in the direction of the estimate
+    mde: float                   # relative, e.g. 0.07; inf while n cannot reach alpha
     min_effect: float
     verdict: str
     why: str
-    base_values: list[float] = field(default_factory=list, repr=False)        # per pair, in pair order
-    candidate_values: list[float] = field(default_factory=list, repr=False)
+    round_ratios: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,52 +77,51 @@ class PairedResult:
 
 
 def min_signed_rank_p(n: int) -> float:
-    """Smallest two-sided p the exact signed-rank test can give on n pairs: 2 / 2**n."""
-    return 1.0 if n < 1 else min(1.0, 2.0 / 2.0 ** n)
+    """Smallest one-sided p the exact signed-rank test can give on n pairs: 1 / 2**n."""
+    return 1.0 if n < 1 else 0.5 ** n
 
 
-def signed_rank_p(log_ratios: np.ndarray) -> float | None:
-    """Two-sided Wilcoxon signed-rank p of the log ratios against 0 (None below 2 pairs;
-    1 when every pair is equal: no evidence of a change)."""
+def signed_rank_p(log_ratios: np.ndarray, alternative: str) -> float | None:
+    """One-sided Wilcoxon signed-rank p of the log ratios ("greater": above 0); None
+    below 2 rounds, 1 when every ratio is 1 (no evidence of a change)."""
     d = np.asarray(log_ratios, dtype=float)
     if d.size < 2:
         return None
     if not np.any(d):
         return 1.0
-    res = sst.wilcoxon(d, zero_method="zsplit", alternative="two-sided",
-                       method="exact" if d.size <= 50 and np.all(d) else "approx")
+    exact = d.size <= 50 and np.all(d) and np.unique(np.abs(d)).size == d.size
+    res = sst.wilcoxon(d, zero_method="zsplit", alternative=alternative, method="exact" if exact else "approx")
     return float(res.pvalue)
 
 
 def minimum_detectable_effect(log_ratios: np.ndarray, alpha: float = ALPHA, power: float = POWER) -> float:
-    """The relative change the signed-rank test finds with `power` at this n and spread
-    (robust spread: 1.4826 x MAD of the log ratios, so one outlier does not hide it)."""
+    """The relative change the one-sided signed-rank test finds with `power` at this n
+    and spread (robust spread: 1.4826 x MAD of the log ratios, not below half the
+    standard deviation, so one outlier neither hides nor makes the spread)."""
     d = np.asarray(log_ratios, dtype=float)
     n = d.size
     if n < 2 or min_signed_rank_p(n) >= alpha:
         return math.inf
-    spread = 1.4826 * float(np.median(np.abs(d - np.median(d))))
-    spread = max(spread, float(np.std(d, ddof=1)) * 0.5)   # a MAD of 0 with real spread is luck
-    z = sst.norm.ppf(1 - alpha / 2) + sst.norm.ppf(power)
+    spread = max(1.4826 * float(np.median(np.abs(d - np.median(d)))), 0.5 * float(np.std(d, ddof=1)))
+    z = sst.norm.ppf(1 - alpha) + sst.norm.ppf(power)
     return math.expm1(z * spread * math.sqrt(math.pi / 3) / math.sqrt(n))
 
 
-def decide(arm: str, metric: str, unit: str, better: str, base: np.ndarray, candidate: np.ndarray, *,
-           alpha: float = ALPHA, min_effect: float = MIN_EFFECT) -> PairedResult:
-    """The verdict of one metric from its per-round values (base[i] and candidate[i] from round i)."""
-    b, c = np.asarray(base, dtype=float), np.asarray(candidate, dtype=float)
-    if b.shape != c.shape or b.size == 0:
-        raise ValueError(f"{arm} {metric}: {b.size} base and {c.size} candidate rounds do not pair")
-    if np.any(b <= 0) or np.any(c <= 0):
-        raise ValueError(f"{arm} {metric}: a ratio needs positive values (got a value <= 0)")
-    ratios = c / b
+def decide(arm: str, metric: str, unit: str, better: str, round_ratios: np.ndarray, *, pairs: int,
+           base_median: float, candidate_median: float, alpha: float = ALPHA,
+           min_effect: float = MIN_EFFECT) -> PairedResult:
+    """The verdict of one metric from its per-round ratios candidate/base."""
+    ratios = np.asarray(round_ratios, dtype=float)
+    if ratios.size == 0 or np.any(ratios <= 0) or not np.all(np.isfinite(ratios)):
+        raise ValueError(f"{arm} {metric}: per-round ratios must be positive numbers")
     logs = np.log(ratios)
     ratio, lo, hi = median_ci(ratios)
-    p = signed_rank_p(logs)
+    worse = ratio - 1.0 if better == LOWER else 1.0 / ratio - 1.0     # > 0: the candidate is worse
+    up = (worse > 0) == (better == LOWER)                             # the estimate points above 1
+    p = signed_rank_p(logs, "greater" if up else "less")
     mde = minimum_detectable_effect(logs, alpha)
-    # worse > 0 means the candidate is worse by that fraction, whichever way is better
-    worse = ratio - 1.0 if better == LOWER else 1.0 / ratio - 1.0
     significant = p is not None and p < alpha
+    n = ratios.size
     if significant and worse > min_effect:
         verdict, why = "regression", f"worse by {worse:.1%} (> {min_effect:.0%}), p = {p:.2g} < {alpha:g}"
     elif significant and -worse > min_effect:
@@ -126,14 +129,26 @@ def decide(arm: str, metric: str, unit: str, better: str, base: np.ndarray, cand
     elif significant:
         verdict, why = "same", f"changed by {abs(worse):.1%}, less than the {min_effect:.0%} minimum effect"
     elif worse > min_effect:
-        verdict, why = "unclear", f"looks {worse:.1%} worse but p = {_p(p)} >= {alpha:g}"
+        verdict, why = "unclear", f"looks {worse:.1%} worse but p = {_p(p)} >= {alpha:g} at n = {n}"
+    elif math.isinf(mde):
+        verdict, why = "unclear", f"{n} round(s) cannot reach p < {alpha:g} (it takes {_rounds_needed(alpha)})"
     else:
-        seen = "no change could reach p < alpha" if math.isinf(mde) else f"it would have seen {mde:.1%}"
-        verdict, why = "same", f"no significant change (p = {_p(p)}); {seen} at n = {b.size}"
-    return PairedResult(arm=arm, metric=metric, unit=unit, better=better, n=int(b.size),
-                        base_median=float(np.median(b)), candidate_median=float(np.median(c)),
-                        ratio=ratio, ci_low=lo, ci_high=hi, p=p, mde=mde, min_effect=min_effect,
-                        verdict=verdict, why=why, base_values=b.tolist(), candidate_values=c.tolist())
+        verdict, why = "same", (f"no significant change (p = {_p(p)}); a change of {mde:.1%} would have been "
+                                f"seen (80 %) at n = {n}")
+    return PairedResult(arm=arm, metric=metric, unit=unit, better=better, n=int(n), pairs=pairs,
+                        base_median=base_median, candidate_median=candidate_median, ratio=ratio, ci_low=lo,
+                        ci_high=hi, p=p, mde=mde, min_effect=min_effect, verdict=verdict, why=why,
+                        round_ratios=ratios.tolist())
+
+
+def round_ratio(base: np.ndarray, candidate: np.ndarray) -> float:
+    """One round's ratio: the median of its cycles' ratios candidate/base (cycle k of
+    one side against cycle k of the other, which ran seconds apart)."""
+    return float(np.median(np.asarray(candidate, dtype=float) / np.asarray(base, dtype=float)))
+
+
+def _rounds_needed(alpha: float) -> int:
+    return next(n for n in range(1, 64) if min_signed_rank_p(n) < alpha)
 
 
 def _p(p: float | None) -> str:

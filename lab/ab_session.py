@@ -65,15 +65,22 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
     if progress:
         progress(f"ab: {mode} mode, {cycles} cycle(s) per trial, arms {', '.join(plan.arms)}, "
                  f"{plan.rounds} rounds (up to {plan.max_rounds})")
-    run_rounds(base, candidate, plan, plan.arms, range(1, plan.rounds + 1), rounds, progress=progress)
-    done = plan.rounds
 
     def decide() -> ABResult:
         return judge(rounds, plan.arms, settings.rules, base=base, candidate=candidate, mode=mode, cycles=cycles,
                      ignored=settings.ignored, alpha=settings.alpha)
 
-    result = decide()
-    while done < plan.max_rounds and result.open_arms():
+    done = 0
+    for rnd in range(1, plan.rounds + 1):
+        run_rounds(base, candidate, plan, plan.arms, [rnd], rounds, progress=progress)
+        done = rnd
+        result = decide()
+        exact = [c for c in result.counters if c.status == "regression"] + [
+            t for t in result.trials if t.status == "regression"]
+        if exact:       # an exact check failed: no timing can change that answer
+            notes.append(f"stopped after round {rnd}: an exact check failed, timings need not be decided")
+            break
+    while not exact and done < plan.max_rounds and result.open_arms():
         arms = [a for a in plan.arms if a in result.open_arms()]
         step = min(plan.step, plan.max_rounds - done)
         per_round = rounds.seconds_per_round(arms)
