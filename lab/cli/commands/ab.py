@@ -25,8 +25,8 @@ from lab.cli.checks import writable_file
 # CI's size (.ci/run): what fits ~5 minutes on 2 cores and still sees a 10 % slower
 # discard on every arm (docs/STATISTICS.md, docs/BENCHMARKS.md).
 DEFAULT_ARMS = "pfn,bitmap,chunks"
-DEFAULT_GUEST_MIB, DEFAULT_INFLATE_MIB = 1024, 896
-DEFAULT_CYCLES, DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 3, 7, 13
+DEFAULT_GUEST_MIB, DEFAULT_INFLATE_MIB = 512, 384
+DEFAULT_CYCLES, DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 4, 7, 13
 
 
 def _fraction(text: str, what: str) -> float:
