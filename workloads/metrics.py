@@ -42,3 +42,13 @@ STOP_METRICS = MetricSet("workloads/metrics.py STOP_METRICS", [
     Metric("achieved_mib_s", GAUGE, "MiB/s", "dirty: the write rate reached", better=HIGHER),
     Metric("ticks_short", GAUGE, "", "dirty: steps that ran behind the clock"),
 ])
+
+
+def must_be_zero_failures(stop: dict) -> list[str]:
+    """What a workload's stop() report holds above 0 of the figures that must be 0
+    ("corruptions=3"): a trial with any is not verified."""
+    out = []
+    for name, value in stop.items():
+        if name in STOP_METRICS and STOP_METRICS[name].better == ZERO and isinstance(value, (int, float)) and value:
+            out.append(f"{name}={value:g}")
+    return out

@@ -32,6 +32,9 @@ def format_result(r: Mapping[str, Any]) -> str:
         lines.append(f"  host memory freed by the inflate: {_mib(freed)} "
                      f"({'memfd blocks' if 'memfd_freed_bytes' in r else 'QEMU RSS'})")
     else:
+        bad = (r["verification"].get("workload") or {}).get("must_be_zero")
+        if bad:
+            verified += f"  (the workload: {', '.join(bad)}, must be 0)"
         lines = [_lab_title(r), verified, f"  {counts}",
                  f"  discard calls {r['discard_calls']}  runs {r['runs']}  translations {r['translations']}",
                  f"  memfd freed {_mib(r['memfd_freed_bytes'])}"]

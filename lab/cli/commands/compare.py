@@ -110,7 +110,7 @@ EXAMPLES = """\b
 examples:
     balloon-lab compare                                   # the default experiment: 4 arms, 10 trials each
     balloon-lab compare --arms pfn,chunks --trials 20 --report out/r.html
-    balloon-lab compare --spec .ci/gate/spec.toml --db out/ci.db
+    balloon-lab compare --spec experiment.toml --db out/x.db   # the options' names as TOML keys
     balloon-lab compare --workload fragment --param share=0.6 --guest-mib 4096 --inflate-mib 2048
 """
 

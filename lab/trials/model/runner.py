@@ -21,6 +21,7 @@ from lab.trials.model.monitor_ops import attach_probes, balloon_op, verify
 from lab.trials.model.processes import LabProcesses
 from lab.trials.monitor_client import MonitorError
 from lab.trials.probing import probe_summary as _probe_summary
+from workloads.metrics import must_be_zero_failures
 
 
 class Pace(Protocol):
@@ -89,8 +90,7 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None, pace: Pace 
         raise lp.failure(phase, e) from e
     finally:
         lp.close()
-    verified = (v_inflate["ok"] and (v_deflate is None or v_deflate["ok"])
-                and all(c["verified"] for c in cycles))
+    verified, workload_bad = trial_verified(v_inflate, v_deflate, cycles, wl)
     # The top level is the inflate (the operation the protocols are compared on);
     # `deflate` holds the same fields for the way back. No number appears twice
     # (lab/results/trial_result.py: stage times and probe readings have their own fields).
@@ -106,13 +106,25 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None, pace: Pace 
         inflate=_op_result(inflate), deflate=_op_result(deflate) if deflate is not None else None,
         memfd_freed_bytes=freed,
         stages_ns={k: op["stages_ns"] for k, op in ops.items()},
-        verification={"after_inflate": v_inflate, "after_deflate": v_deflate},
+        verification={"after_inflate": v_inflate, "after_deflate": v_deflate,
+                      "workload": {"ok": not workload_bad, "must_be_zero": workload_bad}},
         verified=bool(verified),
         errors=final["errors"],
         probes=_probe_summary({k: op["probes"] for k, op in ops.items()}, probes),
         trial_wall_ns=time.perf_counter_ns() - wall0,
         cycles=cycles or None,
     )
+
+
+def trial_verified(v_inflate: dict, v_deflate: dict | None, cycles: list[dict], workload_stop: dict
+                   ) -> tuple[bool, list[str]]:
+    """(whether every check of the trial passed, the workload's must-be-zero figures above
+    0): both operations' checks, every later cycle's, and the workload's own (churn's
+    `corruptions`: held pages whose contents changed while the balloon worked)."""
+    workload_bad = must_be_zero_failures(workload_stop)
+    ok = (v_inflate["ok"] and (v_deflate is None or v_deflate["ok"]) and all(c["verified"] for c in cycles)
+          and not workload_bad)
+    return bool(ok), workload_bad
 
 
 def _cycle_record(inflate: dict, v_inflate: dict, deflate: dict | None, v_deflate: dict | None) -> dict:
