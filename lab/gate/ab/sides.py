@@ -78,7 +78,10 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def is_checkout(path: Path) -> bool:
-    return (path / "lab" / "cli.py").is_file() and (path / "device").is_dir()
+    """A balloon-lab checkout: its `lab.cli` (a module before lab/ had rooms, a package
+    since) and its device."""
+    cli = path / "lab" / "cli"
+    return (cli.with_suffix(".py").is_file() or (cli / "__init__.py").is_file()) and (path / "device").is_dir()
 
 
 def resolve_commit(repo: Path, rev: str) -> str:
@@ -104,7 +107,7 @@ def prepare_side(label: str, ref: str | None, repo: Path, workdir: Path) -> Side
         path = None
     if path is not None:
         if not is_checkout(path):
-            raise SideError(f"{label}: {path} is not a balloon-lab checkout (no lab/cli/group.py)")
+            raise SideError(f"{label}: {path} is not a balloon-lab checkout (no lab.cli, no device/)")
         commit, dirty = None, False
         head = _git(path, "rev-parse", "HEAD", check=False)
         if head.returncode == 0:
@@ -117,7 +120,8 @@ def prepare_side(label: str, ref: str | None, repo: Path, workdir: Path) -> Side
     side = Side(label, ref, dest, sha, temporary=True)
     if not is_checkout(dest):
         remove_side(side, repo)
-        raise SideError(f"{label}: revision {ref} ({sha[:12]}) has no lab/cli/group.py: not a balloon-lab revision")
+        raise SideError(f"{label}: revision {ref} ({sha[:12]}) has no lab.cli or device/: not a balloon-lab "
+                        "revision")
     return _with_options(side)
 
 
