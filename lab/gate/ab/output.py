@@ -15,7 +15,8 @@ _HEAD = {"pass": "PASS", "regression": "REGRESSION", "inconclusive": "INCONCLUSI
 def headline(r: ABResult) -> str:
     n = len(r.regressions)
     what = {"pass": "no regression", "regression": f"{n} regression{'s' * (n != 1)}",
-            "inconclusive": f"{len(r.unclear)} timing(s) unclear after the extra rounds"}[r.verdict]
+            "inconclusive": (f"{len(r.unclear)} timing(s) unclear after the extra rounds" if r.unclear else
+                             f"no timing both sides measure in {', '.join(r.ungated)}")}[r.verdict]
     return f"ab: {_HEAD[r.verdict]} (exit {r.exit_code}): {what}"
 
 

@@ -8,7 +8,8 @@ Three kinds of check per arm:
 - timings: each gated metric decided on its paired ratios (lab/gate/ab/paired.py).
 
 Verdict: "regression" (exit 1) if any check regressed; else "inconclusive" (exit 3)
-if any timing is still unclear after the extra rounds; else "pass" (exit 0).
+if any timing is still unclear after the extra rounds, or an arm had no timing both
+sides measure; else "pass" (exit 0).
 Unusable input (a side that cannot be prepared, a base that fails) is exit 2 and never
 reaches this module.
 """
@@ -30,6 +31,10 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_UNUSABLE, EXIT_INCONCLUSIVE = 0, 1, 2, 3
 # stage's own CPU time sees a slower discard path best; the VMM's and the guest's CPU
 # time of the whole inflate see the other stages.
 DEFAULT_METRICS = ("discard_cpu_ns", "cpu_ns.vmm", "cpu_ns.guest")
+# What a default metric falls back to against a side that does not measure it (a base
+# older than the CPU times, e.g. 59e0f30): the wall-clock time of the same work.
+FALLBACKS = {"discard_cpu_ns": "stages_ns.inflate.discard", "cpu_ns.vmm": "stages_ns.inflate.total",
+             "cpu_ns.guest": "stages_ns.inflate.total"}
 # Every counter of a trial result was equal across identical code here (A/A, 3 arms x
 # 3 rounds x 4 cycles): none is ignored unless the user names it.
 DEFAULT_IGNORED: tuple[str, ...] = ()
@@ -92,8 +97,15 @@ class ABResult:
         return [r for r in self.timings if r.verdict == "unclear"]
 
     @property
+    def ungated(self) -> list[str]:
+        """Arms measured in both sides with no timing either side could give."""
+        gated = {r.arm for r in self.timings}
+        return [t.arm for t in self.trials if t.pairs and t.arm not in gated]
+
+    @property
     def verdict(self) -> str:
-        return "regression" if self.regressions else "inconclusive" if self.unclear else "pass"
+        return ("regression" if self.regressions else "inconclusive" if self.unclear or self.ungated
+                else "pass")
 
     @property
     def exit_code(self) -> int:
@@ -206,20 +218,32 @@ def judge(rounds: Rounds, arms: Sequence[str], rules: Sequence[MetricRule], *, b
         pairs = _pairs(rounds, arm)
         trials.append(check_trials(arm, rounds))
         counters += check_counters(arm, pairs, ignored)
+        done: set[str] = set()
         for rule in rules:
             if not pairs:
                 continue
-            per_round = _round_values(rounds, arm, rule.name)
+            name = rule.name
+            per_round = _round_values(rounds, arm, name)
+            if not per_round and FALLBACKS.get(name):
+                where = "either side" if not any(name in cm for *_x, cm in pairs) else "the base"
+                name = FALLBACKS[name]
+                per_round = _round_values(rounds, arm, name)
+                if per_round and name not in done:
+                    notes.append(f"{arm} {rule.name}: not in {where}'s results; gated on {name} (wall-clock) "
+                                 "instead")
+            if name in done:
+                continue
+            done.add(name)
             if not per_round:
-                where = "either side" if not any(rule.name in cm for *_x, cm in pairs) else "the base"
-                notes.append(f"{arm} {rule.name}: not in {where}'s results, not gated")
+                where = "either side" if not any(name in cm for *_x, cm in pairs) else "the base"
+                notes.append(f"{arm} {name}: not in {where}'s results, not gated")
                 continue
             if any(np.any(b <= 0) or np.any(c <= 0) for b, c in per_round):
-                notes.append(f"{arm} {rule.name}: a value <= 0, no ratio to gate")
+                notes.append(f"{arm} {name}: a value <= 0, no ratio to gate")
                 continue
             b_all = np.concatenate([b for b, _c in per_round])
             c_all = np.concatenate([c for _b, c in per_round])
-            timings.append(decide(arm, rule.name, lab_metrics.unit(rule.name), lab_metrics.better(rule.name),
+            timings.append(decide(arm, name, lab_metrics.unit(name), lab_metrics.better(name),
                                   np.array([round_ratio(b, c) for b, c in per_round]), pairs=int(b_all.size),
                                   base_median=float(np.median(b_all)), candidate_median=float(np.median(c_all)),
                                   alpha=alpha, min_effect=rule.min_effect))
