@@ -159,3 +159,16 @@ def test_timings_of_runs_made_an_hour_apart_are_refused_unless_asked(store, db, 
     code, out = gate(db, "--baseline", f, "--candidate", cand, "--across-time")
     assert code == 0 and "compared, as asked" in out, out
     assert gate(db, "--baseline", base, "--candidate", cand)[0] == 0       # made minutes apart: one job
+
+
+def test_under_github_actions_the_gate_writes_a_step_summary_and_annotations(store, db, tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    base = make_run(store, lambda a, r, g: trial(a, r, g, gbit=10.0))
+    slower = make_run(store, lambda a, r, g: trial(a, r, g, gbit=7.0), seed=2)
+    code, out = gate(db, "--baseline", base, "--candidate", slower)
+    assert code == 1
+    assert "::error title=balloon-lab gate::pfn wire_gbit_s: 10 Gbit/s -> " in out and "limit -10%25)" in out
+    text = summary.read_text()
+    assert text.startswith("### balloon-lab gate: ❌ REGRESSION (exit 1)") and "**regression** bitmap wire_gbit_s" in text

@@ -108,6 +108,26 @@ class HostsGateResult:
             out += [f"\nhost {label}:"] + ["  " + line for line in r.render_text(verbose=verbose).splitlines()]
         return "\n".join(out)
 
+    def regression_lines(self) -> list[str]:
+        """One line per regression ("host: arm metric: message"), for annotations."""
+        many = len(self.pairs) > 1
+        return [f"{label + ': ' if many else ''}{c.arm} {c.metric}: {c.message}"
+                for label, r in self.pairs for c in r.regressions]
+
+    def render_markdown(self) -> str:
+        """A CI step summary: the verdict, what was compared, every regression."""
+        bad = self.regression_lines()
+        head = "❌ REGRESSION (exit 1)" if bad else "✅ PASS (exit 0)"
+        out = [f"### balloon-lab gate: {head}", ""]
+        for label, r in self.pairs:
+            n = r.counts()
+            out.append(f"- host `{label}`: baseline {r.baseline.describe()}; candidate {r.candidate.describe()}; "
+                       f"{n['pass'] + n['regression'] + n['improvement']} checks, {n['regression']} regressed, "
+                       f"{n['improvement']} improved")
+        out += [f"- **regression** {line}" for line in bad]
+        out += [f"- note: {n}" for n in self.notes + [n for _l, r in self.pairs for n in r.notes]]
+        return "\n".join(out) + "\n"
+
     def to_junit(self) -> str:
         if len(self.pairs) == 1:
             return self.pairs[0][1].to_junit()

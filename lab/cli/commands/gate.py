@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from lab.gate.ci_summary import report_to_github
 from lab.gate.inputs import GateInputError
 from lab.gate.result import EXIT_UNUSABLE
 from lab.gate.thresholds import Thresholds
@@ -102,6 +103,8 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
             click.echo(json.dumps({"verdict": "unusable", "exit_code": EXIT_UNUSABLE, "error": str(e)}, indent=1))
         if junit:
             junit.write_text(_junit_error(str(e)))
+        report_to_github("balloon-lab gate", f"### balloon-lab gate: unusable input (exit 2)\n\n{e}\n", [str(e)],
+                         json_on_stdout=as_json)
         sys.exit(EXIT_UNUSABLE)
     _record_verdict(path, candidate, baseline, result)
     if junit:
@@ -111,4 +114,5 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         click.echo(result.render_text(verbose=verbose), err=True)
     else:
         click.echo(result.render_text(verbose=verbose))
+    report_to_github("balloon-lab gate", result.render_markdown(), result.regression_lines(), json_on_stdout=as_json)
     sys.exit(result.exit_code)
