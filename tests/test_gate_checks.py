@@ -18,21 +18,11 @@ from lab.gate.inputs import NOT_COMPARED_SPEC_FIELDS, spec_differences
 from lab.store.store import Store, TrialRecord, now_iso
 from lab.trials.spec import ExperimentSpec
 from reports.comparison_table import _goodness
+from test_gate import db, store  # noqa: F401 - the same store fixtures
+
 
 SPEC = ExperimentSpec(name="gate-checks", arms=["pfn", "bitmap"], trials=8, warmups=0, probes=False,
                       guest_mib=1024, inflate_mib=512)
-
-
-@pytest.fixture
-def db(tmp_path):
-    return tmp_path / "lab.db"
-
-
-@pytest.fixture
-def store(db):
-    s = Store(db)
-    yield s
-    s.close()
 
 
 def make_run(store: Store, result, *, spec: ExperimentSpec = SPEC, seed: int = 1) -> str:
