@@ -2,7 +2,8 @@
 
 The inflate path, by protocol (device/virtio/protocols.py decodes each wire format):
   pfn         -> _pfns_per_page: one translation and one discard per page,
-                 as QEMU does (the protocol is per page, so is the Python loop)
+                 as QEMU does (the translations one numpy pass per request, the
+                 discards a Python loop of one system call per page)
   pfn-ranges  -> decode PFNs, merge into runs (numpy, ranges_policy), _runs
   bitmap      -> decode the bitmap -> runs (numpy), _runs
   chunks      -> each descriptor is one run, _runs

@@ -146,7 +146,7 @@ class DeviceQueue:
 
     # --- available ring --------------------------------------------------------------------
     def avail_idx(self) -> int:
-        return LE16.unpack_from(self._mem, self._off.avail + 2)[0]
+        return LE16.unpack_from(self._off.words, self._off.avail + 2)[0]
 
     def has_avail(self) -> bool:
         return self.avail_idx() != self.last_avail_idx
@@ -155,14 +155,14 @@ class DeviceQueue:
         """Next available chain, validated, or None. Raises RingError (only) on a
         malformed ring. A bad avail.idx consumes nothing; a bad chain is consumed and
         its head is in the error, so the device can return it or reset the queue."""
-        avail_idx = LE16.unpack_from(self._mem, self._off.avail + 2)[0]
+        avail_idx = LE16.unpack_from(self._off.words, self._off.avail + 2)[0]
         last = self.last_avail_idx
         pending = (avail_idx - last) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.size:
             raise self._fail("avail-idx", f"avail idx {avail_idx} is {pending} ahead of {last}, more than the queue size {self.size}")
-        head = LE16.unpack_from(self._mem, self._off.avail_ring + 2 * (last & self.mask))[0]
+        head = LE16.unpack_from(self._off.words, self._off.avail_ring + 2 * (last & self.mask))[0]
         self.last_avail_idx = (last + 1) & 0xFFFF
         if head >= self.size:
             raise self._fail("desc-index", f"avail ring entry {last} names head {head} >= queue size {self.size}")
@@ -321,7 +321,7 @@ class DeviceQueue:
             raise ValueError(f"written_len {written_len} does not fit le32")
         USED_ELEM.pack_into(self._mem, self._off.used_ring + 8 * (self.used_idx & self.mask), head, written_len)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        LE16.pack_into(self._mem, self._off.used + 2, self.used_idx)
+        LE16.pack_into(self._off.words, self._off.used + 2, self.used_idx)
 
     def need_call(self) -> bool:
         """Should the device call (interrupt) the driver for what it pushed since the
@@ -333,9 +333,9 @@ class DeviceQueue:
             return False
         self._signalled_used = new
         if self.event_idx:
-            need = vring_need_event(LE16.unpack_from(self._mem, self._off.used_event)[0], new, old)
+            need = vring_need_event(LE16.unpack_from(self._off.words, self._off.used_event)[0], new, old)
         else:
-            need = not (LE16.unpack_from(self._mem, self._off.avail)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
+            need = not (LE16.unpack_from(self._off.words, self._off.avail)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
         if need:
             self.calls += 1
         else:
@@ -345,7 +345,7 @@ class DeviceQueue:
     # --- available-buffer notification suppression ------------------------------------------
     def set_avail_event(self, idx: int) -> None:
         """EVENT_IDX: ask for a kick once avail.idx passes idx (reaches idx + 1)."""
-        LE16.pack_into(self._mem, self._off.avail_event, idx & 0xFFFF)
+        LE16.pack_into(self._off.words, self._off.avail_event, idx & 0xFFFF)
 
     def enable_notifications(self) -> bool:
         """Re-arm kicks before sleeping: avail_event = last_avail_idx with EVENT_IDX,
@@ -355,7 +355,7 @@ class DeviceQueue:
             self.set_avail_event(self.last_avail_idx)
         else:
             self._used_flags &= ~VIRTQ_USED_F_NO_NOTIFY
-            LE16.pack_into(self._mem, self._off.used, self._used_flags)
+            LE16.pack_into(self._off.words, self._off.used, self._used_flags)
         return self.has_avail()
 
     def disable_notifications(self) -> None:
@@ -363,7 +363,7 @@ class DeviceQueue:
         with it (flags must stay 0) simply leaves avail_event behind, as vhost does."""
         if not self.event_idx and not self._used_flags & VIRTQ_USED_F_NO_NOTIFY:
             self._used_flags |= VIRTQ_USED_F_NO_NOTIFY
-            LE16.pack_into(self._mem, self._off.used, self._used_flags)
+            LE16.pack_into(self._off.words, self._off.used, self._used_flags)
 
     # --- queue state (vhost-user GET/SET_VRING_BASE, migration) ------------------------------
     def state(self) -> dict[str, int]:
@@ -374,7 +374,7 @@ class DeviceQueue:
         last_avail_idx comes from that device; used_idx defaults to the used ring's
         idx, which lives in (migrated) guest RAM."""
         if used_idx is None:
-            used_idx = LE16.unpack_from(self._mem, self._off.used + 2)[0]
+            used_idx = LE16.unpack_from(self._off.words, self._off.used + 2)[0]
         if not (0 <= last_avail_idx <= 0xFFFF and 0 <= used_idx <= 0xFFFF):
             raise ValueError(f"ring indices must be 16-bit, got {last_avail_idx}, {used_idx}")
         if (last_avail_idx - used_idx) & 0xFFFF > self.size:
