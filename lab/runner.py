@@ -27,6 +27,7 @@ from lab import twins
 from lab.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 from lab.orphans import die_with_parent, wait_or_kill
 from lab.probe_summary import probe_summary as _probe_summary
+from lab.ring_cost import FloorFailed, lab_cost, measure_floors
 from lab.trial_result import OpResult, TrialResult
 
 
@@ -383,7 +384,12 @@ def run_balloon(t: BalloonTrial, probes=None, on_started=None) -> dict:
 
 
 def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialResult:
-    """Run one trial; raises TrialFailed (never returns a half-measured result)."""
+    """Run one trial; raises TrialFailed (never returns a half-measured result). The
+    ring's floor is measured first, before the trial's processes start (lab/ring_cost.py)."""
+    try:
+        floors = measure_floors(t.guest_mib)
+    except FloorFailed as e:
+        raise TrialFailed(str(e)) from e
     wall0 = time.perf_counter_ns()
     try:
         lp = LabProcesses(t)
@@ -434,6 +440,8 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialRes
         inflate=_op_result(inflate), deflate=_op_result(deflate) if deflate is not None else None,
         memfd_freed_bytes=freed,
         stages_ns={k: op["stages_ns"] for k, op in ops.items()},
+        floors=floors,
+        lab_cost={k: lab_cost(op["stages_ns"], op["requests"], floors) for k, op in ops.items()},
         verification={"after_inflate": v_inflate, "after_deflate": v_deflate},
         verified=bool(verified),
         errors=final["errors"],
