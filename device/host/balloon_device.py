@@ -253,7 +253,7 @@ class BalloonDevice(VirtioTransport):
     def _balloon_chain(self, chain: DescChain, ctr: DeviceOpCounters, *, inflate: bool) -> int:
         ctr.requests += 1
         ctr.descriptors += len(chain.elements)
-        if any(e[2] for e in chain.elements):
+        if chain.n_readable < len(chain.elements):     # a writable buffer (they come last)
             self.refuse("writable-buffer", "inflate/deflate buffers must be device-readable")
             return 0
         try:   # the negotiated wire format's decoder (device/virtio/protocols.py)

@@ -178,6 +178,16 @@ class DeviceQueue:
 
     def _walk(self, head: int) -> DescChain:
         mem, base, size, unpack = self._mem, self._off.desc, self.size, DESC_STRUCT.unpack_from
+        addr, ln, fl, _ = unpack(mem, base + DESC_SIZE * head)
+        if not fl & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+            # One descriptor (every PFN request): what the loop below and _finish would
+            # make of it, without their lists (the ring round trip is per request).
+            self.descriptors += 1
+            self.walked += 1
+            w = bool(fl & VIRTQ_DESC_F_WRITE)
+            offsets = self._translate_few(head, [addr], [ln])
+            return DescChain(head, [(addr, ln, w)], offsets, 0 if w else 1, 0 if w else ln, ln if w else 0, False,
+                             mem)
         max_chain = self.max_chain
         addrs: list[int] = []
         lens: list[int] = []
