@@ -25,7 +25,7 @@ from device.virtio.ram import GuestRAM
 from device.virtio.split_ring import (DEFAULT_MAX_CHAIN, DESC_DTYPE, DESC_SIZE, DESC_STRUCT, LE16, MAX_BUFFER_LEN,
                                       MAX_CHAIN_BYTES, USED_ELEM, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
                                       VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY, RingError,
-                                      RingOffsets, vring_need_event)
+                                      RingOffsets, memory_barrier, vring_need_event)
 
 
 @dataclass(slots=True)
@@ -342,6 +342,7 @@ class DeviceQueue:
         if new == old:
             return False
         self._signalled_used = new
+        memory_barrier()                 # used idx out before used_event / avail.flags are read
         if self.event_idx:
             need = vring_need_event(LE16.unpack_from(self._off.words, self._off.used_event)[0], new, old)
         else:
@@ -366,6 +367,7 @@ class DeviceQueue:
         else:
             self._used_flags &= ~VIRTQ_USED_F_NO_NOTIFY
             LE16.pack_into(self._off.words, self._off.used, self._used_flags)
+        memory_barrier()                 # the request for a kick out before avail idx is read
         return self.has_avail()
 
     def disable_notifications(self) -> None:

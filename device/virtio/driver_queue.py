@@ -18,7 +18,7 @@ from device.virtio.ram import GuestRAM
 from device.virtio.split_ring import (DESC_ALIGN, DESC_DTYPE, DESC_SIZE, DESC_STRUCT, LE16, MAX_BUFFER_LEN,
                                       MAX_CHAIN_BYTES, USED_ELEM, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
                                       VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY, QueueFull,
-                                      RingError, RingOffsets, ring_bytes, vring_need_event)
+                                      RingError, RingOffsets, memory_barrier, ring_bytes, vring_need_event)
 
 
 class _ExtentAllocator:
@@ -293,6 +293,7 @@ class DriverQueue:
         if new == old:
             return False
         self._kick_old = new
+        memory_barrier()                 # avail idx out before avail_event / used.flags are read
         if self.event_idx:
             need = vring_need_event(LE16.unpack_from(self._off.words, self._off.avail_event)[0], new, old)
         else:
@@ -349,6 +350,7 @@ class DriverQueue:
         elif self._avail_flags & VIRTQ_AVAIL_F_NO_INTERRUPT:
             self._avail_flags &= ~VIRTQ_AVAIL_F_NO_INTERRUPT
             LE16.pack_into(self._off.words, self._off.avail, self._avail_flags)
+        memory_barrier()                 # the request for a call out before used idx is read
         return self.has_used()
 
     def set_used_event(self, idx: int) -> None:
