@@ -25,7 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device.virtio.layout import MiB, PAGE_SHIFT  # noqa: E402
-from lab.runner import BalloonTrial, LabProcesses, balloon_op  # noqa: E402
+from lab.trials.model.balloon_trial import BalloonTrial  # noqa: E402
+from lab.trials.model.processes import LabProcesses  # noqa: E402
+from lab.trials.model.monitor_ops import balloon_op  # noqa: E402
 
 BPF_TEXT = r"""
 struct state { u64 out_ts; u64 woke_ts; u64 in_ts; u32 runnable; };

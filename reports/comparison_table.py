@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from lab import metrics as lab_metrics
+from lab.results import metrics as lab_metrics
 from reports.data import OPS, STAGES, ReportData
-from reports.fmt import esc, fmt_p, fmt_ratio, sig
+from fmt.numbers import esc, fmt_p, fmt_ratio, sig
 from reports.section_parts import Section, chip, nodata, note, scrolling, table, vfmt
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from lab.backends import is_qemu_arm
-from lab.backends.qemu.side_by_side import arm_title
+from lab.trials.backends import is_qemu_arm
+from lab.trials.qemu.side_by_side import arm_title
 from reports import charts as report_charts
 from reports import published as published_figures
 from reports.data import OPS, STAGES, ReportData
-from reports.fmt import esc, fmt_ns, pct, sig, speed_phrase
+from fmt.numbers import esc, fmt_ns, pct, sig, speed_phrase
 from reports.palette import PUBLISHED_COLOR
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, scrolling, table
 
@@ -90,7 +90,7 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
 
 def _lab_cost_table(d: ReportData) -> str:
     """The inflate's transmit and translate per request against the ring's floor measured
-    with each trial (lab/ring_cost.py), and the lab's own share: what a device in C would
+    with each trial (lab/results/ring_cost.py), and the lab's own share: what a device in C would
     mostly not pay. Empty when no trial measured a floor (older runs, the real stack)."""
     rows = []
     for a in d.arms:
