@@ -114,7 +114,7 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
         overhead = twins.overhead_table(measured)
         if overhead:
             out.append("\n" + overhead)
-        out += [f"note: {n}" for n in twins.mismatch_notes(measured)[:5]]
+        out += [f"note: {n}" for n in twins.stage_notes(measured) + twins.mismatch_notes(measured)[:5]]
     return out
 
 
