@@ -93,6 +93,18 @@ def essentials_missing() -> str | None:
     return None
 
 
+REQUIRE_ENV = "BALLOON_LAB_REQUIRE_EBPF"
+
+
+def ebpf_skip_reason() -> str | None:
+    """Why a test that needs eBPF may skip here (essentials_missing), or None. Where
+    BALLOON_LAB_REQUIRE_EBPF=1 (.ci/run sets it) nothing excuses it: the test runs, and
+    tests/conftest.py fails every `ebpf`-marked test with the reason instead."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        return None
+    return essentials_missing()
+
+
 def preflight() -> list[Problem]:
     """Everything eBPF needs that can be checked without loading a program."""
     from probes.tracefs import tracefs_mounts, tracefs_root

@@ -11,10 +11,10 @@ import pytest
 from lab.trials import twins
 from lab.trials.arm_trial import run_trial
 from lab.trials.spec import ExperimentSpec
-from probes.bpf import essentials_missing
+from probes.bpf import ebpf_skip_reason
 
 PAGE = 4096
-_MISSING = essentials_missing()
+_MISSING = ebpf_skip_reason()
 if _MISSING:
     print(f"\nSKIPPING eBPF twin tests: {_MISSING}", file=sys.stderr)
 ebpf = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")

@@ -75,10 +75,16 @@ class EventLoop:
         t_cpu = cpu_time()
         budget = WorkBudget()             # shared by every queue served in this wake-up
         # Handlers are looked up once, at wake-up, as the selector reported the fds.
-        ready = sorted(((self.handlers[key.fd], mask) for key, mask in events if key.fd in self.handlers),
-                       key=lambda r: r[0].queue_work)
-        for handler, mask in ready:
-            handler.serve(mask, budget)
+        if len(events) == 1:              # the usual wake-up on the PFN path: one kick
+            key, mask = events[0]
+            handler = self.handlers.get(key.fd)
+            if handler is not None:
+                handler.serve(mask, budget)
+        else:
+            ready = sorted(((self.handlers[key.fd], mask) for key, mask in events if key.fd in self.handlers),
+                           key=lambda r: r[0].queue_work)
+            for handler, mask in ready:
+                handler.serve(mask, budget)
         spent = cpu_time() - t_cpu
         self.wakeups += 1
         self.max_wakeup_cpu_s = max(self.max_wakeup_cpu_s, spent)

@@ -20,7 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "run",
     "compare",
     "bench",
-    "runs", "show", "export", "history", "gate",
+    "runs", "show", "export", "history", "gate", "ab",
     "report",
     "migrate",
     "fuzz",

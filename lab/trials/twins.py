@@ -47,7 +47,6 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from lab.results import metrics
-from lab.analysis import stats
 
 TWIN_KEY = "twin"
 DESIGN_TWIN = "twin"          # every number from the unprobed twin, probe readings from the probed one
@@ -224,6 +223,7 @@ def arm_overheads(trials: list[Any], metric: tuple[str, ...] = OVERHEAD_METRIC) 
     for arm, pairs in by_arm.items():
         u = np.array([a for a, _ in pairs]) / 1e6
         p = np.array([b for _, b in pairs]) / 1e6
+        from lab.analysis import stats      # scipy: imported here, so a trial (`run`) does not wait 1-2 s for it
         out.append(ArmOverhead(arm, len(pairs), stats.median_ci(u), stats.median_ci(p), stats.median_ci(p / u)))
     return out
 

@@ -18,6 +18,7 @@ from lab.cli.checks import checked, fits_in_memory, memory_option, refuse, writa
 from lab.machine.environment import load_warnings
 from lab.trials.experiment import load_comparison, run_experiment
 from lab.store.db_path import db_option, default_db_path
+from lab.results.ring_cost import lab_cost_table
 from lab.trials.arm_trial import trial_fn
 from lab.trials.spec import spec_from_cli, spec_options
 from lab.analysis.stats import Comparison, render_table
@@ -110,7 +111,7 @@ EXAMPLES = """\b
 examples:
     balloon-lab compare                                   # the default experiment: 4 arms, 10 trials each
     balloon-lab compare --arms pfn,chunks --trials 20 --report out/r.html
-    balloon-lab compare --spec .ci/gate/spec.toml --db out/ci.db
+    balloon-lab compare --spec experiment.toml --db out/x.db   # the options' names as TOML keys
     balloon-lab compare --workload fragment --param share=0.6 --guest-mib 4096 --inflate-mib 2048
 """
 
@@ -162,6 +163,9 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                     click.echo(f"WARNING: {w}\n")
                 click.echo(stage_table(comp, "inflate") + "\n")
                 click.echo(stage_table(comp, "deflate") + "\n")
+                own = lab_cost_table(comp, "inflate")
+                if own:
+                    click.echo(own + "\n")
                 click.echo(counter_table(comp, spec.inflate_mib) + "\n")
                 click.echo(run_length_table(store, run_id) + "\n")
                 click.echo(kernel_share_table(comp) + "\n")
