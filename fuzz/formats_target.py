@@ -27,7 +27,7 @@ from device.virtio.features import F_REPORTING, Q_REPORTING, bit
 from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
-from fuzz.cases import Outcome
+from fuzz.cases import U64_MAX, Outcome
 from fuzz.time_limit import Hang, arm, disarm, hang_detail
 from fuzz.wakeups import FuzzLoop, NeverIdle, Wakeups
 
@@ -149,6 +149,7 @@ class ReportTarget:
         max_page = before.size
         named = np.zeros(max_page, dtype=bool)
         for a, ln, _w in chain:
+            a, ln = a & U64_MAX, ln & 0xFFFFFFFF    # what the ring holds: le64 addr, le32 len (the writer masks)
             s = a >> PAGE_SHIFT
             if s < max_page:
                 named[s:min(max_page, (a + ln + 4095) >> PAGE_SHIFT)] = True
