@@ -226,7 +226,7 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
     sig = ("control", case["proto"], case["hint"], tuple(sorted(errors)), bool(dev.status & 64),
            dev.live, bool(chan.throttle_episodes), loop.gone is not None, bool(dev.inflate.pages))
     ballooned = set(np.flatnonzero(dev.ballooned_np == 1).tolist())
-    vol = volatile(dev, loop.vrings_seen | {(q, v.desc, v.avail, v.used, v.size) for q, v in dev.vrings.items()})
+    vol = volatile(dev, loop.vrings_seen | {(q, v.desc_gpa, v.avail_gpa, v.used_gpa, v.size) for q, v in dev.vrings.items()})
     ctx["volatile"] = vol
     state.volatile += vol
     if failure is None and extra is not None:

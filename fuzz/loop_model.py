@@ -62,7 +62,7 @@ class LoopModel:
         self.worst_wakeup_s = max(self.worst_wakeup_s, cpu_time() - t0)
         self.wakeups += 1
         for q, v in self.dev.vrings.items():
-            self.vrings_seen.add((q, v.desc, v.avail, v.used, v.size))
+            self.vrings_seen.add((q, v.desc_gpa, v.avail_gpa, v.used_gpa, v.size))
         return True
 
     def on_gone(self, why: str) -> None:

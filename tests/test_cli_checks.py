@@ -114,6 +114,6 @@ def test_a_guest_that_dies_at_start_is_reported_at_once_with_its_log():
     die = f"{sys.executable} -c \"import sys; print('guest: cannot map RAM: boom', file=sys.stderr); sys.exit(3)\""
     t0 = time.monotonic()
     with pytest.raises(TrialFailed) as e:
-        LabProcesses(BalloonTrial(guest_mib=256, inflate_mib=64), ["--guest-cmd", die])
+        LabProcesses(BalloonTrial(guest_mib=256, inflate_mib=64), vmm={"guest_cmd": die})
     assert time.monotonic() - t0 < 10                        # not the agent socket's 60 s timeout
     assert "guest: cannot map RAM: boom" in str(e.value) and "exit status 3" in str(e.value)

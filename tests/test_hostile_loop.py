@@ -99,7 +99,7 @@ def test_guest_cannot_resize_sealed_ram(vm):
 def test_shrunk_unsealed_ram_becomes_needs_reset_not_sigbus():
     # item 1 with a memfd that is not sealed: the device sees the new size before it
     # touches guest RAM and gives up on the queue (NEEDS_RESET), the VMM lives on
-    with HostileVM(256, "pfn", extra_args=["--x-unsealed-ram"]) as vm:
+    with HostileVM(256, "pfn", vmm={"x_unsealed_ram": True}) as vm:
         g = vm.guest
         g.map_memory()
         data = fill(vm)

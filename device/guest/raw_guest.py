@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 # --- framing (docs/PROTOCOL.md "Framing") ---------------------------------------------
+# What a launcher names as the VMM's guest program: python -m RAW_GUEST_MODULE
+RAW_GUEST_MODULE = "device.guest.raw_guest"
+
 HEADER = struct.Struct("<III")     # request, flags, size
 VERSION = 1
 FLAG_REPLY = 0x4

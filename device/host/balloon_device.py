@@ -3,7 +3,7 @@
 The inflate path, by protocol (device/virtio/protocols.py decodes each wire format):
   pfn         -> _pfns_per_page: one translation and one discard per page,
                  as QEMU does (the protocol is per page, so is the Python loop)
-  pfn-ranges  -> decode PFNs, merge into runs (numpy, ranges_policy), _runs
+  pfn-ranges  -> decode PFNs, merge into runs (numpy, merge_runs), _runs
   bitmap      -> decode the bitmap -> runs (numpy), _runs
   chunks      -> each descriptor is one run, _runs
 Every page the guest names is validated (RAM, not already in the balloon) before
@@ -32,7 +32,7 @@ from device.host.balloon_metrics import DeviceOpCounters
 from device.virtio.stage import stage
 from device.virtio.transport import DeviceListener, VirtioTransport, notify
 from device.virtio.device_queue import DescChain
-from device.virtio.split_ring import RingError, ring_pages
+from device.virtio.split_ring import RingError
 
 log = logging.getLogger("balloon-lab.device")
 
@@ -68,13 +68,13 @@ class BalloonDevice(VirtioTransport):
     reporting on 4 (device/host/page_reporting_device.py, registered by the VMM).
     `listener` hears of kick-fd and `actual` changes (transport.DeviceListener)."""
 
-    def __init__(self, ram: GuestRAM, device_features: int, *, ranges_policy: bool = False,
+    def __init__(self, ram: GuestRAM, device_features: int, *, merge_runs: bool = False,
                  discard: str = "madvise", partial_tracking: str = "full",
                  listener: DeviceListener | None = None) -> None:
         super().__init__(ram, device_features, listener)
         self.layout = ram.layout
         self.config = BalloonConfig()
-        self.ranges_policy = ranges_policy      # pfn-ranges: merge PFNs into runs first
+        self.merge_runs = merge_runs      # pfn-ranges: merge PFNs into runs first
         self.discard_method = discard
         # One byte per PFN up to max_pfn: 1 = in the balloon. A bytearray is fast to
         # index from the per-page PFN loop; the numpy view serves the range paths.
@@ -129,7 +129,7 @@ class BalloonDevice(VirtioTransport):
         super().activate()
         # The pages the queues live in are never discarded, whatever the guest names.
         for v in self.vrings.values():
-            self.ballooned_np[ring_pages(v.size, v.desc, v.avail, v.used)] = QUEUE_MEMORY
+            self.ballooned_np[v.pages()] = QUEUE_MEMORY
 
     @property
     def ballooned_pages(self) -> int:
@@ -266,7 +266,7 @@ class BalloonDevice(VirtioTransport):
         ctr.bytes_on_ring += request.ring_bytes
         runs = request.runs
         if runs is None:                 # a PFN array: per page, or merged into runs (pfn-ranges)
-            if self.ranges_policy:
+            if self.merge_runs:
                 runs = wire.pfns_to_runs(request.pfns.astype(np.int64))
             else:
                 self._pfns_per_page(request.pfns, ctr, inflate)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, UndeclaredMetric
+from device.api import COUNTER, GAUGE, TIMING, Metric, MetricSet, UndeclaredMetric
 from lab.results.trial_result import TRIAL_METRICS
 from probes.session import PROBE_METRICS
 from workloads.metrics import PREPARE_METRICS, STOP_METRICS

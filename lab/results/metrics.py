@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, Mapping
 
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, UndeclaredMetric
+from device.api import COUNTER, GAUGE, TIMING, UndeclaredMetric
 from lab.results.metric_catalog import declaration
 
 __all__ = ["COUNTER", "GAUGE", "KINDS", "SKIPPED_KEYS", "STATISTICAL_KINDS", "TIMING", "UndeclaredMetric", "check_declared",

@@ -26,12 +26,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from device.guest.balloon_driver import DRIVER_OP_METRICS
-from device.host.balloon_metrics import DEVICE_METRICS, DEVICE_OP_METRICS
-from device.host.host_pages import HOST_PAGE_METRICS
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet
-from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS
-from device.virtio.transport import REFUSAL_METRICS
+from device.api import DRIVER_OP_METRICS
+from device.api import DEVICE_METRICS, DEVICE_OP_METRICS
+from device.api import HOST_PAGE_METRICS
+from device.api import COUNTER, GAUGE, TIMING, Metric, MetricSet
+from device.api import DEVICE_QUEUE_METRICS
+from device.api import REFUSAL_METRICS
 
 SCHEMA_VERSION = 2
 VERSION_KEY = "result_version"

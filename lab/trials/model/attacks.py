@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from device.guest.raw_guest import F_INDIRECT, F_NEXT
+from device.api import F_INDIRECT, F_NEXT
 from lab.trials.model.hostile_vm import HostileVM
 
 INDIRECT_BIT = 28

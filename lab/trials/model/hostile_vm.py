@@ -15,9 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterable
+from typing import Any, Mapping
 
-from device.guest.raw_guest import RawError, RawGuest
+from device.api import RAW_GUEST_MODULE, RawError, RawGuest, VmmOptions
 from lab.trials.monitor_client import QMPClient, wait_for_socket
 from lab.trials.orphans import wait_or_kill
 
@@ -27,16 +27,18 @@ class HostileVM:
     The VMM's stderr (its log) is kept in a file: `.log()`."""
 
     def __init__(self, guest_mib: int = 512, protocol: str = "pfn", *, log_level: str = "WARNING",
-                 extra_args: Iterable[str] = (), timeout: float = 20.0) -> None:
+                 vmm: Mapping[str, Any] | None = None, timeout: float = 20.0) -> None:
+        """`vmm`: fields of the VMM's launch record beyond these (backing, reporting, ...)."""
+        vmm = dict(vmm or {})
         self.dir = tempfile.mkdtemp(prefix="balloon-lab-hostile-")
         self.monitor = os.path.join(self.dir, "monitor.sock")
         self.agent = os.path.join(self.dir, "agent.sock")
         self.log_path = os.path.join(self.dir, "vmm.log")
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(guest_mib), "--protocol", protocol,
-               "--monitor", self.monitor, "--agent", self.agent, "--log-level", log_level,
-               "--guest-cmd", f"{shlex.quote(sys.executable)} -m device.guest.raw_guest", *extra_args]
-        self.vmm = subprocess.Popen(cmd, stderr=self._log)
+        self.options = VmmOptions(guest_mib=guest_mib, protocol=protocol, monitor=self.monitor, agent=self.agent,
+                                  log_level=log_level, guest_cmd=f"{shlex.quote(sys.executable)} -m {RAW_GUEST_MODULE}",
+                                  **vmm)
+        self.vmm = subprocess.Popen(self.options.command(), stderr=self._log)
         self.qmp = None
         self.guest: RawGuest | None = None
         try:

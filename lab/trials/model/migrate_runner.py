@@ -19,16 +19,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
-from device.virtio.hint_format import HINT_DESIGNS
+from device.api import HINT_DESIGNS, PROTOCOLS, GuestOptions, VmmOptions
 from lab.trials.monitor_client import AgentClient, QMPClient, wait_for_socket
 from lab.trials.orphans import die_with_parent, wait_or_kill
 from lab.trials.model.balloon_trial import TrialFailed
+from lab.trials.model.processes import WORKLOAD_GUEST
 
 HINTS = HINT_DESIGNS   # device/virtio/hint_format.py
 # The published figures the lab reproduces (SEED.md), printed beside ours.
@@ -124,19 +124,20 @@ class MigrationPair:
         self.t = t
         self.dir = tempfile.mkdtemp(prefix="balloon-lab-mig-")
         p = lambda name: os.path.join(self.dir, name)
-        py = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(t.guest_mib), "--log-level", t.log_level]
+        vmm = lambda **o: VmmOptions(guest_mib=t.guest_mib, log_level=t.log_level, **o).command()
+        guest = GuestOptions(wire_format=PROTOCOLS[t.protocol].wire_format, hint=t.hint, log_level=t.log_level)
         self.procs: list[subprocess.Popen] = []
         self.src_qmp = self.dst_qmp = None
         self.agent = None
         self.guest_pid: int | None = None
         try:
-            self.dst = subprocess.Popen(py + ["--monitor", p("dst.sock"), "--agent", p("dst-agent.sock"),
-                                              "--incoming", "tcp:127.0.0.1:0", "--poll-us", "0"],
+            self.dst = subprocess.Popen(vmm(monitor=p("dst.sock"), agent=p("dst-agent.sock"),
+                                            incoming="tcp:127.0.0.1:0", poll_us=0),
                                         preexec_fn=die_with_parent)
             self.procs.append(self.dst)
-            self.src = subprocess.Popen(py + ["--monitor", p("src.sock"), "--agent", p("agent.sock"),
-                                              "--protocol", t.protocol, "--hint", t.hint, "--",
-                                              "--protocol", t.protocol, "--hint", t.hint, "--log-level", t.log_level],
+            self.src = subprocess.Popen(vmm(monitor=p("src.sock"), agent=p("agent.sock"), protocol=t.protocol,
+                                            hint=t.hint, guest_cmd=WORKLOAD_GUEST,
+                                            guest_args=tuple(guest.to_argv())),
                                         preexec_fn=die_with_parent)
             self.procs.append(self.src)
             wait_for_socket(p("dst.sock"), 30, lambda: self.dst.poll() is None)

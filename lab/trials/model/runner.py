@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-from device.virtio.layout import MiB, PAGE_SHIFT
 from lab.results.trial_result import OpResult, TrialResult
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.monitor_ops import attach_probes, balloon_op, verify
@@ -44,7 +43,7 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None) -> TrialRes
         prep = lp.agent.execute("workload-prepare", {"name": t.workload, "params": t.workload_params,
                                                      "seed": t.seed})
         lp.agent.execute("workload-start")
-        target = round(t.inflate_mib * MiB) >> PAGE_SHIFT
+        target = t.target_pages
         phase = "inflate"
         inflate = balloon_op(lp, "inflate", target, probes)
         v_inflate = verify(lp, target)
