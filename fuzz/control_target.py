@@ -43,7 +43,7 @@ from device.virtio.ram import GuestRAM, memfd_data_extents
 from fuzz.control_cases import LOW, PATTERN, WAKEUP_BOUND_S, layout, ring_base
 from fuzz.control_guest import Guest, fd_count
 from fuzz.loop_model import LoopModel
-from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.time_limit import guarded
 
 
 class ControlWorkerState:
@@ -154,61 +154,56 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
     svc = ControlService(chan, dev, on_reply, loop.on_gone)
     loop.svc = svc
     ctx["loop"] = loop
-    try:
-        arm(limit_s)
-        try:
-            for step in case["steps"]:
-                kind = step[0]
-                if extra is not None and extra.step(step, ctx):
-                    pass
-                elif kind == "msg":
-                    _, req, flags, size, payload, kinds = step
-                    body = control.U64.pack(dev.device_features).hex() if payload == "@offered" else payload
-                    body = bytes.fromhex(body)
-                    data = control.HEADER.pack(req & 0xFFFFFFFF, flags & 0xFFFFFFFF,
-                                         (len(body) if size is None else size) & 0xFFFFFFFF) + body
-                    guest.send(data, kinds, _well_formed(data))
-                    loop.wakeup()
-                elif kind == "raw":
-                    data = bytes.fromhex(step[1])
-                    guest.send(data, [], _well_formed(data))
-                    loop.wakeup()
-                elif kind == "serve":
-                    for _ in range(step[1]):
-                        if not loop.wakeup():
-                            break
-                elif kind == "read":
-                    guest.read(step[1])
-                elif kind == "flood":
-                    for _ in range(step[1]):
-                        guest.send(control.HEADER.pack(control.Req.GET_STATUS, control.VERSION, 0), [], control.Req.GET_STATUS)
-                        if len(guest.sent_requests) % 7 == 0:
-                            loop.wakeup()
-                elif kind == "kick":
-                    fd = guest.fds.get(step[1])
-                    if fd is not None:
-                        os.eventfd_write(fd, 1)
+
+    def exec_() -> None:        # anything escaping the service or the device is a crash
+        for step in case["steps"]:
+            kind = step[0]
+            if extra is not None and extra.step(step, ctx):
+                pass
+            elif kind == "msg":
+                _, req, flags, size, payload, kinds = step
+                body = control.U64.pack(dev.device_features).hex() if payload == "@offered" else payload
+                body = bytes.fromhex(body)
+                data = control.HEADER.pack(req & 0xFFFFFFFF, flags & 0xFFFFFFFF,
+                                     (len(body) if size is None else size) & 0xFFFFFFFF) + body
+                guest.send(data, kinds, _well_formed(data))
+                loop.wakeup()
+            elif kind == "raw":
+                data = bytes.fromhex(step[1])
+                guest.send(data, [], _well_formed(data))
+                loop.wakeup()
+            elif kind == "serve":
+                for _ in range(step[1]):
+                    if not loop.wakeup():
+                        break
+            elif kind == "read":
+                guest.read(step[1])
+            elif kind == "flood":
+                for _ in range(step[1]):
+                    guest.send(control.HEADER.pack(control.Req.GET_STATUS, control.VERSION, 0), [], control.Req.GET_STATUS)
+                    if len(guest.sent_requests) % 7 == 0:
                         loop.wakeup()
-                elif kind == "inflate":
-                    guest.inflate(step[1])
+            elif kind == "kick":
+                fd = guest.fds.get(step[1])
+                if fd is not None:
+                    os.eventfd_write(fd, 1)
                     loop.wakeup()
-                elif kind == "setup":
-                    direct_setup(rig, guest, step[1])
-                elif kind == "hup":
-                    guest.close()
-                    loop.wakeup()
-            # drain: the guest reads everything, the loop serves until quiet
-            idle = 0
-            while idle < 2 and loop.gone is None:
-                progressed = loop.wakeup()
-                got = guest.read(1 << 30)
-                idle = 0 if progressed or got else idle + 1
-        finally:
-            disarm()
-    except Hang:
-        failure, detail = "hang", hang_detail(limit_s)
-    except Exception as e:      # anything escaping the service or the device is a crash
-        failure, detail = "crash", f"{type(e).__name__}: {e}"
+            elif kind == "inflate":
+                guest.inflate(step[1])
+                loop.wakeup()
+            elif kind == "setup":
+                direct_setup(rig, guest, step[1])
+            elif kind == "hup":
+                guest.close()
+                loop.wakeup()
+        # drain: the guest reads everything, the loop serves until quiet
+        idle = 0
+        while idle < 2 and loop.gone is None:
+            progressed = loop.wakeup()
+            got = guest.read(1 << 30)
+            idle = 0 if progressed or got else idle + 1
+
+    _, failure, detail = guarded(exec_, limit_s)
     errors = dict(dev.errors)
     if failure is None and (errors.get("control-internal") or errors.get("device-internal")):
         failure, detail = "crash", f"internal error counted: {errors}"

@@ -14,7 +14,7 @@ from device.virtio import wire
 from device.virtio.layout import PAGE_SHIFT
 from fuzz.cases import Outcome
 from fuzz.reference_decoders import merge_spans, ref_bitmap, ref_chunks
-from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.time_limit import guarded
 
 WIRE_REASONS = {"pfn-array-len", "pfn-range", "truncated-header", "bad-page-shift", "bitmap-len",
                 "bitmap-too-large", "beyond-ram", "unaligned", "zero-length", "overflow", "overlap",
@@ -23,22 +23,11 @@ WIRE_REASONS = {"pfn-array-len", "pfn-range", "truncated-header", "bad-page-shif
 
 def run_decoder(case: dict, limit_s: float) -> Outcome:
     t = case["t"]
-    failure, detail, reason = None, "", "ok"
-    try:
-        arm(limit_s)
-        try:
-            if t == "pfn":
-                reason, failure, detail = _check_pfn(case)
-            elif t == "bitmap":
-                reason, failure, detail = _check_bitmap(case)
-            else:
-                reason, failure, detail = _check_chunks(case)
-        finally:
-            disarm()
-    except Hang:
-        failure, detail = "hang", hang_detail(limit_s)
-    except Exception as e:
-        failure, detail = "crash", f"{type(e).__name__}: {e}"
+    check = {"pfn": _check_pfn, "bitmap": _check_bitmap}.get(t, _check_chunks)
+    checked, failure, detail = guarded(lambda: check(case), limit_s)
+    reason = "ok"
+    if checked is not None:
+        reason, failure, detail = checked
     return Outcome((t, reason), failure, detail)
 
 

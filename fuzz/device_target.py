@@ -36,7 +36,7 @@ from fuzz.cases import (BUF_AREA, DATA_BYTE, DATA_PAGE, HINT_DONE, HINT_REQUEST,
                         Outcome, fuzz_layout, kick_steps, ring_gpa)
 from fuzz.oracle import MemoryBeforeExec, check_chain, check_device_exec, exec_bound, subtract_ranges, wire_format
 from fuzz.reference_decoders import ram_offset
-from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.time_limit import guarded
 
 
 class DeviceTarget:
@@ -165,10 +165,10 @@ class DeviceTarget:
             need = QUEUE_FEATURE.get(int(q))
             if need is None or feats & bit(need):     # as SET_VRING allows
                 rig.set_vring(int(q), ring_gpa(int(q)), n, zero=False)   # the case wrote the ring
-        failure, detail = None, ""
         pre = np.array([p for p in case["pre"] if 0 <= p < lay.max_pfn], dtype=np.int64)
         pre = np.unique(pre[lay.ram_pfn_mask(pre)]) if pre.size else pre
-        try:
+
+        def exec_() -> np.ndarray:     # anything escaping the device is a crash
             if case["status"] != "no-driver-ok":
                 rig.driver_ok()
                 for q, qd in case["queues"].items():
@@ -176,24 +176,21 @@ class DeviceTarget:
                         dev.queues[int(q)].restore(qd["last"], qd["last"])
             if case["status"] == "needs-reset":
                 dev.status |= S_NEEDS_RESET
-            pre = pre[dev.ballooned_np[pre] == 0]        # queue memory keeps its own state
-            dev.ballooned_np[pre] = 1
-            arm(limit_s)
-            try:
-                for k, idx in kick_steps(case):
-                    if k >= 0:
-                        if idx is not None and k in case["queues"]:
-                            a = RingAddrs.at(ring_gpa(k), n)
-                            struct.pack_into("<H", ram.mem, lay.translate(a.avail + 2, 2), idx & 0xFFFF)
-                        dev.process_queue(k)
-                    else:
-                        vmm_step(dev, hints, k)
-            finally:
-                disarm()
-        except Hang:
-            failure, detail = "hang", hang_detail(limit_s)
-        except Exception as e:   # anything escaping the device is a crash
-            failure, detail = "crash", f"{type(e).__name__}: {e}"
+            kept = pre[dev.ballooned_np[pre] == 0]        # queue memory keeps its own state
+            dev.ballooned_np[kept] = 1
+            for k, idx in kick_steps(case):
+                if k >= 0:
+                    if idx is not None and k in case["queues"]:
+                        a = RingAddrs.at(ring_gpa(k), n)
+                        struct.pack_into("<H", ram.mem, lay.translate(a.avail + 2, 2), idx & 0xFFFF)
+                    dev.process_queue(k)
+                else:
+                    vmm_step(dev, hints, k)
+            return kept
+
+        ballooned_before, failure, detail = guarded(exec_, limit_s)
+        if ballooned_before is not None:
+            pre = ballooned_before
         if failure is None and dev.errors.get("device-internal"):
             failure, detail = "crash", "device-internal error counted (an exception inside the device)"
         lost_pages = self.lost_and_restore(name)
@@ -227,35 +224,34 @@ class DeviceTarget:
         ram = self.ram(case["layout"])
         dirty = self._write_case(case, ram, lay)
         n = case["qsize"]
-        failure, detail, reasons, chains = None, "", set(), 0
-        try:
-            arm(limit_s)
-            try:
-                for q, qd in case["queues"].items():
-                    a = RingAddrs.at(ring_gpa(int(q)), n)
-                    dq = DeviceQueue(ram, int(q), n, a.desc, a.avail, a.used, event_idx=case["event_idx"],
-                                     indirect=case["indirect"], max_chain=case.get("max_chain"))
-                    dq.restore(qd["last"], qd["last"])
-                    for _ in range(n + 2):
-                        try:
-                            c = dq.pop_avail()
-                        except RingError as e:
-                            reasons.add(e.reason)
-                            continue
-                        if c is None:
-                            break
-                        chains += 1
-                        msg = check_chain(c, lay, dq.max_chain)
-                        if msg:
-                            failure, detail = "crash", msg
-                            break
-                        dq.push_used(c.head, 0)
-            finally:
-                disarm()
-        except Hang:
-            failure, detail = "hang", hang_detail(limit_s)
-        except Exception as e:
-            failure, detail = "crash", f"{type(e).__name__}: {e}"
+        reasons: set = set()
+
+        def exec_() -> tuple[str | None, str, int]:
+            chains = 0
+            for q, qd in case["queues"].items():
+                a = RingAddrs.at(ring_gpa(int(q)), n)
+                dq = DeviceQueue(ram, int(q), n, a.desc, a.avail, a.used, event_idx=case["event_idx"],
+                                 indirect=case["indirect"], max_chain=case.get("max_chain"))
+                dq.restore(qd["last"], qd["last"])
+                for _ in range(n + 2):
+                    try:
+                        c = dq.pop_avail()
+                    except RingError as e:
+                        reasons.add(e.reason)
+                        continue
+                    if c is None:
+                        break
+                    chains += 1
+                    msg = check_chain(c, lay, dq.max_chain)
+                    if msg:
+                        return "crash", msg, chains
+                    dq.push_used(c.head, 0)
+            return None, "", chains
+
+        walked, failure, detail = guarded(exec_, limit_s)
+        chains = 0
+        if walked is not None:
+            failure, detail, chains = walked
         self._restore_written(case, ram, lay, dirty)
         return Outcome(("ring", tuple(sorted(reasons)), min(chains, 3)), failure, detail)
 

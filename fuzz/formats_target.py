@@ -27,7 +27,7 @@ from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
 from fuzz.cases import Outcome
-from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.time_limit import guarded
 
 RAM_MIB = 32
 RING = 0x1000
@@ -157,12 +157,7 @@ class ReportTarget:
 
 def run_report(target: ReportTarget, case: dict, limit_s: float) -> Outcome:
     """One exec of the report target under the per-exec time limit."""
-    try:
-        arm(limit_s)
-        try:
-            sig, failure, detail = target.run(case)
-        finally:
-            disarm()
-    except Hang:
-        return Outcome(("report", "hang"), "hang", hang_detail(limit_s))
-    return Outcome(sig, failure, detail)
+    ran, failure, detail = guarded(lambda: target.run(case), limit_s)
+    if ran is None:
+        return Outcome(("report", failure if failure == "hang" else "exception"), failure, detail)
+    return Outcome(*ran)
