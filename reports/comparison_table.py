@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from lab.results import metrics as lab_metrics
 from reports.data import OPS, STAGES, ReportData
 from fmt.numbers import esc, fmt_p, fmt_ratio, sig
 from reports.section_parts import Section, chip, nodata, note, scrolling, table, vfmt
@@ -30,9 +29,9 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
     s = comp.summary(arm, metric)
     if s is None:
         return '<span class="muted">–</span>'
-    kind = lab_metrics.classify(metric)
+    kind = d.metric_kind(metric)
     top = f"<b>{fmt(s.median)}</b>"
-    if lab_metrics.is_statistical(kind) and s.ci_low is not None:
+    if d.is_statistical(kind) and s.ci_low is not None:
         top += f'<br><span class="ci">[{fmt(s.ci_low)}, {fmt(s.ci_high)}]</span>'
     elif s.min != s.max:
         top += f'<br><span class="ci">range {fmt(s.min)}..{fmt(s.max)}</span>'
@@ -43,7 +42,7 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
         return top
     # colour says better/worse only where the lab defines it (timings and gauges: lower is better);
     # a counter's "more" can be good (more pages hinted) or bad (more syscalls)
-    stat = lab_metrics.is_statistical(kind)
+    stat = d.is_statistical(kind)
     vcls = "good" if stat and pr.verdict in _GOOD else "bad" if stat and pr.verdict in _BAD else "neutral"
     if pr.exact:
         diff = "=" if pr.difference == 0 else f"{'+' if pr.difference > 0 else ''}{fmt(pr.difference)}"
@@ -61,9 +60,9 @@ def _comparison_rows(d: ReportData, metrics: Sequence[str]) -> list[list[str]]:
     rows = []
     for m in metrics:
         kept = comp.folded.get(m, m)
-        fmt = vfmt(kept)
+        fmt = vfmt(d.metric_unit(kept))
         name = f"<code>{esc(m)}</code>" + (f'<br><span class="muted">= {esc(kept)}</span>' if kept != m else "")
-        rows.append([name, lab_metrics.classify(kept)] + [_cell(d, a, kept, fmt) for a in comp.arms])
+        rows.append([name, d.metric_kind(kept)] + [_cell(d, a, kept, fmt) for a in comp.arms])
     return rows
 
 
@@ -84,8 +83,8 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
     """One line per metric, as `asv compare` prints: each arm's median and, for the
     other arms, the ratio to the baseline marked − (significantly lower) or + (higher)."""
     comp = d.comparison
-    fmt = vfmt(metric)
-    kind = lab_metrics.classify(metric)
+    fmt = vfmt(d.metric_unit(metric))
+    kind = d.metric_kind(metric)
     cells = [f"<code>{esc(metric)}</code>"]
     for a in comp.arms:
         s = comp.summary(a, metric)
@@ -96,7 +95,7 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
         if pr is None or s is None:
             cells.append("")
             continue
-        stat = lab_metrics.is_statistical(kind)
+        stat = d.is_statistical(kind)
         cls = "good" if stat and pr.verdict in _GOOD else "bad" if stat and pr.verdict in _BAD else "neutral"
         mark = _MARK[cls] or ("≠" if pr.exact and pr.difference else "")
         why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {pr.verdict}"
@@ -140,7 +139,7 @@ def comparison_section(d: ReportData) -> Section:
     if equal:
         body.append(f'<details><summary>{len(equal)} metrics with one value in every trial of every arm '
                     "(not shown above)</summary><p class=\"note\">"
-                    + ", ".join(f"<code>{esc(m)}</code> {vfmt(comp.folded.get(m, m))(comp.summary(comp.arms[0], comp.folded.get(m, m)).median)}"
+                    + ", ".join(f"<code>{esc(m)}</code> {vfmt(d.metric_unit(comp.folded.get(m, m)))(comp.summary(comp.arms[0], comp.folded.get(m, m)).median)}"
                                 for m in equal) + "</p></details>")
     for n in comp.notes:
         body.append(note("Note: " + esc(n)))
