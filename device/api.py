@@ -2,7 +2,7 @@
 in one place (tests/test_import_rules.py reads `__all__` and refuses any other import
 of device/ from them; docs/ARCHITECTURE.md says why each group is here).
 
-The lab starts the VMM and the guest as processes (`python -m device.host.vmm`, whose
+The lab starts the VMM and the guest as processes (`python -m device.vmm.process`, whose
 guest is `python -m workloads.guest`) and talks to them over the monitor and agent
 sockets. What it imports is what it needs to offer choices, launch the processes,
 read metric declarations, check the host, and play the hostile raw guest. Everything
@@ -14,20 +14,20 @@ from __future__ import annotations
 # The tables the lab offers choices from.
 from device.guest.alloc_policy import ALLOC_POLICIES
 from device.guest.page_reporting_driver import ReportingParams
-from device.host.host_pages import PARTIAL_TRACKING
+from device.vmm.huge_pages import PARTIAL_TRACKING
 from device.virtio.backing import BACKINGS
 from device.virtio.discard import DISCARD_METHOD_NAMES
 from device.virtio.hint_format import HINT_DESIGNS
 from device.virtio.protocols import PROTOCOL_NAMES, PROTOCOLS, max_batch_of
 
-# The processes' launch records: what `python -m device.host.vmm` and its guest take.
+# The processes' launch records: what `python -m device.vmm.process` and its guest take.
 from device.guest.options import GuestOptions
-from device.host.options import VmmOptions
+from device.vmm.options import VmmOptions
 
 # The metric declarations the lab reads kinds, units and docs from.
 from device.guest.balloon_driver import DRIVER_OP_METRICS
-from device.host.balloon_metrics import DEVICE_METRICS, DEVICE_OP_METRICS
-from device.host.host_pages import HOST_PAGE_METRICS
+from device.vmm.balloon_metrics import DEVICE_METRICS, DEVICE_OP_METRICS
+from device.vmm.huge_pages import HOST_PAGE_METRICS
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, UndeclaredMetric, declared_by
 from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS
 from device.virtio.transport import REFUSAL_METRICS

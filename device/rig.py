@@ -36,8 +36,8 @@ import os
 import numpy as np
 
 from device.guest.raw_guest import F_NEXT, F_WRITE, RawRing, RingAddrs
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import WorkBudget
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import WorkBudget
 from device.virtio.features import QUEUE_FEATURE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
 from device.virtio.protocols import PROTOCOLS, protocol_device_features

@@ -15,7 +15,7 @@ import struct
 import numpy as np
 
 from device.guest.raw_guest import RawRing, RingAddrs
-from device.host.balloon_device import BalloonDevice
+from device.vmm.balloon_device import BalloonDevice
 from device.virtio import control
 from device.virtio.layout import PAGE_SHIFT
 from device.virtio.ram import GuestRAM

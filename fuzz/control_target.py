@@ -2,8 +2,8 @@
 
 Each execution is one guest session, in-process but over the real pieces: a
 SOCK_SEQPACKET socket pair, the VMM's DeviceChannel and ControlService
-(device/host/control_peer.py), a fresh BalloonDevice over a real memfd, real eventfds,
-and `LoopModel`, one event-loop wake-up as device/host/vmm.py runs it (control socket
+(device/vmm/control_peer.py), a fresh BalloonDevice over a real memfd, real eventfds,
+and `LoopModel`, one event-loop wake-up as device/vmm/process.py runs it (control socket
 first, then kicks under one WorkBudget). The guest sends generated and mutated
 sequences: well-formed requests in and out of order, every request code, payloads
 of any size (0 to past the 4096-byte limit), lying size fields, bad versions, reply
@@ -31,10 +31,10 @@ import socket
 import numpy as np
 
 from device.guest.raw_guest import RingAddrs
-from device.host.balloon_device import BalloonDevice
+from device.vmm.balloon_device import BalloonDevice
 from device.rig import DeviceRig
-from device.host.control_peer import ControlService, DeviceChannel
-from device.host.hint_queues import HintQueues
+from device.vmm.control_peer import ControlService, DeviceChannel
+from device.vmm.hint_queues import HintQueues
 from device.virtio import control
 from device.virtio.protocols import protocol_device_features
 from device.virtio.hint_format import hint_device_features

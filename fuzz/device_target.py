@@ -23,8 +23,8 @@ import struct
 import numpy as np
 
 from device.guest.raw_guest import RawRing, RingAddrs
-from device.host.balloon_device import BalloonDevice
-from device.host.hint_queues import HintQueues
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.hint_queues import HintQueues
 from device.rig import DeviceRig
 from device.virtio.features import QUEUE_FEATURE, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, S_NEEDS_RESET, bit
 from device.virtio.hint_format import hint_device_features
@@ -258,7 +258,7 @@ class DeviceTarget:
 
 def vmm_step(dev: BalloonDevice, hints: HintQueues | None, k: int) -> None:
     """What the VMM does between guest kicks, only when its own preconditions hold (the
-    real VMM checks them before calling; see device/host/migration/controller.py)."""
+    real VMM checks them before calling; see device/vmm/migration/controller.py)."""
     if k == STATS_POLL:
         dev.request_stats()
     elif hints is None:

@@ -20,7 +20,7 @@ import random
 import numpy as np
 
 from device.guest.raw_guest import F_NEXT, F_WRITE
-from device.host.balloon_device import IN_BALLOON, QUEUE_MEMORY
+from device.vmm.balloon_device import IN_BALLOON, QUEUE_MEMORY
 from device.rig import DeviceRig
 from device.virtio.features import F_REPORTING, Q_REPORTING, bit
 from device.virtio.protocols import protocol_device_features
@@ -119,7 +119,7 @@ class ReportTarget:
             ring.desc(i, a, ln, fl, i + 1)
         ring.offer([0])                                         # avail ring[0] = head 0, idx = 1
         rig.driver_ok()
-        from device.host.page_reporting_device import ReportingDevice
+        from device.vmm.page_reporting_device import ReportingDevice
         rd = ReportingDevice(dev)
         rd.register_queues(dev.register_queue)
         pre = np.asarray([p for p in case["pre"] if 0 <= p < dev.layout.max_pfn], dtype=np.int64)

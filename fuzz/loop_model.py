@@ -1,4 +1,4 @@
-"""One wake-up of the VMM's event loop, as device/host/vmm.py runs it, for the control fuzzer.
+"""One wake-up of the VMM's event loop, as device/vmm/process.py runs it, for the control fuzzer.
 
 The control socket first, then the kick eventfds under one WorkBudget; each
 wake-up's CPU time is measured (the control fuzzer's hang bound is per wake-up).
@@ -9,9 +9,9 @@ import os
 import select
 import selectors
 
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import WorkBudget, cpu_time
-from device.host.control_peer import ControlService
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import WorkBudget, cpu_time
+from device.vmm.control_peer import ControlService
 
 
 class LoopModel:

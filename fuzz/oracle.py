@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from device.guest.raw_guest import RingAddrs
-from device.host.balloon_device import BalloonDevice
-from device.host.hint_queues import HintQueues
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.hint_queues import HintQueues
 from device.virtio.features import F_PAGE_BITMAP, F_PAGE_CHUNKS, bit
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 from fuzz.cases import DATA_BYTE, fuzz_layout, kick_steps, ring_gpa

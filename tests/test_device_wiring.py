@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device.host.balloon_device import BalloonDevice
-from device.host.hint_queues import HintQueues
-from device.host.page_reporting_device import ReportingDevice
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.hint_queues import HintQueues
+from device.vmm.page_reporting_device import ReportingDevice
 from device.virtio.driver_queue import DriverQueue
 from device.virtio.features import (CFG_ACTUAL, F_RING_EVENT_IDX, Q_FREE_PAGE, Q_INFLATE, Q_MISC, Q_REPORTING,
                                     Q_STATS, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit)

@@ -114,18 +114,18 @@ def test_every_import_is_one_the_doc_allows():
 
 def test_the_rule_sees_a_violation(tmp_path):
     """The checker itself: a function-level import of a room the row does not name, and
-    `from device import host` (a room named as a name), are both caught."""
-    for d, body in {"device/host": "", "device/guest": "", "lab": ""}.items():
+    `from device import vmm` (a room named as a name), are both caught."""
+    for d, body in {"device/vmm": "", "device/guest": "", "lab": ""}.items():
         (tmp_path / d).mkdir(parents=True, exist_ok=True)
         (tmp_path / d / "__init__.py").write_text(body)
     (tmp_path / "device" / "__init__.py").write_text("")
-    (tmp_path / "device/host/vmm.py").write_text("def f():\n    from lab.spec import load_spec\n")
-    (tmp_path / "device/guest/process.py").write_text("from device import host\n")
+    (tmp_path / "device/vmm/process.py").write_text("def f():\n    from lab.spec import load_spec\n")
+    (tmp_path / "device/guest/process.py").write_text("from device import vmm\n")
     (tmp_path / "lab/spec.py").write_text("import device.guest.process\n")
-    table = {"device/": (), "device/host/": (), "device/guest/": (), "lab/": ("device/guest/",)}
+    table = {"device/": (), "device/vmm/": (), "device/guest/": (), "lab/": ("device/guest/",)}
     found = violations(table, tmp_path)
-    assert [b.split(" (")[0] for b in found] == ["device/guest/process.py:1 imports device.host",
-                                                 "device/host/vmm.py:2 imports lab.spec.load_spec"], found
+    assert [b.split(" (")[0] for b in found] == ["device/guest/process.py:1 imports device.vmm",
+                                                 "device/vmm/process.py:2 imports lab.spec.load_spec"], found
 
 
 def test_the_table_reader_reads_the_last_column():

@@ -300,7 +300,7 @@ def _argparse_choices(main, argv, option) -> list[str]:
 
 def test_cli_and_spec_choices_are_the_tables():
     from device.guest import process
-    from device.host import vmm
+    from device.vmm import process as vmm
     from device.virtio.hint_format import HINT_DESIGNS
     from lab.trials import spec
     from lab.trials.backends import QEMU_BALLOON_ARMS
@@ -326,7 +326,7 @@ def test_cli_and_spec_choices_are_the_tables():
 
 def test_spec_reads_the_other_owners():
     from device.guest.alloc_policy import ALLOC_POLICIES
-    from device.host.host_pages import PARTIAL_TRACKING
+    from device.vmm.huge_pages import PARTIAL_TRACKING
     from device.virtio.backing import BACKINGS
     from lab.trials import spec
     assert spec.BACKINGS is BACKINGS

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from device.guest.alloc_policy import ALLOC_POLICIES
 from device.guest.balloon_driver import DriverOptions
 from device.guest.page_reporting_driver import ReportingParams
-from device.virtio import launch
 from device.virtio.backing import BACKINGS
 from device.virtio.hint_format import HINT_DESIGNS
-from device.virtio.launch import option
+from device.virtio.launch import LaunchRecord, option
 from device.virtio.protocols import WIRE_FORMAT_NAMES
 
 PROG = "device.guest.process"
@@ -23,7 +22,8 @@ _DRIVER = DriverOptions()
 
 
 @dataclass(frozen=True, kw_only=True)
-class GuestOptions:
+class GuestOptions(LaunchRecord):
+    PROG = PROG
     control_fd: int | None = option(None, required=True, help="the guest's end of the control socket (the VMM's)")
     agent: str | None = option(None, required=True, help="unix socket path the guest agent listens on")
     wire_format: str = option("auto", choices=("auto",) + WIRE_FORMAT_NAMES,
@@ -47,10 +47,6 @@ class GuestOptions:
                                  help="zero each page allocated for the balloon, as Linux's init_on_alloc")
     log_level: str = option("WARNING")
 
-    def to_argv(self) -> list[str]:
-        """The guest's command line after its program (`python -m device.guest.process`)."""
-        return launch.to_argv(self)
-
     def driver_options(self) -> DriverOptions:
         """What the balloon driver takes of these options."""
         return DriverOptions(wire_format=self.wire_format, batch_pages=self.batch_pages, timeout_s=self.timeout_s,
@@ -61,12 +57,3 @@ class GuestOptions:
         """What the free page reporting driver takes of these options."""
         return ReportingParams(order=self.reporting_order, capacity=self.reporting_capacity,
                                delay_s=self.reporting_delay_ms / 1000)
-
-    @classmethod
-    def from_argv(cls, argv: list[str] | None = None, prog: str = PROG) -> "GuestOptions":
-        """Parse the guest's command line (argparse: a bad value exits 2 naming the option)."""
-        return launch.from_namespace(cls, cls.parser(prog).parse_args(argv))
-
-    @classmethod
-    def parser(cls, prog: str = PROG):
-        return launch.parser(cls, prog)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Sequence, TypeVar
+from typing import Any, ClassVar, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -77,6 +77,27 @@ def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
             v = tuple(v[1:] if v and v[0] == "--" else v)
         values[f.name] = v
     return cls(**values)
+
+
+class LaunchRecord:
+    """Base of a process's launch record (a dataclass of option() fields): its command
+    line and the parser that builds it back. PROG is the process's module."""
+
+    PROG: ClassVar[str]
+
+    def to_argv(self) -> list[str]:
+        """The process's command line after `python -m PROG`."""
+        return to_argv(self)
+
+    @classmethod
+    def parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+        return parser(cls, prog or cls.PROG, description)
+
+    @classmethod
+    def from_argv(cls: type[T], argv: list[str] | None = None, prog: str | None = None,
+                  description: str | None = None) -> T:
+        """Parse the process's command line (argparse: a bad value exits 2 naming the option)."""
+        return from_namespace(cls, cls.parser(prog, description).parse_args(argv))
 
 
 def to_argv(record: Any) -> list[str]:

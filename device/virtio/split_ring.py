@@ -36,7 +36,7 @@ MAX_CHAIN_BYTES = 1 << 32
 MAX_BUFFER_LEN = (1 << 32) - 1  # le32 len
 # The longest chain the device walks (direct or through an indirect table). Walking a
 # chain costs about 0.5 us per descriptor and the event loop serves nothing else
-# meanwhile, so this bounds the monitor's wait (device/host/budget.py). The lab's driver
+# meanwhile, so this bounds the monitor's wait (device/vmm/budget.py). The lab's driver
 # sends at most 4096 chunks per request; QEMU accepts at most 1024 buffers per chain.
 DEFAULT_MAX_CHAIN = 4096
 

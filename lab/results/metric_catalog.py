@@ -29,7 +29,7 @@ WORKLOAD_METRICS = [
 ]
 
 # The live migration trial (lab/migrate_runner.run_migration: the source VMM's
-# migration report, device/host/migration/, and the destination's). Kinds and units
+# migration report, device/vmm/migration/, and the destination's). Kinds and units
 # as the lab has always compared them; three are marked where the name-based
 # classification they keep is questionable (rates and parameters stored as metrics).
 MIGRATE_METRICS = MetricSet("lab/results/metric_catalog.py MIGRATE_METRICS", [

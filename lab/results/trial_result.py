@@ -17,7 +17,7 @@ pyperf's versioned result format:
      written back, so loading and storing again loses nothing.
 
 Each number's kind, unit and doc are declared here (OP_METRICS, TRIAL_METRICS) from
-the declarations of the side that counts it: the device (device/host), the driver
+the declarations of the side that counts it: the device (device/vmm), the driver
 (device/guest), the transport's refusals, the probes (probes/session.py).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ OP_METRICS = MetricSet("lab/results/trial_result.py OP_METRICS", [
     *(DEVICE_OP_METRICS[n] for n in ("discard_calls", "translations", "runs", "refused_pages")),
     _as(DEVICE_OP_METRICS["requests"], "device_requests", "requests the device served (equals the driver's)"),
     _as(DEVICE_OP_METRICS["pages"], "device_pages", "pages the device accepted (equals the driver's)"),
-    Metric("device_wakeups", GAUGE, "", "VMM reads of kick eventfds that returned data (device/host/vmm.py)"),
+    Metric("device_wakeups", GAUGE, "", "VMM reads of kick eventfds that returned data (device/vmm/process.py)"),
     _as(DEVICE_QUEUE_METRICS["calls"], "device_calls", "call eventfd writes by the device, all queues"),
     DEVICE_METRICS["budget_yields"],
     *REFUSAL_METRICS.under("device_errors"),

@@ -32,7 +32,7 @@ class BalloonTrial:
     batch_pages: int | None = None
     discard: str = "madvise"
     backing: str = "4k"                 # host pages under guest RAM: 4k | thp | hugetlb
-    partial_tracking: str = "full"      # huge backings: full | qemu (device/host/host_pages.py)
+    partial_tracking: str = "full"      # huge backings: full | qemu (device/vmm/huge_pages.py)
     alloc_policy: str = "linux"         # linux | hugepage-aware (device/guest/alloc_policy.py)
     deflate: bool = True
     timeout_s: float = 600.0        # the runner's wait for the monitor and the agent

@@ -1,7 +1,7 @@
 """A real VMM whose guest is the hostile raw guest (device/guest/raw_guest.py).
 
 The lab's side of every hostile-guest test, attack and benchmark: start
-`python -m device.host.vmm` with the raw guest's trampoline as its guest program,
+`python -m device.vmm.process` with the raw guest's trampoline as its guest program,
 take over the control socket, and talk to the VMM's monitor. The raw guest itself
 stays free of the lab's code; this launcher is the orchestrator.
 """

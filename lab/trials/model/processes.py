@@ -1,6 +1,6 @@
 """The VMM + guest pair of one trial as real processes: started, watched, torn down.
 
-The VMM (`python -m device.host.vmm`) starts its guest; the lab holds the monitor
+The VMM (`python -m device.vmm.process`) starts its guest; the lab holds the monitor
 (QMP) and agent connections, says which peer died or stalled when one does, and
 makes the host able to give the trial's backing.
 """

@@ -1,6 +1,6 @@
 """The VMM process: owns guest RAM, serves the balloon device and the monitor.
 
-    python -m device.host.vmm --guest-mib N --protocol P --monitor SOCK --agent SOCK [...]
+    python -m device.vmm.process --guest-mib N --protocol P --monitor SOCK --agent SOCK [...]
 
 It creates guest RAM as one memfd, spawns the guest process with one end of a
 SOCK_SEQPACKET control socket, and runs one event loop over: the monitor socket,
@@ -32,22 +32,22 @@ from typing import Callable
 
 import numpy as np
 
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import WorkBudget, cpu_time
-from device.host.control_peer import ControlService, DeviceChannel
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import WorkBudget, cpu_time
+from device.vmm.control_peer import ControlService, DeviceChannel
 from device.virtio.discard import discard_runs
 from device.virtio.features import QEMU_STAT_NAMES, STAT_TAGS
 from device.virtio.protocols import PROTOCOLS, protocol_device_features
 from device.virtio.hint_format import hint_device_features
 from device.virtio.backing import backing_problem
 from device.virtio.ram import GuestRAM, process_rss_bytes
-from device.host.loop_bridge import LoopBridge
-from device.host.page_reporting_device import ReportingDevice, reporting_device_features
+from device.vmm.loop_bridge import LoopBridge
+from device.vmm.page_reporting_device import ReportingDevice, reporting_device_features
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
 from device.virtio.transport import DeviceListener
-from device.host.migration.controller import MigrationController, MigrationHandles
-from device.host.monitor import CommandError, Deferred, Monitor
-from device.host.options import VmmOptions
+from device.vmm.migration.controller import MigrationController, MigrationHandles
+from device.vmm.monitor import CommandError, Deferred, Monitor
+from device.vmm.options import VmmOptions
 
 log = logging.getLogger("balloon-lab.vmm")
 
@@ -333,7 +333,7 @@ class VMM:
         self.shutdown()
 
     def _update_control(self) -> None:
-        """Wait on the control socket for what the service needs now (device/host/control_peer.py)."""
+        """Wait on the control socket for what the service needs now (device/vmm/control_peer.py)."""
         if self.chan is None:
             return
         mask = self.control.wanted()

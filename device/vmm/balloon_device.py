@@ -21,14 +21,14 @@ from typing import Callable
 import numpy as np
 
 from device.virtio import wire
-from device.host.budget import WorkBudget
+from device.vmm.budget import WorkBudget
 from device.virtio.features import (CFG_NUM_PAGES, Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
 from device.virtio.discard import discard_runs
 from device.virtio.protocols import Refusal, negotiated_wire_format
 from device.virtio.ram import GuestRAM
-from device.host.host_pages import HostPageTracker, host_page_runs
+from device.vmm.huge_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
-from device.host.balloon_metrics import DeviceOpCounters
+from device.vmm.balloon_metrics import DeviceOpCounters
 from device.virtio.stage import stage
 from device.virtio.transport import DeviceListener, VirtioTransport, notify
 from device.virtio.device_queue import DescChain
@@ -64,8 +64,8 @@ def _refusal(state: int, inflate: bool) -> str:
 class BalloonDevice(VirtioTransport):
     """Serves queues 0-2 (inflate, deflate, stats) itself; whoever owns the other queues
     registers a handler for each (register_queue): the hint queues 3 and 5
-    (device/host/hint_queues.py, registered by the migration controller), free page
-    reporting on 4 (device/host/page_reporting_device.py, registered by the VMM).
+    (device/vmm/hint_queues.py, registered by the migration controller), free page
+    reporting on 4 (device/vmm/page_reporting_device.py, registered by the VMM).
     `listener` hears of kick-fd and `actual` changes (transport.DeviceListener)."""
 
     def __init__(self, ram: GuestRAM, device_features: int, *, merge_runs: bool = False,
@@ -148,7 +148,7 @@ class BalloonDevice(VirtioTransport):
     # --- queue processing -----------------------------------------------------------------
     def process_queue(self, index: int, budget: WorkBudget | None = None) -> None:
         """A kick arrived on `index`: serve available chains until none is left or the
-        wake-up's budget (device/host/budget.py: descriptors, bytes, discards) is spent.
+        wake-up's budget (device/vmm/budget.py: descriptors, bytes, discards) is spent.
         Without a budget (direct callers, tests) the work is unbounded."""
         if not self.live:
             self.refuse("queue-before-driver-ok" if not self.status & 4 else "queue-after-reset",

@@ -5,7 +5,7 @@ migration runs in a thread (source.py / destination.py). Whatever the migration
 thread needs from the loop's side (the config write that asks for hints, sending
 SET_DIRTY_LOG and waiting for its reply, a snapshot of the device state, the ring
 addresses) it asks for through `run_in_loop` (the VMM's LoopBridge,
-device/host/loop_bridge.py): the closure runs in the main loop, the thread waits for
+device/vmm/loop_bridge.py): the closure runs in the main loop, the thread waits for
 its result. The controller sees its VMM only through MigrationHandles, which vmm.py
 builds; vmm.py also routes replies to VMM-initiated control requests to
 on_control_reply() and merges the commands into the monitor's. The controller owns
@@ -28,14 +28,14 @@ from typing import Any, Callable
 import numpy as np
 
 from device.virtio.control import Message, Req, unpack_result
-from device.host.balloon_device import BalloonDevice, ChainHandler
-from device.host.control_peer import DeviceChannel
-from device.host.hint_queues import HintQueues
-from device.host.migration.destination import MigrationDestination
+from device.vmm.balloon_device import BalloonDevice, ChainHandler
+from device.vmm.control_peer import DeviceChannel
+from device.vmm.hint_queues import HintQueues
+from device.vmm.migration.destination import MigrationDestination
 from device.virtio.dirty_log import DirtyLog
-from device.host.migration.pause import resume_guest
-from device.host.migration.source import MigrationParams, MigrationSource
-from device.host.monitor import CommandError
+from device.vmm.migration.pause import resume_guest
+from device.vmm.migration.source import MigrationParams, MigrationSource
+from device.vmm.monitor import CommandError
 from device.virtio.ram import GuestRAM
 
 log = logging.getLogger("balloon-lab.migration")

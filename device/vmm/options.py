@@ -1,4 +1,4 @@
-"""The VMM process's launch record: every option of `python -m device.host.vmm`, typed,
+"""The VMM process's launch record: every option of `python -m device.vmm.process`, typed,
 with its command line (`to_argv`) and its parser (`from_argv`). Every launcher (the
 lab's trial, migration and hostile-VM harnesses, the tests) builds one, and
 `VMM.__init__` takes one (device/virtio/launch.py derives argv and parser from it).
@@ -8,19 +8,19 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from device.host.host_pages import PARTIAL_TRACKING
-from device.virtio import launch
+from device.vmm.huge_pages import PARTIAL_TRACKING
 from device.virtio.backing import BACKINGS
 from device.virtio.discard import DISCARD_METHOD_NAMES
 from device.virtio.hint_format import HINT_DESIGNS
-from device.virtio.launch import option
+from device.virtio.launch import LaunchRecord, option
 from device.virtio.protocols import PROTOCOL_NAMES
 
-PROG = "device.host.vmm"
+PROG = "device.vmm.process"
 
 
 @dataclass(frozen=True, kw_only=True)
-class VmmOptions:
+class VmmOptions(LaunchRecord):
+    PROG = PROG
     guest_mib: int = option(required=True, help="guest RAM in MiB")
     protocol: str = option("pfn", choices=PROTOCOL_NAMES,
                            help="the balloon protocol the device offers (device/virtio/protocols.py)")
@@ -48,19 +48,6 @@ class VmmOptions:
                                               "against a guest that shrinks guest RAM; never for real use)")
     guest_args: tuple[str, ...] = option((), remainder=True, help="arguments after -- go to the guest")
 
-    def to_argv(self) -> list[str]:
-        """The VMM's command line after `python -m device.host.vmm`."""
-        return launch.to_argv(self)
-
     def command(self) -> list[str]:
         """The whole command that starts this VMM (this interpreter)."""
         return [sys.executable, "-m", PROG, *self.to_argv()]
-
-    @classmethod
-    def from_argv(cls, argv: list[str] | None = None, description: str | None = None) -> "VmmOptions":
-        """Parse the VMM's command line (argparse: a bad value exits 2 naming the option)."""
-        return launch.from_namespace(cls, cls.parser(description).parse_args(argv))
-
-    @classmethod
-    def parser(cls, description: str | None = None):
-        return launch.parser(cls, PROG, description)
