@@ -86,6 +86,13 @@ def test_same_names_and_defaults_shown_in_help():
     assert len(set(seeds.values())) == 1, seeds
 
 
+def test_run_unknown_protocol_is_refused_once_by_the_spec(tmp_path):
+    """run's --protocol has no click choice of its own: the spec refuses it, naming --protocol
+    and listing the arms (the one check on the way to the device)."""
+    line = refused(tmp_path, "run", "--protocol", "carrier-pigeon", option="--protocol")
+    assert "unknown balloon arm 'carrier-pigeon'" in line and "pfn-ranges" in line
+
+
 def test_bench_unknown_protocol(tmp_path):
     refused(tmp_path, "bench", "idle-memory", "--protocol", "nope", option="--protocol")
 
