@@ -230,14 +230,11 @@ class ExperimentSpec:
         return plans
 
     def batch_pages_for(self, arm: str) -> int | None:
-        """Driver request size for an arm: bitmap_pages_per_request for an arm whose wire
-        format is the bitmap, else the explicit value, 256 for pfn arms (the format's
-        max_batch), else None (the protocol's own default)."""
+        """Driver request size for an arm: bitmap_pages_per_request on the bitmap wire format,
+        else the explicit value, else the pfn format's max_batch (256) or None (the protocol's own)."""
         if self.bitmap_pages_per_request is not None and PROTOCOLS[arm].wire_format == "bitmap":
             return self.bitmap_pages_per_request
-        if self.batch_pages is not None:
-            return self.batch_pages
-        return max_batch_of([arm])
+        return self.batch_pages if self.batch_pages is not None else max_batch_of([arm])
 
     # serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
