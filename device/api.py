@@ -24,11 +24,12 @@ from device.virtio.protocols import PROTOCOL_NAMES, PROTOCOLS, max_batch_of
 from device.guest.options import GuestOptions
 from device.vmm.options import VmmOptions
 
-# The metric declarations the lab reads kinds, units and docs from.
+# The metric declarations the lab reads kinds, units, directions and docs from.
 from device.guest.balloon_driver import DRIVER_OP_METRICS
 from device.vmm.balloon_metrics import DEVICE_METRICS, DEVICE_OP_METRICS
 from device.vmm.huge_pages import HOST_PAGE_METRICS
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, UndeclaredMetric, declared_by
+from device.virtio.metric_decl import (COUNTER, EXACT, GAUGE, HIGHER, LOWER, TIMING, ZERO, Metric, MetricSet,
+                                       UndeclaredMetric, declared_by)
 from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS
 from device.virtio.transport import REFUSAL_METRICS
 
@@ -48,6 +49,7 @@ __all__ = [
     "PROTOCOL_NAMES", "PROTOCOLS", "max_batch_of",
     "GuestOptions", "VmmOptions",
     "DRIVER_OP_METRICS", "DEVICE_METRICS", "DEVICE_OP_METRICS", "HOST_PAGE_METRICS", "COUNTER", "GAUGE", "TIMING",
+    "EXACT", "HIGHER", "LOWER", "ZERO",
     "Metric", "MetricSet", "UndeclaredMetric", "declared_by", "DEVICE_QUEUE_METRICS", "REFUSAL_METRICS",
     "MFD_HUGE_2MB", "MFD_HUGETLB", "NR_HUGEPAGES", "THP_SHMEM_KNOB", "BackingError", "advise_mapping",
     "backing_problem", "ensure_backing", "hugetlb_pool", "thp_shmem_state", "punch_hole",

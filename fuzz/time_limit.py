@@ -43,10 +43,11 @@ def disarm() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def guarded(exec_: Callable[[], T], limit_s: float) -> tuple[T | None, str | None, str]:
+def guarded(exec_: Callable[[], T], limit_s: float, hangs: tuple[type[Exception], ...] = ()) -> tuple[T | None, str | None, str]:
     """Run one exec under the per-exec time limit: (its value, None, "") when it returns,
     (None, "hang", detail) past the limit, (None, "crash", "Type: message") when anything
-    escapes it (the device and the targets' own code must never raise)."""
+    escapes it (the device and the targets' own code must never raise); an exception of
+    `hangs` is a hang that the target noticed itself, its message the detail."""
     try:
         arm(limit_s)
         try:
@@ -55,6 +56,8 @@ def guarded(exec_: Callable[[], T], limit_s: float) -> tuple[T | None, str | Non
             disarm()
     except Hang:
         return None, "hang", hang_detail(limit_s)
+    except hangs as e:
+        return None, "hang", str(e)
     except Exception as e:
         return None, "crash", f"{type(e).__name__}: {e}"
 

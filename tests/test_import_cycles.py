@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = ("device", "workloads", "probes", "fuzz", "fmt", "reports", "lab", "benchmarks", "scripts")
+ROOMS = ("device", "workloads", "probes", "fuzz", "fmt", "system", "reports", "lab", "benchmarks", "scripts")
 
 
 def module_names(root: Path, rooms: tuple[str, ...]) -> dict[str, Path]:

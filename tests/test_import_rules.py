@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
-PACKAGES = ("device", "workloads", "probes", "fuzz", "fmt", "reports", "lab", "benchmarks", "scripts")
+PACKAGES = ("device", "workloads", "probes", "fuzz", "fmt", "system", "reports", "lab", "benchmarks", "scripts")
 _ROOM = re.compile(r"`([\w./-]+)`")
 
 

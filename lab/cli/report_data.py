@@ -61,6 +61,7 @@ class ReportData:
     metric_kind = staticmethod(lab_metrics.classify)
     metric_unit = staticmethod(lab_metrics.unit)
     is_statistical = staticmethod(lab_metrics.is_statistical)
+    change_is_good = staticmethod(lab_metrics.change_is_good)
     median_ci = staticmethod(stats.median_ci)
     mann_whitney = staticmethod(stats.mann_whitney)
     min_mann_whitney_p = staticmethod(stats.min_mann_whitney_p)

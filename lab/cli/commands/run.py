@@ -1,13 +1,14 @@
 """`balloon-lab run`: one trial of one protocol, printed as text or one JSON object."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
 import click
 
 from lab.trials.backends import is_qemu_arm
-from lab.cli.checks import checked
+from lab.cli.checks import checked, fits_in_memory, memory_option, refuse
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.runner import run_balloon
 from lab.trials.spec import ARMS_BY_KIND, spec_from_cli, spec_options
@@ -30,17 +31,59 @@ examples:
                    "checked, like every option, by the spec.")
 @spec_options(only=RUN_FIELDS, spec_file=False)
 @click.option("--no-deflate", is_flag=True, help="inflate only")
+@click.option("--cycles", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Inflate/deflate cycles in the same processes (the workload gives deflated memory its "
+                   "contents back between cycles; 'aged' can). Cycles 2..K go to the JSON's `cycles` list.")
+@click.option("--paced", is_flag=True,
+              help="Start each cycle when a line arrives on stdin and print its record as one JSON line when it "
+                   "ends (`balloon-lab ab` runs two revisions' cycles in turn); the result follows as the last line.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(protocol, no_deflate, as_json, **kwargs) -> None:
+@memory_option
+def command(protocol, no_deflate, cycles, paced, as_json, **kwargs) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
     Parameters are checked (as `compare` checks them) before any process starts."""
     spec = checked("run", lambda: spec_from_cli(kwargs, {"kind": "balloon", "arms": [protocol], "trials": 1,
                                                         "warmups": 0}), flags={"arms": "--protocol"})
     arm, = spec.arms
+    if cycles > 1:
+        check_cycles("run", cycles, no_deflate, spec.workload, is_qemu_arm(arm))
+    if paced and (not as_json or is_qemu_arm(arm)):
+        refuse("run", "--paced needs --json and a lab arm (its cycles print JSON lines)")
+    fits_in_memory("run", spec)
     if is_qemu_arm(arm):
         run_qemu(arm, spec, no_deflate, as_json)
-    run_and_print(run_balloon, BalloonTrial.from_spec(spec, arm, deflate=not no_deflate), TrialFailed, spec.probes,
-                  as_json)
+    trial = BalloonTrial.from_spec(spec, arm, deflate=not no_deflate, cycles=cycles)
+    run_fn = functools.partial(run_balloon, pace=StdioPace()) if paced else run_balloon
+    run_and_print(run_fn, trial, TrialFailed, spec.probes, as_json)
+
+
+class StdioPace:
+    """`--paced`: before each cycle a line {"waiting": c} on stdout (the processes are
+    ready, nothing runs); the cycle starts when a line arrives on stdin; its record goes
+    to stdout as one JSON line ({"cycle": c, ...}). Every line is flushed at once."""
+
+    def before(self, cycle: int) -> None:
+        sys.stdout.write(json.dumps({"waiting": cycle}) + "\n")
+        sys.stdout.flush()
+        if not sys.stdin.readline():
+            raise TrialFailed(f"--paced: stdin closed before cycle {cycle}")
+
+    def after(self, cycle: int, record: dict) -> None:
+        sys.stdout.write(json.dumps({"cycle": cycle, **record}) + "\n")
+        sys.stdout.flush()
+
+
+def check_cycles(command: str, cycles: int, no_deflate: bool, workload: str, qemu: bool) -> None:
+    """Refuse, before any process starts, --cycles that this trial cannot repeat."""
+    from workloads import WORKLOADS
+    if no_deflate:
+        refuse(command, f"--cycles {cycles} needs the deflate (drop --no-deflate)")
+    if qemu:
+        refuse(command, f"--cycles {cycles}: the real-stack arms run one cycle per trial")
+    if not WORKLOADS[workload].can_retouch():
+        able = ", ".join(n for n, w in WORKLOADS.items() if w.can_retouch())
+        refuse(command, f"--cycles {cycles} with --workload {workload}: it cannot give deflated memory its "
+                        f"contents back between cycles (workloads that can: {able})")
 
 
 def run_and_print(run_fn, trial, failure: type[Exception], probes: bool, as_json: bool) -> None:

@@ -39,6 +39,15 @@ class BalloonTrial:
     device_timeout_s: float = 30.0  # the guest driver's wait for the device to use a request
     log_level: str = "WARNING"
     init_on_alloc: bool = False     # the guest zeroes what it allocates for the balloon (Linux init_on_alloc)
+    # Inflate/deflate cycles in one pair of processes: more samples per process start
+    # (`balloon-lab ab` uses them); the workload gives deflated memory its contents back
+    # between cycles (Workload.retouch), so each inflate frees as much as the first.
+    cycles: int = 1
+
+    def __post_init__(self) -> None:
+        # the spec validated every field a spec has (from_spec); cycles is no spec field
+        if self.cycles < 1 or (self.cycles > 1 and not self.deflate):
+            raise ValueError(f"cycles must be >= 1, and more than one needs the deflate (got {self.cycles})")
 
     @classmethod
     def from_spec(cls, spec, arm: str, rnd: int = 0, **overrides) -> "BalloonTrial":

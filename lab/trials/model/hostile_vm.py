@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Mapping
 
 from device.api import RAW_GUEST_MODULE, RawError, RawGuest, VmmOptions
 from lab.trials.monitor_client import QMPClient, wait_for_socket
-from lab.trials.orphans import wait_or_kill
+from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
 
 
 class HostileVM:
@@ -30,7 +27,7 @@ class HostileVM:
                  vmm: Mapping[str, Any] | None = None, timeout: float = 20.0) -> None:
         """`vmm`: fields of the VMM's launch record beyond these (backing, reporting, ...)."""
         vmm = dict(vmm or {})
-        self.dir = tempfile.mkdtemp(prefix="balloon-lab-hostile-")
+        self.dir = scratch_dir("hostile")
         self.monitor = os.path.join(self.dir, "monitor.sock")
         self.agent = os.path.join(self.dir, "agent.sock")
         self.log_path = os.path.join(self.dir, "vmm.log")
@@ -38,7 +35,7 @@ class HostileVM:
         self.options = VmmOptions(guest_mib=guest_mib, protocol=protocol, monitor=self.monitor, agent=self.agent,
                                   log_level=log_level, guest_cmd=f"{shlex.quote(sys.executable)} -m {RAW_GUEST_MODULE}",
                                   **vmm)
-        self.vmm = subprocess.Popen(self.options.command(), stderr=self._log)
+        self.vmm = spawn(self.options.command(), stderr=self._log)
         self.qmp = None
         self.guest: RawGuest | None = None
         try:
@@ -60,7 +57,7 @@ class HostileVM:
             self._tramp = s
             self.guest = RawGuest(socket.socket(fileno=fds[0]), timeout)
             self.info = self.qmp.execute("x-balloon-lab-info")
-        except Exception:
+        except BaseException:              # Ctrl-C and SIGTERM too: nothing left behind
             self.close()
             raise
 
@@ -97,4 +94,4 @@ class HostileVM:
         if getattr(self, "_tramp", None) is not None:
             self._tramp.close()
         self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_scratch(self.dir)
