@@ -10,19 +10,6 @@ from fmt.numbers import esc, fmt_bytes
 from reports.section_parts import Section, chip, nodata, note, table
 
 
-def _spec_text(v: Any, key: str = "") -> str:
-    """A spec value as the TOML spec file would write it (bandwidth as 10gbit)."""
-    from lab.trials.spec import format_bandwidth, toml_value
-    if v is None:
-        return "default"
-    if key == "bandwidth" and isinstance(v, int):
-        return format_bandwidth(v)
-    try:
-        return toml_value(v)
-    except TypeError:
-        return str(v)
-
-
 def _kv(rows: Sequence[tuple[str, Any]]) -> str:
     return '<table class="kv"><tbody>' + "".join(
         f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows) + "</tbody></table>"
@@ -58,7 +45,7 @@ def environment_section(d: ReportData) -> Section:
              "memory_available_bytes", "loadavg", "cpu_governor", "python_version", "python_executable", "numpy", "scipy",
              "balloon_lab", "git_commit", "git_dirty", "probe_backend"}
     env_rows += [(k, f"<code>{esc(v)}</code>") for k, v in env.items() if k not in shown]
-    spec_rows = [(k, f"<code>{esc(_spec_text(v, k))}</code>") for k, v in r.spec.items() if not k.startswith("_")]
+    spec_rows = [(k, f"<code>{esc(d.spec_text(v, k))}</code>") for k, v in r.spec.items() if not k.startswith("_")]
     body = ['<div class="cols">', "<div><h3>Run</h3>", _kv(run_rows), "</div>",
             "<div><h3>Machine</h3>", _kv(env_rows), "</div>", "</div>",
             "<h3>Spec</h3>", _kv(spec_rows)]
@@ -76,19 +63,8 @@ def environment_section(d: ReportData) -> Section:
     return Section("environment", "Environment", "".join(body))
 
 
-def reproduce_command(d: ReportData) -> str:
-    if d.run.command_line:
-        return d.run.command_line
-    try:
-        from lab.trials.spec import ExperimentSpec
-        spec = {k: v for k, v in d.run.spec.items() if not k.startswith("_")}
-        return ExperimentSpec.from_dict(spec).command_line()
-    except Exception:
-        return ""
-
-
 def reproduce_section(d: ReportData, report_path: str | None) -> Section:
-    cmd = reproduce_command(d)
+    cmd = d.reproduce_command()
     db = shlex.quote(d.db_path)
     body = []
     if cmd:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from lab.trials.backends import is_qemu_arm
-from lab.trials.qemu.side_by_side import arm_title
 from reports import charts as report_charts
 from reports import published as published_figures
 from reports.data import OPS, STAGES, ReportData
@@ -50,8 +48,8 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
         meds[a] = {s: d.median(a, d.stage_metric(op, s)) or 0.0 for s in STAGES}
         meds[a]["total"] = tot
         lo, hi = arm_ci(d, a, tot_m)
-        label = chip(a, d.colors) + (f'<br><span class="ci">{esc(arm_title(a, d.run.environment))}</span>'
-                                     if is_qemu_arm(a) else "")
+        label = chip(a, d.colors) + (f'<br><span class="ci">{esc(d.arm_title(a, d.run.environment))}</span>'
+                                     if d.is_qemu_arm(a) else "")
         cells = [label, str(d.n_trials(a)),
                  f"<b>{fmt_ns(tot)}</b>" + (f'<br><span class="ci">[{fmt_ns(lo)}, {fmt_ns(hi)}]</span>' if lo else ""),
                  fmt_ns(tot / (mib / 1024)) if mib else "–"]

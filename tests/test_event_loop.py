@@ -1,4 +1,4 @@
-"""The VMM's event loop (device/host/event_loop.py) with real eventfds, sockets and a device.
+"""The VMM's event loop (device/vmm/event_loop.py) with real eventfds, sockets and a device.
 
 A guest that resets the device (or replaces its kick eventfds) keeps its own ends of the
 old eventfds. The device closes its ends before it tells the loop, so if the loop had
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 
-from device.host.event_loop import EventHandler, EventLoop, QueueKicks
+from device.vmm.event_loop import EventHandler, EventLoop, QueueKicks
 from device.virtio.transport import DeviceListener
 
 RINGS = {0: 0x10000, 1: 0x11000}

@@ -18,8 +18,8 @@ import struct
 import numpy as np
 import pytest
 
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import DISCARDS_PER_WAKEUP, cpu_time
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import DISCARDS_PER_WAKEUP, cpu_time
 from device.virtio import wire
 from device.virtio.device_queue import DeviceQueue
 from device.virtio.layout import GuestLayout, Region
@@ -102,7 +102,7 @@ def test_decoder_target_catches_a_slow_decoder(monkeypatch):
 
 
 def test_report_target_catches_a_slow_report_handler(monkeypatch):
-    from device.host.page_reporting_device import ReportingDevice
+    from device.vmm.page_reporting_device import ReportingDevice
     target = formats_target.ReportTarget()
     try:
         case = {"t": "report", "backing": "4k", "pre": [], "chain": [[2 << 20, 2 << 20, True]]}

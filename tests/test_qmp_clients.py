@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from device.virtio.layout import MiB
-from device.host.monitor import ERROR_CLASSES, JsonStream
+from device.vmm.monitor import ERROR_CLASSES, JsonStream
 from lab.trials.model.balloon_trial import BalloonTrial
 from lab.trials.model.processes import LabProcesses
 

@@ -58,7 +58,7 @@ def fits_in_memory(command: str, spec: ExperimentSpec) -> None:
     """Refuse (one line with the figures, exit 2) a spec whose largest trial does not fit
     in the memory the host has now; each trial is checked again before it starts."""
     from workloads import make_workload
-    from device.virtio.backing import hugetlb_pool
+    from device.api import hugetlb_pool
     touched = make_workload(spec.workload, dict(spec.workload_params), seed=spec.seed).touched_share()
     if getattr(spec, "guest_init_on_alloc", False):
         touched = min(1.0, touched + spec.inflate_mib / spec.guest_mib)

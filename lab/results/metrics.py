@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, Mapping
 
-from device.virtio.metric_decl import COUNTER, EXACT, GAUGE, HIGHER, LOWER, TIMING, ZERO, UndeclaredMetric
+from device.api import COUNTER, EXACT, GAUGE, HIGHER, LOWER, TIMING, ZERO, UndeclaredMetric
 from lab.results.metric_catalog import declaration
 
 __all__ = ["COUNTER", "EXACT", "GAUGE", "HIGHER", "KINDS", "LOWER", "SKIPPED_KEYS", "STATISTICAL_KINDS", "TIMING",
