@@ -168,6 +168,12 @@ class Workload(ABC):
         """End concurrent activity; return its counters."""
         return {}
 
+    def touched_share(self) -> float:
+        """The share of guest RAM this workload may write, so the share the host may have
+        to back with memory (the lab's memory check before a trial, lab/machine/memory.py).
+        A workload that writes over time, or into any free page, says 1.0."""
+        return 1.0
+
     def describe(self) -> dict:
         return {"workload": self.name, "seed": self.seed, "params": dataclasses.asdict(self.params)}
 

@@ -32,6 +32,7 @@ from device.host.host_pages import HOST_PAGE_METRICS
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, ZERO, Metric, MetricSet
 from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS
 from device.virtio.transport import REFUSAL_METRICS
+from lab.results.ring_cost import FLOOR_METRICS
 
 SCHEMA_VERSION = 2
 VERSION_KEY = "result_version"
@@ -102,6 +103,7 @@ TRIAL_METRICS = MetricSet("lab/results/trial_result.py TRIAL_METRICS", [
     Metric("verification.*.guest_memtotal_kib", COUNTER, "", "qemu: the guest's MemTotal at the check, KiB"),
     *REFUSAL_METRICS.under("errors"),
     Metric("trial_wall_ns", TIMING, "ns", "the whole trial, processes started to processes gone"),
+    *FLOOR_METRICS,
     Metric("boot_ns", TIMING, "ns", "qemu: starting QEMU and booting the guest"),
     Metric("workload_ns", TIMING, "ns", "qemu: the workload's run in the guest"),
 ])
@@ -185,6 +187,8 @@ class TrialResult:
     verified: bool = False
     errors: dict[str, int] = field(default_factory=dict)                 # the device's refusals, by reason
     trial_wall_ns: int = 0
+    floors: dict[str, Any] | None = None     # the ring's floor, measured with the trial (lab/results/ring_cost.py)
+    lab_cost: dict[str, dict[str, float]] | None = None   # op -> the lab's own cost against the floor
     twin: dict[str, Any] | None = None        # lab.trials.twins: the probed twin's timings (not a metric)
     host_load: dict[str, Any] | None = None   # lab.trials.experiment: load around the trial (not a metric)
     # `run --cycles K`: cycles 2..K in the same processes, each with its ops' fields, stage
@@ -202,7 +206,7 @@ class TrialResult:
         out["deflate"] = self.deflate.to_json() if self.deflate is not None else None
         for name in _TAIL:
             out[name] = getattr(self, name)
-        for name in ("twin", "host_load", "cycles"):
+        for name in _OPTIONAL:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out.update(self.extra)
@@ -214,10 +218,9 @@ class TrialResult:
         version = d.get(VERSION_KEY, 1)
         if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
             raise ValueError(f"trial result version {version!r}: this lab reads versions 1 to {SCHEMA_VERSION}")
-        known = {VERSION_KEY, "inflate", "deflate", "stages_ns", "memfd_freed_bytes", "twin", "host_load", "cycles",
+        known = {VERSION_KEY, "inflate", "deflate", "stages_ns", "memfd_freed_bytes", *_OPTIONAL,
                  *_HEAD, *_TAIL, *_OP_FIELDS}
-        return cls(**{k: d[k] for k in (*_HEAD, *_TAIL, "stages_ns", "memfd_freed_bytes", "twin", "host_load",
-                                        "cycles")
+        return cls(**{k: d[k] for k in (*_HEAD, *_TAIL, "stages_ns", "memfd_freed_bytes", *_OPTIONAL)
                       if k in d},
                    inflate=OpResult.from_json({k: d[k] for k in _OP_FIELDS if k in d}),
                    deflate=OpResult.from_json(d["deflate"]) if isinstance(d.get("deflate"), Mapping) else None,
@@ -227,6 +230,7 @@ class TrialResult:
 _HEAD = ("protocol", "guest_mib", "inflate_mib", "pids", "workload", "wire_format", "batch_pages", "discard",
          "guest_init_on_alloc", "backing", "partial_tracking", "alloc_policy")
 _TAIL = ("verification", "verified", "errors", "probes", "trial_wall_ns")
+_OPTIONAL = ("twin", "host_load", "floors", "lab_cost", "cycles")      # written only when the trial has them
 
 
 def to_json(result: Any) -> Any:

@@ -9,7 +9,7 @@ import click
 
 from device.virtio.protocols import PROTOCOL_NAMES
 from lab.trials.backends import QEMU_BALLOON_ARMS, is_qemu_arm
-from lab.cli.checks import checked, refuse
+from lab.cli.checks import checked, fits_in_memory, memory_option, refuse
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.runner import run_balloon
 from lab.trials.spec import spec_from_cli, spec_options
@@ -38,6 +38,7 @@ examples:
               help="Start each cycle when a line arrives on stdin and print its record as one JSON line when it "
                    "ends (`balloon-lab ab` runs two revisions' cycles in turn); the result follows as the last line.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@memory_option
 def command(protocol, no_deflate, cycles, paced, as_json, **kwargs) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
     Parameters are checked (as `compare` checks them) before any process starts."""
@@ -47,6 +48,7 @@ def command(protocol, no_deflate, cycles, paced, as_json, **kwargs) -> None:
         check_cycles("run", cycles, no_deflate, spec.workload, is_qemu_arm(protocol))
     if paced and (not as_json or is_qemu_arm(protocol)):
         refuse("run", "--paced needs --json and a lab arm (its cycles print JSON lines)")
+    fits_in_memory("run", spec)
     if is_qemu_arm(protocol):
         run_qemu(protocol, spec, no_deflate, as_json)
     trial = BalloonTrial(protocol=protocol, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,

@@ -15,10 +15,12 @@ import time
 from typing import Protocol
 
 from device.virtio.layout import MiB, PAGE_SHIFT
+from lab.results.ring_cost import lab_cost
 from lab.results.trial_result import OpResult, TrialResult
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.monitor_ops import attach_probes, balloon_op, verify
 from lab.trials.model.processes import LabProcesses
+from lab.trials.model.ring_floor import FloorFailed, measure_floors
 from lab.trials.monitor_client import MonitorError
 from lab.trials.probing import probe_summary as _probe_summary
 from workloads.metrics import must_be_zero_failures
@@ -43,7 +45,12 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None, pace: Pace 
     """Run one trial; raises TrialFailed (never returns a half-measured result).
     With t.cycles > 1 the inflate/deflate repeats in the same processes (the probes,
     if any, read the first cycle); the first cycle is the result's top level, the
-    others its `cycles` list."""
+    others its `cycles` list. The ring's floor is measured first, before the trial's
+    processes start (lab/trials/model/ring_floor.py)."""
+    try:
+        floors = measure_floors(t.guest_mib)
+    except FloorFailed as e:
+        raise TrialFailed(str(e)) from e
     wall0 = time.perf_counter_ns()
     try:
         lp = LabProcesses(t)
@@ -106,6 +113,8 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None, pace: Pace 
         inflate=_op_result(inflate), deflate=_op_result(deflate) if deflate is not None else None,
         memfd_freed_bytes=freed,
         stages_ns={k: op["stages_ns"] for k, op in ops.items()},
+        floors=floors,
+        lab_cost={k: lab_cost(op["stages_ns"], op["requests"], floors) for k, op in ops.items()},
         verification={"after_inflate": v_inflate, "after_deflate": v_deflate,
                       "workload": {"ok": not workload_bad, "must_be_zero": workload_bad}},
         verified=bool(verified),
