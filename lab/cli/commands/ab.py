@@ -66,7 +66,7 @@ def _rules(items: tuple[str, ...], min_effect: float) -> tuple[MetricRule, ...]:
 examples:
     balloon-lab ab 59e0f30                       # main as it was against the working tree
     balloon-lab ab HEAD HEAD --arms bitmap       # A/A: the same commit in two worktrees
-    balloon-lab ab $(cat .ci/gate/base) --json --budget 720     # what .ci/run does
+    balloon-lab ab $(cat .ci/gate/base) --json --budget 480     # what .ci/run does
     balloon-lab ab main ../other-checkout --metric stages_ns.inflate.total=10%
 """)
 @click.argument("base")
