@@ -137,7 +137,7 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
             try:
                 run_id = run_experiment(spec, trial_fn(session), store, progress=not quiet, probe_session=session)
             except ExperimentInterrupted as e:
-                click.echo(f"interrupted: run {e.run_id} kept its completed trials", err=True)
+                click.echo(f"balloon-lab compare: interrupted: run {e.run_id} kept its completed trials", err=True)
                 sys.exit(130)
             comp = load_comparison(store, run_id)
             if comp is None:

@@ -229,7 +229,7 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
                     return run_trial(s, arm, rnd, session, **extra)
                 run_id = run_experiment(spec, trial, store, progress=not quiet, probe_session=session, notes=notes)
             except ExperimentInterrupted as e:
-                click.echo(f"interrupted: run {e.run_id} kept its completed trials", err=True)
+                click.echo(f"balloon-lab migrate: interrupted: run {e.run_id} kept its completed trials", err=True)
                 sys.exit(130)
             recs = store.trials(run_id, include_warmups=False)  # medians and PASS/FAIL: measured trials only
             by_arm: dict[str, list[dict]] = {a: [] for a in spec.arms}

@@ -1,12 +1,12 @@
 """`balloon-lab show RUN`: one run's spec, environment, trials and statistics."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from lab.cli_checks import refuse
 from lab import twins
 from lab.backends.qemu.side_by_side import side_by_side
 from lab.baseline_file import export_baseline as write_baseline
@@ -167,5 +167,4 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
             else:
                 click.echo(describe_run(run, store, comp, computed_now, metrics, all_counters))
     except StoreError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        refuse("show", str(e))

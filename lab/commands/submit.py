@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lab.cli_checks import refuse
 from lab.paths import db_option, default_db_path
 from lab.spec import SpecError, load_spec
 from lab.store import StoreError
@@ -28,18 +29,16 @@ def command(spec_path: Path, hosts: str, db_path, max_attempts: int, as_json: bo
 
     path = db_path or default_db_path()
     if not is_postgres(str(path)):
-        click.echo(f"error: submit needs a postgresql:// store that every worker reaches (--db or "
+        click.echo(f"balloon-lab submit: submit needs a postgresql:// store that every worker reaches (--db or "
                    f"$BALLOON_LAB_DB), not {path}", err=True)
         sys.exit(2)
     try:
         spec = load_spec(spec_path)
         sub = submit(str(path), spec, [h for h in hosts.split(",") if h.strip()], max_attempts=max_attempts)
     except SpecError as e:
-        click.echo(f"error: bad spec: {e}", err=True)
-        sys.exit(2)
+        refuse("submit", f"bad spec: {e.for_cli()}")
     except (QueueError, StoreError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        refuse("submit", str(e))
     if as_json:
         click.echo(json.dumps({"run_id": sub.run_id, "hosts": sub.hosts, "jobs": sub.jobs}))
     else:
