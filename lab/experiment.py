@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from lab import environment, metrics, stats, trial_result
 from lab.backends import backend_environment
+from lab.paths import next_command
 from lab.spec import ArmPlan, ExperimentSpec
 from lab.store import Store, TrialRecord, dumps, now_iso
 
@@ -130,7 +131,7 @@ def run_experiment(spec: ExperimentSpec, trial_fn: TrialFn, store: Store, *, pro
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
     analyse_run(store, run_id, baseline_arm=plans[0].label)
-    prog.say(f"run {run_id} {status}: `balloon-lab show {run_id}` for the comparison")
+    prog.say(f"run {run_id} {status}: `{next_command('show', run_id, db=store.path)}` for the comparison")
     return run_id
 
 

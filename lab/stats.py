@@ -16,7 +16,6 @@ Bootstraps use a fixed seed, so the same data always give the same CIs.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -395,13 +394,13 @@ def _fmt_p(p: float | None) -> str:
 
 
 def _matches(metric: str, patterns: Sequence[str] | None) -> bool:
-    return not patterns or any(fnmatch.fnmatchcase(metric, pat) for pat in patterns)
+    return bool(lab_metrics.matching([metric], patterns))
 
 
 def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, show_equal_counters: bool = True) -> str:
     """Aligned plain-text table: metric, arm, n, median [CI], ratio [CI], p (Holm), effect, verdict.
 
-    `metrics` are glob patterns ("inflate.stages_ns.*"); counters equal in every arm
+    `metrics` are glob patterns ("stages_ns.inflate.*"); counters equal in every arm
     can be left out with show_equal_counters=False.
     """
     header = ("metric", "arm", "n", f"median [{comp.confidence:.0%} CI]", "ratio [CI]", "p (Holm)", "effect", "verdict")

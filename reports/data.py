@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from lab.experiment import load_comparison
+from lab.paths import next_command
 from lab.stats import Comparison
 from lab.store import RunInfo, Store, StoreError, TrialRecord
 from reports.palette import arm_colors
@@ -192,8 +193,10 @@ def load(store: Store, run_ref: str, host: str | None = None) -> ReportData:
         notes.append(f"this run is {run.status}: the report shows the trials recorded so far")
     if host is not None and len(run.hosts) > 1:
         others = ", ".join(h for h in run.hosts if h != host)
+        other = next(h for h in run.hosts if h != host)
         notes.append(f"this run ran on hosts {', '.join(run.hosts)}: the sections show host {host} "
-                     f"(`balloon-lab report --host` for {others}); \"Hosts\" puts them side by side")
+                     f"(`{next_command('report', run.id, host=other, db=store.path)}` for {others}); "
+                     "\"Hosts\" puts them side by side")
     return ReportData(run=run, arms=arms, scheduled_arms=scheduled or arms,
                       colors=arm_colors(list(dict.fromkeys(scheduled + arms))), table=table, hists=hists,
                       trials=trials, comparison=comp, comparison_computed_now=computed_now and comp is not None,

@@ -4,6 +4,8 @@ parameter behind them (allow_incomplete); ranges that say what is really accepte
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import click
@@ -13,6 +15,7 @@ from click.testing import CliRunner
 from lab.cli import main
 from lab.spec import ExperimentSpec
 from lab.store import Store
+from conftest import BALLOON_LAB
 from test_gate import make_run
 
 
@@ -88,3 +91,44 @@ def test_inflate_range_says_fractions_are_allowed():
 def test_usage_errors_have_the_prefix_too():
     assert_refusal(cli("bench", "idle-memory", "--protocol", "nope"), ("bench", "idle-memory"))
     assert_refusal(cli("probe", "--pid", "1", "--duration", "1", "2"), ("probe",))
+
+
+# --- unknown metric names: the closest real ones -------------------------------------------
+@pytest.mark.parametrize("args, suggested", [
+    (("show", "latest", "--metrics", "inflate.stages_ns.*"), "'stages_ns.inflate.*'"),
+    (("history", "inflate.stages_ns.total"), "'stages_ns.inflate.total'"),
+    (("history", "inflate.kicks"), "'kicks'"),
+    (("export", "latest", "--metrics", "madvise_calls"), "'probes.madvise_calls'"),
+])
+def test_unknown_metric_names_get_the_closest_real_ones(lab_store, args, suggested):
+    line = assert_refusal(cli(*args, "--db", str(lab_store.db)), (args[0],))
+    assert f"did you mean {suggested}" in line, line
+
+
+# --- next steps repeat the options the user gave ----------------------------------------------
+def run_hint(text: str) -> subprocess.CompletedProcess:
+    """The last `balloon-lab ...` command a message suggests, run as printed."""
+    hint = re.findall(r"`(balloon-lab [^`]+)`", text)[-1]
+    argv = shlex.split(hint)
+    return subprocess.run([BALLOON_LAB, *argv[1:]], capture_output=True, text=True, timeout=120, cwd="/")
+
+
+def test_compare_suggests_show_with_its_own_store(lab_store):
+    out = run_hint(lab_store.stderr)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"run {lab_store.run_id}")
+
+
+def test_run_with_db_stores_the_trial_for_show(tmp_path):
+    db = tmp_path / "one.db"
+    out = subprocess.run([BALLOON_LAB, "run", "--protocol", "bitmap", "--guest-mib", "128", "--inflate-mib", "64",
+                          "--no-probes", "--db", str(db)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("protocol bitmap")             # the trial as `run` prints it
+    shown = run_hint(out.stderr)
+    assert shown.returncode == 0, shown.stderr
+    assert "command: balloon-lab run --protocol bitmap --guest-mib 128 --inflate-mib 64" in shown.stdout
+    assert "trials: 1 ok, 0 failed" in shown.stdout
+    with Store(db, create=False) as s:
+        (t,) = s.trials(s.get_run("latest").id)
+    assert t.status == "ok" and t.result["protocol"] == "bitmap" and t.result["verified"]

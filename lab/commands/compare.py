@@ -17,7 +17,7 @@ from lab.backends.qemu.side_by_side import side_by_side
 from lab.cli_checks import checked, refuse, writable_file
 from lab.environment import load_warnings
 from lab.experiment import ExperimentInterrupted, load_comparison, run_experiment
-from lab.paths import db_option, default_db_path
+from lab.paths import db_option, default_db_path, next_command
 from lab.runner import trial_fn
 from lab.spec import spec_from_cli, spec_options
 from lab.stats import Comparison, render_table
@@ -141,9 +141,8 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 sys.exit(130)
             comp = load_comparison(store, run_id)
             if comp is None:
-                click.echo(f"run {run_id}: no successful trial of the baseline arm; "
-                           f"`balloon-lab show {run_id}` lists the errors", err=True)
-                sys.exit(1)
+                refuse("compare", f"run {run_id}: no successful trial of the baseline arm; "
+                                  f"`{next_command('show', run_id, db=store.path)}` lists the errors", 1)
             trials = store.trials(run_id, include_warmups=False)
             design = twins.timing_design([t.result for t in trials if t.status == "ok" and t.result])
             empty = arms_without_ok_trial(store, run_id)
@@ -182,9 +181,8 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 write_report(store, run_id, report_path)
                 click.echo(f"report: {report_path}", err=True)
             if empty:
-                click.echo(f"run {run_id}: no successful measured trial in arm(s) {', '.join(empty)}; "
-                           f"`balloon-lab show {run_id}` lists the errors", err=True)
-                sys.exit(1)
+                refuse("compare", f"run {run_id}: no successful measured trial in arm(s) {', '.join(empty)}; "
+                                  f"`{next_command('show', run_id, db=store.path)}` lists the errors", 1)
     finally:
         if session is not None:
             session.detach()

@@ -7,11 +7,13 @@ import json
 
 import click
 
+from lab import metrics as lab_metrics
 from lab.cli_checks import refuse
 from lab.commands.runs import local_time
 from lab.paths import db_option, default_db_path
 from lab.stats import format_columns, value_formatter
 from lab.store import Store, StoreError
+from reports.fmt import plural
 
 EXAMPLES = """\b
 examples:
@@ -37,13 +39,17 @@ def command(metric: str, arm: str | None, run_ref: str, db_path, as_json: bool) 
         with Store(path, create=False) as store:
             anchor = store.get_run(run_ref)
             points = history(store, metric, anchor.id, arm)
-            n_runs = len(same_experiment(store, anchor))
+            runs = same_experiment(store, anchor)
+            known = store.metric_names([r.id for r in runs])
     except StoreError as e:
         refuse("history", str(e))
+    where = f"the {plural(len(runs), 'run')} of run {anchor.id}'s experiment"
+    if metric not in known:
+        refuse("history", "METRIC " + lab_metrics.unknown_names_message([metric], known, where))
     if not points:
-        what = f"arm {arm!r} with " if arm else ""
-        refuse("history", f"METRIC: no {what}metric {metric!r} in the {n_runs} run(s) of run {anchor.id}'s "
-                          "experiment (`balloon-lab show RUN` lists the metrics)")
+        refuse("history", f"--arm: no arm {arm!r} with metric {metric!r} in {where} "
+                          f"(arms: {', '.join(anchor.arms)})")
+    n_runs = len(runs)
     if as_json:
         click.echo(json.dumps([p.__dict__ for p in points], indent=1))
         return

@@ -7,13 +7,14 @@ from typing import Any
 import click
 
 from lab.cli_checks import refuse
+from lab import metrics as lab_metrics
 from lab import twins
 from lab.backends.qemu.side_by_side import side_by_side
 from lab.baseline_file import export_baseline as write_baseline
 from lab.commands.runs import local_time
 from lab.environment import load_warnings
 from lab.experiment import load_comparison
-from lab.paths import db_option, default_db_path
+from lab.paths import db_option, default_db_path, next_command
 from lab.stats import Comparison, render_summaries, render_table
 from lab.host_views import describe_hosts, host_comparisons, host_summaries
 from lab.store import RunInfo, Store, StoreError, dumps
@@ -80,7 +81,8 @@ def describe_header(run: RunInfo, store: Store, measured: list | None = None) ->
     for t in failed[:5]:
         out.append(f"    failed #{t.idx} {t.arm} (round {t.round}): {(t.error or '').splitlines()[0]}")
     if len(failed) > 5:
-        out.append(f"    ... and {len(failed) - 5} more failed trials (--json has them all)")
+        out.append(f"    ... and {len(failed) - 5} more failed trials "
+                   f"(`{next_command('show', run.id, '--json', db=store.path)}` has them all)")
     if run.notes:
         out += ["  notes:"] + ["    " + n for n in run.notes.splitlines()]
     out += describe_hosts(store, run)
@@ -119,7 +121,7 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run, its trials and statistics as JSON.")
 @click.option("--metrics", "metrics", multiple=True, metavar="PATTERN",
-              help="Only metrics matching this glob (repeatable), e.g. 'inflate.stages_ns.*'.")
+              help="Only metrics matching this glob (repeatable), e.g. 'stages_ns.inflate.*'.")
 @click.option("--all-counters", is_flag=True, help="Also list counters that are equal in every arm.")
 @click.option("--export-baseline", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the run as a baseline JSON file for `balloon-lab gate` (and CI).")
@@ -134,6 +136,10 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
     try:
         with Store(path, create=False) as store:
             run = store.get_run(run_ref)
+            known = store.metric_names([run.id])
+            unknown = [p for p in metrics if not lab_metrics.matching(known, [p])]
+            if unknown:
+                refuse("show", "--metrics " + lab_metrics.unknown_names_message(unknown, known, f"run {run.id}"))
             if export_baseline:
                 write_baseline(store, run.id, export_baseline, allow_incomplete=allow_incomplete, host=host)
                 click.echo(f"wrote baseline of run {run.id} to {export_baseline}", err=True)

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from lab.cli_checks import refuse
-from lab.paths import db_option, default_db_path
+from lab.paths import db_option, default_db_path, next_command
 from lab.spec import SpecError, load_spec
 from lab.store import StoreError
-from lab.store_sql import is_postgres
+from lab.store_sql import is_postgres, redact
 
 
 @click.command("submit")
@@ -29,9 +28,8 @@ def command(spec_path: Path, hosts: str, db_path, max_attempts: int, as_json: bo
 
     path = db_path or default_db_path()
     if not is_postgres(str(path)):
-        click.echo(f"balloon-lab submit: submit needs a postgresql:// store that every worker reaches (--db or "
-                   f"$BALLOON_LAB_DB), not {path}", err=True)
-        sys.exit(2)
+        refuse("submit", f"needs a postgresql:// store that every worker reaches (--db or $BALLOON_LAB_DB), "
+                         f"not {path}")
     try:
         spec = load_spec(spec_path)
         sub = submit(str(path), spec, [h for h in hosts.split(",") if h.strip()], max_attempts=max_attempts)
@@ -42,5 +40,5 @@ def command(spec_path: Path, hosts: str, db_path, max_attempts: int, as_json: bo
     if as_json:
         click.echo(json.dumps({"run_id": sub.run_id, "hosts": sub.hosts, "jobs": sub.jobs}))
     else:
-        click.echo(f"run {sub.run_id}: {sub.jobs} trials queued for {', '.join(sub.hosts)}; start "
-                   f"`balloon-lab worker --db URL --host-id HOST` on each host")
+        click.echo(f"run {sub.run_id}: {sub.jobs} trials queued for {', '.join(sub.hosts)}; on each host start "
+                   f"`{next_command('worker', host_id='HOST', db=redact(str(path)))}` (HOST: {', '.join(sub.hosts)})")
