@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Mapping, NoReturn, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 import click
 
@@ -24,13 +24,12 @@ def refuse(command: str, message: str, status: int = USAGE_EXIT) -> NoReturn:
     sys.exit(status)
 
 
-def checked(command: str, build: Callable[[], T], flags: Mapping[str, str] | None = None) -> T:
-    """build() (a spec, usually), or the one-line refusal naming the option; `flags`
-    maps spec fields the command spells differently (migrate: arms -> --hint)."""
+def checked(command: str, build: Callable[[], T]) -> T:
+    """build() (a spec, usually), or the one-line refusal naming the option."""
     try:
         return build()
     except SpecError as e:
-        refuse(command, e.for_cli(flags))
+        refuse(command, e.for_cli())
 
 
 def writable_file(command: str, option: str, path: Path) -> Path:

@@ -49,10 +49,10 @@ class SpecError(ValueError):
             self.detail += f" (allowed: {allowed})"
         super().__init__(f"{field_name}: {self.detail}")
 
-    def for_cli(self, flags: Mapping[str, str] | None = None) -> str:
+    def for_cli(self) -> str:
         """The message naming the command-line option (--guest-mib) instead of the spec
-        field (guest_mib); `flags` maps fields a command spells differently (arms -> --hint)."""
-        flag = (flags or {}).get(self.field) or next((f.flag for f in FIELDS if f.name == self.field), None)
+        field (guest_mib): every command spells a field as the field table does."""
+        flag = next((f.flag for f in FIELDS if f.name == self.field), None)
         return f"{flag or self.field}: {self.detail}"
 
 

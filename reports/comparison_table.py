@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from lab import metrics as lab_metrics
+from lab.stats import verdict_text
 from reports.data import OPS, STAGES, ReportData
 from reports.fmt import esc, fmt_p, fmt_ratio, sig
 from reports.section_parts import Section, chip, nodata, note, scrolling, table, vfmt
@@ -53,7 +54,7 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
         delta = f" · δ {pr.cliffs_delta:+.2f}" if pr.cliffs_delta is not None else ""
         line = f"{fmt_ratio(pr.ratio)}{ci} · p {fmt_p(pr.p_holm)}{delta}"
     varies = " (varies)" if pr.varies else ""
-    return top + f'<br><span class="ci">{line}</span><br><span class="v {vcls}">{esc(pr.verdict)}{varies}</span>'
+    return top + f'<br><span class="ci">{line}</span><br><span class="v {vcls}">{esc(verdict_text(pr))}{varies}</span>'
 
 
 def _comparison_rows(d: ReportData, metrics: Sequence[str]) -> list[list[str]]:
@@ -99,7 +100,7 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
         stat = lab_metrics.is_statistical(kind)
         cls = "good" if stat and pr.verdict in _GOOD else "bad" if stat and pr.verdict in _BAD else "neutral"
         mark = _MARK[cls] or ("≠" if pr.exact and pr.difference else "")
-        why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {pr.verdict}"
+        why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {verdict_text(pr)}"
         cells.append(f'<span class="v {cls}" title="{esc(why)}">{fmt_ratio(pr.ratio)} {mark}</span>')
     return cells
 

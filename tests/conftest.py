@@ -111,5 +111,5 @@ def lab_store(tmp_path_factory) -> LabStore:
     cmd = (BALLOON_LAB, *LAB_STORE_COMPARE, "--db", str(db))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    run_id = re.search(r"^run ([0-9a-f]{12}) ", out.stdout, re.M).group(1)
+    run_id = re.search(r"^run ([0-9a-f]{12})\b", out.stdout, re.M).group(1)
     return LabStore(db, run_id, cmd, out.stdout, out.stderr)

@@ -13,6 +13,7 @@ from lab.commands.runs import local_time
 from lab.paths import db_option, default_db_path
 from lab.stats import format_columns, value_formatter
 from lab.store import Store, StoreError
+from lab.text_width import fold
 from reports.fmt import plural
 
 EXAMPLES = """\b
@@ -58,11 +59,11 @@ def command(metric: str, arm: str | None, run_ref: str, db_path, as_json: bool) 
              f"{fmt(p.median)}" + (f" [{fmt(p.ci_low)}, {fmt(p.ci_high)}]" if p.ci_low is not None else ""),
              str(p.n), "-" if p.load is None else f"{p.load:.2f}") for p in points]
     sp = anchor.spec
-    click.echo(f"{metric} across {n_runs} run(s) of the experiment of run {anchor.id} ({sp.get('kind')}, guest "
-               f"{sp.get('guest_mib')} MiB, inflate {sp.get('inflate_mib')} MiB, workload {sp.get('workload')}, "
-               f"seed {sp.get('seed')}), oldest first:")
+    click.echo(fold(f"{metric} across {plural(n_runs, 'run')} of the experiment of run {anchor.id} ({sp.get('kind')}, "
+                    f"guest {sp.get('guest_mib')} MiB, inflate {sp.get('inflate_mib')} MiB, workload "
+                    f"{sp.get('workload')}, seed {sp.get('seed')}), oldest first:"))
     click.echo(format_columns(("", "run", "created", "git", "arm", "median [95% CI]", "n", "load"), rows,
                               right={6, 7}))
     flagged = {p.run_id: p.flagged for p in points if p.flagged}
     for rid, why in flagged.items():
-        click.echo(f"! {rid}: {why}")
+        click.echo(fold(f"! {rid}: {why}"))
