@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 6:
         ap.error("--rounds must be at least 6 (a Wilcoxon test on fewer pairs cannot reach p < 0.05)")
     for c in (a.a, a.b):
-        if not (c / "lab" / "cli.py").is_file():
-            ap.error(f"{c} is not a balloon-lab checkout (no lab/cli.py)")
+        if not ((c / "lab" / "cli.py").is_file() or (c / "lab" / "cli" / "group.py").is_file()):
+            ap.error(f"{c} is not a balloon-lab checkout (no lab/cli.py nor lab/cli/group.py)")
     arms = a.arms.split(",")
     got: dict[tuple[str, str, int], dict] = {}
     for r in range(1, a.rounds + 1):

@@ -22,6 +22,6 @@ a real memfd and real eventfds (device/rig.py's DeviceRig). The pieces, one job 
   engine.py              the loop, the process pool, replay
 
 tests/fuzz_corpus/ keeps found and representative cases; tests replay them
-(engine.replay). lab/commands/fuzz.py is the CLI. This package imports device/ and
+(engine.replay). lab/cli/commands/fuzz.py is the CLI. This package imports device/ and
 never lab/.
 """

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from probes.kicks import KINDS, eventfds_of
 from probes.session import CONCERNS, ProbeReading, ProbeSession
-from reports.fmt import fmt_bytes, fmt_count, fmt_ns
+from fmt.numbers import fmt_bytes, fmt_count, fmt_ns
 
 
 class NoSuchProcess(LookupError):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from lab import metrics as lab_metrics
-from lab.stats import verdict_text
+from lab.results import metrics as lab_metrics
+from lab.analysis.stats import verdict_text
 from reports.data import OPS, STAGES, ReportData
-from reports.fmt import esc, fmt_p, fmt_ratio, sig
+from fmt.numbers import esc, fmt_p, fmt_ratio, sig
 from reports.section_parts import Section, chip, nodata, note, scrolling, table, vfmt
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from lab.backends import is_qemu_arm
-from lab.backends.qemu.side_by_side import arm_title
+from lab.trials.backends import is_qemu_arm
+from lab.trials.qemu.side_by_side import arm_title
 from reports import charts as report_charts
 from reports import published as published_figures
 from reports.data import OPS, STAGES, ReportData
-from lab.stats import ALPHA
-from reports.fmt import esc, fmt_ns, pct, ratio_phrase, sig, speed_phrase
+from lab.analysis.stats import ALPHA
+from fmt.numbers import esc, fmt_ns, pct, ratio_phrase, sig, speed_phrase
 from reports.palette import PUBLISHED_COLOR
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, scrolling, table
 from reports.verdict import told_apart

@@ -32,7 +32,7 @@ DEVICE_RIG_RINGS = {0: 0x10000, 1: 0x11000}
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    from lab import pg_local
+    from lab.store import pg_local
 
     server = pg_local.start(durable=False)
     yield server

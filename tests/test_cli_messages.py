@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from lab.cli import main
-from lab.spec import ExperimentSpec
-from lab.store import Store
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store
 from conftest import BALLOON_LAB
 from test_gate import make_run
 

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import BALLOON_LAB
-from lab.store import Store
+from lab.store.store import Store
 
 CPU_ROWS = ("CPU, source VMM", "CPU, destination VMM", "CPU, guest")
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from lab.runner import BalloonTrial, run_balloon
+from lab.trials.model.balloon_trial import BalloonTrial
+from lab.trials.model.runner import run_balloon
 from probes.bpf import essentials_missing
 from probes.session import ProbeSession
 

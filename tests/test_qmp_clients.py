@@ -11,7 +11,8 @@ import pytest
 
 from device.virtio.layout import MiB
 from device.host.monitor import ERROR_CLASSES, JsonStream
-from lab.runner import BalloonTrial, LabProcesses
+from lab.trials.model.balloon_trial import BalloonTrial
+from lab.trials.model.processes import LabProcesses
 
 GUEST_MIB = 256
 
@@ -136,7 +137,7 @@ def test_balloon_right_after_the_socket_appears_is_applied_when_the_driver_comes
     import sys
     import time
 
-    from lab.monitor_client import QMPClient, wait_for_socket
+    from lab.trials.monitor_client import QMPClient, wait_for_socket
 
     monitor, agent = str(tmp_path / "monitor.sock"), str(tmp_path / "agent.sock")
     vmm = subprocess.Popen([sys.executable, "-m", "device.host.vmm", "--guest-mib", str(GUEST_MIB),

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from lab.cli import main
-from lab.store import Store
-from lab.text_width import LINE_WIDTH, fold, fold_command
+from lab.store.store import Store
+from fmt.text_width import LINE_WIDTH, fold, fold_command
 
 PAGES = "32 768"          # 128 MiB in 4 KiB pages: the pfn arm's discard calls
 

@@ -1,4 +1,4 @@
-"""Twin trials (lab/twins.py): timings from a trial whose probes were really detached,
+"""Twin trials (lab/trials/twins.py): timings from a trial whose probes were really detached,
 counts from its probed twin; and the round's seed for both."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from lab import twins
-from lab.runner import run_trial
-from lab.spec import ExperimentSpec
+from lab.trials import twins
+from lab.trials.arm_trial import run_trial
+from lab.trials.spec import ExperimentSpec
 from probes.bpf import essentials_missing
 
 PAGE = 4096
@@ -107,7 +107,7 @@ def test_rounds_use_seed_plus_round():
 
 
 def test_overhead_table_pairs_each_trial_with_its_twin():
-    from lab.store import TrialRecord
+    from lab.store.store import TrialRecord
 
     def rec(arm, rnd, unprobed_ms, probed_ms, warmup=False, status="ok"):
         res = {"stages_ns": {"inflate": {"total": unprobed_ms * 1e6}},

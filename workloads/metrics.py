@@ -3,7 +3,7 @@
 prepare() returns a summary of how it shaped guest memory: fixed by the seed, so
 counters. stop() returns what a background workload managed to do before it was
 stopped: that depends on how its thread was scheduled, so gauges. The lab stores
-them under workload.prepare.* and workload.stop.* (lab/metric_catalog.py).
+them under workload.prepare.* and workload.stop.* (lab/results/metric_catalog.py).
 """
 from __future__ import annotations
 

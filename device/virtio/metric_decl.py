@@ -4,7 +4,7 @@ one documented field per counter).
 
 The device, the guest driver, the transport and the probes each declare their own
 metrics with `Metric`; the counters still cross processes as plain dicts, and the lab
-(lab/metric_catalog.py) reads these declarations to know how each stored metric is
+(lab/results/metric_catalog.py) reads these declarations to know how each stored metric is
 compared, instead of guessing from its name. This module lives in device/virtio
 because every side may import it: device/host, device/guest, probes and lab.
 
