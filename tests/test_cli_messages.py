@@ -3,6 +3,7 @@ command; option names as the user types them (--allow-incomplete), never the Pyt
 parameter behind them (allow_incomplete); ranges that say what is really accepted."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -132,3 +133,24 @@ def test_run_with_db_stores_the_trial_for_show(tmp_path):
     with Store(db, create=False) as s:
         (t,) = s.trials(s.get_run("latest").id)
     assert t.status == "ok" and t.result["protocol"] == "bitmap" and t.result["verified"]
+
+
+# --- --json is stdout, a file is --output; one meaning per option name -------------------------
+def test_reclaim_json_goes_to_stdout_and_a_file_is_output(tmp_path):
+    line = assert_refusal(cli("reclaim", "--json", str(tmp_path / "old.json")), ("reclaim",))
+    assert f"--output {tmp_path / 'old.json'}" in line and not (tmp_path / "old.json").exists()
+    out = subprocess.run([BALLOON_LAB, "reclaim", "--arms", "inflate-bitmap", "--guest-mib", "256", "--free-mib", "64",
+                          "--trials", "1", "--json", "--output", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)                                   # stdout holds the JSON and nothing else
+    assert doc["trials"]["inflate-bitmap"][0]["verified"] is True
+    assert json.loads((tmp_path / "r.json").read_text()) == doc
+
+
+def test_probe_names_its_programs_apart_from_runs_probes_switch():
+    line = assert_refusal(cli("probe", "--pid", "1", "--duration", "0.1", "--probes", "madvise"), ("probe",))
+    assert "--programs madvise" in line
+    flat = " ".join(cli("probe", "--help").stdout.split())
+    assert "--programs TEXT" in flat and "--probes" not in flat.split("examples:")[0]
+    assert_refusal(cli("probe", "--pid", "1", "--programs", "nope"), ("probe",))
