@@ -1,5 +1,5 @@
 """How the lab's text and report read, on a real small run (tests/conftest.py lab_store:
-pfn against bitmap, 2 trials each, 128 MiB inflated): every line of compare and show fits
+pfn, bitmap and chunks, 2 trials each, 128 MiB inflated): every line of compare and show fits
 120 columns; show prints what differs unless --all; a tiny ratio reads "5 461x fewer";
 thousands are grouped one way; "too few trials" says how many are needed, and the report
 never calls an arm faster where its verdict has none."""

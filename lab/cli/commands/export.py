@@ -23,6 +23,7 @@ examples:
 
 \b
 In pandas (docs/EXPORT.md has more):
+    import pandas as pd
     df = pd.read_csv("latest.csv")
     ok = df[(df.status == "ok") & ~df.warmup]
     ok.pivot_table(index="metric", columns="arm", values="value", aggfunc="median")
