@@ -135,14 +135,6 @@ def fmt_bytes(b: float | None) -> str:
     return f"{sig(b)} B"
 
 
-def fmt_bytes_short(b: float) -> str:
-    """Axis-tick form: 4K, 64K, 1M, 2G."""
-    for name, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if b >= scale:
-            return f"{b / scale:g}{name}"
-    return f"{b:g}"
-
-
 def fmt_ns_short(ns: float) -> str:
     """Axis-tick form: 512ns, 4.1µs, 33ms (two significant digits: log2 buckets
     are not round numbers, and the tick only has to say where on the scale it is)."""

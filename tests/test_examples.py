@@ -249,7 +249,8 @@ def run_example(scene: Scene, ex: Example) -> None:
     for t in readers:
         t.join(10)
     stdout, stderr = "".join(got["out"]), "".join(got["err"])
-    assert proc.returncode == 0, (ex.where, script, stderr[-3000:])
+    errors = [ln for ln in stderr.splitlines() if "error" in ln.lower()][:10]
+    assert proc.returncode == 0, (ex.where, script, errors, stderr[-3000:])
     made = [scene.cwd / f for f in files_named(script)]
     printed = stdout.strip() or any(p.is_file() and p.stat().st_size for p in made) or (
         ex.name in STDERR_REPORTERS and stderr.strip())
@@ -314,14 +315,20 @@ def make_scene(tmp: Path, store: LabStore, pg_url: str | None) -> tuple[Scene, s
 
 
 def _run_all(examples: list[Example], scene: Scene) -> None:
+    """Every example in order (later ones read what earlier ones wrote); all failures listed."""
+    failures = []
     for ex in examples:
-        if ex.python and "qemu.qmp" in ex.command:
-            _with_a_vmm(scene, ex)
-            continue
-        if ex.python and "runs.csv" in ex.command and not (scene.cwd / "runs.csv").exists():
-            subprocess.run([BALLOON_LAB, "export", "latest", "-o", "runs.csv"], cwd=scene.cwd, env=scene.env,
-                           check=True, capture_output=True)
-        run_example(scene, ex)
+        try:
+            if ex.python and "qemu.qmp" in ex.command:
+                _with_a_vmm(scene, ex)
+                continue
+            if ex.python and "runs.csv" in ex.command and not (scene.cwd / "runs.csv").exists():
+                subprocess.run([BALLOON_LAB, "export", "latest", "-o", "runs.csv"], cwd=scene.cwd, env=scene.env,
+                               check=True, capture_output=True)
+            run_example(scene, ex)
+        except AssertionError as e:
+            failures.append(str(e)[:4000])
+    assert not failures, "\n\n".join(failures)
 
 
 def _with_a_vmm(scene: Scene, ex: Example) -> None:
