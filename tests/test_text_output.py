@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from lab.cli import main
 from lab.store.store import Store
-from fmt.text_width import LINE_WIDTH, fold, fold_command
+
+LINE_WIDTH = 120          # the limit, stated here rather than read from the code under test
 
 PAGES = "32 768"          # 128 MiB in 4 KiB pages: the pfn arm's discard calls
 
@@ -83,6 +84,8 @@ def test_the_report_never_calls_an_arm_faster_where_its_verdict_has_none(lab_sto
 
 def test_fold_keeps_commands_pasteable():
     import shlex
+
+    from fmt.text_width import fold, fold_command
     cmd = "balloon-lab compare " + " ".join(f"--opt-{i} 'value {i}'" for i in range(30))
     folded = fold_command(cmd, first=10)
     assert all(len(ln) <= LINE_WIDTH for ln in folded.splitlines())

@@ -24,8 +24,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats as sst
 
-from lab.results import metrics as lab_metrics
+from fmt.numbers import sig
 from fmt.text_width import LINE_WIDTH
+from lab.results import metrics as lab_metrics
 
 ALPHA = 0.05
 CONFIDENCE = 0.95
@@ -403,7 +404,6 @@ TINY_RATIO = 0.01   # below it a ratio reads as "N x fewer" (32768 -> 6: "5 461x
 def _fmt_ratio(r: float | None, kind: str | None = None) -> str:
     """A ratio to the baseline: three decimals; a tiny one inverted, in words, when its
     metric's kind is given (CI bounds keep three significant digits instead)."""
-    from fmt.numbers import sig
     if r is None or math.isnan(r):
         return "-"
     if math.isinf(r):
