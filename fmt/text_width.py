@@ -25,16 +25,17 @@ def fold_command(command: str, indent: str = "    ", width: int = LINE_WIDTH, fi
     return " \\\n".join(lines[:1] + [indent + ln for ln in lines[1:]])
 
 
-def fold(text: str, width: int = LINE_WIDTH) -> str:
+def fold(text: str, width: int = LINE_WIDTH, hang: str | None = None) -> str:
     """Every line of `text` at most `width` columns: a longer line is broken at spaces and
-    continued under its own indentation plus four. A single word longer than the width
-    (a path) stays whole."""
+    continued under its own indentation plus four (or under `hang`, e.g. a table's last
+    column). A single word longer than the width (a path) stays whole."""
     out: list[str] = []
     for line in text.splitlines():
         if len(line) <= width:
             out.append(line)
             continue
         lead = line[:len(line) - len(line.lstrip())]
-        out += textwrap.wrap(line.strip(), width=width, initial_indent=lead, subsequent_indent=lead + "    ",
+        out += textwrap.wrap(line.strip(), width=width, initial_indent=lead,
+                             subsequent_indent=lead + "    " if hang is None else hang,
                              break_long_words=False, break_on_hyphens=False)
     return "\n".join(out)

@@ -169,8 +169,9 @@ def shrink(cmd: str) -> str:
         words[g + 1] = str(min(guest, GUEST_MAX))
     for opt in ("--inflate-mib", "--free-mib"):
         k = _opt(words, opt)
-        if k is not None:
-            words[k + 1] = str(max(1, int(float(words[k + 1]) * scale)))
+        if k is not None:   # reclaim's guest keeps 64 MiB of its own
+            most = min(guest, GUEST_MAX) - (65 if opt == "--free-mib" else 1) if guest else None
+            words[k + 1] = str(max(1, min(int(float(words[k + 1]) * scale), most or 1 << 30)))
     if name in ("compare", "run", "migrate", "reclaim") and g is None and "--spec" not in words:
         words += ["--guest-mib", str(GUEST_MAX)] + (["--inflate-mib", "128"] if name in ("compare", "run") else [])
     if name == "reclaim" and g is None:

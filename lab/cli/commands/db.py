@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from fmt.numbers import plural
+from fmt.text_width import fold
 from lab.cli.checks import refuse
 from lab.store.db_path import as_db_target
 from lab.store.store import Store, StoreError
@@ -32,8 +34,9 @@ def push_command(src: str, dst: str, runs: tuple[str, ...]) -> None:
     except StoreError as e:
         refuse("db push", str(e))
     where = redact(dst) if is_postgres(dst) else dst
-    click.echo(f"pushed {len(res.copied)} run(s) to {where}" + (f": {', '.join(res.copied)}" if res.copied else ""))
+    click.echo(fold(f"pushed {plural(len(res.copied), 'run')} to {where}"
+                    + (f": {', '.join(res.copied)}" if res.copied else "")))
     if res.already:
-        click.echo(f"already there, skipped: {len(res.already)} ({', '.join(res.already)})")
+        click.echo(fold(f"already there, skipped: {len(res.already)} ({', '.join(res.already)})"))
     if res.running:
         click.echo(f"still running, not pushed: {', '.join(res.running)}", err=True)

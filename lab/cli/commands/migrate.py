@@ -274,9 +274,9 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
                 click.echo(f"run {run_id}\n")
                 env = store.get_run(run_id).environment
                 if env.get("qemu_accel"):
-                    click.echo(f"real stack (qemu-* arms): QEMU {env['qemu_version']} under {env['qemu_accel']} "
-                               f"({env['qemu_accel_reason']}), guest kernel {env['guest_kernel']}"
-                               + (f", guest append {qemu_guest_append!r}" if qemu_guest_append else "") + "\n")
+                    click.echo(fold(f"real stack (qemu-* arms): QEMU {env['qemu_version']} under {env['qemu_accel']} "
+                                    f"({env['qemu_accel_reason']}), guest kernel {env['guest_kernel']}"
+                                    + (f", guest append {qemu_guest_append!r}" if qemu_guest_append else "")) + "\n")
                 click.echo(summary_table(by_arm, failed) + "\n")
                 click.echo(published_lines(by_arm, spec.guest_mib, spec.bandwidth, spec.workload))
                 for t in recs:

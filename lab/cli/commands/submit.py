@@ -40,5 +40,5 @@ def command(spec_path: Path, hosts: str, db_path, max_attempts: int, as_json: bo
     if as_json:
         click.echo(json.dumps({"run_id": sub.run_id, "hosts": sub.hosts, "jobs": sub.jobs}))
     else:
-        click.echo(f"run {sub.run_id}: {sub.jobs} trials queued for {', '.join(sub.hosts)}; on each host start "
-                   f"`{next_command('worker', host_id='HOST', db=redact(str(path)))}` (HOST: {', '.join(sub.hosts)})")
+        click.echo(f"run {sub.run_id}: {sub.jobs} trials queued for {', '.join(sub.hosts)}; on each host "
+                   f"({', '.join(sub.hosts)}) start:\n  {next_command('worker', host_id='HOST', db=redact(str(path)))}")
