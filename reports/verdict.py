@@ -24,7 +24,7 @@ def _sureness(pr: stats.PairResult | None, n_a: int, n_b: int, alpha: float) -> 
     if pr.verdict == "equal":
         return "unsure", "identical in every trial"
     if pr.p_holm is None:
-        return "unsure", f"too few trials to test (n = {n_a} and {n_b})"
+        return "unsure", f"too few trials to test (n = {n_a} and {n_b}){_needs(pr.trials_needed)}"
     if pr.verdict == "too few trials":
         return "unsure", (f"too few trials to be sure: p(Holm) = {fmt_p(pr.p_holm)} with n = {n_a} and {n_b} "
                           f"cannot reach significance{_needs(pr.trials_needed)}")
