@@ -85,6 +85,8 @@ def row_formatter(unit: str, values: Iterable[float | None]) -> Callable[[float 
             if ref >= scale or name == "B":
                 return lambda v, n=name, sc=scale: "–" if v is None else (
                     fmt_bytes(v) if _tiny(v, sc) else f"{sig(v / sc)} {n}")
+    if unit:                                  # a rate (Gbit/s, MiB/s): the number and its unit
+        return lambda v: "–" if v is None else f"{sig(v)} {unit}"
     return _number
 
 

@@ -14,6 +14,7 @@ lab_store: one real small `balloon-lab compare` per session, for tests that read
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import uuid
@@ -23,11 +24,22 @@ from pathlib import Path
 import pytest
 
 from device.rig import DeviceRig
+from probes.bpf import REQUIRE_ENV, essentials_missing
 
 BALLOON_LAB = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "balloon-lab")
 
 # device_rig's queues: rings at these guest-physical addresses
 DEVICE_RIG_RINGS = {0: 0x10000, 1: 0x11000}
+
+
+def pytest_runtest_setup(item):
+    """Where BALLOON_LAB_REQUIRE_EBPF=1 (.ci/run), an `ebpf` test whose eBPF cannot work
+    (not root, BCC not loadable) fails with the reason, before its fixtures, instead of
+    skipping: a CI run whose BCC broke must not stay green (probes.bpf.ebpf_skip_reason)."""
+    if item.get_closest_marker("ebpf") and os.environ.get(REQUIRE_ENV) == "1":
+        missing = essentials_missing()
+        if missing:
+            pytest.fail(f"eBPF is required here ({REQUIRE_ENV}=1) but {missing}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,9 @@ server. Placeholders become real things: run ids (3f2a, RUN) the stored run, pid
 $(pgrep -f qemu-system)) a process holding eventfds 17 and 18 that it writes and madvises.
 Experiments are shrunk so the suite stays affordable, never reshaped: guests of at most
 256 MiB (the inflate scaled with the guest), 1 trial and no warm-up, 300 fuzz execs, a
-10 s reclaim window, a COUNT of at most 2, Ctrl-C (SIGINT) where the example says
-"until Ctrl-C". Each must exit 0 and print something (on stdout, or into the file it
+10 s reclaim window, a COUNT of at most 2, one round of one cycle for `ab` (whose
+answer is then inconclusive, exit 3), Ctrl-C (SIGINT) where the example says "until
+Ctrl-C"; ../other-checkout is this checkout. Each must exit 0 and print something (on stdout, or into the file it
 names); `worker`, whose report is its stderr, must print there.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "docs").glob("*.txt"))
 PLACEHOLDERS = re.compile(r"(?<![$\w])(RUN_OR_FILE|FILE|PATH|URL|ID|HOST|PID)(?![\w=])")
 # what runs an experiment (slow); everything else reads a store
-EXPERIMENTS = ("compare", "run", "migrate", "reclaim", "probe", "fuzz", "bench", "doctor", "submit", "worker")
+EXPERIMENTS = ("compare", "run", "migrate", "reclaim", "probe", "fuzz", "bench", "doctor", "submit", "worker", "ab")
 STDERR_REPORTERS = ("worker",)
 GUEST_MAX = 256
 
@@ -121,7 +122,7 @@ def doc_examples() -> list[Example]:
             if not (in_block or line.startswith("    ")):
                 continue
             prompt = r"(?:[$#] |\s+)" if doc.suffix == ".txt" else r"\s*(?:[$#] )?"   # .txt: prose beside it
-            m = re.match(rf"^{prompt}(?:\.venv/bin/)?(balloon-lab [a-z].*)$", line)
+            m = re.match(rf"^{prompt}(?:\.venv/bin/)?(balloon-lab [a-z][\w-]*(?:\s.*)?)$", line)   # not "run:"
             if m is None:
                 if in_block and line.strip().startswith("export "):
                     setup.append(line.strip())
@@ -160,6 +161,9 @@ def shrink(cmd: str) -> str:
     """The example at an affordable size (see the module docstring); nothing else changes."""
     head, pipe, tail = cmd.partition(" | ")
     head, redir, target = head.partition(" > ")
+    shells = re.findall(r"\$\([^)]*\)", head)          # $(...) stays one word, run by bash
+    for i, sh in enumerate(shells):
+        head = head.replace(sh, f"@SHELL{i}@", 1)
     words = shlex.split(head)
     name = words[1]
     g = _opt(words, "--guest-mib")
@@ -172,8 +176,11 @@ def shrink(cmd: str) -> str:
         if k is not None:   # reclaim's guest keeps 64 MiB of its own
             most = min(guest, GUEST_MAX) - (65 if opt == "--free-mib" else 1) if guest else None
             words[k + 1] = str(max(1, min(int(float(words[k + 1]) * scale), most or 1 << 30)))
-    if name in ("compare", "run", "migrate", "reclaim") and g is None and "--spec" not in words:
-        words += ["--guest-mib", str(GUEST_MAX)] + (["--inflate-mib", "128"] if name in ("compare", "run") else [])
+    if name in ("compare", "run", "migrate", "reclaim", "ab") and g is None and "--spec" not in words:
+        words += ["--guest-mib", str(GUEST_MAX)] + (["--inflate-mib", "128"] if name in ("compare", "run", "ab")
+                                                   else [])
+    if name == "ab":        # one round of one cycle: an answer (inconclusive, exit 3, is one), not a verdict
+        words += ["--rounds", "1", "--max-rounds", "1", "--cycles", "1"]
     if name == "reclaim" and g is None:
         words += ["--free-mib", "128"]
     if name == "compare" and "--spec" in words:
@@ -191,7 +198,9 @@ def shrink(cmd: str) -> str:
         pos = [i for i, w in enumerate(words) if re.fullmatch(r"\d+", w) and not words[i - 1].startswith("-")]
         if len(pos) == 2 and int(words[pos[1]]) > 2:
             words[pos[1]] = "2"
-    out = " ".join(f'"{w}"' if "$" in w else shlex.quote(w) for w in words)
+    out = " ".join(f'"{w}"' if "$" in w or "@SHELL" in w else shlex.quote(w) for w in words)
+    for i, sh in enumerate(shells):
+        out = out.replace(f"@SHELL{i}@", sh)
     return out + (f" > {target}" if redir else "") + (f" | {tail}" if pipe else "")
 
 
@@ -251,7 +260,8 @@ def run_example(scene: Scene, ex: Example) -> None:
         t.join(10)
     stdout, stderr = "".join(got["out"]), "".join(got["err"])
     errors = [ln for ln in stderr.splitlines() if "error" in ln.lower()][:10]
-    assert proc.returncode == 0, (ex.where, script, errors, stderr[-3000:])
+    answered = (0, 1, 3) if ex.name == "ab" else (0,)       # ab: no regression, regression, inconclusive
+    assert proc.returncode in answered, (ex.where, script, errors, stderr[-3000:])
     made = [scene.cwd / f for f in files_named(script)]
     printed = stdout.strip() or any(p.is_file() and p.stat().st_size for p in made) or (
         ex.name in STDERR_REPORTERS and stderr.strip())
@@ -308,7 +318,8 @@ def make_scene(tmp: Path, store: LabStore, pg_url: str | None) -> tuple[Scene, s
            "BALLOON_LAB_DB": str(tmp / "out" / "balloon-lab.db")}
     env.pop("BALLOON_LAB_HOST_ID", None)
     subs = [(r"\b(3f2a|9c1d)\b", store.run_id), (r"\bRUN\b", store.run_id),
-            (r"\$\(pgrep -f qemu-system\)", str(target.pid)), (r"--pid \d+", f"--pid {target.pid}")]
+            (r"\$\(pgrep -f qemu-system\)", str(target.pid)), (r"--pid \d+", f"--pid {target.pid}"),
+            (r"\.\./other-checkout", str(ROOT))]
     if pg_url:
         env["URL"] = pg_url
         subs.append((r"postgresql://lab(:secret)?@db\.example/balloonlab", pg_url.replace("\\", r"\\")))

@@ -8,7 +8,7 @@ import pytest
 
 from lab.trials.model.balloon_trial import BalloonTrial
 from lab.trials.model.runner import run_balloon
-from probes.bpf import essentials_missing
+from probes.bpf import ebpf_skip_reason
 from probes.session import ProbeSession
 
 pytestmark = pytest.mark.ebpf
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ebpf
 def session():
     """Skips only where eBPF truly cannot work (not root, no BCC), saying why; anywhere
     else (CI runs as root with BCC) a probe that does not load is a failure."""
-    missing = essentials_missing()
+    missing = ebpf_skip_reason()
     if missing:
         print(f"\nSKIPPING probe equalities: {missing}", file=sys.stderr)
         pytest.skip(missing)

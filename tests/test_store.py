@@ -168,7 +168,7 @@ def test_missing_or_corrupt_database(tmp_path):
         Store(tmp_path / "nope.db", create=False)
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="not a usable SQLite database"):
+    with pytest.raises(StoreError, match="is a text file, not a balloon-lab results database"):
         Store(bad)
 
 

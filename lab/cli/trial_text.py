@@ -34,6 +34,9 @@ def format_result(r: Mapping[str, Any]) -> str:
         lines.append(f"  host memory freed by the inflate: {_mib(freed)} "
                      f"({'memfd blocks' if 'memfd_freed_bytes' in r else 'QEMU RSS'})")
     else:
+        bad = (r["verification"].get("workload") or {}).get("must_be_zero")
+        if bad:
+            verified += f"  (the workload: {', '.join(bad)}, must be 0)"
         lines = [_lab_title(r), verified, f"  {counts}",
                  f"  discard calls {fmt_count(r['discard_calls'])}  runs {fmt_count(r['runs'])}  "
                  f"translations {fmt_count(r['translations'])}",
@@ -45,10 +48,21 @@ def format_result(r: Mapping[str, Any]) -> str:
                          f"whole but kept, {fmt_count(hp['partial_host_pages'])} partial ({hp['mode']} tracking, "
                          f"allocation {r['alloc_policy']})")
         lines += [_operation_line(op, st, qemu) for op, st in r["stages_ns"].items()]
+        lines += [_lab_cost_line(op, c, r["floors"]) for op, c in (r.get("lab_cost") or {}).items() if c]
     lines.append(_probes_line(r.get("probes") or {}, qemu))
     if r["errors"]:
         lines.append(f"  device refused: {r['errors']}")
     return fold("\n".join(lines))
+
+
+def _lab_cost_line(op: str, c: Mapping[str, float], floors: Mapping[str, float]) -> str:
+    """The operation's transmit and translate against the floors measured with the trial
+    (lab/results/ring_cost.py): what the lab itself spent, beyond what the protocol needs."""
+    return (f"  {op} against the ring's floor (round trip {floors['round_trip_ns'] / 1e3:.1f} us, translate "
+            f"{floors['translate_ns'] / 1e3:.1f} us, measured now): transmit "
+            f"{c['transmit_per_request_ns'] / 1e3:.1f} us/request = {c['transmit_over_floor']:.2f}x, translate "
+            f"{c['translate_per_request_ns'] / 1e3:.1f} us/request = {c['translate_over_floor']:.2f}x; the lab's "
+            f"own cost {_ms(c['own_ns'])} ({100 * c['own_share']:.1f} %)")
 
 
 def _lab_title(r: Mapping[str, Any]) -> str:

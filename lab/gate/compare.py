@@ -1,11 +1,17 @@
 """The CI regression gate: a candidate run against a baseline run, per arm and metric.
 
 Decision rules (docs/STATISTICS.md explains them for users):
-- timings and gauges regress when the candidate's median is worse (higher) by more
-  than the metric's relative threshold AND Mann-Whitney says the difference is real
+- timings and gauges regress when the candidate's median is worse by more than the
+  metric's relative threshold AND Mann-Whitney says the difference is real
   (Holm-adjusted p < alpha, Holm over the metrics gated in that arm). Both are needed:
   significance alone flags 0.5 % shifts on quiet machines, a threshold alone flags noise.
+  "Worse" is the metric's declared direction: higher for most, lower for throughputs.
 - counters regress when the medians differ at all (or by more than an explicit tolerance).
+- a must-be-zero metric (corrupted pages, data left in the balloon) regresses when any
+  candidate trial has it above 0.
+- a metric the baseline has and the candidate lacks regresses (a candidate whose probes
+  fell back to nothing, or that lost its stage times, is not a pass) unless a threshold
+  rule ignores it by name; a metric only the candidate has is noted, not gated.
 - input that cannot give an answer (missing run or file, malformed JSON, different
   experiments, no common arms or metrics, too few trials for the test to ever reach
   significance) raises GateInputError: exit 2, distinct from a regression (exit 1).
@@ -80,7 +86,7 @@ def run_gate(baseline: GateInput, candidate: GateInput, thresholds: Thresholds |
             # another arm already failed the candidate: say why this one could not be judged
             notes.append(f"arm {arm} not gated: {e}")
     failed_arm = any(c.status == "regression" for c in arm_checks)
-    if arms and not failed_arm and not any(c.status not in ("missing", "ignored") for c in checks
+    if arms and not failed_arm and not any(c.status not in ("missing", "ignored", "duplicate") for c in checks
                                            if c.metric != TRIALS_METRIC):
         raise GateInputError("no common metrics to gate (all missing on one side or ignored)")
     return GateResult(baseline, candidate, th, checks, notes)
@@ -135,11 +141,19 @@ def _check_arm(arm: str, base: Mapping[str, np.ndarray], cand: Mapping[str, np.n
     for m in sorted(set(base) | set(cand)):
         kind = lab_metrics.classify(m)
         lim = th.limit(m, kind)
-        if m not in base or m not in cand:
-            side = "candidate" if m in base else "baseline"
-            checks.append(Check(arm, m, kind, "missing", lim.describe(kind), message=f"absent in the {side}"))
-        elif lim.mode == "ignore":
-            checks.append(Check(arm, m, kind, "ignored", "ignored", message="ignored by threshold rule"))
+        if lim.mode == "ignore":
+            checks.append(Check(arm, m, kind, "ignored", "ignored", message="ignored by threshold rule",
+                                unit=_unit(m)))
+        elif m not in cand:
+            checks.append(Check(arm, m, kind, "regression", lim.describe(kind), n_baseline=len(base[m]),
+                                baseline_median=float(np.median(base[m])), unit=_unit(m),
+                                message=f"in the baseline ({len(base[m])} trials), missing from the candidate; if it "
+                                        f"was removed on purpose, ignore it: --threshold '{m}=ignore'"))
+        elif m not in base:
+            checks.append(Check(arm, m, kind, "missing", lim.describe(kind), n_candidate=len(cand[m]), unit=_unit(m),
+                                message="new in the candidate (absent in the baseline): not gated"))
+        elif lab_metrics.better(m) == lab_metrics.ZERO:
+            checks.append(_decide_zero(arm, m, kind, base[m], cand[m]))
         elif arm == reference and kind == lab_metrics.TIMING:
             checks.append(Check(arm, m, kind, "ignored", "ignored",
                                 message="reference arm in relative mode: other arms are measured against it"))
@@ -149,8 +163,8 @@ def _check_arm(arm: str, base: Mapping[str, np.ndarray], cand: Mapping[str, np.n
     for dup, kept in dups.items():
         if limits[dup] == limits[kept]:  # same samples, same limit: the same verdict, so say it once
             del limits[dup]
-            checks.append(Check(arm, dup, lab_metrics.classify(dup), "ignored", "ignored",
-                                message=f"samples identical to {kept}, gated there"))
+            checks.append(Check(arm, dup, lab_metrics.classify(dup), "duplicate", "as " + kept, unit=_unit(dup),
+                                message=f"samples identical to {kept}: gated as that one check"))
     family = [m for m in limits if lab_metrics.is_statistical(lab_metrics.classify(m))
               and not (np.ptp(base[m]) == 0 and np.ptp(cand[m]) == 0 and base[m][0] == cand[m][0])]
     if family:
@@ -180,12 +194,28 @@ def _check_arm(arm: str, base: Mapping[str, np.ndarray], cand: Mapping[str, np.n
     return checks
 
 
+def _unit(metric: str) -> str:
+    """The metric's unit as the JSON and JUnit give it ("count" for a plain number)."""
+    return lab_metrics.unit(metric) or "count"
+
+
+def _decide_zero(arm: str, metric: str, kind: str, base: np.ndarray, cand: np.ndarray) -> Check:
+    """A must-be-zero metric: any candidate trial above 0 is a regression, whatever the baseline did."""
+    bad = int(np.count_nonzero(cand))
+    c = Check(arm, metric, kind, "regression" if bad else "pass", "must be 0", n_baseline=len(base),
+              n_candidate=len(cand), baseline_median=float(np.median(base)), candidate_median=float(np.median(cand)),
+              unit=_unit(metric))
+    c.message = (f"must be 0: above 0 in {bad} of {len(cand)} candidate trials (max {float(np.max(cand)):g})" if bad
+                 else f"0 in all {len(cand)} candidate trials")
+    return c
+
+
 def _check_from(r: stats.PairResult, lim: Limit) -> Check:
-    return Check(arm=r.arm, metric=r.metric, kind=r.kind, status="pass", limit=lim.describe(r.kind),
+    return Check(arm=r.arm, metric=r.metric, kind=r.kind, status="pass", limit=lim.describe(r.kind, r.metric),
                  n_baseline=r.n_baseline, n_candidate=r.n, baseline_median=r.baseline_median,
                  candidate_median=r.median, ratio=r.ratio, ratio_ci_low=r.ratio_ci_low,
                  ratio_ci_high=r.ratio_ci_high, difference=r.difference, p_value=r.p_value, p_holm=r.p_holm,
-                 cliffs_delta=r.cliffs_delta)
+                 cliffs_delta=r.cliffs_delta, unit=_unit(r.metric))
 
 
 def _decide_statistical(r: stats.PairResult, lim: Limit, alpha: float, reference: str | None,
@@ -199,11 +229,15 @@ def _decide_statistical(r: stats.PairResult, lim: Limit, alpha: float, reference
     ci = f" [{r.ratio_ci_low:.3f}, {r.ratio_ci_high:.3f}]" if r.ratio_ci_low is not None else ""
     p = "-" if r.p_holm is None else f"{r.p_holm:.2g}"
     c.message = f"{fmt(r.baseline_median)} -> {fmt(r.median)} (x{r.ratio:.3f}{ci}, Holm p={p}, limit {c.limit})"
-    if significant and r.ratio > 1 + lim.value and r.difference >= floor:
+    higher_better = lab_metrics.better(r.metric) == lab_metrics.HIGHER
+    # how much worse the candidate is, as a fraction, in the metric's own direction
+    worse = (1.0 / r.ratio - 1.0 if r.ratio > 0 else float("inf")) if higher_better else r.ratio - 1.0
+    practical = higher_better or r.difference >= floor      # the floor is for timings, lower-better
+    if significant and worse > lim.value and practical:
         c.status = "regression"
-    elif significant and r.ratio > 1 + lim.value:
+    elif significant and worse > lim.value:
         c.message += f"; below the {fmt(floor)} floor of practical significance"
-    elif significant and r.ratio < 1 - lim.value:
+    elif significant and -worse > lim.value:
         c.status = "improvement"
     return c
 

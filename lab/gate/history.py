@@ -2,8 +2,8 @@
 commits: the report's history section and `balloon-lab history` read it from here.
 
 "The same experiment" is the gate's own definition: runs whose specs agree on every
-field the gate compares (lab/gate/compare.py COMPARABLE_SPEC_FIELDS; name, arms, trial counts
-may differ). A run the gate flagged carries a note starting with GATE_NOTE, written by
+field the gate compares (lab/gate/inputs.py spec_differences: every field but
+NOT_COMPARED_SPEC_FIELDS, so name, arms and trial counts may differ). A run the gate flagged carries a note starting with GATE_NOTE, written by
 `balloon-lab gate` when the candidate is a stored run.
 """
 from __future__ import annotations

@@ -20,6 +20,7 @@ from lab.gate.compare import run_gate
 from lab.gate.inputs import GateInput, GateInputError, load_input
 from lab.gate.result import GateResult
 from lab.gate.thresholds import Thresholds
+from lab.gate.same_job import one_job
 from lab.gate.baseline_file import BaselineError, load_baseline
 from lab.store.store import Store, StoreError
 
@@ -62,7 +63,8 @@ def _counters_only(inp: GateInput) -> GateInput:
     table = {a: {m: v for m, v in ms.items() if metrics.classify(m) == metrics.COUNTER} for a, ms in inp.table.items()}
     rounds = None if inp.rounds is None else {a: {m: v for m, v in ms.items() if metrics.classify(m) == metrics.COUNTER}
                                               for a, ms in inp.rounds.items()}
-    return GateInput(inp.ref, inp.source, inp.run_id, inp.name, inp.spec, inp.environment, table, rounds)
+    return GateInput(inp.ref, inp.source, inp.run_id, inp.name, inp.spec, inp.environment, table, rounds,
+                     inp.outcomes, inp.span)
 
 
 @dataclass
@@ -106,6 +108,26 @@ class HostsGateResult:
             out += [f"\nhost {label}:"] + ["  " + line for line in r.render_text(verbose=verbose).splitlines()]
         return "\n".join(out)
 
+    def regression_lines(self) -> list[str]:
+        """One line per regression ("host: arm metric: message"), for annotations."""
+        many = len(self.pairs) > 1
+        return [f"{label + ': ' if many else ''}{c.arm} {c.metric}: {c.message}"
+                for label, r in self.pairs for c in r.regressions]
+
+    def render_markdown(self) -> str:
+        """A CI step summary: the verdict, what was compared, every regression."""
+        bad = self.regression_lines()
+        head = "❌ REGRESSION (exit 1)" if bad else "✅ PASS (exit 0)"
+        out = [f"### balloon-lab gate: {head}", ""]
+        for label, r in self.pairs:
+            n = r.counts()
+            out.append(f"- host `{label}`: baseline {r.baseline.describe()}; candidate {r.candidate.describe()}; "
+                       f"{n['pass'] + n['regression'] + n['improvement']} checks, {n['regression']} regressed, "
+                       f"{n['improvement']} improved")
+        out += [f"- **regression** {line}" for line in bad]
+        out += [f"- note: {n}" for n in self.notes + [n for _l, r in self.pairs for n in r.notes]]
+        return "\n".join(out) + "\n"
+
     def to_junit(self) -> str:
         if len(self.pairs) == 1:
             return self.pairs[0][1].to_junit()
@@ -127,9 +149,11 @@ class HostsGateResult:
 
 
 def gate_hosts(baseline: str, candidate: str, db_path: str | Path, thresholds: Thresholds | None = None, *,
-               cross_host: bool = False, counters_only: bool = False, **kw: Any) -> HostsGateResult:
+               cross_host: bool = False, counters_only: bool = False, across_time: bool = False,
+               **kw: Any) -> HostsGateResult:
     """Gate candidate against baseline host by host (see the module docstring);
-    GateInputError (exit 2) for a cross-host timing comparison nobody asked for."""
+    GateInputError (exit 2) for a timing comparison nobody asked for: across hosts, or
+    between runs not made in one job (lab/gate_time.py)."""
     bh, ch = hosts_of(baseline, db_path, "baseline"), hosts_of(candidate, db_path, "candidate")
     b_ref, b_host = split_ref(baseline)
     c_ref, c_host = split_ref(candidate)
@@ -160,6 +184,19 @@ def gate_hosts(baseline: str, candidate: str, db_path: str | Path, thresholds: T
                             "timings of different hosts compared, as asked"))
             pairs = [(label, load_input(b_ref, db_path, "baseline", b_host),
                       load_input(c_ref, db_path, "candidate", c_host))]
+    if not counters_only:
+        for _label, b, c in pairs:
+            same, why = one_job(b.environment, b.span, c.environment, c.span)
+            if same:
+                continue
+            if not across_time:
+                raise GateInputError(
+                    f"baseline and candidate were not made in one job ({why}): timings are not comparable here "
+                    "between runs made at different times (the kernel's own cost drifts ~15 % in tens of "
+                    "minutes). Gate two revisions with `balloon-lab ab`; pass --counters-only to gate the exact "
+                    "counters, or --across-time to gate the timings anyway")
+            notes.append(f"timings of runs not made in one job ({why}) compared, as asked")
+            break
     if counters_only:
         pairs = [(label, _counters_only(b), _counters_only(c)) for label, b, c in pairs]
         if not cross_host:

@@ -15,9 +15,18 @@ import numpy as np
 from lab.gate.baseline_file import BaselineError, load_baseline
 from lab.store.store import Store, StoreError
 
-# Spec fields that define the experiment: if they differ, the runs measure different things.
-COMPARABLE_SPEC_FIELDS = ("kind", "guest_mib", "inflate_mib", "workload", "workload_params", "seed",
-                          "batch_pages", "bitmap_pages_per_request", "discard", "bandwidth", "probes", "twins")
+# Every field of the spec defines the experiment (if one differs, or one side lacks it,
+# the runs measure different things), except these, which say how much was measured or
+# what it is called, not what (tests/test_gate.py checks every ExperimentSpec field is
+# one or the other, so a new field is compared unless it is named here):
+NOT_COMPARED_SPEC_FIELDS = {
+    "name": "a label",
+    "trials": "the sample size: the gate asks for enough ok trials itself (--min-trials)",
+    "warmups": "trials not measured",
+    "arms": "gated arm by arm: an arm missing from the candidate is a regression, a new one a note",
+    "_arm_labels": "the arms' labels as scheduled (arms, and the probe-overhead arm)",
+    "probe_overhead": "one extra unprobed arm for the overhead table; the gated arms are unchanged",
+}
 
 
 class GateInputError(Exception):
@@ -39,6 +48,7 @@ class GateInput:
     # per scheduled arm: (ok measured trials, failed measured trials, first error); None for
     # baseline files, whose ok trials are the samples they carry
     outcomes: dict[str, tuple[int, int, str | None]] | None = None
+    span: tuple[str | None, str | None] = (None, None)    # the run's start and end (ISO), if known
 
     def ok_trials(self, arm: str) -> int:
         """Measured trials of `arm` that succeeded (the most samples any metric has)."""
@@ -80,7 +90,8 @@ def load_input(ref: str, db_path: str | Path, side: str = "input", host: str | N
         except BaselineError as e:
             raise GateInputError(f"{side}: {e}") from None
         return GateInput(ref, "file", b.run.get("id"), b.run.get("name") or b.spec.get("name", ""),
-                         b.spec, b.environment, b.table, b.rounds)
+                         b.spec, b.environment, b.table, b.rounds,
+                         span=(b.run.get("created_at"), b.run.get("finished_at")))
     if "/" in ref or ref.endswith(".json") or p.exists():
         raise GateInputError(f"{side}: file {ref} does not exist (or is not a file)")
     try:
@@ -106,9 +117,17 @@ def load_input(ref: str, db_path: str | Path, side: str = "input", host: str | N
         raise GateInputError(f"{side}: {e}") from None
     finally:
         store.close()
-    return GateInput(ref, "run", run.id, run.name, run.spec, run.environment, table, rounds, outcomes)
+    return GateInput(ref, "run", run.id, run.name, run.spec, run.environment, table, rounds, outcomes,
+                     span=(run.created_at, run.finished_at))
 
 
 def spec_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in COMPARABLE_SPEC_FIELDS
-            if k in a and k in b and a.get(k) != b.get(k)]
+    """How two specs (baseline, candidate) differ in what they measure: every field but
+    NOT_COMPARED_SPEC_FIELDS, a field only one side has included."""
+    out = []
+    for k in sorted((set(a) | set(b)) - set(NOT_COMPARED_SPEC_FIELDS)):
+        if k not in a or k not in b:
+            out.append(f"{k}: {'absent' if k not in a else repr(a[k])} vs {'absent' if k not in b else repr(b[k])}")
+        elif a[k] != b[k]:
+            out.append(f"{k}: {a[k]!r} vs {b[k]!r}")
+    return out

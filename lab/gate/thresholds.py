@@ -66,12 +66,15 @@ class Limit:
             return self
         return Limit("relative" if lab_metrics.is_statistical(kind) else "absolute", self.value)
 
-    def describe(self, kind: str) -> str:
+    def describe(self, kind: str, metric: str | None = None) -> str:
+        """The limit as the gate prints it: "+10%" (worse = higher), "-10%" for a metric
+        whose declared better side is higher, "exact", "±2" for counters."""
         lim = self.for_kind(kind)
         if lim.mode == "ignore":
             return "ignored"
         if lab_metrics.is_statistical(kind):
-            return f"+{lim.value:.0%}" if lim.mode == "relative" else f"+{lim.value:g}"
+            sign = "-" if metric is not None and lab_metrics.better(metric) == lab_metrics.HIGHER else "+"
+            return f"{sign}{lim.value:.0%}" if lim.mode == "relative" else f"{sign}{lim.value:g}"
         if lim.value == 0:
             return "exact"
         return f"±{lim.value:.0%}" if lim.mode == "relative" else f"±{lim.value:g}"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from lab.paths import REPO_ROOT
 
@@ -49,7 +49,35 @@ def collect(probe_backend: str | None = None, repo: Path = REPO_ROOT) -> dict[st
         "git_commit": commit,
         "git_dirty": dirty,
         "probe_backend": probe_backend,
+        "job": job_id(),
+        "boot_id": boot_id(),
     }
+
+
+JOB_ENV = "BALLOON_LAB_JOB"
+
+
+def job_id(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The job a run belongs to (the gate compares timings only within one,
+    lab/gate_time.py): $BALLOON_LAB_JOB, else the CI system's (GitHub Actions' run id,
+    attempt and job; GitLab's CI_JOB_ID), else None."""
+    if environ.get(JOB_ENV):
+        return environ[JOB_ENV]
+    if environ.get("GITHUB_RUN_ID"):
+        return (f"github:{environ['GITHUB_RUN_ID']}/{environ.get('GITHUB_RUN_ATTEMPT', '1')}"
+                f"/{environ.get('GITHUB_JOB', '')}")
+    if environ.get("CI_JOB_ID"):
+        return f"gitlab:{environ['CI_JOB_ID']}"
+    return None
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (a reboot starts another one)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def cpu_model() -> str | None:

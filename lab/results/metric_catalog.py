@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, UndeclaredMetric
+from device.virtio.metric_decl import COUNTER, GAUGE, HIGHER, TIMING, ZERO, Metric, MetricSet, UndeclaredMetric
 from lab.results.trial_result import TRIAL_METRICS
 from probes.session import PROBE_METRICS
 from workloads.metrics import PREPARE_METRICS, STOP_METRICS
@@ -30,8 +30,7 @@ WORKLOAD_METRICS = [
 
 # The live migration trial (lab/migrate_runner.run_migration: the source VMM's
 # migration report, device/host/migration/, and the destination's). Kinds and units
-# as the lab has always compared them; three are marked where the name-based
-# classification they keep is questionable (rates and parameters stored as metrics).
+# as the lab has always compared them; the parameters stored as metrics are marked.
 MIGRATE_METRICS = MetricSet("lab/results/metric_catalog.py MIGRATE_METRICS", [
     Metric("bandwidth_bits", COUNTER, "", "the migration's rate limit, bit/s (a parameter)"),
     Metric("total_ms", TIMING, "ms", "migration start to the destination running"),
@@ -48,7 +47,7 @@ MIGRATE_METRICS = MetricSet("lab/results/metric_catalog.py MIGRATE_METRICS", [
     Metric("pages_skipped", COUNTER, "", "pages QEMU skipped (ram.skipped: e.g. hinted free)"),
     Metric("ram_total_bytes", COUNTER, "bytes", "guest RAM QEMU migrates (ram.total)"),
     Metric("page_size", COUNTER, "", "QEMU's target page size, bytes (a parameter)"),
-    Metric("wire_gbit_s", TIMING, "s", "stream rate, Gbit/s (kind and unit as the name-guessing had them)"),
+    Metric("wire_gbit_s", GAUGE, "Gbit/s", "stream rate on the migration's wire", better=HIGHER),
     Metric("pages_hinted", COUNTER, "", "pages skipped because the guest hinted them free"),
     Metric("pages_examined", COUNTER, "", "pages the source looked at"),
     Metric("bytes_read", COUNTER, "bytes", "guest RAM bytes the source read (pread)"),
@@ -90,13 +89,14 @@ MIGRATE_METRICS = MetricSet("lab/results/metric_catalog.py MIGRATE_METRICS", [
     Metric("memory.samples", COUNTER, "", "memory samples taken"),
     Metric("verification.vmm.source_data_pages", COUNTER, "", "source pages holding data"),
     Metric("verification.vmm.destination_data_pages", COUNTER, "", "destination pages holding data"),
-    Metric("verification.vmm.differing_pages", COUNTER, "", "pages that differ between source and destination"),
+    Metric("verification.vmm.differing_pages", COUNTER, "", "pages that differ between source and destination",
+           better=ZERO),
     Metric("verification.vmm.pages_compared", COUNTER, "", "pages compared by hash"),
     Metric("verification.vmm.pages_not_compared_hinted_free", COUNTER, "", "hinted free pages not compared"),
     Metric("verification.vmm.ms", TIMING, "ms", "time the comparison took"),
     Metric("verification.guest.pages_checked", COUNTER, "", "held pages the guest checked at the destination"),
-    Metric("verification.guest.bad_at_destination", COUNTER, "", "held pages wrong at the destination"),
-    Metric("verification.guest.bad_at_source", COUNTER, "", "held pages wrong at the source"),
+    Metric("verification.guest.bad_at_destination", COUNTER, "", "held pages wrong at the destination", better=ZERO),
+    Metric("verification.guest.bad_at_source", COUNTER, "", "held pages wrong at the source", better=ZERO),
     Metric("verification.guest.destination_zero_pages", COUNTER, "", "held pages that read as zero at the destination"),
     Metric("verification.guest.skipped_rewritten_after_switchover", COUNTER, "", "pages rewritten after switchover"),
     Metric("migration_params.downtime-limit", TIMING, "", "the downtime limit, ms (a parameter)"),
@@ -119,9 +119,9 @@ class Catalog:
         for m in metrics:
             have = self.exact.get(m.name) or next((p for p in self.patterns if p.name == m.name), None)
             if have is not None:
-                if (have.kind, have.unit) != (m.kind, m.unit):
-                    raise ValueError(f"metric {m.name!r} declared twice: {have.kind}/{have.unit or 'count'} "
-                                     f"and {m.kind}/{m.unit or 'count'}")
+                if (have.kind, have.unit, have.better) != (m.kind, m.unit, m.better):
+                    raise ValueError(f"metric {m.name!r} declared twice: {have.kind}/{have.unit or 'count'}/"
+                                     f"{have.better} and {m.kind}/{m.unit or 'count'}/{m.better}")
                 continue
             if "*" in m.name.split("."):
                 self.patterns.append(m)

@@ -13,11 +13,13 @@ unit, doc; device/virtio/metric_decl.py) and looked up here through
 lab/results/metric_catalog.py; nothing is guessed from the name, and a name nobody declared
 is an UndeclaredMetric error. The store, the statistics, the gate and the reports all
 classify through this module, so they agree:
-- "timing": durations. Noisy: compared statistically, lower is better.
+- "timing": durations. Noisy: compared statistically.
 - "gauge": quantities the kernel counts for whole processes or that depend on
   scheduling (RSS, page allocations and faults, interrupts and eventfd wake-ups, what
   a background workload managed to do before it was stopped). They vary from trial to
-  trial: compared statistically like timings, lower is better.
+  trial: compared statistically like timings.
+Which way is better is declared too (`better`): lower for most timings and gauges,
+higher for throughputs, exact for counters, zero for correctness figures.
 - "counter": determined by the protocol and the seed (pages, requests, madvise calls,
   bytes on the ring): compared exactly.
 """
@@ -28,11 +30,12 @@ import fnmatch
 import math
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, UndeclaredMetric
+from device.virtio.metric_decl import COUNTER, EXACT, GAUGE, HIGHER, LOWER, TIMING, ZERO, UndeclaredMetric
 from lab.results.metric_catalog import declaration
 
-__all__ = ["COUNTER", "GAUGE", "KINDS", "SKIPPED_KEYS", "STATISTICAL_KINDS", "TIMING", "UndeclaredMetric", "check_declared",
-           "classify", "closest_names", "flatten", "is_statistical", "matching", "unknown_names_message", "unit"]
+__all__ = ["COUNTER", "EXACT", "GAUGE", "HIGHER", "KINDS", "LOWER", "SKIPPED_KEYS", "STATISTICAL_KINDS", "TIMING",
+           "UndeclaredMetric", "ZERO", "better", "change_is_good", "check_declared", "classify", "closest_names",
+           "flatten", "is_statistical", "matching", "unit", "unknown_names_message"]
 
 KINDS = (TIMING, GAUGE, COUNTER)
 STATISTICAL_KINDS = frozenset({TIMING, GAUGE})
@@ -54,6 +57,21 @@ def classify(name: str) -> str:
 def is_statistical(kind: str) -> bool:
     """True for kinds compared with bootstrap CIs and Mann-Whitney rather than exactly."""
     return kind in STATISTICAL_KINDS
+
+
+def better(name: str) -> str:
+    """Which way is better for a metric, as declared: "lower", "higher", "exact" or
+    "zero" (must be 0). The gate, `ab` and the report read it."""
+    return declaration(name).better
+
+
+def change_is_good(name: str, ratio: float) -> bool | None:
+    """Whether a candidate/baseline ratio above or below 1 is an improvement for this
+    metric (None when the metric has no better side: exact counters, or no change)."""
+    b = better(name)
+    if ratio == 1.0 or b not in (LOWER, HIGHER):
+        return None
+    return (ratio < 1.0) == (b == LOWER)
 
 
 def unit(name: str) -> str:

@@ -29,9 +29,10 @@ from typing import Any, Mapping
 from device.guest.balloon_driver import DRIVER_OP_METRICS
 from device.host.balloon_metrics import DEVICE_METRICS, DEVICE_OP_METRICS
 from device.host.host_pages import HOST_PAGE_METRICS
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet
+from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, ZERO, Metric, MetricSet
 from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS
 from device.virtio.transport import REFUSAL_METRICS
+from lab.results.ring_cost import FLOOR_METRICS
 
 SCHEMA_VERSION = 2
 VERSION_KEY = "result_version"
@@ -50,7 +51,10 @@ OP_METRICS = MetricSet("lab/results/trial_result.py OP_METRICS", [
     Metric("wall_ns", TIMING, "ns", "from the monitor's balloon command to the guest reporting the target reached"),
     *(DRIVER_OP_METRICS[n] for n in ("pages", "requests", "kicks", "interrupts", "bytes_on_ring", "descriptors",
                                      "alloc_calls", "config_writes")),
-    *(DEVICE_OP_METRICS[n] for n in ("discard_calls", "translations", "runs", "refused_pages")),
+    *(DEVICE_OP_METRICS[n] for n in ("discard_calls", "translations", "runs", "refused_pages", "discard_cpu_ns")),
+    _as(DRIVER_OP_METRICS["cpu_ns"], "cpu_ns.guest"),
+    _as(DEVICE_OP_METRICS["cpu_ns"], "cpu_ns.vmm", "CPU time of the VMM's thread serving the operation's requests: "
+                                                  "ring, decode, translate, discard"),
     _as(DEVICE_OP_METRICS["requests"], "device_requests", "requests the device served (equals the driver's)"),
     _as(DEVICE_OP_METRICS["pages"], "device_pages", "pages the device accepted (equals the driver's)"),
     Metric("device_wakeups", GAUGE, "", "VMM reads of kick eventfds that returned data (device/host/vmm.py)"),
@@ -90,14 +94,16 @@ TRIAL_METRICS = MetricSet("lab/results/trial_result.py TRIAL_METRICS", [
       for op in ("inflate", "deflate") for s in STAGES),
     Metric("memfd_freed_bytes", COUNTER, "bytes", "guest RAM the inflate freed from the memfd (the kernel's count)"),
     Metric("verification.*.balloon_pages", COUNTER, "", "pages in the guest's balloon at the check"),
-    Metric("verification.*.ballooned_with_data", COUNTER, "", "ballooned pages the memfd still holds (must be 0)"),
+    Metric("verification.*.ballooned_with_data", COUNTER, "", "ballooned pages the memfd still holds", better=ZERO),
     Metric("verification.*.kept_pages_checked", COUNTER, "", "held pages whose contents were hashed"),
     *(_as(HOST_PAGE_METRICS[n], f"verification.*.{n}") for n in ("host_page_bytes", "whole_host_pages",
                                                                  "partial_host_pages")),
-    Metric("verification.*.whole_with_data", COUNTER, "", "wholly ballooned host pages still holding data"),
+    Metric("verification.*.whole_with_data", COUNTER, "", "wholly ballooned host pages still holding data",
+           better=ZERO),
     Metric("verification.*.guest_memtotal_kib", COUNTER, "", "qemu: the guest's MemTotal at the check, KiB"),
     *REFUSAL_METRICS.under("errors"),
     Metric("trial_wall_ns", TIMING, "ns", "the whole trial, processes started to processes gone"),
+    *FLOOR_METRICS,
     Metric("boot_ns", TIMING, "ns", "qemu: starting QEMU and booting the guest"),
     Metric("workload_ns", TIMING, "ns", "qemu: the workload's run in the guest"),
 ])
@@ -107,7 +113,8 @@ _OP_FIELDS = ("target_pages", "actual", "wall_ns", "pages", "requests", "kicks",
               "descriptors", "alloc_calls", "config_writes", "discard_calls", "translations", "runs",
               "device_requests", "device_pages", "refused_pages", "run_length_hist", "run_length_pages_hist",
               "device_wakeups", "device_calls", "budget_yields", "device_errors", "memfd_bytes_before",
-              "memfd_bytes_after", "host_pages", "rss_bytes")
+              "memfd_bytes_after", "host_pages", "rss_bytes", "discard_cpu_ns", "cpu_ns")
+_OPTIONAL_OP_FIELDS = frozenset({"discard_cpu_ns", "cpu_ns"})     # written only when measured
 
 
 @dataclass
@@ -141,10 +148,13 @@ class OpResult:
     memfd_bytes_after: int = 0
     host_pages: dict[str, Any] | None = None
     rss_bytes: dict[str, int] = field(default_factory=dict)
+    discard_cpu_ns: int | None = None      # newer than version 2's first results: absent there
+    cpu_ns: dict[str, int] | None = None   # {"guest": driver thread, "vmm": device thread}, the same
     extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
 
     def to_json(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in _OP_FIELDS}, **self.extra}
+        return {**{k: getattr(self, k) for k in _OP_FIELDS
+                   if not (k in _OPTIONAL_OP_FIELDS and getattr(self, k) is None)}, **self.extra}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "OpResult":
@@ -177,8 +187,13 @@ class TrialResult:
     verified: bool = False
     errors: dict[str, int] = field(default_factory=dict)                 # the device's refusals, by reason
     trial_wall_ns: int = 0
+    floors: dict[str, Any] | None = None     # the ring's floor, measured with the trial (lab/results/ring_cost.py)
+    lab_cost: dict[str, dict[str, float]] | None = None   # op -> the lab's own cost against the floor
     twin: dict[str, Any] | None = None        # lab.trials.twins: the probed twin's timings (not a metric)
     host_load: dict[str, Any] | None = None   # lab.trials.experiment: load around the trial (not a metric)
+    # `run --cycles K`: cycles 2..K in the same processes, each with its ops' fields, stage
+    # times and verdict, as the top level holds cycle 1's (a list: not flattened into metrics)
+    cycles: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)                  # keys this version does not know
 
     def to_json(self) -> dict[str, Any]:
@@ -191,7 +206,7 @@ class TrialResult:
         out["deflate"] = self.deflate.to_json() if self.deflate is not None else None
         for name in _TAIL:
             out[name] = getattr(self, name)
-        for name in ("twin", "host_load"):
+        for name in _OPTIONAL:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         out.update(self.extra)
@@ -203,9 +218,9 @@ class TrialResult:
         version = d.get(VERSION_KEY, 1)
         if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
             raise ValueError(f"trial result version {version!r}: this lab reads versions 1 to {SCHEMA_VERSION}")
-        known = {VERSION_KEY, "inflate", "deflate", "stages_ns", "memfd_freed_bytes", "twin", "host_load",
+        known = {VERSION_KEY, "inflate", "deflate", "stages_ns", "memfd_freed_bytes", *_OPTIONAL,
                  *_HEAD, *_TAIL, *_OP_FIELDS}
-        return cls(**{k: d[k] for k in (*_HEAD, *_TAIL, "stages_ns", "memfd_freed_bytes", "twin", "host_load")
+        return cls(**{k: d[k] for k in (*_HEAD, *_TAIL, "stages_ns", "memfd_freed_bytes", *_OPTIONAL)
                       if k in d},
                    inflate=OpResult.from_json({k: d[k] for k in _OP_FIELDS if k in d}),
                    deflate=OpResult.from_json(d["deflate"]) if isinstance(d.get("deflate"), Mapping) else None,
@@ -215,6 +230,7 @@ class TrialResult:
 _HEAD = ("protocol", "guest_mib", "inflate_mib", "pids", "workload", "wire_format", "batch_pages", "discard",
          "guest_init_on_alloc", "backing", "partial_tracking", "alloc_policy")
 _TAIL = ("verification", "verified", "errors", "probes", "trial_wall_ns")
+_OPTIONAL = ("twin", "host_load", "floors", "lab_cost", "cycles")      # written only when the trial has them
 
 
 def to_json(result: Any) -> Any:

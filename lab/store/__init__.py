@@ -1,6 +1,7 @@
 """The results store: every run and trial in SQLite or PostgreSQL, its schema, records, copies and exports.
 
     db_path.py                Where the results database is (BALLOON_LAB_DB or <repo>/out/balloon-lab.db); --db.
+    guard.py                  What can be wrong with a results file, said in one line: damaged, foreign, full.
     export.py                 Tidy export of stored runs for notebooks: one row per trial x metric.
     pg_local.py               A private PostgreSQL server in a temporary directory, for tests and benchmarks.
     push.py                   Copy runs from one results store to another (`balloon-lab db push`).

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from lab.store import guard as store_guard
+
 PG_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -112,15 +114,27 @@ class PgConnection:
 
 
 def connect(target: str | Path) -> tuple[Any, Dialect]:
-    """(connection, dialect) for a path or a postgresql:// URL. SQLite is opened in WAL
-    mode with foreign keys on, as the store always did."""
+    """(connection, dialect) for a path or a postgresql:// URL. A SQLite file is first
+    checked (lab/store/guard.py: a foreign or damaged file is a StoreError, and nothing
+    is written to it), then opened in WAL mode with foreign keys on, and every
+    statement goes through the guard."""
     if is_postgres(target):
         return PgConnection(str(target)), POSTGRES
-    db = sqlite3.connect(target, isolation_level=None, timeout=30.0)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA foreign_keys=ON")
+    path = Path(target)
+    try:
+        raw = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    except sqlite3.Error as e:
+        raise store_guard.file_fault(e, path) or e from None
+    raw.row_factory = sqlite3.Row
+    db = store_guard.GuardedConnection(raw, path)
+    try:
+        store_guard.check_sqlite_file(db, path)
+        db.execute("PRAGMA journal_mode=WAL")       # persistent: only once the file is known to be ours
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        raw.close()
+        raise
     return db, SQLITE
 
 
@@ -148,6 +162,7 @@ def set_schema_version(db: Any, dialect: Dialect, version: int) -> None:
     """Inside the migration's transaction."""
     if dialect is SQLITE:
         db.execute(f"PRAGMA user_version={int(version)}")
+        store_guard.stamp(db)
         return
     db.execute(f"CREATE TABLE IF NOT EXISTS {_PG_VERSION_TABLE} (version INTEGER PRIMARY KEY, applied_at "
                "TIMESTAMPTZ NOT NULL DEFAULT now())")

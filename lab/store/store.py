@@ -16,29 +16,26 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from system.signals import signals_deferred
 from lab.machine import identity as lab_host
 from lab.results import metrics
+from lab.store import guard as store_guard
 from lab.store import schema as store_schema
 from lab.store import sql as store_sql
+from lab.store.guard import StoreError
 from lab.results import trial_result
 
 # the records are the store's vocabulary: its callers import them from here
 from lab.store.records import RUN_STATUSES, TRIAL_STATUSES, RunInfo, TrialRecord, dumps, now_iso  # noqa: F401
 
 SCHEMA_VERSION = store_schema.SCHEMA_VERSION
-
-
-class StoreError(Exception):
-    """A request the store cannot answer: unknown or ambiguous run, bad status, ..."""
 
 
 def _proc_start(pid: int) -> int | None:
@@ -54,31 +51,6 @@ def _proc_start(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Defer SIGINT/SIGTERM until the block is done, then deliver them to the handlers
-    that were in place, so Python cannot raise KeyboardInterrupt between two statements
-    of one transaction. (A signal mask would not do: a process-directed signal goes to
-    any thread not blocking it, e.g. a BLAS worker, and Python then runs the handler in
-    the main thread anyway.) Handlers only run in the main thread, so a write from
-    another thread needs no protection."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    old = {s: h for s, h in old.items() if h is not None}  # None: installed from C, leave it alone
-    for s in old:
-        signal.signal(s, lambda signum, _frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        for s in pending:
-            signal.raise_signal(s)
-
-
 class Store:
     """The results database at `path`: a SQLite file (created with its directory unless
     create=False) or a postgresql:// URL (its tables created unless create=False)."""
@@ -92,18 +64,26 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dialect = store_sql.POSTGRES if pg else store_sql.SQLITE
         try:
-            self.db, self.dialect = store_sql.connect(path if pg else self.path)
+            self.db, self.dialect = store_sql.connect(path if pg else self.path)   # checked (store_guard)
+        except (ValueError, store_sql.ConnectError) as e:
+            raise StoreError(str(e)) from None
+        try:
             if pg and not create and store_sql.schema_version(self.db, self.dialect) == 0:
-                self.db.close()
                 raise StoreError(f"no balloon-lab results in {self.path} (no tables yet)")
             if store_sql.schema_version(self.db, self.dialect) != SCHEMA_VERSION:
                 with self._transaction() as db:
                     store_schema.migrate(db, self.dialect, str(self.path))
-        except (ValueError, store_sql.ConnectError) as e:
+            if create and not pg and not self.db.execute("PRAGMA application_id").fetchone()[0]:
+                with self._transaction() as db:     # a store from before the stamp: mark it ours
+                    store_guard.stamp(db)
+        except StoreError:
+            self.db.close()
+            raise
+        except ValueError as e:
+            self.db.close()
             raise StoreError(str(e)) from None
-        except Exception as e:  # sqlite3.DatabaseError / psycopg.Error: not a store we can use
-            if isinstance(e, StoreError):
-                raise
+        except Exception as e:  # psycopg.Error: not a store we can use
+            self.db.close()
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise StoreError(f"{self.path} is not a usable {self.dialect.name} database: {first}") from None
 
@@ -122,14 +102,17 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        with _signals_deferred():
+        with signals_deferred():
             self.db.execute(self.dialect.begin)
             try:
                 yield self.db
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk does): the original
+                # error is the one to report, never "no transaction is active"
+                with contextlib.suppress(Exception):
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
 
     # --- runs -----------------------------------------------------------------------
     def create_run(self, spec: Any, kind: str | None = None, environment: Mapping[str, Any] | None = None,
@@ -223,7 +206,8 @@ class Store:
         status = r["status"]
         if status == "running" and r["finished_at"] is None and self._owner_dead(r):
             status = "interrupted"
-            with self._transaction() as db:  # persist, so other hosts see it too
+            # persist, so other hosts see it too; a read-only or full store is still read
+            with contextlib.suppress(StoreError), self._transaction() as db:
                 db.execute("UPDATE runs SET status='interrupted' WHERE id=? AND status='running'", (r["id"],))
         return RunInfo(
             id=r["id"], kind=r["kind"], name=r["name"], created_at=r["created_at"],

@@ -282,6 +282,7 @@ def check_huge_pages() -> Check:
     for the check (then restored). The detail says every change made."""
     from device.virtio.backing import (MFD_HUGE_2MB, MFD_HUGETLB, NR_HUGEPAGES, THP_SHMEM_KNOB, BackingError,
                                 ensure_backing, hugetlb_pool, thp_shmem_state)
+    from system.knobs import HUGETLB_POOL, KnobError, raise_knob
     name = "huge-pages"
     notes: list[str] = []
     try:
@@ -296,23 +297,18 @@ def check_huge_pages() -> Check:
                      "a kernel with CONFIG_TRANSPARENT_HUGEPAGE and shmem THP")
     detail = f"thp: 4 MiB memfd PMD-mapped ({pmd} kB), 2 MiB MADV_REMOVE freed {held - after} bytes"
     pool = hugetlb_pool()
-    raised = False
+    hold = None
     try:
-        if pool.available < 2:
-            with open(NR_HUGEPAGES, "w") as f:
-                f.write(str(pool.total + 2 - pool.available))
-            raised = True
+        hold = raise_knob(HUGETLB_POOL, 2 - pool.available, "2 huge pages for the check")
         held, after, _ = _huge_discard_probe(MFD_HUGETLB | MFD_HUGE_2MB, thp=False)
         hug = f"hugetlb: 4 MiB memfd held {held} bytes, 2 MiB MADV_REMOVE freed {held - after}"
         ok_h = held == 4 << 20 and held - after == 2 << 20
-    except OSError as e:
+    except (OSError, KnobError) as e:
         hug, ok_h = f"hugetlb: {e}", False
     finally:
-        if raised:
-            with open(NR_HUGEPAGES, "w") as f:
-                f.write(str(pool.total))
-            notes.append(f"raised {NR_HUGEPAGES} {pool.total} -> {pool.total + 2 - pool.available} for the "
-                         f"check and restored it")
+        if hold is not None:
+            notes.append(f"{hold.change.split(' until ')[0]} for the check and restored it")
+            hold.release()
     changed = ("; changed: " + "; ".join(notes)) if notes else "; nothing changed"
     tail = (f"; pool now {pool.total} pages (the lab raises it to the guest's size for a hugetlb trial "
             f"and says so)")

@@ -9,6 +9,7 @@ and Ctrl-C or SIGTERM marks the run interrupted and raises ExperimentInterrupted
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
@@ -17,14 +18,17 @@ import time
 import traceback
 from typing import Any, Callable, Mapping
 
+from system.signals import signals_deferred
 from lab.machine import environment
 from lab.results import metrics
 from lab.analysis import stats
 from lab.results import trial_result
+from lab.trials import interrupts
+from lab.trials.interrupts import Interrupted
 from lab.trials.backends import backend_environment
 from lab.store.db_path import next_command
 from lab.trials.spec import ArmPlan, ExperimentSpec
-from lab.store.store import Store, TrialRecord, dumps, now_iso
+from lab.store.store import Store, StoreError, TrialRecord, dumps, now_iso
 
 # trial_fn(spec, arm, round) -> result dict. `round` is the same for every arm of a
 # round (warm-up rounds first), so a runner seeding its workload with spec.seed + round
@@ -33,22 +37,13 @@ TrialFn = Callable[[ExperimentSpec, str, int], Mapping[str, Any]]
 MAX_CONSECUTIVE_FAILURES = 5
 
 
-class ExperimentInterrupted(KeyboardInterrupt):
+class ExperimentInterrupted(Interrupted):
     """Ctrl-C or SIGTERM during a run; the run is already marked interrupted."""
 
-    def __init__(self, run_id: str, signum: int) -> None:
-        super().__init__(f"run {run_id} interrupted by {signal.Signals(signum).name}")
+    def __init__(self, run_id: str, signum: int, kept: int | None = None) -> None:
+        super().__init__(signum, f"run {run_id} interrupted by {signal.Signals(signum).name}"
+                         + (f"; its {kept} completed trial(s) are kept" if kept is not None else ""))
         self.run_id = run_id
-        self.signum = signum
-
-
-class _Terminated(BaseException):  # BaseException: a trial's `except Exception` must not swallow it
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-
-
-def _raise_terminated(signum: int, _frame: Any) -> None:
-    raise _Terminated(signum)
 
 
 def check_result(result: Any) -> str | None:
@@ -121,21 +116,34 @@ def run_experiment(spec: ExperimentSpec, trial_fn: TrialFn, store: Store, *, pro
     prog.say(f"run {run_id}: {spec.name}, {len(plans)} arm(s) x ({spec.warmups} warm-up + {spec.trials} trials) "
              f"= {prog.total} trials, database {store.path}")
     in_main = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    old_handlers = interrupts.install() if in_main else {}
     try:
         status = _run_rounds(spec, plans, trial_fn, store, run_id, rounds, prog, backend, max_consecutive_failures)
         store.finish_run(run_id, status)
-    except (KeyboardInterrupt, _Terminated) as e:
-        signum = e.signum if isinstance(e, _Terminated) else signal.SIGINT
-        store.finish_run(run_id, "interrupted")
-        prog.say(f"run {run_id} interrupted ({signal.Signals(signum).name}); completed trials are kept")
-        raise ExperimentInterrupted(run_id, signum) from None
+    except KeyboardInterrupt as e:   # SIGINT or SIGTERM (lab/trials/interrupts.py)
+        with signals_deferred():     # a second Ctrl-C must not cut the marking short
+            store.finish_run(run_id, "interrupted")
+            kept = store.trial_count(run_id)
+        raise ExperimentInterrupted(run_id, interrupts.signum_of(e), kept) from None
+    except StoreError as e:          # the store cannot take more (a full disk): keep what it holds
+        raise _store_gave_out(store, run_id, e) from None
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, old_term)
+        interrupts.restore(old_handlers)
     analyse_run(store, run_id, baseline_arm=plans[0].label)
     prog.say(f"run {run_id} {status}: `{next_command('show', run_id, db=store.path)}` for the comparison")
     return run_id
+
+
+def _store_gave_out(store: Store, run_id: str, err: StoreError) -> StoreError:
+    """The run's one-line error when its store stopped taking writes mid-run: the trials
+    stored before stay (each was one transaction), the run is marked failed if the store
+    still takes that much (otherwise `runs` shows it interrupted: its process is gone)."""
+    kept = ""
+    with contextlib.suppress(StoreError):
+        kept = f" ({store.trial_count(run_id)} trials of this run stored: `balloon-lab show {run_id}`)"
+    with contextlib.suppress(StoreError):
+        store.finish_run(run_id, "failed")
+    return StoreError(f"run {run_id} stopped: {err}{kept}")
 
 
 def _run_rounds(spec: ExperimentSpec, plans: list[ArmPlan], trial_fn: TrialFn, store: Store, run_id: str,

@@ -7,17 +7,17 @@ first arm as baseline; `--report FILE` also writes the HTML report.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from lab.trials import twins
 from lab.trials.qemu.side_by_side import side_by_side
-from lab.cli.checks import checked, refuse, writable_file
+from lab.cli.checks import checked, fits_in_memory, memory_option, refuse, writable_file
 from lab.machine.environment import load_warnings
-from lab.trials.experiment import ExperimentInterrupted, load_comparison, run_experiment
+from lab.trials.experiment import load_comparison, run_experiment
 from lab.store.db_path import db_option, default_db_path, next_command
+from lab.results.ring_cost import lab_cost_table
 from lab.trials.arm_trial import trial_fn
 from lab.trials.spec import spec_from_cli, spec_options
 from lab.analysis.stats import Comparison, format_columns, render_table
@@ -78,7 +78,7 @@ def run_length_table(store: Store, run_id: str) -> str:
 
 def kernel_share_table(comp: Comparison) -> str:
     """From the probes: how much of the discard stage the kernel spent inside madvise."""
-    lines = ["discard stage, seen by the probes (medians):",
+    lines = ["discard stage, seen by the probes in the probed twins (both columns from the same twin; medians):",
              f"{'arm':<14}{'stage ms':>10}{'madvise calls':>15}{'kernel ms':>11}{'kernel share':>14}"]
     any_row = False
     for arm in comp.arms:
@@ -112,7 +112,7 @@ EXAMPLES = """\b
 examples:
     balloon-lab compare                                   # the default experiment: 4 arms, 10 trials each
     balloon-lab compare --arms pfn,chunks --trials 20 --report out/r.html
-    balloon-lab compare --spec .ci/gate/spec.toml --db out/ci.db
+    balloon-lab compare --spec experiment.toml --db out/x.db   # the options' names as TOML keys
     balloon-lab compare --workload fragment --param share=0.6 --guest-mib 4096 --inflate-mib 2048
 """
 
@@ -124,11 +124,13 @@ examples:
               help="Also write the HTML report of this run to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (run_id, per-arm medians and CIs).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@memory_option
 def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwargs) -> None:
     """Run interleaved trials of the protocol arms and compare them (first arm = baseline)."""
     spec = checked("compare", lambda: spec_from_cli(kwargs))
     if spec.kind != "balloon":
         refuse("compare", "--kind: must be balloon (use `balloon-lab migrate` for migrations)")
+    fits_in_memory("compare", spec)
     if report_path is not None:
         writable_file("compare", "--report", report_path)
     from lab.trials.probing import open_probes
@@ -136,11 +138,8 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
     path = db_path or default_db_path()
     try:
         with Store(path) as store:
-            try:
-                run_id = run_experiment(spec, trial_fn(session), store, progress=not quiet, probe_session=session)
-            except ExperimentInterrupted as e:
-                click.echo(f"balloon-lab compare: interrupted: run {e.run_id} kept its completed trials", err=True)
-                sys.exit(130)
+            # Ctrl-C or SIGTERM: the run is marked interrupted, lab/cli/group.py says so in one line
+            run_id = run_experiment(spec, trial_fn(session), store, progress=not quiet, probe_session=session)
             comp = load_comparison(store, run_id)
             if comp is None:
                 refuse("compare", f"run {run_id}: no successful trial of the baseline arm; "
@@ -164,6 +163,9 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                     click.echo(fold(f"WARNING: {w}") + "\n")
                 click.echo(stage_table(comp, "inflate") + "\n")
                 click.echo(stage_table(comp, "deflate") + "\n")
+                own = lab_cost_table(comp, "inflate")
+                if own:
+                    click.echo(own + "\n")
                 click.echo(counter_table(comp, spec.inflate_mib) + "\n")
                 click.echo(run_length_table(store, run_id) + "\n")
                 click.echo(kernel_share_table(comp) + "\n")
@@ -178,7 +180,7 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 overhead = twins.overhead_table(trials)
                 if overhead:
                     click.echo("\n" + overhead)
-                for n in twins.mismatch_notes(trials)[:5]:
+                for n in twins.stage_notes(trials) + twins.mismatch_notes(trials)[:5]:
                     click.echo(fold(f"note: {n}"))
             if report_path is not None:
                 from reports.html import write_report

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from lab.gate.ci_summary import report_to_github
 from lab.gate.inputs import GateInputError
 from lab.gate.result import EXIT_UNUSABLE
 from lab.gate.thresholds import Thresholds
@@ -74,13 +75,18 @@ def _record_verdict(db_path, candidate: str, baseline_ref: str, result: HostsGat
               help="Gate only the exact counters: allowed across hosts, where timings are not comparable.")
 @click.option("--cross-host", is_flag=True,
               help="Gate timings even when baseline and candidate ran on different hosts.")
+@click.option("--across-time", is_flag=True,
+              help="Gate timings even when the runs were not made in one job (same job id, or the same boot "
+                   "and at most 10 min apart): timings drift between such runs here.")
 @click.option("-v", "--verbose", is_flag=True, help="List every check, not only regressions and improvements.")
 def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path | None, threshold_items,
             thresholds_file: Path | None, alpha: float | None, min_trials: int | None, allow_spec_change: bool, relative: bool,
-            counters_only: bool, cross_host: bool, verbose: bool) -> None:
+            counters_only: bool, cross_host: bool, across_time: bool, verbose: bool) -> None:
     """Compare a candidate run with a baseline: exit 0 pass, 1 regression, 2 unusable input.
-    Runs are gated host by host (timings only within a host); sides that share no host
-    are unusable input unless --counters-only or --cross-host says what to compare."""
+    Runs are gated host by host (timings only within a host, and only between runs made
+    in one job: to gate two revisions' timings use `balloon-lab ab`); sides that share no
+    host or job are unusable input unless --counters-only, --cross-host or --across-time
+    says what to compare."""
     path = db_path or default_db_path()
     try:
         th = Thresholds.from_file(thresholds_file) if thresholds_file else Thresholds()
@@ -90,13 +96,15 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         if min_trials is not None:
             th.min_trials = min_trials
         result = gate_hosts(baseline, candidate, path, th, cross_host=cross_host, counters_only=counters_only,
-                            allow_spec_change=allow_spec_change, relative=relative)
+                            across_time=across_time, allow_spec_change=allow_spec_change, relative=relative)
     except GateInputError as e:
         click.echo(f"gate: unusable input: {e}", err=True)
         if as_json:
             click.echo(json.dumps({"verdict": "unusable", "exit_code": EXIT_UNUSABLE, "error": str(e)}, indent=1))
         if junit:
             junit.write_text(_junit_error(str(e)))
+        report_to_github("balloon-lab gate", f"### balloon-lab gate: unusable input (exit 2)\n\n{e}\n", [str(e)],
+                         json_on_stdout=as_json)
         sys.exit(EXIT_UNUSABLE)
     _record_verdict(path, candidate, baseline, result)
     if junit:
@@ -106,4 +114,5 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         click.echo(result.render_text(verbose=verbose), err=True)
     else:
         click.echo(result.render_text(verbose=verbose))
+    report_to_github("balloon-lab gate", result.render_markdown(), result.regression_lines(), json_on_stdout=as_json)
     sys.exit(result.exit_code)

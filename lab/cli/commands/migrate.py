@@ -22,10 +22,10 @@ from pathlib import Path
 import click
 
 from lab.trials.backends import is_qemu_arm
-from lab.trials.experiment import ExperimentInterrupted, load_comparison, run_experiment
+from lab.trials.experiment import load_comparison, run_experiment
 from lab.trials.model.migrate_runner import HINTS, run_trial
 from lab.store.db_path import db_option, default_db_path
-from lab.cli.checks import checked, refuse
+from lab.cli.checks import checked, fits_in_memory, memory_option, refuse
 from lab.trials.spec import DEFAULT_BANDWIDTH, ExperimentSpec, format_bandwidth, load_spec, toml_value
 from lab.analysis.stats import format_columns
 from lab.store.store import Store
@@ -199,6 +199,7 @@ def published_lines(by_arm: dict[str, list[dict]], guest_mib: int, bandwidth_bit
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: every trial and the medians.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@memory_option
 def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, warmups, seed, probes,
             downtime_limit_ms, max_rounds, hint_wait_ms, settle_s, backends, qemu_guest_append, db_path, as_json,
             quiet) -> None:
@@ -220,6 +221,7 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
     if params:
         overrides["workload_params"] = checked("migrate", lambda: dict(parse_param(p) for p in params))
     spec = checked("migrate", lambda: load_spec(spec_path, overrides))
+    fits_in_memory("migrate", spec)
     for flag, v, low in (("--downtime-limit-ms", downtime_limit_ms, 0), ("--max-rounds", max_rounds, 1),
                          ("--hint-wait-ms", hint_wait_ms, 0), ("--settle-s", settle_s, 0)):
         if v < low:
@@ -235,16 +237,13 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
     path = db_path or default_db_path()
     try:
         with Store(path) as store:
-            try:
-                def trial(s, arm: str, rnd: int) -> dict:
-                    if is_qemu_arm(arm):          # the real stack: source + destination QEMU
-                        from lab.trials.qemu.migrate import run_qemu_migrate_trial
-                        return run_qemu_migrate_trial(s, arm, session, downtime_limit_ms, qemu_guest_append)
-                    return run_trial(s, arm, rnd, session, **extra)
-                run_id = run_experiment(spec, trial, store, progress=not quiet, probe_session=session, notes=notes)
-            except ExperimentInterrupted as e:
-                click.echo(f"balloon-lab migrate: interrupted: run {e.run_id} kept its completed trials", err=True)
-                sys.exit(130)
+            def trial(s, arm: str, rnd: int) -> dict:
+                if is_qemu_arm(arm):          # the real stack: source + destination QEMU
+                    from lab.trials.qemu.migrate import run_qemu_migrate_trial
+                    return run_qemu_migrate_trial(s, arm, session, downtime_limit_ms, qemu_guest_append)
+                return run_trial(s, arm, rnd, session, **extra)
+            # Ctrl-C or SIGTERM: the run is marked interrupted, lab/cli/group.py says so in one line
+            run_id = run_experiment(spec, trial, store, progress=not quiet, probe_session=session, notes=notes)
             recs = store.trials(run_id, include_warmups=False)  # medians and judgments: measured trials only
             by_arm: dict[str, list[dict]] = {a: [] for a in spec.arms}
             failed: dict[str, int] = {}

@@ -1,6 +1,7 @@
 """`balloon-lab run`: one trial of one protocol, printed as text or one JSON object."""
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -9,7 +10,7 @@ import click
 
 from device.virtio.protocols import PROTOCOL_NAMES
 from lab.trials.backends import QEMU_BALLOON_ARMS, is_qemu_arm
-from lab.cli.checks import checked, refuse
+from lab.cli.checks import checked, fits_in_memory, memory_option, refuse
 from lab.store.db_path import db_option, next_command
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.runner import run_balloon
@@ -25,16 +26,16 @@ RUN_FIELDS = ("guest_mib", "inflate_mib", "workload", "workload_params", "seed",
 class RunSpec(ExperimentSpec):
     """The spec of a `run` stored with --db (one arm, one trial, timed with the probes
     attached: no twins), whose stored command line is the `balloon-lab run ...` that
-    reproduces it."""
+    reproduces it (`run_flags`: the options that are not spec fields, e.g. --no-deflate)."""
 
-    deflate: bool = True
+    run_flags: tuple[str, ...] = ()
 
     def command_line(self, command: str = "run") -> str:
         argv = ["balloon-lab", "run", "--protocol", self.arms[0]]
         for f in FIELDS:
             if f.name in RUN_FIELDS:
                 argv += f.to_argv(getattr(self, f.name))
-        return shlex.join(argv + ([] if self.deflate else ["--no-deflate"]))
+        return shlex.join(argv + list(self.run_flags))
 
 
 @click.command("run", epilog="""\b
@@ -47,26 +48,69 @@ examples:
               help="The one protocol (arm) to run: a lab protocol, or a real-stack arm (QEMU + Linux guest).")
 @spec_options(only=RUN_FIELDS, spec_file=False)
 @click.option("--no-deflate", is_flag=True, help="inflate only")
+@click.option("--cycles", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Inflate/deflate cycles in the same processes (the workload gives deflated memory its "
+                   "contents back between cycles; 'aged' can). Cycles 2..K go to the JSON's `cycles` list.")
+@click.option("--paced", is_flag=True,
+              help="Start each cycle when a line arrives on stdin and print its record as one JSON line when it "
+                   "ends (`balloon-lab ab` runs two revisions' cycles in turn); the result follows as the last line.")
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def command(protocol, no_deflate, db_path, as_json, **kwargs) -> None:
+@memory_option
+def command(protocol, no_deflate, cycles, paced, db_path, as_json, **kwargs) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
     Parameters are checked (as `compare` checks them) before any process starts. With
     --db the trial is also stored as a run of one trial, for `show`, `export` and `report`."""
     spec = checked("run", lambda: spec_from_cli(kwargs, {"kind": "balloon", "arms": [protocol], "trials": 1,
                                                         "warmups": 0, "twins": False}))
+    if cycles > 1:
+        check_cycles("run", cycles, no_deflate, spec.workload, is_qemu_arm(protocol))
+    if paced and (not as_json or is_qemu_arm(protocol)):
+        refuse("run", "--paced needs --json and a lab arm (its cycles print JSON lines)")
+    fits_in_memory("run", spec)
+    flags = (("--no-deflate",) if no_deflate else ()) + (("--cycles", str(cycles)) if cycles > 1 else ())
     if is_qemu_arm(protocol):
-        run_qemu(protocol, spec, no_deflate, as_json, db_path)
+        run_qemu(protocol, spec, no_deflate, as_json, db_path, flags)
     trial = BalloonTrial(protocol=protocol, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
                          workload=spec.workload, workload_params=dict(spec.workload_params), seed=spec.seed,
                          batch_pages=spec.batch_pages, discard=spec.discard, deflate=not no_deflate,
                          backing=spec.backing, partial_tracking=spec.partial_tracking,
-                         alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc)
-    run_and_print(run_balloon, trial, TrialFailed, spec, as_json, db_path, not no_deflate)
+                         alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc, cycles=cycles)
+    run_fn = functools.partial(run_balloon, pace=StdioPace()) if paced else run_balloon
+    run_and_print(run_fn, trial, TrialFailed, spec, as_json, db_path, flags)
+
+
+class StdioPace:
+    """`--paced`: before each cycle a line {"waiting": c} on stdout (the processes are
+    ready, nothing runs); the cycle starts when a line arrives on stdin; its record goes
+    to stdout as one JSON line ({"cycle": c, ...}). Every line is flushed at once."""
+
+    def before(self, cycle: int) -> None:
+        sys.stdout.write(json.dumps({"waiting": cycle}) + "\n")
+        sys.stdout.flush()
+        if not sys.stdin.readline():
+            raise TrialFailed(f"--paced: stdin closed before cycle {cycle}")
+
+    def after(self, cycle: int, record: dict) -> None:
+        sys.stdout.write(json.dumps({"cycle": cycle, **record}) + "\n")
+        sys.stdout.flush()
+
+
+def check_cycles(command: str, cycles: int, no_deflate: bool, workload: str, qemu: bool) -> None:
+    """Refuse, before any process starts, --cycles that this trial cannot repeat."""
+    from workloads import WORKLOADS
+    if no_deflate:
+        refuse(command, f"--cycles {cycles} needs the deflate (drop --no-deflate)")
+    if qemu:
+        refuse(command, f"--cycles {cycles}: the real-stack arms run one cycle per trial")
+    if not WORKLOADS[workload].can_retouch():
+        able = ", ".join(n for n, w in WORKLOADS.items() if w.can_retouch())
+        refuse(command, f"--cycles {cycles} with --workload {workload}: it cannot give deflated memory its "
+                        f"contents back between cycles (workloads that can: {able})")
 
 
 def run_and_print(run_fn, trial, failure: type[Exception], spec: ExperimentSpec, as_json: bool,
-                  db_path=None, deflate: bool = True) -> None:
+                  db_path=None, flags: tuple[str, ...] = ()) -> None:
     """Run one trial with the probes, print it (text or JSON) and exit 0 only if verified;
     with a store, the trial is recorded there as a run (as `compare` records its trials)."""
     session = open_probes(spec.probes)
@@ -77,7 +121,7 @@ def run_and_print(run_fn, trial, failure: type[Exception], spec: ExperimentSpec,
             except failure as e:
                 refuse("run", f"trial failed: {e}", 1)
         else:
-            result = _run_stored(run_fn, trial, spec, session, db_path, deflate)
+            result = _run_stored(run_fn, trial, spec, session, db_path, flags)
     finally:
         if session is not None:
             session.detach()
@@ -85,19 +129,17 @@ def run_and_print(run_fn, trial, failure: type[Exception], spec: ExperimentSpec,
     sys.exit(0 if result["verified"] else 1)
 
 
-def _run_stored(run_fn, trial, spec: ExperimentSpec, session, db_path, deflate: bool) -> dict:
+def _run_stored(run_fn, trial, spec: ExperimentSpec, session, db_path, flags: tuple[str, ...]) -> dict:
     """The trial through the experiment loop (environment, load, checks, one stored
     record), then its result; a failed trial exits 1 after it is stored."""
-    from lab.trials.experiment import ExperimentInterrupted, run_experiment
     from lab.store.store import Store
+    from lab.trials.experiment import run_experiment
     stored = RunSpec(**spec.to_dict())
-    stored.deflate = deflate
+    stored.run_flags = flags
     with Store(db_path) as store:
-        try:
-            run_id = run_experiment(stored, lambda _s, _arm, _rnd: run_fn(trial, session), store, progress=False,
-                                    probe_session=session)
-        except ExperimentInterrupted as e:
-            refuse("run", f"interrupted: run {e.run_id} is stored as interrupted", 130)
+        # Ctrl-C or SIGTERM: the run is marked interrupted, lab/cli/group.py says so in one line
+        run_id = run_experiment(stored, lambda _s, _arm, _rnd: run_fn(trial, session), store, progress=False,
+                                probe_session=session)
         rec = store.trials(run_id)[0]
         show = next_command("show", run_id, db=store.path)
     unverified = rec.result is not None and rec.result.get("verified") is False   # printed, then exit 1
@@ -107,7 +149,7 @@ def _run_stored(run_fn, trial, spec: ExperimentSpec, session, db_path, deflate: 
     return rec.result
 
 
-def run_qemu(arm: str, spec, no_deflate: bool, as_json: bool, db_path=None) -> None:
+def run_qemu(arm: str, spec, no_deflate: bool, as_json: bool, db_path=None, flags: tuple[str, ...] = ()) -> None:
     """`run --protocol qemu-*`: one trial on the real stack (exits). The spec validator
     has already refused what the real stack cannot do (workloads, --batch-pages)."""
     from lab.trials.qemu.trial import QemuBalloonTrial, QemuTrialFailed, run_qemu_balloon
@@ -117,4 +159,4 @@ def run_qemu(arm: str, spec, no_deflate: bool, as_json: bool, db_path=None) -> N
                                  seed=spec.seed, deflate=not no_deflate)
     except ValueError as e:
         raise click.UsageError(str(e))
-    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, spec, as_json, db_path, not no_deflate)
+    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, spec, as_json, db_path, flags)

@@ -15,6 +15,7 @@ from lab.cli.commands.runs import local_time
 from lab.machine.environment import load_warnings
 from lab.trials.experiment import load_comparison
 from lab.store.db_path import db_option, default_db_path, next_command
+from lab.results.ring_cost import lab_cost_table
 from lab.analysis.stats import Comparison, differs, render_summaries, render_table
 from lab.analysis.host_views import describe_hosts, host_comparisons, host_summaries
 from lab.store.store import RunInfo, Store, StoreError, dumps
@@ -103,6 +104,9 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
     real = side_by_side(comp, run.environment) if run is not None and run.kind == "balloon" else ""
     if real:
         out.append("\n" + real)
+    own = lab_cost_table(comp, "inflate") if run is None or run.kind == "balloon" else ""
+    if own:
+        out.append("\n" + own)
     if show_all or len(comp.arms) == 1:
         out.append(f"\nper-arm medians [{comp.confidence:.0%} bootstrap CI]:")
         out.append(render_summaries(comp, metrics or None))
@@ -120,7 +124,7 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
         overhead = twins.overhead_table(measured)
         if overhead:
             out.append("\n" + overhead)
-        out += [f"note: {n}" for n in twins.mismatch_notes(measured)[:5]]
+        out += [f"note: {n}" for n in twins.stage_notes(measured) + twins.mismatch_notes(measured)[:5]]
     return out
 
 

@@ -27,7 +27,13 @@ class BalloonTrial:
     device_timeout_s: float = 30.0  # the guest driver's wait for the device to use a request
     log_level: str = "WARNING"
     init_on_alloc: bool = False     # the guest zeroes what it allocates for the balloon (Linux init_on_alloc)
+    # Inflate/deflate cycles in one pair of processes: more samples per process start
+    # (`balloon-lab ab` uses them); the workload gives deflated memory its contents back
+    # between cycles (Workload.retouch), so each inflate frees as much as the first.
+    cycles: int = 1
 
     def __post_init__(self) -> None:
         if self.inflate_mib <= 0 or self.inflate_mib >= self.guest_mib:
             raise ValueError(f"inflate_mib must be in 1..{self.guest_mib - 1}, got {self.inflate_mib}")
+        if self.cycles < 1 or (self.cycles > 1 and not self.deflate):
+            raise ValueError(f"cycles must be >= 1, and more than one needs the deflate (got {self.cycles})")

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Iterable
 
 from device.guest.raw_guest import RawError, RawGuest
 from lab.trials.monitor_client import QMPClient, wait_for_socket
-from lab.trials.orphans import wait_or_kill
+from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
 
 
 class HostileVM:
@@ -28,7 +25,7 @@ class HostileVM:
 
     def __init__(self, guest_mib: int = 512, protocol: str = "pfn", *, log_level: str = "WARNING",
                  extra_args: Iterable[str] = (), timeout: float = 20.0) -> None:
-        self.dir = tempfile.mkdtemp(prefix="balloon-lab-hostile-")
+        self.dir = scratch_dir("hostile")
         self.monitor = os.path.join(self.dir, "monitor.sock")
         self.agent = os.path.join(self.dir, "agent.sock")
         self.log_path = os.path.join(self.dir, "vmm.log")
@@ -36,7 +33,7 @@ class HostileVM:
         cmd = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(guest_mib), "--protocol", protocol,
                "--monitor", self.monitor, "--agent", self.agent, "--log-level", log_level,
                "--guest-cmd", f"{shlex.quote(sys.executable)} -m device.guest.raw_guest", *extra_args]
-        self.vmm = subprocess.Popen(cmd, stderr=self._log)
+        self.vmm = spawn(cmd, stderr=self._log)
         self.qmp = None
         self.guest: RawGuest | None = None
         try:
@@ -58,7 +55,7 @@ class HostileVM:
             self._tramp = s
             self.guest = RawGuest(socket.socket(fileno=fds[0]), timeout)
             self.info = self.qmp.execute("x-balloon-lab-info")
-        except Exception:
+        except BaseException:              # Ctrl-C and SIGTERM too: nothing left behind
             self.close()
             raise
 
@@ -95,4 +92,4 @@ class HostileVM:
         if getattr(self, "_tramp", None) is not None:
             self._tramp.close()
         self._log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_scratch(self.dir)

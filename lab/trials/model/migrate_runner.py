@@ -16,19 +16,20 @@ written since, and the guest found every page it holds intact at the destination
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
 from device.virtio.hint_format import HINT_DESIGNS
+from system.signals import signals_deferred
 from lab.trials.monitor_client import AgentClient, QMPClient, wait_for_socket
-from lab.trials.orphans import die_with_parent, wait_or_kill
+from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
+from lab.machine import memory
 from lab.trials.model.balloon_trial import TrialFailed
+from workloads import make_workload
 
 HINTS = HINT_DESIGNS   # device/virtio/hint_format.py
 
@@ -117,7 +118,13 @@ class MigrationPair:
 
     def __init__(self, t: MigrateTrial) -> None:
         self.t = t
-        self.dir = tempfile.mkdtemp(prefix="balloon-lab-mig-")
+        touched = make_workload(t.workload, dict(t.workload_params), seed=t.seed).touched_share()
+        try:           # source and destination hold guest RAM at once (lab/machine/memory.py)
+            memory.check(memory.balloon_trial_need(t.guest_mib, touched, copies=2),
+                         f"migrating a {t.guest_mib} MiB guest with workload {t.workload}")
+        except memory.NotEnoughMemory as e:
+            raise TrialFailed(str(e)) from None
+        self.dir = scratch_dir("mig")
         p = lambda name: os.path.join(self.dir, name)
         py = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(t.guest_mib), "--log-level", t.log_level]
         self.procs: list[subprocess.Popen] = []
@@ -125,14 +132,12 @@ class MigrationPair:
         self.agent = None
         self.guest_pid: int | None = None
         try:
-            self.dst = subprocess.Popen(py + ["--monitor", p("dst.sock"), "--agent", p("dst-agent.sock"),
-                                              "--incoming", "tcp:127.0.0.1:0", "--poll-us", "0"],
-                                        preexec_fn=die_with_parent)
+            self.dst = spawn(py + ["--monitor", p("dst.sock"), "--agent", p("dst-agent.sock"),
+                                   "--incoming", "tcp:127.0.0.1:0", "--poll-us", "0"])
             self.procs.append(self.dst)
-            self.src = subprocess.Popen(py + ["--monitor", p("src.sock"), "--agent", p("agent.sock"),
-                                              "--protocol", t.protocol, "--hint", t.hint, "--",
-                                              "--protocol", t.protocol, "--hint", t.hint, "--log-level", t.log_level],
-                                        preexec_fn=die_with_parent)
+            self.src = spawn(py + ["--monitor", p("src.sock"), "--agent", p("agent.sock"),
+                                   "--protocol", t.protocol, "--hint", t.hint, "--",
+                                   "--protocol", t.protocol, "--hint", t.hint, "--log-level", t.log_level])
             self.procs.append(self.src)
             wait_for_socket(p("dst.sock"), 30, lambda: self.dst.poll() is None)
             self.dst_qmp = QMPClient(p("dst.sock"), timeout=t.timeout_s)
@@ -145,7 +150,7 @@ class MigrationPair:
             self.dst_mig = self.dst_qmp.execute("x-balloon-lab-migration-info")
             self.guest_info = self.agent.execute("info")
             self.guest_pid = self.src_info["guest_pid"]
-        except Exception:
+        except BaseException:              # Ctrl-C and SIGTERM too: nothing left behind
             self.close()
             raise
 
@@ -158,6 +163,11 @@ class MigrationPair:
         return f"/proc/{self.dst.pid}/fd/{self.dst_mig['ram_fd']}"
 
     def close(self) -> None:
+        """Quit both VMMs, reap them, remove the scratch directory (a second Ctrl-C waits)."""
+        with signals_deferred():
+            self._close()
+
+    def _close(self) -> None:
         for q in (self.src_qmp, self.dst_qmp):
             try:
                 if q is not None:
@@ -175,7 +185,7 @@ class MigrationPair:
                 os.kill(self.guest_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_scratch(self.dir)
 
 
 def _attach_probes(probes, mp: MigrationPair) -> None:

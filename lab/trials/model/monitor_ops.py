@@ -28,7 +28,7 @@ def _stages(guest_rep: dict, dev_before: dict, dev_after: dict, kind: str) -> di
 def _merge_reports(reports: list[dict], kind: str) -> dict:
     keys = ("pages", "requests", "kicks", "interrupts", "bytes_on_ring", "descriptors",
             "alloc_ns", "encode_ns", "wait_ns", "config_ns", "total_ns", "short_pages", "alloc_calls",
-            "config_writes")
+            "config_writes", "cpu_ns")
     mine = [r for r in reports if r["kind"] == kind]
     out = {k: sum(r[k] for r in mine) for k in keys}
     out["errors"] = [r["error"] for r in mine if r.get("error")]
@@ -65,7 +65,7 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
     if g["errors"]:
         raise TrialFailed(f"{kind} failed in the guest: {g['errors'][0]}")
     keys = ("requests", "pages", "discard_calls", "translations", "bytes_on_ring", "descriptors",
-            "refused_pages", "runs")
+            "refused_pages", "runs", "discard_cpu_ns", "cpu_ns")
     dev = _delta(dev1[kind], dev0[kind], keys)
     return {
         "kind": kind, "target_pages": target_pages, "actual": res["actual"], "wall_ns": wall,
@@ -73,6 +73,7 @@ def balloon_op(lp: LabProcesses, kind: str, target_pages: int, probes) -> dict:
         "bytes_on_ring": g["bytes_on_ring"], "descriptors": g["descriptors"],
         "alloc_calls": g["alloc_calls"], "config_writes": g["config_writes"],
         "discard_calls": dev["discard_calls"], "translations": dev["translations"], "runs": dev["runs"],
+        "discard_cpu_ns": dev["discard_cpu_ns"], "cpu_ns": {"guest": g["cpu_ns"], "vmm": dev["cpu_ns"]},
         "device_requests": dev["requests"], "device_pages": dev["pages"], "refused_pages": dev["refused_pages"],
         "run_length_hist": _hist_delta(dev1[kind]["run_length_hist"], dev0[kind]["run_length_hist"]),
         "run_length_pages_hist": _hist_delta(dev1[kind]["run_length_pages_hist"],

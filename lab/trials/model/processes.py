@@ -7,18 +7,20 @@ makes the host able to give the trial's backing.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
+from device.virtio.backing import hugetlb_pool
 from device.virtio.layout import MiB
+from system.signals import signals_deferred
 from device.virtio.protocols import PROTOCOLS
+from lab.machine import memory, oom
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
-from lab.trials.orphans import die_with_parent, wait_or_kill
+from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
+from workloads import make_workload
 
 
 class LabProcesses:
@@ -28,7 +30,9 @@ class LabProcesses:
     def __init__(self, t: BalloonTrial, extra_vmm_args: list[str] | None = None,
                  extra_guest_args: list[str] | None = None) -> None:
         self.t = t
-        self.dir = tempfile.mkdtemp(prefix="balloon-lab-")
+        check_memory(t)                    # before anything is started or raised (lab/machine/memory.py)
+        self._oom_kills_before = oom.cgroup_oom_kills()
+        self.dir = scratch_dir()
         self.monitor_path = os.path.join(self.dir, "monitor.sock")
         self.agent_path = os.path.join(self.dir, "agent.sock")
         announce_backing(t.backing, t.guest_mib)
@@ -48,7 +52,7 @@ class LabProcesses:
         self.log_path = os.path.join(self.dir, "children.log")
         self._log_quoted = False
         with open(self.log_path, "wb") as log:
-            self.vmm = subprocess.Popen(cmd, stderr=log, preexec_fn=die_with_parent)
+            self.vmm = spawn(cmd, stderr=log)
         self.qmp: QMPClient | None = None
         self.agent: AgentClient | None = None
         try:
@@ -62,6 +66,10 @@ class LabProcesses:
             err = self.failure("starting the VMM and its guest", e)
             self.close()
             raise err from e
+        except BaseException:              # Ctrl-C or SIGTERM while starting: nothing left behind
+            self._log_quoted = True        # (the VMM's log of an interrupted start is noise)
+            self.close()
+            raise
 
     def _both_alive(self) -> bool:
         """The VMM runs and has not lost its guest (asked at most every 0.1 s): a guest
@@ -94,13 +102,20 @@ class LabProcesses:
     def check_alive(self) -> None:
         fate = _proc_fate(self.vmm.pid, self.vmm)
         if fate:
-            raise TrialFailed(f"VMM process {self.vmm.pid} {fate}")
+            raise TrialFailed(f"VMM process {self.vmm.pid} {self._oom(self.vmm.pid, fate)}")
         try:
             st = self.qmp.execute("x-balloon-lab-info")
         except MonitorError as e:
             raise self.failure("asking the VMM", e) from e
         if st.get("guest_exit"):
-            raise TrialFailed(f"guest process {st['guest_pid']} lost: {st['guest_exit']}")
+            raise TrialFailed(f"guest process {st['guest_pid']} lost: {self._oom(st['guest_pid'], st['guest_exit'])}")
+
+    def _oom(self, pid: int, fate: str) -> str:
+        """`fate`, and if the process died of SIGKILL, whether the OOM killer did it (lab/machine/oom.py)."""
+        if "SIGKILL" not in fate:
+            return fate
+        ev = oom.oom_evidence(pid, self._oom_kills_before)
+        return f"{fate}: {ev}" if ev else fate
 
     def failure(self, phase: str, err: BaseException) -> TrialFailed:
         """A TrialFailed that says which peer died or stalled, from the processes' own
@@ -115,7 +130,7 @@ class LabProcesses:
                 break
             time.sleep(0.02)
         if vmm:
-            parts.append(f"VMM process {self.vmm.pid} {vmm}")
+            parts.append(f"VMM process {self.vmm.pid} {self._oom(self.vmm.pid, vmm)}")
         if guest and not vmm and self.qmp is not None:
             try:                             # the VMM reaps its guest: it knows how it ended
                 why, until = None, time.monotonic() + 2.0
@@ -127,7 +142,7 @@ class LabProcesses:
             except MonitorError:
                 pass
         if guest:
-            parts.append(f"guest process {gp} {guest}")
+            parts.append(f"guest process {gp} {self._oom(gp, guest)}")
         msg = f"{phase} failed: " + "; ".join(parts + [f"{type(err).__name__}: {err}"])
         tail = self.log_tail()
         if tail:
@@ -136,6 +151,12 @@ class LabProcesses:
         return TrialFailed(msg)
 
     def close(self) -> None:
+        """Quit the VMM (and so its guest), reap both, remove the scratch directory. A
+        second Ctrl-C or SIGTERM waits until this is done (at most ~15 s: then SIGKILL)."""
+        with signals_deferred():
+            self._close()
+
+    def _close(self) -> None:
         stalled = _proc_fate(self.vmm.pid, self.vmm)    # dead or stopped: no `quit` to wait for
         try:
             if self.qmp is not None and not stalled:
@@ -164,7 +185,21 @@ class LabProcesses:
             tail = self.log_tail(200)
             if tail:
                 print(tail, file=sys.stderr)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_scratch(self.dir)
+
+def check_memory(t: BalloonTrial) -> None:
+    """TrialFailed (one line, with the figures) when the host cannot hold this trial now."""
+    touched = make_workload(t.workload, dict(t.workload_params), seed=t.seed).touched_share()
+    if t.init_on_alloc:                   # the guest zeroes what it hands the balloon: written too
+        touched = min(1.0, touched + t.inflate_mib / t.guest_mib)
+    pool = hugetlb_pool() if t.backing == "hugetlb" else None
+    need = memory.balloon_trial_need(t.guest_mib, touched, backing=t.backing,
+                                     huge_pool_free_bytes=pool.available * pool.page_bytes if pool else 0)
+    try:
+        memory.check(need, f"a {t.guest_mib} MiB guest with workload {t.workload}")
+    except memory.NotEnoughMemory as e:
+        raise TrialFailed(str(e)) from None
+
 
 def _proc_fate(pid: int, popen: subprocess.Popen | None = None) -> str | None:
     """How a peer process is doing, or None if it is running: died (with its exit status

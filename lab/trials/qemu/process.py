@@ -13,14 +13,14 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 
+from lab.machine import memory
 from lab.trials.qemu.agent import AgentError, GuestAgent
 from lab.trials.qemu.image import GuestImage
 from lab.trials.monitor_client import MonitorError, QMPClient, wait_for_socket
-from lab.trials.orphans import wait_or_kill
+from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
 
 QEMU = "qemu-system-x86_64"
 TRACE_EVENTS = ("virtqueue_pop", "virtio_queue_notify", "virtio_notify", "virtio_notify_irqfd",
@@ -84,11 +84,16 @@ class QemuProcess:
 
     def __init__(self, cfg: QemuConfig, image: GuestImage) -> None:
         self.cfg, self.image = cfg, image
-        self.dir = tempfile.mkdtemp(prefix="balloon-lab-qemu-")
+        try:           # a Linux guest writes all its RAM sooner or later (lab/machine/memory.py)
+            memory.check(memory.balloon_trial_need(cfg.guest_mib, 1.0, real_guest=True),
+                         f"QEMU with a {cfg.guest_mib} MiB Linux guest")
+        except memory.NotEnoughMemory as e:
+            raise QemuError(str(e)) from None
+        self.dir = scratch_dir("qemu")
         self.trace_path = os.path.join(self.dir, "trace.log")
         self.console_path = os.path.join(self.dir, "console.log")
-        self.proc = subprocess.Popen(command_line(cfg, image, self.dir), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = spawn(command_line(cfg, image, self.dir), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.qmp: QMPClient | None = None
         self.agent: GuestAgent | None = None
         try:
@@ -100,6 +105,9 @@ class QemuProcess:
             why = self.why_dead()
             self.close()
             raise QemuError(f"QEMU ({cfg.accel}) did not boot the guest: {e}{why}") from e
+        except BaseException:              # Ctrl-C or SIGTERM while it boots: nothing left behind
+            self.close()
+            raise
 
     @property
     def pid(self) -> int:
@@ -162,7 +170,7 @@ class QemuProcess:
         wait_or_kill(self.proc, 10)
         if self.proc.stderr:
             self.proc.stderr.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_scratch(self.dir)
 
 
 def wait_balloon(qmp: QMPClient, target_bytes: int, timeout: float, alive) -> int:
