@@ -393,7 +393,7 @@ def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, s
             if v is not None and (v > 0 or not log):
                 # upright, above the mark and its whisker: neighbouring arms' labels never meet
                 top = v if err is None else v + err[1][k]
-                ax.text(x, top * 1.25 if log else top + 0.02 * max(allv), sig(v), ha="center", va="bottom",
+                ax.text(x, top * 1.5 if log else top + 0.02 * max(allv), sig(v), ha="center", va="bottom",
                         rotation=90, fontsize=7.5, color="#333333")
     if log and allv:
         ax.set_yscale("log")

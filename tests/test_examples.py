@@ -44,6 +44,7 @@ PLACEHOLDERS = re.compile(r"(?<![$\w])(RUN_OR_FILE|FILE|PATH|URL|ID|HOST|PID)(?!
 # what runs an experiment (slow); everything else reads a store
 EXPERIMENTS = ("compare", "run", "migrate", "reclaim", "probe", "fuzz", "bench", "doctor", "submit", "worker", "ab")
 STDERR_REPORTERS = ("worker",)
+OWN_OUTPUT = ("gate", "ab")      # their text is issue 22's: not held to the 120 columns here
 GUEST_MAX = 256
 
 
@@ -266,7 +267,7 @@ def run_example(scene: Scene, ex: Example) -> None:
     printed = stdout.strip() or any(p.is_file() and p.stat().st_size for p in made) or (
         ex.name in STDERR_REPORTERS and stderr.strip())
     assert printed, (ex.where, script, "printed nothing", stderr[-2000:])
-    if not re.search(r"--json|--format|\| jq", ex.command) and ex.name != "gate":
+    if not re.search(r"--json|--format|\| jq", ex.command) and ex.name not in OWN_OUTPUT:
         wide = [ln for ln in stdout.splitlines() if len(ln) > 120]
         assert not wide, (ex.where, "lines over 120 columns", wide[:3])
 
