@@ -2,8 +2,6 @@
 lengths and kernel time, page allocations by order) and what the probes cost."""
 from __future__ import annotations
 
-from lab.trials import twins
-from lab.trials.backends import is_qemu_arm
 from reports import charts as report_charts
 from reports.data import ReportData
 from fmt.numbers import esc, fmt_bytes, fmt_ns, sig
@@ -33,7 +31,7 @@ def _probes_missing_reason(d: ReportData) -> str:
 def _overhead_table(d: ReportData) -> str:
     """The probes' own cost per arm, from the run's twin pairs (lab/trials/twins.py); "" without twins."""
     rows = []
-    for o in twins.arm_overheads(d.measured()):
+    for o in d.probe_overheads():
         ci = lambda m: sig(m[0]) + (f" [{sig(m[1])}, {sig(m[2])}]" if m[1] is not None else "")  # noqa: E731
         rows.append([chip(o.arm, d.colors), str(o.pairs), ci(o.unprobed_ms) + " ms", ci(o.probed_ms) + " ms",
                      ci(o.ratio), f"{o.overhead_pct:+.1f} %"])
@@ -86,7 +84,7 @@ def probes_section(d: ReportData) -> Section:
     elif summary_rows:
         body.append(table(["arm", "madvise calls", "calls per MiB", "kernel time", "per call", "bytes discarded",
                            "page allocs", "page faults"], summary_rows, "probes"))
-        real = any(is_qemu_arm(a) for a in d.arms)
+        real = any(d.is_qemu_arm(a) for a in d.arms)
         body.append(note(f"Medians per {phase}, as the eBPF probes saw them (not the lab's own counters). "
                          + ("The qemu arms are a real QEMU + Linux guest traced the same way in this run: the pfn "
                             "arm must make the same number of calls per MiB." if real else

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lab.trials.backends import is_qemu_arm
-from lab.trials.qemu.side_by_side import arm_title
 from reports import charts as report_charts
 from reports import published as published_figures
 from reports.data import OPS, STAGES, ReportData
-from lab.analysis.stats import ALPHA
 from fmt.numbers import esc, fmt_ns, pct, ratio_phrase, sig, speed_phrase
 from reports.palette import PUBLISHED_COLOR
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, scrolling, table
@@ -43,8 +40,7 @@ def _published_speedup(pub: published_figures.PublishedInflate) -> str:
 def _versus(d: ReportData, arm: str, base: str, metric: str, ratio: float) -> str:
     """The "vs baseline" cell: "N× faster" in bold only where the verdict found the arms
     apart; else the ratio of medians, muted, with why there is no verdict."""
-    alpha = d.comparison.alpha if d.comparison else ALPHA
-    apart = told_apart(d, arm, base, metric, alpha)
+    apart = told_apart(d, arm, base, metric, d.alpha)
     if apart.ok:
         return f"<b>{speed_phrase(ratio)}</b>"
     return (f'<span class="muted">median {ratio_phrase(ratio)}</span><br>'
@@ -64,8 +60,8 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
         meds[a] = {s: d.median(a, d.stage_metric(op, s)) or 0.0 for s in STAGES}
         meds[a]["total"] = tot
         lo, hi = arm_ci(d, a, tot_m)
-        label = chip(a, d.colors) + (f'<br><span class="ci">{esc(arm_title(a, d.run.environment))}</span>'
-                                     if is_qemu_arm(a) else "")
+        label = chip(a, d.colors) + (f'<br><span class="ci">{esc(d.arm_title(a, d.run.environment))}</span>'
+                                     if d.is_qemu_arm(a) else "")
         cells = [label, str(d.n_trials(a)),
                  f"<b>{fmt_ns(tot)}</b>" + (f'<br><span class="ci">[{fmt_ns(lo)}, {fmt_ns(hi)}]</span>' if lo else ""),
                  fmt_ns(tot / (mib / 1024)) if mib else "–"]

@@ -7,18 +7,15 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from lab.machine import environment
-from lab.results import metrics as lab_metrics
-from lab.analysis import stats
-from lab.trials import twins
 from reports import charts as report_charts
 from reports.data import ReportData
 from fmt.numbers import esc, fmt_p, ratio_phrase, sig, speed_phrase
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, vfmt
 
 
-def _sureness(pr: stats.PairResult | None, n_a: int, n_b: int, alpha: float) -> tuple[str, str]:
-    """(class, sentence) saying how sure the comparison is."""
+def _sureness(pr, n_a: int, n_b: int, alpha: float, timing: str) -> tuple[str, str]:
+    """(class, sentence) saying how sure the comparison `pr` (a stats PairResult, or
+    None) is; `timing` is the kind name of timings."""
     if pr is None:
         return "unsure", "no comparison available"
     if pr.verdict == "equal":
@@ -32,7 +29,7 @@ def _sureness(pr: stats.PairResult | None, n_a: int, n_b: int, alpha: float) -> 
         d = pr.cliffs_delta
         if d is not None and abs(d) >= 0.999:
             how = (f"every {pr.arm} trial {'beat' if d < 0 else 'lost to'} every {pr.baseline_arm} trial"
-                   if pr.kind == lab_metrics.TIMING else "no overlap between the arms' trials")
+                   if pr.kind == timing else "no overlap between the arms' trials")
         elif d is not None:
             how = f"Cliff's δ = {d:+.2f}"
         else:
@@ -41,7 +38,7 @@ def _sureness(pr: stats.PairResult | None, n_a: int, n_b: int, alpha: float) -> 
     return "unsure", f"not distinguishable: p(Holm) = {fmt_p(pr.p_holm)} ≥ α = {alpha:g}"
 
 
-def _ratio_ci_text(pr: stats.PairResult | None) -> str:
+def _ratio_ci_text(pr) -> str:
     if pr is None or pr.ratio_ci_low is None or pr.ratio_ci_high is None:
         return ""
     lo, hi = pr.ratio_ci_low, pr.ratio_ci_high
@@ -79,11 +76,11 @@ def told_apart(d: ReportData, a: str, b: str, metric: str, alpha: float) -> Apar
                              f"{_needs(pr.trials_needed)}", pr.trials_needed)
             return Apart(pr.p_holm < alpha, f"p(Holm) = {fmt_p(pr.p_holm)}")
     xa, xb = d.samples(a, metric), d.samples(b, metric)
-    p, _delta, _ = stats.mann_whitney(xa, xb)
-    need = stats.trials_needed(alpha)
+    p, _delta, _ = d.mann_whitney(xa, xb)
+    need = d.trials_needed(alpha)
     if p is None:
         return Apart(False, f"too few trials to test{_needs(need)}", need)
-    if p >= alpha and stats.min_mann_whitney_p(len(xa), len(xb)) >= alpha:
+    if p >= alpha and d.min_mann_whitney_p(len(xa), len(xb)) >= alpha:
         return Apart(False, f"too few trials to tell, p = {fmt_p(p)}{_needs(need)}", need)
     return Apart(p < alpha, f"p = {fmt_p(p)}")
 
@@ -95,12 +92,12 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
     if not arms:
         return None
     comp = d.comparison
-    alpha = comp.alpha if comp else stats.ALPHA
+    alpha = d.alpha
     base = d.baseline if d.baseline in arms else arms[0]
     meds = {a: float(np.median(d.samples(a, metric))) for a in arms}
     order = sorted(arms, key=lambda a: meds[a])
     win = order[0]
-    fmt = vfmt(metric)
+    fmt = vfmt(d.metric_unit(metric))
     lo, hi = arm_ci(d, win, metric)
     ci = f" (95 % CI {fmt(lo)}–{fmt(hi)})" if lo is not None else ""
     if len(arms) == 1:
@@ -127,7 +124,7 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
         out = [f'<p class="headline">{what}: {chip(win, d.colors)} {best}, median <b>{fmt(meds[win])}</b>{ci}']
         if win != base:
             pr = comp.pair(win, metric) if comp else None
-            cls, sure = _sureness(pr, d.n_trials(base), d.n_trials(win), alpha)
+            cls, sure = _sureness(pr, d.n_trials(base), d.n_trials(win), alpha, d.TIMING)
             ratio = meds[win] / meds[base] if meds[base] else None
             out[0] += (f", <b>{speed_phrase(ratio)}</b> than {chip(base, d.colors)} "
                        f"({fmt(meds[base])}){_ratio_ci_text(pr)}. <span class=\"{cls}\">{sure}.</span></p>")
@@ -141,7 +138,7 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
         if a in shown:
             continue
         xa, xw = d.samples(a, metric), d.samples(win, metric)
-        ratio, rlo, rhi = stats.ratio_ci(xa, xw)
+        ratio, rlo, rhi = d.ratio_ci(xa, xw)
         ok, evidence = apart[a].ok, apart[a].evidence
         said = (f"{chip(win, d.colors)} is {speed_phrase(ratio)}" if ok
                 else f"{chip(win, d.colors)}'s median is {ratio_phrase(ratio)}")
@@ -165,7 +162,7 @@ def _counters_line(d: ReportData, items: Sequence[tuple[str, str]]) -> str:
             x = d.samples(a, metric)
             if x is None:
                 continue
-            f = vfmt(metric)
+            f = vfmt(d.metric_unit(metric))
             v = f(float(np.median(x)))
             if np.ptp(x) > 0:
                 v += f" ({f(float(x.min()))}–{f(float(x.max()))})"
@@ -177,7 +174,7 @@ def _counters_line(d: ReportData, items: Sequence[tuple[str, str]]) -> str:
 def run_warnings(d: ReportData) -> list[str]:
     """Load-average and governor warnings from the trials' own snapshots (else the run's start)."""
     loads = [(t.result.get("host_load") or {}).get("start") for t in d.measured() if t.result.get("host_load")]
-    return environment.load_warnings(loads, "measured trials") if loads else environment.load_warnings([d.run.environment], "runs")
+    return d.load_warnings(loads, "measured trials") if loads else d.load_warnings([d.run.environment], "runs")
 
 
 def verdict_section(d: ReportData) -> Section:
@@ -220,7 +217,7 @@ def verdict_section(d: ReportData) -> Section:
                                         "bytes on the ring")]))
     body += [note("Warning: " + esc(w), "nodata") for w in run_warnings(d)]
     if d.kind != "migrate" and d.measured():
-        body.append(note("Timings " + esc(twins.DESIGN_TEXT[twins.timing_design([t.result for t in d.measured()])]) + "."))
+        body.append(note("Timings " + esc(d.timing_design_text()) + "."))
     if d.comparison is not None:
         c = d.comparison
         body.append(note(f"Baseline {chip(c.baseline_arm, d.colors)}; {c.confidence:.0%} bootstrap CIs of medians; "
@@ -231,8 +228,8 @@ def verdict_section(d: ReportData) -> Section:
         if not d.has_metric(m):
             continue
         samples = {a: d.samples(a, m) for a in d.arms if d.samples(a, m) is not None}
-        unit = "ns" if lab_metrics.unit(m) == "ns" else (lab_metrics.unit(m) or "")
-        scale = {"ms": 1e6, "us": 1e3, "s": 1e9}.get(lab_metrics.unit(m))
+        unit = "ns" if d.metric_unit(m) == "ns" else (d.metric_unit(m) or "")
+        scale = {"ms": 1e6, "us": 1e3, "s": 1e9}.get(d.metric_unit(m))
         cis = {a: arm_ci(d, a, m) for a in samples}
         if scale:  # show every time in ns internally so the chart picks one readable unit
             samples = {a: x * scale for a, x in samples.items()}

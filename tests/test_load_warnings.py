@@ -72,7 +72,8 @@ def test_report_warns_about_load(store, tmp_path):
 
     busy = _run_with_load(store, [9.0, 2.5, 3.5, 2.5], None)
     html = (tmp_path / "r.html")
-    write_report(store, busy, html)
+    from lab.cli.report_data import load
+    write_report(load(store, busy), html)
     assert "Warning: taken under load: 3 of 3 measured trials" in html.read_text()
 
 

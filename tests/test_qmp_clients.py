@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from device.virtio.layout import MiB
-from device.host.monitor import ERROR_CLASSES, JsonStream
+from device.vmm.monitor import ERROR_CLASSES, JsonStream
 from lab.trials.model.balloon_trial import BalloonTrial
 from lab.trials.model.processes import LabProcesses
 
@@ -140,7 +140,7 @@ def test_balloon_right_after_the_socket_appears_is_applied_when_the_driver_comes
     from lab.trials.monitor_client import QMPClient, wait_for_socket
 
     monitor, agent = str(tmp_path / "monitor.sock"), str(tmp_path / "agent.sock")
-    vmm = subprocess.Popen([sys.executable, "-m", "device.host.vmm", "--guest-mib", str(GUEST_MIB),
+    vmm = subprocess.Popen([sys.executable, "-m", "device.vmm.process", "--guest-mib", str(GUEST_MIB),
                             "--protocol", "pfn", "--monitor", monitor, "--agent", agent, "--"])
     try:
         wait_for_socket(monitor, 30, lambda: vmm.poll() is None)

@@ -115,7 +115,7 @@ class DriverOpReport:
 
 @dataclass
 class DriverOptions:
-    protocol: str = "auto"              # which wire format to accept if offered: auto or a WIRE_FORMAT_NAMES name
+    wire_format: str = "auto"           # which wire format to accept if offered: auto or a WIRE_FORMAT_NAMES name
     batch_pages: int | None = None      # pages per request; None: the wire format's default_batch
     event_idx: bool = True
     indirect: bool = True
@@ -171,7 +171,7 @@ class BalloonDriver:
             want |= bit(F_RING_EVENT_IDX)
         if self.opts.indirect:
             want |= bit(F_RING_INDIRECT_DESC)
-        accepted = accepted_wire_format(self.opts.protocol, offered)
+        accepted = accepted_wire_format(self.opts.wire_format, offered)
         if accepted.feature is not None:
             want |= bit(accepted.feature)
         if self.opts.reporting:

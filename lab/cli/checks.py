@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, TypeVar
+from typing import Callable, Mapping, NoReturn, TypeVar
 
 import click
 
@@ -26,12 +26,13 @@ def refuse(command: str, message: str, status: int = USAGE_EXIT) -> NoReturn:
     sys.exit(status)
 
 
-def checked(command: str, build: Callable[[], T]) -> T:
-    """build() (a spec, usually), or the one-line refusal naming the option."""
+def checked(command: str, build: Callable[[], T], flags: Mapping[str, str] | None = None) -> T:
+    """build() (a spec, usually), or the one-line refusal naming the option; `flags`
+    maps spec fields the command spells differently (run: arms -> --protocol)."""
     try:
         return build()
     except SpecError as e:
-        refuse(command, e.for_cli())
+        refuse(command, e.for_cli(flags))
 
 
 def writable_file(command: str, option: str, path: Path) -> Path:
@@ -59,7 +60,7 @@ def fits_in_memory(command: str, spec: ExperimentSpec) -> None:
     """Refuse (one line with the figures, exit 2) a spec whose largest trial does not fit
     in the memory the host has now; each trial is checked again before it starts."""
     from workloads import make_workload
-    from device.virtio.backing import hugetlb_pool
+    from device.api import hugetlb_pool
     touched = make_workload(spec.workload, dict(spec.workload_params), seed=spec.seed).touched_share()
     if getattr(spec, "guest_init_on_alloc", False):
         touched = min(1.0, touched + spec.inflate_mib / spec.guest_mib)

@@ -30,7 +30,7 @@ import fnmatch
 import math
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from device.virtio.metric_decl import COUNTER, EXACT, GAUGE, HIGHER, LOWER, TIMING, ZERO, UndeclaredMetric
+from device.api import COUNTER, EXACT, GAUGE, HIGHER, LOWER, TIMING, ZERO, UndeclaredMetric
 from lab.results.metric_catalog import declaration
 
 __all__ = ["COUNTER", "EXACT", "GAUGE", "HIGHER", "KINDS", "LOWER", "SKIPPED_KEYS", "STATISTICAL_KINDS", "TIMING",

@@ -185,7 +185,7 @@ def check_usdt_audit() -> Check:
 
 def check_memory_syscalls() -> Check:
     """memfd_create, MADV_REMOVE freeing memfd blocks, fallocate(PUNCH_HOLE), eventfd round trip."""
-    from device.virtio.discard import punch_hole
+    from device.api import punch_hole
 
     name = "memfd-eventfd-madv-remove"
     n = 256
@@ -250,7 +250,7 @@ def _huge_discard_probe(flags: int, thp: bool) -> tuple[int, int, int]:
     """A 4 MiB memfd (flags: 0 or MFD_HUGETLB), touched, then 2 MiB discarded:
     (bytes held after touching, bytes held after the discard, kB mapped by PMD)."""
     import ctypes
-    from device.virtio.backing import advise_mapping
+    from device.api import advise_mapping
     size = 4 << 20
     fd = os.memfd_create("balloon-lab-doctor-huge", os.MFD_CLOEXEC | flags)
     try:
@@ -280,7 +280,7 @@ def check_huge_pages() -> Check:
     """--backing thp and hugetlb: set the THP knob (root), prove a memfd gets 2 MiB pages
     and frees one whole on MADV_REMOVE; try a hugetlb memfd from a pool raised just
     for the check (then restored). The detail says every change made."""
-    from device.virtio.backing import (MFD_HUGE_2MB, MFD_HUGETLB, NR_HUGEPAGES, THP_SHMEM_KNOB, BackingError,
+    from device.api import (MFD_HUGE_2MB, MFD_HUGETLB, NR_HUGEPAGES, THP_SHMEM_KNOB, BackingError,
                                 ensure_backing, hugetlb_pool, thp_shmem_state)
     from system.knobs import HUGETLB_POOL, KnobError, raise_knob
     name = "huge-pages"

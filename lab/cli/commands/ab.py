@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from device.virtio.protocols import PROTOCOL_NAMES
+from device.api import PROTOCOL_NAMES
 from lab.results import metrics as lab_metrics
 from lab.gate.ab.output import render_markdown, render_text
 from lab.gate.ab.paired import ALPHA, MIN_EFFECT

@@ -183,8 +183,9 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 for n in twins.stage_notes(trials) + twins.mismatch_notes(trials)[:5]:
                     click.echo(fold(f"note: {n}"))
             if report_path is not None:
+                from lab.cli.report_data import load
                 from reports.html import write_report
-                write_report(store, run_id, report_path)
+                write_report(load(store, run_id), report_path)
                 click.echo(f"report: {report_path}", err=True)
             if empty:
                 refuse("compare", f"run {run_id}: no successful measured trial in arm(s) {', '.join(empty)}; "

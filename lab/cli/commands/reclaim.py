@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from device.virtio.backing import BACKINGS
-from device.guest.page_reporting_driver import ReportingParams
+from device.api import BACKINGS
+from device.api import ReportingParams
 from lab.cli.checks import refuse, writable_file
 from lab.trials.model.reclaim import RECLAIM_ARMS, ReclaimTrial, run_reclaim
 from lab.trials.model.balloon_trial import TrialFailed

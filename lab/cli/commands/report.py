@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from lab.cli import report_data
 from lab.cli.checks import refuse, writable_file
 from lab.store.db_path import db_option, default_db_path
 from lab.paths import out_dir
@@ -31,8 +32,9 @@ def command(run_ref: str, output: Path | None, db_path: Path | None, host: str |
             run_id = store.resolve_run_id(run_ref)
             target = output or out_dir() / f"report-{run_id}.html"
             from reports.html import write_report  # matplotlib loads only once there is a run to draw
+            data = report_data.load(store, run_id, host)
             try:
-                report = write_report(store, run_id, target, host)
+                report = write_report(data, target)
             except OSError as e:
                 refuse("report", f"cannot write the report to {target}: {e.strerror or e}")
     except StoreError as e:

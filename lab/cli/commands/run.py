@@ -8,13 +8,12 @@ import sys
 
 import click
 
-from device.virtio.protocols import PROTOCOL_NAMES
-from lab.trials.backends import QEMU_BALLOON_ARMS, is_qemu_arm
+from lab.trials.backends import is_qemu_arm
 from lab.cli.checks import checked, fits_in_memory, memory_option, refuse
 from lab.store.db_path import db_option, next_command
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.runner import run_balloon
-from lab.trials.spec import FIELDS, ExperimentSpec, spec_from_cli, spec_options
+from lab.trials.spec import ARMS_BY_KIND, FIELDS, ExperimentSpec, spec_from_cli, spec_options
 from lab.cli.trial_text import format_result
 from lab.trials.probing import open_probes
 
@@ -44,8 +43,9 @@ examples:
     balloon-lab run --protocol chunks --workload fragment --param share=0.6
     balloon-lab run --protocol bitmap --guest-mib 4096 --inflate-mib 3072 --json
 """)
-@click.option("--protocol", type=click.Choice(PROTOCOL_NAMES + QEMU_BALLOON_ARMS), default="pfn", show_default=True,
-              help="The one protocol (arm) to run: a lab protocol, or a real-stack arm (QEMU + Linux guest).")
+@click.option("--protocol", default="pfn", show_default=True, metavar="[" + "|".join(ARMS_BY_KIND["balloon"]) + "]",
+              help="The one protocol (arm) to run: a lab protocol, or a real-stack arm (QEMU + Linux guest); "
+                   "checked, like every option, by the spec.")
 @spec_options(only=RUN_FIELDS, spec_file=False)
 @click.option("--no-deflate", is_flag=True, help="inflate only")
 @click.option("--cycles", type=click.IntRange(1, 100), default=1, show_default=True,
@@ -62,20 +62,17 @@ def command(protocol, no_deflate, cycles, paced, db_path, as_json, **kwargs) -> 
     Parameters are checked (as `compare` checks them) before any process starts. With
     --db the trial is also stored as a run of one trial, for `show`, `export` and `report`."""
     spec = checked("run", lambda: spec_from_cli(kwargs, {"kind": "balloon", "arms": [protocol], "trials": 1,
-                                                        "warmups": 0, "twins": False}))
+                                                        "warmups": 0, "twins": False}), flags={"arms": "--protocol"})
+    arm, = spec.arms
     if cycles > 1:
-        check_cycles("run", cycles, no_deflate, spec.workload, is_qemu_arm(protocol))
-    if paced and (not as_json or is_qemu_arm(protocol)):
+        check_cycles("run", cycles, no_deflate, spec.workload, is_qemu_arm(arm))
+    if paced and (not as_json or is_qemu_arm(arm)):
         refuse("run", "--paced needs --json and a lab arm (its cycles print JSON lines)")
     fits_in_memory("run", spec)
     flags = (("--no-deflate",) if no_deflate else ()) + (("--cycles", str(cycles)) if cycles > 1 else ())
-    if is_qemu_arm(protocol):
-        run_qemu(protocol, spec, no_deflate, as_json, db_path, flags)
-    trial = BalloonTrial(protocol=protocol, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
-                         workload=spec.workload, workload_params=dict(spec.workload_params), seed=spec.seed,
-                         batch_pages=spec.batch_pages, discard=spec.discard, deflate=not no_deflate,
-                         backing=spec.backing, partial_tracking=spec.partial_tracking,
-                         alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc, cycles=cycles)
+    if is_qemu_arm(arm):
+        run_qemu(arm, spec, no_deflate, as_json, db_path, flags)
+    trial = BalloonTrial.from_spec(spec, arm, deflate=not no_deflate, cycles=cycles)
     run_fn = functools.partial(run_balloon, pace=StdioPace()) if paced else run_balloon
     run_and_print(run_fn, trial, TrialFailed, spec, as_json, db_path, flags)
 
@@ -153,10 +150,5 @@ def run_qemu(arm: str, spec, no_deflate: bool, as_json: bool, db_path=None, flag
     """`run --protocol qemu-*`: one trial on the real stack (exits). The spec validator
     has already refused what the real stack cannot do (workloads, --batch-pages)."""
     from lab.trials.qemu.trial import QemuBalloonTrial, QemuTrialFailed, run_qemu_balloon
-    try:
-        trial = QemuBalloonTrial(arm=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
-                                 workload=spec.workload, workload_params=dict(spec.workload_params),
-                                 seed=spec.seed, deflate=not no_deflate)
-    except ValueError as e:
-        raise click.UsageError(str(e))
-    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, spec, as_json, db_path, flags)
+    run_and_print(run_qemu_balloon, QemuBalloonTrial.from_spec(spec, arm, deflate=not no_deflate), QemuTrialFailed,
+                  spec, as_json, db_path, flags)
