@@ -14,7 +14,8 @@ from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 
 from lab.store.store import Store
-from reports import charts, data
+from lab.cli.report_data import load
+from reports import charts
 from reports.html import build
 
 HISTOGRAMS = ("plot-run-length", "plot-madvise-len", "plot-madvise-ns", "plot-page-alloc-order")
@@ -33,7 +34,7 @@ def figures(lab_store) -> dict[str, Figure]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(charts, "render", keep)
         with Store(lab_store.db, create=False) as store:
-            build(data.load(store, lab_store.run_id))
+            build(load(store, lab_store.run_id))
     for fig in drawn.values():
         FigureCanvasAgg(fig).draw()
     assert set(HISTOGRAMS) | {"plot-kicks-per-mib"} <= set(drawn), sorted(drawn)

@@ -67,9 +67,10 @@ def test_too_few_trials_says_how_many_are_needed(lab_store, shown):
 
 
 def test_the_report_never_calls_an_arm_faster_where_its_verdict_has_none(lab_store, tmp_path):
+    from lab.cli.report_data import load
     from reports.html import write_report
     with Store(lab_store.db, create=False) as store:
-        write_report(store, lab_store.run_id, tmp_path / "r.html")
+        write_report(load(store, lab_store.run_id), tmp_path / "r.html")
     html = (tmp_path / "r.html").read_text()
     verdict = re.sub(r"<[^>]+>", "", html[html.index('<section id="verdict">'):html.index('<section id="comparison">')])
     assert "no verdict, too few trials" in verdict and "needs at least" in verdict, verdict[:600]
