@@ -59,7 +59,7 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
         delta = f" · δ {pr.cliffs_delta:+.2f}" if pr.cliffs_delta is not None else ""
         line = f"{fmt_ratio(pr.ratio)}{ci} · p {fmt_p(pr.p_holm)}{delta}"
     varies = " (varies)" if pr.varies else ""
-    return top + f'<br><span class="ci">{line}</span><br><span class="v {vcls}">{esc(pr.verdict)}{varies}</span>'
+    return top + f'<br><span class="ci">{line}</span><br><span class="v {vcls}">{esc(d.verdict_text(pr))}{varies}</span>'
 
 
 def _comparison_rows(d: ReportData, metrics: Sequence[str]) -> list[list[str]]:
@@ -101,7 +101,7 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
             continue
         cls = _goodness(d, metric, pr.verdict, pr.ratio)
         mark = ("−" if pr.ratio < 1 else "+") if cls != "neutral" else ("≠" if pr.exact and pr.difference else "")
-        why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {pr.verdict}"
+        why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {d.verdict_text(pr)}"
         cells.append(f'<span class="v {cls}" title="{esc(why)}">{fmt_ratio(pr.ratio)} {mark}</span>')
     return cells
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from reports import charts as report_charts
 from reports.data import ReportData
 from fmt.numbers import esc, fmt_bytes, fmt_ns, sig
-from reports.section_parts import Section, chip, figure, hist_per_trial, nodata, note, table
+from reports.section_parts import Section, chip, figure, hist_totals, nodata, note, table
 
 
 def _plain(html_text: str) -> str:
@@ -52,17 +52,17 @@ def probes_section(d: ReportData) -> Section:
         syscall = "fallocate"
     specs = [
         (f"probes.hists.{syscall}_len_log2", "plot-madvise-len", f"{syscall} length per call (log2 buckets)",
-         f"{syscall} calls per {phase}", report_charts.bytes_tick, f"{syscall} length during {phase}",
+         f"{syscall} calls", report_charts.bytes_tick, f"{syscall} length during {phase}",
          f"How many bytes each {syscall} call discarded. The PFN path makes one 4 KiB call per page (as QEMU "
          "does: see the qemu-pfn arm); range protocols make one call per run of "
          "contiguous pages, so their calls are few and long.", False),
         (f"probes.hists.{syscall}_ns_log2", "plot-madvise-ns", f"kernel time per {syscall} call (log2 buckets)",
-         f"{syscall} calls per {phase}", report_charts.ns_tick, f"{syscall} latency during {phase}",
+         f"{syscall} calls", report_charts.ns_tick, f"{syscall} latency during {phase}",
          "Time in the kernel per call, from syscall entry to exit (BCC tracepoints on the VMM). Many short calls "
          "(pfn) against few long ones (ranges): the total is in the comparison table as probes.madvise_kernel_ns.",
          False),
         ("probes.hists.page_alloc_order", "plot-page-alloc-order", "allocation order n (blocks of 2ⁿ pages of 4 KiB)",
-         f"page allocations per {phase}", lambda o: f"{o:g}", f"host page allocations by order during {phase}",
+         "page allocations", lambda o: f"{o:g}", f"host page allocations by order during {phase}",
          "kmem:mm_page_alloc in the VMM and guest processes, by order: what the host kernel allocated while the "
          "balloon inflated (page tables, page-cache and memfd pages touched by the protocol's own buffers).",
          True),
@@ -91,16 +91,17 @@ def probes_section(d: ReportData) -> Section:
                             "Add the arm <code>qemu-pfn</code> to measure a real QEMU + Linux guest the same way "
                             "beside them.")))
     body.append(_overhead_table(d))
-    for name, cid, xlabel, ylabel, tick, title, caption, linear in specs:
-        hists = hist_per_trial(d, name)
+    for name, cid, xlabel, what, tick, title, caption, linear in specs:
+        hists, trials = hist_totals(d, name)
         if not hists:
             body.append(f'<div class="plot-missing" id="{cid}-missing">' + nodata(f"{esc(title)}: no probe data: "
                                                                                    f"{reason}.") + "</div>")
             missing.append(f"{cid}: {_plain(reason)}")
             continue
-        ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors, xlabel=xlabel, ylabel=ylabel, tick=tick,
-                                       title=title, linear_buckets=linear), cid, title)
+        ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors, trials=trials, what=what,
+                                                               xlabel=xlabel, tick=tick, title=title,
+                                                               linear_buckets=linear), cid, title)
         charts.append(ch)
-        body.append(figure(ch, caption + " Counts are per trial (summed over the measured trials, divided by "
-                                         "their number)."))
+        body.append(figure(ch, caption + " One row per arm: each bucket's share of the arm's total, labelled "
+                                         "with its count over the arm's measured trials."))
     return Section("probes", "Probe histograms", "".join(body), charts, missing)

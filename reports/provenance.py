@@ -2,7 +2,6 @@
 machine, spec, failed trials) and the reproduce section (the exact command)."""
 from __future__ import annotations
 
-import shlex
 from typing import Any, Sequence
 
 from reports.data import ReportData
@@ -57,7 +56,8 @@ def environment_section(d: ReportData) -> Section:
                  f"<code>{esc((t.error or '?').splitlines()[0][:300])}</code>"] for t in failed[:20]]
         body.append(f"<h3>Failed trials ({len(failed)})</h3>" + table(["#", "arm", "round", "", "error"], rows))
         if len(failed) > 20:
-            body.append(note(f"… and {len(failed) - 20} more: <code>balloon-lab show {esc(r.id)} --json</code>"))
+            body.append(note(f"… and {len(failed) - 20} more: "
+                             f"<code>{esc(d.next_command('show', r.id, '--json', host=d.host, db=d.db_path))}</code>"))
     body.append(note("Timings compare only on the same kernel, CPU, Python build and code; the gate warns when a "
                      "baseline's environment differs."))
     return Section("environment", "Environment", "".join(body))
@@ -65,17 +65,17 @@ def environment_section(d: ReportData) -> Section:
 
 def reproduce_section(d: ReportData, report_path: str | None) -> Section:
     cmd = d.reproduce_command()
-    db = shlex.quote(d.db_path)
     body = []
     if cmd:
         body.append("<p>The exact command that ran this experiment (every spec field explicit):</p>")
         body.append(f'<pre class="cmd" id="reproduce-command">{esc(cmd)}</pre>')
     else:
         body.append(nodata("This run stored no command line and its spec cannot rebuild one."))
-    out = shlex.quote(report_path) if report_path else "report.html"
+    again = d.next_command("report", d.run.id, output=report_path or "report.html", host=d.host, db=d.db_path)
+    show = d.next_command("show", d.run.id, host=d.host, db=d.db_path)
     body.append("<p>This report, again from the stored trials:</p>")
-    body.append(f'<pre class="cmd">balloon-lab report {esc(d.run.id)} -o {esc(out)} --db {esc(db)}</pre>')
-    body.append(f'<p>The numbers as text or JSON: <code>balloon-lab show {esc(d.run.id)} --db {esc(db)} [--json]</code>.'
+    body.append(f'<pre class="cmd">{esc(again)}</pre>')
+    body.append(f'<p>The numbers as text or JSON: <code>{esc(show)} [--json]</code>.'
                 " Run from the repository root as root after <code>scripts/setup.sh</code> "
                 "(<code>balloon-lab doctor</code> checks the probes).</p>")
     return Section("reproduce", "Reproduce", "".join(body))

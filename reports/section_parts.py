@@ -82,12 +82,13 @@ def arm_ci(d: ReportData, arm: str, metric: str) -> tuple[float | None, float | 
     return None, None
 
 
-def hist_per_trial(d: ReportData, name: str) -> dict[str, dict[float, float]]:
-    """Each arm's histogram `name` summed over its measured trials, divided by their number."""
-    out = {}
+def hist_totals(d: ReportData, name: str) -> tuple[dict[str, dict[float, float]], dict[str, int]]:
+    """Each arm's histogram `name` summed over its measured trials (whole counts), and the
+    number of those trials."""
+    hists, trials = {}, {}
     for a in d.arms:
         h = d.hist(a, name)
         n = d.n_trials(a)
         if h and n:
-            out[a] = {b: c / n for b, c in h.items()}
-    return out
+            hists[a], trials[a] = dict(h), n
+    return hists, trials

@@ -3,13 +3,13 @@ by how much and how sure, a tie when the arms cannot be told apart, and the exac
 counts that explain it."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from reports import charts as report_charts
 from reports.data import ReportData
-from fmt.numbers import esc, fmt_p, sig, speed_phrase
+from fmt.numbers import esc, fmt_p, ratio_phrase, sig, speed_phrase
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, vfmt
 
 
@@ -21,10 +21,10 @@ def _sureness(pr, n_a: int, n_b: int, alpha: float, timing: str) -> tuple[str, s
     if pr.verdict == "equal":
         return "unsure", "identical in every trial"
     if pr.p_holm is None:
-        return "unsure", f"too few trials to test (n = {n_a} and {n_b})"
+        return "unsure", f"too few trials to test (n = {n_a} and {n_b}){_needs(pr.trials_needed)}"
     if pr.verdict == "too few trials":
         return "unsure", (f"too few trials to be sure: p(Holm) = {fmt_p(pr.p_holm)} with n = {n_a} and {n_b} "
-                          "cannot reach significance")
+                          f"cannot reach significance{_needs(pr.trials_needed)}")
     if pr.p_holm < alpha:
         d = pr.cliffs_delta
         if d is not None and abs(d) >= 0.999:
@@ -47,27 +47,42 @@ def _ratio_ci_text(pr) -> str:
     return f" (ratio 95 % CI {sig(lo)}–{sig(hi)})"
 
 
-def _told_apart(d: ReportData, a: str, b: str, metric: str, alpha: float) -> tuple[bool, str]:
-    """(can a and b be told apart on metric, the evidence). Against the baseline: the
-    stored Holm-corrected comparison; between two other arms: one Mann-Whitney test."""
+def _needs(k: int | None) -> str:
+    return f" (needs at least {k} trials per arm)" if k else ""
+
+
+class Apart(NamedTuple):
+    """Whether two arms can be told apart on a metric, the evidence, and, when there were
+    too few trials to tell, how many per arm would do."""
+
+    ok: bool
+    evidence: str
+    needs: int | None = None
+
+
+def told_apart(d: ReportData, a: str, b: str, metric: str, alpha: float) -> Apart:
+    """Against the baseline: the stored Holm-corrected comparison; between two other arms:
+    one Mann-Whitney test."""
     comp = d.comparison
     if comp is not None and comp.baseline_arm in (a, b):
         pr = comp.pair(b if a == comp.baseline_arm else a, metric)
         if pr is not None:
             if pr.verdict == "equal":
-                return False, "identical in every trial"
+                return Apart(False, "identical in every trial")
             if pr.p_holm is None:
-                return False, "too few trials to test"
+                return Apart(False, f"too few trials to test{_needs(pr.trials_needed)}", pr.trials_needed)
             if pr.verdict == "too few trials":
-                return False, f"too few trials to tell, p(Holm) = {fmt_p(pr.p_holm)}"
-            return pr.p_holm < alpha, f"p(Holm) = {fmt_p(pr.p_holm)}"
+                return Apart(False, f"too few trials to tell, p(Holm) = {fmt_p(pr.p_holm)}"
+                             f"{_needs(pr.trials_needed)}", pr.trials_needed)
+            return Apart(pr.p_holm < alpha, f"p(Holm) = {fmt_p(pr.p_holm)}")
     xa, xb = d.samples(a, metric), d.samples(b, metric)
     p, _delta, _ = d.mann_whitney(xa, xb)
+    need = d.trials_needed(alpha)
     if p is None:
-        return False, "too few trials to test"
+        return Apart(False, f"too few trials to test{_needs(need)}", need)
     if p >= alpha and d.min_mann_whitney_p(len(xa), len(xb)) >= alpha:
-        return False, f"too few trials to tell, p = {fmt_p(p)}"
-    return p < alpha, f"p = {fmt_p(p)}"
+        return Apart(False, f"too few trials to tell, p = {fmt_p(p)}{_needs(need)}", need)
+    return Apart(p < alpha, f"p = {fmt_p(p)}")
 
 
 def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -> str | None:
@@ -87,19 +102,21 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
     ci = f" (95 % CI {fmt(lo)}–{fmt(hi)})" if lo is not None else ""
     if len(arms) == 1:
         return f'<p class="headline">{what}: {chip(win, d.colors)}, median <b>{fmt(meds[win])}</b>{ci} (the only arm with data).</p>'
-    apart = {a: _told_apart(d, win, a, metric, alpha) for a in order[1:]}
-    tied = [a for a in order[1:] if not apart[a][0]]
-    if tied and all(apart[a][1].startswith("too few trials") for a in tied) and len(tied) == len(order) - 1:
+    apart = {a: told_apart(d, win, a, metric, alpha) for a in order[1:]}
+    tied = [a for a in order[1:] if not apart[a].ok]
+    if tied and all(apart[a].evidence.startswith("too few trials") for a in tied) and len(tied) == len(order) - 1:
         n = ", ".join(sorted({str(d.n_trials(a)) for a in arms}))
         names = ", ".join(f"{chip(a, d.colors)} {fmt(meds[a])}" for a in order)
+        need = max((apart[a].needs for a in tied if apart[a].needs), default=None)
         out = [f'<p class="headline">{what}: <b>no verdict</b>, too few trials to tell the arms apart '
-               f'(n = {n} per arm). <span class="unsure">Medians: {names}.</span></p>']
+               f'(n = {n} per arm{f"; Mann-Whitney with Holm needs at least {need}" if need else ""}). '
+               f'<span class="unsure">Medians: {names}.</span></p>']
         return "".join(out)
     if tied:
         group = [win] + tied
         names = ", ".join(f"{chip(a, d.colors)} {fmt(meds[a])}" for a in group)
-        why = "; ".join(f"{a} vs {win}: {speed_phrase(meds[a] / meds[win]) if meds[win] else '–'}, {apart[a][1]}"
-                        for a in tied)
+        why = "; ".join(f"{a} vs {win}: median {ratio_phrase(meds[a] / meds[win]) if meds[win] else '–'}, "
+                        f"{apart[a].evidence}" for a in tied)
         out = [f'<p class="headline">{what}: <b>a tie</b> between {names} (medians). '
                f'<span class="unsure">Not distinguishable at α = {alpha:g}: {why}.</span></p>']
         shown = set(group)
@@ -122,8 +139,10 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
             continue
         xa, xw = d.samples(a, metric), d.samples(win, metric)
         ratio, rlo, rhi = d.ratio_ci(xa, xw)
-        ok, evidence = apart[a]
-        rest.append(f"{chip(a, d.colors)} {fmt(meds[a])}: {chip(win, d.colors)} is {speed_phrase(ratio)}"
+        ok, evidence = apart[a].ok, apart[a].evidence
+        said = (f"{chip(win, d.colors)} is {speed_phrase(ratio)}" if ok
+                else f"{chip(win, d.colors)}'s median is {ratio_phrase(ratio)}")
+        rest.append(f"{chip(a, d.colors)} {fmt(meds[a])}: {said}"
                     + (f" (CI {sig(1 / rhi)}×–{sig(1 / rlo)}×)" if rlo and rhi and ratio < 1 else "")
                     + f", {evidence}")
     if rest:

@@ -202,6 +202,10 @@ class BalloonDriver:
             self._fill_stats()
             self.queues[Q_STATS].add_buf([(self.stats_gpa, STAT_ENTRY.size * len(STAT_TAGS))], [], "stats")
             self.queues[Q_STATS].kick_if_needed()
+        if self.read_config_u32(CFG_NUM_PAGES) != self.actual:
+            # a target set while we came up (Linux's virtballoon_probe: towards_target, then
+            # the config-change work): the guest's loop serves it as any config change
+            os.eventfd_write(self.config_fd, 1)
         log.info("driver ready: wire format %s, batch %d pages", self.wire_format, self.batch_pages)
 
     def has(self, f: int) -> bool:

@@ -22,7 +22,8 @@ import numpy as np
 
 from device.virtio import wire
 from device.vmm.budget import WorkBudget
-from device.virtio.features import (CFG_NUM_PAGES, Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
+from device.virtio.features import (CFG_NUM_PAGES, Q_DEFLATE, Q_INFLATE, Q_STATS, S_DRIVER_OK, STAT_ENTRY, STAT_TAGS,
+                                     BalloonConfig)
 from device.virtio.discard import discard_runs
 from device.virtio.protocols import Refusal, negotiated_wire_format
 from device.virtio.ram import GuestRAM
@@ -118,8 +119,12 @@ class BalloonDevice(VirtioTransport):
         self.listener.actual_changed(new.actual)
 
     def set_target_pages(self, num_pages: int) -> None:
+        """The new target goes into config space at once; only a driver that is up is
+        told (QEMU's virtio_notify_config does nothing before DRIVER_OK): one coming up
+        reads num_pages at the end of its probe."""
         self.config.num_pages = num_pages
-        self.signal_config()
+        if self.status & S_DRIVER_OK:
+            self.signal_config()
 
     def activate(self) -> None:
         # re-activation without a reset: the old queues' requests still owe discards;

@@ -175,13 +175,19 @@ class VMM:
             raise CommandError("Parameter 'value' expects an integer (target guest memory in bytes)")
         if value <= 0 or value > self.layout.ram_bytes:
             raise CommandError(f"Parameter 'value' must be in 1..{self.layout.ram_bytes} bytes")
-        if self.guest_exit is not None or not self.device.live:
-            raise CommandError("No balloon device has been activated", "DeviceNotActive")
+        self._device_exists()
+        # As QEMU: taken as soon as the device exists; a driver still coming up reads the
+        # target when it does (BalloonDevice.set_target_pages, BalloonDriver.bring_up).
         self.device.set_target_pages((self.layout.ram_bytes - value) >> PAGE_SHIFT)
 
-    def _cmd_query_balloon(self, args: dict) -> dict:
-        if not self.device.live:
+    def _device_exists(self) -> None:
+        """QEMU refuses `balloon` and `query-balloon` only without a balloon device; here
+        the device goes with its guest, so only a lost guest is refused."""
+        if self.guest_exit is not None:
             raise CommandError("No balloon device has been activated", "DeviceNotActive")
+
+    def _cmd_query_balloon(self, args: dict) -> dict:
+        self._device_exists()
         return {"actual": self.layout.ram_bytes - (self.device.config.actual << PAGE_SHIFT)}
 
     def _cmd_qom_get(self, args: dict):

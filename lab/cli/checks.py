@@ -19,14 +19,16 @@ T = TypeVar("T")
 USAGE_EXIT = 2
 
 
-def refuse(command: str, message: str) -> NoReturn:
+def refuse(command: str, message: str, status: int = USAGE_EXIT) -> NoReturn:
+    """The one way a command says it cannot go on: `balloon-lab CMD: message` on stderr,
+    then exit `status` (2, bad input, unless the command's contract says otherwise)."""
     click.echo(f"balloon-lab {command}: {message}", err=True)
-    sys.exit(USAGE_EXIT)
+    sys.exit(status)
 
 
 def checked(command: str, build: Callable[[], T], flags: Mapping[str, str] | None = None) -> T:
     """build() (a spec, usually), or the one-line refusal naming the option; `flags`
-    maps spec fields the command spells differently (migrate: arms -> --hint)."""
+    maps spec fields the command spells differently (run: arms -> --protocol)."""
     try:
         return build()
     except SpecError as e:

@@ -24,6 +24,7 @@ from lab.analysis.stats import Comparison
 from lab.gate.history import history
 from lab.machine import environment
 from lab.results import metrics as lab_metrics
+from lab.store.db_path import next_command
 from lab.store.store import RunInfo, Store, StoreError, TrialRecord
 from lab.trials import twins
 from lab.trials.backends import is_qemu_arm
@@ -66,6 +67,9 @@ class ReportData:
     mann_whitney = staticmethod(stats.mann_whitney)
     min_mann_whitney_p = staticmethod(stats.min_mann_whitney_p)
     ratio_ci = staticmethod(stats.ratio_ci)
+    trials_needed = staticmethod(stats.trials_needed)
+    verdict_text = staticmethod(stats.verdict_text)
+    next_command = staticmethod(next_command)
     load_warnings = staticmethod(environment.load_warnings)
     is_qemu_arm = staticmethod(is_qemu_arm)
     arm_title = staticmethod(side_by_side.arm_title)
@@ -254,8 +258,10 @@ def load(store: Store, run_ref: str, host: str | None = None) -> ReportData:
         notes.append(f"this run is {run.status}: the report shows the trials recorded so far")
     if host is not None and len(run.hosts) > 1:
         others = ", ".join(h for h in run.hosts if h != host)
+        other = next(h for h in run.hosts if h != host)
         notes.append(f"this run ran on hosts {', '.join(run.hosts)}: the sections show host {host} "
-                     f"(`balloon-lab report --host` for {others}); \"Hosts\" puts them side by side")
+                     f"(`{next_command('report', run.id, host=other, db=store.path)}` for {others}); "
+                     "\"Hosts\" puts them side by side")
     return ReportData(run=run, arms=arms, scheduled_arms=scheduled or arms, table=table, hists=hists,
                       trials=trials, comparison=comp, comparison_computed_now=computed_now and comp is not None,
                       db_path=str(store.path), notes=notes, host=host, hosts=host_summaries(store, run),

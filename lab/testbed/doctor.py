@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from fmt.text_width import fold
 from lab.trials.orphans import wait_or_kill
 from probes.bpf import PROJECT_ROOT, Problem, bcc_fix, preflight
 
@@ -367,10 +368,11 @@ def report(checks: list[Check]) -> dict:
 def format_text(checks: list[Check]) -> str:
     lines = []
     width = max(len(c.name) for c in checks)
+    hang = " " * (width + 10)              # details continue under themselves, within 120 columns
     for c in checks:
-        lines.append(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+        lines.append(fold(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}", hang=hang))
         if not c.ok and c.fix:
-            lines.append(f"        {'':<{width}}  fix: {c.fix}")
+            lines.append(fold(f"        {'':<{width}}  fix: {c.fix}", hang=hang))
     lab_checks = [c for c in checks if c.name != QEMU_CHECK]
     ok = all(c.ok for c in lab_checks)
     lines.append("eBPF lab: ready" if ok else

@@ -51,7 +51,7 @@ class SpecError(ValueError):
 
     def for_cli(self, flags: Mapping[str, str] | None = None) -> str:
         """The message naming the command-line option (--guest-mib) instead of the spec
-        field (guest_mib); `flags` maps fields a command spells differently (arms -> --hint)."""
+        field (guest_mib); `flags` maps fields a command spells differently (run: arms -> --protocol)."""
         flag = (flags or {}).get(self.field) or next((f.flag for f in FIELDS if f.name == self.field), None)
         return f"{flag or self.field}: {self.detail}"
 
@@ -289,15 +289,16 @@ PAGES_PER_MIB = 256
 def check_mib(name: str, v: Any, lo: int, hi: int) -> int | float:
     """An integer, or a float that is a whole number of 4 KiB pages (so the last request
     of an inflate can be partial); integral floats come back as int."""
+    allowed = f"{lo}..{hi}; fractions too, in whole 4 KiB pages: multiples of 1/256 such as 100.5"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(name, f"must be a number of MiB, got {v!r}", allowed)
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if isinstance(v, float):
-        if not (v * PAGES_PER_MIB).is_integer():
-            raise SpecError(name, f"{v} MiB is not a whole number of 4 KiB pages", "multiples of 1/256 MiB")
-        if not lo <= v <= hi:
-            raise SpecError(name, f"{v} is out of range", f"{lo}..{hi}")
-        return v
-    return _check_int(name, v, lo, hi)
+    if isinstance(v, float) and not (v * PAGES_PER_MIB).is_integer():
+        raise SpecError(name, f"{v} MiB is not a whole number of 4 KiB pages", allowed)
+    if not lo <= v <= hi:
+        raise SpecError(name, f"{v} is out of range", allowed)
+    return v
 
 
 def _check_bool(name: str, v: Any) -> None:

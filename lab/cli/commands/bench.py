@@ -115,8 +115,7 @@ def _measure(fn, *args) -> dict:
     try:
         return fn(*args)
     except TrialFailed as e:
-        click.echo(f"bench failed: {e}", err=True)
-        sys.exit(1)
+        refuse("bench", f"trial failed: {e}", 1)
 
 
 @click.group("bench")

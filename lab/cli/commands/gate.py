@@ -58,7 +58,7 @@ def _record_verdict(db_path, candidate: str, baseline_ref: str, result: HostsGat
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write JUnit XML (one testcase per arm x metric) to this file.")
 @click.option("--threshold", "threshold_items", multiple=True, metavar="METRIC=VALUE",
-              help="Per-metric limit, METRIC may be a glob: 'inflate.stages_ns.*=15%', 'inflate.kicks=2', "
+              help="Per-metric limit, METRIC may be a glob: 'stages_ns.inflate.*=15%', 'kicks=2', "
                    "'probes.page_faults=ignore'. Repeatable; the last match wins.")
 @click.option("--thresholds", "thresholds_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML/JSON file with alpha, timing, counter and a [metrics] table of pattern = limit.")

@@ -1,13 +1,12 @@
 """`balloon-lab report RUN -o FILE.html`: one self-contained HTML report of a run."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from lab.cli import report_data
-from lab.cli.checks import writable_file
+from lab.cli.checks import refuse, writable_file
 from lab.store.db_path import db_option, default_db_path
 from lab.paths import out_dir
 from lab.store.store import Store, StoreError
@@ -37,11 +36,9 @@ def command(run_ref: str, output: Path | None, db_path: Path | None, host: str |
             try:
                 report = write_report(data, target)
             except OSError as e:
-                click.echo(f"error: cannot write the report to {target}: {e.strerror or e}", err=True)
-                sys.exit(2)
+                refuse("report", f"cannot write the report to {target}: {e.strerror or e}")
     except StoreError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        refuse("report", str(e))
     click.echo(f"wrote {target} ({report.size / 1024:.0f} KiB, {len(report.charts)} charts) for run {report.run_id}",
                err=True)
     for m in report.missing:

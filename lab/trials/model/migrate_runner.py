@@ -32,11 +32,6 @@ from lab.trials.model.processes import WORKLOAD_GUEST
 from workloads import make_workload
 
 HINTS = HINT_DESIGNS   # device/virtio/hint_format.py
-# The published figures the lab reproduces (SEED.md), printed beside ours.
-SEED_FIGURES = {
-    "seed": {"what": "seed cover letter (v2/v3): idle 8 GB guest, 10 Gbps", "none_ms": 2000.0, "hinted_ms": 500.0},
-    "upstream": {"what": "FREE_PAGE_HINT v37 cover letter: idle 8 GB guest", "none_ms": 2970.0, "hinted_ms": 620.0},
-}
 
 
 @dataclass
