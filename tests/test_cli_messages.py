@@ -59,6 +59,7 @@ def db(tmp_path) -> Path:
     ("show", "nope"), ("report", "nope"), ("export", "nope"), ("history", "kicks", "--run", "nope"),
     ("runs",), ("db", "push", "--from", "{db}", "--to", "{db}"),
     ("worker", "--host-id", "h1"), ("submit", "{spec}", "--hosts", "a"),
+    ("gate", "--baseline", "nope", "--candidate", "nope"),
 ])
 def test_every_command_refuses_with_its_own_prefix(args, db, tmp_path):
     spec = tmp_path / "spec.toml"

@@ -98,7 +98,7 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         result = gate_hosts(baseline, candidate, path, th, cross_host=cross_host, counters_only=counters_only,
                             across_time=across_time, allow_spec_change=allow_spec_change, relative=relative)
     except GateInputError as e:
-        click.echo(f"gate: unusable input: {e}", err=True)
+        click.echo(f"balloon-lab gate: unusable input: {e}", err=True)
         if as_json:
             click.echo(json.dumps({"verdict": "unusable", "exit_code": EXIT_UNUSABLE, "error": str(e)}, indent=1))
         if junit:
