@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,13 @@ import pytest
 
 from device.rig import DeviceRig
 from probes.bpf import REQUIRE_ENV, essentials_missing
+
+# A shell starts a background job (`./run-tests &`, nohup, some CI runners) with SIGINT
+# ignored, and an ignored SIGINT stays ignored in every child: the Ctrl-C tests would then
+# send a signal nobody hears. Python's own handler is put back here; a handler (unlike
+# SIG_IGN) is reset to the default at exec, so the lab's processes hear Ctrl-C again too.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BALLOON_LAB = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "balloon-lab")
 
