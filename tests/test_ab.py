@@ -125,11 +125,11 @@ def planted(tmp_path):
     a counter change (more requests), never committed."""
     wt = tmp_path / "planted"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(wt), "HEAD"], check=True)
-    f = wt / "device" / "guest" / "process.py"
+    f = wt / "device" / "guest" / "options.py"       # the guest's launch record: its parser's default
     text = f.read_text()
-    old = 'p.add_argument("--batch-pages", type=int, default=None)'
+    old = 'batch_pages: int | None = option(None, help='
     assert old in text
-    f.write_text(text.replace(old, 'p.add_argument("--batch-pages", type=int, default=128)'))
+    f.write_text(text.replace(old, 'batch_pages: int | None = option(128, help='))
     yield wt
     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], check=False)
 
