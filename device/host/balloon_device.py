@@ -29,7 +29,7 @@ from device.virtio.ram import GuestRAM
 from device.host.host_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.host.balloon_metrics import DeviceOpCounters
-from device.virtio.stage import stage
+from device.virtio.stage import chain
 from device.virtio.transport import DeviceListener, VirtioTransport, notify
 from device.virtio.device_queue import DescChain
 from device.virtio.split_ring import RingError, ring_pages
@@ -287,7 +287,8 @@ class BalloonDevice(VirtioTransport):
         hvas: list[int] = []
         bad: Counter[str] = Counter()
         first_bad = None
-        with stage("translate", ctr):
+        with chain() as c:                   # translate then discard: one marker between them
+            c.next("translate", ctr)
             for pfn in pfns.tolist():
                 gpa = pfn << PAGE_SHIFT
                 i = bisect.bisect_right(starts, gpa) - 1
@@ -302,11 +303,11 @@ class BalloonDevice(VirtioTransport):
                 ballooned[pfn] = want
                 accepted.append(pfn)
                 hvas.append(offs[i] + gpa - starts[i])
+            if self.host_pages is None and inflate and hvas:
+                self._discard(ctr, hvas, PAGE_SIZE, c)
         ctr.translations += len(pfns)
         if self.host_pages is not None:
             self._host_page_update(ctr, np.asarray(hvas, dtype=np.int64) >> PAGE_SHIFT, inflate)
-        elif inflate and hvas:
-            self._discard(ctr, hvas, PAGE_SIZE)
         ctr.pages += len(accepted)
         if accepted:
             ctr.add_pfn_batch(np.asarray(accepted, dtype=np.int64))
@@ -318,7 +319,8 @@ class BalloonDevice(VirtioTransport):
         lengths = np.asarray(lengths, dtype=np.int64)
         if starts.size == 0:
             return
-        with stage("translate", ctr):
+        with chain() as c:                   # translate then discard: one marker between them
+            c.next("translate", ctr)
             pfns = wire.runs_to_pfns(starts, lengths)
             ok = self.layout.ram_pfn_mask(pfns)
             bad: Counter[str] = Counter()
@@ -341,11 +343,11 @@ class BalloonDevice(VirtioTransport):
             # Translation per run (numpy over all runs at once), split where a run crosses
             # a region edge.
             offs, lens = self.layout.runs_to_offsets(gstarts, glens)
+            if self.host_pages is None and inflate and offs.size:
+                self._discard(ctr, offs.tolist(), lens.tolist(), c)
         ctr.translations += int(offs.size)
         if self.host_pages is not None:
             self._host_page_update(ctr, self.layout.pfn_to_offset(good) >> PAGE_SHIFT, inflate)
-        elif inflate and offs.size:
-            self._discard(ctr, offs.tolist(), lens.tolist())
         ctr.pages += int(good.size)
         ctr.add_runs(glens)
         if not inflate:
@@ -367,11 +369,13 @@ class BalloonDevice(VirtioTransport):
             offs, lens = host_page_runs(done, self.ram.host_page_shift)
             self._discard(ctr, offs.tolist(), lens.tolist())
 
-    def _discard(self, ctr: DeviceOpCounters, offsets: list[int], lengths: list[int] | int) -> None:
+    def _discard(self, ctr: DeviceOpCounters, offsets: list[int], lengths: list[int] | int,
+                 stages: chain | None = None) -> None:
         """The discard stage: one system call per piece of memfd, per page on the PFN
         path (`lengths` is then the page size), per run on the range paths. Under a
         wake-up budget, what does not fit is left in self._carry for a later wake-up
-        (the request is returned used only when all of it is done)."""
+        (the request is returned used only when all of it is done). `stages`: the
+        caller's chain, whose open stage (translate) ends where discard begins."""
         allowed = self._budget.discards if self._budget is not None else len(offsets)
         if allowed < len(offsets):
             allowed = max(allowed, 0)
@@ -381,7 +385,8 @@ class BalloonDevice(VirtioTransport):
             lengths = lengths if isinstance(lengths, int) else lengths[:allowed]
             if not offsets:
                 return
-        with stage("discard", ctr):
+        with stages if stages is not None else chain() as c:
+            c.next("discard", ctr)
             discard_runs(self.ram, self.discard_method, offsets, lengths)
         ctr.discard_calls += len(offsets)
 

@@ -1,0 +1,175 @@
+"""The kernel's own account of each BPF program: runs and nanoseconds (bpf_stats).
+
+With run-time statistics on, the kernel counts for every loaded program how often it
+ran (`run_cnt`) and how long its body took (`run_time_ns`, sched_clock around the
+program; the hook's own cost is not in it). bpftool shows the same two numbers; here
+they are read with the bpf(2) command BPF_OBJ_GET_INFO_BY_FD through ctypes, so the
+lab needs no extra tool.
+
+Statistics are off at boot (`kernel.bpf_stats_enabled` = 0) because they cost each
+program run two clock reads. `stats_enabled()` turns them on for a block:
+
+- first with BPF_ENABLE_STATS (Linux 5.8+): the kernel keeps them on while the
+  returned fd is open and turns them off itself when it closes, even if this process
+  is killed; the sysctl is never written (and other users' settings are untouched);
+- else by writing 1 to /proc/sys/kernel/bpf_stats_enabled, restoring the old value on
+  every exit path: the block's end, interpreter exit (atexit) and SIGTERM/SIGHUP.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+
+
+class bpf_prog_info(ctypes.Structure):
+    """struct bpf_prog_info of include/uapi/linux/bpf.h up to run_cnt (the kernel fills
+    at most info_len bytes, so a shorter struct than the kernel's is fine)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16), ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64), ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32), ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64), ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32), ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32), ("nr_line_info", ctypes.c_uint32), ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64), ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32), ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32), ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(bpf_prog_info) == 208 and bpf_prog_info.run_cnt.offset == 200   # the uapi layout
+
+
+class _info_attr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _stats_attr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    nr = NR_BPF.get(os.uname().machine)
+    if nr is None:
+        raise OSError(f"bpf(2) syscall number unknown on {os.uname().machine}")
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bpf({cmd}): {os.strerror(err)}")
+    return ret
+
+
+@dataclass(frozen=True)
+class ProgStats:
+    """One program's counters as the kernel holds them (cumulative since it was loaded)."""
+
+    prog_id: int
+    name: str                 # the kernel's name (15 characters at most)
+    run_cnt: int
+    run_time_ns: int
+
+
+def prog_stats(fd: int) -> ProgStats:
+    """The kernel's counters of the program behind `fd` (BPF_OBJ_GET_INFO_BY_FD)."""
+    info = bpf_prog_info()
+    attr = _info_attr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return ProgStats(info.id, info.name.decode(errors="replace"), info.run_cnt, info.run_time_ns)
+
+
+def sysctl_value() -> int | None:
+    try:
+        with open(SYSCTL) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+class _SysctlGuard:
+    """Writes 1 to the sysctl and puts the old value back exactly once, whichever exit
+    path comes first: restore(), atexit, or SIGTERM/SIGHUP (then the signal's old
+    handler runs, so the process still ends as it would have)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.old = sysctl_value()
+        if self.old is None:
+            raise OSError(f"{SYSCTL} is not readable")
+        self.done = False
+        self.handlers: dict[int, Any] = {}
+        if self.old == 0:
+            self._write(1)
+        atexit.register(self.restore)
+        for sig in self.SIGNALS:
+            try:
+                self.handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:           # not the main thread: atexit and finally still restore
+                pass
+
+    @staticmethod
+    def _write(v: int) -> None:
+        with open(SYSCTL, "w") as f:
+            f.write(str(v))
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        self.restore()
+        old = self.handlers.get(sig)
+        if callable(old):
+            old(sig, frame)
+        elif old != signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+
+    def restore(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.old == 0:
+            self._write(0)
+        atexit.unregister(self.restore)
+        for sig, old in self.handlers.items():
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, old)
+
+
+@contextmanager
+def stats_enabled(force_sysctl: bool = False) -> Iterator[str]:
+    """Run-time statistics on for the block; yields how ("fd" or "sysctl").
+    Raises OSError when neither way works (not root, a kernel without bpf_stats)."""
+    if not force_sysctl:
+        try:
+            fd = _bpf(BPF_ENABLE_STATS, _stats_attr(type=BPF_STATS_RUN_TIME))
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                yield "fd"
+            finally:
+                os.close(fd)
+            return
+    guard = _SysctlGuard()
+    try:
+        yield "sysctl"
+    finally:
+        guard.restore()

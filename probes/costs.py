@@ -1,0 +1,198 @@
+"""What the probes cost, measured: per program, per reading.
+
+Three parts, each measured, none quoted:
+
+- **each BPF program's own run time**: the kernel's bpf_stats (probes/bpf_stats.py),
+  run_cnt and run_time_ns read when a reading starts and when it ends. A program on a
+  tracepoint runs for every process (every system call on the machine, every page
+  fault), and the kernel keeps one total per program; the programs count their runs
+  for the probed processes themselves, and every other run takes the same short path
+  (the target check fails), whose cost the session measures at load with no process
+  probed (`Calibration.early_ns`). So each row holds the probed processes' share
+  (`events`, `ns_per_event`, `ms`: what the probes cost the trial) and the kernel's
+  totals for every process (`all_events`, `all_ms`);
+- **the system-call hook**: while a program is attached to the system-call path, every
+  system call of every process takes the kernel's slow path and dispatches to it; that
+  cost is outside any program's run time. It is measured once per session
+  (`calibrate_syscall_hook`: a cheap system call timed with the programs attached and
+  detached, interleaved, less the programs' own run time) and charged per system call of
+  the targets (syscalls.c counts them);
+- **the USDT trap**: a stage marker is a uprobe, a trap into the kernel before the
+  program runs; measured once per session the same way (`calibrate_usdt_trap`, with the
+  stage program attached to this process and detached) and charged per marker fired.
+
+The rows of a reading (`ProbeReading.programs`) are {name: {events, ns_per_event, ms,
+all_events, all_ms}}: one per BPF program by its tracepoint's name (on_audit for the USDT
+program), and `syscall_hook` and `usdt_trap` (events, ns_per_event, ms only). `total_ms`
+is the sum of the rows' ms.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+from probes.bpf_stats import ProgStats
+
+SYSCALL_HOOK = "syscall_hook"
+USDT_TRAP = "usdt_trap"
+SYSCALL_PROGRAMS = ("sys_exit", "sys_enter")
+USDT_PROGRAM = "on_audit"
+# What each row is, for tables (`balloon-lab probe`, show, the report).
+ROW_DOCS = {
+    "sys_exit": "raw_syscalls:sys_exit: madvise/fallocate calls and eventfd writes/reads at the exit (every syscall on the machine runs it)",
+    "sys_enter": "raw_syscalls:sys_enter: entry stamps for kernel time (syscall-time; every syscall runs it)",
+    "mm_page_alloc": "kmem:mm_page_alloc (raw): allocations by order",
+    "page_fault_user": "exceptions:page_fault_user (raw): user page faults",
+    "mm_page_free": "kmem:mm_page_free (raw, pagefree): pages freed",
+    "mm_page_free_batched": "kmem:mm_page_free_batched (raw, pagefree)",
+    USDT_PROGRAM: "USDT python:audit program: stage markers",
+    SYSCALL_HOOK: "the syscall hook itself, per syscall of the probed processes (calibrated)",
+    USDT_TRAP: "the uprobe trap, per stage marker (calibrated)",
+}
+
+
+@dataclass
+class Calibration:
+    """Costs measured once per session, with no process probed (ns per event)."""
+
+    syscall_hook_ns: float | None = None    # per system call, with the syscall programs attached
+    usdt_trap_ns: float | None = None       # per stage marker, with the stage program attached
+    early_ns: dict[str, float] = field(default_factory=dict)   # per program: a run that leaves at the target check
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ns_per_call(loop: Callable[[int], None], n: int) -> float:
+    """This thread's CPU time (user + kernel: a trap and a hook are both in it) per call."""
+    t0 = time.thread_time_ns()
+    loop(n)
+    return (time.thread_time_ns() - t0) / n
+
+
+def _body_ns(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats], names: tuple[str, ...]) -> float:
+    """The summed mean run time per run of these programs between two snapshots."""
+    total = 0.0
+    for n in names:
+        if n in before and n in after:
+            runs = after[n].run_cnt - before[n].run_cnt
+            total += (after[n].run_time_ns - before[n].run_time_ns) / runs if runs > 0 else 0.0
+    return total
+
+
+def _calibrate(detach: Callable[[], None], attach: Callable[[], None], stats: Callable[[], Mapping[str, ProgStats]],
+               loop: Callable[[int], None], programs: tuple[str, ...], calls: int, rounds: int) -> float:
+    """Per call: the fastest round attached minus the fastest detached (the minimum is what
+    a busy machine disturbs least), less the programs' own run time per call."""
+    off, on, body = [], [], []
+    for _ in range(rounds):
+        detach()
+        off.append(_ns_per_call(loop, calls))
+        attach()
+        s0 = stats()
+        on.append(_ns_per_call(loop, calls))
+        body.append(_body_ns(s0, stats(), programs))
+    return max(0.0, min(on) - min(off) - statistics.median(body))
+
+
+def _getppid_loop(n: int) -> None:
+    for _ in range(n):
+        os.getppid()
+
+
+def calibrate_syscall_hook(module: Any, calls: int = 20000, rounds: int = 5) -> float | None:
+    """ns a system call costs with syscalls.c's programs attached, beyond their run time
+    (the slow syscall path and the dispatch); None when no syscall program is loaded.
+    `module` is attached on entry and on return (probes/bpf.py's BpfModule)."""
+    programs = tuple(p for p in SYSCALL_PROGRAMS if p.encode() in module.raw_tracepoints)
+    if not programs:
+        return None
+    return _calibrate(module.suspend, module.resume, module.program_stats, _getppid_loop, programs, calls, rounds)
+
+
+def calibrate_usdt_trap(module: Any, stages: Any, calls: int = 2000, rounds: int = 5) -> float | None:
+    """ns a stage marker costs with the stage program attached, beyond its run time (the
+    uprobe trap and Python firing the marker); measured on this very process, which is
+    not a target (the program leaves at its first test). None without the stage probe."""
+    pid = os.getpid()
+    audit = sys.audit
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            audit("balloon-lab-calibration")
+
+    def detach() -> None:
+        if pid in stages.attached:
+            stages.detach(module.bpf, pid)
+
+    try:
+        return _calibrate(detach, lambda: stages.attach(module.bpf, pid), module.program_stats, loop,
+                          (USDT_PROGRAM,), calls, rounds)
+    finally:
+        detach()
+
+
+def _page_cycle_loop(n: int) -> None:
+    """Fault n memfd pages in and discard them: the page hooks' and madvise's events."""
+    import mmap
+
+    fd = os.memfd_create("balloon-lab-calibration", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, n * mmap.PAGESIZE)
+        with mmap.mmap(fd, n * mmap.PAGESIZE) as m:
+            for i in range(n):
+                m[i * mmap.PAGESIZE] = 1
+                m.madvise(mmap.MADV_REMOVE, i * mmap.PAGESIZE, mmap.PAGESIZE)
+    finally:
+        os.close(fd)
+
+
+def early_exit_ns(module: Any, pages: int = 2000) -> dict[str, float]:
+    """Per program, the mean run time with no process probed: every run leaves at the
+    target check. This process faults pages in and discards them (and any other process's
+    events count too: they take the same path)."""
+    s0 = module.program_stats()
+    _page_cycle_loop(pages)
+    _getppid_loop(pages)
+    s1 = module.program_stats()
+    out = {}
+    for name, a in s1.items():
+        runs = a.run_cnt - s0[name].run_cnt if name in s0 else 0
+        if runs > 0 and name != USDT_PROGRAM:
+            out[name] = (a.run_time_ns - s0[name].run_time_ns) / runs
+    return out
+
+
+def row(events: int, ns: float) -> dict[str, float]:
+    return {"events": int(events), "ns_per_event": ns / events if events else 0.0, "ms": ns / 1e6}
+
+
+def program_rows(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats], targets: Mapping[str, int],
+                 cal: Calibration | None) -> dict[str, dict[str, float]]:
+    """The cost rows of one reading window (see the module doc). `targets`: per program,
+    its runs for the probed processes (the programs' own counts; "syscalls" for the
+    system-call programs and hook); a program without one is charged in full."""
+    early = cal.early_ns if cal is not None else {}
+    out: dict[str, dict[str, float]] = {}
+    for name, a in sorted(after.items()):
+        b = before.get(name)
+        runs = a.run_cnt - (b.run_cnt if b else 0)
+        ns = a.run_time_ns - (b.run_time_ns if b else 0)
+        mine = min(runs, targets.get("syscalls" if name in SYSCALL_PROGRAMS else name, runs))
+        mine_ns = max(0.0, ns - (runs - mine) * early.get(name, 0.0)) if mine < runs else float(ns)
+        out[name] = {**row(mine, mine_ns), "all_events": int(runs), "all_ms": ns / 1e6}
+    syscalls = targets.get("syscalls")
+    if cal is not None and cal.syscall_hook_ns is not None and syscalls is not None:
+        out[SYSCALL_HOOK] = row(syscalls, syscalls * cal.syscall_hook_ns)
+    if cal is not None and cal.usdt_trap_ns is not None and USDT_PROGRAM in out:
+        markers = int(out[USDT_PROGRAM]["events"])
+        out[USDT_TRAP] = row(markers, markers * cal.usdt_trap_ns)
+    return out
+
+
+def total_ms(rows: Mapping[str, Mapping[str, float]]) -> float:
+    return sum(r["ms"] for r in rows.values())
