@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from lab.backends import is_qemu_arm
 from lab.backends.qemu.side_by_side import arm_title
+from probes.costs import cost_lines
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard")
 RING_COUNTS = ("pages", "requests", "kicks", "interrupts")
@@ -42,6 +43,7 @@ def format_result(r: Mapping[str, Any]) -> str:
                          f"{hp['partial_host_pages']} partial ({hp['mode']} tracking, allocation {r['alloc_policy']})")
         lines += [_operation_line(op, st, qemu) for op, st in r["stages_ns"].items()]
     lines.append(_probes_line(r.get("probes") or {}, qemu))
+    lines += _probe_cost_lines(r)
     if r["errors"]:
         lines.append(f"  device refused: {r['errors']}")
     return "\n".join(lines)
@@ -73,13 +75,29 @@ def _operation_line(op: str, st: Mapping[str, int], qemu: bool) -> str:
 def _probes_line(p: Mapping[str, Any], qemu: bool) -> str:
     if p.get("backend") != "bcc":
         return f"  probes: none ({p.get('reason', 'unavailable')})"
+    kns = p.get("madvise_kernel_ns")
+    kernel = "not timed (opt-in: --extra-probes syscall-time)" if kns is None else _ms(kns)
     if qemu:
         return (f"  probes (bcc, QEMU pid): madvise calls {p.get('madvise_calls')} ({p.get('advice')}), "
-                f"bytes {p.get('madvise_bytes')}, kernel {_ms(p.get('madvise_kernel_ns', 0))}; "
+                f"bytes {p.get('madvise_bytes')}, kernel {kernel}; "
                 f"fallocate calls {p.get('fallocate_calls')}")
-    return (f"  probes (bcc): madvise calls {p.get('madvise_calls')}, kernel time "
-            f"{_ms(p.get('madvise_kernel_ns', 0))}, kicks {p.get('kicks')}, "
+    return (f"  probes (bcc): madvise calls {p.get('madvise_calls')}, kernel time {kernel}, kicks {p.get('kicks')}, "
             f"interrupts {p.get('interrupts')}, page faults {p.get('page_faults')}")
+
+
+def _probe_cost_lines(r: Mapping[str, Any]) -> list[str]:
+    """How much of the inflate's time is the probes: their measured cost (probes/costs.py)."""
+    p = r.get("probes") or {}
+    cost = p.get("probe_cost_ms")
+    if p.get("backend") != "bcc":
+        return []
+    if cost is None:
+        return [f"  probe cost: not measured ({p.get('missing', {}).get('bpf_stats', 'no bpf_stats')})"]
+    total = r["stages_ns"]["inflate"]["total"] / 1e6
+    return ([f"  probe cost in the inflate: {cost:.1f} ms of its {total:.1f} ms ({100 * cost / total:.1f} %), "
+             f"measured (bpf_stats per program, the syscall hook and the USDT trap calibrated in this run); "
+             f"the timings above include it:"]
+            + ["    " + line for line in cost_lines(p.get("programs") or {}, total, docs=False)])
 
 
 def _ms(ns: float) -> str:

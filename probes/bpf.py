@@ -18,11 +18,12 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from probes.bpf_stats import ProgStats, prog_stats
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PROBES_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PROBES_DIR.parent
@@ -185,9 +186,11 @@ def tid_slots() -> int:
     return n
 
 
-def array_words(table: Any) -> np.ndarray:
+def array_words(table: Any) -> "np.ndarray":
     """Every entry of a BPF array of u64 words as a (entries, words) uint64 matrix; a per-CPU
     array's entries summed over the CPUs. One batch syscall where the kernel allows."""
+    import numpy as np      # here, not at the top: probed processes import probes.stages's helpers
+
     percpu = hasattr(table, "total_cpu")
     leaf = table.sLeaf if percpu else table.Leaf
     words = ctypes.sizeof(leaf) // 8

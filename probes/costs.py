@@ -43,15 +43,15 @@ SYSCALL_PROGRAMS = ("sys_exit", "sys_enter")
 USDT_PROGRAM = "on_audit"
 # What each row is, for tables (`balloon-lab probe`, show, the report).
 ROW_DOCS = {
-    "sys_exit": "raw_syscalls:sys_exit: madvise/fallocate calls and eventfd writes/reads at the exit (every syscall on the machine runs it)",
-    "sys_enter": "raw_syscalls:sys_enter: entry stamps for kernel time (syscall-time; every syscall runs it)",
-    "mm_page_alloc": "kmem:mm_page_alloc (raw): allocations by order",
-    "page_fault_user": "exceptions:page_fault_user (raw): user page faults",
-    "mm_page_free": "kmem:mm_page_free (raw, pagefree): pages freed",
-    "mm_page_free_batched": "kmem:mm_page_free_batched (raw, pagefree)",
-    USDT_PROGRAM: "USDT python:audit program: stage markers",
-    SYSCALL_HOOK: "the syscall hook itself, per syscall of the probed processes (calibrated)",
-    USDT_TRAP: "the uprobe trap, per stage marker (calibrated)",
+    "sys_exit": "raw_syscalls:sys_exit: madvise, fallocate, eventfd write/read",
+    "sys_enter": "raw_syscalls:sys_enter: entry time stamps (syscall-time)",
+    "mm_page_alloc": "kmem:mm_page_alloc",
+    "page_fault_user": "exceptions:page_fault_user",
+    "mm_page_free": "kmem:mm_page_free (pagefree)",
+    "mm_page_free_batched": "kmem:mm_page_free_batched (pagefree)",
+    USDT_PROGRAM: "USDT python:audit: the stage markers",
+    SYSCALL_HOOK: "the syscall path with a hook on, per syscall (calibrated)",
+    USDT_TRAP: "the uprobe trap, per marker (calibrated)",
 }
 
 
@@ -196,3 +196,46 @@ def program_rows(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats]
 
 def total_ms(rows: Mapping[str, Mapping[str, float]]) -> float:
     return sum(r["ms"] for r in rows.values())
+
+
+def median_rows(readings: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per row, the median events, ns_per_event and ms over the readings that have it
+    (readings as stored: ProbeReading.to_json() dicts)."""
+    names = sorted({n for r in readings for n in (r.get("programs") or {})}, key=_row_order)
+    out = {}
+    for n in names:
+        rows = [r["programs"][n] for r in readings if n in (r.get("programs") or {})]
+        out[n] = {k: statistics.median(float(x[k]) for x in rows) for k in ("events", "ns_per_event", "ms")}
+    return out
+
+
+def _row_order(name: str) -> tuple[int, str]:
+    order = list(ROW_DOCS)
+    return (order.index(name) if name in order else len(order), name)
+
+
+def cost_lines(rows: Mapping[str, Mapping[str, float]], op_ms: float | None = None, docs: bool = True) -> list[str]:
+    """The rows as a table, like the OVERHEAD section of a BCC tool's man page but measured:
+    per program (and the calibrated hook and trap) its events, ns per event, ms, and the
+    share of `op_ms` (the timed operation) when given; then the total."""
+    if not rows:
+        return []
+    head = ["program", "events", "ns/event", "ms"] + (["of op"] if op_ms else []) + (["what it is"] if docs else [])
+    cells = []
+    for name in sorted(rows, key=_row_order):
+        r = rows[name]
+        c = [name, f"{r['events']:,.0f}".replace(",", " "), f"{r['ns_per_event']:.0f}", f"{r['ms']:.2f}"]
+        if op_ms:
+            c.append(f"{100 * r['ms'] / op_ms:.2f} %")
+        if docs:
+            c.append(ROW_DOCS.get(name, ""))
+        cells.append(c)
+    tot = total_ms(rows)
+    cells.append(["total", "", "", f"{tot:.2f}"] + ([f"{100 * tot / op_ms:.2f} %"] if op_ms else []) + ([""] if docs else []))
+    widths = [max(len(c[i]) for c in cells + [head]) for i in range(len(head))]
+    last = len(head) - 1 if docs else len(head)
+
+    def fmt(c: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 or i == last else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(c, widths))).rstrip()
+    return [fmt(head)] + [fmt(c) for c in cells]

@@ -90,6 +90,12 @@ PROBE_METRICS = MetricSet("probes/session.py PROBE_METRICS", [
     Metric("interrupt_reads", GAUGE, "", "reads of call eventfds that returned data"),
     Metric("empty_reads", GAUGE, "", "reads of registered eventfds that found nothing (EAGAIN)"),
     Metric("eventfd_writes", GAUGE, "", "writes to any registered eventfd"),
+    Metric("page_allocs", GAUGE, "", "kmem:mm_page_alloc events of the probed processes"),
+    Metric("page_alloc_pages", GAUGE, "", "pages those allocations took (2^order each)"),
+    Metric("page_frees", GAUGE, "", "kmem:mm_page_free events (opt-in pagefree)"),
+    Metric("page_free_pages", GAUGE, "", "pages those frees returned (opt-in pagefree)"),
+    Metric("page_frees_batched", GAUGE, "", "kmem:mm_page_free_batched events (opt-in pagefree)"),
+    Metric("page_faults", GAUGE, "", "user page faults (exceptions:page_fault_user)"),
     Metric("programs.*.events", GAUGE, "", "runs of this BPF program for the probed processes in the reading's "
            "window, or the events a calibrated cost is charged for (syscall_hook: their syscalls; usdt_trap: "
            "stage markers) (probes/costs.py)"),
@@ -100,12 +106,6 @@ PROBE_METRICS = MetricSet("probes/session.py PROBE_METRICS", [
     Metric("programs.*.all_ms", TIMING, "ms", "its run time for every process (bpf_stats run_time_ns)"),
     Metric("probe_cost_ms", TIMING, "ms", "the probes' measured cost to the probed processes in the window: "
            "the sum of programs.*.ms"),
-    Metric("page_allocs", GAUGE, "", "kmem:mm_page_alloc events of the probed processes"),
-    Metric("page_alloc_pages", GAUGE, "", "pages those allocations took (2^order each)"),
-    Metric("page_frees", GAUGE, "", "kmem:mm_page_free events (opt-in pagefree)"),
-    Metric("page_free_pages", GAUGE, "", "pages those frees returned (opt-in pagefree)"),
-    Metric("page_frees_batched", GAUGE, "", "kmem:mm_page_free_batched events (opt-in pagefree)"),
-    Metric("page_faults", GAUGE, "", "user page faults (exceptions:page_fault_user)"),
     Metric("advice.*", COUNTER, "", "madvise calls per advice (MADV_REMOVE, ...)"),
     Metric("fallocate_modes.*", COUNTER, "", "fallocate calls per mode"),
     *(_eventfd_metric(kind, op) for kind in KINDS for op in OPS),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from lab import twins
+from lab import probe_costs, twins
 from lab.backends.qemu.side_by_side import side_by_side
 from lab.cli_checks import checked, refuse, writable_file
 from lab.environment import load_warnings
@@ -130,7 +130,7 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
     if report_path is not None:
         writable_file("compare", "--report", report_path)
     from lab.commands.run import open_probes
-    session = open_probes(spec.probes)
+    session = open_probes(spec.probes, spec.extra_probes)
     path = db_path or default_db_path()
     try:
         with Store(path) as store:
@@ -154,7 +154,8 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 out.update(timing_design=design, arms_without_ok_trial=empty, warnings=warnings,
                            probe_overhead=[{"arm": o.arm, "pairs": o.pairs, "unprobed_ms": o.unprobed_ms,
                                             "probed_ms": o.probed_ms, "ratio": o.ratio}
-                                           for o in twins.arm_overheads(trials)])
+                                           for o in twins.arm_overheads(trials)],
+                           probe_cost=probe_costs.costs_json(trials))
                 click.echo(json.dumps(out, default=float))
             else:
                 click.echo(f"run {run_id}  ({spec.command_line()})")
@@ -172,9 +173,9 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 keep = ["stages_ns.inflate.*", "stages_ns.deflate.total", "discard_calls", "runs", "kicks",
                         "probes.madvise_calls", "probes.madvise_kernel_ns"]
                 click.echo(render_table(comp, keep))
-                overhead = twins.overhead_table(trials)
-                if overhead:
-                    click.echo("\n" + overhead)
+                for table in (twins.overhead_table(trials), probe_costs.cost_table(trials)):
+                    if table:
+                        click.echo("\n" + table)
                 for n in twins.mismatch_notes(trials)[:5]:
                     click.echo(f"note: {n}")
             if report_path is not None:

@@ -15,15 +15,16 @@ from lab.trial_text import format_result
 
 # The spec fields `run` takes (with compare's names, aliases and defaults).
 RUN_FIELDS = ("guest_mib", "inflate_mib", "workload", "workload_params", "seed", "batch_pages", "discard", "probes",
-              "backing", "partial_tracking", "alloc_policy", "guest_init_on_alloc")
+              "extra_probes", "backing", "partial_tracking", "alloc_policy", "guest_init_on_alloc")
 
 
-def open_probes(enabled: bool):
-    """A probe session, or None when probes are off. Degrades (backend none) without eBPF."""
+def open_probes(enabled: bool, extra: list[str] | tuple[str, ...] = ()):
+    """A probe session (the default probes and the opt-in `extra` ones), or None when
+    probes are off. Degrades (backend none) without eBPF."""
     if not enabled:
         return None
-    from probes.session import ProbeSession
-    return ProbeSession(enabled=True)
+    from probes.session import DEFAULT_CONCERNS, ProbeSession
+    return ProbeSession(enabled=True, concerns=DEFAULT_CONCERNS + tuple(extra))
 
 
 @click.command("run", epilog="""\b
@@ -49,12 +50,12 @@ def command(protocol, no_deflate, as_json, **kwargs) -> None:
                          batch_pages=spec.batch_pages, discard=spec.discard, deflate=not no_deflate,
                          backing=spec.backing, partial_tracking=spec.partial_tracking,
                          alloc_policy=spec.alloc_policy, init_on_alloc=spec.guest_init_on_alloc)
-    run_and_print(run_balloon, trial, TrialFailed, spec.probes, as_json)
+    run_and_print(run_balloon, trial, TrialFailed, spec, as_json)
 
 
-def run_and_print(run_fn, trial, failure: type[Exception], probes: bool, as_json: bool) -> None:
-    """Run one trial with the probes, print it (text or JSON) and exit 0 only if verified."""
-    session = open_probes(probes)
+def run_and_print(run_fn, trial, failure: type[Exception], spec, as_json: bool) -> None:
+    """Run one trial with the spec's probes, print it (text or JSON) and exit 0 only if verified."""
+    session = open_probes(spec.probes, spec.extra_probes)
     try:
         result = run_fn(trial, session)
     except failure as e:
@@ -77,4 +78,4 @@ def run_qemu(arm: str, spec, no_deflate: bool, as_json: bool) -> None:
                                  seed=spec.seed, deflate=not no_deflate)
     except ValueError as e:
         raise click.UsageError(str(e))
-    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, spec.probes, as_json)
+    run_and_print(run_qemu_balloon, trial, QemuTrialFailed, spec, as_json)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from lab import twins
+from lab import probe_costs, twins
 from lab.backends.qemu.side_by_side import side_by_side
 from lab.baseline_file import export_baseline as write_baseline
 from lab.commands.runs import local_time
@@ -107,9 +107,9 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
     out.append(render_table(comp, metrics or None, show_equal_counters=all_counters))
     out += [f"note: {n}" for n in comp.notes]
     if measured:
-        overhead = twins.overhead_table(measured)
-        if overhead:
-            out.append("\n" + overhead)
+        for table in (twins.overhead_table(measured), probe_costs.cost_table(measured)):
+            if table:
+                out.append("\n" + table)
         out += [f"note: {n}" for n in twins.mismatch_notes(measured)[:5]]
     return out
 

@@ -14,8 +14,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from probes.bpf import Concern, array_words, array_zero, import_bcc
 from probes.elfnotes import ET_EXEC, elf_type, has_marker, usdt_notes
 from probes.markers import prefix_words
@@ -221,7 +219,7 @@ class StagesProbe(Concern):
         r = StagesReading()
         names = self.names(bpf)
         stats = array_words(bpf[b"stage_stats"])       # count, ns, sc_calls[2], sc_ns[2]
-        for idx in np.flatnonzero(stats[:, 0]).tolist():
+        for idx in stats[:, 0].nonzero()[0].tolist():
             slot, i = divmod(idx, STAGE_NAMES)
             pid = targets[slot] if slot < len(targets) else 0
             if not pid or i >= len(names) or not names[i]:
