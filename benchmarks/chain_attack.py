@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lab.attacks import MAX_TABLE, chain_attack  # noqa: E402
-from lab.hostile_vm import HostileVM  # noqa: E402
+from lab.trials.model.attacks import MAX_TABLE, chain_attack  # noqa: E402
+from lab.trials.model.hostile_vm import HostileVM  # noqa: E402
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ is a rate of at most 5 %.
 --trial-fn madvise-loop is self-contained real work (no VMM): a memfd "guest", pages
 touched at random, then freed by madvise(MADV_REMOVE) once per page (arm pfn) or once
 per contiguous run (other arms), verified from the memfd's allocated blocks.
---trial-fn runner uses lab.runner.run_trial (the real VMM + guest), imported lazily.
+--trial-fn runner uses lab.trials.arm_trial.run_trial (the real VMM + guest), imported lazily.
 Each pair is judged by both gate rules (absolute, and --relative). Exit status: 0 if
 every evaluated rule's observed rate is within --goal, 1 if one is above it.
 """
@@ -29,12 +29,12 @@ from scipy import stats as sst
 
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
-from lab.experiment import run_experiment
-from lab.gate import run_gate
-from lab.gate_inputs import GateInputError, load_input
-from lab.gate_thresholds import Thresholds
-from lab.spec import ExperimentSpec, SpecError, load_spec
-from lab.store import Store
+from lab.trials.experiment import run_experiment
+from lab.gate.compare import run_gate
+from lab.gate.inputs import GateInputError, load_input
+from lab.gate.thresholds import Thresholds
+from lab.trials.spec import ExperimentSpec, SpecError, load_spec
+from lab.store.store import Store
 
 
 def madvise_loop_trial(spec: ExperimentSpec, arm: str, rnd: int) -> dict[str, Any]:
@@ -85,9 +85,9 @@ def madvise_loop_trial(spec: ExperimentSpec, arm: str, rnd: int) -> dict[str, An
 
 
 def runner_trial_fn(probe_session: Any = None):
-    """lab.runner's trial function: it seeds round r with spec.seed + r (the same for every
+    """lab.trials.arm_trial's trial function: it seeds round r with spec.seed + r (the same for every
     arm of a round), so rounds differ in layout and arms of a round share one."""
-    from lab.runner import trial_fn  # lazily: the runner brings the VMM and guest processes
+    from lab.trials.arm_trial import trial_fn  # lazily: the runner brings the VMM and guest processes
 
     return trial_fn(probe_session)
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = None
         if args.probes and args.trial_fn == "runner":
-            from lab.commands.run import open_probes  # with probes on, compare's twin design applies
+            from lab.trials.probing import open_probes  # with probes on, compare's twin design applies
             session = open_probes(True)
         trial_fn = TRIAL_FNS[args.trial_fn](session) if session is not None else TRIAL_FNS[args.trial_fn]()
     except ImportError as e:

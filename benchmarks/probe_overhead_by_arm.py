@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What each probe costs each protocol arm, end to end: twin trials (lab/twins.py) with
+"""What each probe costs each protocol arm, end to end: twin trials (lab/trials/twins.py) with
 one probe set attached at a time, the other twin with every program detached.
 
     .venv/bin/python benchmarks/probe_overhead_by_arm.py --guest-mib 512 --inflate-mib 384 --pairs 5
@@ -19,11 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab import environment, twins
-from lab.experiment import run_experiment
-from lab.runner import trial_fn
-from lab.spec import BALLOON_ARMS, ExperimentSpec
-from lab.store import Store
+from lab.machine import environment
+from lab.trials import twins
+from lab.trials.experiment import run_experiment
+from lab.trials.arm_trial import trial_fn
+from lab.trials.spec import BALLOON_ARMS, ExperimentSpec
+from lab.store.store import Store
 from probes.session import CONCERNS, ProbeSession
 
 

@@ -31,7 +31,11 @@ CHILD = r"""
 import importlib.util, json, sys, time
 spec = importlib.util.spec_from_file_location("bpf_stats_here", sys.argv[1])
 bs = importlib.util.module_from_spec(spec); sys.modules[spec.name] = bs; spec.loader.exec_module(bs)
-from lab.runner import BalloonTrial, run_balloon
+try:                                   # the lab in rooms, or before (lab/runner.py)
+    from lab.trials.model.balloon_trial import BalloonTrial
+    from lab.trials.model.runner import run_balloon
+except ImportError:
+    from lab.runner import BalloonTrial, run_balloon
 from probes.session import ProbeSession
 arm, guest, inflate, workload, seed = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 s = ProbeSession()

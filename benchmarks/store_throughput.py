@@ -22,10 +22,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab import metrics  # noqa: E402
-from lab.environment import loadavg  # noqa: E402
-from lab.spec import ExperimentSpec  # noqa: E402
-from lab.store import Store, TrialRecord, now_iso  # noqa: E402
+from lab.results import metrics  # noqa: E402
+from lab.machine.environment import loadavg  # noqa: E402
+from lab.trials.spec import ExperimentSpec  # noqa: E402
+from lab.store.store import Store, TrialRecord, now_iso  # noqa: E402
 
 
 def sample_result(i: int) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def main() -> int:
     if a.db:
         res = write_concurrently(a.db, a.writers, a.trials)
     else:
-        from lab import pg_local
+        from lab.store import pg_local
         with pg_local.start(durable=True) as server:
             res = write_concurrently(server.url, a.writers, a.trials)
             res["server"] = "private PostgreSQL (fsync on)"

@@ -19,7 +19,7 @@ rig uses it in-process.
 
 Who uses it: the device's unit tests (through tests/conftest.py's fixtures) and every
 fuzz target (fuzz/). The hostile-guest tests (tests/test_hostile_*.py) stay on
-lab/hostile_vm.py's HostileVM: they drive the real VMM process over the control
+lab/trials/model/hostile_vm.py's HostileVM: they drive the real VMM process over the control
 socket, log and monitor included, which an in-process rig cannot stand in for.
 
     rig = DeviceRig(mib=64, protocol="pfn")

@@ -13,7 +13,8 @@ a real memfd and real eventfds (device/rig.py's DeviceRig). The pieces, one job 
   formats_target.py      target report (free page reporting queue)
   control_cases.py       control-plane message sequences (generation, mutation)
   control_guest.py       the hostile guest's end of a control session
-  loop_model.py          one wake-up of the VMM's event loop
+  wakeups.py             the VMM's own event loop around a fuzzed device; every wake-up against the 50 ms bound
+  regions.py             the oracle's own region table, from docs/PROTOCOL.md (not the device's)
   control_target.py      target control (sessions on the control socket)
   migration_target.py    target migration (a guest turning hostile mid-migration)
   targets.py             each target's generator, mutator and runner; one worker's state
@@ -22,6 +23,6 @@ a real memfd and real eventfds (device/rig.py's DeviceRig). The pieces, one job 
   engine.py              the loop, the process pool, replay
 
 tests/fuzz_corpus/ keeps found and representative cases; tests replay them
-(engine.replay). lab/commands/fuzz.py is the CLI. This package imports device/ and
+(engine.replay). lab/cli/commands/fuzz.py is the CLI. This package imports device/ and
 never lab/.
 """

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device.virtio.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout, Region
+from fuzz.regions import RamRegion, RegionTable, pc_regions
 
 QUEUES = (0, 1, 2, 3, 5)            # inflate, deflate, stats, free-page hint, misc
 # Steps that are not guest kicks: what the VMM does on its side between them.
@@ -32,29 +33,34 @@ def ring_gpa(q: int) -> int:
 
 @dataclass
 class FuzzLayout:
-    """A guest layout the fuzzer uses, and which of its pages hold data before every exec."""
+    """A guest layout the fuzzer uses, and which of its pages hold data before every exec:
+    `layout` is the device's (GuestLayout, what the device under test is given),
+    `regions` the fuzzer's own table of the same guest (fuzz/regions.py), which the
+    oracle reads, so a bug in the device's table cannot hide itself."""
 
     name: str
     layout: GuestLayout
+    regions: RegionTable
     fill: list[tuple[int, int]]          # guest-physical (gpa, length) ranges that hold data
 
     @property
     def max_pfn(self) -> int:
-        return self.layout.max_pfn
+        return self.regions.max_pfn
 
     def interesting_pfns(self) -> list[int]:
         out = {0, 1, 2, 7, 8, 0x3F, 0x40, 0x41}
-        for r in self.layout.regions:
-            out |= {r.first_pfn, r.first_pfn + 1, r.end_pfn - 1, r.end_pfn - 2, r.end_pfn, r.end_pfn + 1}
+        for r in self.regions.regions:
+            first, end = r.gpa >> PAGE_SHIFT, (r.gpa + r.size) >> PAGE_SHIFT
+            out |= {first, first + 1, end - 1, end - 2, end, end + 1}
         mp_ = self.max_pfn
         out |= {mp_ - 1, mp_, mp_ + 1, mp_ + 7, mp_ + 8, (1 << 20), (1 << 31), (1 << 32) - 1, (1 << 32) - 2}
         return sorted(x for x in out if x >= 0)
 
     @property
     def ram_mask(self) -> np.ndarray:
-        """Boolean per PFN below max_pfn: RAM or not (cached)."""
+        """Boolean per PFN below max_pfn: RAM or not (cached; the fuzzer's own table)."""
         if not hasattr(self, "_ram_mask"):
-            self._ram_mask = self.layout.ram_pfn_mask(np.arange(self.max_pfn))
+            self._ram_mask = self.regions.ram_mask()
         return self._ram_mask
 
     def data_pfns(self) -> list[tuple[int, int]]:
@@ -62,17 +68,23 @@ class FuzzLayout:
         return [(g >> PAGE_SHIFT, n >> PAGE_SHIFT) for g, n in self.fill]
 
 
+def _both(regions: tuple[tuple[int, int, int], ...]) -> tuple[GuestLayout, RegionTable]:
+    """A test layout given as (gpa, size, memfd offset) triples: the device's GuestLayout
+    and the fuzzer's own table of it."""
+    return (GuestLayout(tuple(Region(g, n, o) for g, n, o in regions)),
+            RegionTable(tuple(RamRegion(g, n, o) for g, n, o in regions)))
+
+
 def make_layout(name: str) -> FuzzLayout:
     """A new FuzzLayout by name (LAYOUTS); fuzz_layout() keeps one of each."""
     if name == "mini":      # 1 MiB RAM, a 1 MiB hole, 1 MiB RAM: every page holds data
-        lay = GuestLayout((Region(0, MiB, 0), Region(2 * MiB, MiB, MiB)))
-        return FuzzLayout(name, lay, [(0, MiB), (2 * MiB, MiB)])
+        return FuzzLayout(name, *_both(((0, MiB, 0), (2 * MiB, MiB, MiB))), [(0, MiB), (2 * MiB, MiB)])
     if name == "flat":      # one region, nothing past it
-        lay = GuestLayout((Region(0, MiB, 0),))
-        return FuzzLayout(name, lay, [(0, MiB)])
-    if name == "pc":        # the lab's PC layout (3 GiB, hole, 4 MiB above 4 GiB), sparse
-        lay = GuestLayout.pc(3072 + 4)
-        return FuzzLayout(name, lay, [(0, MiB), ((3 << 30) - (256 << 10), 256 << 10), (4 << 30, 4 * MiB)])
+        return FuzzLayout(name, *_both(((0, MiB, 0),)), [(0, MiB)])
+    if name == "pc":        # the lab's PC layout (3 GiB, hole, 4 MiB above 4 GiB), sparse: the device's
+        # GuestLayout.pc and the fuzzer's own reading of docs/PROTOCOL.md, each on its own
+        return FuzzLayout(name, GuestLayout.pc(3072 + 4), pc_regions(3072 + 4),
+                          [(0, MiB), ((3 << 30) - (256 << 10), 256 << 10), (4 << 30, 4 * MiB)])
     raise ValueError(f"unknown fuzz layout {name!r}")
 
 

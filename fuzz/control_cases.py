@@ -17,9 +17,9 @@ from device.virtio.hint_format import HINT_DESIGNS
 from device.virtio.protocols import PROTOCOL_NAMES, protocol_device_features
 from device.virtio.hint_format import hint_device_features
 from device.virtio.layout import GuestLayout, Region
+from fuzz.regions import RamRegion, RegionTable
 
 KiB256 = 256 << 10
-WAKEUP_BOUND_S = 0.050            # one wake-up's CPU time: the monitor's worst wait (docs/BAD_INPUT.md)
 FD_KINDS = ("eventfd", "memfd", "pipe", "socket", "devnull")
 RING0 = 0x10000                   # where `inflate` steps put queue 0's ring (size 8) ...
 REQ_BUF = 0x12000                 # ... and their request
@@ -30,9 +30,19 @@ QUEUE_GPAS = (0x1000, 0x3000, 0x5000, 0x7000, 0x9000, 0xB000, RING0, KiB256 - 0x
 STATUS_VALUES = (0, 1, 3, 11, 15, 4, 8, 64, 128, 0xFF, 0x10F)
 
 
+REGIONS = ((0, KiB256, 0), (2 * KiB256, KiB256, KiB256))   # (gpa, size, memfd offset)
+
+
 def layout() -> GuestLayout:
-    """256 KiB of RAM, a 256 KiB hole, 256 KiB of RAM: small, with a hole to aim at."""
-    return GuestLayout((Region(0, KiB256, 0), Region(2 * KiB256, KiB256, KiB256)))
+    """256 KiB of RAM, a 256 KiB hole, 256 KiB of RAM: small, with a hole to aim at (the
+    device's table of it)."""
+    return GuestLayout(tuple(Region(g, n, o) for g, n, o in REGIONS))
+
+
+def regions() -> RegionTable:
+    """The same guest in the fuzzer's own table (fuzz/regions.py), for the guest's writes
+    and the oracle."""
+    return RegionTable(tuple(RamRegion(g, n, o) for g, n, o in REGIONS))
 
 
 def _payload(rng: random.Random, req: int) -> bytes:

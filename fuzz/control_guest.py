@@ -121,7 +121,7 @@ class Guest:
     def write(self, gpa: int, data: bytes) -> None:
         """Guest bytes in guest RAM: whatever they could name if read as a request is named."""
         self.state.ram.mem[gpa:gpa + len(data)] = data
-        self.named |= _named_by(data, gpa, self.state.layout.max_pfn)
+        self.named |= _named_by(data, gpa, self.state.regions.max_pfn)
 
     def post(self, q: int, bufs: list[tuple[int, int, bool]]) -> bool:
         """Put one chain of (gpa, len, writable) on queue q's ring, if the session set the
@@ -132,7 +132,7 @@ class Guest:
             return False
         ring = self.rings.get(q)
         if ring is None:
-            ring = self.rings[q] = RawRing(self.state.ram.mem, self.state.layout.translate, a)
+            ring = self.rings[q] = RawRing(self.state.ram.mem, self.state.regions.translate, a)
         slot = ring.next_avail % 8
         n = len(bufs)
         for k, (g, ln, w) in enumerate(bufs):     # descriptors slot.. (a size-8 ring: at most 8)

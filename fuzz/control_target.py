@@ -3,8 +3,8 @@
 Each execution is one guest session, in-process but over the real pieces: a
 SOCK_SEQPACKET socket pair, the VMM's DeviceChannel and ControlService
 (device/host/control_peer.py), a fresh BalloonDevice over a real memfd, real eventfds,
-and `LoopModel`, one event-loop wake-up as device/host/vmm.py runs it (control socket
-first, then kicks under one WorkBudget). The guest sends generated and mutated
+and the VMM's own event loop code (device/host/event_loop.py through fuzz/wakeups.py:
+control socket first, then kicks under the wake-up's WorkBudget). The guest sends generated and mutated
 sequences: well-formed requests in and out of order, every request code, payloads
 of any size (0 to past the 4096-byte limit), lying size fields, bad versions, reply
 flags, zero-length and short packets, fds of every kind (eventfd, the memfd, pipes,
@@ -16,8 +16,9 @@ Oracle, per execution:
                `device-internal` counted, or a reply that breaks the framing, or a
                request that got no reply or two (checked once the guest drains), or
                a file descriptor the VMM side leaked;
-  hang         one wake-up used more than WAKEUP_BOUND_S of CPU time (the monitor
-               would wait that long), or the execution passed the fuzz time limit;
+  slow-wakeup  one wake-up used more than WAKEUP_BOUND_S of CPU time (the monitor
+               would wait that long), the first time it happens;
+  hang         the execution passed the fuzz time limit, or the loop never went idle;
   oob-discard  a page lost its data (memfd SEEK_DATA) that the guest never named in
                an inflate request (the only requests it writes are its `inflate`
                steps; every other byte of guest RAM is the fill pattern or zero,
@@ -40,9 +41,9 @@ from device.virtio.protocols import protocol_device_features
 from device.virtio.hint_format import hint_device_features
 from device.virtio.layout import PAGE_SHIFT
 from device.virtio.ram import GuestRAM, memfd_data_extents
-from fuzz.control_cases import LOW, PATTERN, WAKEUP_BOUND_S, layout, ring_base
+from fuzz.control_cases import LOW, PATTERN, layout, regions, ring_base
 from fuzz.control_guest import Guest, fd_count
-from fuzz.loop_model import LoopModel
+from fuzz.wakeups import FuzzLoop, NeverIdle, Wakeups
 from fuzz.time_limit import Hang, arm, disarm, hang_detail
 
 
@@ -52,7 +53,8 @@ class ControlWorkerState:
     leak makes it grow) and the count of volatile sessions."""
 
     def __init__(self) -> None:
-        self.layout = layout()
+        self.layout = layout()               # the device's table; the guest and the oracle use `regions`
+        self.regions = regions()
         self.ram = GuestRAM.create(self.layout, name="balloon-lab-fuzz-control")
         self.ram.mem[:] = bytes([PATTERN]) * self.ram.size
         self.ram.mem[:LOW] = bytes(LOW)
@@ -150,15 +152,31 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
         control._close(msg.fds)
         return True
 
-    loop = LoopModel(dev, None)                     # type: ignore[arg-type]
-    svc = ControlService(chan, dev, on_reply, loop.on_gone)
-    loop.svc = svc
-    ctx["loop"] = loop
+    wake = Wakeups()
+    loop = FuzzLoop(dev, wake)                      # the VMM's own loop code, real budget per wake-up
+    gone: list[str] = []
+
+    def on_gone(why: str) -> None:                  # as VMM._guest_gone: stop watching the guest
+        gone.append(why)
+        loop.detach_control()
+        loop.kicks.clear()
+
+    svc = ControlService(chan, dev, on_reply, on_gone)
+    loop.attach_control(chan, svc)
+    seen: set[tuple] = set()                        # every ring layout the device was given
+
+    def wakeup(what: str) -> bool:
+        served = loop.wakeup(what)
+        seen.update((q, v.desc, v.avail, v.used, v.size) for q, v in dev.vrings.items())
+        return served
+
+    ctx["loop"], ctx["wakeup"], ctx["gone"], ctx["wake"] = loop, wakeup, gone, wake
     try:
         arm(limit_s)
         try:
-            for step in case["steps"]:
+            for i, step in enumerate(case["steps"]):
                 kind = step[0]
+                what = f"step {i}: {kind}"
                 if extra is not None and extra.step(step, ctx):
                     pass
                 elif kind == "msg":
@@ -168,14 +186,14 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
                     data = control.HEADER.pack(req & 0xFFFFFFFF, flags & 0xFFFFFFFF,
                                          (len(body) if size is None else size) & 0xFFFFFFFF) + body
                     guest.send(data, kinds, _well_formed(data))
-                    loop.wakeup()
+                    wakeup(what)
                 elif kind == "raw":
                     data = bytes.fromhex(step[1])
                     guest.send(data, [], _well_formed(data))
-                    loop.wakeup()
+                    wakeup(what)
                 elif kind == "serve":
                     for _ in range(step[1]):
-                        if not loop.wakeup():
+                        if not wakeup(what):
                             break
                 elif kind == "read":
                     guest.read(step[1])
@@ -183,56 +201,62 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
                     for _ in range(step[1]):
                         guest.send(control.HEADER.pack(control.Req.GET_STATUS, control.VERSION, 0), [], control.Req.GET_STATUS)
                         if len(guest.sent_requests) % 7 == 0:
-                            loop.wakeup()
+                            wakeup(what)
                 elif kind == "kick":
                     fd = guest.fds.get(step[1])
                     if fd is not None:
                         os.eventfd_write(fd, 1)
-                        loop.wakeup()
+                        wakeup(what)
                 elif kind == "inflate":
                     guest.inflate(step[1])
-                    loop.wakeup()
+                    wakeup(what)
                 elif kind == "setup":
                     direct_setup(rig, guest, step[1])
+                    loop.kicks.rearm()          # the rig installs kick fds directly, as SET_VRING_KICK would
                 elif kind == "hup":
                     guest.close()
-                    loop.wakeup()
+                    wakeup(what)
             # drain: the guest reads everything, the loop serves until quiet
-            idle = 0
-            while idle < 2 and loop.gone is None:
-                progressed = loop.wakeup()
+            idle, drained = 0, 0
+            while idle < 2 and not gone:
+                drained += 1
+                if drained > 20_000:
+                    raise NeverIdle("the loop and the guest never went quiet while draining")
+                progressed = wakeup("draining")
                 got = guest.read(1 << 30)
                 idle = 0 if progressed or got else idle + 1
         finally:
             disarm()
     except Hang:
         failure, detail = "hang", hang_detail(limit_s)
+    except NeverIdle as e:
+        failure, detail = "hang", str(e)
     except Exception as e:      # anything escaping the service or the device is a crash
         failure, detail = "crash", f"{type(e).__name__}: {e}"
     errors = dict(dev.errors)
     if failure is None and (errors.get("control-internal") or errors.get("device-internal")):
         failure, detail = "crash", f"internal error counted: {errors}"
-    if failure is None and loop.worst_wakeup_s > WAKEUP_BOUND_S:
-        failure, detail = "hang", (f"one wake-up used {loop.worst_wakeup_s * 1e3:.1f} ms of CPU, more than the "
-                                   f"{WAKEUP_BOUND_S * 1e3:.0f} ms bound")
+    if failure is None and wake.failure() is not None:
+        failure, detail = wake.failure()
     if failure is None and guest.bad_reply:
         failure, detail = "crash", guest.bad_reply
-    if failure is None and not guest.closed and loop.gone is None:
+    if failure is None and not guest.closed and not gone:
         want = guest.sent_requests
         # replies to requests the device could not parse are none; every parsed request has one
         if guest.replies != want[:len(guest.replies)] or len(guest.replies) != len(want):
             failure, detail = "crash", (f"{len(want)} well-formed requests, {len(guest.replies)} replies "
                                         f"(first requests {want[:6]}, replies {guest.replies[:6]})")
     sig = ("control", case["proto"], case["hint"], tuple(sorted(errors)), bool(dev.status & 64),
-           dev.live, bool(chan.throttle_episodes), loop.gone is not None, bool(dev.inflate.pages))
+           dev.live, bool(chan.throttle_episodes), bool(gone), bool(dev.inflate.pages))
     ballooned = set(np.flatnonzero(dev.ballooned_np == 1).tolist())
-    vol = volatile(dev, loop.vrings_seen | {(q, v.desc, v.avail, v.used, v.size) for q, v in dev.vrings.items()})
+    vol = volatile(dev, seen | {(q, v.desc, v.avail, v.used, v.size) for q, v in dev.vrings.items()})
     ctx["volatile"] = vol
     state.volatile += vol
     if failure is None and extra is not None:
         failure, detail = extra.check(ctx)
         sig += extra.signature(ctx)
     guest.close()
+    loop.close()
     try:
         dev.reset()
     except Exception as e:
@@ -243,7 +267,7 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
         extra.close()
     lost = state.restore()
     if failure is None and not vol:
-        lost_pfns = set(state.layout.offset_to_pfn(lost << PAGE_SHIFT).tolist()) if lost.size else set()
+        lost_pfns = set(state.regions.offset_to_pfn(lost << PAGE_SHIFT).tolist()) if lost.size else set()
         named = guest.named
         if any(p < LOW >> PAGE_SHIFT for p in named):
             # the guest named a page of its own rings or requests: once discarded it reads

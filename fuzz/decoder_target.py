@@ -15,6 +15,7 @@ from device.virtio.layout import PAGE_SHIFT
 from fuzz.cases import Outcome
 from fuzz.reference_decoders import merge_spans, ref_bitmap, ref_chunks
 from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.wakeups import Wakeups
 
 WIRE_REASONS = {"pfn-array-len", "pfn-range", "truncated-header", "bad-page-shift", "bitmap-len",
                 "bitmap-too-large", "beyond-ram", "unaligned", "zero-length", "overflow", "overlap",
@@ -22,30 +23,36 @@ WIRE_REASONS = {"pfn-array-len", "pfn-range", "truncated-header", "bad-page-shif
 
 
 def run_decoder(case: dict, limit_s: float) -> Outcome:
+    """One decode of one request, as one wake-up of the VMM makes it (a chain is never
+    split), timed against the wake-up bound (fuzz/wakeups.py)."""
     t = case["t"]
     failure, detail, reason = None, "", "ok"
+    wake = Wakeups()
     try:
         arm(limit_s)
         try:
             if t == "pfn":
-                reason, failure, detail = _check_pfn(case)
+                reason, failure, detail = _check_pfn(case, wake)
             elif t == "bitmap":
-                reason, failure, detail = _check_bitmap(case)
+                reason, failure, detail = _check_bitmap(case, wake)
             else:
-                reason, failure, detail = _check_chunks(case)
+                reason, failure, detail = _check_chunks(case, wake)
         finally:
             disarm()
     except Hang:
         failure, detail = "hang", hang_detail(limit_s)
     except Exception as e:
         failure, detail = "crash", f"{type(e).__name__}: {e}"
+    if failure is None and wake.failure() is not None:
+        failure, detail = wake.failure()
     return Outcome((t, reason), failure, detail)
 
 
-def _check_pfn(case: dict):
+def _check_pfn(case: dict, wake: Wakeups):
     data, mx = case["data"], case["max_pfn"]
     try:
-        got = wire.decode_pfns(data, max_pfn=mx)
+        with wake.timed(f"decoding a {len(data)}-byte PFN array"):
+            got = wire.decode_pfns(data, max_pfn=mx)
     except wire.WireError as e:
         ok_reason = e.reason in WIRE_REASONS
         return e.reason, None if ok_reason else "crash", "" if ok_reason else f"unknown reason {e.reason}"
@@ -59,11 +66,13 @@ def _check_pfn(case: dict):
     return "ok", None, ""
 
 
-def _against_reference(decode, ref_reason: str | None):
-    """Run the device's decoder; its refusal must match the reference decoder's. Returns
-    (verdict, None) when that settles the case, else (None, what it decoded)."""
+def _against_reference(decode, ref_reason: str | None, wake: Wakeups, what: str):
+    """Run the device's decoder (timed as one wake-up's work); its refusal must match the
+    reference decoder's. Returns (verdict, None) when that settles the case, else (None,
+    what it decoded)."""
     try:
-        decoded = decode()
+        with wake.timed(what):
+            decoded = decode()
     except wire.WireError as e:
         if ref_reason is None:
             return (e.reason, "crash", f"refused ({e}) a request the format allows"), None
@@ -73,11 +82,12 @@ def _against_reference(decode, ref_reason: str | None):
     return None, decoded
 
 
-def _check_bitmap(case: dict):
+def _check_bitmap(case: dict, wake: Wakeups):
     bufs, mx = case["bufs"], case["max_pfn"]
     ref_reason, (rs, rl) = ref_bitmap(b"".join(bufs), mx)
     verdict, decoded = _against_reference(
-        lambda: wire.decode_bitmap(bufs, max_pfn=mx, page_shifts=wire.BITMAP_PAGE_SHIFTS), ref_reason)
+        lambda: wire.decode_bitmap(bufs, max_pfn=mx, page_shifts=wire.BITMAP_PAGE_SHIFTS), ref_reason, wake,
+        f"decoding a {sum(map(len, bufs))}-byte bitmap request")
     if verdict is not None:
         return verdict
     _hdr, starts, lengths = decoded
@@ -86,11 +96,11 @@ def _check_bitmap(case: dict):
     return "ok", None, ""
 
 
-def _check_chunks(case: dict):
+def _check_chunks(case: dict, wake: Wakeups):
     ch, mx = [tuple(x) for x in case["chunks"]], case["max_pfn"]
     ref_reason, spans = ref_chunks(ch, mx)
     verdict, decoded = _against_reference(lambda: wire.chunks_to_runs(ch, max_pfn=mx, merge=case["merge"]),
-                                          ref_reason)
+                                          ref_reason, wake, f"decoding {len(ch)} chunks")
     if verdict is not None:
         return verdict
     s, ln = decoded

@@ -29,14 +29,17 @@ from device.rig import DeviceRig
 from device.virtio.features import QUEUE_FEATURE, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, S_NEEDS_RESET, bit
 from device.virtio.hint_format import hint_device_features
 from device.virtio.protocols import protocol_device_features
-from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from device.host.budget import WorkBudget
+from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.virtio.ram import GuestRAM, memfd_data_extents
 from device.virtio.device_queue import DeviceQueue, RingError
 from fuzz.cases import (BUF_AREA, DATA_BYTE, DATA_PAGE, HINT_DONE, HINT_REQUEST, HINT_START, HINT_STOP, STATS_POLL,
                         Outcome, fuzz_layout, kick_steps, ring_gpa)
-from fuzz.oracle import MemoryBeforeExec, check_chain, check_device_exec, exec_bound, subtract_ranges, wire_format
+from fuzz.oracle import MemoryBeforeExec, check_chain, check_device_exec, exec_bound, subtract_ranges
 from fuzz.reference_decoders import ram_offset
+from fuzz.regions import RegionTable, wire_format_of
 from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.wakeups import FuzzLoop, NeverIdle, Wakeups
 
 
 class DeviceTarget:
@@ -55,7 +58,7 @@ class DeviceTarget:
             ram = GuestRAM.create(fl.layout, name=f"balloon-lab-fuzz-{name}")
             mask = np.zeros(ram.size >> PAGE_SHIFT, dtype=bool)
             for g, n in fl.fill:
-                off = fl.layout.translate(g, n)
+                off = fl.regions.gpa_to_offset(g, n)
                 ram.mem[off:off + n] = bytes([DATA_BYTE]) * n
                 mask[off >> PAGE_SHIFT:(off + n) >> PAGE_SHIFT] = True
             self.rams[name] = ram
@@ -104,7 +107,7 @@ class DeviceTarget:
                     pass
         return True
 
-    def _write_case(self, case: dict, ram: GuestRAM, lay: GuestLayout) -> list[tuple[int, int]]:
+    def _write_case(self, case: dict, ram: GuestRAM, lay: RegionTable) -> list[tuple[int, int]]:
         dirty = []
         n = case["qsize"]
         for q, qd in case["queues"].items():
@@ -120,24 +123,24 @@ class DeviceTarget:
         for g, data in case["mem"]:
             g = BUF_AREA[0] + (g - BUF_AREA[0]) % (BUF_AREA[1] - BUF_AREA[0])
             data = data[:BUF_AREA[1] - g]
-            off = lay.translate(g, len(data))
+            off = lay.gpa_to_offset(g, len(data))
             ram.mem[off:off + len(data)] = data
             dirty.append((off, len(data)))
         return dirty
 
-    def _restore_written(self, case: dict, ram: GuestRAM, lay: GuestLayout, dirty) -> None:
+    def _restore_written(self, case: dict, ram: GuestRAM, lay: RegionTable, dirty) -> None:
         pat = DATA_BYTE
         for off, ln in dirty:
             ram.mem[off:off + ln] = bytes([pat]) * ln
         for q in case["queues"]:
             a = RingAddrs.at(ring_gpa(int(q)), case["qsize"])
-            off = lay.translate(a.desc, a.end - a.desc)
+            off = lay.gpa_to_offset(a.desc, a.end - a.desc)
             ram.mem[off:off + a.end - a.desc] = bytes([pat]) * (a.end - a.desc)
 
     # --- the device target ----------------------------------------------------------------
     def run_device(self, case: dict, limit_s: float) -> Outcome:
         fl = fuzz_layout(case["layout"])
-        lay = fl.layout
+        lay = fl.regions          # the oracle's own table (fuzz/regions.py); the device has fl.layout
         name = case["layout"]
         ram = self.ram(name)
         fill = self.fill_mask[name]
@@ -165,9 +168,12 @@ class DeviceTarget:
             need = QUEUE_FEATURE.get(int(q))
             if need is None or feats & bit(need):     # as SET_VRING allows
                 rig.set_vring(int(q), ring_gpa(int(q)), n, zero=False)   # the case wrote the ring
+                rig.connect(int(q))                                       # its kick and call eventfds
+        wake = Wakeups()
+        loop = FuzzLoop(dev, wake)                    # the VMM's own loop code, real budget per wake-up
         failure, detail = None, ""
         pre = np.array([p for p in case["pre"] if 0 <= p < lay.max_pfn], dtype=np.int64)
-        pre = np.unique(pre[lay.ram_pfn_mask(pre)]) if pre.size else pre
+        pre = np.unique(pre[fl.ram_mask[pre]]) if pre.size else pre
         try:
             if case["status"] != "no-driver-ok":
                 rig.driver_ok()
@@ -180,28 +186,39 @@ class DeviceTarget:
             dev.ballooned_np[pre] = 1
             arm(limit_s)
             try:
-                for k, idx in kick_steps(case):
+                for step, (k, idx) in enumerate(kick_steps(case)):
                     if k >= 0:
                         if idx is not None and k in case["queues"]:
                             a = RingAddrs.at(ring_gpa(k), n)
-                            struct.pack_into("<H", ram.mem, lay.translate(a.avail + 2, 2), idx & 0xFFFF)
-                        dev.process_queue(k)
+                            struct.pack_into("<H", ram.mem, lay.gpa_to_offset(a.avail + 2, 2), idx & 0xFFFF)
+                        fd = rig.driver_kick_fds.get(k)
+                        if fd is not None:
+                            loop.kick(k, fd, f"step {step}: kick on queue {k}")
+                        else:             # no eventfd: a queue never set up; the device refuses the kick
+                            with wake.timed(f"step {step}: kick on queue {k}, not set up"):
+                                dev.process_queue(k, WorkBudget())
                     else:
-                        vmm_step(dev, hints, k)
+                        with wake.timed(f"step {step}: the VMM's step {k}"):
+                            vmm_step(dev, hints, k)
+                        loop.until_idle(f"step {step}: after the VMM's step {k}")
             finally:
                 disarm()
         except Hang:
             failure, detail = "hang", hang_detail(limit_s)
+        except NeverIdle as e:
+            failure, detail = "hang", str(e)
         except Exception as e:   # anything escaping the device is a crash
             failure, detail = "crash", f"{type(e).__name__}: {e}"
         if failure is None and dev.errors.get("device-internal"):
             failure, detail = "crash", "device-internal error counted (an exception inside the device)"
+        if failure is None and wake.failure() is not None:
+            failure, detail = wake.failure()
         lost_pages = self.lost_and_restore(name)
         lost = lay.offset_to_pfn(lost_pages << PAGE_SHIFT) if lost_pages.size else lost_pages
         hinted = hints is not None and bool(hints.hinted.any())
         bound = None
         if lost.size or hinted or dev.inflate.requests or dev.deflate.requests:
-            bound = exec_bound(case, pre_mem, lay, wire_format(feats))
+            bound = exec_bound(case, pre_mem, lay, wire_format_of(feats))
             self.volatile += bound.volatile
             if failure is None:
                 failure, detail = check_device_exec(case, dev, hints, pre_mem, lay, bound, lost, pre, fill)
@@ -217,17 +234,19 @@ class DeviceTarget:
         sig = ("device", name == "pc", proto, case.get("hint", "none"), hinted, tuple(sorted(dev.errors)),
                bool(dev.status & S_NEEDS_RESET), bool(lost.size), min(3, int(lost.size).bit_length() // 3),
                bool(dev.deflate.pages), dev.stats_head is not None)
+        loop.close()
         rig.close()
         return Outcome(sig, failure, detail)
 
     # --- the ring target ---------------------------------------------------------------------
     def run_ring(self, case: dict, limit_s: float) -> Outcome:
         fl = fuzz_layout(case["layout"])
-        lay = fl.layout
+        lay = fl.regions
         ram = self.ram(case["layout"])
         dirty = self._write_case(case, ram, lay)
         n = case["qsize"]
         failure, detail, reasons, chains = None, "", set(), 0
+        wake = Wakeups()
         try:
             arm(limit_s)
             try:
@@ -236,9 +255,10 @@ class DeviceTarget:
                     dq = DeviceQueue(ram, int(q), n, a.desc, a.avail, a.used, event_idx=case["event_idx"],
                                      indirect=case["indirect"], max_chain=case.get("max_chain"))
                     dq.restore(qd["last"], qd["last"])
-                    for _ in range(n + 2):
+                    for k in range(n + 2):
                         try:
-                            c = dq.pop_avail()
+                            with wake.timed(f"walking chain {k} of queue {q}"):   # one chain: within one wake-up
+                                c = dq.pop_avail()
                         except RingError as e:
                             reasons.add(e.reason)
                             continue
@@ -256,6 +276,8 @@ class DeviceTarget:
             failure, detail = "hang", hang_detail(limit_s)
         except Exception as e:
             failure, detail = "crash", f"{type(e).__name__}: {e}"
+        if failure is None and wake.failure() is not None:
+            failure, detail = wake.failure()
         self._restore_written(case, ram, lay, dirty)
         return Outcome(("ring", tuple(sorted(reasons)), min(chains, 3)), failure, detail)
 
@@ -275,4 +297,5 @@ def vmm_step(dev: BalloonDevice, hints: HintQueues | None, k: int) -> None:
         hints.stop_upstream()
     elif k == HINT_DONE and hints.upstream_ready:
         hints.done_upstream()
+
 

@@ -8,10 +8,12 @@ failures and one case per behaviour can be written out as JSON (fuzz/corpus.py).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
 import random
+import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -51,15 +53,16 @@ class FuzzResult:
     crashes: int = 0
     hangs: int = 0
     oob_discards: int = 0
+    slow_wakeups: int = 0        # executions with a wake-up over the 50 ms CPU bound (fuzz/wakeups.py)
     seconds: float = 0.0
     workers: int = 1
     seed: int = 0
     by_target: dict = field(default_factory=dict)
     signatures: int = 0
     volatile_execs: int = 0      # device execs whose oracle had to allow every page (see oracle.Bound)
-    timing_retries: int = 0      # control/migration execs re-run because one wake-up looked slow
     max_exec_ms: float = 0.0
-    failures: list = field(default_factory=list)       # [{"kind", "detail", "case"}], at most 50
+    failures: list = field(default_factory=list)       # [{"kind", "detail", "case"}], at most MAX_FAILURES
+    slow_by_what: dict = field(default_factory=dict)   # slow wake-ups by what they served: {what: [count, worst ms]}
     seen: list = field(default_factory=list, repr=False)   # behaviour signatures, merged over workers
     corpus: list = field(default_factory=list)         # one JSON case per behaviour seen
 
@@ -72,6 +75,16 @@ class FuzzResult:
         return d
 
 
+MAX_FAILURES = 200
+GC_EVERY = 2000          # execs between the worker's own full garbage collections (see fuzz_worker)
+
+
+def _what(detail: str) -> str:
+    """What a slow wake-up served, without its step number: 'kick on queue 0'."""
+    inner = detail.rsplit("(", 1)[-1].rstrip(")")
+    return inner.split(": ", 1)[-1] if inner.startswith("step ") else inner
+
+
 def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus: bool = False,
                 family: str = "rings") -> FuzzResult:
     """One process's share of the run."""
@@ -81,6 +94,13 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
     for name in LAYOUTS if family == "rings" else ():   # create and fill guest RAM before anything is timed
         state.devices.ram(name)
     quiet()
+    # The worker's heap (pools, behaviours seen: tens of thousands of objects) is far larger
+    # than a VMM's; a full collection of it inside a timed wake-up would be the fuzzer's
+    # cost, not the device's. So it is collected between execs, and what survives is frozen
+    # (gc.freeze: never scanned again); a collection inside a wake-up then only sees the
+    # exec's own young objects, as in the VMM.
+    gc.collect()
+    gc.freeze()
     timer = hang_timer().__enter__()
     res = FuzzResult(seed=seed)
     pools: dict[str, list[dict]] = {t: [] for t in targets}
@@ -89,6 +109,9 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
     by_t: Counter[str] = Counter()
     try:
         for i in range(execs):
+            if i % GC_EVERY == GC_EVERY - 1:
+                gc.collect()
+                gc.freeze()
             t = rng.choices(targets, weights)[0]
             pool = pools[t]
             if pool and rng.random() < 0.75:
@@ -106,9 +129,15 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
                     res.hangs += 1
                 elif o.failure == "oob-discard":
                     res.oob_discards += 1
+                elif o.failure == "slow-wakeup":
+                    res.slow_wakeups += 1
+                    ms = float(o.detail.split(" used ", 1)[1].split(" ms", 1)[0])
+                    seen_what = res.slow_by_what.setdefault(f"{t}: {_what(o.detail)}", [0, 0.0])
+                    seen_what[0] += 1
+                    seen_what[1] = max(seen_what[1], ms)
                 else:
                     res.crashes += 1
-                if len(res.failures) < 50:
+                if len(res.failures) < MAX_FAILURES:
                     res.failures.append({"kind": o.failure, "detail": o.detail, "case": case_to_json(case)})
             elif o.signature not in seen:
                 seen[o.signature] = case
@@ -126,7 +155,6 @@ def fuzz_worker(execs: int, seed: int, limit_s: float, counter=None, keep_corpus
         state.close()
     res.execs = execs
     res.volatile_execs = state.volatile
-    res.timing_retries = state.timing_retries
     res.seconds = time.perf_counter() - t0
     res.by_target = dict(by_t)
     res.signatures = len(seen)
@@ -145,8 +173,12 @@ _COUNTER = None
 
 
 def _init_worker(counter) -> None:
+    """A pool worker: the parent alone answers Ctrl-C and SIGTERM (it ends the pool, whose
+    SIGTERM then ends the worker quietly, not with the parent's handler inherited by fork)."""
     global _COUNTER
     _COUNTER = counter
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_timeout_s: float = 2.0,
@@ -179,7 +211,11 @@ def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_time
         total.hangs += r.hangs
         total.oob_discards += r.oob_discards
         total.volatile_execs += r.volatile_execs
-        total.timing_retries += r.timing_retries
+        total.slow_wakeups += r.slow_wakeups
+        for what, (n, ms) in r.slow_by_what.items():
+            agg = total.slow_by_what.setdefault(what, [0, 0.0])
+            agg[0] += n
+            agg[1] = max(agg[1], ms)
         total.max_exec_ms = max(total.max_exec_ms, r.max_exec_ms)
         total.failures += r.failures
         by_t.update(r.by_target)
@@ -188,7 +224,7 @@ def run_fuzz(execs: int, *, seed: int = 0, workers: int | None = None, exec_time
             if c["signature"] not in kept:
                 kept.add(c["signature"])
                 total.corpus.append(c)
-    total.failures = total.failures[:50]
+    total.failures = total.failures[:MAX_FAILURES]
     total.by_target = dict(by_t)
     total.signatures = len(sigs)
     total.seconds = time.perf_counter() - t0

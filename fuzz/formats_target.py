@@ -21,6 +21,7 @@ import numpy as np
 
 from device.guest.raw_guest import F_NEXT, F_WRITE
 from device.host.balloon_device import IN_BALLOON, QUEUE_MEMORY
+from device.host.page_reporting_device import ReportingDevice
 from device.rig import DeviceRig
 from device.virtio.features import F_REPORTING, Q_REPORTING, bit
 from device.virtio.protocols import protocol_device_features
@@ -28,8 +29,10 @@ from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
 from fuzz.cases import Outcome
 from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.wakeups import FuzzLoop, NeverIdle, Wakeups
 
 RAM_MIB = 32
+RAM_PAGES = (RAM_MIB << 20) >> 12
 RING = 0x1000
 QSIZE = 16
 HUGE = 512                     # 4 KiB pages per 2 MiB host page
@@ -118,16 +121,25 @@ class ReportTarget:
             fl = (F_WRITE if w else 0) | (F_NEXT if i + 1 < len(chain) else 0)
             ring.desc(i, a, ln, fl, i + 1)
         ring.offer([0])                                         # avail ring[0] = head 0, idx = 1
+        rig.connect(Q_REPORTING)                                # its kick and call eventfds
         rig.driver_ok()
-        from device.host.page_reporting_device import ReportingDevice
         rd = ReportingDevice(dev)
         rd.register_queues(dev.register_queue)
-        pre = np.asarray([p for p in case["pre"] if 0 <= p < dev.layout.max_pfn], dtype=np.int64)
+        pre = np.asarray([p for p in case["pre"] if 0 <= p < RAM_PAGES], dtype=np.int64)
         dev.ballooned_np[pre] = np.where(dev.ballooned_np[pre] == QUEUE_MEMORY, QUEUE_MEMORY, IN_BALLOON)
+        wake = Wakeups()
+        loop = FuzzLoop(dev, wake)                              # the VMM's own loop, real budget per wake-up
         try:
-            dev.process_queue(Q_REPORTING)
+            loop.kick(Q_REPORTING, rig.driver_kick_fds[Q_REPORTING], "the report chain's kick")
+        except NeverIdle as e:
+            return ("report", "never-idle"), "hang", str(e)
         except Exception as e:
             return ("report", "exception"), "crash", f"{type(e).__name__}: {e}"
+        finally:
+            loop.close()
+            rig.close()        # the driver's eventfds, and the device reset (its counters stay)
+        if wake.failure() is not None:
+            return ("report", "slow"), *wake.failure()
         after = ram.data_page_mask()
         lost = np.flatnonzero(before & ~after)
         errors = tuple(sorted(dev.errors))

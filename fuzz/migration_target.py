@@ -33,7 +33,6 @@ import struct
 import numpy as np
 
 from device.virtio import control
-from device.virtio.layout import BadAddress
 from device.virtio.protocols import WIRE_FORMAT_NAMES
 from device.virtio.dirty_log import LOG_OFFSET, DirtyLog
 from fuzz.control_cases import LOW, control_step, copy_steps, layout
@@ -138,10 +137,11 @@ class MigrationSteps:
     # --- steps ----------------------------------------------------------------------------
     def step(self, step: list, ctx: dict) -> bool:
         kind = step[0]
-        loop = ctx["loop"]
+        wakeup = ctx["wakeup"]
         if kind in VMM_STEPS:
-            self._vmm(kind, ctx)
-            loop.wakeup()
+            with ctx["wake"].timed(f"the VMM's migration step {kind}"):   # the VMM runs it in its loop
+                self._vmm(kind, ctx)
+            wakeup(f"after the VMM's migration step {kind}")
             return True
         guest_kinds = {"cmd-id", "hint", "misc-buffer", "bitmap", "write", "answer", "scribble", "shrink-log",
                        "stop", "msg", "raw", "flood", "read", "kick", "inflate", "hup"}
@@ -152,13 +152,13 @@ class MigrationSteps:
             return True                                # a stopped guest does nothing more
         if kind in ("cmd-id", "hint", "misc-buffer", "bitmap"):
             self._guest(step, ctx)
-            loop.wakeup()
+            wakeup(f"the guest's {kind}")
             return True
         return self._guest(step, ctx)
 
     def _guest(self, step: list, ctx: dict) -> bool:
         kind = step[0]
-        guest, hints, loop = ctx["guest"], ctx["hints"], ctx["loop"]
+        guest, hints, wakeup = ctx["guest"], ctx["hints"], ctx["wakeup"]
         if kind == "cmd-id":
             cid = {"current": hints.cmd_id, "stale": max(hints.cmd_id - 1, 0), "stop": 0,
                    "random": random.Random(len(self.harvested)).getrandbits(32)}[step[1]]
@@ -188,9 +188,8 @@ class MigrationSteps:
         if kind == "write":
             _, pfns, mark = step
             for pfn in pfns:
-                try:
-                    off = ctx["state"].layout.translate(pfn << 12, 8)
-                except BadAddress:
+                off = ctx["state"].regions.gpa_to_offset(pfn << 12, 8)     # the fuzzer's own table
+                if off is None:
                     continue
                 if off < LOW:
                     continue                           # rings and requests: not the guest's data
@@ -208,7 +207,7 @@ class MigrationSteps:
                     self._map_guest_log(fds[0])
                 for _ in range(times):
                     guest.send(control.HEADER.pack(req, control.VERSION | control.FLAG_REPLY, 8) + struct.pack("<q", code), [], None)
-                    loop.wakeup()
+                    wakeup("the guest's answer")
             guest.close_vmm_requests()
             return True
         if kind == "scribble":
@@ -235,7 +234,7 @@ class MigrationSteps:
     def _vmm(self, kind: str, ctx: dict) -> None:
         dev, hints, chan = ctx["dev"], ctx["hints"], ctx["chan"]
         if kind == "attach":
-            if self.log is None and ctx["loop"].gone is None:
+            if self.log is None and not ctx["gone"]:
                 self.log = DirtyLog(dev.layout.max_pfn)
                 hints.mark_dirty = self.log.mark
                 ctx["expect"].append(int(control.Req.SET_DIRTY_LOG))
@@ -268,7 +267,9 @@ class MigrationSteps:
             return self.failure
         hints, state = ctx["hints"], ctx["state"]
         marked = np.flatnonzero(hints.hinted)
-        ram = state.layout.ram_pfn_mask(marked) if marked.size else marked.astype(bool)
+        ram_mask = state.regions.ram_mask()
+        ram = (marked < ram_mask.size) & ram_mask[np.minimum(marked, ram_mask.size - 1)] if marked.size else \
+            marked.astype(bool)
         wrong = [int(p) for p, r in zip(marked.tolist(), ram.tolist()) if not r or p not in self.hint_bound]
         if wrong:
             return "crash", f"hint device marked pages {wrong[:8]} free that no hint named (or no RAM)"

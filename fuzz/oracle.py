@@ -8,7 +8,8 @@ independent, lenient reading of fuzz/reference_decoders.py (exec_bound). Pages t
 device says it ballooned must really be gone from the memfd, and pages the hint
 queues mark free must be ones the guest hinted (check_device_exec). A chain the ring
 walker hands out must lie inside RAM as this package's own translation says
-(check_chain).
+(check_chain). Every address and offset here is mapped with the fuzzer's own region
+table (fuzz/regions.py, written from docs/PROTOCOL.md), never the device's.
 """
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ import numpy as np
 from device.guest.raw_guest import RingAddrs
 from device.host.balloon_device import BalloonDevice
 from device.host.hint_queues import HintQueues
-from device.virtio.features import F_PAGE_BITMAP, F_PAGE_CHUNKS, bit
-from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
 from fuzz.cases import DATA_BYTE, fuzz_layout, kick_steps, ring_gpa
 from fuzz.reference_decoders import GuestReader, chain_bytes, lenient_chains, named_mask, ram_offset
+from fuzz.regions import PAGE_SHIFT, PAGE_SIZE, RegionTable
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _published(case: dict, q: int) -> set[int]:
     return {case["queues"][q]["idx"]} | {i for k, i in kick_steps(case) if k == q and i is not None}
 
 
-def hint_bound(case: dict, mem, lay: GuestLayout) -> np.ndarray:
+def hint_bound(case: dict, mem, lay: RegionTable) -> np.ndarray:
     """PFNs the hint queues may mark as free: any buffer of a queue-3 chain (its address
     range), any set bit of a bitmap on queue 5, read leniently like the inflate bound."""
     out = np.zeros(lay.max_pfn, dtype=bool)
@@ -71,16 +71,7 @@ def hint_bound(case: dict, mem, lay: GuestLayout) -> np.ndarray:
     return out
 
 
-def wire_format(features: int) -> str:
-    """The inflate/deflate format the device uses for these negotiated features."""
-    if features & bit(F_PAGE_CHUNKS):
-        return "chunks"
-    if features & bit(F_PAGE_BITMAP):
-        return "bitmap"
-    return "pfn"
-
-
-def exec_bound(case: dict, mem, lay: GuestLayout, fmt: str) -> Bound:
+def exec_bound(case: dict, mem, lay: RegionTable, fmt: str) -> Bound:
     """The inflate queue may name its own ring or request buffers: the device then reads
     zeros there for the chains that follow. So the bound is iterated: pages named so far
     are read both as they were and as zeros (rings and buffers alike) until nothing new is
@@ -124,7 +115,8 @@ def exec_bound(case: dict, mem, lay: GuestLayout, fmt: str) -> Bound:
             touched |= read
             arr = np.fromiter(read, dtype=np.int64, count=len(read))
             pf = lay.offset_to_pfn(arr << PAGE_SHIFT) if arr.size else arr
-            hit = set(arr[(pf < lay.max_pfn) & total[np.minimum(pf, lay.max_pfn - 1)]].tolist())
+            ram = (pf >= 0) & (pf < lay.max_pfn)
+            hit = set(arr[ram & total[np.clip(pf, 0, lay.max_pfn - 1)]].tolist())
             if hit <= zeros[-1]:
                 break
             zeros = [set(), zeros[-1] | hit]
@@ -136,7 +128,7 @@ def exec_bound(case: dict, mem, lay: GuestLayout, fmt: str) -> Bound:
     return Bound(total, touched, volatile)
 
 
-def check_device_exec(case: dict, dev: BalloonDevice, hints: HintQueues | None, pre_mem, lay: GuestLayout,
+def check_device_exec(case: dict, dev: BalloonDevice, hints: HintQueues | None, pre_mem, lay: RegionTable,
                       bound: Bound, lost: np.ndarray, pre: np.ndarray, fill: np.ndarray) -> tuple[str | None, str]:
     """(failure or None, detail) of one device exec: `lost` PFNs lost their data, `pre`
     were in the balloon before it, `fill` marks the memfd pages that held data."""
@@ -158,6 +150,9 @@ def check_device_exec(case: dict, dev: BalloonDevice, hints: HintQueues | None, 
             outside = new[~allowed[new]]
             if outside.size:
                 return "crash", f"device ballooned pages {outside[:8].tolist()} the guest never named"
+            not_ram = new[lay.pfn_to_offset(new) < 0]
+            if not_ram.size:
+                return "crash", f"device ballooned pages {not_ram[:8].tolist()} that are not guest RAM"
             # pages the device must have discarded: in the fill area and not touched (rings
             # and request buffers: the device reads or writes them again after a discard,
             # which brings the page back, zeroed)
@@ -226,7 +221,7 @@ def ballooned_pfns(dev: BalloonDevice) -> np.ndarray:
     return cand[b[cand] == 1]
 
 
-def check_chain(c, lay: GuestLayout, max_chain: int) -> str | None:
+def check_chain(c, lay: RegionTable, max_chain: int) -> str | None:
     """What a validated chain must satisfy, checked with this package's own translation (ram_offset)."""
     if len(c.elements) > max_chain or not c.elements:
         return f"chain of {len(c.elements)} elements (max_chain {max_chain})"

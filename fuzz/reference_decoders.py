@@ -15,18 +15,14 @@ import struct
 import numpy as np
 
 from device.guest.raw_guest import F_INDIRECT, F_NEXT, F_WRITE, RingAddrs
-from device.virtio import wire
-from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
-from device.virtio.protocols import PROTOCOLS
+from fuzz.regions import BITMAP_PAGE_SHIFTS, PAGE_SHIFT, PAGE_SIZE, RegionTable
 from fuzz.cases import U64_MAX
 
 
-def ram_offset(lay: GuestLayout, gpa: int, n: int) -> int | None:
-    """memfd offset of [gpa, gpa+n) if inside one region (own code, not layout.translate), else None."""
-    for r in lay.regions:
-        if r.gpa <= gpa and gpa + n <= r.gpa + r.size and n >= 0:
-            return r.offset + gpa - r.gpa
-    return None
+def ram_offset(regions: RegionTable, gpa: int, n: int) -> int | None:
+    """memfd offset of [gpa, gpa+n) if inside one region (the fuzzer's own table,
+    fuzz/regions.py, not the device's), else None."""
+    return regions.gpa_to_offset(gpa, n)
 
 
 class GuestReader:
@@ -57,7 +53,7 @@ class GuestReader:
 Chain = list[tuple[int, int, bool]]       # (gpa, len, device-writable) per buffer
 
 
-def lenient_chains(rd: GuestReader, lay: GuestLayout, ring: RingAddrs, last: int, idx: int | None = None
+def lenient_chains(rd: GuestReader, lay: RegionTable, ring: RingAddrs, last: int, idx: int | None = None
                    ) -> list[Chain]:
     """Every chain the avail ring offers from `last` (up to avail.idx, or `idx` when the
     case publishes it later), following next pointers and one level of indirect tables
@@ -101,7 +97,7 @@ def lenient_chains(rd: GuestReader, lay: GuestLayout, ring: RingAddrs, last: int
     return out
 
 
-def chain_bytes(rd: GuestReader, lay: GuestLayout, bufs: Chain, cap: int = 1 << 22) -> bytes:
+def chain_bytes(rd: GuestReader, lay: RegionTable, bufs: Chain, cap: int = 1 << 22) -> bytes:
     parts, total = [], 0
     for a, ln, _w in bufs:
         o = ram_offset(lay, a, ln)
@@ -117,26 +113,26 @@ def chain_bytes(rd: GuestReader, lay: GuestLayout, bufs: Chain, cap: int = 1 << 
     return b"".join(parts)
 
 
-def named_mask(protocol: str, rd: GuestReader, lay: GuestLayout, chains: list[Chain], out: np.ndarray) -> np.ndarray:
-    """Upper bound of the PFNs a request names, whatever its validity, marked in `out`, a
-    mask over 0..max_pfn-1 (a PFN at or past max_pfn is no RAM page: it cannot lose data)."""
+def named_mask(fmt: str, rd: GuestReader, lay: RegionTable, chains: list[Chain], out: np.ndarray) -> np.ndarray:
+    """Upper bound of the PFNs a request in wire format `fmt` (regions.wire_format_of)
+    names, whatever its validity, marked in `out`, a mask over 0..max_pfn-1 (a PFN at or
+    past max_pfn is no RAM page: it cannot lose data)."""
     mx = lay.max_pfn
-    protocol = PROTOCOLS[protocol].wire.name      # the arm's wire format
     for bufs in chains:
-        if protocol == "chunks":
+        if fmt == "chunks":
             for a, ln, _w in bufs:
                 if ln and a >> PAGE_SHIFT < mx:
                     out[a >> PAGE_SHIFT:min((a + ln + PAGE_SIZE - 1) >> PAGE_SHIFT, mx)] = True
             continue
         data = chain_bytes(rd, lay, bufs)
-        if protocol == "pfn":
+        if fmt == "pfn":
             n = len(data) // 4
             p = np.frombuffer(data[:4 * n], dtype="<u4").astype(np.int64)
             out[p[p < mx]] = True
         elif len(data) >= 32:
             start = struct.unpack_from("<Q", data, 16)[0]
             shift = struct.unpack_from("<H", data, 2)[0]
-            unit = 1 << (shift - PAGE_SHIFT) if shift in wire.BITMAP_PAGE_SHIFTS else 1
+            unit = 1 << (shift - PAGE_SHIFT) if shift in BITMAP_PAGE_SHIFTS else 1
             if start < mx:
                 bits = np.unpackbits(np.frombuffer(data[32:32 + (mx // unit + 8) // 8], dtype=np.uint8),
                                      bitorder="little")

@@ -1,16 +1,14 @@
 """Where the lab keeps its generated files.
 
 Everything generated (database, reports) lives under `<repo>/out/`, which git ignores,
-so results never end up committed by accident. BALLOON_LAB_DB overrides the database
-path (useful in CI, where the workspace may be read-only).
+so results never end up committed by accident (the database's own path, and
+BALLOON_LAB_DB that overrides it, are lab/store/db_path.py's).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DB_ENV = "BALLOON_LAB_DB"
 
 
 def out_dir(create: bool = True) -> Path:
@@ -19,38 +17,3 @@ def out_dir(create: bool = True) -> Path:
     if create:
         d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def default_db_path() -> Path | str:
-    """The results database: $BALLOON_LAB_DB (a path or a postgresql:// URL), else
-    `<repo>/out/balloon-lab.db`."""
-    env = os.environ.get(DB_ENV)
-    if env:
-        return as_db_target(env)
-    return out_dir(create=False) / "balloon-lab.db"
-
-
-def as_db_target(text: str) -> Path | str:
-    """A SQLite file path, or a postgresql:// URL kept as text (a Path would fold its //)."""
-    from lab.store_sql import is_postgres
-    return text if is_postgres(text) else Path(text)
-
-
-def db_option(fn):
-    """The `--db PATH|URL` option every command shares (default: default_db_path())."""
-    import click
-
-    def convert(_ctx, _param, value):
-        if value is None:
-            return None
-        if not value.strip():
-            raise click.BadParameter("is empty: give a SQLite file or a postgresql:// URL")
-        target = as_db_target(value)
-        if isinstance(target, Path) and target.is_dir():
-            raise click.BadParameter(f"{value} is a directory, not a database file")
-        return target
-
-    return click.option("--db", "db_path", metavar="PATH|URL", default=None, callback=convert,
-                        help=f"Results database: a SQLite file or a postgresql:// URL (default: ${DB_ENV} "
-                             "or <repo>/out/balloon-lab.db).")(fn)
-

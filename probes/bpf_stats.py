@@ -12,20 +12,20 @@ program run two clock reads. `stats_enabled()` turns them on for a block:
 - first with BPF_ENABLE_STATS (Linux 5.8+): the kernel keeps them on while the
   returned fd is open and turns them off itself when it closes, even if this process
   is killed; the sysctl is never written (and other users' settings are untouched);
-- else by writing 1 to /proc/sys/kernel/bpf_stats_enabled, restoring the old value on
-  every exit path: the block's end, interpreter exit (atexit) and SIGTERM/SIGHUP.
+- else by raising the kernel.bpf_stats_enabled sysctl through system/knobs.py, which
+  restores it on every exit path (the block's end, the command's way out on Ctrl-C or
+  SIGTERM, interpreter exit; after a SIGKILL, the next lab command).
 """
 from __future__ import annotations
 
-import atexit
 import ctypes
 import os
-import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
-SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+from system import knobs
+
 NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
@@ -99,58 +99,9 @@ def prog_stats(fd: int) -> ProgStats:
 
 def sysctl_value() -> int | None:
     try:
-        with open(SYSCTL) as f:
-            return int(f.read())
+        return int(knobs.BPF_STATS.read())
     except (OSError, ValueError):
         return None
-
-
-class _SysctlGuard:
-    """Writes 1 to the sysctl and puts the old value back exactly once, whichever exit
-    path comes first: restore(), atexit, or SIGTERM/SIGHUP (then the signal's old
-    handler runs, so the process still ends as it would have)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.old = sysctl_value()
-        if self.old is None:
-            raise OSError(f"{SYSCTL} is not readable")
-        self.done = False
-        self.handlers: dict[int, Any] = {}
-        if self.old == 0:
-            self._write(1)
-        atexit.register(self.restore)
-        for sig in self.SIGNALS:
-            try:
-                self.handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:           # not the main thread: atexit and finally still restore
-                pass
-
-    @staticmethod
-    def _write(v: int) -> None:
-        with open(SYSCTL, "w") as f:
-            f.write(str(v))
-
-    def _on_signal(self, sig: int, frame: Any) -> None:
-        self.restore()
-        old = self.handlers.get(sig)
-        if callable(old):
-            old(sig, frame)
-        elif old != signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-
-    def restore(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.old == 0:
-            self._write(0)
-        atexit.unregister(self.restore)
-        for sig, old in self.handlers.items():
-            if signal.getsignal(sig) == self._on_signal:
-                signal.signal(sig, old)
 
 
 @contextmanager
@@ -168,8 +119,12 @@ def stats_enabled(force_sysctl: bool = False) -> Iterator[str]:
             finally:
                 os.close(fd)
             return
-    guard = _SysctlGuard()
+    try:
+        hold = knobs.raise_knob(knobs.BPF_STATS, 1, note="the probes measure their own cost")
+    except knobs.KnobError as e:
+        raise OSError(str(e)) from None
     try:
         yield "sysctl"
     finally:
-        guard.restore()
+        if hold is not None:          # None: the sysctl was 1 already, nothing to restore
+            hold.release()

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
+from system.signals import signals_deferred
 from probes import costs
 from probes.bpf import (LAB_MAX_TARGETS, BpfModule, Concern, ConcernUnavailable, ProbeUnavailable, array_words,
                         array_zero, preflight)
@@ -237,12 +238,13 @@ class ProbeSession:
         """Detach every program and free the BPF module (never raises: teardown)."""
         self._stats_off()
         if self.module is not None:
-            try:
-                self._stages_detach_all()
-                self.module.close()
-            except Exception:
-                pass
-            self.module = None
+            with signals_deferred():
+                try:
+                    self._stages_detach_all()
+                    self.module.close()
+                except Exception:
+                    pass
+                self.module = None
 
     def _degrade(self, reason: str, fix: str, banner: bool = True) -> None:
         self.backend, self.reason, self.fix = "none", reason, fix
@@ -251,9 +253,12 @@ class ProbeSession:
             _banner(reason, fix)
 
     def _guard(self, what: str, fn, *a: Any) -> Any:
-        """Run a BPF operation; any failure degrades the session instead of the experiment."""
+        """Run a BPF operation; any failure degrades the session instead of the experiment.
+        Ctrl-C and SIGTERM wait for it to finish (a BPF attach or detach cut in two
+        leaves BCC's bookkeeping out of step with the kernel's)."""
         try:
-            return fn(*a)
+            with signals_deferred():
+                return fn(*a)
         except Exception as e:
             self._degrade(f"{what} failed: {type(e).__name__}: {e}", "run `balloon-lab doctor` for the fix")
             return None

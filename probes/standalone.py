@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 from probes.costs import cost_lines
 from probes.kicks import KINDS, eventfds_of
 from probes.session import DEFAULT_CONCERNS, ProbeReading, ProbeSession
-from reports.fmt import fmt_bytes, fmt_count, fmt_ns
+from fmt.numbers import fmt_bytes, fmt_count, fmt_ns
 
 
 class NoSuchProcess(LookupError):

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from reports.fmt import esc, fmt_bytes_short, fmt_ns, fmt_ns_short, sig, time_unit
+from fmt.numbers import esc, fmt_bytes_short, fmt_ns, fmt_ns_short, sig, time_unit
 from reports.palette import PUBLISHED_COLOR, STAGE_COLORS
 
 MAX_SVG_BYTES = 300_000

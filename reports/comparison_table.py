@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from lab import metrics as lab_metrics
+from lab.results import metrics as lab_metrics
 from reports.data import OPS, STAGES, ReportData
-from reports.fmt import esc, fmt_p, fmt_ratio, sig
+from fmt.numbers import esc, fmt_p, fmt_ratio, sig
 from reports.section_parts import Section, chip, nodata, note, scrolling, table, vfmt
 
 
@@ -21,8 +21,16 @@ KEY_BALLOON = (
 )
 KEY_MIGRATE = ("total_ms", "downtime_ms", "bytes_sent", "pages_sent", "pages_zero", "pages_hinted", "rounds",
                "cpu_s_source", "cpu_s_dest", "cpu_s_destination")
-_GOOD = {"faster", "fewer", "lower"}
-_BAD = {"slower", "more", "higher"}
+_CHANGED = {"faster", "slower", "lower", "higher"}   # a significant change of a timing or gauge
+
+
+def _goodness(metric: str, verdict: str, ratio: float) -> str:
+    """good / bad / neutral for a comparison's colour, by the metric's declared direction
+    (lower-better timings, higher-better throughputs; counters have no better side)."""
+    if verdict not in _CHANGED:
+        return "neutral"
+    good = lab_metrics.change_is_good(metric, ratio)
+    return "neutral" if good is None else "good" if good else "bad"
 
 
 def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], str]) -> str:
@@ -41,10 +49,9 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
     pr = comp.pair(arm, metric)
     if pr is None:
         return top
-    # colour says better/worse only where the lab defines it (timings and gauges: lower is better);
-    # a counter's "more" can be good (more pages hinted) or bad (more syscalls)
-    stat = lab_metrics.is_statistical(kind)
-    vcls = "good" if stat and pr.verdict in _GOOD else "bad" if stat and pr.verdict in _BAD else "neutral"
+    # colour says better/worse only where the metric declares a better side (lower for
+    # most timings, higher for throughputs); a counter's "more" can be good or bad
+    vcls = _goodness(metric, pr.verdict, pr.ratio)
     if pr.exact:
         diff = "=" if pr.difference == 0 else f"{'+' if pr.difference > 0 else ''}{fmt(pr.difference)}"
         line = f"{fmt_ratio(pr.ratio)} · {diff} · exact"
@@ -77,15 +84,12 @@ def _equal_everywhere(d: ReportData, metric: str) -> bool:
     return all(s.min == s.max == sums[0].min for s in sums)
 
 
-_MARK = {"good": "−", "bad": "+", "neutral": ""}
-
-
 def _compact_row(d: ReportData, metric: str) -> list[str]:
     """One line per metric, as `asv compare` prints: each arm's median and, for the
-    other arms, the ratio to the baseline marked − (significantly lower) or + (higher)."""
+    other arms, the ratio to the baseline marked − (significantly lower) or + (higher),
+    coloured by whether that is better or worse for the metric."""
     comp = d.comparison
     fmt = vfmt(metric)
-    kind = lab_metrics.classify(metric)
     cells = [f"<code>{esc(metric)}</code>"]
     for a in comp.arms:
         s = comp.summary(a, metric)
@@ -96,9 +100,8 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
         if pr is None or s is None:
             cells.append("")
             continue
-        stat = lab_metrics.is_statistical(kind)
-        cls = "good" if stat and pr.verdict in _GOOD else "bad" if stat and pr.verdict in _BAD else "neutral"
-        mark = _MARK[cls] or ("≠" if pr.exact and pr.difference else "")
+        cls = _goodness(metric, pr.verdict, pr.ratio)
+        mark = ("−" if pr.ratio < 1 else "+") if cls != "neutral" else ("≠" if pr.exact and pr.difference else "")
         why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {pr.verdict}"
         cells.append(f'<span class="v {cls}" title="{esc(why)}">{fmt_ratio(pr.ratio)} {mark}</span>')
     return cells

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lab.experiment import load_comparison
-from lab.stats import Comparison
-from lab.store import RunInfo, Store, StoreError, TrialRecord
+from lab.trials.experiment import load_comparison
+from lab.analysis.stats import Comparison
+from lab.store.store import RunInfo, Store, StoreError, TrialRecord
 from reports.palette import arm_colors
 
 MiB = 1 << 20
@@ -39,7 +39,7 @@ class ReportData:
     db_path: str
     notes: list[str] = field(default_factory=list)
     host: str | None = None                          # the host the sections above show (None: the only one)
-    hosts: list[dict[str, Any]] = field(default_factory=list)  # lab.host_views.host_summaries
+    hosts: list[dict[str, Any]] = field(default_factory=list)  # lab.analysis.host_views.host_summaries
     host_comparisons: dict[str, Comparison | None] = field(default_factory=dict)  # every host's own
 
     # --- basic facts ---------------------------------------------------------------
@@ -154,7 +154,7 @@ class ReportData:
 
 def migration_rounds(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The round-by-round log of a migration result, if it carries one: a list of
-    dicts under "per_round" (lab.migrate_runner: {round, pages_sent, pages_zero,
+    dicts under "per_round" (lab.trials.model.migrate_runner: {round, pages_sent, pages_zero,
     pages_hinted, bytes_sent, ms}, round 0 = stop-and-copy), or "round_log"/"timeline"
     (an int "rounds" is just a count)."""
     for key in ("per_round", "round_log", "timeline", "rounds"):
@@ -169,7 +169,7 @@ def load(store: Store, run_ref: str, host: str | None = None) -> ReportData:
     A run that ran on several hosts is shown for one of them (`host`, default the
     first): timings of different hosts are never pooled; the hosts section puts every
     host side by side."""
-    from lab.host_views import host_comparisons, host_summaries
+    from lab.analysis.host_views import host_comparisons, host_summaries
 
     run = store.get_run(run_ref)
     if host is not None and host not in run.hosts:

@@ -1,5 +1,5 @@
 """The report's history section: the run's headline metric across every stored run of
-the same experiment (lab/history.py), as asv plots a benchmark across commits, with
+the same experiment (lab/gate/history.py), as asv plots a benchmark across commits, with
 the runs the gate flagged marked and this run highlighted."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Sequence
 
 from matplotlib.figure import Figure
 
-from lab import metrics
-from lab.history import HistoryPoint
+from lab.results import metrics
+from lab.gate.history import HistoryPoint
 from reports import charts
-from reports.fmt import NS_PER, esc, time_unit
+from fmt.numbers import NS_PER, esc, time_unit
 from reports.section_parts import Section, chip, figure, nodata, note, scrolling, table, vfmt
 
 FLAG_COLOR = "#b3261e"

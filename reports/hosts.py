@@ -1,14 +1,14 @@
 """The report's Hosts section: who ran the trials, and every host side by side.
 
-Each host's timings come from its own comparison (lab/host_views.py), never from a
+Each host's timings come from its own comparison (lab/analysis/host_views.py), never from a
 pool of two machines; counters are exact, so the last column says whether every host
 measured the same value.
 """
 from __future__ import annotations
 
-from lab import metrics
+from lab.results import metrics
 from reports.data import ReportData
-from reports.fmt import esc, sig
+from fmt.numbers import esc, sig
 from reports.section_parts import Section, chip, note, table, vfmt
 
 # What the side-by-side table shows, when the run has it (balloon, then migration metrics).

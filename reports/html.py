@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.store import Store
+from lab.store.store import Store
 from reports import data
 from reports.comparison_table import comparison_section
-from reports.fmt import esc, plural, sig
+from fmt.numbers import esc, plural, sig
 from reports.hosts import hosts_section
 from reports.migration_section import migration_section
 from reports.probe_histograms import probes_section
@@ -181,7 +181,7 @@ def render_report(store: Store, run_ref: str, report_path: str | None = None, ho
 
 def _history(store: Store, d: data.ReportData) -> Section:
     """The run's headline metric across the stored runs of its experiment."""
-    from lab.history import history
+    from lab.gate.history import history
     from reports.history_section import headline_metric, history_section
     metric = headline_metric(d.kind, d.stage_metric("inflate", "total"))
     points = history(store, metric, d.run.id) if metric else []

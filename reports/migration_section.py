@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 from reports import charts as report_charts
 from reports import published as published_figures
 from reports.data import MiB, ReportData, finite
-from reports.fmt import esc, sig, speed_phrase
+from fmt.numbers import esc, sig, speed_phrase
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, table, vfmt
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lab.spec import NO_PROBES_SUFFIX
+from lab.trials.spec import NO_PROBES_SUFFIX
 
 ARM_COLORS: dict[str, str] = {
     # balloon arms

@@ -2,11 +2,12 @@
 lengths and kernel time, page allocations by order) and what the probes cost."""
 from __future__ import annotations
 
-from lab import probe_costs, twins
-from lab.backends import is_qemu_arm
+from lab.analysis import probe_costs
+from lab.trials import twins
+from lab.trials.backends import is_qemu_arm
 from reports import charts as report_charts
 from reports.data import ReportData
-from reports.fmt import esc, fmt_bytes, fmt_ns, sig
+from fmt.numbers import esc, fmt_bytes, fmt_ns, sig
 from reports.section_parts import Section, chip, figure, hist_per_trial, nodata, note, table
 
 
@@ -31,7 +32,7 @@ def _probes_missing_reason(d: ReportData) -> str:
 
 
 def _overhead_table(d: ReportData) -> str:
-    """The probes' own cost per arm, from the run's twin pairs (lab/twins.py); "" without twins."""
+    """The probes' own cost per arm, from the run's twin pairs (lab/trials/twins.py); "" without twins."""
     rows = []
     for o in twins.arm_overheads(d.measured()):
         ci = lambda m: sig(m[0]) + (f" [{sig(m[1])}, {sig(m[2])}]" if m[1] is not None else "")  # noqa: E731

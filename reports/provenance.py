@@ -6,13 +6,13 @@ import shlex
 from typing import Any, Sequence
 
 from reports.data import ReportData
-from reports.fmt import esc, fmt_bytes
+from fmt.numbers import esc, fmt_bytes
 from reports.section_parts import Section, chip, nodata, note, table
 
 
 def _spec_text(v: Any, key: str = "") -> str:
     """A spec value as the TOML spec file would write it (bandwidth as 10gbit)."""
-    from lab.spec import format_bandwidth, toml_value
+    from lab.trials.spec import format_bandwidth, toml_value
     if v is None:
         return "default"
     if key == "bandwidth" and isinstance(v, int):
@@ -80,7 +80,7 @@ def reproduce_command(d: ReportData) -> str:
     if d.run.command_line:
         return d.run.command_line
     try:
-        from lab.spec import ExperimentSpec
+        from lab.trials.spec import ExperimentSpec
         spec = {k: v for k, v in d.run.spec.items() if not k.startswith("_")}
         return ExperimentSpec.from_dict(spec).command_line()
     except Exception:

@@ -7,10 +7,10 @@ share of trials whose real-guest verification passed and why kicks may differ.
 """
 from __future__ import annotations
 
-from lab.backends import is_qemu_arm
-from lab.backends.qemu.side_by_side import EVENT_IDX_NOTE, ROWS, arm_title
+from lab.trials.backends import is_qemu_arm
+from lab.trials.qemu.side_by_side import EVENT_IDX_NOTE, ROWS, arm_title
 from reports.data import ReportData
-from reports.fmt import esc, fmt_bytes, fmt_ns, sig
+from fmt.numbers import esc, fmt_bytes, fmt_ns, sig
 from reports.section_parts import Section, chip, note, table
 
 

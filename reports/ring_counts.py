@@ -6,7 +6,7 @@ import numpy as np
 
 from reports import charts as report_charts
 from reports.data import ReportData
-from reports.fmt import esc, sig
+from fmt.numbers import esc, sig
 from reports.section_parts import Section, chip, figure, hist_per_trial, nodata, note, table
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from lab import metrics as lab_metrics
-from lab import stats
+from lab.results import metrics as lab_metrics
+from lab.analysis import stats
 from reports import charts as report_charts
 from reports.data import ReportData
-from reports.fmt import esc, fmt_value
+from fmt.numbers import esc, fmt_value
 
 
 @dataclass

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from lab.backends import is_qemu_arm
-from lab.backends.qemu.side_by_side import arm_title
+from lab.trials.backends import is_qemu_arm
+from lab.trials.qemu.side_by_side import arm_title
 from reports import charts as report_charts
 from reports import published as published_figures
 from reports.data import OPS, STAGES, ReportData
-from reports.fmt import esc, fmt_ns, pct, sig, speed_phrase
+from fmt.numbers import esc, fmt_ns, pct, sig, speed_phrase
 from reports.palette import PUBLISHED_COLOR
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, scrolling, table
 
@@ -88,6 +88,34 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
     return scrolling(table(header, rows, "stages", classes)), meds
 
 
+def _lab_cost_table(d: ReportData) -> str:
+    """The inflate's transmit and translate per request against the ring's floor measured
+    with each trial (lab/results/ring_cost.py), and the lab's own share: what a device in C would
+    mostly not pay. Empty when no trial measured a floor (older runs, the real stack)."""
+    rows = []
+    for a in d.arms:
+        m = {k: d.median(a, f"lab_cost.inflate.{k}") for k in ("transmit_per_request_ns", "transmit_over_floor",
+                                                               "translate_per_request_ns", "translate_over_floor",
+                                                               "own_ns", "own_share")}
+        rt, tr, req = d.median(a, "floors.round_trip_ns"), d.median(a, "floors.translate_ns"), d.median(a, "requests")
+        if any(v is None for v in (*m.values(), rt, tr, req)):
+            continue
+        rows.append([chip(a, d.colors), f"{req:.0f}", fmt_ns(m["transmit_per_request_ns"]), fmt_ns(rt),
+                     f"{m['transmit_over_floor']:.2f}×", fmt_ns(m["translate_per_request_ns"]), fmt_ns(tr),
+                     f"{m['translate_over_floor']:.2f}×", fmt_ns(m["own_ns"]), pct(m["own_share"])])
+    if not rows:
+        return ""
+    header = ["arm", "requests", "transmit<br>per request", "round-trip<br>floor", "in floors",
+              "translate<br>per request", "translate<br>floor", "in floors", "the lab's own<br>cost", "of the inflate"]
+    return ("<h3>The lab's own cost against the ring's floor</h3>"
+            + note("Each trial first measures the floor on this machine: an eventfd round trip between a "
+                   "VMM-kind and a guest-kind process (epoll, read, write on each side), and one numpy pass of "
+                   "the region table over a request's 256 PFNs. What an arm spends above requests × floor in "
+                   "transmit and translate is the lab's own Python around the ring, which a device in C would "
+                   "mostly not pay: it weighs on the arms that send many requests (pfn). Medians over trials.")
+            + scrolling(table(header, rows, "lab-cost")))
+
+
 def stages_section(d: ReportData) -> Section:
     body, charts, missing = [], [], []
     stage_ops = [op for op in OPS if d.stage_metric(op, "total")]
@@ -106,6 +134,9 @@ def stages_section(d: ReportData) -> Section:
         html, meds = _stage_table(d, op)
         meds_by_op[op] = meds
         body.append(f"<h3>{op}</h3>" + html)
+    own = _lab_cost_table(d)
+    if own:
+        body.append(own)
     if "inflate" not in stage_ops:
         missing.append("no inflate stage timings")
     elif "deflate" not in stage_ops:

@@ -7,13 +7,13 @@ from typing import Sequence
 
 import numpy as np
 
-from lab import environment
-from lab import metrics as lab_metrics
-from lab import stats
-from lab import twins
+from lab.machine import environment
+from lab.results import metrics as lab_metrics
+from lab.analysis import stats
+from lab.trials import twins
 from reports import charts as report_charts
 from reports.data import ReportData
-from reports.fmt import esc, fmt_p, sig, speed_phrase
+from fmt.numbers import esc, fmt_p, sig, speed_phrase
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, vfmt
 
 

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("device", "fuzz", "lab", "probes", "workloads", "reports", "benchmarks", "tests")
+PACKAGES = ("device", "fuzz", "lab", "probes", "workloads", "fmt", "reports", "benchmarks", "tests")
 PROTOCOL_NAMES = ("pfn", "pfn-ranges", "bitmap", "chunks")
 _LITERAL = re.compile(r"""["']([a-z-]+)["']""")
 

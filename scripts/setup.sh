@@ -85,7 +85,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; sys.exit(
 fi
 stamp="$VENV/.balloon-lab-installed"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! (cd / && "$VENV/bin/python" -c 'import lab, fuzz, numpy, scipy, click, psycopg, procrastinate') 2>/dev/null; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! (cd / && "$VENV/bin/python" -c 'import lab, fuzz, fmt, numpy, scipy, click, psycopg, procrastinate') 2>/dev/null; then
     act "installing balloon-lab into $VENV (editable, with test extras)"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
     # (this machine's pip config names local wheel folders that may not exist: not our noise)

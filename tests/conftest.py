@@ -13,19 +13,31 @@ memfd per fuzz layout, shared by a test module.
 """
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 
 from device.rig import DeviceRig
+from probes.bpf import REQUIRE_ENV, essentials_missing
 
 # device_rig's queues: rings at these guest-physical addresses
 DEVICE_RIG_RINGS = {0: 0x10000, 1: 0x11000}
 
 
+def pytest_runtest_setup(item):
+    """Where BALLOON_LAB_REQUIRE_EBPF=1 (.ci/run), an `ebpf` test whose eBPF cannot work
+    (not root, BCC not loadable) fails with the reason, before its fixtures, instead of
+    skipping: a CI run whose BCC broke must not stay green (probes.bpf.ebpf_skip_reason)."""
+    if item.get_closest_marker("ebpf") and os.environ.get(REQUIRE_ENV) == "1":
+        missing = essentials_missing()
+        if missing:
+            pytest.fail(f"eBPF is required here ({REQUIRE_ENV}=1) but {missing}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
-    from lab import pg_local
+    from lab.store import pg_local
 
     server = pg_local.start(durable=False)
     yield server

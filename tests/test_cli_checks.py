@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lab.cli import main
-from lab.store import Store
+from lab.cli.group import main
+from lab.store.store import Store
 from test_gate import make_run
 
 
@@ -109,7 +109,8 @@ def test_gate_of_a_run_against_itself(tmp_path):
 def test_a_guest_that_dies_at_start_is_reported_at_once_with_its_log():
     import sys
     import time
-    from lab.runner import BalloonTrial, LabProcesses, TrialFailed
+    from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
+    from lab.trials.model.processes import LabProcesses
     die = f"{sys.executable} -c \"import sys; print('guest: cannot map RAM: boom', file=sys.stderr); sys.exit(3)\""
     t0 = time.monotonic()
     with pytest.raises(TrialFailed) as e:

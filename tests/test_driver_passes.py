@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lab.runner import BalloonTrial, run_balloon
+from lab.trials.model.balloon_trial import BalloonTrial
+from lab.trials.model.runner import run_balloon
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.bpf import essentials_missing
+from probes.bpf import ebpf_skip_reason
 from probes.markers import check_name, event
 from probes.standalone import EventfdSpec, parse_eventfd
 
@@ -25,7 +25,7 @@ PY = sys.executable
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
-_SKIP = essentials_missing()
+_SKIP = ebpf_skip_reason()
 if _SKIP:
     print(f"\nSKIPPING eBPF tests: {_SKIP}", file=sys.stderr)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.runner import BalloonTrial, run_balloon
+from lab.trials.model.balloon_trial import BalloonTrial
+from lab.trials.model.runner import run_balloon
 
 ROOT = Path(__file__).resolve().parents[1]
 BALLOON_LAB = [str(ROOT / ".venv" / "bin" / "balloon-lab")]
@@ -95,7 +96,8 @@ def test_deflate_on_oom_gives_pages_back_under_pressure():
     """DEFLATE_ON_OOM: with most of its memory ballooned, a guest that needs memory
     takes pages back from the balloon (telling the device), instead of failing."""
     from device.virtio.layout import MiB, PAGE_SHIFT
-    from lab.runner import LabProcesses, balloon_op, verify
+    from lab.trials.model.processes import LabProcesses
+    from lab.trials.model.monitor_ops import balloon_op, verify
     t = BalloonTrial(protocol="bitmap", guest_mib=512, inflate_mib=384)
     lp = LabProcesses(t)
     try:
@@ -122,8 +124,9 @@ def test_monitor_speaks_qmp_and_polls_guest_stats():
     """The monitor follows QMP: greeting, capabilities, QEMU's command names; guest
     stats come from the stats virtqueue (the device returns the buffer to poll)."""
     from device.virtio.layout import MiB, PAGE_SHIFT
-    from lab.monitor_client import MonitorError
-    from lab.runner import LabProcesses, balloon_op
+    from lab.trials.monitor_client import MonitorError
+    from lab.trials.model.processes import LabProcesses
+    from lab.trials.model.monitor_ops import balloon_op
     lp = LabProcesses(BalloonTrial(protocol="pfn", guest_mib=256, inflate_mib=64))
     try:
         assert "QMP" in lp.qmp.greeting

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lab import metrics
-from lab.experiment import ExperimentInterrupted, analyse_run, load_comparison, run_experiment
-from lab.spec import ExperimentSpec
-from lab.store import Store
+from lab.results import metrics
+from lab.trials.experiment import ExperimentInterrupted, analyse_run, load_comparison, run_experiment
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks" / "gate_false_positive.py"
@@ -139,9 +139,9 @@ def test_real_madvise_trials(store):
 
 CHILD = textwrap.dedent("""
     import importlib.util, sys
-    from lab.experiment import ExperimentInterrupted, run_experiment
-    from lab.spec import ExperimentSpec
-    from lab.store import Store
+    from lab.trials.experiment import ExperimentInterrupted, run_experiment
+    from lab.trials.spec import ExperimentSpec
+    from lab.store.store import Store
     s = importlib.util.spec_from_file_location("bench", sys.argv[2])
     bench = importlib.util.module_from_spec(s); s.loader.exec_module(bench)
     spec = ExperimentSpec(name="killme", arms=["pfn", "pfn-ranges"], guest_mib=64, inflate_mib=8,

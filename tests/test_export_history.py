@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from lab.cli import main
-from lab.spec import ExperimentSpec
-from lab.store import Store
+from lab.cli.group import main
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store
 from test_gate import make_run
 
 ROOT = Path(__file__).resolve().parents[1]

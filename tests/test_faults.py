@@ -1,4 +1,4 @@
-"""Killed and stalled peers, with the real processes (lab/runner.py) and the real store.
+"""Killed and stalled peers, with the real processes (lab/trials/model/runner.py) and the real store.
 
 kill -9 of the guest mid-inflate: the VMM survives, reports GUEST_LOST, keeps answering
 its monitor, and its accounting agrees with the memfd (SEEK_DATA). kill -9 of the VMM
@@ -16,11 +16,13 @@ import time
 import pytest
 
 from device.virtio.layout import MiB, PAGE_SHIFT
-from lab.experiment import run_experiment
-from lab.monitor_client import QMPClient
-from lab.runner import BalloonTrial, LabProcesses, TrialFailed, run_balloon
-from lab.spec import ExperimentSpec
-from lab.store import Store
+from lab.trials.experiment import run_experiment
+from lab.trials.monitor_client import QMPClient
+from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
+from lab.trials.model.processes import LabProcesses
+from lab.trials.model.runner import run_balloon
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import re
 from hypothesis import given, strategies as st
 
 from device.virtio.metric_decl import TIMING, Metric
-from lab.metric_catalog import declare
-from lab.stats import value_formatter
-from reports.fmt import fmt_count, fmt_ratio, fmt_si, fmt_value, plural, row_formatter, sig, speed_phrase
+from lab.results.metric_catalog import declare
+from lab.analysis.stats import value_formatter
+from fmt.numbers import fmt_count, fmt_ratio, fmt_si, fmt_value, plural, row_formatter, sig, speed_phrase
 
 SCI = re.compile(r"\d[eE][+-]?\d")
 

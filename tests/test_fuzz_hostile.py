@@ -48,7 +48,9 @@ def test_control_oracle_sees_a_lost_reply(monkeypatch):
         return not self.throttled
     monkeypatch.setattr(control_peer.DeviceChannel, "may_read", buggy)
     failure, detail, _ = _session(case)
-    assert failure == "crash" and "well-formed requests" in detail
+    # on the VMM's own loop code the guest that is never let in again leaves its requests
+    # unread on a readable socket: the loop never goes quiet (the VMM would spin)
+    assert failure == "hang" and "never went quiet" in detail, (failure, detail)
     monkeypatch.setattr(control_peer.DeviceChannel, "may_read", real)
 
 

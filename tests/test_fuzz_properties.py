@@ -240,16 +240,16 @@ def test_oracle_catches_a_discard_of_an_unnamed_page(rig, monkeypatch):
     case = _inflate_case([0x50, 0x51, 0x90, 600], "pfn-ranges")
     real = BalloonDevice.process_queue
 
-    def discards_too_much(self, index):
-        real(self, index)
+    def discards_too_much(self, index, budget=None):
+        real(self, index, budget)
         self.ram.mm.madvise(mmap.MADV_REMOVE, 0x52 << 12, 4096)
 
     monkeypatch.setattr(BalloonDevice, "process_queue", discards_too_much)
     o = rig.run_device(case, 5.0)
     assert o.failure == "oob-discard" and "pages [82]" in o.detail, o
 
-    def books_too_much(self, index):
-        real(self, index)
+    def books_too_much(self, index, budget=None):
+        real(self, index, budget)
         self.ballooned_np[0x60] = 1
 
     monkeypatch.setattr(BalloonDevice, "process_queue", books_too_much)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from lab.commands import gate as gate_cmd
-from lab.experiment import run_experiment
-from lab.baseline_file import export_baseline
-from lab.gate_inputs import GateInputError
-from lab.gate_thresholds import Limit, Thresholds
-from lab.spec import ExperimentSpec
-from lab.store import Store, TrialRecord, now_iso
+from lab.cli.commands import gate as gate_cmd
+from lab.trials.experiment import run_experiment
+from lab.gate.baseline_file import export_baseline
+from lab.gate.inputs import GateInputError
+from lab.gate.thresholds import Limit, Thresholds
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store, TrialRecord, now_iso
 
 SPEC = ExperimentSpec(name="gate-test", arms=["pfn", "bitmap"], trials=10, warmups=0, probes=False,
                       guest_mib=1024, inflate_mib=512)
@@ -313,7 +313,7 @@ def test_scheduling_gauges_never_fail_an_aa_comparison(store, db):
     """The A/A false alarm seen on main: probes.per_queue.0.call_read_empty 255 -> 255
     'differs in 2 of 7 common rounds'. Every name in the one gauge list is compared
     statistically, so the same distribution on both sides passes."""
-    from lab import metrics
+    from lab.results import metrics
 
     names = ["probes.per_queue.0.call_read_empty", "probes.per_queue.1.kick_read_empty", "probes.empty_reads",
              "probes.per_queue.0.config_read", "kicks", "interrupts", "deflate.device_calls"]

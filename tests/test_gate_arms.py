@@ -8,10 +8,10 @@ import os
 import pytest
 from click.testing import CliRunner
 
-import lab.runner
-from lab.commands import compare as compare_cmd
-from lab.commands import gate as gate_cmd
-from lab.store import Store
+import lab.trials.model.runner as model_runner
+from lab.cli.commands import compare as compare_cmd
+from lab.cli.commands import gate as gate_cmd
+from lab.store.store import Store
 
 pytestmark = pytest.mark.slow
 SMALL = ["--arms", "pfn,chunks", "--guest-mib", "128", "--inflate-mib", "64", "--workload", "idle",
@@ -28,7 +28,7 @@ def _memfd_of(pid: int) -> str:
 def corrupt_chunks_balloon(monkeypatch) -> list[int]:
     """Before the chunks arm's first verification, write a byte into every page of guest RAM
     (ballooned pages included) through the VMM's own memfd: the real checks must fail."""
-    real_verify, hits = lab.runner.verify, []
+    real_verify, hits = model_runner.verify, []
 
     def verify(lp, target_pages):
         if lp.t.protocol == "chunks" and target_pages:
@@ -41,7 +41,7 @@ def corrupt_chunks_balloon(monkeypatch) -> list[int]:
             hits.append(lp.vmm.pid)
         return real_verify(lp, target_pages)
 
-    monkeypatch.setattr(lab.runner, "verify", verify)
+    monkeypatch.setattr(model_runner, "verify", verify)
     return hits
 
 

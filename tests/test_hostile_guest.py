@@ -18,7 +18,7 @@ import pytest
 
 from device.guest.raw_guest import (FAILED, F_INDIRECT, F_NEXT, F_WRITE, GET_FEATURES, GET_STATUS, HEADER, NEEDS_RESET,
                                     SET_DIRTY_LOG, SET_VRING, SET_VRING_CALL, SET_VRING_KICK, U32, RingAddrs)
-from lab.hostile_vm import HostileVM
+from lab.trials.model.hostile_vm import HostileVM
 
 GUEST_MIB = 3200                      # RAM below 3 GiB, the hole, 128 MiB from 4 GiB
 RING = {0: 0x10000, 1: 0x11000, 2: 0x12000}

@@ -9,7 +9,7 @@ import pytest
 from device.virtio.backing import BackingError, ensure_backing
 from device.virtio.features import F_REPORTING, bit
 from device.guest.raw_guest import F_WRITE, NEEDS_RESET
-from lab.hostile_vm import HostileVM
+from lab.trials.model.hostile_vm import HostileVM
 from test_hostile_guest import DATA, GUEST_MIB, HIGH, HOLE, MAX_PFN, RING, HostileVMSession, delta, header
 
 HUGE = 512

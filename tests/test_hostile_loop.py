@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from lab.attacks import MonitorProbe, chain_attack
+from lab.trials.model.attacks import MonitorProbe, chain_attack
 from device.guest.raw_guest import GET_STATUS, HEADER, NEEDS_RESET, SET_CONFIG, VERSION
-from lab.hostile_vm import HostileVM
+from lab.trials.model.hostile_vm import HostileVM
 
 DATA = 0x1000000 >> 12               # pages that hold data (16 MiB)
 NDATA = 64

@@ -7,10 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from lab import host as lab_host
-from lab.cli import main as cli
-from lab.spec import ExperimentSpec
-from lab.store import Store, TrialRecord, now_iso
+from lab.machine import identity as lab_host
+from lab.cli.group import main as cli
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store, TrialRecord, now_iso
 
 SPEC = ExperimentSpec(name="hosts", arms=["pfn"], trials=8, warmups=0, probes=False)
 

@@ -9,8 +9,10 @@ import pytest
 
 from device.virtio.backing import NR_HUGEPAGES, BackingError, ensure_backing, hugetlb_pool
 from device.guest.page_reporting_driver import ReportingParams
-from lab.reclaim import ReclaimTrial, run_reclaim
-from lab.runner import BalloonTrial, LabProcesses, run_balloon
+from lab.trials.model.reclaim import ReclaimTrial, run_reclaim
+from lab.trials.model.balloon_trial import BalloonTrial
+from lab.trials.model.processes import LabProcesses
+from lab.trials.model.runner import run_balloon
 
 MiB = 1 << 20
 

@@ -7,12 +7,12 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from lab import environment
-from lab.commands import show as show_cmd
-from lab.commands.compare import run_length_table
-from lab.experiment import run_experiment
-from lab.spec import ExperimentSpec
-from lab.store import Store, TrialRecord, now_iso
+from lab.machine import environment
+from lab.cli.commands import show as show_cmd
+from lab.cli.commands.compare import run_length_table
+from lab.trials.experiment import run_experiment
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store, TrialRecord, now_iso
 
 SPEC = ExperimentSpec(name="load-test", arms=["pfn", "bitmap"], trials=3, warmups=1, probes=False)
 

@@ -31,7 +31,7 @@ from device.host.migration.source import parse_uri
 from device.virtio.device_queue import DeviceQueue
 from device.virtio.driver_queue import DriverQueue
 from device.virtio.split_ring import ring_layout
-from lab.migrate_runner import MigrateTrial, run_migration
+from lab.trials.model.migrate_runner import MigrateTrial, run_migration
 
 
 @pytest.fixture
@@ -351,7 +351,7 @@ def test_scanner_chunks_of_selects_exactly_the_given_pages():
 def test_a_page_lost_at_the_destination_is_named():
     """A real migration, then one held page damaged in the destination's memfd: the
     guest's check fails and names exactly that page."""
-    from lab.migrate_runner import MigrationPair, _wait_done
+    from lab.trials.model.migrate_runner import MigrationPair, _wait_done
     t = MigrateTrial(hint="bitmap", guest_mib=64, workload="idle", timeout_s=120)
     mp = MigrationPair(t)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from lab.migrate_runner import MigrateTrial, run_migration
+from lab.trials.model.migrate_runner import MigrateTrial, run_migration
 
 pytestmark = pytest.mark.slow
 

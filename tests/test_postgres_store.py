@@ -12,11 +12,11 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from lab import host
-from lab import store_schema
-from lab import store_sql
-from lab.cli import main as cli
-from lab.store import Store, StoreError, TrialRecord, now_iso
+from lab.machine import identity as host
+from lab.store import schema as store_schema
+from lab.store import sql as store_sql
+from lab.cli.group import main as cli
+from lab.store.store import Store, StoreError, TrialRecord, now_iso
 from test_store import SPEC, result, trial
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -33,7 +33,7 @@ def _fill(store: Store, name: str = "t", scale: int = 1) -> str:
     store.add_note(run, "first")
     store.add_note(run, "second")
     store.finish_run(run, "complete")
-    from lab.experiment import analyse_run
+    from lab.trials.experiment import analyse_run
     analyse_run(store, run)
     return run
 

@@ -73,7 +73,7 @@ def test_sigint_prints_the_reading_and_exits_0(busy):
 
 def test_help_has_examples_and_bad_pid_is_one_line():
     from click.testing import CliRunner
-    from lab.cli import main
+    from lab.cli.group import main
     h = CliRunner().invoke(main, ["probe", "--help"])
     assert "examples:" in h.stdout and "probe --pid 1234 1 10" in h.stdout
     pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1

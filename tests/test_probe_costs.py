@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.bpf_stats import SYSCTL, prog_stats, stats_enabled, sysctl_value
+from probes.bpf_stats import prog_stats, stats_enabled, sysctl_value
 from test_ebpf_probes import EBPF, IDLE_CHILD, MADVISE_CHILD, children, session  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,8 @@ import os, sys, time
 from probes.bpf_stats import stats_enabled, sysctl_value
 with stats_enabled(force_sysctl=True) as how:
     print(how, sysctl_value(), flush=True)
-    if sys.argv[1] == "term":
-        time.sleep(60)                     # killed here by SIGTERM
+    if sys.argv[1] == "kill":
+        time.sleep(60)                     # SIGKILLed here: nothing of this process restores
     elif sys.argv[1] == "exit":
         sys.exit(5)                        # leaves through the block's finally
     else:
@@ -62,21 +62,33 @@ with stats_enabled(force_sysctl=True) as how:
 
 
 @EBPF
-@pytest.mark.parametrize("how", ["term", "exit", "raise"])
-def test_sysctl_fallback_is_restored_on_every_way_out(how):
-    """Where BPF_ENABLE_STATS is refused the sysctl is written, and put back when the block
-    ends, when the process exits, and when SIGTERM ends it mid-block."""
+@pytest.mark.parametrize("how", ["kill", "exit", "raise"])
+def test_sysctl_fallback_is_restored_on_every_way_out(how, tmp_path):
+    """Where BPF_ENABLE_STATS is refused the sysctl is raised (system/knobs.py) and put
+    back when the block ends, when the process exits, and, for a process killed with
+    SIGKILL, by the next lab process (restore_left_behind, which every command runs)."""
+    from system import knobs
+
     if sysctl_value() != 0:
-        pytest.skip(f"{SYSCTL} is {sysctl_value()} (someone else turned statistics on): nothing to restore")
+        pytest.skip(f"kernel.bpf_stats_enabled is {sysctl_value()} (someone else turned statistics on)")
+    env = dict(os.environ, BALLOON_LAB_KNOBS_DIR=str(tmp_path))
     p = subprocess.Popen([PY, "-c", SYSCTL_CHILD, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=str(ROOT))
+                         text=True, cwd=str(ROOT), env=env)
     line = p.stdout.readline().split()
     assert line == ["sysctl", "1"], p.stderr.read()
-    if how == "term":
-        p.send_signal(signal.SIGTERM)
+    if how == "kill":
+        p.kill()
     rc = p.wait(timeout=30)
-    assert sysctl_value() == 0
-    assert rc == {"term": -signal.SIGTERM, "exit": 5, "raise": 1}[how]
+    assert rc == {"kill": -signal.SIGKILL, "exit": 5, "raise": 1}[how]
+    if how == "kill":
+        assert sysctl_value() == 1                         # left raised by the killed process ...
+        monkey = knobs.REGISTRY
+        knobs.REGISTRY = tmp_path
+        try:
+            assert any("bpf_stats_enabled" in c for c in knobs.restore_left_behind())
+        finally:
+            knobs.REGISTRY = monkey
+    assert sysctl_value() == 0                             # ... and back where it was
 
 
 # --- the cheaper hooks count exactly what the tracepoints count -------------------------------

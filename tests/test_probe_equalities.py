@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from lab.runner import BalloonTrial, run_balloon
-from probes.bpf import essentials_missing
+from lab.trials.model.balloon_trial import BalloonTrial
+from lab.trials.model.runner import run_balloon
+from probes.bpf import ebpf_skip_reason
 from probes.session import CONCERNS, DEFAULT_CONCERNS, ProbeSession
 
 pytestmark = pytest.mark.ebpf
@@ -18,7 +19,7 @@ def session(request):
     """The default probes, then every probe (the opt-in pagefree and syscall-time too).
     Skips only where eBPF truly cannot work (not root, no BCC), saying why; anywhere
     else (CI runs as root with BCC) a probe that does not load is a failure."""
-    missing = essentials_missing()
+    missing = ebpf_skip_reason()
     if missing:
         print(f"\nSKIPPING probe equalities: {missing}", file=sys.stderr)
         pytest.skip(missing)

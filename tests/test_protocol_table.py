@@ -330,9 +330,9 @@ def test_cli_and_spec_choices_are_the_tables():
     from device.guest import process
     from device.host import vmm
     from device.virtio.hint_format import HINT_DESIGNS
-    from lab import spec
-    from lab.backends import QEMU_BALLOON_ARMS
-    from lab.commands import run
+    from lab.trials import spec
+    from lab.trials.backends import QEMU_BALLOON_ARMS
+    from lab.cli.commands import run
 
     assert _argparse_choices(vmm.main, [], "--protocol") == list(PROTOCOL_NAMES)
     assert _argparse_choices(vmm.main, [], "--discard") == list(DISCARD_METHOD_NAMES)
@@ -355,7 +355,7 @@ def test_spec_reads_the_other_owners():
     from device.guest.alloc_policy import ALLOC_POLICIES
     from device.host.host_pages import PARTIAL_TRACKING
     from device.virtio.backing import BACKINGS
-    from lab import spec
+    from lab.trials import spec
     assert spec.BACKINGS is BACKINGS
     assert spec.PARTIAL_TRACKING is PARTIAL_TRACKING
     assert spec.ALLOC_POLICIES is ALLOC_POLICIES

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.backends.qemu.trace import TraceReader
-from lab.store import Store
+from lab.trials.qemu.trace import TraceReader
+from lab.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "balloon-lab")
@@ -135,9 +135,9 @@ def test_migrate_backend_qemu_moves_the_real_guest_and_verifies_it(tmp_path):
 
 
 def test_qemu_arms_are_asked_for_never_defaulted():
-    from lab.spec import ExperimentSpec, SpecError
+    from lab.trials.spec import ExperimentSpec, SpecError
     assert not any(a.startswith("qemu-") for a in ExperimentSpec().arms)
     assert not any(a.startswith("qemu-") for a in ExperimentSpec(kind="migrate", inflate_mib=0).arms)
     with pytest.raises(SpecError, match="batch_pages"):
-        from lab.spec import validate_workload
+        from lab.trials.spec import validate_workload
         validate_workload(ExperimentSpec(arms=["pfn", "qemu-pfn"], batch_pages=64))

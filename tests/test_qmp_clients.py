@@ -11,7 +11,8 @@ import pytest
 
 from device.virtio.layout import MiB
 from device.host.monitor import ERROR_CLASSES, JsonStream
-from lab.runner import BalloonTrial, LabProcesses
+from lab.trials.model.balloon_trial import BalloonTrial
+from lab.trials.model.processes import LabProcesses
 
 GUEST_MIB = 256
 

@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from lab import queue as Qu
-from lab.cli import main as cli
-from lab.spec import load_spec
-from lab.store import Store
+from lab.testbed import task_queue as Qu
+from lab.cli.group import main as cli
+from lab.trials.spec import load_spec
+from lab.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lab.experiment import run_experiment
-from lab.runner import run_trial
-from lab.spec import ExperimentSpec
-from lab.store import Store
+from lab.trials.experiment import run_experiment
+from lab.trials.arm_trial import run_trial
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store
 from reports import charts
 from reports import data
 from reports.html import build, write_report
@@ -144,7 +144,7 @@ def test_cli_writes_the_file_and_refuses_unknown_runs(real_run, tmp_path):
 def test_run_without_trials_and_run_with_only_failed_trials(tmp_path):
     """Degrades to sentences, never to a traceback or an empty page."""
     spec = ExperimentSpec(arms=["pfn", "bitmap"], guest_mib=64, inflate_mib=32, trials=1, warmups=0, probes=False)
-    # a migration spec through the balloon runner: every trial fails, for real, in lab.runner
+    # a migration spec through the balloon runner: every trial fails, for real, in lab.trials.model.runner
     mig = ExperimentSpec(kind="migrate", arms=["none", "bitmap"], guest_mib=64, inflate_mib=0, trials=1, warmups=0,
                          probes=False)
     with Store(tmp_path / "lab.db") as store:
@@ -190,7 +190,7 @@ def test_svg_ids_are_prefixed_and_png_fallback_for_huge_charts():
 @pytest.mark.slow
 def test_migration_run_gets_its_own_section_with_a_timeline(tmp_path):
     """A real (small) migration experiment: no hints against FREE_PAGE_HINT."""
-    from lab.migrate_runner import run_trial as migrate_trial
+    from lab.trials.model.migrate_runner import run_trial as migrate_trial
 
     spec = ExperimentSpec(kind="migrate", arms=["none", "upstream"], guest_mib=128, inflate_mib=0, trials=1,
                           warmups=0, probes=False)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lab.experiment import run_experiment
-from lab.runner import run_trial
-from lab.spec import ExperimentSpec
-from lab.store import Store
+from lab.trials.experiment import run_experiment
+from lab.trials.arm_trial import run_trial
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store
 from reports.html import write_report
 
 CHROMIUM = "/usr/bin/chromium"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from lab.spec import ExperimentSpec
-from lab.store import Store
+from lab.trials.spec import ExperimentSpec
+from lab.store.store import Store
 from reports import data
 from reports.html import build
 from test_gate import make_run

@@ -7,7 +7,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from lab.spec import (BALLOON_ARMS, ExperimentSpec, SpecError, format_bandwidth, load_spec, parse_bandwidth,
+from lab.trials.spec import (BALLOON_ARMS, ExperimentSpec, SpecError, format_bandwidth, load_spec, parse_bandwidth,
                       spec_from_cli, spec_options)
 
 GOOD_TOML = """

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lab import stats
+from lab.analysis import stats
 
 
 def lognormal(rng, median, n, sigma=0.15):

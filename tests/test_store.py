@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from lab import metrics as lab_metrics
-from lab.spec import ExperimentSpec
-from lab.baseline_file import BaselineError, export_baseline, load_baseline
-from lab.store import Store, StoreError, TrialRecord, now_iso
+from lab.results import metrics as lab_metrics
+from lab.trials.spec import ExperimentSpec
+from lab.gate.baseline_file import BaselineError, export_baseline, load_baseline
+from lab.store.store import Store, StoreError, TrialRecord, now_iso
 
 
 def stage_block(total: int) -> dict:
@@ -25,7 +25,7 @@ def stage_block(total: int) -> dict:
 
 
 def result(total: int, *, verified: bool = True, madvise: int = 131072) -> dict:
-    """A result object shaped like lab.runner's."""
+    """A result object shaped like lab.trials.model.runner's."""
     return {"protocol": "pfn", "guest_mib": 1024, "inflate_mib": 512, "pages": 131072, "requests": 512,
             "kicks": 512, "interrupts": 512, "discard_calls": madvise, "runs": 40, "translations": 131072,
             "memfd_freed_bytes": 512 << 20, "verified": verified,
@@ -136,7 +136,7 @@ def test_ctrl_c_during_a_trial_write_is_held_until_the_trial_is_whole(store):
 
 
 def test_dead_owner_means_interrupted(store, tmp_path):
-    code = ("import sys; from lab.store import Store; from lab.spec import ExperimentSpec;"
+    code = ("import sys; from lab.store.store import Store; from lab.trials.spec import ExperimentSpec;"
             "s = Store(sys.argv[1]); print(s.create_run(ExperimentSpec(arms=['pfn']), 'balloon', {}))")
     dead = subprocess.run([sys.executable, "-c", code, str(store.path)], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -168,7 +168,7 @@ def test_missing_or_corrupt_database(tmp_path):
         Store(tmp_path / "nope.db", create=False)
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="not a usable SQLite database"):
+    with pytest.raises(StoreError, match="is a text file, not a balloon-lab results database"):
         Store(bad)
 
 

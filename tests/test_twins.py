@@ -1,4 +1,4 @@
-"""Twin trials (lab/twins.py): timings from a trial whose probes were really detached,
+"""Twin trials (lab/trials/twins.py): timings from a trial whose probes were really detached,
 counts from its probed twin; and the round's seed for both."""
 from __future__ import annotations
 
@@ -8,41 +8,69 @@ import sys
 
 import pytest
 
-from lab import twins
-from lab.runner import run_trial
-from lab.spec import ExperimentSpec
-from probes.bpf import essentials_missing
+from lab.trials import twins
+from lab.trials.arm_trial import run_trial
+from lab.trials.spec import ExperimentSpec
+from probes.bpf import ebpf_skip_reason
 
 PAGE = 4096
-_MISSING = essentials_missing()
+_MISSING = ebpf_skip_reason()
 if _MISSING:
     print(f"\nSKIPPING eBPF twin tests: {_MISSING}", file=sys.stderr)
 ebpf = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
 
-def test_merge_takes_every_timing_from_the_unprobed_twin_and_nothing_else():
+def test_merge_takes_every_number_from_the_unprobed_twin_and_the_probe_readings_from_the_probed():
     unprobed = {"verified": True, "pages": 10, "wall_ns": 100, "stages_ns": {"inflate": {"total": 90, "alloc": 5}},
-                "deflate": {"wall_ns": 40, "kicks": 3}, "trial_wall_ns": 1000, "probes": {"backend": "none"},
-                "pids": {"vmm": 1}}
+                "deflate": {"wall_ns": 40, "kicks": 3, "interrupts": 3}, "rss_bytes": {"vmm": 500},
+                "trial_wall_ns": 1000, "probes": {"backend": "none"}, "pids": {"vmm": 1}}
     probed = {"verified": True, "pages": 10, "wall_ns": 130, "stages_ns": {"inflate": {"total": 120, "alloc": 6}},
-              "deflate": {"wall_ns": 50, "kicks": 3}, "trial_wall_ns": 1400,
+              "deflate": {"wall_ns": 50, "kicks": 4, "interrupts": 5}, "rss_bytes": {"vmm": 700},
+              "trial_wall_ns": 1400,
               "probes": {"backend": "bcc", "madvise_kernel_ns": 77, "stages": {"discard": {"ns": 60}}},
               "pids": {"vmm": 2}}
     m = twins.merge_twins(unprobed, probed, "unprobed")
     assert (m["wall_ns"], m["stages_ns"]["inflate"], m["deflate"]["wall_ns"], m["trial_wall_ns"]) == \
         (100, {"total": 90, "alloc": 5}, 40, 1000)
-    assert m["probes"] == probed["probes"]                  # the probes' own times stay the probed twin's
-    assert m["pids"] == {"vmm": 2} and m["pages"] == 10 and m["deflate"]["kicks"] == 3
+    # the scheduling gauges are the unprobed twin's too, as are the pids they belong to
+    assert (m["deflate"]["kicks"], m["deflate"]["interrupts"], m["rss_bytes"], m["pids"]) == (3, 3, {"vmm": 500},
+                                                                                                {"vmm": 1})
+    assert m["probes"] == probed["probes"]                  # the probes' own readings: the probed twin's
     t = m["twin"]
-    assert t["design"] == "twin" and t["first"] == "unprobed" and t["counter_mismatches"] == []
+    assert t["design"] == "twin" and t["first"] == "unprobed" and t["probed_pids"] == {"vmm": 2}
     assert t["probed_timings"] == {"wall_ns": 130, "stages_ns": {"inflate": {"total": 120, "alloc": 6}},
                                    "deflate": {"wall_ns": 50}, "trial_wall_ns": 1400}
-    probed["deflate"]["kicks"] = 4                          # a gauge (scheduling): not a mismatch
-    probed["pages"] = 11                                    # an exact counter: the layout differed
-    m = twins.merge_twins(unprobed, probed, "probed")
-    assert m["twin"]["counter_mismatches"] == ["pages: 10 unprobed, 11 probed"]
+    assert t["probed_gauges"] == {"deflate": {"kicks": 4, "interrupts": 5}, "rss_bytes": {"vmm": 700}}
+    assert t["stages_from"] == {"inflate": "unprobed"} and t["from_probed"] == []
+    # which twin every number came from, checkable on the stored result
+    assert twins.values_digest(m) == t["digests"]["unprobed"] != t["digests"]["probed"]
     unprobed["verified"] = False
     assert twins.merge_twins(unprobed, probed, "probed")["verified"] is False
+
+
+def test_twins_that_differ_in_an_exact_counter_fail_the_trial():
+    unprobed = {"verified": True, "pages": 10, "discard_calls": 10, "probes": {}}
+    probed = {"verified": True, "pages": 11, "discard_calls": 10, "probes": {}}
+    with pytest.raises(twins.TwinsDisagree, match=r"differ in 1 exact counter\(s\), first pages: 10 unprobed, 11 "
+                                                  r"probed: one seed must give one guest layout"):
+        twins.merge_twins(unprobed, probed, "probed")
+
+
+def test_what_only_the_probes_measure_comes_whole_from_the_probed_twin():
+    """The real stack's discard calls and discard stage exist only in the probed twin
+    (the probes count them): the counter goes in, and that operation's whole stage
+    breakdown is the probed twin's, so its shares divide figures of one run."""
+    unprobed = {"verified": True, "pages": 64, "inflate": {"wall_ns": 500, "kicks": 2},
+                "stages_ns": {"inflate": {"total": 500}, "deflate": {"total": 300}}, "probes": None}
+    probed = {"verified": True, "pages": 64, "discard_calls": 64, "inflate": {"wall_ns": 650, "kicks": 3},
+              "stages_ns": {"inflate": {"total": 650, "discard": 200}, "deflate": {"total": 330}},
+              "probes": {"backend": "bcc"}}
+    m = twins.merge_twins(unprobed, probed, "unprobed")
+    assert m["discard_calls"] == 64
+    assert m["stages_ns"] == {"inflate": {"total": 650, "discard": 200}, "deflate": {"total": 300}}
+    assert m["inflate"] == {"wall_ns": 500, "kicks": 2}     # the operation's time: still the unprobed twin's
+    assert m["twin"]["stages_from"] == {"inflate": "probed", "deflate": "unprobed"}
+    assert m["twin"]["from_probed"] == ["discard_calls", "stages_ns.inflate.discard"]
 
 
 @pytest.mark.ebpf
@@ -88,7 +116,8 @@ def test_twin_trial_timings_unprobed_counts_probed_seed_plus_round():
     assert r["verified"] and r["workload"]["seed"] == 6
     t = r["twin"]
     assert t["design"] == "twin" and t["first"] == "probed" and t["counter_mismatches"] == []
-    assert t["unprobed_pids"]["vmm"] != r["pids"]["vmm"]       # two pairs of processes
+    assert t["probed_pids"]["vmm"] != r["pids"]["vmm"] == t["unprobed_pids"]["vmm"]   # two pairs of processes
+    assert twins.values_digest(r) == t["digests"]["unprobed"]
     p = r["probes"]
     assert p["backend"] == "bcc" and p["madvise_calls"] >= r["discard_calls"] == 64 * 256
     assert p["stages"]["discard"]["madvise_calls"] == r["discard_calls"]
@@ -107,7 +136,7 @@ def test_rounds_use_seed_plus_round():
 
 
 def test_overhead_table_pairs_each_trial_with_its_twin():
-    from lab.store import TrialRecord
+    from lab.store.store import TrialRecord
 
     def rec(arm, rnd, unprobed_ms, probed_ms, warmup=False, status="ok"):
         res = {"stages_ns": {"inflate": {"total": unprobed_ms * 1e6}},

@@ -11,7 +11,9 @@ from device.guest.buddy import BuddyAllocator
 from device.guest.page_contents import GuestPageContents
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
+from lab.trials.model.runner import trial_verified
 from workloads import WORKLOADS, describe_workloads, make_workload, parse_params, run_lengths
+from workloads.metrics import must_be_zero_failures
 
 
 def guest(mib: int):
@@ -167,6 +169,11 @@ def test_churn_counts_a_corrupted_page(g512):
     st = w.stop()
     assert victim is not None
     assert st["corruptions"] == 1
+    # issue 22: such a trial is not verified, whatever the balloon's own checks said
+    ok = {"ok": True}
+    assert must_be_zero_failures(st) == ["corruptions=1"]
+    assert trial_verified(ok, ok, [], st) == (False, ["corruptions=1"])
+    assert trial_verified(ok, ok, [], {**st, "corruptions": 0}) == (True, [])
 
 
 # ------------------------------------------------------------------ dirty

@@ -41,10 +41,22 @@ class Aged(Workload):
         # Touch every remaining free page once: allocate all, write, free (buddy merging
         # restores the large blocks, so the free memory's shape is the idle one).
         free = mem.alloc.alloc_pages(mem.alloc.free_pages_count, notify_oom=False)
-        stale = mem.touch_stale(free, self.seed ^ 0xA6ED) if free.size else 0
+        if free.size:
+            mem.touch_stale(free, self.seed ^ 0xA6ED)
         summary.update(stale_pages=int(free.size), untouched_free_pages=mem.alloc.free_pages_count - int(free.size),
                        free_pages=mem.alloc.free_pages_count)
         return summary
+
+    def retouch(self, mem: GuestPageContents) -> dict:
+        """After a deflate: give every free page host memory again, as prepare() left it,
+        so the next inflate frees as much. The pages are populated, not written
+        (GuestPageContents.populate: the discard that follows costs the same, and it took
+        half the time of writing them here: 2-3 s against 5-6 s for 1.75 GiB)."""
+        free = mem.alloc.alloc_pages(mem.alloc.free_pages_count, notify_oom=False)
+        if free.size:
+            mem.populate(free)
+            mem.alloc.free_pages(free)
+        return {"populated_pages": int(free.size)}
 
 
 def pin_blocks(mem: GuestPageContents, share: float, seed: int, order: int = 9) -> int:

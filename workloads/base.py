@@ -149,12 +149,30 @@ class Workload(ABC):
     def prepare(self, mem: GuestPageContents) -> dict:
         """Shape guest memory before balloon operations; return a summary."""
 
+    @classmethod
+    def can_retouch(cls) -> bool:
+        """True if the workload implements retouch (repeated cycles in one guest)."""
+        return cls.retouch is not Workload.retouch
+
+    def retouch(self, mem: GuestPageContents) -> dict:
+        """Give the memory a deflate handed back the contents prepare() left there, so the
+        next inflate of a repeated cycle (`run --cycles`) frees as much as the first.
+        Only workloads whose shape can be restored this way implement it."""
+        raise ValueError(f"workload {self.name!r} cannot repeat inflate/deflate cycles in one guest "
+                         "(only 'aged' can: it touches every free page again)")
+
     def start(self, mem: GuestPageContents) -> None:
         """Begin concurrent activity (no-op for static workloads)."""
 
     def stop(self) -> dict:
         """End concurrent activity; return its counters."""
         return {}
+
+    def touched_share(self) -> float:
+        """The share of guest RAM this workload may write, so the share the host may have
+        to back with memory (the lab's memory check before a trial, lab/machine/memory.py).
+        A workload that writes over time, or into any free page, says 1.0."""
+        return 1.0
 
     def describe(self) -> dict:
         return {"workload": self.name, "seed": self.seed, "params": dataclasses.asdict(self.params)}

@@ -37,6 +37,9 @@ class Fragment(Workload):
     name = "fragment"
     Params = FragmentParams
 
+    def touched_share(self) -> float:
+        return 1.0 if self.params.touch_rest else self.params.share
+
     def prepare(self, mem: GuestPageContents) -> dict:
         p = self.params
         want = int(round(p.share * mem.alloc.ram_pages))

@@ -20,6 +20,9 @@ class Hog(Workload):
     name = "hog"
     Params = HogParams
 
+    def touched_share(self) -> float:
+        return self.params.share
+
     def prepare(self, mem: GuestPageContents) -> dict:
         want = int(round(self.params.share * mem.alloc.ram_pages))
         pages = mem.alloc.alloc_pages(want)

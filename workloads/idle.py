@@ -64,5 +64,8 @@ class Idle(Workload):
             raise ValueError(f"workload 'idle': used_share + stale_share must be <= 1.0, "
                              f"got {p.used_share} + {p.stale_share}")
 
+    def touched_share(self) -> float:
+        return self.params.used_share + self.params.stale_share
+
     def prepare(self, mem: GuestPageContents) -> dict:
         return shape_idle(mem, self.params, self.seed, "idle")

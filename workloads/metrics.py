@@ -2,12 +2,13 @@
 
 prepare() returns a summary of how it shaped guest memory: fixed by the seed, so
 counters. stop() returns what a background workload managed to do before it was
-stopped: that depends on how its thread was scheduled, so gauges. The lab stores
-them under workload.prepare.* and workload.stop.* (lab/metric_catalog.py).
+stopped: that depends on how its thread was scheduled, so gauges; the work it got
+done is higher-better, and `corruptions` must be 0 (a trial with any is not verified).
+The lab stores them under workload.prepare.* and workload.stop.* (lab/results/metric_catalog.py).
 """
 from __future__ import annotations
 
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet
+from device.virtio.metric_decl import COUNTER, GAUGE, HIGHER, TIMING, ZERO, Metric, MetricSet
 
 PREPARE_METRICS = MetricSet("workloads/metrics.py PREPARE_METRICS", [
     Metric("used_pages", COUNTER, "", "pages the workload holds with data (idle, aged)"),
@@ -28,16 +29,26 @@ PREPARE_METRICS = MetricSet("workloads/metrics.py PREPARE_METRICS", [
 
 STOP_METRICS = MetricSet("workloads/metrics.py STOP_METRICS", [
     Metric("seconds", TIMING, "s", "how long the background thread ran"),
-    Metric("cycles", GAUGE, "", "churn: allocate/free cycles done"),
-    Metric("pages_churned", GAUGE, "", "churn: pages allocated"),
-    Metric("pages_freed", GAUGE, "", "churn: pages freed"),
-    Metric("pages_checked", GAUGE, "", "churn: pages whose contents were checked"),
-    Metric("corruptions", GAUGE, "", "churn: checked pages whose contents were wrong"),
+    Metric("cycles", GAUGE, "", "churn: allocate/free cycles done", better=HIGHER),
+    Metric("pages_churned", GAUGE, "", "churn: pages allocated", better=HIGHER),
+    Metric("pages_freed", GAUGE, "", "churn: pages freed", better=HIGHER),
+    Metric("pages_checked", GAUGE, "", "churn: pages whose contents were checked", better=HIGHER),
+    Metric("corruptions", GAUGE, "", "churn: checked pages whose contents were wrong", better=ZERO),
     Metric("short_allocs", GAUGE, "", "churn: allocations the allocator could not fill"),
-    Metric("ticks", GAUGE, "", "dirty: write steps done"),
-    Metric("held_pages_written", GAUGE, "", "dirty: writes to held pages"),
-    Metric("free_pages_written", GAUGE, "", "dirty: writes to free pages"),
-    Metric("bytes_written", GAUGE, "bytes", "dirty: bytes written"),
-    Metric("achieved_mib_s", TIMING, "s", "dirty: the write rate reached, MiB/s (kind and unit as the name-guessing had them)"),
+    Metric("ticks", GAUGE, "", "dirty: write steps done", better=HIGHER),
+    Metric("held_pages_written", GAUGE, "", "dirty: writes to held pages", better=HIGHER),
+    Metric("free_pages_written", GAUGE, "", "dirty: writes to free pages", better=HIGHER),
+    Metric("bytes_written", GAUGE, "bytes", "dirty: bytes written", better=HIGHER),
+    Metric("achieved_mib_s", GAUGE, "MiB/s", "dirty: the write rate reached", better=HIGHER),
     Metric("ticks_short", GAUGE, "", "dirty: steps that ran behind the clock"),
 ])
+
+
+def must_be_zero_failures(stop: dict) -> list[str]:
+    """What a workload's stop() report holds above 0 of the figures that must be 0
+    ("corruptions=3"): a trial with any is not verified."""
+    out = []
+    for name, value in stop.items():
+        if name in STOP_METRICS and STOP_METRICS[name].better == ZERO and isinstance(value, (int, float)) and value:
+            out.append(f"{name}={value:g}")
+    return out

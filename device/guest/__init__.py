@@ -9,4 +9,5 @@
     page_reporting_driver.py  Guest side of free page reporting: Linux's mm/page_reporting.c over the lab's buddy allocator.
     process.py                The guest process: guest kernel model, virtio-balloon driver, workloads, agent.
     raw_guest.py              A raw, hostile guest: the control protocol and split rings written from the docs alone.
+    ring_peer.py              The guest's half of the ring's floor (device/host/ring_floor.py): a bare round trip.
 """

@@ -118,6 +118,11 @@ class Guest:
         summary = self.workload.prepare(self.memory)
         return {"workload": args["name"], "summary": summary}
 
+    def _cmd_workload_retouch(self, conn, rid, args) -> dict:
+        if self.workload is None:
+            raise ValueError("no workload prepared")
+        return self.workload.retouch(self.memory)
+
     def _cmd_workload_start(self, conn, rid, args) -> dict:
         if self.workload is None:
             raise ValueError("no workload prepared")

@@ -9,6 +9,7 @@
     loop_bridge.py            Run closures in the VMM's main loop from another thread, and wait for their results.
     monitor.py                The VMM's monitor: QMP's wire format over a unix stream socket.
     page_reporting_device.py  Device side of free page reporting (VIRTIO_BALLOON_F_REPORTING, feature 5, queue 4).
+    ring_floor.py             The ring's floor on this machine: what the lab's own machinery cannot go below.
     vmm.py                    The VMM process: owns guest RAM, serves the balloon device and the monitor.
     migration/                Pre-copy live migration of guest RAM between two VMM processes (DESIGN.md section 5).
 """

@@ -6,7 +6,7 @@ then `qmp_capabilities`, then {"execute": name, "arguments": {...}, "id": ...} -
 parses it: an object is complete at its closing brace, whether or not a newline
 follows (qemu.qmp sends none), and several may arrive in one read. Command names,
 error classes and descriptions follow QEMU where QEMU has them, so standard QMP
-clients (qemu.qmp, qmp-shell) and lab/monitor_client.py drive this VMM and a real
+clients (qemu.qmp, qmp-shell) and lab/trials/monitor_client.py drive this VMM and a real
 QEMU alike; lab-specific commands carry the `x-` prefix. A handler may answer later
 (deferred) by returning a Deferred and completing it.
 """

@@ -13,7 +13,8 @@ re-registers them; `actual` changed: BALLOON_CHANGE on the monitor); each owner 
 queue beyond 0-2 registers it on the device (the migration controller queues 3 and 5,
 free page reporting queue 4); the migration controller gets MigrationHandles, never
 the VMM; and the loop maps each fd it waits on to its handler in one table
-(VMM.event_handlers, filled only by _watch/_unwatch).
+(EventLoop.handlers, device/host/event_loop.py, filled only by watch/unwatch; the
+fuzzer drives the same loop code).
 """
 from __future__ import annotations
 
@@ -21,20 +22,18 @@ import argparse
 import faulthandler
 import logging
 import os
-import selectors
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from device.host.balloon_device import BalloonDevice
-from device.host.budget import WorkBudget, cpu_time
+from device.host.budget import WorkBudget
+from device.host.event_loop import ControlWatch, EventHandler, EventLoop, QueueKicks
 from device.host.control_peer import ControlService, DeviceChannel
 from device.virtio.discard import DISCARD_METHOD_NAMES, discard_runs
 from device.virtio.features import QEMU_STAT_NAMES, STAT_TAGS
@@ -42,6 +41,7 @@ from device.virtio.protocols import PROTOCOL_NAMES, PROTOCOLS, protocol_device_f
 from device.virtio.hint_format import hint_device_features
 from device.virtio.backing import BACKINGS, backing_problem
 from device.virtio.ram import GuestRAM, process_rss_bytes
+from system.signals import die_with_parent
 from device.host.host_pages import PARTIAL_TRACKING
 from device.host.loop_bridge import LoopBridge
 from device.host.page_reporting_device import ReportingDevice, reporting_device_features
@@ -51,16 +51,6 @@ from device.host.migration.controller import MigrationController, MigrationHandl
 from device.host.monitor import CommandError, Deferred, Monitor
 
 log = logging.getLogger("balloon-lab.vmm")
-
-
-@dataclass(frozen=True)
-class EventHandler:
-    """What the loop does when one fd it waits on is ready: serve(mask, budget), with the
-    wake-up's shared WorkBudget. Guest queue work (kicks) is served after everything
-    else that woke the loop, so it never delays a monitor answer."""
-
-    serve: Callable[[int, WorkBudget], None]
-    queue_work: bool = False
 
 
 class VMM:
@@ -77,20 +67,18 @@ class VMM:
                                     | reporting_device_features(args.reporting),
                                     ranges_policy=PROTOCOLS[args.protocol].merge_runs, discard=args.discard,
                                     partial_tracking=args.partial_tracking,
-                                    listener=DeviceListener(kick_fds_changed=self._rearm_kicks,
+                                    listener=DeviceListener(kick_fds_changed=lambda: self.kicks.rearm(),
                                                             actual_changed=self._actual_changed))
-        self.sel = selectors.DefaultSelector()
-        self.event_handlers: dict[int, EventHandler] = {}     # fd -> what serves it (_watch, _unwatch)
+        self.loop = EventLoop()                      # fd -> handler, one wake-up at a time (event_loop.py)
+        self.kicks = QueueKicks(self.loop, self.device)
         self.running = True
         self.guest: subprocess.Popen | None = None
         self.guest_exit: str | None = None
         self.chan: DeviceChannel | None = None
         self.control: ControlService | None = None
-        self._kick_registered: dict[int, int] = {}
+        self.control_watch: ControlWatch | None = None
         self._deadlines: list[tuple[float, Deferred, object]] = []
-        self.wakeups = 0
-        self.max_wakeup_cpu_s = 0.0       # CPU time of the costliest event-loop wake-up
-        self.wakeups_over_10ms = 0
+        self._reaped_at = 0.0                        # when _reap_guest last asked waitpid
         self.bridge = LoopBridge()                   # other threads run closures in this loop
         # migrate/query-migrate, --incoming, hint queues 3 and 5
         self.migration = MigrationController(self._migration_handles(), incoming=getattr(args, "incoming", None),
@@ -99,8 +87,8 @@ class VMM:
         self.reporting.register_queues(self.device.register_queue)
         self.monitor = Monitor(args.monitor, {**self._commands(), **self.migration.commands()},
                                version="balloon-lab vmm")
-        self._watch(self.monitor.listener, EventHandler(self._serve_listener))
-        self._watch(self.bridge.fd, EventHandler(lambda mask, budget: self.bridge.run_pending()))
+        self.loop.watch(self.monitor.listener, EventHandler(self._serve_listener))
+        self.loop.watch(self.bridge.fd, EventHandler(lambda mask, budget: self.bridge.run_pending()))
 
     def _migration_handles(self) -> MigrationHandles:
         """What the migration controller may use of this VMM (and nothing else)."""
@@ -113,40 +101,15 @@ class VMM:
             guest_running=lambda: (self.guest is not None and self.guest_exit is None
                                    and self.guest.poll() is None))
 
-    # --- the loop's table: fd -> handler ----------------------------------------------------
-    def _watch(self, fileobj, handler: EventHandler, events: int = selectors.EVENT_READ) -> None:
-        key = self.sel.register(fileobj, events)
-        self.event_handlers[key.fd] = handler
-
-    def _unwatch(self, fileobj) -> None:
-        """Stop waiting on fileobj (gone already: nothing to do)."""
-        try:
-            key = self.sel.unregister(fileobj)
-        except (KeyError, ValueError):
-            return
-        self.event_handlers.pop(key.fd, None)
-
     def _serve_listener(self, mask: int, budget: WorkBudget) -> None:
         conn = self.monitor.accept()
         if conn.sock.fileno() != -1:
-            self._watch(conn.sock, EventHandler(lambda mask, budget: self._serve_monitor(conn)))
+            self.loop.watch(conn.sock, EventHandler(lambda mask, budget: self._serve_monitor(conn)))
 
     def _serve_monitor(self, conn) -> None:
         self.monitor.readable(conn)
         if conn.sock.fileno() == -1 or conn.sock.fileno() not in self.monitor.conns:
-            self._unwatch(conn.sock)
-
-    def _serve_control(self, mask: int, budget: WorkBudget) -> None:
-        if self.chan is not None:
-            self.control.on_event(mask)
-
-    def _serve_kick(self, fd: int, index: int, budget: WorkBudget) -> None:
-        try:
-            os.eventfd_read(fd)
-            self.wakeups += 1      # a wake-up is a read that returned data, as the probe counts it
-        except BlockingIOError:
-            pass                   # emptied meanwhile (the guest holds the same eventfd): look anyway
-        self.device.process_queue(index, budget)
+            self.loop.unwatch(conn.sock)
 
     # --- guest process -----------------------------------------------------------------
     def spawn_guest(self) -> None:
@@ -155,11 +118,13 @@ class VMM:
         # it gets the same --control-fd/--agent arguments and the arguments after `--`.
         prog = shlex.split(self.args.guest_cmd) if self.args.guest_cmd else [sys.executable, "-m", "device.guest.process"]
         cmd = prog + ["--control-fd", str(theirs.fileno()), "--agent", self.args.agent] + list(self.args.guest_args)
-        self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+        # the guest dies with its VMM (PR_SET_PDEATHSIG): a guest busy in a workload would not
+        # notice the hang-up and go on filling host memory alone
+        self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent)
         theirs.close()
         self.chan = DeviceChannel(mine)
         self.control = ControlService(self.chan, self.device, self.migration.on_control_reply, self._guest_gone)
-        self._watch(mine, EventHandler(self._serve_control))
+        self.control_watch = ControlWatch(self.loop, self.chan, self.control)
         log.info("guest process %d started", self.guest.pid)
 
     def _guest_gone(self, why: str) -> None:
@@ -175,24 +140,12 @@ class VMM:
                   f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
         self.guest_exit = f"{why}; {status}"
         log.error("guest process lost: %s", self.guest_exit)
-        self._unwatch(self.chan.sock)
+        self.control_watch.detach()
         self.chan.close()
         self.chan = None
-        for fd in list(self._kick_registered.values()):
-            self._unwatch(fd)
-        self._kick_registered.clear()
+        self.control_watch = None
+        self.kicks.clear()
         self.monitor.event("GUEST_LOST", {"reason": self.guest_exit})
-
-    def _rearm_kicks(self) -> None:
-        for idx, fd in list(self._kick_registered.items()):
-            if self.device.kick_fds.get(idx) != fd:
-                self._unwatch(fd)
-                del self._kick_registered[idx]
-        for idx, fd in self.device.kick_fds.items():
-            if idx not in self._kick_registered:
-                self._watch(fd, EventHandler(lambda mask, budget, fd=fd, idx=idx: self._serve_kick(fd, idx, budget),
-                                             queue_work=True))
-                self._kick_registered[idx] = fd
 
     def _actual_changed(self, actual: int) -> None:
         self.monitor.event("BALLOON_CHANGE", {"actual": self.layout.ram_bytes - (actual << PAGE_SHIFT)},
@@ -287,9 +240,9 @@ class VMM:
 
     def _counters(self) -> dict:
         c = self.device.counters()
-        c["device_wakeups"] = self.wakeups
-        c["loop"] = {"max_wakeup_cpu_ms": round(self.max_wakeup_cpu_s * 1e3, 3),
-                     "wakeups_over_10ms_cpu": self.wakeups_over_10ms}
+        c["device_wakeups"] = self.kicks.reads
+        c["loop"] = {"max_wakeup_cpu_ms": round(self.loop.max_wakeup_cpu_s * 1e3, 3),
+                     "wakeups_over_10ms_cpu": self.loop.wakeups_over_10ms}
         c["vmm_rss_bytes"] = process_rss_bytes(os.getpid())
         alive = self.guest is not None and self.guest_exit is None
         c["guest_rss_bytes"] = process_rss_bytes(self.guest.pid) if alive else 0
@@ -310,37 +263,27 @@ class VMM:
             # after serving something, poll without sleeping for a while, since waking a
             # sleeping (v)CPU costs far more than a short poll.
             now = time.perf_counter_ns()
-            events = self.sel.select(timeout=0 if now < busy_until else 0.2)
-            if events and poll_ns:
+            served = self.loop.wakeup(0 if now < busy_until else 0.2)   # monitor first, queues last
+            if served and poll_ns:
                 busy_until = time.perf_counter_ns() + poll_ns
-            t_cpu = cpu_time() if events else 0.0
-            budget = WorkBudget()         # shared by every queue served in this wake-up
-            # the monitor and the control socket first, the guest's queues last: a
-            # wake-up's queue work (bounded by the budget) never delays a monitor answer.
-            # Handlers are looked up once, at wake-up, as the selector reported the fds.
-            ready = sorted(((self.event_handlers[key.fd], mask) for key, mask in events),
-                           key=lambda ready_fd: ready_fd[0].queue_work)
-            for handler, mask in ready:
-                handler.serve(mask, budget)
-            if events:                    # the monitor waits at most one wake-up: keep the worst
-                spent = cpu_time() - t_cpu
-                self.max_wakeup_cpu_s = max(self.max_wakeup_cpu_s, spent)
-                self.wakeups_over_10ms += spent > 0.010
-            self._expire_deadlines()
+            if self._deadlines:
+                self._expire_deadlines()
             self.monitor.flush_throttled()
-            self._update_control()
-            if self.guest and self.guest_exit is None and self.guest.poll() is not None:
-                self._guest_gone("guest process exited")
+            if self.control_watch is not None:
+                self.control_watch.update()
+            self._reap_guest(idle=not served)
         self.shutdown()
 
-    def _update_control(self) -> None:
-        """Wait on the control socket for what the service needs now (device/host/control_peer.py)."""
-        if self.chan is None:
+    def _reap_guest(self, idle: bool) -> None:
+        """Notice a guest process that exited without closing the control socket (its
+        hang-up is the usual sign). waitpid on every wake-up cost a system call per
+        request on the PFN path: asked when the loop was idle or 0.1 s after the last time."""
+        now = time.monotonic()
+        if not idle and now - self._reaped_at < 0.1:
             return
-        mask = self.control.wanted()
-        if mask and mask != self.control.mask:
-            self.sel.modify(self.chan.sock, mask)
-            self.control.mask = mask
+        self._reaped_at = now
+        if self.guest and self.guest_exit is None and self.guest.poll() is not None:
+            self._guest_gone("guest process exited")
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()

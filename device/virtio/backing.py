@@ -13,13 +13,17 @@ kernel frees one 2 MiB page far faster than 512 small ones (ENVIRONMENT.md: 1 Gi
 discarded in 191 ms with 4 KiB pages, 5.1 ms with THP). The device therefore tracks
 ballooned sub-pages per host page (device/host/host_pages.py).
 
-`ensure_backing` changes the two kernel knobs when asked (setup, doctor --fix, the
-lab before a trial) and returns one sentence per change, so nothing changes silently.
+`ensure_backing` changes the two kernel knobs when asked (doctor, the lab before a
+trial) and returns one sentence per change, so nothing changes silently; each change
+is restored when the process ends (system/knobs.py). scripts/setup.sh is
+the one place that sets them for good, when asked to.
 """
 from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
+
+from system import knobs
 
 BACKINGS = ("4k", "thp", "hugetlb")
 HUGE_PAGE_SHIFT = 21
@@ -128,33 +132,29 @@ def backing_problem(backing: str, ram_bytes: int) -> str | None:
 def ensure_backing(backing: str, ram_bytes: int = 0) -> list[str]:
     """Make the host able to provide `backing` for `ram_bytes` of guest RAM: set the
     THP knob to `advise`, or raise the hugetlb pool by what is missing. Returns one
-    sentence per change made (empty: nothing needed). BackingError when the change
-    is not possible (not root, or the kernel cannot find the huge pages)."""
+    sentence per change made (empty: nothing needed). Each change is a hold on the
+    knob (system/knobs.py), restored when the process ends or calls
+    knobs.restore_all(). BackingError when the change is not possible (not root,
+    or the kernel cannot find the huge pages): then nothing stays changed."""
     changes: list[str] = []
     if backing_problem(backing, ram_bytes) is None:
         return changes
-    if backing == "thp":
-        old = thp_shmem_state()
-        _write(THP_SHMEM_KNOB, "advise")
-        changes.append(f"set {THP_SHMEM_KNOB} from `{old}` to `advise`")
-    elif backing == "hugetlb":
-        pool = hugetlb_pool()
-        want = pool.total + pages_for(ram_bytes) - pool.available
-        _write(NR_HUGEPAGES, str(want))
-        got = hugetlb_pool()
-        changes.append(f"raised {NR_HUGEPAGES} from {pool.total} to {got.total} "
-                       f"({got.total * got.page_bytes >> 20} MiB of hugetlb pool)")
+    hold = None
+    try:
+        if backing == "thp":
+            hold = knobs.raise_knob(knobs.THP_SHMEM, "advise")
+        elif backing == "hugetlb":
+            pool = hugetlb_pool()
+            hold = knobs.raise_knob(knobs.HUGETLB_POOL, pages_for(ram_bytes) - pool.available,
+                                         f"{pages_for(ram_bytes) * pool.page_bytes >> 20} MiB of hugetlb pool "
+                                         f"for a {ram_bytes >> 20} MiB guest")
+    except knobs.KnobError as e:
+        raise BackingError(f"{backing_problem(backing, ram_bytes)}; {e}") from None
+    if hold is not None:
+        changes.append(hold.change)
     problem = backing_problem(backing, ram_bytes)
     if problem is not None:
-        raise BackingError(problem + ("; changed: " + "; ".join(changes) if changes else ""))
+        if hold is not None:
+            hold.release()
+        raise BackingError(problem + ("; changed and restored: " + "; ".join(changes) if changes else ""))
     return changes
-
-
-def _write(path: str, value: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-    except PermissionError:
-        raise BackingError(f"cannot write {path}: needs root (run setup.sh or the lab as root)") from None
-    except OSError as e:
-        raise BackingError(f"cannot write {value!r} to {path}: {e.strerror}") from None

@@ -25,7 +25,7 @@ from device.virtio.ram import GuestRAM
 from device.virtio.split_ring import (DEFAULT_MAX_CHAIN, DESC_DTYPE, DESC_SIZE, DESC_STRUCT, LE16, MAX_BUFFER_LEN,
                                       MAX_CHAIN_BYTES, USED_ELEM, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
                                       VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY, RingError,
-                                      RingOffsets, vring_need_event)
+                                      RingOffsets, memory_barrier, vring_need_event)
 
 
 @dataclass(slots=True)
@@ -146,7 +146,7 @@ class DeviceQueue:
 
     # --- available ring --------------------------------------------------------------------
     def avail_idx(self) -> int:
-        return LE16.unpack_from(self._mem, self._off.avail + 2)[0]
+        return LE16.unpack_from(self._off.words, self._off.avail + 2)[0]
 
     def has_avail(self) -> bool:
         return self.avail_idx() != self.last_avail_idx
@@ -155,14 +155,14 @@ class DeviceQueue:
         """Next available chain, validated, or None. Raises RingError (only) on a
         malformed ring. A bad avail.idx consumes nothing; a bad chain is consumed and
         its head is in the error, so the device can return it or reset the queue."""
-        avail_idx = LE16.unpack_from(self._mem, self._off.avail + 2)[0]
+        avail_idx = LE16.unpack_from(self._off.words, self._off.avail + 2)[0]
         last = self.last_avail_idx
         pending = (avail_idx - last) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.size:
             raise self._fail("avail-idx", f"avail idx {avail_idx} is {pending} ahead of {last}, more than the queue size {self.size}")
-        head = LE16.unpack_from(self._mem, self._off.avail_ring + 2 * (last & self.mask))[0]
+        head = LE16.unpack_from(self._off.words, self._off.avail_ring + 2 * (last & self.mask))[0]
         self.last_avail_idx = (last + 1) & 0xFFFF
         if head >= self.size:
             raise self._fail("desc-index", f"avail ring entry {last} names head {head} >= queue size {self.size}")
@@ -178,6 +178,16 @@ class DeviceQueue:
 
     def _walk(self, head: int) -> DescChain:
         mem, base, size, unpack = self._mem, self._off.desc, self.size, DESC_STRUCT.unpack_from
+        addr, ln, fl, _ = unpack(mem, base + DESC_SIZE * head)
+        if not fl & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+            # One descriptor (every PFN request): what the loop below and _finish would
+            # make of it, without their lists (the ring round trip is per request).
+            self.descriptors += 1
+            self.walked += 1
+            w = bool(fl & VIRTQ_DESC_F_WRITE)
+            offsets = self._translate_few(head, [addr], [ln])
+            return DescChain(head, [(addr, ln, w)], offsets, 0 if w else 1, 0 if w else ln, ln if w else 0, False,
+                             mem)
         max_chain = self.max_chain
         addrs: list[int] = []
         lens: list[int] = []
@@ -321,7 +331,7 @@ class DeviceQueue:
             raise ValueError(f"written_len {written_len} does not fit le32")
         USED_ELEM.pack_into(self._mem, self._off.used_ring + 8 * (self.used_idx & self.mask), head, written_len)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        LE16.pack_into(self._mem, self._off.used + 2, self.used_idx)
+        LE16.pack_into(self._off.words, self._off.used + 2, self.used_idx)
 
     def need_call(self) -> bool:
         """Should the device call (interrupt) the driver for what it pushed since the
@@ -332,10 +342,11 @@ class DeviceQueue:
         if new == old:
             return False
         self._signalled_used = new
+        memory_barrier()                 # used idx out before used_event / avail.flags are read
         if self.event_idx:
-            need = vring_need_event(LE16.unpack_from(self._mem, self._off.used_event)[0], new, old)
+            need = vring_need_event(LE16.unpack_from(self._off.words, self._off.used_event)[0], new, old)
         else:
-            need = not (LE16.unpack_from(self._mem, self._off.avail)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
+            need = not (LE16.unpack_from(self._off.words, self._off.avail)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
         if need:
             self.calls += 1
         else:
@@ -345,7 +356,7 @@ class DeviceQueue:
     # --- available-buffer notification suppression ------------------------------------------
     def set_avail_event(self, idx: int) -> None:
         """EVENT_IDX: ask for a kick once avail.idx passes idx (reaches idx + 1)."""
-        LE16.pack_into(self._mem, self._off.avail_event, idx & 0xFFFF)
+        LE16.pack_into(self._off.words, self._off.avail_event, idx & 0xFFFF)
 
     def enable_notifications(self) -> bool:
         """Re-arm kicks before sleeping: avail_event = last_avail_idx with EVENT_IDX,
@@ -355,7 +366,8 @@ class DeviceQueue:
             self.set_avail_event(self.last_avail_idx)
         else:
             self._used_flags &= ~VIRTQ_USED_F_NO_NOTIFY
-            LE16.pack_into(self._mem, self._off.used, self._used_flags)
+            LE16.pack_into(self._off.words, self._off.used, self._used_flags)
+        memory_barrier()                 # the request for a kick out before avail idx is read
         return self.has_avail()
 
     def disable_notifications(self) -> None:
@@ -363,7 +375,7 @@ class DeviceQueue:
         with it (flags must stay 0) simply leaves avail_event behind, as vhost does."""
         if not self.event_idx and not self._used_flags & VIRTQ_USED_F_NO_NOTIFY:
             self._used_flags |= VIRTQ_USED_F_NO_NOTIFY
-            LE16.pack_into(self._mem, self._off.used, self._used_flags)
+            LE16.pack_into(self._off.words, self._off.used, self._used_flags)
 
     # --- queue state (vhost-user GET/SET_VRING_BASE, migration) ------------------------------
     def state(self) -> dict[str, int]:
@@ -374,7 +386,7 @@ class DeviceQueue:
         last_avail_idx comes from that device; used_idx defaults to the used ring's
         idx, which lives in (migrated) guest RAM."""
         if used_idx is None:
-            used_idx = LE16.unpack_from(self._mem, self._off.used + 2)[0]
+            used_idx = LE16.unpack_from(self._off.words, self._off.used + 2)[0]
         if not (0 <= last_avail_idx <= 0xFFFF and 0 <= used_idx <= 0xFFFF):
             raise ValueError(f"ring indices must be 16-bit, got {last_avail_idx}, {used_idx}")
         if (last_avail_idx - used_idx) & 0xFFFF > self.size:

@@ -18,7 +18,7 @@ from device.virtio.ram import GuestRAM
 from device.virtio.split_ring import (DESC_ALIGN, DESC_DTYPE, DESC_SIZE, DESC_STRUCT, LE16, MAX_BUFFER_LEN,
                                       MAX_CHAIN_BYTES, USED_ELEM, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
                                       VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY, QueueFull,
-                                      RingError, RingOffsets, ring_bytes, vring_need_event)
+                                      RingError, RingOffsets, memory_barrier, ring_bytes, vring_need_event)
 
 
 class _ExtentAllocator:
@@ -272,7 +272,7 @@ class DriverQueue:
         self._tail[head] = tail
         self._tokens[head] = token
         # ring entry first; avail.idx only in publish()
-        LE16.pack_into(self._mem, self._off.avail_ring + 2 * (self._avail_shadow & self.mask), head)
+        LE16.pack_into(self._off.words, self._off.avail_ring + 2 * (self._avail_shadow & self.mask), head)
         self._avail_shadow = (self._avail_shadow + 1) & 0xFFFF
         self.added += 1
         return head
@@ -281,7 +281,7 @@ class DriverQueue:
     def publish(self) -> None:
         """Write avail.idx so the device sees every chain added so far."""
         if self._avail_published != self._avail_shadow:
-            LE16.pack_into(self._mem, self._off.avail + 2, self._avail_shadow)
+            LE16.pack_into(self._off.words, self._off.avail + 2, self._avail_shadow)
             self._avail_published = self._avail_shadow
 
     def kick_if_needed(self) -> bool:
@@ -293,10 +293,11 @@ class DriverQueue:
         if new == old:
             return False
         self._kick_old = new
+        memory_barrier()                 # avail idx out before avail_event / used.flags are read
         if self.event_idx:
-            need = vring_need_event(LE16.unpack_from(self._mem, self._off.avail_event)[0], new, old)
+            need = vring_need_event(LE16.unpack_from(self._off.words, self._off.avail_event)[0], new, old)
         else:
-            need = not (LE16.unpack_from(self._mem, self._off.used)[0] & VIRTQ_USED_F_NO_NOTIFY)
+            need = not (LE16.unpack_from(self._off.words, self._off.used)[0] & VIRTQ_USED_F_NO_NOTIFY)
         if need:
             self.kicks += 1
             self.kick()
@@ -306,13 +307,13 @@ class DriverQueue:
 
     # --- used buffers --------------------------------------------------------------------
     def has_used(self) -> bool:
-        return LE16.unpack_from(self._mem, self._off.used + 2)[0] != self.last_used_idx
+        return LE16.unpack_from(self._off.words, self._off.used + 2)[0] != self.last_used_idx
 
     def get_used(self, limit: int | None = None) -> list[tuple[Any, int]]:
         """Reclaim the chains the device returned: [(token, written_len)], in used order.
         A used id that is not an outstanding head raises RingError('used-id')."""
         mem, off = self._mem, self._off
-        used_idx = LE16.unpack_from(mem, off.used + 2)[0]
+        used_idx = LE16.unpack_from(off.words, off.used + 2)[0]
         pending = (used_idx - self.last_used_idx) & 0xFFFF
         if pending > self.in_flight:
             raise RingError("used-idx", f"queue {self.index}: device used idx {used_idx} is {pending} ahead "
@@ -345,25 +346,26 @@ class DriverQueue:
         EVENT_IDX, else clear avail.flags NO_INTERRUPT). Returns True if used buffers
         are already pending, i.e. the caller should poll again instead of sleeping."""
         if self.event_idx:
-            LE16.pack_into(self._mem, self._off.used_event, self.last_used_idx)
+            LE16.pack_into(self._off.words, self._off.used_event, self.last_used_idx)
         elif self._avail_flags & VIRTQ_AVAIL_F_NO_INTERRUPT:
             self._avail_flags &= ~VIRTQ_AVAIL_F_NO_INTERRUPT
-            LE16.pack_into(self._mem, self._off.avail, self._avail_flags)
+            LE16.pack_into(self._off.words, self._off.avail, self._avail_flags)
+        memory_barrier()                 # the request for a call out before used idx is read
         return self.has_used()
 
     def set_used_event(self, idx: int) -> None:
         """EVENT_IDX: ask for a call once used.idx passes idx (i.e. reaches idx + 1)."""
-        LE16.pack_into(self._mem, self._off.used_event, idx & 0xFFFF)
+        LE16.pack_into(self._off.words, self._off.used_event, idx & 0xFFFF)
 
     def disable_interrupts(self) -> None:
         """Ask for no calls. Without EVENT_IDX sets avail.flags NO_INTERRUPT; with it
         (flags must stay 0) moves used_event just behind the last seen used idx, so the
         device would only call after 65535 more used buffers."""
         if self.event_idx:
-            LE16.pack_into(self._mem, self._off.used_event, (self.last_used_idx - 1) & 0xFFFF)
+            LE16.pack_into(self._off.words, self._off.used_event, (self.last_used_idx - 1) & 0xFFFF)
         elif not self._avail_flags & VIRTQ_AVAIL_F_NO_INTERRUPT:
             self._avail_flags |= VIRTQ_AVAIL_F_NO_INTERRUPT
-            LE16.pack_into(self._mem, self._off.avail, self._avail_flags)
+            LE16.pack_into(self._off.words, self._off.avail, self._avail_flags)
 
     def counters(self) -> dict[str, int]:
         return {"added": self.added, "indirect_added": self.indirect_added, "kicks": self.kicks,

@@ -52,8 +52,8 @@ class Region:
 @dataclass(frozen=True, eq=False)
 class RegionTable:
     """The regions' starts, ends and memfd offsets, built once by GuestLayout in the two
-    shapes its readers need: Python lists for the per-page bisect of the PFN path (an
-    int list indexes faster than numpy there) and uint64 arrays for vectorized
+    shapes its readers need: Python lists for the bisect of one buffer's translation
+    (an int list indexes faster than numpy there) and uint64 arrays for vectorized
     translation of long chains."""
 
     starts: list[int]
@@ -80,7 +80,7 @@ class GuestLayout:
     def __post_init__(self) -> None:
         table = RegionTable.of(self.regions)
         object.__setattr__(self, "table", table)
-        # cached for the per-page bisect of the PFN path
+        # cached for the bisect of one buffer's translation (region_index)
         object.__setattr__(self, "_starts", table.starts)
         object.__setattr__(self, "_ends", table.ends)
 
@@ -144,6 +144,18 @@ class GuestLayout:
         end = t.end_array[cl]
         ok = (idx >= 0) & (gpas < end) & (lengths <= end - np.minimum(gpas, end))
         return t.offset_array[cl] + (gpas - t.start_array[cl]), ok
+
+    def translate_pfns(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Single pages named by PFN (int64 array), each translated on its own, in a few
+        numpy calls per region (the PFN protocol's per-page translation): (memfd offsets,
+        ok), where ok[k] is False for a PFN in no RAM region; its offset means nothing."""
+        ok = np.zeros(pfns.shape, dtype=bool)
+        offs = np.zeros(pfns.shape, dtype=np.int64)
+        for r in self.regions:
+            inside = (pfns >= r.first_pfn) & (pfns < r.end_pfn)
+            ok |= inside
+            offs = np.where(inside, (pfns << PAGE_SHIFT) + (r.offset - r.gpa), offs)
+        return offs, ok
 
     def split_runs(self, start_pfn: int, npages: int) -> list[tuple[int, int]]:
         """Split a PFN run at region edges into (memfd_offset, length) pieces.

@@ -4,7 +4,7 @@ one documented field per counter).
 
 The device, the guest driver, the transport and the probes each declare their own
 metrics with `Metric`; the counters still cross processes as plain dicts, and the lab
-(lab/metric_catalog.py) reads these declarations to know how each stored metric is
+(lab/results/metric_catalog.py) reads these declarations to know how each stored metric is
 compared, instead of guessing from its name. This module lives in device/virtio
 because every side may import it: device/host, device/guest, probes and lab.
 
@@ -16,6 +16,13 @@ holds one of them):
   (RSS, page faults, kicks under EVENT_IDX); noisy, compared like timings.
 A name is a dotted path relative to the record that holds it; a "*" segment stands
 for any one key of a map (a queue index, a refusal reason, a stage name).
+
+Directions (which way is better; the gate, `ab` and the report read them):
+- "lower": lower is better (the default of timings and gauges: time, memory, faults);
+- "higher": higher is better (throughputs, work a background workload got done);
+- "exact": must not change (the default of counters);
+- "zero": must be 0 (a correctness figure: corrupted pages, data left in the balloon).
+A metric whose direction is not its kind's default declares it (`better=HIGHER`).
 """
 from __future__ import annotations
 
@@ -27,9 +34,11 @@ COUNTER = "counter"
 TIMING = "timing"
 GAUGE = "gauge"
 KINDS = (TIMING, GAUGE, COUNTER)
-# "" is a count (pages, calls, requests) or a ratio.
-UNITS = ("", "ns", "us", "ms", "s", "bytes")
+# "" is a count (pages, calls, requests) or a ratio; the rates are throughputs.
+UNITS = ("", "ns", "us", "ms", "s", "bytes", "Gbit/s", "MiB/s")
 WILDCARD = "*"
+LOWER, HIGHER, EXACT, ZERO = "lower", "higher", "exact", "zero"
+DIRECTIONS = (LOWER, HIGHER, EXACT, ZERO)
 
 
 class UndeclaredMetric(KeyError):
@@ -41,16 +50,25 @@ class UndeclaredMetric(KeyError):
 
 @dataclass(frozen=True)
 class Metric:
-    """One declared metric: its name (relative to its record), kind, unit and doc line."""
+    """One declared metric: its name (relative to its record), kind, unit, doc line and
+    direction (`better`; "" takes the kind's default: lower for timings and gauges,
+    exact for counters)."""
 
     name: str
     kind: str
     unit: str
     doc: str
+    better: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"metric {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        if not self.better:
+            object.__setattr__(self, "better", EXACT if self.kind == COUNTER else LOWER)
+        if self.better not in DIRECTIONS:
+            raise ValueError(f"metric {self.name!r}: direction {self.better!r} is not one of {DIRECTIONS}")
+        if self.better in (LOWER, HIGHER) and self.kind == COUNTER:
+            raise ValueError(f"metric {self.name!r}: a counter is compared exactly; it cannot be {self.better}-better")
         if self.unit not in UNITS:
             raise ValueError(f"metric {self.name!r}: unit {self.unit!r} is not one of {UNITS}")
         if not self.doc or "\n" in self.doc:

@@ -1,0 +1,171 @@
+"""`balloon-lab ab`: the paired decision on per-round ratios, the exact counters, the
+GitHub Actions output, and end to end on real revisions (a worktree of HEAD with a
+planted change, an unknown commit, a shallow clone, the A/A of HEAD against itself)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lab.gate.ab.paired import decide, min_signed_rank_p, minimum_detectable_effect
+from lab.gate.ab.sides import SideError, resolve_commit
+from lab.gate.ab.verdict import check_counters
+from lab.gate.ci_summary import report_to_github
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")
+SMALL = ["--arms", "bitmap", "--guest-mib", "256", "--inflate-mib", "128", "--cycles", "2"]
+
+
+def _ratios(center: float, spread: float, n: int, seed: int = 1) -> np.ndarray:
+    return center * np.exp(np.random.default_rng(seed).normal(0, spread, n))
+
+
+# --- the decision ------------------------------------------------------------------------------
+def test_a_consistent_ten_percent_slowdown_is_a_regression_and_noise_is_not():
+    slow = decide("bitmap", "discard_cpu_ns", "ns", "lower", _ratios(1.10, 0.03, 8), pairs=32,
+                  base_median=1e8, candidate_median=1.1e8)
+    assert slow.verdict == "regression" and slow.p < 0.01 and 1.05 < slow.ratio < 1.15
+    assert slow.ci_low is not None and slow.ci_low > 1.0 and slow.mde < 0.10
+    same = decide("bitmap", "discard_cpu_ns", "ns", "lower", _ratios(1.0, 0.03, 8), pairs=32,
+                  base_median=1e8, candidate_median=1e8)
+    assert same.verdict == "same" and "would have been seen" in same.why
+
+
+def test_significant_but_smaller_than_the_minimum_effect_is_no_regression():
+    r = decide("pfn", "cpu_ns.vmm", "ns", "lower", _ratios(1.02, 0.002, 9), pairs=9, base_median=1.0,
+               candidate_median=1.02)
+    assert r.p < 0.01 and r.verdict == "same" and "less than the 5% minimum effect" in r.why
+
+
+def test_worse_without_proof_is_unclear_and_too_few_rounds_never_pass():
+    r = decide("chunks", "discard_cpu_ns", "ns", "lower", np.array([1.2, 0.95, 1.3, 1.1, 0.9, 1.25, 1.15]),
+               pairs=7, base_median=1.0, candidate_median=1.1)
+    assert r.verdict == "unclear" and r.p >= 0.01
+    few = decide("chunks", "discard_cpu_ns", "ns", "lower", np.array([1.0, 1.01, 0.99]), pairs=3,
+                 base_median=1.0, candidate_median=1.0)
+    assert few.verdict == "unclear" and math.isinf(few.mde) and "it takes 7" in few.why
+    assert min_signed_rank_p(7) < 0.01 <= min_signed_rank_p(6)
+
+
+def test_the_declared_direction_decides_what_is_worse():
+    """A throughput (higher is better) that drops is a regression; one that rises is not."""
+    drop = decide("pfn", "wire_gbit_s", "Gbit/s", "higher", _ratios(0.85, 0.02, 8), pairs=8, base_median=10.0,
+                  candidate_median=8.5)
+    rise = decide("pfn", "wire_gbit_s", "Gbit/s", "higher", _ratios(1.15, 0.02, 8), pairs=8, base_median=10.0,
+                  candidate_median=11.5)
+    assert drop.verdict == "regression" and rise.verdict == "improvement"
+
+
+def test_the_minimum_detectable_effect_shrinks_with_rounds():
+    small, big = (minimum_detectable_effect(np.log(_ratios(1.0, 0.08, n))) for n in (8, 32))
+    assert 0 < big < small < 0.2
+
+
+# --- the exact counters ------------------------------------------------------------------------
+def test_counters_must_be_equal_present_and_zero_where_declared():
+    base = {"pages": 98304.0, "requests": 3.0, "verification.after_inflate.ballooned_with_data": 0.0}
+    pairs = [(1, 1, base, dict(base)), (2, 1, base, {**base, "requests": 4.0})]
+    by = {c.metric: c for c in check_counters("bitmap", pairs, ())}
+    assert by["pages"].status == "pass" and by["requests"].status == "regression"
+    assert "round 2 cycle 1: 3 -> 4" in by["requests"].message
+    gone = {k: v for k, v in base.items() if k != "pages"}
+    by = {c.metric: c for c in check_counters("bitmap", [(1, 1, base, gone)], ())}
+    assert by["pages"].status == "regression" and "missing from the candidate" in by["pages"].message
+    by = {c.metric: c for c in check_counters("bitmap", [(1, 1, base, gone)], ("pages",))}
+    assert by["pages"].status == "ignored"
+    dirty = {**base, "verification.after_inflate.ballooned_with_data": 7.0}
+    by = {c.metric: c for c in check_counters("bitmap", [(1, 1, dirty, dirty)], ())}
+    assert by["verification.after_inflate.ballooned_with_data"].status == "regression"
+
+
+# --- GitHub Actions ----------------------------------------------------------------------------
+def test_under_github_actions_a_step_summary_and_one_annotation_per_regression(tmp_path, monkeypatch, capsys):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    report_to_github("balloon-lab ab", "### x\n", ["bitmap discard_cpu_ns: worse by 10%\nsecond line"],
+                     ["chunks cpu_ns.vmm: unclear"])
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["::error title=balloon-lab ab::bitmap discard_cpu_ns: worse by 10%25%0Asecond line",
+                   "::warning title=balloon-lab ab::chunks cpu_ns.vmm: unclear"]
+    assert summary.read_text() == "### x\n"
+    monkeypatch.delenv("GITHUB_ACTIONS")
+    report_to_github("balloon-lab ab", "### y\n", ["e"])
+    assert capsys.readouterr().out == "" and summary.read_text() == "### x\n"
+
+
+# --- real revisions --------------------------------------------------------------------------------
+def _ab(*args: str, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([LAB, "ab", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_revision_that_is_not_here_is_unusable_input_that_says_how_to_fetch_it(tmp_path):
+    p = _ab("0123456789abcdef0123456789abcdef01234567", "--json")
+    assert p.returncode == 2
+    assert json.loads(p.stdout)["verdict"] == "unusable"
+    assert "is neither a checkout directory nor a commit" in p.stderr and "git fetch origin" in p.stderr
+    shallow = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(shallow)], check=True)
+    old = subprocess.run(["git", "-C", str(ROOT), "rev-list", "--max-parents=0", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.split()[0]
+    with pytest.raises(SideError, match="shallow: fetch the history"):
+        resolve_commit(shallow, old)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A worktree of HEAD whose guest driver sends 128 pages per request by default:
+    a counter change (more requests), never committed."""
+    wt = tmp_path / "planted"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(wt), "HEAD"], check=True)
+    f = wt / "device" / "guest" / "process.py"
+    text = f.read_text()
+    old = 'p.add_argument("--batch-pages", type=int, default=None)'
+    assert old in text
+    f.write_text(text.replace(old, 'p.add_argument("--batch-pages", type=int, default=128)'))
+    yield wt
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_planted_counter_change_is_a_regression_at_once(planted, tmp_path):
+    summary = tmp_path / "summary.md"
+    p = _ab("HEAD", str(planted), *SMALL, "--json",
+            env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)})
+    assert p.returncode == 1, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    bad = {c["metric"] for c in d["counters"] if c["status"] == "regression"}
+    assert {"requests", "deflate.requests"} <= bad
+    assert "stopped after round 1: an exact check failed" in " ".join(d["notes"])
+    assert d["candidate"]["path"] == str(planted) and d["candidate"]["dirty"] is True
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("::error title=balloon-lab ab::")]
+    assert any("bitmap requests: differs in" in e for e in errors), errors
+    assert "REGRESSION (exit 1)" in summary.read_text()
+
+
+@pytest.mark.slow
+def test_head_against_itself_in_two_worktrees_is_paced_and_leaves_nothing_behind(tmp_path):
+    def abs_worktrees() -> list[str]:     # ab's own (other work may add worktrees meanwhile)
+        out = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+        return [ln for ln in out.splitlines() if "balloon-lab-ab-" in ln]
+
+    before = abs_worktrees()
+    p = _ab("HEAD", "HEAD", *SMALL, "--rounds", "2", "--max-rounds", "2", "--json",
+            "--trials-out", str(tmp_path / "t.jsonl"))
+    assert p.returncode in (0, 3), p.stderr[-3000:]   # 2 rounds cannot reach p < 0.01: unclear, never a pass
+    d = json.loads(p.stdout)
+    assert d["verdict"] == "inconclusive" and d["mode"] == "paced" and d["cycles_per_trial"] == 2
+    assert {t["metric"] for t in d["timings"]} == {"discard_cpu_ns", "cpu_ns.vmm", "cpu_ns.guest"}
+    t = d["timings"][0]
+    assert t["base_median"]["unit"] == "ns" and t["ratio"]["unit"] == "candidate/base" and t["pairs"] == 4
+    assert d["counters_equal"] > 30 and not [c for c in d["counters"] if c["status"] == "regression"]
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(len(json.loads(x)["cycles"]) == 2 for x in lines)
+    assert abs_worktrees() == before

@@ -1,0 +1,71 @@
+"""The VMM's event loop (device/host/event_loop.py) with real eventfds, sockets and a device.
+
+A guest that resets the device (or replaces its kick eventfds) keeps its own ends of the
+old eventfds. The device closes its ends before it tells the loop, so if the loop had
+registered those fds, epoll could not remove them (EBADF on a closed number) and would
+go on reporting the guest's writes to them under numbers the loop no longer knows. Each
+such stale event takes a slot of a wake-up's event list, sized by what the loop
+watches: with enough of them kept readable, the monitor's socket is never reported and
+the monitor starves. Found by the fuzzer once it ran this loop (fuzz/wakeups.py).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+from device.host.event_loop import EventHandler, EventLoop, QueueKicks
+from device.virtio.transport import DeviceListener
+
+RINGS = {0: 0x10000, 1: 0x11000}
+
+
+def test_old_kick_eventfds_the_guest_keeps_readable_cannot_starve_the_monitor(make_device_rig):
+    rig = make_device_rig(mib=64, protocol="pfn")
+    dev = rig.device
+    loop = EventLoop()
+    kicks = QueueKicks(loop, dev)
+    dev.listener = DeviceListener(kick_fds_changed=kicks.rearm)
+    monitor, client = socket.socketpair()
+    answered: list[bytes] = []
+    loop.watch(monitor, EventHandler(lambda mask, budget: answered.append(monitor.recv(64))))
+    kept: list[int] = []
+    try:
+        for _ in range(3):                   # set up, keep the guest's ends, reset: three times
+            rig.start(RINGS, 8)
+            kicks.rearm()                    # (the rig installs kick fds directly; SET_VRING_KICK tells the loop)
+            kept += [os.dup(fd) for fd in rig.driver_kick_fds.values()]
+            dev.reset()                      # closes the device's ends, then tells the loop
+        for fd in kept:
+            os.eventfd_write(fd, 1)          # and keeps every old one readable
+        client.send(b"query-status")
+        assert loop.wakeup(0)
+        assert answered == [b"query-status"]
+        assert not loop.wakeup(0)            # nothing else is ready for the loop
+    finally:
+        for fd in kept:
+            os.close(fd)
+        kicks.clear()
+        loop.close()
+        monitor.close()
+        client.close()
+
+
+def test_kicks_are_read_on_the_devices_own_fd_and_served(make_device_rig):
+    """The loop watches its duplicate, but reads the device's fd (the probes count reads of
+    that fd as device wake-ups) and serves the queue."""
+    rig = make_device_rig(mib=64, protocol="pfn")
+    rig.start(RINGS, 8)
+    loop = EventLoop()
+    kicks = QueueKicks(loop, rig.device)
+    kicks.rearm()
+    try:
+        rig.post(0, [(0x20000, 4, False)])
+        rig.write(0x20000, (0x100).to_bytes(4, "little"))
+        os.eventfd_write(rig.driver_kick_fds[0], 1)
+        assert loop.wakeup(0) and kicks.reads == 1
+        assert rig.device.inflate.pages == 1
+        dup = kicks.registered[0][1]
+        assert dup != rig.device.kick_fds[0]
+    finally:
+        kicks.clear()
+        loop.close()
