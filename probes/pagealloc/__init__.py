@@ -37,35 +37,39 @@ class PageAllocReading:
         return sum(getattr(p, attr) for p in self.per_pid.values())
 
 
-def tracepoint_flags(tracepoints: tuple[tuple[str, str], ...], missing: list[str]) -> list[str]:
-    """HAVE_TP_<event> for each tracepoint present (the others go to `missing`);
-    ConcernUnavailable when none is."""
-    flags = []
-    for cat, ev in tracepoints:
-        if tracepoint_exists(cat, ev):
-            flags.append(f"-DHAVE_TP_{ev}")
-        else:
-            missing.append(f"{cat}:{ev}")
-    if len(missing) == len(tracepoints):
-        raise ConcernUnavailable("none of " + ", ".join(f"{c}:{e}" for c, e in tracepoints) + " exists")
-    return flags
+class TracepointConcern(Concern):
+    """A probe on raw tracepoints that a kernel may lack: HAVE_TP_<event> for each one
+    present (the others go to `missing`, ConcernUnavailable when none is), and ORDER_FLAG
+    when ORDER_FIELD's tracepoint carries an `order` argument."""
 
-
-class PageAllocProbe(Concern):
-    name = "pagealloc"
-    c_file = "pagealloc.c"
-    order = 40
-    TRACEPOINTS = (("kmem", "mm_page_alloc"), ("exceptions", "page_fault_user"))
+    TRACEPOINTS: tuple[tuple[str, str], ...] = ()
+    ORDER_FIELD: tuple[str, str] = ("", "")      # the tracepoint whose order is read
+    ORDER_FLAG = ""
 
     def __init__(self) -> None:
         self.missing: list[str] = []
 
     def cflags(self) -> list[str]:
         self.missing = []
-        flags = tracepoint_flags(self.TRACEPOINTS, self.missing)
-        if "order" in (tracepoint_fields("kmem", "mm_page_alloc") or ()):
-            flags.append("-DPA_ALLOC_HAS_ORDER")   # the format shows TP_PROTO's (page, order, ...)
+        flags = []
+        for cat, ev in self.TRACEPOINTS:
+            if tracepoint_exists(cat, ev):
+                flags.append(f"-DHAVE_TP_{ev}")
+            else:
+                self.missing.append(f"{cat}:{ev}")
+        if len(self.missing) == len(self.TRACEPOINTS):
+            raise ConcernUnavailable("none of " + ", ".join(f"{c}:{e}" for c, e in self.TRACEPOINTS) + " exists")
+        if "order" in (tracepoint_fields(*self.ORDER_FIELD) or ()):
+            flags.append(f"-D{self.ORDER_FLAG}")     # the format shows TP_PROTO's (page, order, ...)
         return flags
+
+
+class PageAllocProbe(TracepointConcern):
+    name = "pagealloc"
+    c_file = "pagealloc.c"
+    order = 40
+    TRACEPOINTS = (("kmem", "mm_page_alloc"), ("exceptions", "page_fault_user"))
+    ORDER_FIELD, ORDER_FLAG = ("kmem", "mm_page_alloc"), "PA_ALLOC_HAS_ORDER"
 
     def read(self, bpf: Any, targets: list[int]) -> PageAllocReading:
         r = PageAllocReading(missing=list(self.missing))

@@ -10,26 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from probes.bpf import Concern, array_words, array_zero
-from probes.pagealloc import PageAllocReading, PidPageEvents, tracepoint_flags
-from probes.tracefs import tracepoint_fields
+from probes.bpf import array_words, array_zero
+from probes.pagealloc import PageAllocReading, PidPageEvents, TracepointConcern
 
 
-class PageFreeProbe(Concern):
+class PageFreeProbe(TracepointConcern):
     name = "pagefree"
     c_file = "pagefree.c"
     order = 50
     TRACEPOINTS = (("kmem", "mm_page_free"), ("kmem", "mm_page_free_batched"))
-
-    def __init__(self) -> None:
-        self.missing: list[str] = []
-
-    def cflags(self) -> list[str]:
-        self.missing = []
-        flags = tracepoint_flags(self.TRACEPOINTS, self.missing)
-        if "order" in (tracepoint_fields("kmem", "mm_page_free") or ()):
-            flags.append("-DPA_FREE_HAS_ORDER")
-        return flags
+    ORDER_FIELD, ORDER_FLAG = ("kmem", "mm_page_free"), "PA_FREE_HAS_ORDER"
 
     def read(self, bpf: Any, targets: list[int]) -> PageAllocReading:
         """Frees, freed pages and batched frees per pid (the other fields stay 0)."""
