@@ -3,14 +3,13 @@
 Three parts, each measured, none quoted:
 
 - **each BPF program's own run time**: the kernel's bpf_stats (probes/bpf_stats.py),
-  run_cnt and run_time_ns read when a reading starts and when it ends. A program on a
-  tracepoint runs for every process (every system call on the machine, every page
-  fault), and the kernel keeps one total per program; the programs count their runs
-  for the probed processes themselves, and every other run takes the same short path
-  (the target check fails), whose cost the session measures at load with no process
-  probed (`Calibration.early_ns`). So each row holds the probed processes' share
-  (`events`, `ns_per_event`, `ms`: what the probes cost the trial) and the kernel's
-  totals for every process (`all_events`, `all_ms`);
+  run_cnt and run_time_ns read when a reading starts and when it ends: `events`,
+  `ns_per_event`, `ms`. A program on a tracepoint runs for every process (every system
+  call on the machine, every page fault) and the kernel keeps one total per program,
+  so these are the program's cost to the whole machine in the window: for the probed
+  processes, an upper bound (the others' runs leave at the target check, the cheapest
+  path). `probed_events` is how many runs were the probed processes' (the programs
+  count them);
 - **the system-call hook**: while a program is attached to the system-call path, every
   system call of every process takes the kernel's slow path and dispatches to it; that
   cost is outside any program's run time. It is measured once per session
@@ -21,10 +20,10 @@ Three parts, each measured, none quoted:
   program runs; measured once per session the same way (`calibrate_usdt_trap`, with the
   stage program attached to this process and detached) and charged per marker fired.
 
-The rows of a reading (`ProbeReading.programs`) are {name: {events, ns_per_event, ms,
-all_events, all_ms}}: one per BPF program by its tracepoint's name (on_audit for the USDT
-program), and `syscall_hook` and `usdt_trap` (events, ns_per_event, ms only). `total_ms`
-is the sum of the rows' ms.
+The rows of a reading (`ProbeReading.programs`) are {name: {events, ns_per_event, ms}}
+(and `probed_events` for the programs): one per BPF program by its tracepoint's name
+(on_audit for the USDT program), and `syscall_hook` and `usdt_trap`. `total_ms` is the
+sum of the rows' ms.
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 from probes.bpf_stats import ProgStats
@@ -57,11 +56,11 @@ ROW_DOCS = {
 
 @dataclass
 class Calibration:
-    """Costs measured once per session, with no process probed (ns per event)."""
+    """Costs no program's run time holds, measured once per session with no process
+    probed (ns per event)."""
 
     syscall_hook_ns: float | None = None    # per system call, with the syscall programs attached
     usdt_trap_ns: float | None = None       # per stage marker, with the stage program attached
-    early_ns: dict[str, float] = field(default_factory=dict)   # per program: a run that leaves at the target check
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,56 +135,25 @@ def calibrate_usdt_trap(module: Any, stages: Any, calls: int = 2000, rounds: int
         detach()
 
 
-def _page_cycle_loop(n: int) -> None:
-    """Fault n memfd pages in and discard them: the page hooks' and madvise's events."""
-    import mmap
-
-    fd = os.memfd_create("balloon-lab-calibration", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, n * mmap.PAGESIZE)
-        with mmap.mmap(fd, n * mmap.PAGESIZE) as m:
-            for i in range(n):
-                m[i * mmap.PAGESIZE] = 1
-                m.madvise(mmap.MADV_REMOVE, i * mmap.PAGESIZE, mmap.PAGESIZE)
-    finally:
-        os.close(fd)
-
-
-def early_exit_ns(module: Any, pages: int = 2000) -> dict[str, float]:
-    """Per program, the mean run time with no process probed: every run leaves at the
-    target check. This process faults pages in and discards them (and any other process's
-    events count too: they take the same path)."""
-    s0 = module.program_stats()
-    _page_cycle_loop(pages)
-    _getppid_loop(pages)
-    s1 = module.program_stats()
-    out = {}
-    for name, a in s1.items():
-        runs = a.run_cnt - s0[name].run_cnt if name in s0 else 0
-        if runs > 0 and name != USDT_PROGRAM:
-            out[name] = (a.run_time_ns - s0[name].run_time_ns) / runs
-    return out
-
-
 def row(events: int, ns: float) -> dict[str, float]:
     return {"events": int(events), "ns_per_event": ns / events if events else 0.0, "ms": ns / 1e6}
 
 
-def program_rows(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats], targets: Mapping[str, int],
+def program_rows(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats], probed: Mapping[str, int],
                  cal: Calibration | None) -> dict[str, dict[str, float]]:
-    """The cost rows of one reading window (see the module doc). `targets`: per program,
+    """The cost rows of one reading window (see the module doc). `probed`: per program,
     its runs for the probed processes (the programs' own counts; "syscalls" for the
-    system-call programs and hook); a program without one is charged in full."""
-    early = cal.early_ns if cal is not None else {}
+    system-call programs and the hook)."""
     out: dict[str, dict[str, float]] = {}
     for name, a in sorted(after.items()):
         b = before.get(name)
-        runs = a.run_cnt - (b.run_cnt if b else 0)
-        ns = a.run_time_ns - (b.run_time_ns if b else 0)
-        mine = min(runs, targets.get("syscalls" if name in SYSCALL_PROGRAMS else name, runs))
-        mine_ns = max(0.0, ns - (runs - mine) * early.get(name, 0.0)) if mine < runs else float(ns)
-        out[name] = {**row(mine, mine_ns), "all_events": int(runs), "all_ms": ns / 1e6}
-    syscalls = targets.get("syscalls")
+        out[name] = row(a.run_cnt - (b.run_cnt if b else 0), a.run_time_ns - (b.run_time_ns if b else 0))
+        mine = probed.get("syscalls" if name in SYSCALL_PROGRAMS else name)
+        if name == USDT_PROGRAM:
+            mine = int(out[name]["events"])        # attached to the probed processes only
+        if mine is not None:
+            out[name]["probed_events"] = min(int(mine), int(out[name]["events"]))
+    syscalls = probed.get("syscalls")
     if cal is not None and cal.syscall_hook_ns is not None and syscalls is not None:
         out[SYSCALL_HOOK] = row(syscalls, syscalls * cal.syscall_hook_ns)
     if cal is not None and cal.usdt_trap_ns is not None and USDT_PROGRAM in out:
@@ -199,14 +167,18 @@ def total_ms(rows: Mapping[str, Mapping[str, float]]) -> float:
 
 
 def median_rows(readings: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per row, the median events, ns_per_event and ms over the readings that have it
-    (readings as stored: ProbeReading.to_json() dicts)."""
+    """Per row, the median of each figure over the readings that have it (readings as
+    stored: ProbeReading.to_json() dicts)."""
     names = sorted({n for r in readings for n in (r.get("programs") or {})}, key=_row_order)
     out = {}
     for n in names:
         rows = [r["programs"][n] for r in readings if n in (r.get("programs") or {})]
-        out[n] = {k: statistics.median(float(x[k]) for x in rows) for k in ("events", "ns_per_event", "ms")}
+        out[n] = {k: statistics.median(float(x[k]) for x in rows) for k in rows[0] if all(k in x for x in rows)}
     return out
+
+
+def _count(n: float) -> str:
+    return f"{n:,.0f}".replace(",", " ")
 
 
 def _row_order(name: str) -> tuple[int, str]:
@@ -220,18 +192,22 @@ def cost_lines(rows: Mapping[str, Mapping[str, float]], op_ms: float | None = No
     share of `op_ms` (the timed operation) when given; then the total."""
     if not rows:
         return []
-    head = ["program", "events", "ns/event", "ms"] + (["of op"] if op_ms else []) + (["what it is"] if docs else [])
+    head = (["program", "events", "probed", "ns/event", "ms"] + (["of op"] if op_ms else [])
+            + (["what it is"] if docs else []))
     cells = []
     for name in sorted(rows, key=_row_order):
         r = rows[name]
-        c = [name, f"{r['events']:,.0f}".replace(",", " "), f"{r['ns_per_event']:.0f}", f"{r['ms']:.2f}"]
+        probed = r.get("probed_events", r["events"] if name in (SYSCALL_HOOK, USDT_TRAP) else None)
+        c = [name, _count(r["events"]), "" if probed is None else _count(probed), f"{r['ns_per_event']:.0f}",
+             f"{r['ms']:.2f}"]
         if op_ms:
             c.append(f"{100 * r['ms'] / op_ms:.2f} %")
         if docs:
             c.append(ROW_DOCS.get(name, ""))
         cells.append(c)
     tot = total_ms(rows)
-    cells.append(["total", "", "", f"{tot:.2f}"] + ([f"{100 * tot / op_ms:.2f} %"] if op_ms else []) + ([""] if docs else []))
+    cells.append(["total", "", "", "", f"{tot:.2f}"] + ([f"{100 * tot / op_ms:.2f} %"] if op_ms else [])
+                 + ([""] if docs else []))
     widths = [max(len(c[i]) for c in cells + [head]) for i in range(len(head))]
     last = len(head) - 1 if docs else len(head)
 

@@ -97,16 +97,14 @@ PROBE_METRICS = MetricSet("probes/session.py PROBE_METRICS", [
     Metric("page_free_pages", GAUGE, "", "pages those frees returned (opt-in pagefree)"),
     Metric("page_frees_batched", GAUGE, "", "kmem:mm_page_free_batched events (opt-in pagefree)"),
     Metric("page_faults", GAUGE, "", "user page faults (exceptions:page_fault_user)"),
-    Metric("programs.*.events", GAUGE, "", "runs of this BPF program for the probed processes in the reading's "
-           "window, or the events a calibrated cost is charged for (syscall_hook: their syscalls; usdt_trap: "
-           "stage markers) (probes/costs.py)"),
-    Metric("programs.*.ns_per_event", TIMING, "ns", "mean cost per event for the probed processes: the program's "
-           "run time (bpf_stats), or the session's calibration (syscall_hook, usdt_trap)"),
-    Metric("programs.*.ms", TIMING, "ms", "what this program (or hook, or trap) cost the probed processes"),
-    Metric("programs.*.all_events", GAUGE, "", "runs of this BPF program for every process (bpf_stats run_cnt)"),
-    Metric("programs.*.all_ms", TIMING, "ms", "its run time for every process (bpf_stats run_time_ns)"),
-    Metric("probe_cost_ms", TIMING, "ms", "the probes' measured cost to the probed processes in the window: "
-           "the sum of programs.*.ms"),
+    Metric("programs.*.events", GAUGE, "", "runs of this BPF program in the reading's window, every process's "
+           "(bpf_stats run_cnt), or the events a calibrated cost is charged for (syscall_hook: the probed "
+           "processes' syscalls; usdt_trap: stage markers) (probes/costs.py)"),
+    Metric("programs.*.probed_events", GAUGE, "", "of those runs, the probed processes' (the program's own count)"),
+    Metric("programs.*.ns_per_event", TIMING, "ns", "mean cost per event: the program's run time per run "
+           "(bpf_stats), or the session's calibration (syscall_hook, usdt_trap)"),
+    Metric("programs.*.ms", TIMING, "ms", "what this program (or hook, or trap) cost in the window"),
+    Metric("probe_cost_ms", TIMING, "ms", "the probes' measured cost in the window: the sum of programs.*.ms"),
     Metric("advice.*", COUNTER, "", "madvise calls per advice (MADV_REMOVE, ...)"),
     Metric("fallocate_modes.*", COUNTER, "", "fallocate calls per mode"),
     *(_eventfd_metric(kind, op) for kind in KINDS for op in OPS),
@@ -313,7 +311,7 @@ class ProbeSession:
         if isinstance(usable.get("stages"), StagesProbe):
             usable["stages"].intern(self.module.bpf, STAGES)
         self._stats_on()
-        self._calibrate()                 # with no process probed: every run takes the short path
+        self._calibrate()                 # with no process probed
         self.module.set_targets(self.pids)
         self._progs0 = self._program_stats()
         return True
@@ -348,7 +346,7 @@ class ProbeSession:
             except Exception as e:       # e.g. this interpreter's markers differ from the targets'
                 self.missing["usdt_trap"] = f"USDT trap cost not calibrated: {e}"
         self.calibration = costs.Calibration(syscall_hook_ns=costs.calibrate_syscall_hook(self.module),
-                                             usdt_trap_ns=trap, early_ns=costs.early_exit_ns(self.module))
+                                             usdt_trap_ns=trap)
 
     # --- targets --------------------------------------------------------------------
     def attach(self, pids: list[int]) -> None:
@@ -525,11 +523,11 @@ class ProbeSession:
         r.per_pid = per_pid
         r.collisions = self.module.collisions()
         if self._stats_how and self._progs0:
-            r.programs = costs.program_rows(self._progs0, progs1, self._target_runs(r), self.calibration)
+            r.programs = costs.program_rows(self._progs0, progs1, self._probed_runs(r), self.calibration)
             r.probe_cost_ms = costs.total_ms(r.programs)
         return r
 
-    def _target_runs(self, r: ProbeReading) -> dict[str, int]:
+    def _probed_runs(self, r: ProbeReading) -> dict[str, int]:
         """Per program, its runs for the probed processes, from the programs' own counts."""
         assert self.module is not None
         out: dict[str, int] = {}

@@ -192,8 +192,9 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
                          f"{fmt_count(s['madvise_calls']):>10}"
                          f"{_ms(s['madvise_kernel_ns']):>16}")
     if r.programs:
-        lines.append(f"  what the probes cost in these {r.seconds:.2f} s (measured: bpf_stats per program, the "
-                     f"syscall hook and the USDT trap calibrated at load; for the probed process):")
+        lines.append(f"  what the probes cost in these {r.seconds:.2f} s (measured: each program's run time from "
+                     f"bpf_stats, every process's runs, `probed` of them this process's; the syscall hook and the "
+                     f"USDT trap calibrated at load):")
         lines += ["    " + line for line in cost_lines(r.programs)]
     for what, why in r.missing.items():
         lines.append(f"  note: {what}: {why}")

@@ -58,14 +58,15 @@ def _cost_tables(d: ReportData) -> str:
         for name in sorted(c.rows, key=_row_order):
             r = c.rows[name]
             share = f"{100 * r['ms'] / c.inflate_ms:.2f} %" if c.inflate_ms else "–"
-            rows.append([f"<code>{esc(name)}</code>", esc(ROW_DOCS.get(name, "")), sig(r["events"]),
+            probed = sig(r["probed_events"]) if "probed_events" in r else ""
+            rows.append([f"<code>{esc(name)}</code>", esc(ROW_DOCS.get(name, "")), sig(r["events"]), probed,
                          f"{r['ns_per_event']:.0f} ns", f"{r['ms']:.2f} ms", share])
         share = f"{100 * c.total_ms / c.inflate_ms:.2f} %" if c.inflate_ms else "–"
-        rows.append(["<b>total</b>", "median of the trials' sums", "", "", f"<b>{c.total_ms:.2f} ms</b>", share])
+        rows.append(["<b>total</b>", "median of the trials' sums", "", "", "", f"<b>{c.total_ms:.2f} ms</b>", share])
         out.append(f'<h3 id="probe-cost-{esc(c.arm)}">Probe cost: {chip(c.arm, d.colors)} '
                    f'<span class="muted">({c.trials} probed trials)</span></h3>')
-        out.append(table(["program", "hooks", "events per inflate", "per event", "per inflate",
-                          "of the inflate"], rows, "probes small"))
+        out.append(table(["program", "hooks", "events per inflate", "of them the trial's", "per event",
+                          "per inflate", "of the inflate"], rows, "probes small"))
         v = probe_costs.verdict(c)
         if v:
             out.append(note(esc(v) + "."))
@@ -73,9 +74,10 @@ def _cost_tables(d: ReportData) -> str:
         return ""
     return "".join(out) + note(
         "Like the OVERHEAD section of a BCC tool's man page, but measured in this run: each program's own run time "
-        "from the kernel's bpf_stats (run_cnt, run_time_ns), its share for the probed processes; the syscall "
-        "hook and the uprobe trap of the stage markers, which no program's run time holds, calibrated when the "
-        "probes loaded. Medians per inflate over the probed trials; the share is of the inflate's median total.")
+        "from the kernel's bpf_stats (run_cnt, run_time_ns: every process's runs, so for the trial an upper bound; "
+        "the programs count the trial's own runs); the syscall hook and the uprobe trap of the stage markers, which "
+        "no program's run time holds, calibrated when the probes loaded. Medians per inflate over the probed "
+        "trials; the share is of the inflate's median total.")
 
 
 def probes_section(d: ReportData) -> Section:

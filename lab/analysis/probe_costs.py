@@ -100,8 +100,9 @@ def cost_table(trials: list[Any]) -> str:
     costs = arm_costs(trials)
     if not costs:
         return ""
-    out = ["probe cost per inflate, per arm: measured in the probed trials (bpf_stats per program; the syscall "
-           "hook and the USDT trap calibrated per session), medians:"]
+    out = ["probe cost per inflate, per arm: measured in the probed trials (each program's run time from bpf_stats, "
+           "every process's runs, `probed` of them the trial's; the syscall hook and the USDT trap calibrated per "
+           "session), medians:"]
     for c in costs:
         of = f"; inflate {c.inflate_ms:.1f} ms" if c.inflate_ms else ""
         out.append(f"{c.arm} ({c.trials} probed trials{of})")

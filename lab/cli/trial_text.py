@@ -109,8 +109,8 @@ def _probe_cost_lines(r: Mapping[str, Any]) -> list[str]:
         return [f"  probe cost: not measured ({p.get('missing', {}).get('bpf_stats', 'no bpf_stats')})"]
     total = r["stages_ns"]["inflate"]["total"] / 1e6
     return ([f"  probe cost in the inflate: {cost:.1f} ms of its {total:.1f} ms ({100 * cost / total:.1f} %), "
-             f"measured (bpf_stats per program, the syscall hook and the USDT trap calibrated in this run); "
-             f"the timings above include it:"]
+             f"measured (each BPF program's run time from bpf_stats, every process's runs: an upper bound; "
+             f"the syscall hook and the USDT trap calibrated at load); the timings above include it:"]
             + ["    " + line for line in cost_lines(p.get("programs") or {}, total, docs=False)])
 
 
