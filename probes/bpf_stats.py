@@ -27,6 +27,8 @@ from typing import Iterator
 from system import knobs
 
 NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+BPF_PROG_GET_NEXT_ID = 11
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
@@ -59,6 +61,10 @@ assert ctypes.sizeof(bpf_prog_info) == 208 and bpf_prog_info.run_cnt.offset == 2
 
 class _info_attr(ctypes.Structure):
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _id_attr(ctypes.Structure):
+    _fields_ = [("start_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
 
 
 class _stats_attr(ctypes.Structure):
@@ -95,6 +101,28 @@ def prog_stats(fd: int) -> ProgStats:
     attr = _info_attr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     return ProgStats(info.id, info.name.decode(errors="replace"), info.run_cnt, info.run_time_ns)
+
+
+def all_programs() -> dict[int, ProgStats]:
+    """Every BPF program loaded on the machine, by id (what `bpftool prog show` lists):
+    the lab's, and any other tool's, whose runs in the lab's processes cost them too."""
+    out: dict[int, ProgStats] = {}
+    prog_id = 0
+    while True:
+        a = _id_attr(start_id=prog_id)
+        try:
+            _bpf(BPF_PROG_GET_NEXT_ID, a)
+        except OSError:                  # ENOENT: no program after this id
+            return out
+        prog_id = a.next_id
+        try:
+            fd = _bpf(BPF_PROG_GET_FD_BY_ID, _id_attr(start_id=prog_id))
+        except OSError:                  # unloaded meanwhile
+            continue
+        try:
+            out[prog_id] = prog_stats(fd)
+        finally:
+            os.close(fd)
 
 
 def sysctl_value() -> int | None:

@@ -20,6 +20,11 @@ Three parts, each measured, none quoted:
   program runs; measured once per session the same way (`calibrate_usdt_trap`, with the
   stage program attached to this process and detached) and charged per marker fired.
 
+Other tools' BPF programs (another lab session, bpftrace, ...) run in the lab's processes
+too, and while the statistics are on every program pays for them: `foreign_row` says what
+every BPF program on the machine that is not this session's ran in the window (the same
+bpf_stats), apart from the lab's own total (`ProbeReading.foreign_bpf`).
+
 The rows of a reading (`ProbeReading.programs`) are {name: {events, ns_per_event, ms}}
 (and `probed_events` for the programs): one per BPF program by its tracepoint's name
 (on_audit for the USDT program), and `syscall_hook` and `usdt_trap`. `total_ms` is the
@@ -160,6 +165,25 @@ def program_rows(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats]
         markers = int(out[USDT_PROGRAM]["events"])
         out[USDT_TRAP] = row(markers, markers * cal.usdt_trap_ns)
     return out
+
+
+def foreign_row(before: Mapping[int, ProgStats], after: Mapping[int, ProgStats], ours: set[int]) -> dict[str, float]:
+    """The BPF programs on the machine that are not in `ours` (program ids), over the
+    window: how many ran, their runs and ms (programs loaded or unloaded meanwhile count
+    for what they ran while both snapshots saw them)."""
+    ids = [i for i in after if i in before and i not in ours]
+    runs = [after[i].run_cnt - before[i].run_cnt for i in ids]
+    ns = sum(after[i].run_time_ns - before[i].run_time_ns for i in ids)
+    return {"programs": sum(1 for r in runs if r > 0), "events": sum(runs), "ms": ns / 1e6}
+
+
+def foreign_line(f: Mapping[str, float] | None) -> str:
+    """The foreign programs in words ("" when none ran)."""
+    if not f or not f.get("events"):
+        return ""
+    return (f"not the lab's: {f['programs']:.0f} other BPF program(s) on this machine ran {_count(f['events'])} times, "
+            f"{f['ms']:.2f} ms, in the window (every process's runs; the statistics this session turned on slow "
+            f"them too)")
 
 
 def total_ms(rows: Mapping[str, Mapping[str, float]]) -> float:

@@ -28,7 +28,7 @@ from system.signals import signals_deferred
 from probes import costs
 from probes.bpf import (LAB_MAX_TARGETS, BpfModule, Concern, ConcernUnavailable, ProbeUnavailable, array_words,
                         array_zero, preflight)
-from probes.bpf_stats import ProgStats, stats_enabled
+from probes.bpf_stats import ProgStats, all_programs, stats_enabled
 from probes.kicks import KINDS, OPS, KicksProbe, KicksReading
 from probes.madvise import MadviseProbe, MadviseReading
 from probes.markers import STAGES
@@ -105,6 +105,9 @@ PROBE_METRICS = MetricSet("probes/session.py PROBE_METRICS", [
            "(bpf_stats), or the session's calibration (syscall_hook, usdt_trap)"),
     Metric("programs.*.ms", TIMING, "ms", "what this program (or hook, or trap) cost in the window"),
     Metric("probe_cost_ms", TIMING, "ms", "the probes' measured cost in the window: the sum of programs.*.ms"),
+    Metric("foreign_bpf.programs", GAUGE, "", "other tools' BPF programs on the machine that ran in the window"),
+    Metric("foreign_bpf.events", GAUGE, "", "their runs (every process's; bpf_stats)"),
+    Metric("foreign_bpf.ms", TIMING, "ms", "their run time in the window (not the lab's cost: the machine's)"),
     Metric("advice.*", COUNTER, "", "madvise calls per advice (MADV_REMOVE, ...)"),
     Metric("fallocate_modes.*", COUNTER, "", "fallocate calls per mode"),
     *(_eventfd_metric(kind, op) for kind in KINDS for op in OPS),
@@ -159,6 +162,7 @@ class ProbeReading:
     hists: dict[str, Any] = field(default_factory=dict)
     programs: dict[str, dict[str, float]] = field(default_factory=dict)   # probes/costs.py: {name: {events, ns_per_event, ms}}
     probe_cost_ms: float | None = None                              # sum of programs' ms (None: bpf_stats unavailable)
+    foreign_bpf: dict[str, float] = field(default_factory=dict)    # other tools' BPF programs: {programs, events, ms}
     missing: dict[str, str] = field(default_factory=dict)          # probe or pid -> why it is not measured
 
     def to_json(self) -> dict[str, Any]:
@@ -219,6 +223,7 @@ class ProbeSession:
         self._stats = ExitStack()                 # bpf_stats on while programs are attached
         self._stats_how: str | None = None
         self._progs0: dict[str, ProgStats] = {}   # program counters at the window's start
+        self._machine0: dict[int, ProgStats] = {}  # every BPF program's on the machine, likewise
         self.calibration: costs.Calibration | None = None
         if not enabled:
             self._degrade("probes disabled by the caller (enabled=False)", "", banner=False)
@@ -313,7 +318,7 @@ class ProbeSession:
         self._stats_on()
         self._calibrate()                 # with no process probed
         self.module.set_targets(self.pids)
-        self._progs0 = self._program_stats()
+        self._progs0, self._machine0 = self._snapshot()
         return True
 
     # --- what the probes cost ---------------------------------------------------------
@@ -330,8 +335,11 @@ class ProbeSession:
         self._stats.close()
         self._stats_how = None
 
-    def _program_stats(self) -> dict[str, ProgStats]:
-        return self.module.program_stats() if self.module is not None and self._stats_how else {}
+    def _snapshot(self) -> tuple[dict[str, ProgStats], dict[int, ProgStats]]:
+        """This session's programs' counters, and every BPF program's on the machine."""
+        if self.module is None or not self._stats_how:
+            return {}, {}
+        return self.module.program_stats(), all_programs()
 
     def _calibrate(self) -> None:
         """Measure the two costs outside the programs' run time, once (probes/costs.py)."""
@@ -462,7 +470,7 @@ class ProbeSession:
         self.module.clear_collisions()
         if any(c.syscalls for c in self.probes.values()):
             array_zero(self.module.bpf[b"lab_syscalls"])
-        self._progs0 = self._program_stats()
+        self._progs0, self._machine0 = self._snapshot()
 
     def read(self) -> ProbeReading:
         if self.active and self.module is not None:
@@ -476,7 +484,7 @@ class ProbeSession:
     def _read(self) -> ProbeReading:
         assert self.module is not None
         bpf = self.module.bpf
-        progs1 = self._program_stats()
+        progs1, machine1 = self._snapshot()
         r = ProbeReading(backend="bcc", pids=list(self.pids), seconds=time.monotonic() - self._t0,
                          missing=dict(self.missing))
         per_pid: dict[int, dict[str, Any]] = {p: {} for p in self.pids}
@@ -525,6 +533,8 @@ class ProbeSession:
         if self._stats_how and self._progs0:
             r.programs = costs.program_rows(self._progs0, progs1, self._probed_runs(r), self.calibration)
             r.probe_cost_ms = costs.total_ms(r.programs)
+            ours = {st.prog_id for st in progs1.values()}
+            r.foreign_bpf = costs.foreign_row(self._machine0, machine1, ours)
         return r
 
     def _probed_runs(self, r: ProbeReading) -> dict[str, int]:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from probes.costs import cost_lines
+from probes.costs import cost_lines, foreign_line
 from probes.kicks import KINDS, eventfds_of
 from probes.session import DEFAULT_CONCERNS, ProbeReading, ProbeSession
 from fmt.numbers import fmt_bytes, fmt_count, fmt_ns
@@ -196,6 +196,8 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
                      f"bpf_stats, every process's runs, `probed` of them this process's; the syscall hook and the "
                      f"USDT trap calibrated at load):")
         lines += ["    " + line for line in cost_lines(r.programs)]
+        if foreign_line(r.foreign_bpf):
+            lines.append("    " + foreign_line(r.foreign_bpf))
     for what, why in r.missing.items():
         lines.append(f"  note: {what}: {why}")
     return "\n".join(lines)

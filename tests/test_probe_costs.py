@@ -239,3 +239,22 @@ def test_unknown_or_incomplete_probe_sets_are_refused():
         ProbeSession(concerns=("madvise", "bogus"))
     with pytest.raises(ValueError, match="add madvise"):
         ProbeSession(concerns=("kicks", "syscall-time"))
+
+
+@EBPF
+def test_other_tools_programs_are_measured_apart(session, children):
+    """Another tool's BPF program runs in the probed process too (and pays for the
+    statistics the session turned on): the reading measures it, apart from the lab's cost."""
+    from bcc import BPF
+
+    other = BPF(text=b"RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }")
+    try:
+        c = children(MADVISE_CHILD, "1000")
+        session.attach([c.pid])
+        session.clear()
+        c.go()
+        r = session.read()
+    finally:
+        other.cleanup()
+    assert r.foreign_bpf["programs"] >= 1 and r.foreign_bpf["events"] >= 1000 and r.foreign_bpf["ms"] > 0
+    assert r.probe_cost_ms == pytest.approx(sum(p["ms"] for p in r.programs.values()))     # not in the lab's total

@@ -31,13 +31,18 @@ class ArmProbeCost:
     total_ms: float                            # median of the trials' probe_cost_ms
     inflate_ms: float | None                   # median inflate total the share is of (detached twin's, if twins)
     twin_ms: tuple[float, float | None, float | None] | None   # median per pair of probed - detached, with CI
+    foreign_ms: float = 0.0                    # median ms of other tools' BPF programs in the probed trials
+
+    def within(self, ms: float) -> bool | None:
+        """`ms` lies within the twin pairs' 95 % CI (None without twins)."""
+        if self.twin_ms is None or self.twin_ms[1] is None or self.twin_ms[2] is None:
+            return None
+        return self.twin_ms[1] <= ms <= self.twin_ms[2]
 
     @property
     def agrees(self) -> bool | None:
         """The measured total lies within the twin pairs' 95 % CI (None without twins)."""
-        if self.twin_ms is None or self.twin_ms[1] is None or self.twin_ms[2] is None:
-            return None
-        return self.twin_ms[1] <= self.total_ms <= self.twin_ms[2]
+        return self.within(self.total_ms)
 
 
 def _dig(d: Any, path: tuple[str, ...]) -> float | None:
@@ -70,7 +75,8 @@ def arm_costs(trials: list[Any]) -> list[ArmProbeCost]:
         out.append(ArmProbeCost(
             arm, len(results), median_rows(probes), float(np.median([p["probe_cost_ms"] for p in probes])),
             float(np.median(inflate)) if inflate else None,
-            stats.median_ci(np.array(diffs)) if diffs else None))
+            stats.median_ci(np.array(diffs)) if diffs else None,
+            float(np.median([(p.get("foreign_bpf") or {}).get("ms", 0.0) for p in probes]))))
     return out
 
 
@@ -85,12 +91,16 @@ def verdict(c: ArmProbeCost) -> str:
     """How the measured total compares with the twin pairs' difference, in words."""
     if c.twin_ms is None:
         return ""
-    twin = (f"measured {c.total_ms:.1f} ms per trial (median); twin pairs: probed - detached "
+    foreign = (f"; other tools' BPF programs on the machine ran {c.foreign_ms:.1f} ms per probed trial "
+               f"(median), with this session's statistics on" if c.foreign_ms >= 0.05 else "")
+    twin = (f"measured {c.total_ms:.1f} ms per trial (median){foreign}; twin pairs: probed - detached "
             f"{_ms_ci(c.twin_ms)} (median per pair, 95 % CI)")
     if c.agrees is None:
         return twin
     if c.agrees:
         return f"{twin}: within it"
+    if foreign and c.within(c.total_ms + c.foreign_ms):
+        return f"{twin}: the two together within it"
     side = "below" if c.total_ms < (c.twin_ms[1] or 0) else "above"
     return f"{twin}: {side} it (docs/PROBES.md, 'Where the rest goes')"
 
@@ -116,4 +126,5 @@ def cost_table(trials: list[Any]) -> str:
 def costs_json(trials: list[Any]) -> list[dict[str, Any]]:
     """The same per arm, for --json."""
     return [{"arm": c.arm, "trials": c.trials, "programs": c.rows, "total_ms": c.total_ms,
-             "inflate_ms": c.inflate_ms, "twin_ms": c.twin_ms, "within_twin_ci": c.agrees} for c in arm_costs(trials)]
+             "foreign_bpf_ms": c.foreign_ms, "inflate_ms": c.inflate_ms, "twin_ms": c.twin_ms,
+             "within_twin_ci": c.agrees} for c in arm_costs(trials)]

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from lab.trials.backends import is_qemu_arm
 from lab.trials.qemu.side_by_side import arm_title
-from probes.costs import cost_lines
+from probes.costs import cost_lines, foreign_line
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard")
 RING_COUNTS = ("pages", "requests", "kicks", "interrupts")
@@ -111,7 +111,8 @@ def _probe_cost_lines(r: Mapping[str, Any]) -> list[str]:
     return ([f"  probe cost in the inflate: {cost:.1f} ms of its {total:.1f} ms ({100 * cost / total:.1f} %), "
              f"measured (each BPF program's run time from bpf_stats, every process's runs: an upper bound; "
              f"the syscall hook and the USDT trap calibrated at load); the timings above include it:"]
-            + ["    " + line for line in cost_lines(p.get("programs") or {}, total, docs=False)])
+            + ["    " + line for line in cost_lines(p.get("programs") or {}, total, docs=False)]
+            + ([f"    {line}"] if (line := foreign_line(p.get("foreign_bpf"))) else []))
 
 
 def _ms(ns: float) -> str:
