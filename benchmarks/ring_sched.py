@@ -14,11 +14,12 @@ guest of one `pfn` inflate it sums, per process:
 and counts wake-ups aimed at the waker's own CPU. Run it as root beside nothing else:
 
     python benchmarks/ring_sched.py [--protocol pfn] [--guest-mib 2048 --inflate-mib 1792]
-        [--vmm-arg=--x-... ...]
+        [--vmm-option FIELD=VALUE ...] [--guest-option FIELD=VALUE ...]
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
@@ -98,11 +99,23 @@ NAMES = ("on_cpu_ns", "blocked_ns", "blocked", "wake_latency_ns", "wakeups", "pr
          "preempted_by_peer", "woken_on_wakers_cpu", "switches_in")
 
 
+def _fields(items: list[str]) -> dict:
+    """FIELD=VALUE items as launch-record fields (the value a Python literal, else a string)."""
+    out = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        try:
+            out[k.strip().replace("-", "_")] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
 def measure(a: argparse.Namespace) -> dict:
     from bcc import BPF
     t = BalloonTrial(protocol=a.protocol, guest_mib=a.guest_mib, inflate_mib=a.inflate_mib,
                      workload=a.workload, seed=a.seed)
-    lp = LabProcesses(t, extra_vmm_args=a.vmm_arg, extra_guest_args=a.guest_arg)
+    lp = LabProcesses(t, vmm=_fields(a.vmm_option), guest=_fields(a.guest_option))
     try:
         lp.agent.execute("workload-prepare", {"name": t.workload, "params": {}, "seed": a.seed})
         b = BPF(text=BPF_TEXT)
@@ -132,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inflate-mib", type=float, default=1792)
     ap.add_argument("--workload", default="aged")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vmm-arg", action="append", default=[], help="extra VMM argument (repeatable)")
-    ap.add_argument("--guest-arg", action="append", default=[], help="extra guest argument (repeatable)")
+    ap.add_argument("--vmm-option", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a field of the VMM's launch record, VmmOptions (repeatable; e.g. poll_us=50)")
+    ap.add_argument("--guest-option", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a field of the guest's launch record, GuestOptions (repeatable; e.g. halt_poll_us=50)")
     a = ap.parse_args(argv)
     r = measure(a)
     st, op = r["stages_ns"], r["op"]

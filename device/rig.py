@@ -36,13 +36,13 @@ import os
 import numpy as np
 
 from device.guest.raw_guest import F_NEXT, F_WRITE, RawRing, RingAddrs
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import WorkBudget
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import WorkBudget
 from device.virtio.features import QUEUE_FEATURE, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
-from device.virtio.protocols import protocol_device_features
+from device.virtio.protocols import PROTOCOLS, protocol_device_features
 from device.virtio.ram import GuestRAM
-from device.virtio.transport import VringConfig
+from device.virtio.split_ring import RingLayout
 
 Buffer = tuple[int, int, bool]          # (gpa, length, device-writable)
 
@@ -65,8 +65,8 @@ class DeviceRig:
     `ram` given: the rig uses it and leaves it open (the fuzzer reuses one memfd for
     many devices); otherwise it creates a sealed memfd of `layout` (default: the PC
     layout of `mib` MiB) and closes it in close(). `features` is what the device
-    offers (default: its offer for `protocol`, which also picks the pfn-ranges
-    policy); other keywords go to BalloonDevice."""
+    offers (default: its offer for `protocol`, whose table row also gives the merge
+    policy, merge_runs); other keywords go to BalloonDevice."""
 
     def __init__(self, ram: GuestRAM | None = None, *, mib: int = 64, layout: GuestLayout | None = None,
                  protocol: str = "pfn", features: int | None = None, backing: str = "4k",
@@ -76,7 +76,7 @@ class DeviceRig:
                                                                backing=backing)
         self.layout = self.ram.layout
         offered = protocol_device_features(protocol) if features is None else features
-        self.device = BalloonDevice(self.ram, offered, ranges_policy=protocol == "pfn-ranges", **device_options)
+        self.device = BalloonDevice(self.ram, offered, merge_runs=PROTOCOLS[protocol].merge_runs, **device_options)
         self.rings: dict[int, RawRing] = {}
         self.driver_kick_fds: dict[int, int] = {}     # the driver's ends of the eventfds
         self.driver_call_fds: dict[int, int] = {}
@@ -96,7 +96,7 @@ class DeviceRig:
         """SET_VRING: the queue's ring laid out from base_gpa (spec layout); zeroed unless
         zero=False (a caller that wrote the ring's contents already). Returns its writer."""
         a = RingAddrs.at(base_gpa, size)
-        self.device.vrings[index] = VringConfig(size, a.desc, a.avail, a.used)
+        self.device.vrings[index] = RingLayout(size, a.desc, a.avail, a.used)
         ring = self.rings[index] = RawRing(self.ram.mem, self.layout.translate, a)
         if zero:
             ring.zero()

@@ -39,6 +39,13 @@ def sig(v: float | None, digits: int = 3) -> str:
     return f"{v:.{decimals}f}"
 
 
+def fmt_fixed(v: float | None, decimals: int = 1) -> str:
+    """Fixed-point with the lab's thousands grouping ("4 126.0"), for columns of one unit."""
+    if v is None or not math.isfinite(v):
+        return "–"
+    return f"{v:,.{decimals}f}".replace(",", THOUSANDS)
+
+
 def plural(n: int | float | None, word: str, many: str | None = None) -> str:
     """"1 trial", "3 trials", "1 warm-up", "0 warm-ups" (the count formatted as a count)."""
     if n is None:
@@ -130,14 +137,6 @@ def fmt_bytes(b: float | None) -> str:
     return f"{sig(b)} B"
 
 
-def fmt_bytes_short(b: float) -> str:
-    """Axis-tick form: 4K, 64K, 1M, 2G."""
-    for name, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if b >= scale:
-            return f"{b / scale:g}{name}"
-    return f"{b:g}"
-
-
 def fmt_ns_short(ns: float) -> str:
     """Axis-tick form: 512ns, 4.1µs, 33ms (two significant digits: log2 buckets
     are not round numbers, and the tick only has to say where on the scale it is)."""
@@ -171,6 +170,16 @@ def speed_phrase(ratio: float | None, timing: bool = True) -> str:
     if timing:
         return f"{sig(1 / ratio)}× faster" if ratio < 1 else f"{sig(ratio)}× slower"
     return f"{sig(ratio)}× as much"
+
+
+def ratio_phrase(ratio: float | None) -> str:
+    """"6.09× lower" / "1.3× higher": a ratio of medians with no claim that it is a real
+    difference (what a table says where the verdict found none)."""
+    if ratio is None or not math.isfinite(ratio) or ratio <= 0:
+        return "–"
+    if abs(ratio - 1.0) < 0.005:
+        return "the same"
+    return f"{sig(1 / ratio)}× lower" if ratio < 1 else f"{sig(ratio)}× higher"
 
 
 def pct(x: float | None, digits: int = 1) -> str:

@@ -15,7 +15,7 @@ import struct
 import numpy as np
 
 from device.guest.raw_guest import RawRing, RingAddrs
-from device.host.balloon_device import BalloonDevice
+from device.vmm.balloon_device import BalloonDevice
 from device.virtio import control
 from device.virtio.layout import PAGE_SHIFT
 from device.virtio.ram import GuestRAM
@@ -128,7 +128,7 @@ class Guest:
         queue up where the guest keeps it (ring_base(q), size 8)."""
         a = RingAddrs.at(ring_base(q), 8)
         v = self.dev.vrings.get(q)
-        if v is None or (v.desc, v.avail, v.used, v.size) != (a.desc, a.avail, a.used, 8):
+        if v is None or (v.desc_gpa, v.avail_gpa, v.used_gpa, v.size) != (a.desc, a.avail, a.used, 8):
             return False
         ring = self.rings.get(q)
         if ring is None:

@@ -2,8 +2,8 @@
 
 Each execution is one guest session, in-process but over the real pieces: a
 SOCK_SEQPACKET socket pair, the VMM's DeviceChannel and ControlService
-(device/host/control_peer.py), a fresh BalloonDevice over a real memfd, real eventfds,
-and the VMM's own event loop code (device/host/event_loop.py through fuzz/wakeups.py:
+(device/vmm/control_peer.py), a fresh BalloonDevice over a real memfd, real eventfds,
+and the VMM's own event loop code (device/vmm/event_loop.py through fuzz/wakeups.py:
 control socket first, then kicks under the wake-up's WorkBudget). The guest sends generated and mutated
 sequences: well-formed requests in and out of order, every request code, payloads
 of any size (0 to past the 4096-byte limit), lying size fields, bad versions, reply
@@ -32,10 +32,10 @@ import socket
 import numpy as np
 
 from device.guest.raw_guest import RingAddrs
-from device.host.balloon_device import BalloonDevice
+from device.vmm.balloon_device import BalloonDevice
 from device.rig import DeviceRig
-from device.host.control_peer import ControlService, DeviceChannel
-from device.host.hint_queues import HintQueues
+from device.vmm.control_peer import ControlService, DeviceChannel
+from device.vmm.hint_queues import HintQueues
 from device.virtio import control
 from device.virtio.protocols import protocol_device_features
 from device.virtio.hint_format import hint_device_features
@@ -44,7 +44,7 @@ from device.virtio.ram import GuestRAM, memfd_data_extents
 from fuzz.control_cases import LOW, PATTERN, layout, regions, ring_base
 from fuzz.control_guest import Guest, fd_count
 from fuzz.wakeups import FuzzLoop, NeverIdle, Wakeups
-from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.time_limit import guarded
 
 
 class ControlWorkerState:
@@ -167,72 +167,64 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
 
     def wakeup(what: str) -> bool:
         served = loop.wakeup(what)
-        seen.update((q, v.desc, v.avail, v.used, v.size) for q, v in dev.vrings.items())
+        seen.update((q, v.desc_gpa, v.avail_gpa, v.used_gpa, v.size) for q, v in dev.vrings.items())
         return served
 
     ctx["loop"], ctx["wakeup"], ctx["gone"], ctx["wake"] = loop, wakeup, gone, wake
-    try:
-        arm(limit_s)
-        try:
-            for i, step in enumerate(case["steps"]):
-                kind = step[0]
-                what = f"step {i}: {kind}"
-                if extra is not None and extra.step(step, ctx):
-                    pass
-                elif kind == "msg":
-                    _, req, flags, size, payload, kinds = step
-                    body = control.U64.pack(dev.device_features).hex() if payload == "@offered" else payload
-                    body = bytes.fromhex(body)
-                    data = control.HEADER.pack(req & 0xFFFFFFFF, flags & 0xFFFFFFFF,
-                                         (len(body) if size is None else size) & 0xFFFFFFFF) + body
-                    guest.send(data, kinds, _well_formed(data))
-                    wakeup(what)
-                elif kind == "raw":
-                    data = bytes.fromhex(step[1])
-                    guest.send(data, [], _well_formed(data))
-                    wakeup(what)
-                elif kind == "serve":
-                    for _ in range(step[1]):
-                        if not wakeup(what):
-                            break
-                elif kind == "read":
-                    guest.read(step[1])
-                elif kind == "flood":
-                    for _ in range(step[1]):
-                        guest.send(control.HEADER.pack(control.Req.GET_STATUS, control.VERSION, 0), [], control.Req.GET_STATUS)
-                        if len(guest.sent_requests) % 7 == 0:
-                            wakeup(what)
-                elif kind == "kick":
-                    fd = guest.fds.get(step[1])
-                    if fd is not None:
-                        os.eventfd_write(fd, 1)
+    def exec_() -> None:        # anything escaping the service or the device is a crash
+        for i, step in enumerate(case["steps"]):
+            kind = step[0]
+            what = f"step {i}: {kind}"
+            if extra is not None and extra.step(step, ctx):
+                pass
+            elif kind == "msg":
+                _, req, flags, size, payload, kinds = step
+                body = control.U64.pack(dev.device_features).hex() if payload == "@offered" else payload
+                body = bytes.fromhex(body)
+                data = control.HEADER.pack(req & 0xFFFFFFFF, flags & 0xFFFFFFFF,
+                                     (len(body) if size is None else size) & 0xFFFFFFFF) + body
+                guest.send(data, kinds, _well_formed(data))
+                wakeup(what)
+            elif kind == "raw":
+                data = bytes.fromhex(step[1])
+                guest.send(data, [], _well_formed(data))
+                wakeup(what)
+            elif kind == "serve":
+                for _ in range(step[1]):
+                    if not wakeup(what):
+                        break
+            elif kind == "read":
+                guest.read(step[1])
+            elif kind == "flood":
+                for _ in range(step[1]):
+                    guest.send(control.HEADER.pack(control.Req.GET_STATUS, control.VERSION, 0), [], control.Req.GET_STATUS)
+                    if len(guest.sent_requests) % 7 == 0:
                         wakeup(what)
-                elif kind == "inflate":
-                    guest.inflate(step[1])
+            elif kind == "kick":
+                fd = guest.fds.get(step[1])
+                if fd is not None:
+                    os.eventfd_write(fd, 1)
                     wakeup(what)
-                elif kind == "setup":
-                    direct_setup(rig, guest, step[1])
-                    loop.kicks.rearm()          # the rig installs kick fds directly, as SET_VRING_KICK would
-                elif kind == "hup":
-                    guest.close()
-                    wakeup(what)
-            # drain: the guest reads everything, the loop serves until quiet
-            idle, drained = 0, 0
-            while idle < 2 and not gone:
-                drained += 1
-                if drained > 20_000:
-                    raise NeverIdle("the loop and the guest never went quiet while draining")
-                progressed = wakeup("draining")
-                got = guest.read(1 << 30)
-                idle = 0 if progressed or got else idle + 1
-        finally:
-            disarm()
-    except Hang:
-        failure, detail = "hang", hang_detail(limit_s)
-    except NeverIdle as e:
-        failure, detail = "hang", str(e)
-    except Exception as e:      # anything escaping the service or the device is a crash
-        failure, detail = "crash", f"{type(e).__name__}: {e}"
+            elif kind == "inflate":
+                guest.inflate(step[1])
+                wakeup(what)
+            elif kind == "setup":
+                direct_setup(rig, guest, step[1])
+                loop.kicks.rearm()          # the rig installs kick fds directly, as SET_VRING_KICK would
+            elif kind == "hup":
+                guest.close()
+                wakeup(what)
+        # drain: the guest reads everything, the loop serves until quiet
+        idle, drained = 0, 0
+        while idle < 2 and not gone:
+            drained += 1
+            if drained > 20_000:
+                raise NeverIdle("the loop and the guest never went quiet while draining")
+            progressed = wakeup("draining")
+            got = guest.read(1 << 30)
+            idle = 0 if progressed or got else idle + 1
+
+    _, failure, detail = guarded(exec_, limit_s, hangs=(NeverIdle,))
     errors = dict(dev.errors)
     if failure is None and (errors.get("control-internal") or errors.get("device-internal")):
         failure, detail = "crash", f"internal error counted: {errors}"
@@ -249,7 +241,7 @@ def run_control(state: ControlWorkerState, case: dict, limit_s: float, *, extra=
     sig = ("control", case["proto"], case["hint"], tuple(sorted(errors)), bool(dev.status & 64),
            dev.live, bool(chan.throttle_episodes), bool(gone), bool(dev.inflate.pages))
     ballooned = set(np.flatnonzero(dev.ballooned_np == 1).tolist())
-    vol = volatile(dev, seen | {(q, v.desc, v.avail, v.used, v.size) for q, v in dev.vrings.items()})
+    vol = volatile(dev, seen | {(q, v.desc_gpa, v.avail_gpa, v.used_gpa, v.size) for q, v in dev.vrings.items()})
     ctx["volatile"] = vol
     state.volatile += vol
     if failure is None and extra is not None:

@@ -14,7 +14,7 @@ from device.virtio import wire
 from device.virtio.layout import PAGE_SHIFT
 from fuzz.cases import Outcome
 from fuzz.reference_decoders import merge_spans, ref_bitmap, ref_chunks
-from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.time_limit import guarded
 from fuzz.wakeups import Wakeups
 
 WIRE_REASONS = {"pfn-array-len", "pfn-range", "truncated-header", "bad-page-shift", "bitmap-len",
@@ -26,23 +26,12 @@ def run_decoder(case: dict, limit_s: float) -> Outcome:
     """One decode of one request, as one wake-up of the VMM makes it (a chain is never
     split), timed against the wake-up bound (fuzz/wakeups.py)."""
     t = case["t"]
-    failure, detail, reason = None, "", "ok"
     wake = Wakeups()
-    try:
-        arm(limit_s)
-        try:
-            if t == "pfn":
-                reason, failure, detail = _check_pfn(case, wake)
-            elif t == "bitmap":
-                reason, failure, detail = _check_bitmap(case, wake)
-            else:
-                reason, failure, detail = _check_chunks(case, wake)
-        finally:
-            disarm()
-    except Hang:
-        failure, detail = "hang", hang_detail(limit_s)
-    except Exception as e:
-        failure, detail = "crash", f"{type(e).__name__}: {e}"
+    check = {"pfn": _check_pfn, "bitmap": _check_bitmap}.get(t, _check_chunks)
+    checked, failure, detail = guarded(lambda: check(case, wake), limit_s)
+    reason = "ok"
+    if checked is not None:
+        reason, failure, detail = checked
     if failure is None and wake.failure() is not None:
         failure, detail = wake.failure()
     return Outcome((t, reason), failure, detail)

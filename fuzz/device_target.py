@@ -23,13 +23,13 @@ import struct
 import numpy as np
 
 from device.guest.raw_guest import RawRing, RingAddrs
-from device.host.balloon_device import BalloonDevice
-from device.host.hint_queues import HintQueues
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.hint_queues import HintQueues
 from device.rig import DeviceRig
 from device.virtio.features import QUEUE_FEATURE, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, S_NEEDS_RESET, bit
 from device.virtio.hint_format import hint_device_features
 from device.virtio.protocols import protocol_device_features
-from device.host.budget import WorkBudget
+from device.vmm.budget import WorkBudget
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.virtio.ram import GuestRAM, memfd_data_extents
 from device.virtio.device_queue import DeviceQueue, RingError
@@ -38,7 +38,7 @@ from fuzz.cases import (BUF_AREA, DATA_BYTE, DATA_PAGE, HINT_DONE, HINT_REQUEST,
 from fuzz.oracle import MemoryBeforeExec, check_chain, check_device_exec, exec_bound, subtract_ranges
 from fuzz.reference_decoders import ram_offset
 from fuzz.regions import RegionTable, wire_format_of
-from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.time_limit import guarded
 from fuzz.wakeups import FuzzLoop, NeverIdle, Wakeups
 
 
@@ -171,10 +171,10 @@ class DeviceTarget:
                 rig.connect(int(q))                                       # its kick and call eventfds
         wake = Wakeups()
         loop = FuzzLoop(dev, wake)                    # the VMM's own loop code, real budget per wake-up
-        failure, detail = None, ""
         pre = np.array([p for p in case["pre"] if 0 <= p < lay.max_pfn], dtype=np.int64)
         pre = np.unique(pre[fl.ram_mask[pre]]) if pre.size else pre
-        try:
+
+        def exec_() -> np.ndarray:     # anything escaping the device is a crash
             if case["status"] != "no-driver-ok":
                 rig.driver_ok()
                 for q, qd in case["queues"].items():
@@ -182,33 +182,28 @@ class DeviceTarget:
                         dev.queues[int(q)].restore(qd["last"], qd["last"])
             if case["status"] == "needs-reset":
                 dev.status |= S_NEEDS_RESET
-            pre = pre[dev.ballooned_np[pre] == 0]        # queue memory keeps its own state
-            dev.ballooned_np[pre] = 1
-            arm(limit_s)
-            try:
-                for step, (k, idx) in enumerate(kick_steps(case)):
-                    if k >= 0:
-                        if idx is not None and k in case["queues"]:
-                            a = RingAddrs.at(ring_gpa(k), n)
-                            struct.pack_into("<H", ram.mem, lay.gpa_to_offset(a.avail + 2, 2), idx & 0xFFFF)
-                        fd = rig.driver_kick_fds.get(k)
-                        if fd is not None:
-                            loop.kick(k, fd, f"step {step}: kick on queue {k}")
-                        else:             # no eventfd: a queue never set up; the device refuses the kick
-                            with wake.timed(f"step {step}: kick on queue {k}, not set up"):
-                                dev.process_queue(k, WorkBudget())
-                    else:
-                        with wake.timed(f"step {step}: the VMM's step {k}"):
-                            vmm_step(dev, hints, k)
-                        loop.until_idle(f"step {step}: after the VMM's step {k}")
-            finally:
-                disarm()
-        except Hang:
-            failure, detail = "hang", hang_detail(limit_s)
-        except NeverIdle as e:
-            failure, detail = "hang", str(e)
-        except Exception as e:   # anything escaping the device is a crash
-            failure, detail = "crash", f"{type(e).__name__}: {e}"
+            kept = pre[dev.ballooned_np[pre] == 0]        # queue memory keeps its own state
+            dev.ballooned_np[kept] = 1
+            for step, (k, idx) in enumerate(kick_steps(case)):
+                if k >= 0:
+                    if idx is not None and k in case["queues"]:
+                        a = RingAddrs.at(ring_gpa(k), n)
+                        struct.pack_into("<H", ram.mem, lay.gpa_to_offset(a.avail + 2, 2), idx & 0xFFFF)
+                    fd = rig.driver_kick_fds.get(k)
+                    if fd is not None:
+                        loop.kick(k, fd, f"step {step}: kick on queue {k}")
+                    else:             # no eventfd: a queue never set up; the device refuses the kick
+                        with wake.timed(f"step {step}: kick on queue {k}, not set up"):
+                            dev.process_queue(k, WorkBudget())
+                else:
+                    with wake.timed(f"step {step}: the VMM's step {k}"):
+                        vmm_step(dev, hints, k)
+                    loop.until_idle(f"step {step}: after the VMM's step {k}")
+            return kept
+
+        ballooned_before, failure, detail = guarded(exec_, limit_s, hangs=(NeverIdle,))
+        if ballooned_before is not None:
+            pre = ballooned_before
         if failure is None and dev.errors.get("device-internal"):
             failure, detail = "crash", "device-internal error counted (an exception inside the device)"
         if failure is None and wake.failure() is not None:
@@ -245,37 +240,36 @@ class DeviceTarget:
         ram = self.ram(case["layout"])
         dirty = self._write_case(case, ram, lay)
         n = case["qsize"]
-        failure, detail, reasons, chains = None, "", set(), 0
+        reasons: set = set()
         wake = Wakeups()
-        try:
-            arm(limit_s)
-            try:
-                for q, qd in case["queues"].items():
-                    a = RingAddrs.at(ring_gpa(int(q)), n)
-                    dq = DeviceQueue(ram, int(q), n, a.desc, a.avail, a.used, event_idx=case["event_idx"],
-                                     indirect=case["indirect"], max_chain=case.get("max_chain"))
-                    dq.restore(qd["last"], qd["last"])
-                    for k in range(n + 2):
-                        try:
-                            with wake.timed(f"walking chain {k} of queue {q}"):   # one chain: within one wake-up
-                                c = dq.pop_avail()
-                        except RingError as e:
-                            reasons.add(e.reason)
-                            continue
-                        if c is None:
-                            break
-                        chains += 1
-                        msg = check_chain(c, lay, dq.max_chain)
-                        if msg:
-                            failure, detail = "crash", msg
-                            break
-                        dq.push_used(c.head, 0)
-            finally:
-                disarm()
-        except Hang:
-            failure, detail = "hang", hang_detail(limit_s)
-        except Exception as e:
-            failure, detail = "crash", f"{type(e).__name__}: {e}"
+
+        def exec_() -> tuple[str | None, str, int]:
+            chains = 0
+            for q, qd in case["queues"].items():
+                a = RingAddrs.at(ring_gpa(int(q)), n)
+                dq = DeviceQueue(ram, int(q), n, a.desc, a.avail, a.used, event_idx=case["event_idx"],
+                                 indirect=case["indirect"], max_chain=case.get("max_chain"))
+                dq.restore(qd["last"], qd["last"])
+                for k in range(n + 2):
+                    try:
+                        with wake.timed(f"walking chain {k} of queue {q}"):   # one chain: within one wake-up
+                            c = dq.pop_avail()
+                    except RingError as e:
+                        reasons.add(e.reason)
+                        continue
+                    if c is None:
+                        break
+                    chains += 1
+                    msg = check_chain(c, lay, dq.max_chain)
+                    if msg:
+                        return "crash", msg, chains
+                    dq.push_used(c.head, 0)
+            return None, "", chains
+
+        walked, failure, detail = guarded(exec_, limit_s)
+        chains = 0
+        if walked is not None:
+            failure, detail, chains = walked
         if failure is None and wake.failure() is not None:
             failure, detail = wake.failure()
         self._restore_written(case, ram, lay, dirty)
@@ -284,7 +278,7 @@ class DeviceTarget:
 
 def vmm_step(dev: BalloonDevice, hints: HintQueues | None, k: int) -> None:
     """What the VMM does between guest kicks, only when its own preconditions hold (the
-    real VMM checks them before calling; see device/host/migration/controller.py)."""
+    real VMM checks them before calling; see device/vmm/migration/controller.py)."""
     if k == STATS_POLL:
         dev.request_stats()
     elif hints is None:

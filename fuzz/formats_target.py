@@ -20,15 +20,15 @@ import random
 import numpy as np
 
 from device.guest.raw_guest import F_NEXT, F_WRITE
-from device.host.balloon_device import IN_BALLOON, QUEUE_MEMORY
-from device.host.page_reporting_device import ReportingDevice
+from device.vmm.balloon_device import IN_BALLOON, QUEUE_MEMORY
+from device.vmm.page_reporting_device import ReportingDevice
 from device.rig import DeviceRig
 from device.virtio.features import F_REPORTING, Q_REPORTING, bit
 from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
-from fuzz.cases import Outcome
-from fuzz.time_limit import Hang, arm, disarm, hang_detail
+from fuzz.cases import U64_MAX, Outcome
+from fuzz.time_limit import guarded
 from fuzz.wakeups import FuzzLoop, NeverIdle, Wakeups
 
 RAM_MIB = 32
@@ -149,6 +149,7 @@ class ReportTarget:
         max_page = before.size
         named = np.zeros(max_page, dtype=bool)
         for a, ln, _w in chain:
+            a, ln = a & U64_MAX, ln & 0xFFFFFFFF    # what the ring holds: le64 addr, le32 len (the writer masks)
             s = a >> PAGE_SHIFT
             if s < max_page:
                 named[s:min(max_page, (a + ln + 4095) >> PAGE_SHIFT)] = True
@@ -169,12 +170,7 @@ class ReportTarget:
 
 def run_report(target: ReportTarget, case: dict, limit_s: float) -> Outcome:
     """One exec of the report target under the per-exec time limit."""
-    try:
-        arm(limit_s)
-        try:
-            sig, failure, detail = target.run(case)
-        finally:
-            disarm()
-    except Hang:
-        return Outcome(("report", "hang"), "hang", hang_detail(limit_s))
-    return Outcome(sig, failure, detail)
+    ran, failure, detail = guarded(lambda: target.run(case), limit_s)
+    if ran is None:
+        return Outcome(("report", failure if failure == "hang" else "exception"), failure, detail)
+    return Outcome(*ran)

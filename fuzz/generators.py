@@ -166,7 +166,7 @@ def _split(g: int, n: int, rng: random.Random, first: int | None = None) -> list
 
 
 def gen_hints(case: dict, b: CaseBuilder, rng: random.Random, fl: FuzzLayout, q: int) -> None:
-    """A free-page-hint exchange as device/host/hint_queues.py describes it, mostly well formed."""
+    """A free-page-hint exchange as device/vmm/hint_queues.py describes it, mostly well formed."""
     if q == 3:          # upstream: the VMM asks (cmd_id 2), the guest sends cmd_id, blocks, STOP
         b.chain(3, [(b.buf(struct.pack("<I", rng.choice([2, 2, 2, 1, 3]))), 4, False)], False)
         for _ in range(rng.randrange(1, 4)):

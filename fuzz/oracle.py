@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from device.guest.raw_guest import RingAddrs
-from device.host.balloon_device import BalloonDevice
-from device.host.hint_queues import HintQueues
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.hint_queues import HintQueues
 from fuzz.cases import DATA_BYTE, fuzz_layout, kick_steps, ring_gpa
 from fuzz.reference_decoders import GuestReader, chain_bytes, lenient_chains, named_mask, ram_offset
 from fuzz.regions import PAGE_SHIFT, PAGE_SIZE, RegionTable

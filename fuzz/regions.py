@@ -90,7 +90,9 @@ class RegionTable:
 
 def pc_regions(guest_mib: int) -> RegionTable:
     """The PC layout of a guest of `guest_mib` MiB: RAM below the 3 GiB hole, the rest
-    from 4 GiB, the regions one after the other in the memfd."""
+    from 4 GiB, the regions one after the other in the memfd. Written again on purpose,
+    from the protocol's words, beside GuestLayout.pc: the oracle must not share the
+    device's table (a test checks that the two agree)."""
     ram = guest_mib * MiB
     low = min(ram, HOLE_START)
     regions = [RamRegion(0, low, 0)]

@@ -1,6 +1,7 @@
 """The per-exec time limit: an exec past it is a hang.
 
-Every target runs its exec between arm() and disarm() inside one hang_timer(): the
+Every target runs its exec through guarded() (arm(), the exec, disarm(); a hang or
+anything escaping the exec becomes its failure) inside one hang_timer(): the
 timer raises Hang (a BaseException, so no `except Exception` in the device or the
 fuzzer can swallow it) when the exec used its CPU time (ITIMER_PROF: a loaded
 machine does not make an exec a hang) or WALL_FACTOR times that of wall-clock time
@@ -9,6 +10,9 @@ machine does not make an exec a hang) or WALL_FACTOR times that of wall-clock ti
 from __future__ import annotations
 
 import signal
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 WALL_FACTOR = 10    # the wall-clock backstop: a device blocked in a system call uses no CPU
 
@@ -37,6 +41,25 @@ def disarm() -> None:
     """Stop both timers (the exec finished in time)."""
     signal.setitimer(signal.ITIMER_PROF, 0)
     signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def guarded(exec_: Callable[[], T], limit_s: float, hangs: tuple[type[Exception], ...] = ()) -> tuple[T | None, str | None, str]:
+    """Run one exec under the per-exec time limit: (its value, None, "") when it returns,
+    (None, "hang", detail) past the limit, (None, "crash", "Type: message") when anything
+    escapes it (the device and the targets' own code must never raise); an exception of
+    `hangs` is a hang that the target noticed itself, its message the detail."""
+    try:
+        arm(limit_s)
+        try:
+            return exec_(), None, ""
+        finally:
+            disarm()
+    except Hang:
+        return None, "hang", hang_detail(limit_s)
+    except hangs as e:
+        return None, "hang", str(e)
+    except Exception as e:
+        return None, "crash", f"{type(e).__name__}: {e}"
 
 
 class hang_timer:

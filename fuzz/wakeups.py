@@ -1,7 +1,7 @@
 """Every wake-up of an execution, timed on the VMM's own loop code, against the 50 ms bound.
 
 The VMM serves the monitor, the control socket and every queue from one event loop
-(device/host/event_loop.py): a wake-up's CPU time is how long the monitor may have to
+(device/vmm/event_loop.py): a wake-up's CPU time is how long the monitor may have to
 wait, and no guest may make one cost more than WAKEUP_BOUND_S (docs/BAD_INPUT.md).
 So every target runs its device work the way the VMM does:
 
@@ -22,10 +22,10 @@ import contextlib
 import os
 from typing import Iterator
 
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import cpu_time
-from device.host.control_peer import ControlService, DeviceChannel
-from device.host.event_loop import ControlWatch, EventLoop, QueueKicks
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import cpu_time
+from device.vmm.control_peer import ControlService, DeviceChannel
+from device.vmm.event_loop import ControlWatch, EventLoop, QueueKicks
 from device.virtio.transport import DeviceListener
 
 WAKEUP_BOUND_S = 0.050            # one wake-up's CPU time: the monitor's worst wait (docs/BAD_INPUT.md)

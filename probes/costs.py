@@ -193,7 +193,7 @@ def total_ms(rows: Mapping[str, Mapping[str, float]]) -> float:
 def median_rows(readings: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Per row, the median of each figure over the readings that have it (readings as
     stored: ProbeReading.to_json() dicts)."""
-    names = sorted({n for r in readings for n in (r.get("programs") or {})}, key=_row_order)
+    names = sorted({n for r in readings for n in (r.get("programs") or {})}, key=row_order)
     out = {}
     for n in names:
         rows = [r["programs"][n] for r in readings if n in (r.get("programs") or {})]
@@ -205,7 +205,7 @@ def _count(n: float) -> str:
     return f"{n:,.0f}".replace(",", " ")
 
 
-def _row_order(name: str) -> tuple[int, str]:
+def row_order(name: str) -> tuple[int, str]:
     order = list(ROW_DOCS)
     return (order.index(name) if name in order else len(order), name)
 
@@ -219,7 +219,7 @@ def cost_lines(rows: Mapping[str, Mapping[str, float]], op_ms: float | None = No
     head = (["program", "events", "probed", "ns/event", "ms"] + (["of op"] if op_ms else [])
             + (["what it is"] if docs else []))
     cells = []
-    for name in sorted(rows, key=_row_order):
+    for name in sorted(rows, key=row_order):
         r = rows[name]
         probed = r.get("probed_events", r["events"] if name in (SYSCALL_HOOK, USDT_TRAP) else None)
         c = [name, _count(r["events"]), "" if probed is None else _count(probed), f"{r['ns_per_event']:.0f}",

@@ -153,7 +153,7 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
             continue
         ns = getattr(r, f"{sc}_kernel_ns")
         per = f" ({fmt_ns(ns / calls)}/call)" if calls and ns is not None else ""
-        kernel = "not timed (--probes ...,syscall-time)" if ns is None else _ms(ns)
+        kernel = "not timed (--programs ...,syscall-time)" if ns is None else _ms(ns)
         lines.append(f"  {sc:<10} calls {fmt_count(calls)}  kernel {kernel}{per}  "
                      f"errors {fmt_count(getattr(r, f'{sc}_errors'))}  length {fmt_bytes(getattr(r, f'{sc}_bytes'))}")
         ops = r.advice if sc == "madvise" else r.fallocate_modes
@@ -176,7 +176,7 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
         for q, counts in r.per_queue.items():
             lines.append(f"    queue {q}: " + ", ".join(f"{k} {fmt_count(v)}" for k, v in sorted(counts.items())))
     if r.page_allocs is not None or r.page_frees is not None:
-        frees = ("frees not counted (--probes ...,pagefree)" if r.page_frees is None else
+        frees = ("frees not counted (--programs ...,pagefree)" if r.page_frees is None else
                  f"frees {fmt_count(r.page_frees)} ({fmt_count(r.page_free_pages)} pages), batched frees "
                  f"{fmt_count(r.page_frees_batched)}")
         allocs = ("" if r.page_allocs is None else

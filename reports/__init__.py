@@ -1,1 +1,3 @@
-"""HTML reports of stored runs: reports.html.write_report(store, run, path) (see docs/REPORT.md)."""
+"""HTML reports of stored runs: reports.html.write_report(data, path), where data is the run's ReportData
+that the lab loads and hands in (lab/cli/report_data.py); the report imports nothing of the lab
+(see docs/REPORT.md)."""

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from fmt.numbers import esc, fmt_bytes_short, fmt_ns, fmt_ns_short, sig, time_unit
+from fmt.numbers import esc, fmt_bytes, fmt_count, fmt_ns, fmt_ns_short, sig, time_unit
 from reports.palette import PUBLISHED_COLOR, STAGE_COLORS
 
 MAX_SVG_BYTES = 300_000
@@ -296,11 +296,13 @@ def stage_shares(rows: Sequence[tuple[str, dict[str, float], str]], stages: Sequ
 # --- log2 histograms ----------------------------------------------------------------
 @styled
 def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], colors: dict[str, str], *,
-                   xlabel: str, ylabel: str, tick: Callable[[float], str], title: str,
+                   trials: dict[str, int], what: str, xlabel: str, tick: Callable[[float], str], title: str,
                    linear_buckets: bool = False) -> Figure:
-    """Grouped bars per bucket, one colour per arm. Buckets are powers of two (or
-    small integers with linear_buckets, e.g. allocation orders), placed evenly, so the
-    x axis is a log2 axis; counts get a log axis when they span decades."""
+    """One row per arm, all on one x axis of buckets (powers of two placed evenly, a log2
+    axis; or small integers such as allocation orders): each bucket's share of the arm's
+    total as a bar on a linear 0-100 % axis, labelled with its count over the arm's
+    measured trials. Counts stay whole (no "0.33 calls per inflate") and neither the bulk
+    of 32 768 short calls nor a lone long one vanishes, with no log axis to misread."""
     present = [a for a in arms if hists.get(a)]
     keys = sorted({b for a in present for b in hists[a]})
     if linear_buckets:  # e.g. allocation orders: show the buddy allocator's whole range 0..10
@@ -312,38 +314,36 @@ def log2_histogram(hists: dict[str, dict[float, float]], arms: Sequence[str], co
         buckets = [0.0 if e < 0 else float(2 ** e) for e in range(lo, hi + 1)]
         if any(b == 0 for b in keys) and 0.0 not in buckets:
             buckets = [0.0] + buckets
-    fig = new_figure(WIDTH, 3.2)
-    ax = fig.subplots()
-    width = 0.82 / max(1, len(present))
-    allc = [c for a in present for c in hists[a].values() if c > 0]
-    log = spans_decades(allc, 50.0)
-    for i, arm in enumerate(present):
-        xs = np.arange(len(buckets)) - 0.41 + width * (i + 0.5)
-        ys = [hists[arm].get(b, 0.0) for b in buckets]
-        if log:   # counts spanning decades: dots on a log axis (a bar's length would lie)
-            keep = [(x, y) for x, y in zip(xs, ys) if y > 0]
-            ax.plot([x for x, _ in keep], [y for _, y in keep], "o", color=colors[arm], label=arm, markersize=5)
-        else:
-            ax.bar(xs, ys, width=width, color=colors[arm], label=arm, linewidth=0)
-    if log:
-        ax.set_yscale("log")
-        ax.set_ylim(bottom=max(min(allc) * 0.5, 1e-3), top=max(allc) * 1.6)
-        _log_ticks(ax, "y")
+    fig = new_figure(WIDTH, 0.9 + 1.05 * len(present))
+    axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
+    xs = np.arange(len(buckets))
+    for ax, arm in zip(axes, present):
+        counts = np.array([hists[arm].get(b, 0.0) for b in buckets])
+        share = 100 * counts / counts.sum()
+        ax.bar(xs, share, width=0.8, color=colors[arm], linewidth=0)
+        for x, c, sh in zip(xs, counts, share):
+            if c > 0:
+                ax.text(x, sh + 4, fmt_count(c), ha="center", va="bottom", fontsize=7, color="#333333")
+        ax.set_ylim(0, 130)
+        ax.set_yticks([0, 50, 100], ["0", "50 %", "100 %"])
+        ax.grid(axis="x", visible=False)
+        n = trials.get(arm, 0)
+        ax.set_title(f"{arm}: {fmt_count(counts.sum())} {what} in {n} measured trial{'s' if n != 1 else ''}",
+                     loc="left", fontsize=8.5, color=colors[arm])
     step = max(1, math.ceil(len(buckets) / 18))
     turn = len(buckets) > 8 and not linear_buckets
-    ax.set_xticks(np.arange(len(buckets))[::step], [tick(b) for b in buckets][::step],
-                  rotation=45 if turn else 0, ha="right" if turn else "center")
-    ax.set_xlim(-0.6, len(buckets) - 0.4)
-    ax.grid(axis="x", visible=False)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel + (" (log scale, dots)" if log else ""))
-    ax.set_title(title, loc="left")
-    ax.legend(loc="upper right", ncols=min(4, len(present)))
+    axes[-1].set_xticks(xs[::step], [tick(b) for b in buckets][::step], rotation=45 if turn else 0,
+                        ha="right" if turn else "center")
+    axes[-1].set_xlim(-0.6, len(buckets) - 0.4)
+    axes[-1].set_xlabel(xlabel)
+    fig.supylabel(f"share of the arm's {what}", fontsize=9)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=10, fontweight="bold")
     return fig
 
 
 def bytes_tick(b: float) -> str:
-    return fmt_bytes_short(b)
+    """Axis ticks in the lab's units, as every table writes them: 4 KiB, 1 MiB."""
+    return fmt_bytes(b)
 
 
 def ns_tick(ns: float) -> str:
@@ -351,7 +351,8 @@ def ns_tick(ns: float) -> str:
 
 
 def pages_tick(p: float) -> str:
-    return fmt_bytes_short(p).replace("K", "Ki").replace("M", "Mi") if p >= 1024 else f"{p:g}"
+    """A count of pages as every table writes counts: 8, 1 024, 8 192."""
+    return fmt_count(p)
 
 
 # --- grouped bars of medians ------------------------------------------------------
@@ -388,16 +389,18 @@ def grouped_bars(groups: Sequence[str], arms: Sequence[str], colors: dict[str, s
         else:
             ax.bar(xs, [v if v is not None else 0 for v in ys], width=width, color=colors[arm], label=arm,
                    yerr=err, error_kw={"ecolor": "#333333", "elinewidth": 0.8, "capsize": 2}, linewidth=0)
-        for x, v in zip(xs, ys):
+        for k, (x, v) in enumerate(zip(xs, ys)):
             if v is not None and (v > 0 or not log):
-                ax.text(x + (width * 0.12 if log else 0), v, sig(v), ha="left" if log else "center",
-                        va="bottom", fontsize=7.5, color="#333333")
+                # upright, above the mark and its whisker: neighbouring arms' labels never meet
+                top = v if err is None else v + err[1][k]
+                ax.text(x, top * 1.5 if log else top + 0.02 * max(allv), sig(v), ha="center", va="bottom",
+                        rotation=90, fontsize=7.5, color="#333333")
     if log and allv:
         ax.set_yscale("log")
-        ax.set_ylim(bottom=min(allv) * 0.4, top=max(allv) * 3)
+        ax.set_ylim(bottom=min(allv) * 0.4, top=max(allv) * 40)
         _log_ticks(ax, "y")
     elif allv:
-        ax.set_ylim(0, max(allv) * 1.15)
+        ax.set_ylim(0, max(allv) * 1.35)
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.grid(axis="x", visible=False)
     ax.set_ylabel(ylabel + (" (log scale, dots)" if log else ""))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from lab.results import metrics as lab_metrics
 from reports.data import OPS, STAGES, ReportData
 from fmt.numbers import esc, fmt_p, fmt_ratio, sig
 from reports.section_parts import Section, chip, nodata, note, scrolling, table, vfmt
@@ -24,12 +23,12 @@ KEY_MIGRATE = ("total_ms", "downtime_ms", "bytes_sent", "pages_sent", "pages_zer
 _CHANGED = {"faster", "slower", "lower", "higher"}   # a significant change of a timing or gauge
 
 
-def _goodness(metric: str, verdict: str, ratio: float) -> str:
+def _goodness(d: ReportData, metric: str, verdict: str, ratio: float) -> str:
     """good / bad / neutral for a comparison's colour, by the metric's declared direction
     (lower-better timings, higher-better throughputs; counters have no better side)."""
     if verdict not in _CHANGED:
         return "neutral"
-    good = lab_metrics.change_is_good(metric, ratio)
+    good = d.change_is_good(metric, ratio)
     return "neutral" if good is None else "good" if good else "bad"
 
 
@@ -38,9 +37,9 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
     s = comp.summary(arm, metric)
     if s is None:
         return '<span class="muted">–</span>'
-    kind = lab_metrics.classify(metric)
+    kind = d.metric_kind(metric)
     top = f"<b>{fmt(s.median)}</b>"
-    if lab_metrics.is_statistical(kind) and s.ci_low is not None:
+    if d.is_statistical(kind) and s.ci_low is not None:
         top += f'<br><span class="ci">[{fmt(s.ci_low)}, {fmt(s.ci_high)}]</span>'
     elif s.min != s.max:
         top += f'<br><span class="ci">range {fmt(s.min)}..{fmt(s.max)}</span>'
@@ -51,7 +50,7 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
         return top
     # colour says better/worse only where the metric declares a better side (lower for
     # most timings, higher for throughputs); a counter's "more" can be good or bad
-    vcls = _goodness(metric, pr.verdict, pr.ratio)
+    vcls = _goodness(d, metric, pr.verdict, pr.ratio)
     if pr.exact:
         diff = "=" if pr.difference == 0 else f"{'+' if pr.difference > 0 else ''}{fmt(pr.difference)}"
         line = f"{fmt_ratio(pr.ratio)} · {diff} · exact"
@@ -60,7 +59,7 @@ def _cell(d: ReportData, arm: str, metric: str, fmt: Callable[[float | None], st
         delta = f" · δ {pr.cliffs_delta:+.2f}" if pr.cliffs_delta is not None else ""
         line = f"{fmt_ratio(pr.ratio)}{ci} · p {fmt_p(pr.p_holm)}{delta}"
     varies = " (varies)" if pr.varies else ""
-    return top + f'<br><span class="ci">{line}</span><br><span class="v {vcls}">{esc(pr.verdict)}{varies}</span>'
+    return top + f'<br><span class="ci">{line}</span><br><span class="v {vcls}">{esc(d.verdict_text(pr))}{varies}</span>'
 
 
 def _comparison_rows(d: ReportData, metrics: Sequence[str]) -> list[list[str]]:
@@ -68,9 +67,9 @@ def _comparison_rows(d: ReportData, metrics: Sequence[str]) -> list[list[str]]:
     rows = []
     for m in metrics:
         kept = comp.folded.get(m, m)
-        fmt = vfmt(kept)
+        fmt = vfmt(d.metric_unit(kept))
         name = f"<code>{esc(m)}</code>" + (f'<br><span class="muted">= {esc(kept)}</span>' if kept != m else "")
-        rows.append([name, lab_metrics.classify(kept)] + [_cell(d, a, kept, fmt) for a in comp.arms])
+        rows.append([name, d.metric_kind(kept)] + [_cell(d, a, kept, fmt) for a in comp.arms])
     return rows
 
 
@@ -89,7 +88,7 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
     other arms, the ratio to the baseline marked − (significantly lower) or + (higher),
     coloured by whether that is better or worse for the metric."""
     comp = d.comparison
-    fmt = vfmt(metric)
+    fmt = vfmt(d.metric_unit(metric))
     cells = [f"<code>{esc(metric)}</code>"]
     for a in comp.arms:
         s = comp.summary(a, metric)
@@ -100,9 +99,9 @@ def _compact_row(d: ReportData, metric: str) -> list[str]:
         if pr is None or s is None:
             cells.append("")
             continue
-        cls = _goodness(metric, pr.verdict, pr.ratio)
+        cls = _goodness(d, metric, pr.verdict, pr.ratio)
         mark = ("−" if pr.ratio < 1 else "+") if cls != "neutral" else ("≠" if pr.exact and pr.difference else "")
-        why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {pr.verdict}"
+        why = ("exact" if pr.exact else f"p(Holm) {fmt_p(pr.p_holm)}") + f": {d.verdict_text(pr)}"
         cells.append(f'<span class="v {cls}" title="{esc(why)}">{fmt_ratio(pr.ratio)} {mark}</span>')
     return cells
 
@@ -143,7 +142,7 @@ def comparison_section(d: ReportData) -> Section:
     if equal:
         body.append(f'<details><summary>{len(equal)} metrics with one value in every trial of every arm '
                     "(not shown above)</summary><p class=\"note\">"
-                    + ", ".join(f"<code>{esc(m)}</code> {vfmt(comp.folded.get(m, m))(comp.summary(comp.arms[0], comp.folded.get(m, m)).median)}"
+                    + ", ".join(f"<code>{esc(m)}</code> {vfmt(d.metric_unit(comp.folded.get(m, m)))(comp.summary(comp.arms[0], comp.folded.get(m, m)).median)}"
                                 for m in equal) + "</p></details>")
     for n in comp.notes:
         body.append(note("Note: " + esc(n)))

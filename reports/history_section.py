@@ -7,8 +7,6 @@ from typing import Sequence
 
 from matplotlib.figure import Figure
 
-from lab.results import metrics
-from lab.gate.history import HistoryPoint
 from reports import charts
 from fmt.numbers import NS_PER, esc, time_unit
 from reports.section_parts import Section, chip, figure, nodata, note, scrolling, table, vfmt
@@ -17,15 +15,16 @@ FLAG_COLOR = "#b3261e"
 
 
 @charts.styled
-def history_chart(points: Sequence[HistoryPoint], run_ids: Sequence[str], current: str, colors: dict[str, str],
-                  metric: str) -> Figure:
+def history_chart(points: Sequence, run_ids: Sequence[str], current: str, colors: dict[str, str],
+                  metric: str, unit: str) -> Figure:
     """Median per run and arm (line + dots, 95 % CI whiskers) on a linear axis from
-    zero; runs in storage order; flagged runs get a red ring and label, this run a band."""
+    zero; runs in storage order; flagged runs get a red ring and label, this run a band.
+    `points` are lab/gate/history.py's HistoryPoints, `unit` the metric's unit."""
     fig = charts.new_figure(charts.WIDTH, 3.0)
     ax = fig.subplots()
-    to_ns = NS_PER.get(metrics.unit(metric))
+    to_ns = NS_PER.get(unit)
     scale_in = to_ns or 1.0
-    uname, scale = time_unit([p.median * scale_in for p in points]) if to_ns else (metrics.unit(metric) or "count", 1.0)
+    uname, scale = time_unit([p.median * scale_in for p in points]) if to_ns else (unit or "count", 1.0)
     xs = {r: i for i, r in enumerate(run_ids)}
     arms = list(dict.fromkeys(p.arm for p in points))
     top = 0.0
@@ -59,8 +58,8 @@ def history_chart(points: Sequence[HistoryPoint], run_ids: Sequence[str], curren
     return fig
 
 
-def history_section(points: Sequence[HistoryPoint], current: str, metric: str | None,
-                    colors: dict[str, str]) -> Section:
+def history_section(points: Sequence, current: str, metric: str | None,
+                    colors: dict[str, str], unit: str = "") -> Section:
     if not metric or not points:
         return Section("history", "History", nodata("No history: this run has no headline metric."),
                        missing=["history: no metric"])
@@ -70,7 +69,7 @@ def history_section(points: Sequence[HistoryPoint], current: str, metric: str | 
             "No other stored run has this experiment's spec yet: run the same command again (or in CI) and "
             f"this section plots <code>{esc(metric)}</code> across the runs, marking those the gate flagged. "
             f"<code>balloon-lab history {esc(metric)}</code> prints it."))
-    ch = charts.render(history_chart(points, run_ids, current, colors, metric), "plot-history",
+    ch = charts.render(history_chart(points, run_ids, current, colors, metric, unit), "plot-history",
                   f"{metric} across stored runs")
     body = [figure(ch, f"<code>{esc(metric)}</code> in each of the {len(run_ids)} stored runs with this run's spec "
                        "(the gate's definition: same kind, sizes, workload, seed, discard, probes), oldest first; "
@@ -78,7 +77,7 @@ def history_section(points: Sequence[HistoryPoint], current: str, metric: str | 
                        "regression. Linear axis from zero. Compare timings only between runs made under a similar load "
                        "(the table below has each run's load average at start). The same as text: "
                        f"<code>balloon-lab history {esc(metric)} --run {esc(current)}</code>.")]
-    fmt = vfmt(metric)
+    fmt = vfmt(unit)
     arms = list(dict.fromkeys(p.arm for p in points))
     by = {(p.run_id, p.arm): p for p in points}
     rows = []

@@ -6,7 +6,6 @@ measured the same value.
 """
 from __future__ import annotations
 
-from lab.results import metrics
 from reports.data import ReportData
 from fmt.numbers import esc, sig
 from reports.section_parts import Section, chip, note, table, vfmt
@@ -48,14 +47,14 @@ def _side_by_side(d: ReportData) -> str:
                 if s is None:
                     cells.append("–")
                     continue
-                fmt = vfmt(metric)
+                fmt = vfmt(d.metric_unit(metric))
                 values.append(s.median)
                 ci = "" if s.ci_low is None or s.ci_low == s.ci_high else f" [{fmt(s.ci_low)}, {fmt(s.ci_high)}]"
                 cells.append(f"{fmt(s.median)}{ci} <small>n={s.n}</small>")
             if not values:
                 continue
-            kind = metrics.classify(metric)
-            if kind == metrics.COUNTER:
+            kind = d.metric_kind(metric)
+            if kind == d.COUNTER:
                 same = len(set(values)) == 1 and len(values) == len(hosts)
                 verdict = "equal on every host" if same else "<b>differs between hosts</b>"
                 classes.append("" if same else "bad")

@@ -11,12 +11,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.store.store import Store
-from reports import data
+from reports.data import ReportData
 from reports.comparison_table import comparison_section
 from fmt.numbers import esc, plural, sig
 from reports.hosts import hosts_section
 from reports.migration_section import migration_section
+from reports.palette import arm_colors
 from reports.probe_histograms import probes_section
 from reports.provenance import environment_section, reproduce_section
 from reports.real_stack import real_stack_section
@@ -110,10 +110,12 @@ class Report:
         return len(self.html.encode())
 
 
-def build(d: data.ReportData, report_path: str | None = None, extra: list[Section] | None = None) -> Report:
-    """Render a loaded run to a Report; `extra` sections (e.g. the history, which needs
-    the store) go after the run's own and before the environment."""
+def build(d: ReportData, report_path: str | None = None, extra: list[Section] | None = None) -> Report:
+    """Render a run's ReportData (lab/cli/report_data.py loads it) to a Report; `extra`
+    sections go after the run's own and before the environment."""
     r = d.run
+    if not d.colors:                     # display data: the palette is the report's
+        d.colors = arm_colors(list(dict.fromkeys(d.scheduled_arms + d.arms)), d.NO_PROBES_SUFFIX)
     secs = [verdict_section(d), comparison_section(d)]
     mig = migration_section(d)
     if d.kind == "migrate":
@@ -172,29 +174,28 @@ docs/REPORT.md explains each section.</footer>
                   charts=[c.id for s in secs for c in s.charts], missing=[m for s in secs for m in s.missing])
 
 
-def render_report(store: Store, run_ref: str, report_path: str | None = None, host: str | None = None) -> Report:
-    """The report of one run of `store` (id, unique prefix or "latest"); `host` picks
-    which host's trials the detailed sections show when the run ran on several."""
-    d = data.load(store, run_ref, host)
-    return build(d, report_path, [_history(store, d)])
+def render_report(d: ReportData, report_path: str | None = None) -> Report:
+    """The report of one run, with its history across the stored runs of its experiment."""
+    if not d.colors:
+        d.colors = arm_colors(list(dict.fromkeys(d.scheduled_arms + d.arms)), d.NO_PROBES_SUFFIX)
+    return build(d, report_path, [_history(d)])
 
 
-def _history(store: Store, d: data.ReportData) -> Section:
+def _history(d: ReportData) -> Section:
     """The run's headline metric across the stored runs of its experiment."""
-    from lab.gate.history import history
     from reports.history_section import headline_metric, history_section
     metric = headline_metric(d.kind, d.stage_metric("inflate", "total"))
-    points = history(store, metric, d.run.id) if metric else []
+    points = d.history_of(metric) if metric else []
     colors = dict(d.colors)
     for p in points:                       # arms only older runs had still need a colour
         colors.setdefault(p.arm, "#777777")
-    return history_section(points, d.run.id, metric, colors)
+    return history_section(points, d.run.id, metric, colors, d.metric_unit(metric) if metric else "")
 
 
-def write_report(store: Store, run_ref: str, path: str | os.PathLike, host: str | None = None) -> Report:
+def write_report(d: ReportData, path: str | os.PathLike) -> Report:
     """Render and write atomically (a half-written report never replaces a good one)."""
     p = Path(path)
-    report = render_report(store, run_ref, str(p), host)
+    report = render_report(d, str(p))
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     tmp.write_text(report.html, encoding="utf-8")

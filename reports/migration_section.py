@@ -103,7 +103,7 @@ def migration_section(d: ReportData) -> Section | None:
         for m in ("total_ms", "downtime_ms", "bytes_sent", "pages_sent", "pages_zero", "pages_hinted", "rounds",
                   "cpu_s_source", d.metric("cpu_s_destination", "cpu_s_dest"), "memory.host_peak_bytes"):
             v = d.median(a, m)
-            cells.append("–" if v is None else vfmt(m)(v))
+            cells.append("–" if v is None else vfmt(d.metric_unit(m))(v))
         rows.append(cells)
     body.append(table(["arm", "total", "downtime", "bytes sent", "pages sent", "zero pages", "hinted pages",
                        "rounds", "CPU source", "CPU destination", "host memory peak"], rows, "probes"))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lab.trials.spec import NO_PROBES_SUFFIX
-
 ARM_COLORS: dict[str, str] = {
     # balloon arms
     "pfn": "#D55E00",         # vermillion: the upstream baseline
@@ -40,14 +38,15 @@ def _lighten(hex_color: str, amount: float = 0.5) -> str:
     return f"#{mix(r):02X}{mix(g):02X}{mix(b):02X}"
 
 
-def arm_colors(arms: Sequence[str]) -> dict[str, str]:
+def arm_colors(arms: Sequence[str], no_probes_suffix: str) -> dict[str, str]:
     """{arm: colour} for the arms of one report. Known protocols keep their colour;
     "<arm>/no-probes" is a lighter shade of its arm; anything else takes a spare colour
-    (in order, never one already used in this report)."""
+    (in order, never one already used in this report). `no_probes_suffix` is the lab's
+    (ReportData.NO_PROBES_SUFFIX)."""
     out: dict[str, str] = {}
     used = set()
     for a in arms:
-        base = a[: -len(NO_PROBES_SUFFIX)] if a.endswith(NO_PROBES_SUFFIX) else None
+        base = a[: -len(no_probes_suffix)] if a.endswith(no_probes_suffix) else None
         if a in ARM_COLORS:
             out[a] = ARM_COLORS[a]
         elif base is not None and base in ARM_COLORS:

@@ -2,13 +2,10 @@
 lengths and kernel time, page allocations by order) and what the probes cost."""
 from __future__ import annotations
 
-from lab.analysis import probe_costs
-from lab.trials import twins
-from lab.trials.backends import is_qemu_arm
 from reports import charts as report_charts
 from reports.data import ReportData
 from fmt.numbers import esc, fmt_bytes, fmt_ns, sig
-from reports.section_parts import Section, chip, figure, hist_per_trial, nodata, note, table
+from reports.section_parts import Section, chip, figure, hist_totals, nodata, note, table
 
 
 def _plain(html_text: str) -> str:
@@ -34,7 +31,7 @@ def _probes_missing_reason(d: ReportData) -> str:
 def _overhead_table(d: ReportData) -> str:
     """The probes' own cost per arm, from the run's twin pairs (lab/trials/twins.py); "" without twins."""
     rows = []
-    for o in twins.arm_overheads(d.measured()):
+    for o in d.probe_overheads():
         ci = lambda m: sig(m[0]) + (f" [{sig(m[1])}, {sig(m[2])}]" if m[1] is not None else "")  # noqa: E731
         rows.append([chip(o.arm, d.colors), str(o.pairs), ci(o.unprobed_ms) + " ms", ci(o.probed_ms) + " ms",
                      ci(o.ratio), f"{o.overhead_pct:+.1f} %"])
@@ -49,17 +46,16 @@ def _overhead_table(d: ReportData) -> str:
 
 def _cost_tables(d: ReportData) -> str:
     """Per arm, what each probe program cost per inflate, measured in the probed trials: the
-    OVERHEAD section of a BCC tool's man page, measured (lab/probe_costs.py); "" without costs."""
-    from probes.costs import ROW_DOCS, _row_order
-
+    OVERHEAD section of a BCC tool's man page, measured (d.probe_costs(): lab/trials/probe_costs.py);
+    "" without costs."""
     out = []
-    for c in probe_costs.arm_costs(d.measured()):
+    for c in d.probe_costs():
         rows = []
-        for name in sorted(c.rows, key=_row_order):
+        for name in sorted(c.rows, key=d.probe_row_order):
             r = c.rows[name]
             share = f"{100 * r['ms'] / c.inflate_ms:.2f} %" if c.inflate_ms else "–"
             probed = sig(r["probed_events"]) if "probed_events" in r else ""
-            rows.append([f"<code>{esc(name)}</code>", esc(ROW_DOCS.get(name, "")), sig(r["events"]), probed,
+            rows.append([f"<code>{esc(name)}</code>", esc(d.PROBE_ROW_DOCS.get(name, "")), sig(r["events"]), probed,
                          f"{r['ns_per_event']:.0f} ns", f"{r['ms']:.2f} ms", share])
         share = f"{100 * c.total_ms / c.inflate_ms:.2f} %" if c.inflate_ms else "–"
         rows.append(["<b>total</b>", "median of the trials' sums", "", "", "", f"<b>{c.total_ms:.2f} ms</b>", share])
@@ -67,7 +63,7 @@ def _cost_tables(d: ReportData) -> str:
                    f'<span class="muted">({c.trials} probed trials)</span></h3>')
         out.append(table(["program", "hooks", "events per inflate", "of them the trial's", "per event",
                           "per inflate", "of the inflate"], rows, "probes small"))
-        v = probe_costs.verdict(c)
+        v = d.probe_cost_verdict(c)
         if v:
             out.append(note(esc(v) + "."))
     if not out:
@@ -88,18 +84,18 @@ def probes_section(d: ReportData) -> Section:
         syscall = "fallocate"
     specs = [
         (f"probes.hists.{syscall}_len_log2", "plot-madvise-len", f"{syscall} length per call (log2 buckets)",
-         f"{syscall} calls per {phase}", report_charts.bytes_tick, f"{syscall} length during {phase}",
+         f"{syscall} calls", report_charts.bytes_tick, f"{syscall} length during {phase}",
          f"How many bytes each {syscall} call discarded. The PFN path makes one 4 KiB call per page (as QEMU "
          "does: see the qemu-pfn arm); range protocols make one call per run of "
          "contiguous pages, so their calls are few and long.", False),
         (f"probes.hists.{syscall}_ns_log2", "plot-madvise-ns", f"kernel time per {syscall} call (log2 buckets)",
-         f"{syscall} calls per {phase}", report_charts.ns_tick, f"{syscall} latency during {phase}",
+         f"{syscall} calls", report_charts.ns_tick, f"{syscall} latency during {phase}",
          "Time in the kernel per call, from syscall entry to exit (the opt-in syscall-time probe on the VMM: raw "
          "syscall tracepoints). Many short calls "
          "(pfn) against few long ones (ranges): the total is in the comparison table as probes.madvise_kernel_ns.",
          False),
         ("probes.hists.page_alloc_order", "plot-page-alloc-order", "allocation order n (blocks of 2ⁿ pages of 4 KiB)",
-         f"page allocations per {phase}", lambda o: f"{o:g}", f"host page allocations by order during {phase}",
+         "page allocations", lambda o: f"{o:g}", f"host page allocations by order during {phase}",
          "kmem:mm_page_alloc in the VMM and guest processes, by order: what the host kernel allocated while the "
          "balloon inflated (page tables, page-cache and memfd pages touched by the protocol's own buffers).",
          True),
@@ -121,7 +117,7 @@ def probes_section(d: ReportData) -> Section:
     elif summary_rows:
         body.append(table(["arm", "madvise calls", "calls per MiB", "kernel time", "per call", "bytes discarded",
                            "page allocs", "page faults"], summary_rows, "probes"))
-        real = any(is_qemu_arm(a) for a in d.arms)
+        real = any(d.is_qemu_arm(a) for a in d.arms)
         body.append(note(f"Medians per {phase}, as the eBPF probes saw them (not the lab's own counters). "
                          + ("The qemu arms are a real QEMU + Linux guest traced the same way in this run: the pfn "
                             "arm must make the same number of calls per MiB." if real else
@@ -130,8 +126,8 @@ def probes_section(d: ReportData) -> Section:
     body.append(_overhead_table(d))
     body.append(_cost_tables(d))
     untimed = "syscall-time" not in (d.run.spec.get("extra_probes") or [])
-    for name, cid, xlabel, ylabel, tick, title, caption, linear in specs:
-        hists = hist_per_trial(d, name)
+    for name, cid, xlabel, what, tick, title, caption, linear in specs:
+        hists, trials = hist_totals(d, name)
         if not hists:
             why = reason
             if name.endswith("_ns_log2") and untimed and d.run.spec.get("probes") is not False:
@@ -141,9 +137,10 @@ def probes_section(d: ReportData) -> Section:
                                                                                    f"{why}.") + "</div>")
             missing.append(f"{cid}: {_plain(why)}")
             continue
-        ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors, xlabel=xlabel, ylabel=ylabel, tick=tick,
-                                       title=title, linear_buckets=linear), cid, title)
+        ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors, trials=trials, what=what,
+                                                               xlabel=xlabel, tick=tick, title=title,
+                                                               linear_buckets=linear), cid, title)
         charts.append(ch)
-        body.append(figure(ch, caption + " Counts are per trial (summed over the measured trials, divided by "
-                                         "their number)."))
+        body.append(figure(ch, caption + " One row per arm: each bucket's share of the arm's total, labelled "
+                                         "with its count over the arm's measured trials."))
     return Section("probes", "Probe histograms", "".join(body), charts, missing)

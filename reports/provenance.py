@@ -2,25 +2,11 @@
 machine, spec, failed trials) and the reproduce section (the exact command)."""
 from __future__ import annotations
 
-import shlex
 from typing import Any, Sequence
 
 from reports.data import ReportData
 from fmt.numbers import esc, fmt_bytes
 from reports.section_parts import Section, chip, nodata, note, table
-
-
-def _spec_text(v: Any, key: str = "") -> str:
-    """A spec value as the TOML spec file would write it (bandwidth as 10gbit)."""
-    from lab.trials.spec import format_bandwidth, toml_value
-    if v is None:
-        return "default"
-    if key == "bandwidth" and isinstance(v, int):
-        return format_bandwidth(v)
-    try:
-        return toml_value(v)
-    except TypeError:
-        return str(v)
 
 
 def _kv(rows: Sequence[tuple[str, Any]]) -> str:
@@ -58,7 +44,7 @@ def environment_section(d: ReportData) -> Section:
              "memory_available_bytes", "loadavg", "cpu_governor", "python_version", "python_executable", "numpy", "scipy",
              "balloon_lab", "git_commit", "git_dirty", "probe_backend"}
     env_rows += [(k, f"<code>{esc(v)}</code>") for k, v in env.items() if k not in shown]
-    spec_rows = [(k, f"<code>{esc(_spec_text(v, k))}</code>") for k, v in r.spec.items() if not k.startswith("_")]
+    spec_rows = [(k, f"<code>{esc(d.spec_text(v, k))}</code>") for k, v in r.spec.items() if not k.startswith("_")]
     body = ['<div class="cols">', "<div><h3>Run</h3>", _kv(run_rows), "</div>",
             "<div><h3>Machine</h3>", _kv(env_rows), "</div>", "</div>",
             "<h3>Spec</h3>", _kv(spec_rows)]
@@ -70,36 +56,26 @@ def environment_section(d: ReportData) -> Section:
                  f"<code>{esc((t.error or '?').splitlines()[0][:300])}</code>"] for t in failed[:20]]
         body.append(f"<h3>Failed trials ({len(failed)})</h3>" + table(["#", "arm", "round", "", "error"], rows))
         if len(failed) > 20:
-            body.append(note(f"… and {len(failed) - 20} more: <code>balloon-lab show {esc(r.id)} --json</code>"))
+            body.append(note(f"… and {len(failed) - 20} more: "
+                             f"<code>{esc(d.next_command('show', r.id, '--json', host=d.host, db=d.db_path))}</code>"))
     body.append(note("Timings compare only on the same kernel, CPU, Python build and code; the gate warns when a "
                      "baseline's environment differs."))
     return Section("environment", "Environment", "".join(body))
 
 
-def reproduce_command(d: ReportData) -> str:
-    if d.run.command_line:
-        return d.run.command_line
-    try:
-        from lab.trials.spec import ExperimentSpec
-        spec = {k: v for k, v in d.run.spec.items() if not k.startswith("_")}
-        return ExperimentSpec.from_dict(spec).command_line()
-    except Exception:
-        return ""
-
-
 def reproduce_section(d: ReportData, report_path: str | None) -> Section:
-    cmd = reproduce_command(d)
-    db = shlex.quote(d.db_path)
+    cmd = d.reproduce_command()
     body = []
     if cmd:
         body.append("<p>The exact command that ran this experiment (every spec field explicit):</p>")
         body.append(f'<pre class="cmd" id="reproduce-command">{esc(cmd)}</pre>')
     else:
         body.append(nodata("This run stored no command line and its spec cannot rebuild one."))
-    out = shlex.quote(report_path) if report_path else "report.html"
+    again = d.next_command("report", d.run.id, output=report_path or "report.html", host=d.host, db=d.db_path)
+    show = d.next_command("show", d.run.id, host=d.host, db=d.db_path)
     body.append("<p>This report, again from the stored trials:</p>")
-    body.append(f'<pre class="cmd">balloon-lab report {esc(d.run.id)} -o {esc(out)} --db {esc(db)}</pre>')
-    body.append(f'<p>The numbers as text or JSON: <code>balloon-lab show {esc(d.run.id)} --db {esc(db)} [--json]</code>.'
+    body.append(f'<pre class="cmd">{esc(again)}</pre>')
+    body.append(f'<p>The numbers as text or JSON: <code>{esc(show)} [--json]</code>.'
                 " Run from the repository root as root after <code>scripts/setup.sh</code> "
                 "(<code>balloon-lab doctor</code> checks the probes).</p>")
     return Section("reproduce", "Reproduce", "".join(body))

@@ -7,8 +7,6 @@ share of trials whose real-guest verification passed and why kicks may differ.
 """
 from __future__ import annotations
 
-from lab.trials.backends import is_qemu_arm
-from lab.trials.qemu.side_by_side import EVENT_IDX_NOTE, ROWS, arm_title
 from reports.data import ReportData
 from fmt.numbers import esc, fmt_bytes, fmt_ns, sig
 from reports.section_parts import Section, chip, note, table
@@ -27,18 +25,18 @@ def _cell(d: ReportData, arm: str, metric, unit: str) -> tuple[str, float | None
 
 
 def real_stack_section(d: ReportData) -> Section | None:
-    qemu = [a for a in d.arms if is_qemu_arm(a)]
-    if not qemu and not any(is_qemu_arm(a) for a in d.scheduled_arms):
+    qemu = [a for a in d.arms if d.is_qemu_arm(a)]
+    if not qemu and not any(d.is_qemu_arm(a) for a in d.scheduled_arms):
         return None
     env = d.run.environment
     if not qemu:
         return Section("real-stack", "Real stack (QEMU + Linux)",
                        note("The qemu arms of this run have no verified trial: see the failed trials under "
                             "Environment."), missing=["real-stack: no verified qemu trial"])
-    header = ["per inflate (median)"] + [chip(a, d.colors) + (f'<br><span class="ci">{esc(arm_title(a, env))}</span>'
-                                                             if is_qemu_arm(a) else "") for a in d.arms]
+    header = ["per inflate (median)"] + [chip(a, d.colors) + (f'<br><span class="ci">{esc(d.arm_title(a, env))}</span>'
+                                                             if d.is_qemu_arm(a) else "") for a in d.arms]
     rows, differs = [], False
-    for label, metric, _scale, unit in ROWS:
+    for label, metric, _scale, unit in d.REAL_STACK_ROWS:
         cells = [_cell(d, a, metric, unit) for a in d.arms]
         if all(v is None for _, v in cells):
             continue
@@ -54,7 +52,7 @@ def real_stack_section(d: ReportData) -> Section | None:
                  "stages are not measured on the real stack (under TCG the guest's time is emulated)."),
             table(header, rows, "real-stack")]
     if differs:
-        body.append(note(esc(EVENT_IDX_NOTE)))
+        body.append(note(esc(d.EVENT_IDX_NOTE)))
     checks = []
     for a in qemu:
         n = d.n_trials(a)

@@ -7,24 +7,21 @@ import numpy as np
 from reports import charts as report_charts
 from reports.data import ReportData
 from fmt.numbers import esc, sig
-from reports.section_parts import Section, chip, figure, hist_per_trial, nodata, note, table
+from reports.section_parts import Section, chip, figure, hist_totals, nodata, note, table
 
 
 def runlength_section(d: ReportData) -> Section:
     body, charts, missing = [], [], []
-    pages = hist_per_trial(d, "run_length_pages_hist")
-    runs = hist_per_trial(d, "run_length_hist")
-    if not runs and not pages:
+    pages = hist_totals(d, "run_length_pages_hist")
+    runs = hist_totals(d, "run_length_hist")
+    if not runs[0] and not pages[0]:
         return Section("run-lengths", "Run lengths of the ballooned pages",
                        nodata("No run-length histogram in this run (a migration run, or no measured trial)."),
                        missing=["plot-run-length: no run_length_hist"])
-    if pages:
-        hists, ylabel = pages, "pages per inflate"
-    else:
-        hists, ylabel = runs, "runs per inflate"
-    ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors,
-                                   xlabel="run length (pages of 4 KiB, log2 buckets)", ylabel=ylabel,
-                                   tick=report_charts.pages_tick, title="runs of contiguous ballooned pages, as the device saw them"),
+    (hists, trials), what = (pages, "ballooned pages") if pages[0] else (runs, "runs")
+    ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors, trials=trials, what=what,
+                                   xlabel="run length (pages of 4 KiB, log2 buckets)", tick=report_charts.pages_tick,
+                                   title="runs of contiguous ballooned pages, as the device saw them"),
                   "plot-run-length", "run-length distribution of ballooned pages")
     charts.append(ch)
     body.append(figure(ch, "How contiguous the ballooned pages were, per the device: a run is a maximal stretch of "

@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from lab.results import metrics as lab_metrics
-from lab.analysis import stats
 from reports import charts as report_charts
 from reports.data import ReportData
 from fmt.numbers import esc, fmt_value
@@ -64,11 +62,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", r
 
 
 
-def vfmt(metric: str) -> Callable[[float | None], str]:
-    """A formatter for one metric's values, each value in its own readable unit
-    (75.5 ms next to 1.05 s reads better than 0.0755 s next to 1.05 s)."""
-    u = lab_metrics.unit(metric)
-    return lambda v: fmt_value(v, u)
+def vfmt(unit: str) -> Callable[[float | None], str]:
+    """A formatter for the values of one metric of this unit (ReportData.metric_unit),
+    each value in its own readable unit (75.5 ms next to 1.05 s reads better than
+    0.0755 s next to 1.05 s)."""
+    return lambda v: fmt_value(v, unit)
 
 
 def arm_ci(d: ReportData, arm: str, metric: str) -> tuple[float | None, float | None]:
@@ -78,18 +76,19 @@ def arm_ci(d: ReportData, arm: str, metric: str) -> tuple[float | None, float | 
     if s is not None and s.ci_low is not None:
         return s.ci_low, s.ci_high
     x = d.samples(arm, metric)
-    if x is not None and x.size >= stats.MIN_BOOTSTRAP_N:
-        _, lo, hi = stats.median_ci(x)
+    if x is not None and x.size >= d.MIN_BOOTSTRAP_N:
+        _, lo, hi = d.median_ci(x)
         return lo, hi
     return None, None
 
 
-def hist_per_trial(d: ReportData, name: str) -> dict[str, dict[float, float]]:
-    """Each arm's histogram `name` summed over its measured trials, divided by their number."""
-    out = {}
+def hist_totals(d: ReportData, name: str) -> tuple[dict[str, dict[float, float]], dict[str, int]]:
+    """Each arm's histogram `name` summed over its measured trials (whole counts), and the
+    number of those trials."""
+    hists, trials = {}, {}
     for a in d.arms:
         h = d.hist(a, name)
         n = d.n_trials(a)
         if h and n:
-            out[a] = {b: c / n for b, c in h.items()}
-    return out
+            hists[a], trials[a] = dict(h), n
+    return hists, trials

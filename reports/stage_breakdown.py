@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from lab.trials.backends import is_qemu_arm
-from lab.trials.qemu.side_by_side import arm_title
 from reports import charts as report_charts
 from reports import published as published_figures
 from reports.data import OPS, STAGES, ReportData
-from fmt.numbers import esc, fmt_ns, pct, sig, speed_phrase
+from fmt.numbers import esc, fmt_ns, pct, ratio_phrase, sig, speed_phrase
 from reports.palette import PUBLISHED_COLOR
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, scrolling, table
+from reports.verdict import told_apart
 
 
 def _median_other(d: ReportData, arm: str, op: str) -> float:
@@ -33,8 +32,19 @@ def _published_speedup(pub: published_figures.PublishedInflate) -> str:
     if pub.arm == "pfn" or pfn is None:
         return '<span class="muted">reference</span>'
     said = f"published as “{pct(pub.faster_than_pfn, 0)} faster”, " if pub.faster_than_pfn else ""
-    return (f"<b>{speed_phrase(pub.ms_per_gib / pfn.ms_per_gib)}</b><br>"
+    # not bold: a published claim, not this run's verdict (the table's bold is the verdict's)
+    return (f"{speed_phrase(pub.ms_per_gib / pfn.ms_per_gib)} (published)<br>"
             f'<span class="ci">{said}{esc(pub.source)}</span>')
+
+
+def _versus(d: ReportData, arm: str, base: str, metric: str, ratio: float) -> str:
+    """The "vs baseline" cell: "N× faster" in bold only where the verdict found the arms
+    apart; else the ratio of medians, muted, with why there is no verdict."""
+    apart = told_apart(d, arm, base, metric, d.alpha)
+    if apart.ok:
+        return f"<b>{speed_phrase(ratio)}</b>"
+    return (f'<span class="muted">median {ratio_phrase(ratio)}</span><br>'
+            f'<span class="ci">no verdict: {esc(apart.evidence)}</span>')
 
 
 def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float]]]:
@@ -50,8 +60,8 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
         meds[a] = {s: d.median(a, d.stage_metric(op, s)) or 0.0 for s in STAGES}
         meds[a]["total"] = tot
         lo, hi = arm_ci(d, a, tot_m)
-        label = chip(a, d.colors) + (f'<br><span class="ci">{esc(arm_title(a, d.run.environment))}</span>'
-                                     if is_qemu_arm(a) else "")
+        label = chip(a, d.colors) + (f'<br><span class="ci">{esc(d.arm_title(a, d.run.environment))}</span>'
+                                     if d.is_qemu_arm(a) else "")
         cells = [label, str(d.n_trials(a)),
                  f"<b>{fmt_ns(tot)}</b>" + (f'<br><span class="ci">[{fmt_ns(lo)}, {fmt_ns(hi)}]</span>' if lo else ""),
                  fmt_ns(tot / (mib / 1024)) if mib else "–"]
@@ -67,7 +77,7 @@ def _stage_table(d: ReportData, op: str) -> tuple[str, dict[str, dict[str, float
         if a == base or not btot:
             cells.append('<span class="muted">baseline</span>' if a == base else "–")
         else:
-            cells.append(f"<b>{speed_phrase(tot / btot)}</b>")
+            cells.append(_versus(d, a, base, tot_m, tot / btot))
         rows.append(cells)
         classes.append("")
     if op == "inflate":

@@ -3,36 +3,33 @@ by how much and how sure, a tie when the arms cannot be told apart, and the exac
 counts that explain it."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from lab.machine import environment
-from lab.results import metrics as lab_metrics
-from lab.analysis import stats
-from lab.trials import twins
 from reports import charts as report_charts
 from reports.data import ReportData
-from fmt.numbers import esc, fmt_p, sig, speed_phrase
+from fmt.numbers import esc, fmt_p, ratio_phrase, sig, speed_phrase
 from reports.section_parts import Section, arm_ci, chip, figure, nodata, note, vfmt
 
 
-def _sureness(pr: stats.PairResult | None, n_a: int, n_b: int, alpha: float) -> tuple[str, str]:
-    """(class, sentence) saying how sure the comparison is."""
+def _sureness(pr, n_a: int, n_b: int, alpha: float, timing: str) -> tuple[str, str]:
+    """(class, sentence) saying how sure the comparison `pr` (a stats PairResult, or
+    None) is; `timing` is the kind name of timings."""
     if pr is None:
         return "unsure", "no comparison available"
     if pr.verdict == "equal":
         return "unsure", "identical in every trial"
     if pr.p_holm is None:
-        return "unsure", f"too few trials to test (n = {n_a} and {n_b})"
+        return "unsure", f"too few trials to test (n = {n_a} and {n_b}){_needs(pr.trials_needed)}"
     if pr.verdict == "too few trials":
         return "unsure", (f"too few trials to be sure: p(Holm) = {fmt_p(pr.p_holm)} with n = {n_a} and {n_b} "
-                          "cannot reach significance")
+                          f"cannot reach significance{_needs(pr.trials_needed)}")
     if pr.p_holm < alpha:
         d = pr.cliffs_delta
         if d is not None and abs(d) >= 0.999:
             how = (f"every {pr.arm} trial {'beat' if d < 0 else 'lost to'} every {pr.baseline_arm} trial"
-                   if pr.kind == lab_metrics.TIMING else "no overlap between the arms' trials")
+                   if pr.kind == timing else "no overlap between the arms' trials")
         elif d is not None:
             how = f"Cliff's δ = {d:+.2f}"
         else:
@@ -41,7 +38,7 @@ def _sureness(pr: stats.PairResult | None, n_a: int, n_b: int, alpha: float) -> 
     return "unsure", f"not distinguishable: p(Holm) = {fmt_p(pr.p_holm)} ≥ α = {alpha:g}"
 
 
-def _ratio_ci_text(pr: stats.PairResult | None) -> str:
+def _ratio_ci_text(pr) -> str:
     if pr is None or pr.ratio_ci_low is None or pr.ratio_ci_high is None:
         return ""
     lo, hi = pr.ratio_ci_low, pr.ratio_ci_high
@@ -50,27 +47,42 @@ def _ratio_ci_text(pr: stats.PairResult | None) -> str:
     return f" (ratio 95 % CI {sig(lo)}–{sig(hi)})"
 
 
-def _told_apart(d: ReportData, a: str, b: str, metric: str, alpha: float) -> tuple[bool, str]:
-    """(can a and b be told apart on metric, the evidence). Against the baseline: the
-    stored Holm-corrected comparison; between two other arms: one Mann-Whitney test."""
+def _needs(k: int | None) -> str:
+    return f" (needs at least {k} trials per arm)" if k else ""
+
+
+class Apart(NamedTuple):
+    """Whether two arms can be told apart on a metric, the evidence, and, when there were
+    too few trials to tell, how many per arm would do."""
+
+    ok: bool
+    evidence: str
+    needs: int | None = None
+
+
+def told_apart(d: ReportData, a: str, b: str, metric: str, alpha: float) -> Apart:
+    """Against the baseline: the stored Holm-corrected comparison; between two other arms:
+    one Mann-Whitney test."""
     comp = d.comparison
     if comp is not None and comp.baseline_arm in (a, b):
         pr = comp.pair(b if a == comp.baseline_arm else a, metric)
         if pr is not None:
             if pr.verdict == "equal":
-                return False, "identical in every trial"
+                return Apart(False, "identical in every trial")
             if pr.p_holm is None:
-                return False, "too few trials to test"
+                return Apart(False, f"too few trials to test{_needs(pr.trials_needed)}", pr.trials_needed)
             if pr.verdict == "too few trials":
-                return False, f"too few trials to tell, p(Holm) = {fmt_p(pr.p_holm)}"
-            return pr.p_holm < alpha, f"p(Holm) = {fmt_p(pr.p_holm)}"
+                return Apart(False, f"too few trials to tell, p(Holm) = {fmt_p(pr.p_holm)}"
+                             f"{_needs(pr.trials_needed)}", pr.trials_needed)
+            return Apart(pr.p_holm < alpha, f"p(Holm) = {fmt_p(pr.p_holm)}")
     xa, xb = d.samples(a, metric), d.samples(b, metric)
-    p, _delta, _ = stats.mann_whitney(xa, xb)
+    p, _delta, _ = d.mann_whitney(xa, xb)
+    need = d.trials_needed(alpha)
     if p is None:
-        return False, "too few trials to test"
-    if p >= alpha and stats.min_mann_whitney_p(len(xa), len(xb)) >= alpha:
-        return False, f"too few trials to tell, p = {fmt_p(p)}"
-    return p < alpha, f"p = {fmt_p(p)}"
+        return Apart(False, f"too few trials to test{_needs(need)}", need)
+    if p >= alpha and d.min_mann_whitney_p(len(xa), len(xb)) >= alpha:
+        return Apart(False, f"too few trials to tell, p = {fmt_p(p)}{_needs(need)}", need)
+    return Apart(p < alpha, f"p = {fmt_p(p)}")
 
 
 def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -> str | None:
@@ -80,29 +92,31 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
     if not arms:
         return None
     comp = d.comparison
-    alpha = comp.alpha if comp else stats.ALPHA
+    alpha = d.alpha
     base = d.baseline if d.baseline in arms else arms[0]
     meds = {a: float(np.median(d.samples(a, metric))) for a in arms}
     order = sorted(arms, key=lambda a: meds[a])
     win = order[0]
-    fmt = vfmt(metric)
+    fmt = vfmt(d.metric_unit(metric))
     lo, hi = arm_ci(d, win, metric)
     ci = f" (95 % CI {fmt(lo)}–{fmt(hi)})" if lo is not None else ""
     if len(arms) == 1:
         return f'<p class="headline">{what}: {chip(win, d.colors)}, median <b>{fmt(meds[win])}</b>{ci} (the only arm with data).</p>'
-    apart = {a: _told_apart(d, win, a, metric, alpha) for a in order[1:]}
-    tied = [a for a in order[1:] if not apart[a][0]]
-    if tied and all(apart[a][1].startswith("too few trials") for a in tied) and len(tied) == len(order) - 1:
+    apart = {a: told_apart(d, win, a, metric, alpha) for a in order[1:]}
+    tied = [a for a in order[1:] if not apart[a].ok]
+    if tied and all(apart[a].evidence.startswith("too few trials") for a in tied) and len(tied) == len(order) - 1:
         n = ", ".join(sorted({str(d.n_trials(a)) for a in arms}))
         names = ", ".join(f"{chip(a, d.colors)} {fmt(meds[a])}" for a in order)
+        need = max((apart[a].needs for a in tied if apart[a].needs), default=None)
         out = [f'<p class="headline">{what}: <b>no verdict</b>, too few trials to tell the arms apart '
-               f'(n = {n} per arm). <span class="unsure">Medians: {names}.</span></p>']
+               f'(n = {n} per arm{f"; Mann-Whitney with Holm needs at least {need}" if need else ""}). '
+               f'<span class="unsure">Medians: {names}.</span></p>']
         return "".join(out)
     if tied:
         group = [win] + tied
         names = ", ".join(f"{chip(a, d.colors)} {fmt(meds[a])}" for a in group)
-        why = "; ".join(f"{a} vs {win}: {speed_phrase(meds[a] / meds[win]) if meds[win] else '–'}, {apart[a][1]}"
-                        for a in tied)
+        why = "; ".join(f"{a} vs {win}: median {ratio_phrase(meds[a] / meds[win]) if meds[win] else '–'}, "
+                        f"{apart[a].evidence}" for a in tied)
         out = [f'<p class="headline">{what}: <b>a tie</b> between {names} (medians). '
                f'<span class="unsure">Not distinguishable at α = {alpha:g}: {why}.</span></p>']
         shown = set(group)
@@ -110,7 +124,7 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
         out = [f'<p class="headline">{what}: {chip(win, d.colors)} {best}, median <b>{fmt(meds[win])}</b>{ci}']
         if win != base:
             pr = comp.pair(win, metric) if comp else None
-            cls, sure = _sureness(pr, d.n_trials(base), d.n_trials(win), alpha)
+            cls, sure = _sureness(pr, d.n_trials(base), d.n_trials(win), alpha, d.TIMING)
             ratio = meds[win] / meds[base] if meds[base] else None
             out[0] += (f", <b>{speed_phrase(ratio)}</b> than {chip(base, d.colors)} "
                        f"({fmt(meds[base])}){_ratio_ci_text(pr)}. <span class=\"{cls}\">{sure}.</span></p>")
@@ -124,9 +138,11 @@ def _headline(d: ReportData, metric: str, what: str, best: str = "is fastest") -
         if a in shown:
             continue
         xa, xw = d.samples(a, metric), d.samples(win, metric)
-        ratio, rlo, rhi = stats.ratio_ci(xa, xw)
-        ok, evidence = apart[a]
-        rest.append(f"{chip(a, d.colors)} {fmt(meds[a])}: {chip(win, d.colors)} is {speed_phrase(ratio)}"
+        ratio, rlo, rhi = d.ratio_ci(xa, xw)
+        ok, evidence = apart[a].ok, apart[a].evidence
+        said = (f"{chip(win, d.colors)} is {speed_phrase(ratio)}" if ok
+                else f"{chip(win, d.colors)}'s median is {ratio_phrase(ratio)}")
+        rest.append(f"{chip(a, d.colors)} {fmt(meds[a])}: {said}"
                     + (f" (CI {sig(1 / rhi)}×–{sig(1 / rlo)}×)" if rlo and rhi and ratio < 1 else "")
                     + f", {evidence}")
     if rest:
@@ -146,7 +162,7 @@ def _counters_line(d: ReportData, items: Sequence[tuple[str, str]]) -> str:
             x = d.samples(a, metric)
             if x is None:
                 continue
-            f = vfmt(metric)
+            f = vfmt(d.metric_unit(metric))
             v = f(float(np.median(x)))
             if np.ptp(x) > 0:
                 v += f" ({f(float(x.min()))}–{f(float(x.max()))})"
@@ -158,7 +174,7 @@ def _counters_line(d: ReportData, items: Sequence[tuple[str, str]]) -> str:
 def run_warnings(d: ReportData) -> list[str]:
     """Load-average and governor warnings from the trials' own snapshots (else the run's start)."""
     loads = [(t.result.get("host_load") or {}).get("start") for t in d.measured() if t.result.get("host_load")]
-    return environment.load_warnings(loads, "measured trials") if loads else environment.load_warnings([d.run.environment], "runs")
+    return d.load_warnings(loads, "measured trials") if loads else d.load_warnings([d.run.environment], "runs")
 
 
 def verdict_section(d: ReportData) -> Section:
@@ -201,7 +217,7 @@ def verdict_section(d: ReportData) -> Section:
                                         "bytes on the ring")]))
     body += [note("Warning: " + esc(w), "nodata") for w in run_warnings(d)]
     if d.kind != "migrate" and d.measured():
-        body.append(note("Timings " + esc(twins.DESIGN_TEXT[twins.timing_design([t.result for t in d.measured()])]) + "."))
+        body.append(note("Timings " + esc(d.timing_design_text()) + "."))
     if d.comparison is not None:
         c = d.comparison
         body.append(note(f"Baseline {chip(c.baseline_arm, d.colors)}; {c.confidence:.0%} bootstrap CIs of medians; "
@@ -212,8 +228,8 @@ def verdict_section(d: ReportData) -> Section:
         if not d.has_metric(m):
             continue
         samples = {a: d.samples(a, m) for a in d.arms if d.samples(a, m) is not None}
-        unit = "ns" if lab_metrics.unit(m) == "ns" else (lab_metrics.unit(m) or "")
-        scale = {"ms": 1e6, "us": 1e3, "s": 1e9}.get(lab_metrics.unit(m))
+        unit = "ns" if d.metric_unit(m) == "ns" else (d.metric_unit(m) or "")
+        scale = {"ms": 1e6, "us": 1e3, "s": 1e9}.get(d.metric_unit(m))
         cis = {a: arm_ci(d, a, m) for a in samples}
         if scale:  # show every time in ns internally so the chart picks one readable unit
             samples = {a: x * scale for a, x in samples.items()}

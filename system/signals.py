@@ -15,7 +15,7 @@ the results store (lab/store/store.py) and the probes (probes/bpf.py, probes/ses
 
 die_with_parent() (PR_SET_PDEATHSIG) makes a child die with the process that started
 it: the lab's VMMs with the lab (lab/trials/orphans.py), a guest with its VMM
-(device/host/vmm.py). A guest busy writing memory for a workload does not look at its
+(device/vmm/process.py). A guest busy writing memory for a workload does not look at its
 control socket, so without it a guest whose VMM was killed went on filling host
 memory alone until its workload step was done.
 """

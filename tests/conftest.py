@@ -10,16 +10,23 @@ make_device_rig: a factory, every rig it makes is closed after the test.
 device_rig: a live pfn device over 64 MiB, inflate and deflate queues (size 8) set up.
 fuzz_device_target: the fuzzer's device and ring targets (fuzz/device_target.py), one
 memfd per fuzz layout, shared by a test module.
+lab_store: one real small `balloon-lab compare` per session, for tests that read a store.
 """
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from device.rig import DeviceRig
 from probes.bpf import REQUIRE_ENV, essentials_missing
+
+BALLOON_LAB = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "balloon-lab")
 
 # device_rig's queues: rings at these guest-physical addresses
 DEVICE_RIG_RINGS = {0: 0x10000, 1: 0x11000}
@@ -88,3 +95,33 @@ def fuzz_device_target():
     target = DeviceTarget()
     yield target
     target.close()
+
+
+@dataclass(frozen=True)
+class LabStore:
+    """A real results store made by the real CLI: what `balloon-lab compare` printed
+    (stdout, stderr) and the run it stored."""
+
+    db: Path
+    run_id: str
+    command: tuple[str, ...]
+    stdout: str
+    stderr: str
+
+
+# The README's three arms at the smallest size that still has probes (twin trials) and a
+# comparison: about half a minute here.
+LAB_STORE_COMPARE = ("compare", "--arms", "pfn,bitmap,chunks", "--guest-mib", "256", "--inflate-mib", "128",
+                     "--trials", "2", "--warmups", "0")
+
+
+@pytest.fixture(scope="session")
+def lab_store(tmp_path_factory) -> LabStore:
+    """One real `balloon-lab compare` per test session (real VMM and guest processes,
+    the BCC probes, SQLite), for the tests that read a store as a user would."""
+    db = tmp_path_factory.mktemp("lab-store") / "lab.db"
+    cmd = (BALLOON_LAB, *LAB_STORE_COMPARE, "--db", str(db))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_id = re.search(r"^run ([0-9a-f]{12})\b", out.stdout, re.M).group(1)
+    return LabStore(db, run_id, cmd, out.stdout, out.stderr)

@@ -152,9 +152,11 @@ def test_a_planted_counter_change_is_a_regression_at_once(planted, tmp_path):
 
 @pytest.mark.slow
 def test_head_against_itself_in_two_worktrees_is_paced_and_leaves_nothing_behind(tmp_path):
-    def abs_worktrees() -> list[str]:     # ab's own (other work may add worktrees meanwhile)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout[:12]
+
+    def abs_worktrees() -> list[str]:     # this ab's own (others may come and go meanwhile)
         out = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
-        return [ln for ln in out.splitlines() if "balloon-lab-ab-" in ln]
+        return [ln for ln in out.splitlines() if "balloon-lab-ab-" in ln and f"-{head}" in ln]
 
     before = abs_worktrees()
     p = _ab("HEAD", "HEAD", *SMALL, "--rounds", "2", "--max-rounds", "2", "--json",

@@ -1,4 +1,4 @@
-"""The work budget per event-loop wake-up (device/host/budget.py), in-process over a real memfd."""
+"""The work budget per event-loop wake-up (device/vmm/budget.py), in-process over a real memfd."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-from device.host.budget import WorkBudget
+from device.vmm.budget import WorkBudget
 
 RING, BUF, DATA = 0x10000, 0x20000, 0x100000
 

@@ -86,6 +86,13 @@ def test_same_names_and_defaults_shown_in_help():
     assert len(set(seeds.values())) == 1, seeds
 
 
+def test_run_unknown_protocol_is_refused_once_by_the_spec(tmp_path):
+    """run's --protocol has no click choice of its own: the spec refuses it, naming --protocol
+    and listing the arms (the one check on the way to the device)."""
+    line = refused(tmp_path, "run", "--protocol", "carrier-pigeon", option="--protocol")
+    assert "unknown balloon arm 'carrier-pigeon'" in line and "pfn-ranges" in line
+
+
 def test_bench_unknown_protocol(tmp_path):
     refused(tmp_path, "bench", "idle-memory", "--protocol", "nope", option="--protocol")
 
@@ -114,6 +121,6 @@ def test_a_guest_that_dies_at_start_is_reported_at_once_with_its_log():
     die = f"{sys.executable} -c \"import sys; print('guest: cannot map RAM: boom', file=sys.stderr); sys.exit(3)\""
     t0 = time.monotonic()
     with pytest.raises(TrialFailed) as e:
-        LabProcesses(BalloonTrial(guest_mib=256, inflate_mib=64), ["--guest-cmd", die])
+        LabProcesses(BalloonTrial(guest_mib=256, inflate_mib=64), vmm={"guest_cmd": die})
     assert time.monotonic() - t0 < 10                        # not the agent socket's 60 s timeout
     assert "guest: cannot map RAM: boom" in str(e.value) and "exit status 3" in str(e.value)

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device.host.balloon_device import BalloonDevice
-from device.host.hint_queues import HintQueues
-from device.host.page_reporting_device import ReportingDevice
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.hint_queues import HintQueues
+from device.vmm.page_reporting_device import ReportingDevice
 from device.virtio.driver_queue import DriverQueue
 from device.virtio.features import (CFG_ACTUAL, F_RING_EVENT_IDX, Q_FREE_PAGE, Q_INFLATE, Q_MISC, Q_REPORTING,
                                     Q_STATS, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, bit)
@@ -25,7 +25,7 @@ from device.virtio.protocols import protocol_device_features
 from device.virtio.layout import GiB, MiB, BadAddress, GuestLayout
 from device.virtio.ram import GuestRAM
 from device.virtio.split_ring import ring_layout
-from device.virtio.transport import DeviceListener, VringConfig
+from device.virtio.transport import DeviceListener
 
 RING = 1 << 20          # the free page hint queue's ring
 CMD = 2 << 20           # a 4-byte buffer the driver offers on it
@@ -45,7 +45,7 @@ def live_device(ram: GuestRAM, **kw) -> tuple[BalloonDevice, DriverQueue]:
     dev = BalloonDevice(ram, feats, **kw)
     dev.driver_features = feats & ~bit(F_RING_EVENT_IDX)
     lay = ring_layout(RING, 16)
-    dev.vrings[Q_FREE_PAGE] = VringConfig(16, lay.desc_gpa, lay.avail_gpa, lay.used_gpa)
+    dev.vrings[Q_FREE_PAGE] = lay
     drv = DriverQueue(ram, Q_FREE_PAGE, 16, lay.desc_gpa, lay.avail_gpa, lay.used_gpa, event_idx=False,
                       indirect=False, kick=lambda: None)
     dev.activate()

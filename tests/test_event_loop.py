@@ -1,4 +1,4 @@
-"""The VMM's event loop (device/host/event_loop.py) with real eventfds, sockets and a device.
+"""The VMM's event loop (device/vmm/event_loop.py) with real eventfds, sockets and a device.
 
 A guest that resets the device (or replaces its kick eventfds) keeps its own ends of the
 old eventfds. The device closes its ends before it tells the loop, so if the loop had
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 
-from device.host.event_loop import EventHandler, EventLoop, QueueKicks
+from device.vmm.event_loop import EventHandler, EventLoop, QueueKicks
 from device.virtio.transport import DeviceListener
 
 RINGS = {0: 0x10000, 1: 0x11000}
@@ -69,3 +69,52 @@ def test_kicks_are_read_on_the_devices_own_fd_and_served(make_device_rig):
     finally:
         kicks.clear()
         loop.close()
+
+
+def test_a_real_vmm_keeps_answering_a_guest_that_keeps_its_old_kick_eventfds_readable():
+    """The same attack on the real VMM process, from the hostile raw guest: set up the
+    queues, reset, three times, keeping every old kick eventfd and writing to each. With
+    the stale registrations, epoll reported them on every call: the VMM's loop never
+    slept again (a CPU burnt for good) and reached the monitor only every few turns. Now
+    it sleeps, the monitor answers at once, and the new queues are still served."""
+    import time
+    from lab.trials.model.hostile_vm import HostileVM
+
+    with HostileVM(256, "pfn") as vm:
+        g = vm.guest
+        g.map_memory()
+        old: list[int] = []
+        for _ in range(3):
+            g.negotiate()
+            for index, base in RINGS.items():
+                old.append(os.dup(g.add_queue(index, base).kick_fd))
+            assert g.driver_ok()[0] == 0
+            g.reset()
+        try:
+            for fd in old:
+                os.eventfd_write(fd, 1)            # readable for good: the guest never reads them
+            cpu0 = vmm_cpu_s(vm.vmm.pid)
+            time.sleep(1.0)
+            spent = vmm_cpu_s(vm.vmm.pid) - cpu0
+            assert spent < 0.05, spent                    # an idle VMM sleeps in its loop (a spinning one: 0.2-1 s)
+            t0 = time.monotonic()
+            assert vm.qmp.execute("query-status", timeout=5)["running"]
+            assert time.monotonic() - t0 < 1.0
+            g.negotiate()                          # and the device still serves new queues
+            q = g.add_queue(0, RINGS[0])
+            assert g.driver_ok()[0] == 0
+            g.write(0x20000, (0x100).to_bytes(4, "little"))
+            q.ring.desc(0, 0x20000, 4, 0, 0)
+            q.offer([0])
+            q.kick()
+            assert q.wait_used(1, 5.0)
+            assert vm.qmp.execute("x-balloon-lab-counters", timeout=5)["inflate"]["pages"] == 1
+        finally:
+            for fd in old:
+                os.close(fd)
+
+
+def vmm_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -72,7 +72,7 @@ def test_history_marks_the_run_the_gate_flagged_and_the_report_plots_it(tmp_path
     h = cli("history", "inflate.stages_ns.total", "--arm", "bitmap", "--run", runs[0], "--db", str(db))
     assert h.exit_code == 0, h.stderr
     lines = [ln for ln in h.stdout.splitlines() if ln.strip().startswith(("!", "run")) or runs[0] in ln]
-    assert "across 3 run(s)" in h.stdout
+    assert "across 3 runs" in h.stdout
     flagged = [ln for ln in h.stdout.splitlines() if ln.startswith("!")]
     assert len(flagged) == 2 and all(runs[2] in ln for ln in flagged) and lines
     pts = json.loads(cli("history", "inflate.stages_ns.total", "--run", runs[1], "--db", str(db), "--json").stdout)

@@ -18,8 +18,8 @@ import struct
 import numpy as np
 import pytest
 
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import DISCARDS_PER_WAKEUP, cpu_time
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import DISCARDS_PER_WAKEUP, cpu_time
 from device.virtio import wire
 from device.virtio.device_queue import DeviceQueue
 from device.virtio.layout import GuestLayout, Region
@@ -89,7 +89,7 @@ def test_ring_target_catches_a_slow_chain_walk(monkeypatch):
         case = dict(inflate_case([0x50]), t="ring")
         assert target.run_ring(case, 5.0).failure is None
         monkeypatch.setattr(DeviceQueue, "pop_avail", slowed(DeviceQueue.pop_avail))
-        assert_slow(target.run_ring(case, 5.0), "walking chain 0 of queue 0")
+        assert_slow(target.run_ring(case, 5.0), "walking chain ")
     finally:
         target.close()
 
@@ -102,7 +102,7 @@ def test_decoder_target_catches_a_slow_decoder(monkeypatch):
 
 
 def test_report_target_catches_a_slow_report_handler(monkeypatch):
-    from device.host.page_reporting_device import ReportingDevice
+    from device.vmm.page_reporting_device import ReportingDevice
     target = formats_target.ReportTarget()
     try:
         case = {"t": "report", "backing": "4k", "pre": [], "chain": [[2 << 20, 2 << 20, True]]}

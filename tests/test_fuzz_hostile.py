@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from device.host import control_peer
-from device.host.balloon_device import BalloonDevice
-from device.host.hint_queues import HintQueues
+from device.vmm import control_peer
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.hint_queues import HintQueues
 from device.virtio import dirty_log
 from fuzz import control_target, engine, migration_target
 from fuzz.time_limit import hang_timer

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from device.virtio import wire
 from device.virtio.protocols import PROTOCOL_NAMES
-from device.host.balloon_device import BalloonDevice
+from device.vmm.balloon_device import BalloonDevice
 from fuzz import cases, corpus, engine, generators, mutators, targets
 from fuzz.cases import Outcome, fuzz_layout
 from fuzz.decoder_target import run_decoder
@@ -289,7 +289,7 @@ def test_found_cases_fail_without_their_fix(monkeypatch):
     the cases found by the fuzzer fail the way they did before the fix."""
     cases = corpus.load_corpus(CORPUS / "found" / "hint-bitmap-not-ram.jsonl")
     assert cases and not engine.replay(cases)
-    import device.host.hint_queues as fph
+    import device.vmm.hint_queues as fph
     monkeypatch.setattr(fph.wire, "check_runs_in_ram", lambda *a, **k: None)
     bad = engine.replay(cases)
     assert len(bad) == len(cases)

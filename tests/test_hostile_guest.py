@@ -1,4 +1,4 @@
-"""The real VMM (`python -m device.host.vmm`) against a hostile guest: device/guest/raw_guest.py, which
+"""The real VMM (`python -m device.vmm.process`) against a hostile guest: device/guest/raw_guest.py, which
 speaks docs/PROTOCOL.md from scratch and writes whatever ring contents a test wants.
 
 Every bad-input case of DESIGN.md section 9 (and docs/BAD_INPUT.md) is played here:

@@ -23,7 +23,7 @@ class HugeHostileVMSession(HostileVMSession):
             ensure_backing("thp")
         except BackingError as e:
             pytest.skip(f"no shmem THP here: {e}")
-        self.vm = HostileVM(GUEST_MIB, protocol, extra_args=["--backing", "thp", "--reporting"])
+        self.vm = HostileVM(GUEST_MIB, protocol, vmm={"backing": "thp", "reporting": True})
         self.g = self.vm.guest
         self.g.map_memory()
         self.protocol = protocol

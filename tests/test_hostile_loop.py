@@ -1,7 +1,7 @@
 """A hostile guest against the real VMM's event loop: it must neither crash nor freeze it.
 
 Items 1-5 of the hostile-guest report, each played by device/guest/raw_guest.py (written from the
-docs alone) against `python -m device.host.vmm`. Every test checks: the VMM survives, the
+docs alone) against `python -m device.vmm.process`. Every test checks: the VMM survives, the
 monitor answers `query-balloon` during the attack (MonitorProbe, its own connection),
 no page outside the ones the guest validly named loses its data (SEEK_DATA on the
 guest's copy of the memfd), and the counter and log line docs/BAD_INPUT.md documents.
@@ -99,7 +99,7 @@ def test_guest_cannot_resize_sealed_ram(vm):
 def test_shrunk_unsealed_ram_becomes_needs_reset_not_sigbus():
     # item 1 with a memfd that is not sealed: the device sees the new size before it
     # touches guest RAM and gives up on the queue (NEEDS_RESET), the VMM lives on
-    with HostileVM(256, "pfn", extra_args=["--x-unsealed-ram"]) as vm:
+    with HostileVM(256, "pfn", vmm={"x_unsealed_ram": True}) as vm:
         g = vm.guest
         g.map_memory()
         data = fill(vm)

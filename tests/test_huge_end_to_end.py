@@ -61,8 +61,8 @@ def test_reporting_returns_freed_memory_and_the_guest_reuses_it_without_deflate(
     assert r["time_to_90_s"] >= params.delay_s                  # nothing before the delay
     assert r["guest_reporting"]["blocks"] > 0 and r["device_reporting"]["reported_bytes"] > 0
     # reuse: the guest allocates the reported pages again, writes them, and needs no deflate
-    lp = LabProcesses(BalloonTrial(guest_mib=512, inflate_mib=1, workload="idle"), ["--reporting"],
-                      ["--reporting", "--reporting-delay-ms", "300"])
+    lp = LabProcesses(BalloonTrial(guest_mib=512, inflate_mib=1, workload="idle"), vmm={"reporting": True},
+                      guest={"reporting": True, "reporting_delay_ms": 300})
     try:
         mem = lambda: lp.qmp.execute("x-balloon-lab-memfd")["allocated_bytes"]
         lp.agent.execute("alloc-free", {"mib": 128})

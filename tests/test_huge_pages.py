@@ -13,7 +13,7 @@ from device.guest.buddy import BuddyAllocator
 from device.virtio.features import F_RING_EVENT_IDX, Q_DEFLATE, Q_INFLATE, bit
 from device.virtio.protocols import protocol_device_features
 from device.rig import DeviceRig
-from device.host.host_pages import HostPageTracker, host_page_runs
+from device.vmm.huge_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
 
 PER = 512

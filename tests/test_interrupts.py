@@ -123,22 +123,33 @@ def hugepages() -> int:
     return int(Path("/proc/sys/vm/nr_hugepages").read_text())
 
 
-RUN_HUGETLB = ["run", "--backing", "hugetlb", "--guest-mib", "256", "--inflate-mib", "128", "--no-probes"]
+def hugetlb_run(tmp_free_pages: int) -> list[str]:
+    """A hugetlb `run` whose guest needs 128 huge pages more than the pool has free now
+    (another process on this shared machine may hold a pool of its own)."""
+    mib = (tmp_free_pages + 128) * 2
+    return ["run", "--backing", "hugetlb", "--guest-mib", str(mib), "--inflate-mib", "128", "--no-probes",
+            "--workload", "idle"]
+
+
+def free_huge_pages() -> int:
+    from device.virtio.backing import hugetlb_pool
+    return hugetlb_pool().available
 
 
 @pytest.mark.slow
 def test_hugetlb_pool_is_restored_on_exit_sigterm_and_after_sigkill(tmp_path):
-    before = hugepages()
     # a normal exit
-    out = subprocess.run([BALLOON_LAB, *RUN_HUGETLB], capture_output=True, text=True, timeout=300)
+    before, free = hugepages(), free_huge_pages()
+    out = subprocess.run([BALLOON_LAB, *hugetlb_run(free)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"set vm\.nr_hugepages from \d+ to \d+ .*if it is killed: `sysctl -w vm\.nr_hugepages="
-                     rf"{before}`", out.stderr), out.stderr
+    assert re.search(rf"set vm\.nr_hugepages from {before} to {before + 128} .*if it is killed: `sysctl -w "
+                     rf"vm\.nr_hugepages={before}`", out.stderr), out.stderr
     assert f"set vm.nr_hugepages from {before + 128} back to {before}" in out.stderr, out.stderr
     assert hugepages() == before
     # SIGTERM mid-trial
     err = tmp_path / "err"
-    p = start(RUN_HUGETLB, err)
+    before, free = hugepages(), free_huge_pages()
+    p = start(hugetlb_run(free), err)
     wait_for(err, "nr_hugepages from")
     time.sleep(1.5)
     assert hugepages() == before + 128
@@ -146,7 +157,8 @@ def test_hugetlb_pool_is_restored_on_exit_sigterm_and_after_sigkill(tmp_path):
     assert p.wait(60) == 143
     assert hugepages() == before, err.read_text()
     # SIGKILL mid-trial: nothing can run in the killed process; the next command restores
-    p = start(RUN_HUGETLB, err)
+    before, free = hugepages(), free_huge_pages()
+    p = start(hugetlb_run(free), err)
     wait_for(err, "nr_hugepages from")
     time.sleep(1.0)
     dirs = scratch_dirs_of(descendants(p.pid))

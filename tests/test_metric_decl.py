@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from device.guest.balloon_driver import DRIVER_OP_METRICS, DriverOpReport
-from device.host.balloon_metrics import DEVICE_OP_METRICS, DeviceOpCounters
-from device.host.host_pages import HOST_PAGE_METRICS, HostPageTracker
+from device.vmm.balloon_metrics import DEVICE_OP_METRICS, DeviceOpCounters
+from device.vmm.huge_pages import HOST_PAGE_METRICS, HostPageTracker
 from device.virtio.layout import GuestLayout
 from device.virtio.metric_decl import (COUNTER, TIMING, Metric, MetricSet, UndeclaredMetric, declared_by,
                                        numeric_fields)

@@ -11,23 +11,23 @@ import numpy as np
 import pytest
 
 from device.virtio import control
-from device.host.balloon_device import BalloonDevice
+from device.vmm.balloon_device import BalloonDevice
 from device.guest.buddy import BuddyAllocator
 from device.virtio.control import Channel, Req
 from device.virtio.features import Q_FREE_PAGE
 from device.virtio.protocols import protocol_device_features
-from device.host.hint_queues import HintQueues, mark_runs
+from device.vmm.hint_queues import HintQueues, mark_runs
 from device.guest.page_contents import GuestPageContents
 from device.virtio.ram import GuestRAM
 from device.virtio.layout import MiB, PAGE_SHIFT, PAGE_SIZE, GuestLayout
-from device.host.migration import stream
-from device.host.migration.destination import MigrationDestination
+from device.vmm.migration import stream
+from device.vmm.migration.destination import MigrationDestination
 from device.virtio.dirty_log import DirtyLog, MappedDirtyLog
 from device.guest.migration_side import GuestChannel, migration_verify
-from device.host.migration.pages import PageScanner
+from device.vmm.migration.pages import PageScanner
 from device.virtio.page_pattern import fingerprint_memfd, fingerprint_pfns
-from device.host.migration.ratelimit import TokenBucket
-from device.host.migration.source import parse_uri
+from device.vmm.migration.ratelimit import TokenBucket
+from device.vmm.migration.source import parse_uri
 from device.virtio.device_queue import DeviceQueue
 from device.virtio.driver_queue import DriverQueue
 from device.virtio.split_ring import ring_layout

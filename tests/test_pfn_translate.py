@@ -1,4 +1,4 @@
-"""The PFN path's per-page translation, done in numpy (device/host/balloon_device.py
+"""The PFN path's per-page translation, done in numpy (device/vmm/balloon_device.py
 _pfns_per_page), against the page-by-page loop it replaced: the same pages taken, in
 the same order, the same refusals by reason, the same balloon state, on requests with
 holes, pages named twice, pages already in (or not in) the balloon, and queue memory."""
@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from device.host.balloon_device import IN_BALLOON, IN_GUEST, QUEUE_MEMORY, BalloonDevice, _refusal
+from device.vmm.balloon_device import IN_BALLOON, IN_GUEST, QUEUE_MEMORY, BalloonDevice, _refusal
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
 from device.virtio.protocols import protocol_device_features
 from device.virtio.ram import GuestRAM

@@ -113,9 +113,9 @@ def test_push_twice_copies_each_run_once_and_show_is_the_same(pg_db, tmp_path):
         ids = [_fill(s, f"run{i}", scale=i + 1) for i in range(3)]
     runner = CliRunner()
     first = runner.invoke(cli, ["db", "push", "--from", str(lite), "--to", pg_db])
-    assert first.exit_code == 0 and "pushed 3 run(s)" in first.output, first.output
+    assert first.exit_code == 0 and "pushed 3 runs" in first.output, first.output
     second = runner.invoke(cli, ["db", "push", "--from", str(lite), "--to", pg_db])
-    assert second.exit_code == 0 and "pushed 0 run(s)" in second.output and "skipped: 3" in second.output
+    assert second.exit_code == 0 and "pushed 0 runs" in second.output and "skipped: 3" in second.output
     with Store(pg_db) as pg:
         assert sorted(r.id for r in pg.list_runs()) == sorted(ids)
         assert pg.db.execute("SELECT count(*) FROM trials").fetchone()[0] == 3 * 8

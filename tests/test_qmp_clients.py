@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from device.virtio.layout import MiB
-from device.host.monitor import ERROR_CLASSES, JsonStream
+from device.vmm.monitor import ERROR_CLASSES, JsonStream
 from lab.trials.model.balloon_trial import BalloonTrial
 from lab.trials.model.processes import LabProcesses
 
@@ -127,3 +127,37 @@ def test_raw_stream_errors_are_qemus(vmm):
     assert replies[6]["error"]["desc"] == "QMP input member 'nope' is unexpected"
     assert replies[7]["error"]["class"] == "CommandNotFound" and replies[7]["id"] == "again"
     assert all(r["error"]["class"] in ERROR_CLASSES for r in replies[2:])
+
+
+def test_balloon_right_after_the_socket_appears_is_applied_when_the_driver_comes_up(tmp_path):
+    """As QEMU does: `balloon` is accepted as soon as the device exists (the monitor socket
+    is there) and the target is applied once the guest's driver is up; a script written
+    for QEMU must not meet "No balloon device has been activated" during the guest's boot."""
+    import subprocess
+    import sys
+    import time
+
+    from lab.trials.monitor_client import QMPClient, wait_for_socket
+
+    monitor, agent = str(tmp_path / "monitor.sock"), str(tmp_path / "agent.sock")
+    vmm = subprocess.Popen([sys.executable, "-m", "device.vmm.process", "--guest-mib", str(GUEST_MIB),
+                            "--protocol", "pfn", "--monitor", monitor, "--agent", agent, "--"])
+    try:
+        wait_for_socket(monitor, 30, lambda: vmm.poll() is None)
+        qmp = QMPClient(monitor, timeout=30)
+        target = (GUEST_MIB - 32) * MiB
+        booting = not (tmp_path / "agent.sock").exists()
+        assert qmp.execute("balloon", {"value": target}) == {}       # the driver is not up yet
+        assert booting, "the guest's driver came up before the test could ask: nothing was tested"
+        deadline = time.monotonic() + 30
+        while qmp.execute("query-balloon")["actual"] != target:
+            assert time.monotonic() < deadline, qmp.execute("query-balloon")
+            time.sleep(0.05)
+        assert qmp.execute("x-balloon-lab-counters")["inflate"]["pages"] == 32 * 256
+        qmp.execute("quit")
+        qmp.close()
+        vmm.wait(10)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+            vmm.wait()

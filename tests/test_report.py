@@ -14,9 +14,10 @@ from lab.trials.arm_trial import run_trial
 from lab.trials.spec import ExperimentSpec
 from lab.store.store import Store
 from reports import charts
-from reports import data
+from lab.cli import report_data as data
 from reports.html import build, write_report
 from reports.palette import ARM_COLORS, arm_colors
+from lab.trials.spec import NO_PROBES_SUFFIX
 from reports.section_parts import vfmt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_report_numbers_match_the_store(real_report):
     assert re.search(r"Inflating 32 MiB: <b>no verdict</b>, too few trials", html)
     assert "is fastest" not in html
     for a in d.arms:
-        assert re.search(rf"{a}</span> {re.escape(vfmt(m)(med[a]))}", html), a
+        assert re.search(rf"{a}</span> {re.escape(vfmt(d.metric_unit(m))(med[a]))}", html), a
     # exact counters appear as stored: pfn discards once per page
     pfn = [t.result for t in trials if t.arm == "pfn"]
     assert all(r["discard_calls"] == r["pages"] == 8192 for r in pfn)
@@ -150,8 +151,8 @@ def test_run_without_trials_and_run_with_only_failed_trials(tmp_path):
     with Store(tmp_path / "lab.db") as store:
         empty = store.create_run(spec, environment={"kernel": "k"})
         failed = run_experiment(mig, lambda s, arm, rnd: run_trial(s, arm, None), store, progress=False)
-        r1 = write_report(store, empty, tmp_path / "empty.html")
-        r2 = write_report(store, failed, tmp_path / "failed.html")
+        r1 = write_report(data.load(store, empty), tmp_path / "empty.html")
+        r2 = write_report(data.load(store, failed), tmp_path / "failed.html")
     assert "No verdict: the run has no trials yet" in r1.html and "No comparison" in r1.html
     assert r1.charts == [] and "no stage timings" in r1.html.lower()
     assert "this run is running" in r1.html or "this run is interrupted" in r1.html
@@ -163,9 +164,9 @@ def test_run_without_trials_and_run_with_only_failed_trials(tmp_path):
 
 
 def test_colours_are_fixed_per_arm_and_distinct():
-    c = arm_colors(["chunks", "pfn", "bitmap", "pfn/no-probes", "mystery", "other"])
+    c = arm_colors(["chunks", "pfn", "bitmap", "pfn/no-probes", "mystery", "other"], NO_PROBES_SUFFIX)
     assert c["pfn"] == ARM_COLORS["pfn"] and c["chunks"] == ARM_COLORS["chunks"]
-    assert c == {**c, **arm_colors(["pfn", "chunks"])}        # position does not change a colour
+    assert c == {**c, **arm_colors(["pfn", "chunks"], NO_PROBES_SUFFIX)}        # position does not change a colour
     assert len(set(c.values())) == len(c)                     # no two arms share one
     assert c["pfn/no-probes"] != c["pfn"]
 
@@ -196,7 +197,7 @@ def test_migration_run_gets_its_own_section_with_a_timeline(tmp_path):
                           warmups=0, probes=False)
     with Store(tmp_path / "lab.db") as store:
         run_id = run_experiment(spec, lambda s, arm, rnd: migrate_trial(s, arm, rnd), store, progress=False)
-        rep = write_report(store, run_id, tmp_path / "m.html")
+        rep = write_report(data.load(store, run_id), tmp_path / "m.html")
         trials = store.trials(run_id)
     assert [t.status for t in trials] == ["ok", "ok"], [t.error for t in trials]
     html = rep.html

@@ -16,6 +16,7 @@ from lab.trials.experiment import run_experiment
 from lab.trials.arm_trial import run_trial
 from lab.trials.spec import ExperimentSpec
 from lab.store.store import Store
+from lab.cli.report_data import load
 from reports.html import write_report
 
 CHROMIUM = "/usr/bin/chromium"
@@ -43,7 +44,7 @@ def report(tmp_path_factory):
         with Store(tmp / "lab.db") as store:
             run_id = run_experiment(spec, lambda s, arm, rnd: run_trial(s, arm, session), store, progress=False,
                                     probe_session=session)
-            rep = write_report(store, run_id, tmp / "report.html")
+            rep = write_report(load(store, run_id), tmp / "report.html")
             run = store.get_run(run_id)
     finally:
         session.detach()

@@ -7,7 +7,7 @@ import re
 
 from lab.trials.spec import ExperimentSpec
 from lab.store.store import Store
-from reports import data
+from lab.cli import report_data as data
 from reports.html import build
 from test_gate import make_run
 

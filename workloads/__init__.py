@@ -21,6 +21,10 @@ from workloads.shapes import run_lengths
 
 WORKLOADS: dict[str, type[Workload]] = {w.name: w for w in (Idle, Aged, Hog, Fragment, Churn, Dirty)}
 
+# The guest program that runs these workloads (`python -m workloads.guest`): the
+# device's guest with make_workload handed in. Launchers name it as the VMM's guest.
+GUEST_MODULE = "workloads.guest"
+
 
 def _cls(name: str) -> type[Workload]:
     if not isinstance(name, str) or name not in WORKLOADS:
@@ -51,5 +55,5 @@ def describe_workloads() -> dict[str, list[ParamInfo]]:
     return {n: param_infos(c.Params) for n, c in WORKLOADS.items()}
 
 
-__all__ = ["WORKLOADS", "Workload", "BackgroundWorkload", "ParamInfo", "make_workload", "parse_params",
+__all__ = ["WORKLOADS", "GUEST_MODULE", "Workload", "BackgroundWorkload", "ParamInfo", "make_workload", "parse_params",
            "describe_workloads", "run_lengths", "Idle", "Aged", "Hog", "Fragment", "Churn", "Dirty"]

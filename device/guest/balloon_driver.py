@@ -115,7 +115,7 @@ class DriverOpReport:
 
 @dataclass
 class DriverOptions:
-    protocol: str = "auto"              # which wire format to accept if offered: auto or a WIRE_FORMAT_NAMES name
+    wire_format: str = "auto"           # which wire format to accept if offered: auto or a WIRE_FORMAT_NAMES name
     batch_pages: int | None = None      # pages per request; None: the wire format's default_batch
     event_idx: bool = True
     indirect: bool = True
@@ -171,7 +171,7 @@ class BalloonDriver:
             want |= bit(F_RING_EVENT_IDX)
         if self.opts.indirect:
             want |= bit(F_RING_INDIRECT_DESC)
-        accepted = accepted_wire_format(self.opts.protocol, offered)
+        accepted = accepted_wire_format(self.opts.wire_format, offered)
         if accepted.feature is not None:
             want |= bit(accepted.feature)
         if self.opts.reporting:
@@ -202,6 +202,10 @@ class BalloonDriver:
             self._fill_stats()
             self.queues[Q_STATS].add_buf([(self.stats_gpa, STAT_ENTRY.size * len(STAT_TAGS))], [], "stats")
             self.queues[Q_STATS].kick_if_needed()
+        if self.read_config_u32(CFG_NUM_PAGES) != self.actual:
+            # a target set while we came up (Linux's virtballoon_probe: towards_target, then
+            # the config-change work): the guest's loop serves it as any config change
+            os.eventfd_write(self.config_fd, 1)
         log.info("driver ready: wire format %s, batch %d pages", self.wire_format, self.batch_pages)
 
     def has(self, f: int) -> bool:

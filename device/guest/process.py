@@ -1,6 +1,7 @@
-"""The guest process: guest kernel model, virtio-balloon driver, workloads, agent.
+"""The guest process: guest kernel model, virtio-balloon driver, agent; workloads handed in.
 
-    python -m device.guest.process --control-fd FD --agent SOCK [--protocol P] [--batch-pages N]
+    python -m device.guest.process --control-fd FD --agent SOCK [--wire-format F] [--batch-pages N]
+    python -m workloads.guest ...   (the same guest, with the lab's workloads handed in)
 
 Spawned by the VMM with one end of the control socket. It maps guest RAM (the memfd
 the VMM sends in GET_MEM_TABLE), builds the buddy allocator over the guest's RAM
@@ -11,7 +12,6 @@ to reach a target, and asks the guest to verify its memory.
 """
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import json
 import logging
@@ -21,21 +21,19 @@ import signal
 import socket
 import sys
 import time
+from typing import Any, Callable
 
 import numpy as np
 
 from device.virtio import control
-from device.guest.balloon_driver import BalloonDriver, DriverOptions
+from device.guest.balloon_driver import BalloonDriver
 from device.guest.buddy import BuddyAllocator
 from device.virtio.control import Channel, PeerGone, Req
 from device.virtio.features import Q_MISC, Q_STATS
-from device.virtio.backing import BACKINGS
-from device.guest.alloc_policy import ALLOC_POLICIES
 from device.virtio.features import F_REPORTING
-from device.virtio.hint_format import HINT_DESIGNS
-from device.virtio.protocols import WIRE_FORMAT_NAMES
 from device.guest.hint_driver import FreePageDriver
-from device.guest.page_reporting_driver import ReportingDriver, ReportingParams
+from device.guest.options import GuestOptions
+from device.guest.page_reporting_driver import ReportingDriver
 from device.guest.migration_side import GuestChannel, migration_verify
 from device.guest.page_contents import GuestPageContents
 from device.virtio.ram import GuestRAM, process_rss_bytes
@@ -55,19 +53,22 @@ def fetch_memory(chan: Channel, backing: str = "4k") -> GuestRAM:
     return GuestRAM(msg.fds[0], GuestLayout(regions), owner=True, backing=backing)
 
 
+# What a guest program hands the guest to run workloads with: (name, params, seed) ->
+# a workload with prepare(memory) / start(memory) / stop() (workloads/guest.py hands in
+# workloads.make_workload; the device never imports the workloads).
+MakeWorkload = Callable[[str, dict, int], Any]
+
+
 class Guest:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, options: GuestOptions, make_workload: MakeWorkload | None = None) -> None:
+        self.options = options
+        self.make_workload = make_workload
         # GuestChannel: also serves the requests the VMM starts (SET_DIRTY_LOG for migration)
-        self.chan = GuestChannel(socket.socket(fileno=args.control_fd), lambda: getattr(self, "memory", None))
-        self.ram = fetch_memory(self.chan, args.backing)
+        self.chan = GuestChannel(socket.socket(fileno=options.control_fd), lambda: getattr(self, "memory", None))
+        self.ram = fetch_memory(self.chan, options.backing)
         self.alloc = BuddyAllocator(self.ram.layout)
         self.memory = GuestPageContents(self.ram, self.alloc)
-        self.driver = BalloonDriver(self.chan, self.ram, self.alloc, self.memory,
-                                    DriverOptions(protocol=args.protocol, batch_pages=args.batch_pages,
-                                                  timeout_s=args.timeout, halt_poll_us=args.halt_poll_us,
-                                                  hint=args.hint, alloc_policy=args.alloc_policy,
-                                                  reporting=args.reporting, init_on_alloc=args.init_on_alloc))
+        self.driver = BalloonDriver(self.chan, self.ram, self.alloc, self.memory, options.driver_options())
         self.hints: FreePageDriver | None = None
         self.reporting: ReportingDriver | None = None
         self.alloc.set_oom_notifier(self.driver.deflate_on_oom)
@@ -113,8 +114,10 @@ class Guest:
                 "free_pages": self.alloc.free_pages_count, "ram_pages": self.ram.layout.ram_pages}
 
     def _cmd_workload_prepare(self, conn, rid, args) -> dict:
-        from workloads import make_workload
-        self.workload = make_workload(args["name"], args.get("params") or {}, int(args.get("seed", 0)))
+        if self.make_workload is None:
+            raise ValueError("this guest program was started without workloads (run `python -m workloads.guest`, "
+                             "which hands them in)")
+        self.workload = self.make_workload(args["name"], args.get("params") or {}, int(args.get("seed", 0)))
         summary = self.workload.prepare(self.memory)
         return {"workload": args["name"], "summary": summary}
 
@@ -211,13 +214,11 @@ class Guest:
         self.driver.bring_up()
         # The agent socket appears only once the device is live: an orchestrator that
         # can connect may rely on every queue and eventfd being set up.
-        self.agent.bind(self.args.agent)
+        self.agent.bind(self.options.agent)
         self.agent.listen(4)
         self.hints = FreePageDriver(self.driver, self.memory)
         if self.driver.has(F_REPORTING):
-            self.reporting = ReportingDriver(self.driver, self.alloc, ReportingParams(
-                order=self.args.reporting_order, capacity=self.args.reporting_capacity,
-                delay_s=self.args.reporting_delay_ms / 1000))
+            self.reporting = ReportingDriver(self.driver, self.alloc, self.options.reporting_params())
         if Q_MISC in self.driver.call_fds:
             self.sel.register(self.driver.call_fds[Q_MISC], selectors.EVENT_READ, ("misc", None))
         self.sel.register(self.agent, selectors.EVENT_READ, ("listen", None))
@@ -270,35 +271,15 @@ class Guest:
 _DEFERRED = object()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="device.guest.process")
-    p.add_argument("--control-fd", type=int, required=True)
-    p.add_argument("--agent", required=True)
-    p.add_argument("--protocol", default="auto", choices=("auto",) + WIRE_FORMAT_NAMES)
-    p.add_argument("--batch-pages", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--halt-poll-us", type=int, default=DriverOptions.halt_poll_us,
-                   help="poll for used buffers this long before sleeping (like KVM halt polling)")
-    p.add_argument("--hint", default="none", choices=HINT_DESIGNS,
-                   help="free page hinting design the driver negotiates (for migration)")
-    p.add_argument("--backing", default="4k", choices=BACKINGS,
-                   help="guest RAM backing (thp: the guest's mapping asks for huge pages too)")
-    p.add_argument("--alloc-policy", default="linux", choices=ALLOC_POLICIES,
-                   help="pages the balloon takes: linux (order-0) or hugepage-aware (whole 2 MiB blocks first)")
-    p.add_argument("--reporting", action="store_true", help="negotiate free page reporting if offered")
-    d = ReportingParams()
-    p.add_argument("--reporting-order", type=int, default=d.order, help="smallest block order reported")
-    p.add_argument("--reporting-capacity", type=int, default=d.capacity, help="blocks per report request")
-    p.add_argument("--reporting-delay-ms", type=int, default=int(d.delay_s * 1000),
-                   help="delay between a free and the reporting pass")
-    p.add_argument("--init-on-alloc", action=argparse.BooleanOptionalAction, default=False,
-                   help="zero each page allocated for the balloon, as Linux's init_on_alloc")
-    p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args(argv)
+def main(argv: list[str] | None = None, make_workload: MakeWorkload | None = None,
+         prog: str = "device.guest.process") -> int:
+    """Run the guest. A guest program that runs workloads hands in `make_workload`
+    (workloads/guest.py); without one, the agent refuses workload commands."""
+    args = GuestOptions.from_argv(argv, prog)
     logging.basicConfig(level=args.log_level.upper(), format="guest[%(process)d] %(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-    guest = Guest(args)
+    guest = Guest(args, make_workload)
     try:
         guest.run()
     except PeerGone as e:

@@ -1,6 +1,6 @@
 """A raw, hostile guest: the control protocol and split rings written from the docs alone.
 
-Tests use it to play an untrusted guest against the real VMM (`python -m device.host.vmm`).
+Tests use it to play an untrusted guest against the real VMM (`python -m device.vmm.process`).
 Nothing here imports the lab's device code: the framing follows docs/PROTOCOL.md and
 the ring layout docs/VIRTQUEUE.md (virtio 1.2 section 2.7), byte by byte, so a test
 that passes also shows the documents are enough to drive the device, and a bug shared
@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 # --- framing (docs/PROTOCOL.md "Framing") ---------------------------------------------
+# What a launcher names as the VMM's guest program: python -m RAW_GUEST_MODULE
+RAW_GUEST_MODULE = "device.guest.raw_guest"
+
 HEADER = struct.Struct("<III")     # request, flags, size
 VERSION = 1
 FLAG_REPLY = 0x4

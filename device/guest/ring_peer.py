@@ -1,8 +1,8 @@
-"""The guest's half of the ring's floor (device/host/ring_floor.py): a bare round trip.
+"""The guest's half of the ring's floor (device/vmm/ring_floor.py): a bare round trip.
 
     python -m device.guest.ring_peer --kick-fd K --call-fd C --round-trips N --warm-up W
 
-Spawned by device/host/ring_floor.py as the VMM spawns the guest (same interpreter,
+Spawned by device/vmm/ring_floor.py as the VMM spawns the guest (same interpreter,
 the two eventfds passed down). Each round trip is what one request of the balloon
 driver needs at the very least, with nothing else: write the kick eventfd, sleep in
 epoll until the call eventfd is readable, read it. The peer answers each kick with

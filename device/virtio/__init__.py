@@ -1,4 +1,4 @@
-"""What both sides of the virtio boundary share: nothing here imports device/host or device/guest.
+"""What both sides of the virtio boundary share: nothing here imports device/vmm or device/guest.
 
     backing.py                Guest RAM backings: what kind of host page sits under the memfd.
     control.py                The control plane between guest (driver) and VMM (device): vhost-user in spirit.
@@ -8,6 +8,7 @@
     driver_queue.py           The driver (guest) side of one split virtqueue: DriverQueue.
     features.py               virtio-balloon constants: feature bits, device status, config space, stats tags, queues.
     hint_format.py            What the guest and the device exchange for free-page hinting (queues 3 and 5).
+    launch.py                 A process's launch record written once: its argv and its parser, derived from one dataclass.
     layout.py                 Guest-physical memory layout of a PC-like guest, and address translation.
     metric_decl.py            Metric declarations: each counter, timing and gauge declared once, with its kind,
     page_pattern.py           The pattern every kept guest page carries, and its fingerprint: shared by both sides.

@@ -11,7 +11,7 @@
 Why it matters: a huge host page is freed only when all of it is discarded, and the
 kernel frees one 2 MiB page far faster than 512 small ones (ENVIRONMENT.md: 1 GiB
 discarded in 191 ms with 4 KiB pages, 5.1 ms with THP). The device therefore tracks
-ballooned sub-pages per host page (device/host/host_pages.py).
+ballooned sub-pages per host page (device/vmm/huge_pages.py).
 
 `ensure_backing` changes the two kernel knobs when asked (doctor, the lab before a
 trial) and returns one sentence per change, so nothing changes silently; each change

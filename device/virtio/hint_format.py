@@ -1,7 +1,7 @@
 """What the guest and the device exchange for free-page hinting (queues 3 and 5).
 
 Both sides read these: the guest's hint driver (device/guest/hint_driver.py) builds
-the buffers, the device's hint queues (device/host/hint_queues.py) validate them.
+the buffers, the device's hint queues (device/vmm/hint_queues.py) validate them.
 The protocol itself is described there.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ The device, the guest driver, the transport and the probes each declare their ow
 metrics with `Metric`; the counters still cross processes as plain dicts, and the lab
 (lab/results/metric_catalog.py) reads these declarations to know how each stored metric is
 compared, instead of guessing from its name. This module lives in device/virtio
-because every side may import it: device/host, device/guest, probes and lab.
+because every side may import it: device/vmm, device/guest, probes and lab.
 
 Kinds (the lab's statistics treat them differently; the store's `metrics.kind` column
 holds one of them):

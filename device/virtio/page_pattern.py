@@ -1,7 +1,7 @@
 """The pattern every kept guest page carries, and its fingerprint: shared by both sides.
 
 The guest writes the pattern (device/guest/page_contents.py) and verifies it; the
-migration source and destination (device/host/migration/) fingerprint what the memfd
+migration source and destination (device/vmm/migration/) fingerprint what the memfd
 holds to prove a copy exact. Word i of a page is h(pfn, seed) * MULT[i] (mod 2**64);
 the fingerprint is sum_i word[i] * FPV[i] (mod 2**64). Pages are read with pread into
 a reused buffer, never through a mapping (ENVIRONMENT.md).

@@ -37,7 +37,7 @@ MAX_CHAIN_BYTES = 1 << 32
 MAX_BUFFER_LEN = (1 << 32) - 1  # le32 len
 # The longest chain the device walks (direct or through an indirect table). Walking a
 # chain costs about 0.5 us per descriptor and the event loop serves nothing else
-# meanwhile, so this bounds the monitor's wait (device/host/budget.py). The lab's driver
+# meanwhile, so this bounds the monitor's wait (device/vmm/budget.py). The lab's driver
 # sends at most 4096 chunks per request; QEMU accepts at most 1024 buffers per chain.
 DEFAULT_MAX_CHAIN = 4096
 
@@ -128,17 +128,28 @@ def _align_up(x: int, a: int) -> int:
 
 @dataclass(frozen=True)
 class RingLayout:
-    """Guest-physical placement of one queue's three parts in one contiguous area."""
+    """Guest-physical placement of one queue's three parts: the one ring record. The
+    driver lays them out back to back (ring_layout()); the device keeps what SET_VRING
+    named, wherever the driver put them (device/virtio/transport.py `vrings`)."""
 
     size: int
     desc_gpa: int
     avail_gpa: int
     used_gpa: int
-    nbytes: int  # from desc_gpa to the end of the used ring
 
     @property
     def end(self) -> int:
-        return self.desc_gpa + self.nbytes
+        """The end of the used ring."""
+        return self.used_gpa + ring_bytes(self.size)[2]
+
+    @property
+    def nbytes(self) -> int:
+        """From desc_gpa to the end of the used ring (a contiguous layout's area)."""
+        return self.end - self.desc_gpa
+
+    def pages(self) -> np.ndarray:
+        """PFNs of the pages the three parts touch (ring_pages())."""
+        return ring_pages(self.size, self.desc_gpa, self.avail_gpa, self.used_gpa)
 
 
 def ring_layout(base_gpa: int, size: int = DEFAULT_QUEUE_SIZE, *, used_align: int = USED_ALIGN) -> RingLayout:
@@ -148,10 +159,10 @@ def ring_layout(base_gpa: int, size: int = DEFAULT_QUEUE_SIZE, *, used_align: in
         raise ValueError(f"ring base {base_gpa:#x} is not {DESC_ALIGN}-byte aligned")
     if used_align < USED_ALIGN or used_align & (used_align - 1):
         raise ValueError(f"used_align must be a power of two >= {USED_ALIGN}, got {used_align}")
-    d, a, u = ring_bytes(size)
+    d, a, _ = ring_bytes(size)
     avail = base_gpa + d
     used = _align_up(avail + a, used_align)
-    return RingLayout(size, base_gpa, avail, used, used + u - base_gpa)
+    return RingLayout(size, base_gpa, avail, used)
 
 
 def ring_area_bytes(size: int = DEFAULT_QUEUE_SIZE, *, used_align: int = USED_ALIGN) -> int:

@@ -23,7 +23,7 @@ from device.virtio.ram import GuestRAM, size_sealed
 from device.virtio.layout import BadAddress
 from device.virtio.device_queue import DeviceQueue
 from device.virtio.metric_decl import COUNTER, Metric, MetricSet
-from device.virtio.split_ring import RingError
+from device.virtio.split_ring import RingError, RingLayout
 
 log = logging.getLogger("balloon-lab.device")
 
@@ -34,14 +34,6 @@ MAX_QUEUE_SIZE = 32768
 REFUSAL_METRICS = MetricSet("device/virtio/transport.py REFUSAL_METRICS", [
     Metric("*", COUNTER, "", "pieces of guest input refused for this reason (docs/BAD_INPUT.md)"),
 ])
-
-
-@dataclass
-class VringConfig:
-    size: int
-    desc: int
-    avail: int
-    used: int
 
 
 def _ignore(*_args) -> None:
@@ -91,7 +83,7 @@ class VirtioTransport:
         self.device_features = device_features
         self.driver_features = 0
         self.status = 0
-        self.vrings: dict[int, VringConfig] = {}
+        self.vrings: dict[int, RingLayout] = {}
         self.queues: dict[int, DeviceQueue] = {}
         self.kick_fds: dict[int, int] = {}
         self.call_fds: dict[int, int] = {}
@@ -240,7 +232,7 @@ class VirtioTransport:
             raise _Refused("vring-after-driver-ok", errno.EBUSY, "queues cannot be set up after DRIVER_OK")
         if size == 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
             raise _Refused("vring-size", errno.EINVAL, f"queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
-        self.vrings[index] = VringConfig(size, desc, avail, used)
+        self.vrings[index] = RingLayout(size, desc, avail, used)
         ch.reply_result(req)
 
     def _req_set_vring_kick(self, ch: Channel, req: Req, msg: Message) -> None:
@@ -315,7 +307,7 @@ class VirtioTransport:
         event_idx = self.has(29)
         indirect = self.has(28)
         for index, v in sorted(self.vrings.items()):
-            self.queues[index] = DeviceQueue(self.ram, index, v.size, v.desc, v.avail, v.used,
+            self.queues[index] = DeviceQueue(self.ram, index, v.size, v.desc_gpa, v.avail_gpa, v.used_gpa,
                                              event_idx=event_idx, indirect=indirect)
         log.info("device live: queues %s", [QUEUE_NAMES[i] for i in sorted(self.queues)])
 

@@ -50,7 +50,8 @@ def describe_hosts(store: Store, run: RunInfo) -> list[str]:
             out.append(f"    trial #{a['idx']} on {a['host_id']}, attempt {a['attempt']} {a['outcome']}: "
                        f"{(a['error'] or '').splitlines()[0] if a['error'] else ''}")
         if len(attempts) > 10:
-            out.append(f"    ... and {len(attempts) - 10} more (--json has them all)")
+            out.append(f"    ... and {len(attempts) - 10} more "
+                       f"(`{next_command('show', run.id, '--json', db=store.path)}` has them all)")
     return out
 
 

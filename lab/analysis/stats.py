@@ -16,7 +16,6 @@ Bootstraps use a fixed seed, so the same data always give the same CIs.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -25,6 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats as sst
 
+from fmt.numbers import sig
+from fmt.text_width import LINE_WIDTH
 from lab.results import metrics as lab_metrics
 
 ALPHA = 0.05
@@ -136,6 +137,12 @@ def min_mann_whitney_p(n1: int, n2: int) -> float:
     return min(1.0, 2.0 / math.comb(n1 + n2, n1))
 
 
+def trials_needed(alpha: float = ALPHA, family: int = 1) -> int:
+    """Trials per arm Mann-Whitney needs before any difference can reach p < alpha after
+    Holm over `family` tests (complete separation): what "too few trials" asks for."""
+    return next(k for k in range(2, 10_000) if min_mann_whitney_p(k, k) < alpha / max(1, family))
+
+
 # --- results ----------------------------------------------------------------------
 @dataclass
 class Summary:
@@ -174,6 +181,7 @@ class PairResult:
     cles: float | None = None
     varies: bool = False  # a counter whose value differs between trials of one arm
     verdict: str = ""
+    trials_needed: int | None = None  # with verdict "too few trials": per arm, for any p < alpha after Holm
 
     @property
     def exact(self) -> bool:
@@ -316,11 +324,15 @@ def compare_samples(base: Mapping[str, np.ndarray], other: Mapping[str, np.ndarr
             r.p_value, r.cliffs_delta, r.cles = mann_whitney(b, o)
         out.append(r)
     family = sum(r.p_value is not None for r in out)
+    # the family Holm would correct over once every arm has 2 trials or more
+    testable = sum(lab_metrics.is_statistical(r.kind) and r.metric not in identical for r in out)
     for r, ph in zip(out, holm([r.p_value for r in out])):
         r.p_holm = ph
         underpowered = family > 0 and min_mann_whitney_p(r.n_baseline, r.n) >= alpha / family
         r.verdict = verdict(r.kind, r.ratio, None if ph is None else ph < alpha,
                             identical=r.metric in identical, underpowered=underpowered)
+        if r.verdict == "too few trials":
+            r.trials_needed = trials_needed(alpha, max(family, testable))
     return out
 
 
@@ -358,15 +370,12 @@ def compare_arms(table: Table, baseline_arm: str, *, alpha: float = ALPHA, confi
         example = next(iter(folded.items()))
         notes.append(f"{len(folded)} metric(s) had samples identical to another and were folded into it "
                      f"(e.g. {example[0]} = {example[1]})")
-    weak = sorted({p.arm for p in pairs if p.verdict == "too few trials"})
+    weak = [p for p in pairs if p.verdict == "too few trials"]
     if weak:
-        family = max(sum(p.p_value is not None for p in pairs if p.arm == a) for a in weak)
-        if family == 0:
-            notes.append(f"too few trials for {', '.join(weak)}: a rank test needs at least 2 trials per arm")
-        else:
-            need = next(k for k in range(2, 10_000) if min_mann_whitney_p(k, k) < alpha / family)
-            notes.append(f"too few trials for {', '.join(weak)}: with Holm over {family} timings/gauges, "
-                         f"Mann-Whitney needs at least {need} trials per arm to reach p < {alpha:g}")
+        need = max(p.trials_needed or 2 for p in weak)
+        notes.append(f"too few trials for {', '.join(dict.fromkeys(p.arm for p in weak))}: with Holm over the run's "
+                     f"timings and gauges, Mann-Whitney needs at least {need} trials per arm to reach "
+                     f"p < {alpha:g}")
     return Comparison(baseline_arm=baseline_arm, arms=arms, metrics=kept, alpha=alpha, confidence=confidence,
                       n_resamples=n_resamples, seed=seed, summaries=summaries, pairs=pairs, notes=notes,
                       folded=folded)
@@ -382,10 +391,30 @@ def value_formatter(metric: str, reference: float | Sequence[float | None]):
     return row_formatter(lab_metrics.unit(metric), refs)
 
 
-def _fmt_ratio(r: float | None) -> str:
+def verdict_text(pr: PairResult) -> str:
+    """A pair's verdict as printed: "too few trials" says how many are needed."""
+    if pr.verdict == "too few trials" and pr.trials_needed:
+        return f"too few trials (need {pr.trials_needed})"
+    return pr.verdict
+
+
+TINY_RATIO = 0.01   # below it a ratio reads as "N x fewer" (32768 -> 6: "5 461x fewer", not 0.000)
+
+
+def _fmt_ratio(r: float | None, kind: str | None = None) -> str:
+    """A ratio to the baseline: three decimals; a tiny one inverted, in words, when its
+    metric's kind is given (CI bounds keep three significant digits instead)."""
     if r is None or math.isnan(r):
         return "-"
-    return "inf" if math.isinf(r) else f"{r:.3f}"
+    if math.isinf(r):
+        return "inf"
+    if r == 0:
+        return "0"
+    if 0 < r < TINY_RATIO:
+        if kind is None:
+            return sig(r)
+        return f"{sig(1 / r)}x {'less' if lab_metrics.is_statistical(kind) else 'fewer'}"
+    return f"{r:.3f}"
 
 
 def _fmt_p(p: float | None) -> str:
@@ -395,14 +424,41 @@ def _fmt_p(p: float | None) -> str:
 
 
 def _matches(metric: str, patterns: Sequence[str] | None) -> bool:
-    return not patterns or any(fnmatch.fnmatchcase(metric, pat) for pat in patterns)
+    return bool(lab_metrics.matching([metric], patterns))
 
 
-def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, show_equal_counters: bool = True) -> str:
+_DIFFERENT = frozenset({"faster", "slower", "higher", "lower"})
+UNJUDGED_SHOWN_RATIO = 1.1   # too few trials to judge: shown as differing from 10 % apart (and no overlap)
+
+
+def differs(comp: Comparison, metric: str) -> bool:
+    """Whether an arm differs from the baseline on `metric` (what `show` prints by default):
+    an exact counter with another median, a timing or gauge judged different, or, with too
+    few trials to judge, one whose trials all lie on one side of the baseline's and whose
+    median is at least 10 % away."""
+    base = comp.summary(comp.baseline_arm, metric)
+    for p in (p for p in comp.pairs if p.metric == metric):
+        if p.exact:
+            if p.verdict != "equal":
+                return True
+        elif p.verdict in _DIFFERENT:
+            return True
+        elif p.verdict == "too few trials" and base is not None:
+            s = comp.summary(p.arm, metric)
+            apart = not 1 / UNJUDGED_SHOWN_RATIO < p.ratio < UNJUDGED_SHOWN_RATIO
+            if s is not None and apart and (s.max < base.min or s.min > base.max):
+                return True
+    return False
+
+
+def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, differing_only: bool = False,
+                 shared_units: bool = False) -> str:
     """Aligned plain-text table: metric, arm, n, median [CI], ratio [CI], p (Holm), effect, verdict.
 
-    `metrics` are glob patterns ("inflate.stages_ns.*"); counters equal in every arm
-    can be left out with show_equal_counters=False.
+    `metrics` are glob patterns ("stages_ns.inflate.*"); with differing_only, only the
+    metrics on which some arm differs from the baseline (`differs`). Each metric's rows get one unit;
+    with shared_units every metric of one declared unit shares it (migrate: one CPU
+    time unit for the table).
     """
     header = ("metric", "arm", "n", f"median [{comp.confidence:.0%} CI]", "ratio [CI]", "p (Holm)", "effect", "verdict")
     rows: list[tuple[str, ...]] = []
@@ -410,11 +466,11 @@ def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, show
         if not _matches(m, metrics):
             continue
         kind = lab_metrics.classify(m)
-        pairs = [p for p in comp.pairs if p.metric == m]
-        if not show_equal_counters and not lab_metrics.is_statistical(kind) and pairs and all(
-                p.verdict == "equal" and not p.varies for p in pairs):
+        if differing_only and not differs(comp, m):
             continue
-        fmt = value_formatter(m, [s.median for s in comp.summaries if s.metric == m])
+        same = (lambda x: lab_metrics.unit(x) == lab_metrics.unit(m) and _matches(x, metrics)) if shared_units \
+            else (lambda x: x == m)
+        fmt = value_formatter(m, [s.median for s in comp.summaries if same(s.metric)])
         first = True
         for arm in comp.arms:
             s = comp.summary(arm, m)
@@ -432,33 +488,44 @@ def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, show
                 if pr is None:
                     ratio, p, effect, verdict_ = "-", "-", "-", "no baseline"
                 elif pr.exact:
-                    ratio = _fmt_ratio(pr.ratio)
+                    ratio = _fmt_ratio(pr.ratio, pr.kind)
                     p = "exact"
                     effect = "=" if pr.difference == 0 else f"{'+' if pr.difference > 0 else ''}{fmt(pr.difference)}"
                     verdict_ = pr.verdict + (" (varies)" if pr.varies else "")
                 else:
-                    ratio = _fmt_ratio(pr.ratio)
+                    ratio = _fmt_ratio(pr.ratio, pr.kind)
                     if pr.ratio_ci_low is not None:
                         ratio += f" [{_fmt_ratio(pr.ratio_ci_low)}, {_fmt_ratio(pr.ratio_ci_high)}]"
                     p = _fmt_p(pr.p_holm)
                     effect = "-" if pr.cliffs_delta is None else f"d={pr.cliffs_delta:+.2f}"
-                    verdict_ = pr.verdict
+                    verdict_ = verdict_text(pr)
             rows.append((m if first else "", arm, str(s.n), med, ratio, p, effect, verdict_))
             first = False
     return format_columns(header, rows, right={2})
 
 
-def format_columns(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset()) -> str:
-    """Left-aligned (or, for columns in `right`, right-aligned) text columns under a header rule."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+def format_columns(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset(),
+                   width: int = LINE_WIDTH) -> str:
+    """Left-aligned (or, for columns in `right`, right-aligned) text columns under a header
+    rule. A table wider than `width` puts its first column on a line of its own above the
+    rest of its row (a row whose first cell is empty continues the one above)."""
+    def render(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int], indent: str = "") -> list[str]:
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
-    def line(r: Sequence[str]) -> str:
-        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        return "  ".join(cells).rstrip()
+        def line(r: Sequence[str]) -> str:
+            cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+            return (indent + "  ".join(cells)).rstrip()
 
-    out = [line(header), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
+        return [line(header), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+
+    out = render(header, rows, right)
+    if max(map(len, out)) <= width or len(header) < 3:
+        return "\n".join(out)
+    inner = render(header[1:], [r[1:] for r in rows], {i - 1 for i in right if i}, "  ")
+    folded = [str(header[0])] + inner[:2]
+    for r, text in zip(rows, inner[2:]):
+        folded += ([str(r[0])] if r[0] else []) + [text]
+    return "\n".join(folded)
 
 
 def render_summaries(comp: Comparison, metrics: Sequence[str] | None = None) -> str:

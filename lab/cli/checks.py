@@ -19,14 +19,16 @@ T = TypeVar("T")
 USAGE_EXIT = 2
 
 
-def refuse(command: str, message: str) -> NoReturn:
+def refuse(command: str, message: str, status: int = USAGE_EXIT) -> NoReturn:
+    """The one way a command says it cannot go on: `balloon-lab CMD: message` on stderr,
+    then exit `status` (2, bad input, unless the command's contract says otherwise)."""
     click.echo(f"balloon-lab {command}: {message}", err=True)
-    sys.exit(USAGE_EXIT)
+    sys.exit(status)
 
 
 def checked(command: str, build: Callable[[], T], flags: Mapping[str, str] | None = None) -> T:
     """build() (a spec, usually), or the one-line refusal naming the option; `flags`
-    maps spec fields the command spells differently (migrate: arms -> --hint)."""
+    maps spec fields the command spells differently (run: arms -> --protocol)."""
     try:
         return build()
     except SpecError as e:
@@ -58,7 +60,7 @@ def fits_in_memory(command: str, spec: ExperimentSpec) -> None:
     """Refuse (one line with the figures, exit 2) a spec whose largest trial does not fit
     in the memory the host has now; each trial is checked again before it starts."""
     from workloads import make_workload
-    from device.virtio.backing import hugetlb_pool
+    from device.api import hugetlb_pool
     touched = make_workload(spec.workload, dict(spec.workload_params), seed=spec.seed).touched_share()
     if getattr(spec, "guest_init_on_alloc", False):
         touched = min(1.0, touched + spec.inflate_mib / spec.guest_mib)

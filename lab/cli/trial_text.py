@@ -13,6 +13,8 @@ from typing import Any, Mapping
 from lab.trials.backends import is_qemu_arm
 from lab.trials.qemu.side_by_side import arm_title
 from probes.costs import cost_lines, foreign_line
+from fmt.text_width import fold
+from fmt.numbers import fmt_count, fmt_fixed
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard")
 RING_COUNTS = ("pages", "requests", "kicks", "interrupts")
@@ -22,7 +24,7 @@ def format_result(r: Mapping[str, Any]) -> str:
     """`balloon-lab run` in text form, for a result of either backend."""
     qemu = is_qemu_arm(r["protocol"])
     verified = f"  verified: {'yes' if r['verified'] else 'NO'}"
-    counts = "  ".join(f"{k} {r[k]}" for k in RING_COUNTS)
+    counts = "  ".join(f"{k} {fmt_count(r[k])}" for k in RING_COUNTS)
     if qemu:
         checks = r["verification"]["after_inflate"]["checks"]
         lines = [_qemu_title(r),
@@ -37,20 +39,22 @@ def format_result(r: Mapping[str, Any]) -> str:
         if bad:
             verified += f"  (the workload: {', '.join(bad)}, must be 0)"
         lines = [_lab_title(r), verified, f"  {counts}",
-                 f"  discard calls {r['discard_calls']}  runs {r['runs']}  translations {r['translations']}",
+                 f"  discard calls {fmt_count(r['discard_calls'])}  runs {fmt_count(r['runs'])}  "
+                 f"translations {fmt_count(r['translations'])}",
                  f"  memfd freed {_mib(r['memfd_freed_bytes'])}"]
         hp = r.get("host_pages")
         if hp:
             lines.append(f"  backing {r['backing']}: {hp['host_page_bytes'] >> 20} MiB host pages, "
-                         f"{hp['discarded_host_pages']} discarded, {hp['whole_not_discarded']} whole but kept, "
-                         f"{hp['partial_host_pages']} partial ({hp['mode']} tracking, allocation {r['alloc_policy']})")
+                         f"{fmt_count(hp['discarded_host_pages'])} discarded, {fmt_count(hp['whole_not_discarded'])} "
+                         f"whole but kept, {fmt_count(hp['partial_host_pages'])} partial ({hp['mode']} tracking, "
+                         f"allocation {r['alloc_policy']})")
         lines += [_operation_line(op, st, qemu) for op, st in r["stages_ns"].items()]
         lines += [_lab_cost_line(op, c, r["floors"]) for op, c in (r.get("lab_cost") or {}).items() if c]
     lines.append(_probes_line(r.get("probes") or {}, qemu))
     lines += _probe_cost_lines(r)
     if r["errors"]:
         lines.append(f"  device refused: {r['errors']}")
-    return "\n".join(lines)
+    return fold("\n".join(lines))
 
 
 def _lab_cost_line(op: str, c: Mapping[str, float], floors: Mapping[str, float]) -> str:
@@ -92,11 +96,12 @@ def _probes_line(p: Mapping[str, Any], qemu: bool) -> str:
     kns = p.get("madvise_kernel_ns")
     kernel = "not timed (opt-in: --extra-probes syscall-time)" if kns is None else _ms(kns)
     if qemu:
-        return (f"  probes (bcc, QEMU pid): madvise calls {p.get('madvise_calls')} ({p.get('advice')}), "
-                f"bytes {p.get('madvise_bytes')}, kernel {kernel}; "
-                f"fallocate calls {p.get('fallocate_calls')}")
-    return (f"  probes (bcc): madvise calls {p.get('madvise_calls')}, kernel time {kernel}, kicks {p.get('kicks')}, "
-            f"interrupts {p.get('interrupts')}, page faults {p.get('page_faults')}")
+        return (f"  probes (bcc, QEMU pid): madvise calls {fmt_count(p.get('madvise_calls'))} ({p.get('advice')}), "
+                f"bytes {fmt_count(p.get('madvise_bytes'))}, kernel {kernel}; "
+                f"fallocate calls {fmt_count(p.get('fallocate_calls'))}")
+    return (f"  probes (bcc): madvise calls {fmt_count(p.get('madvise_calls'))}, kernel time {kernel}, "
+            f"kicks {fmt_count(p.get('kicks'))}, interrupts {fmt_count(p.get('interrupts'))}, "
+            f"page faults {fmt_count(p.get('page_faults'))}")
 
 
 def _probe_cost_lines(r: Mapping[str, Any]) -> list[str]:
@@ -116,8 +121,8 @@ def _probe_cost_lines(r: Mapping[str, Any]) -> list[str]:
 
 
 def _ms(ns: float) -> str:
-    return f"{ns / 1e6:.1f} ms"
+    return f"{fmt_fixed(ns / 1e6)} ms"
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{fmt_fixed(n / 2**20)} MiB"

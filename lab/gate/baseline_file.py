@@ -47,7 +47,7 @@ def export_baseline(store: Store, run_id: str, path: str | Path, *, allow_incomp
     run = store.get_run(run_id)
     if run.status != "complete" and not allow_incomplete:
         raise StoreError(f"run {run.id} is {run.status}, not complete: a baseline must come from a "
-                         "finished run (pass allow_incomplete to export it anyway)")
+                         "finished run (--allow-incomplete exports it anyway)")
     if host is None and len(run.hosts) > 1:
         raise StoreError(f"run {run.id} ran on hosts {', '.join(run.hosts)}: export one host's baseline "
                          "(--host)")

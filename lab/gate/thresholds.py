@@ -108,7 +108,7 @@ class Thresholds:
         for item in items:
             pattern, sep, value = item.partition("=")
             if not sep or not pattern.strip():
-                raise GateInputError(f"--threshold {item!r}: expected METRIC=VALUE, e.g. inflate.stages_ns.total=15%")
+                raise GateInputError(f"--threshold {item!r}: expected METRIC=VALUE, e.g. stages_ns.inflate.total=15%")
             self.rules.append((pattern.strip(), Limit.parse(value, what=pattern.strip())))
         return self
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from device.virtio.metric_decl import COUNTER, GAUGE, HIGHER, TIMING, ZERO, Metric, MetricSet, UndeclaredMetric
+from device.api import COUNTER, GAUGE, HIGHER, TIMING, ZERO, Metric, MetricSet, UndeclaredMetric
 from lab.results.trial_result import TRIAL_METRICS
 from probes.session import PROBE_METRICS
 from workloads.metrics import PREPARE_METRICS, STOP_METRICS
@@ -29,7 +29,7 @@ WORKLOAD_METRICS = [
 ]
 
 # The live migration trial (lab/migrate_runner.run_migration: the source VMM's
-# migration report, device/host/migration/, and the destination's). Kinds and units
+# migration report, device/vmm/migration/, and the destination's). Kinds and units
 # as the lab has always compared them; the parameters stored as metrics are marked.
 MIGRATE_METRICS = MetricSet("lab/results/metric_catalog.py MIGRATE_METRICS", [
     Metric("bandwidth_bits", COUNTER, "", "the migration's rate limit, bit/s (a parameter)"),

@@ -25,15 +25,17 @@ higher for throughputs, exact for counters, zero for correctness figures.
 """
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from device.virtio.metric_decl import COUNTER, EXACT, GAUGE, HIGHER, LOWER, TIMING, ZERO, UndeclaredMetric
+from device.api import COUNTER, EXACT, GAUGE, HIGHER, LOWER, TIMING, ZERO, UndeclaredMetric
 from lab.results.metric_catalog import declaration
 
 __all__ = ["COUNTER", "EXACT", "GAUGE", "HIGHER", "KINDS", "LOWER", "SKIPPED_KEYS", "STATISTICAL_KINDS", "TIMING",
-           "UndeclaredMetric", "ZERO", "better", "change_is_good", "check_declared", "classify", "flatten",
-           "is_statistical", "unit"]
+           "UndeclaredMetric", "ZERO", "better", "change_is_good", "check_declared", "classify", "closest_names",
+           "flatten", "is_statistical", "matching", "unit", "unknown_names_message"]
 
 KINDS = (TIMING, GAUGE, COUNTER)
 STATISTICAL_KINDS = frozenset({TIMING, GAUGE})
@@ -127,3 +129,42 @@ def _walk(node: Mapping[str, Any], prefix: str, parent: str | None) -> Iterator[
                 yield name, True, hist
         elif _is_number(value):
             yield name, False, value.item() if hasattr(value, "item") else value
+
+
+# --- metric names the user types (show/export --metrics, history METRIC) -------------------
+def matching(names: Iterable[str], patterns: Sequence[str] | None) -> list[str]:
+    """The names matching any of the glob patterns (all of them when there is none)."""
+    return [n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def closest_names(query: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """Real metric names (or `prefix.*` patterns, for a glob) closest to `query`, best first:
+    the same dotted parts in another order (inflate.stages_ns.* -> stages_ns.inflate.*),
+    then the query less one part or ending a longer name (inflate.kicks -> kicks,
+    madvise_calls -> probes.madvise_calls), then difflib's closest spellings."""
+    names = sorted(set(known))
+    candidates = set(names)
+    if any(c in query for c in "*?["):
+        candidates |= {".".join(n.split(".")[:i]) + ".*" for n in names for i in range(1, n.count(".") + 1)}
+    parts = query.split(".")
+    shorter = {".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))} if len(parts) > 1 else set()
+    ranked = sorted(c for c in candidates if sorted(c.split(".")) == sorted(parts) and c != query)
+    ranked += sorted((c for c in candidates if c in shorter), key=len)
+    ranked += sorted((c for c in candidates if c.endswith("." + query)), key=len)
+    ranked += difflib.get_close_matches(query, sorted(candidates), n=n, cutoff=0.5)
+    return list(dict.fromkeys(ranked))[:n]
+
+
+def unknown_names_message(queries: Sequence[str], known: Iterable[str], where: str) -> str:
+    """"no metric 'x' in WHERE; did you mean 'a', 'b' or 'c'?" for the first query that
+    names nothing; a sentence naming a few real names when nothing is close."""
+    known = sorted(set(known))
+    query = queries[0]
+    what = "matches no metric" if any(c in query for c in "*?[") else "is not a metric"
+    close = closest_names(query, known)
+    if close:
+        quoted = [f"'{c}'" for c in close]
+        hint = "did you mean " + (", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]) + "?"
+    else:
+        hint = f"its metrics are named like {', '.join(repr(k) for k in known[:3])}" if known else "it has no metrics"
+    return f"'{query}' {what} of {where}; {hint}"

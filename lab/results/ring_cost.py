@@ -5,7 +5,7 @@ work around the kick and the interrupt, the checks, the translation in Python. A
 device written in C would mostly not pay it, so a ratio between arms that send very
 different numbers of requests (pfn: 1792 for 1792 MiB, bitmap: 3) is flattered by it.
 Each trial therefore measures the floor first (lab/trials/model/ring_floor.py runs
-`python -m device.host.ring_floor`: an eventfd round trip between a VMM-kind and a
+`python -m device.vmm.ring_floor`: an eventfd round trip between a VMM-kind and a
 guest-kind process, and one numpy pass of the region table over a request's 256 PFNs)
 and states, per operation:
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric
+from device.api import COUNTER, GAUGE, TIMING, Metric
 
 FLOOR_METRICS = [
     Metric("floors.round_trip_ns", TIMING, "ns", "the ring's floor before the trial: one eventfd round trip "
@@ -31,7 +31,7 @@ FLOOR_METRICS = [
     Metric("floors.round_trip_median_ns", TIMING, "ns", "the same round trips' median"),
     Metric("floors.round_trips", COUNTER, "", "round trips the floor was measured over"),
     Metric("floors.translate_ns", TIMING, "ns", "the translate floor: one numpy pass of the region table over "
-                                                "a request's PFNs (device/host/ring_floor.py), median"),
+                                                "a request's PFNs (device/vmm/ring_floor.py), median"),
     Metric("floors.translate_pfns", COUNTER, "", "PFNs in the translate floor's request"),
     Metric("lab_cost.*.transmit_per_request_ns", TIMING, "ns", "transmit stage per request sent"),
     Metric("lab_cost.*.transmit_over_floor", GAUGE, "", "transmit per request in ring round-trip floors"),

@@ -17,7 +17,7 @@ pyperf's versioned result format:
      written back, so loading and storing again loses nothing.
 
 Each number's kind, unit and doc are declared here (OP_METRICS, TRIAL_METRICS) from
-the declarations of the side that counts it: the device (device/host), the driver
+the declarations of the side that counts it: the device (device/vmm), the driver
 (device/guest), the transport's refusals, the probes (probes/session.py).
 """
 from __future__ import annotations
@@ -26,12 +26,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from device.guest.balloon_driver import DRIVER_OP_METRICS
-from device.host.balloon_metrics import DEVICE_METRICS, DEVICE_OP_METRICS
-from device.host.host_pages import HOST_PAGE_METRICS
-from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, ZERO, Metric, MetricSet
-from device.virtio.queue_metrics import DEVICE_QUEUE_METRICS
-from device.virtio.transport import REFUSAL_METRICS
+from device.api import (COUNTER, DEVICE_METRICS, DEVICE_OP_METRICS, DEVICE_QUEUE_METRICS, DRIVER_OP_METRICS,
+                        GAUGE, HOST_PAGE_METRICS, REFUSAL_METRICS, TIMING, ZERO, Metric, MetricSet)
 from lab.results.ring_cost import FLOOR_METRICS
 
 SCHEMA_VERSION = 2
@@ -57,7 +53,7 @@ OP_METRICS = MetricSet("lab/results/trial_result.py OP_METRICS", [
                                                   "ring, decode, translate, discard"),
     _as(DEVICE_OP_METRICS["requests"], "device_requests", "requests the device served (equals the driver's)"),
     _as(DEVICE_OP_METRICS["pages"], "device_pages", "pages the device accepted (equals the driver's)"),
-    Metric("device_wakeups", GAUGE, "", "VMM reads of kick eventfds that returned data (device/host/vmm.py)"),
+    Metric("device_wakeups", GAUGE, "", "VMM reads of kick eventfds that returned data (device/vmm/process.py)"),
     _as(DEVICE_QUEUE_METRICS["calls"], "device_calls", "call eventfd writes by the device, all queues"),
     DEVICE_METRICS["budget_yields"],
     *REFUSAL_METRICS.under("device_errors"),

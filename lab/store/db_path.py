@@ -5,6 +5,7 @@ or a postgresql:// URL; useful in CI, where the workspace may be read-only), and
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from lab.paths import out_dir
@@ -45,3 +46,24 @@ def db_option(fn):
                         help=f"Results database: a SQLite file or a postgresql:// URL (default: ${DB_ENV} "
                              "or <repo>/out/balloon-lab.db).")(fn)
 
+
+
+def is_default_db(target: Path | str) -> bool:
+    """Whether `target` is the store commands open when no --db is given."""
+    default, target = default_db_path(), as_db_target(str(target))
+    if isinstance(target, Path) and isinstance(default, Path):
+        return target.expanduser().resolve() == default.resolve()
+    return str(target) == str(default)
+
+
+def next_command(*words: str, db: Path | str | None = None, **options: object) -> str:
+    """A `balloon-lab ...` line the user may run next: the command and its arguments,
+    then the options the user gave (host="h1" -> --host h1; None: not given), and the
+    store (--db) unless it is the default one, so the line works as printed."""
+    argv = ["balloon-lab", *words]
+    for name, value in options.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    if db is not None and not is_default_db(db):
+        argv += ["--db", str(db)]
+    return shlex.join(argv)

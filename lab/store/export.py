@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Iterable, Iterator, Sequence
 
 from lab.results import metrics
 from lab.store.store import Store
@@ -44,10 +44,14 @@ class ExportRow:
 EXPORT_COLUMNS = tuple(f.name for f in fields(ExportRow))
 
 
-def export_rows(store: Store, run_ids: Iterable[str]) -> Iterator[ExportRow]:
+def export_rows(store: Store, run_ids: Iterable[str], patterns: Sequence[str] = ()) -> Iterator[ExportRow]:
+    """The runs' rows; with glob `patterns`, only the metrics they match (and the
+    failed trials' metric-less rows)."""
     for run_id in run_ids:
         run = store.get_run(run_id)
         for idx, arm, rnd, warmup, status, name, kind, value in store.metric_rows(run.id):
+            if name is not None and not metrics.matching([name], patterns):
+                continue
             unit = None if name is None else (metrics.unit(name) or COUNT_UNIT)
             yield ExportRow(run.id, run.name, idx, arm, rnd, bool(warmup), status, name, kind, unit, value)
 

@@ -74,30 +74,32 @@ def file_fault(e: sqlite3.Error, path: Path) -> StoreError | None:
     return StoreError(msg)
 
 
+def _guarded(path: Path, fn, *a):
+    """fn(*a), with a file-level engine error turned into its StoreError."""
+    try:
+        return fn(*a)
+    except sqlite3.Error as e:
+        err = file_fault(e, path)
+        if err is None:
+            raise
+        raise err from None
+
+
 class GuardedCursor:
     """A sqlite3 cursor whose file-level failures while fetching become StoreErrors."""
 
     def __init__(self, cur: sqlite3.Cursor, path: Path) -> None:
         self._cur, self._path = cur, path
 
-    def _guard(self, fn, *a):
-        try:
-            return fn(*a)
-        except sqlite3.Error as e:
-            err = file_fault(e, self._path)
-            if err is None:
-                raise
-            raise err from None
-
     def fetchone(self) -> Any:
-        return self._guard(self._cur.fetchone)
+        return _guarded(self._path, self._cur.fetchone)
 
     def fetchall(self) -> list:
-        return self._guard(self._cur.fetchall)
+        return _guarded(self._path, self._cur.fetchall)
 
     def __iter__(self) -> Iterator[Any]:
         while True:
-            row = self._guard(self._cur.fetchone)
+            row = _guarded(self._path, self._cur.fetchone)
             if row is None:
                 return
             yield row
@@ -113,22 +115,10 @@ class GuardedConnection:
         self._db, self.path = db, path
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> GuardedCursor:
-        try:
-            return GuardedCursor(self._db.execute(sql, params), self.path)
-        except sqlite3.Error as e:
-            err = file_fault(e, self.path)
-            if err is None:
-                raise
-            raise err from None
+        return GuardedCursor(_guarded(self.path, self._db.execute, sql, params), self.path)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> GuardedCursor:
-        try:
-            return GuardedCursor(self._db.executemany(sql, seq), self.path)
-        except sqlite3.Error as e:
-            err = file_fault(e, self.path)
-            if err is None:
-                raise
-            raise err from None
+        return GuardedCursor(_guarded(self.path, self._db.executemany, sql, seq), self.path)
 
     def __getattr__(self, name: str) -> Any:      # close, in_transaction, row_factory
         return getattr(self._db, name)

@@ -328,6 +328,13 @@ class Store:
             " FROM trials t LEFT JOIN metrics m ON m.trial_id = t.id WHERE t.run_id=? ORDER BY t.idx, m.name",
             (run_id,)).fetchall()
 
+    def metric_names(self, run_ids: list[str]) -> list[str]:
+        """The metric names stored for these runs, sorted (what `--metrics` may name)."""
+        marks = ",".join("?" * len(run_ids))
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT m.name FROM metrics m JOIN trials t ON t.id = m.trial_id"
+            f" WHERE t.run_id IN ({marks}) ORDER BY m.name", tuple(run_ids))] if run_ids else []
+
     def histogram_table(self, run_id: str, host: str | None = None) -> dict[str, dict[str, dict[str, int]]]:
         """{arm: {histogram: {bucket: count summed over measured ok trials}}}."""
         out: dict[str, dict[str, dict[str, int]]] = {}

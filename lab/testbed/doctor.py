@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from fmt.text_width import fold
 from lab.trials.orphans import wait_or_kill
 from probes.bpf import PROJECT_ROOT, Problem, bcc_fix, preflight
 
@@ -184,7 +185,7 @@ def check_usdt_audit() -> Check:
 
 def check_memory_syscalls() -> Check:
     """memfd_create, MADV_REMOVE freeing memfd blocks, fallocate(PUNCH_HOLE), eventfd round trip."""
-    from device.virtio.discard import punch_hole
+    from device.api import punch_hole
 
     name = "memfd-eventfd-madv-remove"
     n = 256
@@ -249,7 +250,7 @@ def _huge_discard_probe(flags: int, thp: bool) -> tuple[int, int, int]:
     """A 4 MiB memfd (flags: 0 or MFD_HUGETLB), touched, then 2 MiB discarded:
     (bytes held after touching, bytes held after the discard, kB mapped by PMD)."""
     import ctypes
-    from device.virtio.backing import advise_mapping
+    from device.api import advise_mapping
     size = 4 << 20
     fd = os.memfd_create("balloon-lab-doctor-huge", os.MFD_CLOEXEC | flags)
     try:
@@ -279,7 +280,7 @@ def check_huge_pages() -> Check:
     """--backing thp and hugetlb: set the THP knob (root), prove a memfd gets 2 MiB pages
     and frees one whole on MADV_REMOVE; try a hugetlb memfd from a pool raised just
     for the check (then restored). The detail says every change made."""
-    from device.virtio.backing import (MFD_HUGE_2MB, MFD_HUGETLB, NR_HUGEPAGES, THP_SHMEM_KNOB, BackingError,
+    from device.api import (MFD_HUGE_2MB, MFD_HUGETLB, NR_HUGEPAGES, THP_SHMEM_KNOB, BackingError,
                                 ensure_backing, hugetlb_pool, thp_shmem_state)
     from system.knobs import HUGETLB_POOL, KnobError, raise_knob
     name = "huge-pages"
@@ -367,10 +368,11 @@ def report(checks: list[Check]) -> dict:
 def format_text(checks: list[Check]) -> str:
     lines = []
     width = max(len(c.name) for c in checks)
+    hang = " " * (width + 10)              # details continue under themselves, within 120 columns
     for c in checks:
-        lines.append(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+        lines.append(fold(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}", hang=hang))
         if not c.ok and c.fix:
-            lines.append(f"        {'':<{width}}  fix: {c.fix}")
+            lines.append(fold(f"        {'':<{width}}  fix: {c.fix}", hang=hang))
     lab_checks = [c for c in checks if c.name != QEMU_CHECK]
     ok = all(c.ok for c in lab_checks)
     lines.append("eBPF lab: ready" if ok else

@@ -25,14 +25,7 @@ def run_trial(spec, arm: str, probe_session=None, rnd: int = 0) -> dict:
         def run_one(session):
             return run_qemu_trial(spec, arm, session)
     else:
-        batch = spec.batch_pages_for(arm)
-        if arm == "bitmap" and spec.bitmap_pages_per_request is not None:
-            batch = spec.bitmap_pages_per_request
-        t = BalloonTrial(protocol=arm, guest_mib=spec.guest_mib, inflate_mib=spec.inflate_mib,
-                         workload=spec.workload, workload_params=dict(spec.workload_params), seed=spec.seed + rnd,
-                         batch_pages=batch, discard=spec.discard, backing=spec.backing,
-                         partial_tracking=spec.partial_tracking, alloc_policy=spec.alloc_policy,
-                         init_on_alloc=spec.guest_init_on_alloc)
+        t = BalloonTrial.from_spec(spec, arm, rnd)
 
         def run_one(session):
             return run_balloon(t, session)

@@ -26,6 +26,7 @@ from lab.results import trial_result
 from lab.trials import interrupts
 from lab.trials.interrupts import Interrupted
 from lab.trials.backends import backend_environment
+from lab.store.db_path import next_command
 from lab.trials.spec import ArmPlan, ExperimentSpec
 from lab.store.store import Store, StoreError, TrialRecord, dumps, now_iso
 
@@ -129,7 +130,7 @@ def run_experiment(spec: ExperimentSpec, trial_fn: TrialFn, store: Store, *, pro
     finally:
         interrupts.restore(old_handlers)
     analyse_run(store, run_id, baseline_arm=plans[0].label)
-    prog.say(f"run {run_id} {status}: `balloon-lab show {run_id}` for the comparison")
+    prog.say(f"run {run_id} {status}: `{next_command('show', run_id, db=store.path)}` for the comparison")
     return run_id
 
 

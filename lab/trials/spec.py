@@ -19,12 +19,12 @@ from typing import Any, Callable, Mapping
 
 import click
 
-from device.guest.alloc_policy import ALLOC_POLICIES
-from device.host.host_pages import PARTIAL_TRACKING
-from device.virtio.backing import BACKINGS
-from device.virtio.discard import DISCARD_METHOD_NAMES
-from device.virtio.hint_format import HINT_DESIGNS
-from device.virtio.protocols import PROTOCOL_NAMES, max_batch_of
+from device.api import ALLOC_POLICIES
+from device.api import PARTIAL_TRACKING
+from device.api import BACKINGS
+from device.api import DISCARD_METHOD_NAMES
+from device.api import HINT_DESIGNS
+from device.api import PROTOCOL_NAMES, PROTOCOLS, max_batch_of
 from lab.trials.backends import QEMU_BALLOON_ARMS, QEMU_MIGRATE_ARMS, check_qemu_spec
 from probes.session import OPT_IN
 
@@ -52,7 +52,7 @@ class SpecError(ValueError):
 
     def for_cli(self, flags: Mapping[str, str] | None = None) -> str:
         """The message naming the command-line option (--guest-mib) instead of the spec
-        field (guest_mib); `flags` maps fields a command spells differently (arms -> --hint)."""
+        field (guest_mib); `flags` maps fields a command spells differently (run: arms -> --protocol)."""
         flag = (flags or {}).get(self.field) or next((f.flag for f in FIELDS if f.name == self.field), None)
         return f"{flag or self.field}: {self.detail}"
 
@@ -239,11 +239,11 @@ class ExperimentSpec:
         return plans
 
     def batch_pages_for(self, arm: str) -> int | None:
-        """Driver request size for an arm: the explicit value, 256 for pfn arms (the
-        format's max_batch), else None (the protocol's own default)."""
-        if self.batch_pages is not None:
-            return self.batch_pages
-        return max_batch_of([arm])
+        """Driver request size for an arm: bitmap_pages_per_request on the bitmap wire format,
+        else the explicit value, else the pfn format's max_batch (256) or None (the protocol's own)."""
+        if self.bitmap_pages_per_request is not None and PROTOCOLS[arm].wire_format == "bitmap":
+            return self.bitmap_pages_per_request
+        return self.batch_pages if self.batch_pages is not None else max_batch_of([arm])
 
     # serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -298,15 +298,16 @@ PAGES_PER_MIB = 256
 def check_mib(name: str, v: Any, lo: int, hi: int) -> int | float:
     """An integer, or a float that is a whole number of 4 KiB pages (so the last request
     of an inflate can be partial); integral floats come back as int."""
+    allowed = f"{lo}..{hi}; fractions too, in whole 4 KiB pages: multiples of 1/256 such as 100.5"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(name, f"must be a number of MiB, got {v!r}", allowed)
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if isinstance(v, float):
-        if not (v * PAGES_PER_MIB).is_integer():
-            raise SpecError(name, f"{v} MiB is not a whole number of 4 KiB pages", "multiples of 1/256 MiB")
-        if not lo <= v <= hi:
-            raise SpecError(name, f"{v} is out of range", f"{lo}..{hi}")
-        return v
-    return _check_int(name, v, lo, hi)
+    if isinstance(v, float) and not (v * PAGES_PER_MIB).is_integer():
+        raise SpecError(name, f"{v} MiB is not a whole number of 4 KiB pages", allowed)
+    if not lo <= v <= hi:
+        raise SpecError(name, f"{v} is out of range", allowed)
+    return v
 
 
 def _check_bool(name: str, v: Any) -> None:

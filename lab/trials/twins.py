@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from lab.results import metrics
+from fmt.numbers import THOUSANDS
 
 TWIN_KEY = "twin"
 DESIGN_TWIN = "twin"          # every number from the unprobed twin, probe readings from the probed one
@@ -230,9 +231,10 @@ def arm_overheads(trials: list[Any], metric: tuple[str, ...] = OVERHEAD_METRIC) 
 
 def _ci(m: tuple[float, float | None, float | None], fmt: str) -> str:
     med, lo, hi = m
+    f = lambda v: format(v, fmt).replace(",", THOUSANDS)  # noqa: E731  (the lab's one grouping)
     if lo is None or hi is None or math.isnan(med):
-        return format(med, fmt)
-    return f"{format(med, fmt)} [{format(lo, fmt)}, {format(hi, fmt)}]"
+        return f(med)
+    return f"{f(med)} [{f(lo)}, {f(hi)}]"
 
 
 def overhead_table(trials: list[Any]) -> str:
@@ -240,7 +242,7 @@ def overhead_table(trials: list[Any]) -> str:
     rows = arm_overheads(trials)
     if not rows:
         return ""
-    cells = [(r.arm, str(r.pairs), _ci(r.unprobed_ms, ".1f"), _ci(r.probed_ms, ".1f"), _ci(r.ratio, ".3f"),
+    cells = [(r.arm, str(r.pairs), _ci(r.unprobed_ms, ",.1f"), _ci(r.probed_ms, ",.1f"), _ci(r.ratio, ".3f"),
               f"{r.overhead_pct:+.1f} %") for r in rows]
     head = ("arm", "pairs", "probes detached ms", "probes attached ms", "attached/detached (per pair)", "overhead")
     widths = [max(len(c[i]) for c in cells + [head]) for i in range(len(head))]

@@ -47,7 +47,7 @@ class KicksReading:
     @property
     def device_rekicks(self) -> int:
         """Kick-fd writes by the device itself: it re-kicks a queue when its per-wake-up work
-        budget ends with work left (device/host/budget.py), counted as `budget_yields` there."""
+        budget ends with work left (device/vmm/budget.py), counted as `budget_yields` there."""
         dev = self.device_pids()
         return sum(n for (p, _, k, o), n in self.counts.items() if k == "kick" and o == "write" and p in dev)
 

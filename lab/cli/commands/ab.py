@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from device.virtio.protocols import PROTOCOL_NAMES
+from device.api import PROTOCOL_NAMES
 from lab.results import metrics as lab_metrics
 from lab.gate.ab.output import render_markdown, render_text
 from lab.gate.ab.paired import ALPHA, MIN_EFFECT
@@ -26,7 +26,11 @@ from lab.cli.checks import writable_file
 # discard on every arm (docs/STATISTICS.md, docs/BENCHMARKS.md).
 DEFAULT_ARMS = "pfn,bitmap,chunks"
 DEFAULT_GUEST_MIB, DEFAULT_INFLATE_MIB = 512, 384
-DEFAULT_CYCLES, DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 4, 7, 13
+# 10 rounds, not the 7 that can first reach p < 0.01: at 7 one round the other way
+# (p = 2/128) already hides a 10 % regression, at 10 up to two small ones do not. Two
+# cycles per trial: more rounds buy more than more cycles per round (a trial's start
+# and guest preparation cost as much as two cycles, and the round is the unit).
+DEFAULT_CYCLES, DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 2, 10, 16
 
 
 def _fraction(text: str, what: str) -> float:
@@ -62,7 +66,7 @@ def _rules(items: tuple[str, ...], min_effect: float) -> tuple[MetricRule, ...]:
 examples:
     balloon-lab ab 59e0f30                       # main as it was against the working tree
     balloon-lab ab HEAD HEAD --arms bitmap       # A/A: the same commit in two worktrees
-    balloon-lab ab $(cat .ci/gate/base) --json --budget 540     # what .ci/run does
+    balloon-lab ab $(cat .ci/gate/base) --json --budget 480     # what .ci/run does
     balloon-lab ab main ../other-checkout --metric stages_ns.inflate.total=10%
 """)
 @click.argument("base")

@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from device.virtio.layout import MiB, PAGE_SHIFT
+from device.api import MiB
 from lab.cli.checks import checked, refuse
 from lab.results.ring_cost import lab_cost
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
@@ -38,7 +38,7 @@ def pfn_vs_madvise(guest_mib: int, inflate_mib: int, seed: int) -> dict:
     lp = LabProcesses(t)
     try:
         lp.agent.execute("workload-prepare", {"name": t.workload, "params": {}, "seed": seed})
-        target = round(inflate_mib * MiB) >> PAGE_SHIFT
+        target = t.target_pages
         inflate = balloon_op(lp, "inflate", target, None)
         v1 = verify(lp, target)
         lp.qmp.execute("x-balloon-lab-reset-counters")
@@ -78,7 +78,7 @@ def idle_memory(guest_mib: int, touched_mib: int, inflate_mib: int, protocol: st
         sample("boot")
         lp.agent.execute("workload-prepare", {"name": "idle", "params": t.workload_params, "seed": seed})
         sample("workload")
-        target = round(inflate_mib * MiB) >> PAGE_SHIFT
+        target = t.target_pages
         balloon_op(lp, "inflate", target, None)
         v1 = verify(lp, target)
         sample("inflated")
@@ -115,8 +115,7 @@ def _measure(fn, *args) -> dict:
     try:
         return fn(*args)
     except TrialFailed as e:
-        click.echo(f"bench failed: {e}", err=True)
-        sys.exit(1)
+        refuse("bench", f"trial failed: {e}", 1)
 
 
 @click.group("bench")
@@ -191,7 +190,7 @@ def _real_stack(guest_mib: int, inflate_mib: int, seed: int) -> dict:
 @spec_options(only=("guest_mib", "inflate_mib", "seed"), spec_file=False, defaults={"guest_mib": 16384})
 @click.option("--touched-mib", type=int, default=1024, show_default=True, help="MiB the guest touches.")
 @click.option("--protocol", type=click.Choice(BALLOON_ARMS), default="pfn", show_default=True,
-              help="The protocol that inflates.")
+              help="The protocol that inflates (a lab protocol: the bench drives the lab's VMM).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def idle_memory_cmd(opt_guest_mib: int | None, opt_inflate_mib: int | None, opt_seed: int | None,
                     touched_mib: int, protocol: str, as_json: bool) -> None:

@@ -7,23 +7,24 @@ first arm as baseline; `--report FILE` also writes the HTML report.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from lab.analysis import probe_costs
+from lab.trials import probe_costs
 from lab.trials import twins
 from lab.trials.qemu.side_by_side import side_by_side
 from lab.cli.checks import checked, fits_in_memory, memory_option, refuse, writable_file
 from lab.machine.environment import load_warnings
 from lab.trials.experiment import load_comparison, run_experiment
-from lab.store.db_path import db_option, default_db_path
+from lab.store.db_path import db_option, default_db_path, next_command
 from lab.results.ring_cost import lab_cost_table
 from lab.trials.arm_trial import trial_fn
 from lab.trials.spec import spec_from_cli, spec_options
-from lab.analysis.stats import Comparison, render_table
+from lab.analysis.stats import Comparison, format_columns, render_table
 from lab.store.store import Store
+from fmt.text_width import fold, fold_command
+from fmt.numbers import fmt_count, fmt_fixed, sig
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard")
 COUNTERS = ("pages", "alloc_calls", "config_writes", "requests", "kicks", "interrupts", "discard_calls", "runs",
@@ -44,20 +45,22 @@ def stage_table(comp: Comparison, op: str = "inflate") -> str:
             if m is None:                   # not measured (the real stack's guest side)
                 cells.append("-")
                 continue
-            cells.append(f"{m.median / 1e6:8.1f} {100 * m.median / tot.median:5.1f}%")
-        lines.append(f"{arm:<14}{tot.median / 1e6:10.1f}" + "".join(f"{c:>16}" for c in cells))
+            cells.append(f"{fmt_fixed(m.median / 1e6):>8} {100 * m.median / tot.median:5.1f}%")
+        lines.append(f"{arm:<14}{fmt_fixed(tot.median / 1e6):>10}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
 
 def counter_table(comp: Comparison, inflate_mib: int) -> str:
-    head = f"{'arm':<14}" + "".join(f"{c:>14}" for c in COUNTERS) + f"{'runs/MiB':>10}{'pages/run':>11}"
-    lines = ["inflate counters (medians):", head]
-    for arm in comp.arms:
-        vals = {c: (comp.summary(arm, c).median if comp.summary(arm, c) else float("nan")) for c in COUNTERS}
-        rpm = vals["runs"] / inflate_mib if inflate_mib else float("nan")
-        ppr = vals["pages"] / vals["runs"] if vals["runs"] else float("nan")
-        lines.append(f"{arm:<14}" + "".join(f"{vals[c]:14.0f}" for c in COUNTERS) + f"{rpm:10.2f}{ppr:11.1f}")
-    return "\n".join(lines)
+    """The counters that explain the stages, one row each, one column per arm (fits any
+    number of arms in the line width)."""
+    vals = {a: {c: (comp.summary(a, c).median if comp.summary(a, c) else None) for c in COUNTERS} for a in comp.arms}
+    rows = [(c, *(fmt_count(vals[a][c]) for a in comp.arms)) for c in COUNTERS]
+    rows.append(("runs per MiB", *(sig(vals[a]["runs"] / inflate_mib) if inflate_mib and vals[a]["runs"] is not None
+                                   else "-" for a in comp.arms)))
+    rows.append(("pages per run", *(sig(vals[a]["pages"] / vals[a]["runs"]) if vals[a]["runs"] else "-"
+                                    for a in comp.arms)))
+    return "inflate counters (medians):\n" + format_columns(("", *comp.arms), rows,
+                                                              right=set(range(1, len(comp.arms) + 1)))
 
 
 def run_length_table(store: Store, run_id: str) -> str:
@@ -69,11 +72,9 @@ def run_length_table(store: Store, run_id: str) -> str:
     if not seen:
         return ""
     buckets = sorted({int(b) for h in seen.values() for b in h})
-    lines = ["run lengths of ballooned pages (runs per log2 bucket of pages, first trial per arm):",
-             f"{'arm':<14}" + "".join(f"{'>=' + str(b):>9}" for b in buckets)]
-    for arm, h in seen.items():
-        lines.append(f"{arm:<14}" + "".join(f"{h.get(str(b), 0):9d}" for b in buckets))
-    return "\n".join(lines)
+    rows = [(f">= {fmt_count(b)}", *(fmt_count(h.get(str(b), 0)) for h in seen.values())) for b in buckets]
+    return ("run lengths of ballooned pages (runs per log2 bucket of pages, first trial per arm):\n"
+            + format_columns(("pages in a run", *seen), rows, right=set(range(1, len(seen) + 1))))
 
 
 def kernel_share_table(comp: Comparison) -> str:
@@ -88,8 +89,8 @@ def kernel_share_table(comp: Comparison) -> str:
         if ns is None or kn is None:
             continue
         any_row = True
-        lines.append(f"{arm:<14}{ns.median / 1e6:10.1f}{(calls.median if calls else 0):15.0f}"
-                     f"{kn.median / 1e6:11.1f}{100 * kn.median / ns.median if ns.median else 0:13.1f}%")
+        lines.append(f"{arm:<14}{fmt_fixed(ns.median / 1e6):>10}{fmt_count(calls.median if calls else 0):>15}"
+                     f"{fmt_fixed(kn.median / 1e6):>11}{100 * kn.median / ns.median if ns.median else 0:13.1f}%")
     return "\n".join(lines) if any_row else "discard stage, seen by the probes: no probe data (probes off or no eBPF)"
 
 
@@ -142,9 +143,8 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
             run_id = run_experiment(spec, trial_fn(session), store, progress=not quiet, probe_session=session)
             comp = load_comparison(store, run_id)
             if comp is None:
-                click.echo(f"run {run_id}: no successful trial of the baseline arm; "
-                           f"`balloon-lab show {run_id}` lists the errors", err=True)
-                sys.exit(1)
+                refuse("compare", f"run {run_id}: no successful trial of the baseline arm; "
+                                  f"`{next_command('show', run_id, db=store.path)}` lists the errors", 1)
             trials = store.trials(run_id, include_warmups=False)
             design = twins.timing_design([t.result for t in trials if t.status == "ok" and t.result])
             empty = arms_without_ok_trial(store, run_id)
@@ -159,10 +159,10 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                            probe_cost=probe_costs.costs_json(trials))
                 click.echo(json.dumps(out, default=float))
             else:
-                click.echo(f"run {run_id}  ({spec.command_line()})")
-                click.echo(f"timings: {twins.DESIGN_TEXT[design]}\n")
+                click.echo(f"run {run_id}: " + fold_command(spec.command_line(), first=len(f"run {run_id}: ")))
+                click.echo(fold(f"timings: {twins.DESIGN_TEXT[design]}") + "\n")
                 for w in warnings:
-                    click.echo(f"WARNING: {w}\n")
+                    click.echo(fold(f"WARNING: {w}") + "\n")
                 click.echo(stage_table(comp, "inflate") + "\n")
                 click.echo(stage_table(comp, "deflate") + "\n")
                 own = lab_cost_table(comp, "inflate")
@@ -177,19 +177,21 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 keep = ["stages_ns.inflate.*", "stages_ns.deflate.total", "discard_calls", "runs", "kicks",
                         "probes.madvise_calls", "probes.madvise_kernel_ns"]
                 click.echo(render_table(comp, keep))
+                for n in comp.notes:
+                    click.echo(fold(f"note: {n}"))
                 for table in (twins.overhead_table(trials), probe_costs.cost_table(trials)):
                     if table:
                         click.echo("\n" + table)
                 for n in twins.stage_notes(trials) + twins.mismatch_notes(trials)[:5]:
-                    click.echo(f"note: {n}")
+                    click.echo(fold(f"note: {n}"))
             if report_path is not None:
+                from lab.cli.report_data import load
                 from reports.html import write_report
-                write_report(store, run_id, report_path)
+                write_report(load(store, run_id), report_path)
                 click.echo(f"report: {report_path}", err=True)
             if empty:
-                click.echo(f"run {run_id}: no successful measured trial in arm(s) {', '.join(empty)}; "
-                           f"`balloon-lab show {run_id}` lists the errors", err=True)
-                sys.exit(1)
+                refuse("compare", f"run {run_id}: no successful measured trial in arm(s) {', '.join(empty)}; "
+                                  f"`{next_command('show', run_id, db=store.path)}` lists the errors", 1)
     finally:
         if session is not None:
             session.detach()

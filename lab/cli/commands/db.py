@@ -1,10 +1,12 @@
 """`balloon-lab db`: the results store itself: push runs from one store to another."""
 from __future__ import annotations
 
-import sys
 
 import click
 
+from fmt.numbers import plural
+from fmt.text_width import fold
+from lab.cli.checks import refuse
 from lab.store.db_path import as_db_target
 from lab.store.store import Store, StoreError
 from lab.store.sql import is_postgres, redact
@@ -25,17 +27,16 @@ def push_command(src: str, dst: str, runs: tuple[str, ...]) -> None:
     from lab.store.push import push
 
     if src == dst:
-        click.echo("error: --from and --to name the same store", err=True)
-        sys.exit(2)
+        refuse("db push", "--from and --to name the same store")
     try:
         with Store(as_db_target(src), create=False) as s, Store(as_db_target(dst)) as d:
             res = push(s, d, list(runs) or None)
     except StoreError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        refuse("db push", str(e))
     where = redact(dst) if is_postgres(dst) else dst
-    click.echo(f"pushed {len(res.copied)} run(s) to {where}" + (f": {', '.join(res.copied)}" if res.copied else ""))
+    click.echo(fold(f"pushed {plural(len(res.copied), 'run')} to {where}"
+                    + (f": {', '.join(res.copied)}" if res.copied else "")))
     if res.already:
-        click.echo(f"already there, skipped: {len(res.already)} ({', '.join(res.already)})")
+        click.echo(fold(f"already there, skipped: {len(res.already)} ({', '.join(res.already)})"))
     if res.running:
         click.echo(f"still running, not pushed: {', '.join(res.running)}", err=True)

@@ -58,7 +58,7 @@ def _record_verdict(db_path, candidate: str, baseline_ref: str, result: HostsGat
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write JUnit XML (one testcase per arm x metric) to this file.")
 @click.option("--threshold", "threshold_items", multiple=True, metavar="METRIC=VALUE",
-              help="Per-metric limit, METRIC may be a glob: 'inflate.stages_ns.*=15%', 'inflate.kicks=2', "
+              help="Per-metric limit, METRIC may be a glob: 'stages_ns.inflate.*=15%', 'kicks=2', "
                    "'probes.page_faults=ignore'. Repeatable; the last match wins.")
 @click.option("--thresholds", "thresholds_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML/JSON file with alpha, timing, counter and a [metrics] table of pattern = limit.")
@@ -98,7 +98,7 @@ def command(baseline: str, candidate: str, db_path, as_json: bool, junit: Path |
         result = gate_hosts(baseline, candidate, path, th, cross_host=cross_host, counters_only=counters_only,
                             across_time=across_time, allow_spec_change=allow_spec_change, relative=relative)
     except GateInputError as e:
-        click.echo(f"gate: unusable input: {e}", err=True)
+        click.echo(f"balloon-lab gate: unusable input: {e}", err=True)
         if as_json:
             click.echo(json.dumps({"verdict": "unusable", "exit_code": EXIT_UNUSABLE, "error": str(e)}, indent=1))
         if junit:

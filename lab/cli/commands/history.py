@@ -7,11 +7,14 @@ import json
 
 import click
 
+from lab.results import metrics as lab_metrics
 from lab.cli.checks import refuse
 from lab.cli.commands.runs import local_time
 from lab.store.db_path import db_option, default_db_path
 from lab.analysis.stats import format_columns, value_formatter
 from lab.store.store import Store, StoreError
+from fmt.text_width import fold
+from fmt.numbers import plural
 
 EXAMPLES = """\b
 examples:
@@ -37,13 +40,17 @@ def command(metric: str, arm: str | None, run_ref: str, db_path, as_json: bool) 
         with Store(path, create=False) as store:
             anchor = store.get_run(run_ref)
             points = history(store, metric, anchor.id, arm)
-            n_runs = len(same_experiment(store, anchor))
+            runs = same_experiment(store, anchor)
+            known = store.metric_names([r.id for r in runs])
     except StoreError as e:
         refuse("history", str(e))
+    where = f"the {plural(len(runs), 'run')} of run {anchor.id}'s experiment"
+    if metric not in known:
+        refuse("history", "METRIC " + lab_metrics.unknown_names_message([metric], known, where))
     if not points:
-        what = f"arm {arm!r} with " if arm else ""
-        refuse("history", f"METRIC: no {what}metric {metric!r} in the {n_runs} run(s) of run {anchor.id}'s "
-                          "experiment (`balloon-lab show RUN` lists the metrics)")
+        refuse("history", f"--arm: no arm {arm!r} with metric {metric!r} in {where} "
+                          f"(arms: {', '.join(anchor.arms)})")
+    n_runs = len(runs)
     if as_json:
         click.echo(json.dumps([p.__dict__ for p in points], indent=1))
         return
@@ -52,11 +59,11 @@ def command(metric: str, arm: str | None, run_ref: str, db_path, as_json: bool) 
              f"{fmt(p.median)}" + (f" [{fmt(p.ci_low)}, {fmt(p.ci_high)}]" if p.ci_low is not None else ""),
              str(p.n), "-" if p.load is None else f"{p.load:.2f}") for p in points]
     sp = anchor.spec
-    click.echo(f"{metric} across {n_runs} run(s) of the experiment of run {anchor.id} ({sp.get('kind')}, guest "
-               f"{sp.get('guest_mib')} MiB, inflate {sp.get('inflate_mib')} MiB, workload {sp.get('workload')}, "
-               f"seed {sp.get('seed')}), oldest first:")
+    click.echo(fold(f"{metric} across {plural(n_runs, 'run')} of the experiment of run {anchor.id} ({sp.get('kind')}, "
+                    f"guest {sp.get('guest_mib')} MiB, inflate {sp.get('inflate_mib')} MiB, workload "
+                    f"{sp.get('workload')}, seed {sp.get('seed')}), oldest first:"))
     click.echo(format_columns(("", "run", "created", "git", "arm", "median [95% CI]", "n", "load"), rows,
                               right={6, 7}))
     flagged = {p.run_id: p.flagged for p in points if p.flagged}
     for rid, why in flagged.items():
-        click.echo(f"! {rid}: {why}")
+        click.echo(fold(f"! {rid}: {why}"))

@@ -2,8 +2,9 @@
 
 Arms run interleaved trial by trial (A B C A B C ...). Prints per arm the median
 (and range) of the time until 90 % of the freed memory left the memfd, the host
-memory still held at the end, and guest and VMM CPU seconds; `--json FILE` keeps
-every trial with its memfd timeline.
+memory still held at the end, and guest and VMM CPU seconds. `--json` prints every
+trial with its memfd timeline as one JSON object on stdout (as `--json` does in every
+command); `--output FILE` writes that object to a file.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from pathlib import Path
 
 import click
 
-from device.virtio.backing import BACKINGS
-from device.guest.page_reporting_driver import ReportingParams
+from device.api import BACKINGS
+from device.api import ReportingParams
+from lab.cli.checks import refuse, writable_file
 from lab.trials.model.reclaim import RECLAIM_ARMS, ReclaimTrial, run_reclaim
 from lab.trials.model.balloon_trial import TrialFailed
+from lab.analysis.stats import format_columns
+from fmt.numbers import fmt_fixed
 
 
 def _med(values: list[float]) -> str:
@@ -31,19 +35,14 @@ def _med(values: list[float]) -> str:
 
 
 def summary_table(results: dict[str, list[dict]]) -> str:
-    head = (f"{'arm':<20}{'time to 90 % s':>28}{'host left MiB':>30}{'returned %':>12}"
-            f"{'guest CPU s':>13}{'VMM CPU s':>11}{'verified':>10}")
-    lines = ["medians [min, max] over trials:", head]
-    for arm, rs in results.items():
-        if not rs:
-            continue
-        left = _med([r["host_left_bytes"] / 2**20 for r in rs])
-        share = statistics.median(100 * r["returned_share"] for r in rs)
-        lines.append(f"{arm:<20}{_med([r['time_to_90_s'] for r in rs]):>28}{left:>30}{share:>12.1f}"
-                     f"{statistics.median(r['cpu_s']['guest'] for r in rs):>13.2f}"
-                     f"{statistics.median(r['cpu_s']['vmm'] for r in rs):>11.2f}"
-                     f"{'yes' if all(r['verified'] for r in rs) else 'NO':>10}")
-    return "\n".join(lines)
+    rows = [(arm, _med([r["time_to_90_s"] for r in rs]), _med([r["host_left_bytes"] / 2**20 for r in rs]),
+             fmt_fixed(statistics.median(100 * r["returned_share"] for r in rs)),
+             fmt_fixed(statistics.median(r["cpu_s"]["guest"] for r in rs), 2),
+             fmt_fixed(statistics.median(r["cpu_s"]["vmm"] for r in rs), 2),
+             "yes" if all(r["verified"] for r in rs) else "NO") for arm, rs in results.items() if rs]
+    return "medians [min, max] over trials:\n" + format_columns(
+        ("arm", "time to 90 % s", "host left MiB", "returned %", "guest CPU s", "VMM CPU s", "verified"), rows,
+        right={3, 4, 5})
 
 
 @click.command("reclaim")
@@ -62,11 +61,20 @@ def summary_table(results: dict[str, list[dict]]) -> str:
               help="delay from a free to the reporting pass (Linux: 2 s)")
 @click.option("--timeout-s", type=float, default=120.0, show_default=True, help="longest observation window")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="write every trial (with its memfd timeline) to this file")
+@click.option("--json", "as_json", is_flag=True,
+              help="print every trial (with its memfd timeline) as one JSON object on stdout")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write that JSON object to this file")
+@click.argument("stray", nargs=-1, required=False, metavar="")
 def command(arms, guest_mib, free_mib, backing, trials, reporting_order, reporting_capacity, reporting_delay_ms,
-            timeout_s, seed, json_path) -> None:
+            timeout_s, seed, as_json, output, stray) -> None:
     """A guest that allocated then freed memory: time until the host gets it back, per arm."""
+    if stray:
+        old = as_json and len(stray) == 1
+        refuse("reclaim", f"--json {stray[0]}: --json prints to stdout now, as in every command; write a file with "
+                          f"--output {stray[0]}" if old else f"unexpected argument {stray[0]!r} (see --help)")
+    if output is not None:
+        writable_file("reclaim", "--output", output)
     names = [a.strip() for a in arms.split(",") if a.strip()]
     try:
         params = ReportingParams(order=reporting_order, capacity=reporting_capacity,
@@ -86,16 +94,18 @@ def command(arms, guest_mib, free_mib, backing, trials, reporting_order, reporti
             try:
                 r = run_reclaim(spec)
             except TrialFailed as e:
-                click.echo(f"balloon-lab reclaim: {spec.arm} trial {i + 1} failed: {e}", err=True)
-                sys.exit(1)
+                refuse("reclaim", f"{spec.arm} trial {i + 1} failed: {e}", 1)
             results[spec.arm].append(r)
             t90 = "never" if r["time_to_90_s"] is None else f"{r['time_to_90_s']:.2f} s"
             click.echo(f"  trial {i + 1} {spec.arm:<20} 90 % back: {t90:>8}  host left "
                        f"{r['host_left_bytes'] / 2**20:8.1f} MiB  verified {'yes' if r['verified'] else 'NO'}",
                        err=True)
-    click.echo(summary_table(results))
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"when": time.time(), "trials": results}, indent=1))
-        click.echo(f"trials written to {json_path}")
+    doc = json.dumps({"when": time.time(), "trials": results}, indent=1)
+    if as_json:
+        click.echo(doc)
+    else:
+        click.echo(summary_table(results))
+    if output is not None:
+        output.write_text(doc + "\n")
+        click.echo(f"trials written to {output}", err=True)
     sys.exit(0 if all(r["verified"] for rs in results.values() for r in rs) else 1)

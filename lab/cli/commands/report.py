@@ -1,12 +1,12 @@
 """`balloon-lab report RUN -o FILE.html`: one self-contained HTML report of a run."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from lab.cli.checks import writable_file
+from lab.cli import report_data
+from lab.cli.checks import refuse, writable_file
 from lab.store.db_path import db_option, default_db_path
 from lab.paths import out_dir
 from lab.store.store import Store, StoreError
@@ -32,14 +32,13 @@ def command(run_ref: str, output: Path | None, db_path: Path | None, host: str |
             run_id = store.resolve_run_id(run_ref)
             target = output or out_dir() / f"report-{run_id}.html"
             from reports.html import write_report  # matplotlib loads only once there is a run to draw
+            data = report_data.load(store, run_id, host)
             try:
-                report = write_report(store, run_id, target, host)
+                report = write_report(data, target)
             except OSError as e:
-                click.echo(f"error: cannot write the report to {target}: {e.strerror or e}", err=True)
-                sys.exit(2)
+                refuse("report", f"cannot write the report to {target}: {e.strerror or e}")
     except StoreError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        refuse("report", str(e))
     click.echo(f"wrote {target} ({report.size / 1024:.0f} KiB, {len(report.charts)} charts) for run {report.run_id}",
                err=True)
     for m in report.missing:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from lab.cli.checks import refuse
 from lab.store.db_path import db_option, default_db_path
 from lab.analysis.stats import format_columns
 from lab.store.store import Store, StoreError
@@ -32,8 +32,7 @@ def command(db_path, as_json: bool, limit: int | None, hosts: tuple[str, ...]) -
         store = Store(path, create=False)
     except StoreError as e:
         if not isinstance(path, Path) or path.exists():  # a server or file that is there but unusable
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            refuse("runs", str(e))
         click.echo("[]" if as_json else f"no runs yet (no database at {path})")
         return
     with store:

@@ -1,24 +1,26 @@
 """`balloon-lab show RUN`: one run's spec, environment, trials and statistics."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from lab.analysis import probe_costs
+from lab.trials import probe_costs
+from lab.cli.checks import refuse
+from lab.results import metrics as lab_metrics
 from lab.trials import twins
 from lab.trials.qemu.side_by_side import side_by_side
 from lab.gate.baseline_file import export_baseline as write_baseline
 from lab.cli.commands.runs import local_time
 from lab.machine.environment import load_warnings
 from lab.trials.experiment import load_comparison
-from lab.store.db_path import db_option, default_db_path
+from lab.store.db_path import db_option, default_db_path, next_command
 from lab.results.ring_cost import lab_cost_table
-from lab.analysis.stats import Comparison, render_summaries, render_table
+from lab.analysis.stats import Comparison, differs, render_summaries, render_table
 from lab.analysis.host_views import describe_hosts, host_comparisons, host_summaries
 from lab.store.store import RunInfo, Store, StoreError, dumps
+from fmt.text_width import fold, fold_command
 from fmt.numbers import plural
 
 
@@ -44,10 +46,10 @@ def describe_environment(env: dict[str, Any]) -> list[str]:
 
 
 def describe_run(run: RunInfo, store: Store, comp: Comparison | None, computed_now: bool,
-                 metrics: tuple[str, ...], all_counters: bool) -> str:
+                 metrics: tuple[str, ...], show_all: bool) -> str:
     measured = _measured(store, run)
     out = describe_header(run, store, measured)
-    out += describe_stats(comp, computed_now, metrics, all_counters, run, measured)
+    out += describe_stats(comp, computed_now, metrics, show_all, run, measured)
     return "\n".join(out)
 
 
@@ -61,7 +63,7 @@ def describe_header(run: RunInfo, store: Store, measured: list | None = None) ->
     s = run.spec
     out = [f"run {run.id}  {run.name}  ({run.status})",
            f"  created {local_time(run.created_at)}, finished {local_time(run.finished_at)}",
-           f"  command: {run.command_line}",
+           "  command: " + fold_command(run.command_line or "-", indent="      ", first=len("  command: ")),
            f"  spec: {s.get('kind')}, guest {s.get('guest_mib')} MiB, inflate {s.get('inflate_mib')} MiB, "
            f"arms {', '.join(run.arms)}, workload {s.get('workload')}"
            + (f" {s['workload_params']}" if s.get("workload_params") else "") + ", "
@@ -82,7 +84,8 @@ def describe_header(run: RunInfo, store: Store, measured: list | None = None) ->
     for t in failed[:5]:
         out.append(f"    failed #{t.idx} {t.arm} (round {t.round}): {(t.error or '').splitlines()[0]}")
     if len(failed) > 5:
-        out.append(f"    ... and {len(failed) - 5} more failed trials (--json has them all)")
+        out.append(f"    ... and {len(failed) - 5} more failed trials "
+                   f"(`{next_command('show', run.id, '--json', db=store.path)}` has them all)")
     if run.notes:
         out += ["  notes:"] + ["    " + n for n in run.notes.splitlines()]
     out += describe_hosts(store, run)
@@ -90,9 +93,11 @@ def describe_header(run: RunInfo, store: Store, measured: list | None = None) ->
 
 
 def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[str, ...],
-                   all_counters: bool, run: RunInfo | None = None, measured: list | None = None) -> list[str]:
-    """Per-arm medians and the comparison with the baseline arm (and, for a run with
-    real-stack arms, their counters beside the lab's)."""
+                   show_all: bool, run: RunInfo | None = None, measured: list | None = None) -> list[str]:
+    """The comparison with the baseline arm: by default (no --all, no --metrics) only the
+    metrics on which an arm differs; with --all also the per-arm medians of every metric
+    (a one-arm run has nothing to compare: its medians). For a run with real-stack arms,
+    their counters beside the lab's."""
     out: list[str] = []
     if comp is None:
         out.append("\nno statistics: the baseline arm has no successful measured trial")
@@ -103,13 +108,18 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
     own = lab_cost_table(comp, "inflate") if run is None or run.kind == "balloon" else ""
     if own:
         out.append("\n" + own)
-    out.append(f"\nper-arm medians [{comp.confidence:.0%} bootstrap CI]:")
-    out.append(render_summaries(comp, metrics or None))
-    when = " (computed now: the run did not finish)" if computed_now else ""
-    out.append(f"\ncomparison with {comp.baseline_arm}{when}: ratio = arm / {comp.baseline_arm}, "
-               f"Mann-Whitney p with Holm correction, d = Cliff's delta, alpha {comp.alpha:g}"
-               + ("" if all_counters else "; counters equal in every arm hidden (--all-counters)"))
-    out.append(render_table(comp, metrics or None, show_equal_counters=all_counters))
+    if show_all or len(comp.arms) == 1:
+        out.append(f"\nper-arm medians [{comp.confidence:.0%} bootstrap CI]:")
+        out.append(render_summaries(comp, metrics or None))
+    if len(comp.arms) > 1:
+        differing = not show_all and not metrics
+        when = " (computed now: the run did not finish)" if computed_now else ""
+        hidden = sum(not differs(comp, m) for m in comp.metrics) if differing else 0
+        out.append(f"\ncomparison with {comp.baseline_arm}{when}: ratio = arm / {comp.baseline_arm}, "
+                   f"Mann-Whitney p with Holm correction, d = Cliff's delta, alpha {comp.alpha:g}"
+                   + (f"; {hidden} of {len(comp.metrics)} metrics on which no arm differs are not shown (--all)"
+                      if hidden else ""))
+        out.append(render_table(comp, metrics or None, differing_only=differing))
     out += [f"note: {n}" for n in comp.notes]
     if measured:
         for table in (twins.overhead_table(measured), probe_costs.cost_table(measured)):
@@ -124,14 +134,16 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run, its trials and statistics as JSON.")
 @click.option("--metrics", "metrics", multiple=True, metavar="PATTERN",
-              help="Only metrics matching this glob (repeatable), e.g. 'inflate.stages_ns.*'.")
-@click.option("--all-counters", is_flag=True, help="Also list counters that are equal in every arm.")
+              help="Only metrics matching this glob (repeatable), e.g. 'stages_ns.inflate.*'.")
+@click.option("--all", "--all-counters", "show_all", is_flag=True,
+              help="Every metric, with each arm's medians (default: only the metrics on which an arm differs "
+                   "from the baseline). --all-counters: its earlier name.")
 @click.option("--export-baseline", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the run as a baseline JSON file for `balloon-lab gate` (and CI).")
 @click.option("--allow-incomplete", is_flag=True, help="With --export-baseline: export a run that did not complete.")
 @click.option("--host", "host", default=None, metavar="ID",
               help="Only this host's trials (statistics, --export-baseline) of a run that ran on several.")
-def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_counters: bool,
+def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], show_all: bool,
             export_baseline: Path | None, allow_incomplete: bool, host: str | None) -> None:
     """Show one run (id, unique id prefix, or "latest"). A run that ran on several hosts
     gets one block of statistics per host: timings are compared only within a host."""
@@ -139,6 +151,10 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
     try:
         with Store(path, create=False) as store:
             run = store.get_run(run_ref)
+            known = store.metric_names([run.id])
+            unknown = [p for p in metrics if not lab_metrics.matching(known, [p])]
+            if unknown:
+                refuse("show", "--metrics " + lab_metrics.unknown_names_message(unknown, known, f"run {run.id}"))
             if export_baseline:
                 write_baseline(store, run.id, export_baseline, allow_incomplete=allow_incomplete, host=host)
                 click.echo(f"wrote baseline of run {run.id} to {export_baseline}", err=True)
@@ -158,8 +174,8 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
                 out = describe_header(run, store)
                 for h, c in comps.items():
                     out += [f"\n=== host {h} ==="] + describe_stats(c, run.status != "complete", metrics,
-                                                                     all_counters, run, _measured(store, run, h))
-                click.echo("\n".join(out))
+                                                                     show_all, run, _measured(store, run, h))
+                click.echo(fold("\n".join(out)))
                 return
             computed_now = store.get_comparison(run.id) is None
             comp = load_comparison(store, run.id)
@@ -170,7 +186,6 @@ def command(run_ref: str, db_path, as_json: bool, metrics: tuple[str, ...], all_
                                   "comparison": comp.to_dict() if comp else None,
                                   "comparison_computed_now": computed_now}, indent=1))
             else:
-                click.echo(describe_run(run, store, comp, computed_now, metrics, all_counters))
+                click.echo(fold(describe_run(run, store, comp, computed_now, metrics, show_all)))
     except StoreError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        refuse("show", str(e))

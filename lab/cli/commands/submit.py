@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from lab.store.db_path import db_option, default_db_path
+from lab.cli.checks import refuse
+from lab.store.db_path import db_option, default_db_path, next_command
 from lab.trials.spec import SpecError, load_spec
 from lab.store.store import StoreError
-from lab.store.sql import is_postgres
+from lab.store.sql import is_postgres, redact
 
 
 @click.command("submit")
@@ -28,20 +28,17 @@ def command(spec_path: Path, hosts: str, db_path, max_attempts: int, as_json: bo
 
     path = db_path or default_db_path()
     if not is_postgres(str(path)):
-        click.echo(f"error: submit needs a postgresql:// store that every worker reaches (--db or "
-                   f"$BALLOON_LAB_DB), not {path}", err=True)
-        sys.exit(2)
+        refuse("submit", f"needs a postgresql:// store that every worker reaches (--db or $BALLOON_LAB_DB), "
+                         f"not {path}")
     try:
         spec = load_spec(spec_path)
         sub = submit(str(path), spec, [h for h in hosts.split(",") if h.strip()], max_attempts=max_attempts)
     except SpecError as e:
-        click.echo(f"error: bad spec: {e}", err=True)
-        sys.exit(2)
+        refuse("submit", f"bad spec: {e.for_cli()}")
     except (QueueError, StoreError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        refuse("submit", str(e))
     if as_json:
         click.echo(json.dumps({"run_id": sub.run_id, "hosts": sub.hosts, "jobs": sub.jobs}))
     else:
-        click.echo(f"run {sub.run_id}: {sub.jobs} trials queued for {', '.join(sub.hosts)}; start "
-                   f"`balloon-lab worker --db URL --host-id HOST` on each host")
+        click.echo(f"run {sub.run_id}: {sub.jobs} trials queued for {', '.join(sub.hosts)}; on each host "
+                   f"({', '.join(sub.hosts)}) start:\n  {next_command('worker', host_id='HOST', db=redact(str(path)))}")

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from lab.cli.checks import refuse
 from lab.store.db_path import db_option, default_db_path
 from lab.store.store import StoreError
 from lab.store.sql import is_postgres
@@ -27,13 +28,12 @@ def command(db_path, host_id: str | None, until_done: bool, heartbeat_s: float, 
 
     path = db_path or default_db_path()
     if not is_postgres(str(path)):
-        click.echo(f"error: a worker needs the postgresql:// store the trials were submitted to, not {path}",
+        click.echo(f"balloon-lab worker: a worker needs the postgresql:// store the trials were submitted to, not {path}",
                    err=True)
         sys.exit(2)
     try:
         st = run_worker(str(path), host_id, until_done=until_done, heartbeat_s=heartbeat_s,
                         stall_timeout_s=stall_timeout_s)
     except (QueueError, StoreError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        refuse("worker", str(e))
     click.echo(f"worker {st.name}: stored {len(st.ran)} trial(s)", err=True)

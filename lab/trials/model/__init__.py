@@ -7,6 +7,6 @@
     monitor_ops.py            One inflate or deflate through the monitor and the agent; the checks after it.
     processes.py              The VMM + guest pair of one trial as real processes: started, watched, torn down.
     reclaim.py                The `reclaim` experiment: a guest frees memory; how fast, and how much, does the host get back?
-    ring_floor.py             The ring's floor, measured for a trial: `python -m device.host.ring_floor` in a process.
+    ring_floor.py             The ring's floor, measured for a trial: `python -m device.vmm.ring_floor` in a process.
     runner.py                 One balloon trial, end to end, as real processes.
 """

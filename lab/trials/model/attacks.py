@@ -1,6 +1,6 @@
 """Attacks a hostile guest can make on the VMM's event loop, and the monitor's answer time under them.
 
-Each attack drives the real VMM (`python -m device.host.vmm`) through device/guest/raw_guest.py, which
+Each attack drives the real VMM (`python -m device.vmm.process`) through device/guest/raw_guest.py, which
 speaks docs/PROTOCOL.md from scratch, while the orchestrator's side keeps asking the
 monitor `query-balloon` and records how long each answer took. The tests
 (tests/test_hostile_loop.py) and `benchmarks/chain_attack.py` use these; the figures in
@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from device.guest.raw_guest import F_INDIRECT, F_NEXT
+from device.api import F_INDIRECT, F_NEXT
 from lab.trials.model.hostile_vm import HostileVM
 
 INDIRECT_BIT = 28

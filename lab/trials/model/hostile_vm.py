@@ -1,7 +1,7 @@
 """A real VMM whose guest is the hostile raw guest (device/guest/raw_guest.py).
 
 The lab's side of every hostile-guest test, attack and benchmark: start
-`python -m device.host.vmm` with the raw guest's trampoline as its guest program,
+`python -m device.vmm.process` with the raw guest's trampoline as its guest program,
 take over the control socket, and talk to the VMM's monitor. The raw guest itself
 stays free of the lab's code; this launcher is the orchestrator.
 """
@@ -12,9 +12,9 @@ import shlex
 import socket
 import sys
 import time
-from typing import Iterable
+from typing import Any, Mapping
 
-from device.guest.raw_guest import RawError, RawGuest
+from device.api import RAW_GUEST_MODULE, RawError, RawGuest, VmmOptions
 from lab.trials.monitor_client import QMPClient, wait_for_socket
 from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
 
@@ -24,16 +24,18 @@ class HostileVM:
     The VMM's stderr (its log) is kept in a file: `.log()`."""
 
     def __init__(self, guest_mib: int = 512, protocol: str = "pfn", *, log_level: str = "WARNING",
-                 extra_args: Iterable[str] = (), timeout: float = 20.0) -> None:
+                 vmm: Mapping[str, Any] | None = None, timeout: float = 20.0) -> None:
+        """`vmm`: fields of the VMM's launch record beyond these (backing, reporting, ...)."""
+        vmm = dict(vmm or {})
         self.dir = scratch_dir("hostile")
         self.monitor = os.path.join(self.dir, "monitor.sock")
         self.agent = os.path.join(self.dir, "agent.sock")
         self.log_path = os.path.join(self.dir, "vmm.log")
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(guest_mib), "--protocol", protocol,
-               "--monitor", self.monitor, "--agent", self.agent, "--log-level", log_level,
-               "--guest-cmd", f"{shlex.quote(sys.executable)} -m device.guest.raw_guest", *extra_args]
-        self.vmm = spawn(cmd, stderr=self._log)
+        self.options = VmmOptions(guest_mib=guest_mib, protocol=protocol, monitor=self.monitor, agent=self.agent,
+                                  log_level=log_level, guest_cmd=f"{shlex.quote(sys.executable)} -m {RAW_GUEST_MODULE}",
+                                  **vmm)
+        self.vmm = spawn(self.options.command(), stderr=self._log)
         self.qmp = None
         self.guest: RawGuest | None = None
         try:

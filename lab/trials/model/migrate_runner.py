@@ -18,25 +18,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
-from device.virtio.hint_format import HINT_DESIGNS
+from device.api import HINT_DESIGNS, PROTOCOLS, GuestOptions, VmmOptions
 from system.signals import signals_deferred
 from lab.trials.monitor_client import AgentClient, QMPClient, wait_for_socket
 from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
 from lab.machine import memory
 from lab.trials.model.balloon_trial import TrialFailed
+from lab.trials.model.processes import WORKLOAD_GUEST
 from workloads import make_workload
 
 HINTS = HINT_DESIGNS   # device/virtio/hint_format.py
-# The published figures the lab reproduces (SEED.md), printed beside ours.
-SEED_FIGURES = {
-    "seed": {"what": "seed cover letter (v2/v3): idle 8 GB guest, 10 Gbps", "none_ms": 2000.0, "hinted_ms": 500.0},
-    "upstream": {"what": "FREE_PAGE_HINT v37 cover letter: idle 8 GB guest", "none_ms": 2970.0, "hinted_ms": 620.0},
-}
 
 
 @dataclass
@@ -131,18 +126,18 @@ class MigrationPair:
             raise TrialFailed(str(e)) from None
         self.dir = scratch_dir("mig")
         p = lambda name: os.path.join(self.dir, name)
-        py = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(t.guest_mib), "--log-level", t.log_level]
+        vmm = lambda **o: VmmOptions(guest_mib=t.guest_mib, log_level=t.log_level, **o).command()
+        guest = GuestOptions(wire_format=PROTOCOLS[t.protocol].wire_format, hint=t.hint, log_level=t.log_level)
         self.procs: list[subprocess.Popen] = []
         self.src_qmp = self.dst_qmp = None
         self.agent = None
         self.guest_pid: int | None = None
         try:
-            self.dst = spawn(py + ["--monitor", p("dst.sock"), "--agent", p("dst-agent.sock"),
-                                   "--incoming", "tcp:127.0.0.1:0", "--poll-us", "0"])
+            self.dst = spawn(vmm(monitor=p("dst.sock"), agent=p("dst-agent.sock"), incoming="tcp:127.0.0.1:0",
+                                 poll_us=0))
             self.procs.append(self.dst)
-            self.src = spawn(py + ["--monitor", p("src.sock"), "--agent", p("agent.sock"),
-                                   "--protocol", t.protocol, "--hint", t.hint, "--",
-                                   "--protocol", t.protocol, "--hint", t.hint, "--log-level", t.log_level])
+            self.src = spawn(vmm(monitor=p("src.sock"), agent=p("agent.sock"), protocol=t.protocol, hint=t.hint,
+                                 guest_cmd=WORKLOAD_GUEST, guest_args=tuple(guest.to_argv())))
             self.procs.append(self.src)
             wait_for_socket(p("dst.sock"), 30, lambda: self.dst.poll() is None)
             self.dst_qmp = QMPClient(p("dst.sock"), timeout=t.timeout_s)

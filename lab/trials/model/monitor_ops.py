@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from device.virtio.layout import PAGE_SHIFT
+from device.api import PAGE_SHIFT
 from lab.trials.model.balloon_trial import TrialFailed
 from lab.trials.model.processes import LabProcesses
 

@@ -1,34 +1,39 @@
 """The VMM + guest pair of one trial as real processes: started, watched, torn down.
 
-The VMM (`python -m device.host.vmm`) starts its guest; the lab holds the monitor
+The VMM (`python -m device.vmm.process`) starts its guest; the lab holds the monitor
 (QMP) and agent connections, says which peer died or stalled when one does, and
 makes the host able to give the trial's backing.
 """
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from typing import Any, Mapping
 
-from device.virtio.backing import hugetlb_pool
-from device.virtio.layout import MiB
+from device.api import PROTOCOLS, GuestOptions, MiB, VmmOptions, hugetlb_pool
 from system.signals import signals_deferred
-from device.virtio.protocols import PROTOCOLS
 from lab.machine import memory, oom
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.monitor_client import AgentClient, MonitorError, QMPClient, wait_for_socket
 from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
-from workloads import make_workload
+from workloads import GUEST_MODULE, make_workload
+
+# The VMM's guest: the device's guest with the lab's workloads handed in (workloads/guest.py).
+WORKLOAD_GUEST = f"{shlex.quote(sys.executable)} -m {GUEST_MODULE}"
 
 
 class LabProcesses:
     """The VMM + guest pair of one trial, with their monitor and agent connections.
     Always torn down, whatever happens: no process outlives the trial."""
 
-    def __init__(self, t: BalloonTrial, extra_vmm_args: list[str] | None = None,
-                 extra_guest_args: list[str] | None = None) -> None:
+    def __init__(self, t: BalloonTrial, vmm: Mapping[str, Any] | None = None,
+                 guest: Mapping[str, Any] | None = None) -> None:
+        """`vmm` and `guest`: fields of the VMM's and the guest's launch records to set
+        beyond what the trial says (tests: a guest program that dies, reporting on)."""
         self.t = t
         check_memory(t)                    # before anything is started or raised (lab/machine/memory.py)
         self._oom_kills_before = oom.cgroup_oom_kills()
@@ -36,23 +41,14 @@ class LabProcesses:
         self.monitor_path = os.path.join(self.dir, "monitor.sock")
         self.agent_path = os.path.join(self.dir, "agent.sock")
         announce_backing(t.backing, t.guest_mib)
-        guest_args = ["--protocol", _driver_protocol(t.protocol), "--log-level", t.log_level,
-                      "--timeout", str(t.device_timeout_s), "--backing", t.backing,
-                      "--alloc-policy", t.alloc_policy] + list(extra_guest_args or [])
-        if t.batch_pages is not None:
-            guest_args += ["--batch-pages", str(t.batch_pages)]
-        if t.init_on_alloc:
-            guest_args.append("--init-on-alloc")
-        cmd = [sys.executable, "-m", "device.host.vmm", "--guest-mib", str(t.guest_mib), "--protocol", t.protocol,
-               "--discard", t.discard, "--backing", t.backing, "--partial-tracking", t.partial_tracking,
-               "--monitor", self.monitor_path, "--agent", self.agent_path,
-               "--log-level", t.log_level] + (extra_vmm_args or []) + ["--"] + guest_args
+        self.options = vmm_options(t, self.monitor_path, self.agent_path, guest_options(t, **(guest or {})),
+                                   **(vmm or {}))
         # Both children write their logs (and any traceback) to one file: a failure then
         # quotes its last lines; a trial that ends well passes the file on to our stderr.
         self.log_path = os.path.join(self.dir, "children.log")
         self._log_quoted = False
         with open(self.log_path, "wb") as log:
-            self.vmm = spawn(cmd, stderr=log)
+            self.vmm = spawn(self.options.command(), stderr=log)
         self.qmp: QMPClient | None = None
         self.agent: AgentClient | None = None
         try:
@@ -234,7 +230,7 @@ def announce_backing(backing: str, guest_mib: int) -> None:
     stderr what was changed; a host that cannot is a TrialFailed naming the fix."""
     if (backing, guest_mib) in _announced:
         return
-    from device.virtio.backing import BackingError, ensure_backing
+    from device.api import BackingError, ensure_backing
     try:
         for change in ensure_backing(backing, guest_mib * MiB):
             print(f"balloon-lab: for --backing {backing}: {change}", file=sys.stderr)
@@ -242,6 +238,16 @@ def announce_backing(backing: str, guest_mib: int) -> None:
         raise TrialFailed(f"--backing {backing}: {e}") from e
     _announced.add((backing, guest_mib))
 
-def _driver_protocol(protocol: str) -> str:
-    """The guest driver's --protocol for an arm: its wire format (device/virtio/protocols.py)."""
-    return PROTOCOLS[protocol].wire_format
+def guest_options(t: BalloonTrial, **fields) -> GuestOptions:
+    """The guest's launch record for trial `t`: the driver accepts the wire format of
+    the arm's protocol (device/virtio/protocols.py)."""
+    return GuestOptions(wire_format=PROTOCOLS[t.protocol].wire_format, batch_pages=t.batch_pages,
+                        timeout_s=t.device_timeout_s, backing=t.backing, alloc_policy=t.alloc_policy,
+                        init_on_alloc=t.init_on_alloc, log_level=t.log_level, **fields)
+
+
+def vmm_options(t: BalloonTrial, monitor: str, agent: str, guest: GuestOptions, **fields) -> VmmOptions:
+    """The VMM's launch record for trial `t`; its guest is the workload guest with `guest`'s options."""
+    return VmmOptions(guest_mib=t.guest_mib, protocol=t.protocol, discard=t.discard, backing=t.backing,
+                      partial_tracking=t.partial_tracking, monitor=monitor, agent=agent, log_level=t.log_level,
+                      **{"guest_cmd": WORKLOAD_GUEST, "guest_args": tuple(guest.to_argv()), **fields})

@@ -25,14 +25,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from device.virtio.layout import MiB, PAGE_SHIFT
-from device.guest.page_reporting_driver import ReportingParams
+from device.api import PROTOCOL_NAMES, MiB, ReportingParams
 from lab.trials.monitor_client import MonitorError
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.processes import LabProcesses
 from lab.trials.model.monitor_ops import verify
 
-RECLAIM_ARMS = ("none", "inflate-pfn", "inflate-pfn-ranges", "inflate-bitmap", "inflate-chunks", "reporting")
+# none, an inflate by each protocol of the table (device/virtio/protocols.py), free page reporting
+RECLAIM_ARMS = ("none", *(f"inflate-{p}" for p in PROTOCOL_NAMES), "reporting")
 RETURN_SHARE = 0.90
 
 
@@ -74,14 +74,14 @@ def run_reclaim(t: ReclaimTrial) -> dict:
     protocol = t.arm.split("-", 1)[1] if inflate else "pfn"
     bt = BalloonTrial(protocol=protocol, guest_mib=t.guest_mib, inflate_mib=t.free_mib, workload="idle",
                       seed=t.seed, backing=t.backing, deflate=False)
-    vmm_args, guest_args = [], []
+    vmm, guest = {}, {}
     if t.arm == "reporting":
         r = t.reporting
-        vmm_args = ["--reporting"]
-        guest_args = ["--reporting", "--reporting-order", str(r.order), "--reporting-capacity", str(r.capacity),
-                      "--reporting-delay-ms", str(int(round(r.delay_s * 1000)))]
+        vmm = {"reporting": True}
+        guest = {"reporting": True, "reporting_order": r.order, "reporting_capacity": r.capacity,
+                 "reporting_delay_ms": int(round(r.delay_s * 1000))}
     try:
-        lp = LabProcesses(bt, vmm_args, guest_args)
+        lp = LabProcesses(bt, vmm, guest)
     except (MonitorError, OSError) as e:
         raise TrialFailed(f"starting the VMM and its guest failed: {type(e).__name__}: {e}") from e
     phase = "alloc-free"
@@ -94,7 +94,7 @@ def run_reclaim(t: ReclaimTrial) -> dict:
         cpu0 = {k: _cpu_s(p) for k, p in pids.items()}
         peak = memfd()
         freed = peak - base
-        target = (t.free_mib * MiB) >> PAGE_SHIFT
+        target = bt.target_pages
         phase = "observing"
         if inflate:
             lp.qmp.execute("balloon", {"value": lp.info["ram_bytes"] - t.free_mib * MiB})

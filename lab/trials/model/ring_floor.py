@@ -1,4 +1,4 @@
-"""The ring's floor, measured for a trial: `python -m device.host.ring_floor` in a process.
+"""The ring's floor, measured for a trial: `python -m device.vmm.ring_floor` in a process.
 
 The lab starts the floor's processes as it starts the VMM (by module name, with this
 interpreter), so it imports nothing of the device for it; the figures it returns are
@@ -19,8 +19,8 @@ class FloorFailed(RuntimeError):
 
 
 def measure_floors(guest_mib: int) -> dict[str, Any]:
-    """The ring's floor now, in processes of the lab's two kinds (device/host/ring_floor.py)."""
-    cmd = [sys.executable, "-m", "device.host.ring_floor", "--json", "--guest-mib", str(guest_mib)]
+    """The ring's floor now, in processes of the lab's two kinds (device/vmm/ring_floor.py)."""
+    cmd = [sys.executable, "-m", "device.vmm.ring_floor", "--json", "--guest-mib", str(guest_mib)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=FLOOR_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from device.virtio.layout import MiB, PAGE_SHIFT
 from lab.results.ring_cost import lab_cost
 from lab.results.trial_result import OpResult, TrialResult
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
@@ -66,7 +65,7 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None, pace: Pace 
         prep = lp.agent.execute("workload-prepare", {"name": t.workload, "params": t.workload_params,
                                                      "seed": t.seed})
         lp.agent.execute("workload-start")
-        target = round(t.inflate_mib * MiB) >> PAGE_SHIFT
+        target = t.target_pages
         done = []
         for c in range(1, t.cycles + 1):
             if pace is not None:

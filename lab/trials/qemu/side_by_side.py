@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lab.trials.backends import is_qemu_arm
+from lab.analysis.stats import format_columns
+from fmt.text_width import fold
+from fmt.numbers import fmt_count, sig
 
 ROWS = (  # (label, metric or alternatives (first present wins), scale, unit)
     ("pages", "pages", 1, ""),
@@ -52,21 +55,20 @@ def side_by_side(comp, env: Mapping[str, Any]) -> str:
     """The text table, or "" when no arm runs on the real stack."""
     if not any(is_qemu_arm(a) for a in comp.arms):
         return ""
-    titles = [arm_title(a, env) for a in comp.arms]
-    width = max(22, *(len(t) + 2 for t in titles))
-    lines = ["the lab beside the real stack (inflate; medians of this run):",
-             f"{'':<22}" + "".join(f"{t:>{width}}" for t in titles)]
-    kicks = {}
+    real = [arm_title(a, env) for a in comp.arms if is_qemu_arm(a)]
+    rows, kicks = [], {}
     for label, metric, scale, unit in ROWS:
         cells = []
         for a in comp.arms:
             s = _summary(comp, a, metric)
             if metric == "kicks" or metric == "interrupts":
                 kicks.setdefault(metric, set()).add(None if s is None else s.median)
-            cells.append("-" if s is None else f"{s.median * scale:,.{0 if scale == 1 else 1}f}{unit}")
+            cells.append("-" if s is None else fmt_count(s.median) if scale == 1 else f"{sig(s.median * scale)}{unit}")
         if any(c != "-" for c in cells):
-            lines.append(f"{label:<22}" + "".join(f"{c:>{width}}" for c in cells))
+            rows.append((label, *cells))
+    lines = [fold(f"the lab beside the real stack (inflate; medians of this run; {'; '.join(real)}):"),
+             format_columns(("", *comp.arms), rows, right=set(range(1, len(comp.arms) + 1)))]
     if any(len(v) > 1 for v in kicks.values()):
-        lines.append("note: " + EVENT_IDX_NOTE)
+        lines.append(fold("note: " + EVENT_IDX_NOTE))
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """The VMM process: owns guest RAM, serves the balloon device and the monitor.
 
-    python -m device.host.vmm --guest-mib N --protocol P --monitor SOCK --agent SOCK [...]
+    python -m device.vmm.process --guest-mib N --protocol P --monitor SOCK --agent SOCK [...]
 
 It creates guest RAM as one memfd, spawns the guest process with one end of a
 SOCK_SEQPACKET control socket, and runs one event loop over: the monitor socket,
@@ -13,12 +13,11 @@ re-registers them; `actual` changed: BALLOON_CHANGE on the monitor); each owner 
 queue beyond 0-2 registers it on the device (the migration controller queues 3 and 5,
 free page reporting queue 4); the migration controller gets MigrationHandles, never
 the VMM; and the loop maps each fd it waits on to its handler in one table
-(EventLoop.handlers, device/host/event_loop.py, filled only by watch/unwatch; the
+(EventLoop.handlers, device/vmm/event_loop.py, filled only by watch/unwatch; the
 fuzzer drives the same loop code).
 """
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import logging
 import os
@@ -31,42 +30,41 @@ import time
 
 import numpy as np
 
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import WorkBudget
-from device.host.event_loop import ControlWatch, EventHandler, EventLoop, QueueKicks
-from device.host.control_peer import ControlService, DeviceChannel
-from device.virtio.discard import DISCARD_METHOD_NAMES, discard_runs
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import WorkBudget
+from device.vmm.event_loop import ControlWatch, EventHandler, EventLoop, QueueKicks
+from device.vmm.control_peer import ControlService, DeviceChannel
+from device.virtio.discard import discard_runs
 from device.virtio.features import QEMU_STAT_NAMES, STAT_TAGS
-from device.virtio.protocols import PROTOCOL_NAMES, PROTOCOLS, protocol_device_features
+from device.virtio.protocols import PROTOCOLS, protocol_device_features
 from device.virtio.hint_format import hint_device_features
-from device.virtio.backing import BACKINGS, backing_problem
+from device.virtio.backing import backing_problem
 from device.virtio.ram import GuestRAM, process_rss_bytes
 from system.signals import die_with_parent
-from device.host.host_pages import PARTIAL_TRACKING
-from device.host.loop_bridge import LoopBridge
-from device.host.page_reporting_device import ReportingDevice, reporting_device_features
+from device.vmm.loop_bridge import LoopBridge
+from device.vmm.page_reporting_device import ReportingDevice, reporting_device_features
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
 from device.virtio.transport import DeviceListener
-from device.host.migration.controller import MigrationController, MigrationHandles, add_vmm_arguments
-from device.host.monitor import CommandError, Deferred, Monitor
+from device.vmm.migration.controller import MigrationController, MigrationHandles
+from device.vmm.monitor import CommandError, Deferred, Monitor
+from device.vmm.options import VmmOptions
 
 log = logging.getLogger("balloon-lab.vmm")
 
 
 class VMM:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.layout = GuestLayout.pc(args.guest_mib)
-        problem = backing_problem(args.backing, self.layout.ram_bytes)
+    def __init__(self, options: VmmOptions) -> None:
+        self.options = options
+        self.layout = GuestLayout.pc(options.guest_mib)
+        problem = backing_problem(options.backing, self.layout.ram_bytes)
         if problem is not None:
-            raise SystemExit(f"vmm: cannot back guest RAM with {args.backing}: {problem}")
-        self.ram = GuestRAM.create(self.layout, backing=args.backing,
-                                   seal=not getattr(args, "x_unsealed_ram", False))
-        self.device = BalloonDevice(self.ram, protocol_device_features(args.protocol)
-                                    | hint_device_features(getattr(args, "hint", "none"))
-                                    | reporting_device_features(args.reporting),
-                                    ranges_policy=PROTOCOLS[args.protocol].merge_runs, discard=args.discard,
-                                    partial_tracking=args.partial_tracking,
+            raise SystemExit(f"vmm: cannot back guest RAM with {options.backing}: {problem}")
+        self.ram = GuestRAM.create(self.layout, backing=options.backing, seal=not options.x_unsealed_ram)
+        self.device = BalloonDevice(self.ram, protocol_device_features(options.protocol)
+                                    | hint_device_features(options.hint)
+                                    | reporting_device_features(options.reporting),
+                                    merge_runs=PROTOCOLS[options.protocol].merge_runs, discard=options.discard,
+                                    partial_tracking=options.partial_tracking,
                                     listener=DeviceListener(kick_fds_changed=lambda: self.kicks.rearm(),
                                                             actual_changed=self._actual_changed))
         self.loop = EventLoop()                      # fd -> handler, one wake-up at a time (event_loop.py)
@@ -81,11 +79,11 @@ class VMM:
         self._reaped_at = 0.0                        # when _reap_guest last asked waitpid
         self.bridge = LoopBridge()                   # other threads run closures in this loop
         # migrate/query-migrate, --incoming, hint queues 3 and 5
-        self.migration = MigrationController(self._migration_handles(), incoming=getattr(args, "incoming", None),
-                                             hint=getattr(args, "hint", "none"))
+        self.migration = MigrationController(self._migration_handles(), incoming=options.incoming,
+                                             hint=options.hint)
         self.reporting = ReportingDevice(self.device)   # queue 4
         self.reporting.register_queues(self.device.register_queue)
-        self.monitor = Monitor(args.monitor, {**self._commands(), **self.migration.commands()},
+        self.monitor = Monitor(options.monitor, {**self._commands(), **self.migration.commands()},
                                version="balloon-lab vmm")
         self.loop.watch(self.monitor.listener, EventHandler(self._serve_listener))
         self.loop.watch(self.bridge.fd, EventHandler(lambda mask, budget: self.bridge.run_pending()))
@@ -116,8 +114,9 @@ class VMM:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # --guest-cmd replaces the guest program (e.g. the hostile test client device/guest/raw_guest.py);
         # it gets the same --control-fd/--agent arguments and the arguments after `--`.
-        prog = shlex.split(self.args.guest_cmd) if self.args.guest_cmd else [sys.executable, "-m", "device.guest.process"]
-        cmd = prog + ["--control-fd", str(theirs.fileno()), "--agent", self.args.agent] + list(self.args.guest_args)
+        o = self.options
+        prog = shlex.split(o.guest_cmd) if o.guest_cmd else [sys.executable, "-m", "device.guest.process"]
+        cmd = prog + ["--control-fd", str(theirs.fileno()), "--agent", o.agent] + list(o.guest_args)
         # the guest dies with its VMM (PR_SET_PDEATHSIG): a guest busy in a workload would not
         # notice the hang-up and go on filling host memory alone
         self.guest = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent)
@@ -176,13 +175,19 @@ class VMM:
             raise CommandError("Parameter 'value' expects an integer (target guest memory in bytes)")
         if value <= 0 or value > self.layout.ram_bytes:
             raise CommandError(f"Parameter 'value' must be in 1..{self.layout.ram_bytes} bytes")
-        if self.guest_exit is not None or not self.device.live:
-            raise CommandError("No balloon device has been activated", "DeviceNotActive")
+        self._device_exists()
+        # As QEMU: taken as soon as the device exists; a driver still coming up reads the
+        # target when it does (BalloonDevice.set_target_pages, BalloonDriver.bring_up).
         self.device.set_target_pages((self.layout.ram_bytes - value) >> PAGE_SHIFT)
 
-    def _cmd_query_balloon(self, args: dict) -> dict:
-        if not self.device.live:
+    def _device_exists(self) -> None:
+        """QEMU refuses `balloon` and `query-balloon` only without a balloon device; here
+        the device goes with its guest, so only a lost guest is refused."""
+        if self.guest_exit is not None:
             raise CommandError("No balloon device has been activated", "DeviceNotActive")
+
+    def _cmd_query_balloon(self, args: dict) -> dict:
+        self._device_exists()
         return {"actual": self.layout.ram_bytes - (self.device.config.actual << PAGE_SHIFT)}
 
     def _cmd_qom_get(self, args: dict):
@@ -226,10 +231,10 @@ class VMM:
             "vmm_pid": os.getpid(),
             "guest_pid": self.guest.pid if self.guest else None,
             "guest_exit": self.guest_exit,
-            "protocol": self.args.protocol,
-            "discard": self.args.discard,
-            "backing": self.args.backing,
-            "partial_tracking": self.args.partial_tracking,
+            "protocol": self.options.protocol,
+            "discard": self.options.discard,
+            "backing": self.options.backing,
+            "partial_tracking": self.options.partial_tracking,
             "layout": self.layout.to_dict(),
             "ram_bytes": self.layout.ram_bytes,
             "features": self.device.driver_features,
@@ -256,7 +261,7 @@ class VMM:
             self.migration.start_incoming()     # destination: no guest, RAM arrives over TCP
         else:
             self.spawn_guest()
-        poll_ns = self.args.poll_us * 1000
+        poll_ns = self.options.poll_us * 1000
         busy_until = 0
         while self.running:
             # Adaptive busy polling, like QEMU's aio polling and vhost's busyloop: right
@@ -310,41 +315,14 @@ class VMM:
             self.monitor.close(conn)
         self.monitor.listener.close()
         try:
-            os.unlink(self.args.monitor)
+            os.unlink(self.options.monitor)
         except OSError:
             pass
         self.ram.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="device.host.vmm", description=__doc__.splitlines()[0])
-    p.add_argument("--guest-mib", type=int, required=True)
-    p.add_argument("--protocol", default="pfn", choices=PROTOCOL_NAMES)
-    p.add_argument("--discard", default="madvise", choices=DISCARD_METHOD_NAMES)
-    p.add_argument("--backing", default="4k", choices=BACKINGS,
-                   help="host pages under guest RAM: 4k memfd, thp (MADV_HUGEPAGE), hugetlb (MFD_HUGETLB)")
-    p.add_argument("--partial-tracking", default="full", choices=PARTIAL_TRACKING,
-                   help="huge backings: track every partially ballooned host page (full) or one per "
-                        "request, as QEMU does (qemu)")
-    p.add_argument("--reporting", action="store_true",
-                   help="offer free page reporting (VIRTIO_BALLOON_F_REPORTING, queue 4)")
-    p.add_argument("--monitor", required=True, help="unix socket path for the QMP-like monitor")
-    p.add_argument("--agent", required=True, help="unix socket path for the guest agent")
-    add_vmm_arguments(p)
-    p.add_argument("--poll-us", type=int, default=0,
-                   help="after serving an event, busy-poll this long before sleeping (0, the default: "
-                        "always sleep; polling slowed the PFN path here, see docs/BENCHMARKS.md)")
-    p.add_argument("--log-level", default="WARNING")
-    p.add_argument("--guest-cmd", default=None,
-                   help="guest program to spawn instead of `python -m device.guest.process` (shell words; it gets "
-                        "--control-fd N --agent PATH and the arguments after --)")
-    p.add_argument("--x-unsealed-ram", action="store_true",
-                   help="hand the guest a memfd whose size is not sealed (tests of the guard against a guest "
-                        "that shrinks guest RAM; never for real use)")
-    p.add_argument("guest_args", nargs=argparse.REMAINDER, help="arguments after -- go to the guest")
-    args = p.parse_args(argv)
-    if args.guest_args and args.guest_args[0] == "--":
-        args.guest_args = args.guest_args[1:]
+    args = VmmOptions.from_argv(argv, description=__doc__.splitlines()[0])
     logging.basicConfig(level=args.log_level.upper(), format="vmm[%(process)d] %(levelname)s %(name)s: %(message)s")
     faulthandler.enable()                   # a fatal signal (SIGBUS, SIGSEGV) still leaves a traceback in the log
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack

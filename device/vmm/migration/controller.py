@@ -5,7 +5,7 @@ migration runs in a thread (source.py / destination.py). Whatever the migration
 thread needs from the loop's side (the config write that asks for hints, sending
 SET_DIRTY_LOG and waiting for its reply, a snapshot of the device state, the ring
 addresses) it asks for through `run_in_loop` (the VMM's LoopBridge,
-device/host/loop_bridge.py): the closure runs in the main loop, the thread waits for
+device/vmm/loop_bridge.py): the closure runs in the main loop, the thread waits for
 its result. The controller sees its VMM only through MigrationHandles, which vmm.py
 builds; vmm.py also routes replies to VMM-initiated control requests to
 on_control_reply() and merges the commands into the monitor's. The controller owns
@@ -28,27 +28,17 @@ from typing import Any, Callable
 import numpy as np
 
 from device.virtio.control import Message, Req, unpack_result
-from device.host.balloon_device import BalloonDevice, ChainHandler
-from device.host.control_peer import DeviceChannel
-from device.host.hint_queues import HintQueues
-from device.host.migration.destination import MigrationDestination
+from device.vmm.balloon_device import BalloonDevice, ChainHandler
+from device.vmm.control_peer import DeviceChannel
+from device.vmm.hint_queues import HintQueues
+from device.vmm.migration.destination import MigrationDestination
 from device.virtio.dirty_log import DirtyLog
-from device.virtio.hint_format import HINT_DESIGNS
-from device.host.migration.pause import resume_guest
-from device.host.migration.source import MigrationParams, MigrationSource
-from device.host.monitor import CommandError
+from device.vmm.migration.pause import resume_guest
+from device.vmm.migration.source import MigrationParams, MigrationSource
+from device.vmm.monitor import CommandError
 from device.virtio.ram import GuestRAM
-from device.virtio.split_ring import ring_pages
 
 log = logging.getLogger("balloon-lab.migration")
-
-
-def add_vmm_arguments(p) -> None:
-    """The VMM's migration options (argparse)."""
-    p.add_argument("--incoming", default=None, metavar="tcp:127.0.0.1:PORT",
-                   help="destination mode: no guest, wait for an incoming migration (PORT 0: any free port)")
-    p.add_argument("--hint", default="none", choices=HINT_DESIGNS,
-                   help="free page hinting design the device offers for migration")
 
 
 @dataclass(frozen=True)
@@ -125,7 +115,7 @@ class _Port:
         """Pages of every vring the device knows: the device writes the used rings
         (QEMU marks those pages dirty when it does), so they go in stop-and-copy."""
         def collect() -> np.ndarray:
-            parts = [ring_pages(v.size, v.desc, v.avail, v.used) for v in self.handles.device.vrings.values()]
+            parts = [v.pages() for v in self.handles.device.vrings.values()]
             pf = np.concatenate(parts) if parts else np.zeros(0, np.int64)
             return np.unique(pf[self.handles.ram.layout.ram_pfn_mask(pf)])
         return self.ctl.run_in_loop(collect)
@@ -140,7 +130,7 @@ class _Port:
                                "free_page_hint_cmd_id": d.config.free_page_hint_cmd_id,
                                "poison_val": d.config.poison_val},
                     "device_features": d.device_features, "driver_features": d.driver_features, "status": d.status,
-                    "queues": {str(i): {"size": v.size, "desc": v.desc, "avail": v.avail, "used": v.used,
+                    "queues": {str(i): {"size": v.size, "desc": v.desc_gpa, "avail": v.avail_gpa, "used": v.used_gpa,
                                         **(d.queues[i].state() if i in d.queues else {})}
                                for i, v in d.vrings.items()},
                     "ballooned_runs": [starts.tolist(), lens.tolist()]}

@@ -1,7 +1,7 @@
 """What the balloon device counts, declared once: one documented metric per counter.
 
-Like Firecracker's balloon metrics.rs: the device (device/host/balloon_device.py) and
-the page-reporting queue (device/host/page_reporting_device.py) fill these records;
+Like Firecracker's balloon metrics.rs: the device (device/vmm/balloon_device.py) and
+the page-reporting queue (device/vmm/page_reporting_device.py) fill these records;
 their snapshots cross to the lab as dicts that the declarations describe (kind, unit,
 one line of doc), so the lab never guesses what a number is.
 """
@@ -16,7 +16,7 @@ from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet,
 
 
 # What the device counts per direction (DeviceOpCounters, and its snapshot's "runs").
-DEVICE_OP_METRICS = MetricSet("device/host/balloon_metrics.py DEVICE_OP_METRICS", [
+DEVICE_OP_METRICS = MetricSet("device/vmm/balloon_metrics.py DEVICE_OP_METRICS", [
     Metric("requests", COUNTER, "", "inflate/deflate requests (descriptor chains) the device served"),
     Metric("pages", COUNTER, "", "pages the device accepted into (or out of) the balloon"),
     Metric("discard_calls", COUNTER, "", "madvise/fallocate system calls that discarded guest memory"),
@@ -33,7 +33,7 @@ DEVICE_OP_METRICS = MetricSet("device/host/balloon_metrics.py DEVICE_OP_METRICS"
     Metric("runs", COUNTER, "", "runs of contiguous pages accepted (what a range protocol discards one call each)"),
 ])
 # The device's own counters beside the per-direction ones (BalloonDevice.counters()).
-DEVICE_METRICS = MetricSet("device/host/balloon_metrics.py DEVICE_METRICS", [
+DEVICE_METRICS = MetricSet("device/vmm/balloon_metrics.py DEVICE_METRICS", [
     Metric("budget_yields", GAUGE, "", "wake-ups that ended with work left (the device re-kicked itself)"),
     Metric("ballooned_pages", COUNTER, "", "pages in the balloon as the device sees it"),
     Metric("memfd_allocated_bytes", COUNTER, "bytes", "guest RAM the memfd holds (st_blocks), the kernel's view"),

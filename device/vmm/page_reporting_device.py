@@ -22,10 +22,10 @@ from typing import Callable
 import numpy as np
 
 from device.virtio import wire
-from device.host.balloon_device import IN_GUEST, BalloonDevice, ChainHandler
-from device.host.balloon_metrics import DeviceOpCounters
+from device.vmm.balloon_device import IN_GUEST, BalloonDevice, ChainHandler
+from device.vmm.balloon_metrics import DeviceOpCounters
 from device.virtio.features import F_REPORTING, Q_REPORTING, bit
-from device.host.host_pages import host_page_runs
+from device.vmm.huge_pages import host_page_runs
 from device.virtio.layout import PAGE_SHIFT
 from device.virtio.device_queue import DescChain
 

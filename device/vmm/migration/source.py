@@ -38,13 +38,13 @@ import numpy as np
 
 from device.virtio.ram import GuestRAM, process_rss_bytes
 from device.virtio.layout import PAGE_SIZE
-from device.host.migration import stream
+from device.vmm.migration import stream
 from device.virtio.dirty_log import DirtyLog
-from device.host.migration.pages import PageScanner
+from device.vmm.migration.pages import PageScanner
 from device.virtio.page_pattern import fingerprint_memfd
-from device.host.migration.pause import pause_guest, resume_guest
-from device.host.migration.ratelimit import TokenBucket
-from device.host.migration.stream import parse_uri
+from device.vmm.migration.pause import pause_guest, resume_guest
+from device.vmm.migration.ratelimit import TokenBucket
+from device.vmm.migration.stream import parse_uri
 
 log = logging.getLogger("balloon-lab.migration")
 

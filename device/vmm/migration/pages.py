@@ -17,7 +17,7 @@ import numpy as np
 
 from device.virtio.page_pattern import WORDS, pread_full
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE, GuestLayout
-from device.host.migration.stream import FLAG_DATA, FLAG_ZERO
+from device.vmm.migration.stream import FLAG_DATA, FLAG_ZERO
 
 CHUNK_PAGES = 2048      # 8 MiB per read buffer
 GAP_PAGES = 32          # read across gaps of up to 128 KiB rather than issue another pread

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from device.virtio import wire
-from device.host.balloon_device import ChainHandler
+from device.vmm.balloon_device import ChainHandler
 from device.virtio.features import (F_FREE_PAGE_HINT, F_PAGE_BITMAP, FREE_PAGE_HINT_CMD_ID_DONE,
                                     FREE_PAGE_HINT_CMD_ID_MIN, FREE_PAGE_HINT_CMD_ID_STOP, Q_FREE_PAGE, Q_MISC)
 from device.virtio.hint_format import BITMAP_FLAG_LAST, CMD_GET_FREE_PAGES, CMD_ID, MISC_REQUEST

@@ -4,7 +4,7 @@ The inflate path, by protocol (device/virtio/protocols.py decodes each wire form
   pfn         -> _pfns_per_page: one translation and one discard per page,
                  as QEMU does (the translations one numpy pass per request, the
                  discards a Python loop of one system call per page)
-  pfn-ranges  -> decode PFNs, merge into runs (numpy, ranges_policy), _runs
+  pfn-ranges  -> decode PFNs, merge into runs (numpy, merge_runs), _runs
   bitmap      -> decode the bitmap -> runs (numpy), _runs
   chunks      -> each descriptor is one run, _runs
 Every page the guest names is validated (RAM, not already in the balloon) before
@@ -21,18 +21,19 @@ from typing import Callable
 import numpy as np
 
 from device.virtio import wire
-from device.host.budget import WorkBudget
-from device.virtio.features import (CFG_NUM_PAGES, Q_DEFLATE, Q_INFLATE, Q_STATS, STAT_ENTRY, STAT_TAGS, BalloonConfig)
+from device.vmm.budget import WorkBudget
+from device.virtio.features import (CFG_NUM_PAGES, Q_DEFLATE, Q_INFLATE, Q_STATS, S_DRIVER_OK, STAT_ENTRY, STAT_TAGS,
+                                     BalloonConfig)
 from device.virtio.discard import discard_runs
 from device.virtio.protocols import Refusal, negotiated_wire_format
 from device.virtio.ram import GuestRAM
-from device.host.host_pages import HostPageTracker, host_page_runs
+from device.vmm.huge_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
-from device.host.balloon_metrics import DeviceOpCounters
+from device.vmm.balloon_metrics import DeviceOpCounters
 from device.virtio.stage import chain as stage_chain
 from device.virtio.transport import DeviceListener, VirtioTransport, notify
 from device.virtio.device_queue import DescChain
-from device.virtio.split_ring import RingError, ring_pages
+from device.virtio.split_ring import RingError
 
 log = logging.getLogger("balloon-lab.device")
 
@@ -65,17 +66,17 @@ def _refusal(state: int, inflate: bool) -> str:
 class BalloonDevice(VirtioTransport):
     """Serves queues 0-2 (inflate, deflate, stats) itself; whoever owns the other queues
     registers a handler for each (register_queue): the hint queues 3 and 5
-    (device/host/hint_queues.py, registered by the migration controller), free page
-    reporting on 4 (device/host/page_reporting_device.py, registered by the VMM).
+    (device/vmm/hint_queues.py, registered by the migration controller), free page
+    reporting on 4 (device/vmm/page_reporting_device.py, registered by the VMM).
     `listener` hears of kick-fd and `actual` changes (transport.DeviceListener)."""
 
-    def __init__(self, ram: GuestRAM, device_features: int, *, ranges_policy: bool = False,
+    def __init__(self, ram: GuestRAM, device_features: int, *, merge_runs: bool = False,
                  discard: str = "madvise", partial_tracking: str = "full",
                  listener: DeviceListener | None = None) -> None:
         super().__init__(ram, device_features, listener)
         self.layout = ram.layout
         self.config = BalloonConfig()
-        self.ranges_policy = ranges_policy      # pfn-ranges: merge PFNs into runs first
+        self.merge_runs = merge_runs      # pfn-ranges: merge PFNs into runs first
         self.discard_method = discard
         # One byte per PFN up to max_pfn: 1 = in the balloon. A bytearray is fast to
         # index from the per-page PFN loop; the numpy view serves the range paths.
@@ -118,8 +119,12 @@ class BalloonDevice(VirtioTransport):
         self.listener.actual_changed(new.actual)
 
     def set_target_pages(self, num_pages: int) -> None:
+        """The new target goes into config space at once; only a driver that is up is
+        told (QEMU's virtio_notify_config does nothing before DRIVER_OK): one coming up
+        reads num_pages at the end of its probe."""
         self.config.num_pages = num_pages
-        self.signal_config()
+        if self.status & S_DRIVER_OK:
+            self.signal_config()
 
     def activate(self) -> None:
         # re-activation without a reset: the old queues' requests still owe discards;
@@ -130,7 +135,7 @@ class BalloonDevice(VirtioTransport):
         super().activate()
         # The pages the queues live in are never discarded, whatever the guest names.
         for v in self.vrings.values():
-            self.ballooned_np[ring_pages(v.size, v.desc, v.avail, v.used)] = QUEUE_MEMORY
+            self.ballooned_np[v.pages()] = QUEUE_MEMORY
 
     @property
     def ballooned_pages(self) -> int:
@@ -149,7 +154,7 @@ class BalloonDevice(VirtioTransport):
     # --- queue processing -----------------------------------------------------------------
     def process_queue(self, index: int, budget: WorkBudget | None = None) -> None:
         """A kick arrived on `index`: serve available chains until none is left or the
-        wake-up's budget (device/host/budget.py: descriptors, bytes, discards) is spent.
+        wake-up's budget (device/vmm/budget.py: descriptors, bytes, discards) is spent.
         Without a budget (direct callers, tests) the work is unbounded."""
         if not self.live:
             self.refuse("queue-before-driver-ok" if not self.status & 4 else "queue-after-reset",
@@ -271,7 +276,7 @@ class BalloonDevice(VirtioTransport):
         ctr.bytes_on_ring += request.ring_bytes
         runs = request.runs
         if runs is None:                 # a PFN array: per page, or merged into runs (pfn-ranges)
-            if self.ranges_policy:
+            if self.merge_runs:
                 runs = wire.pfns_to_runs(request.pfns.astype(np.int64))
             else:
                 self._pfns_per_page(request.pfns, ctr, inflate)

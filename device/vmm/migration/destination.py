@@ -21,8 +21,8 @@ import numpy as np
 
 from device.virtio.ram import GuestRAM, process_rss_bytes
 from device.virtio.layout import PAGE_SIZE, BadAddress, GuestLayout
-from device.host.migration import stream
-from device.host.migration.pages import runs
+from device.vmm.migration import stream
+from device.vmm.migration.pages import runs
 from device.virtio.page_pattern import fingerprint_memfd
 
 log = logging.getLogger("balloon-lab.migration")

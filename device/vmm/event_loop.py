@@ -2,7 +2,7 @@
 
 One thread serves the monitor, the control socket and every queue. A wake-up is one
 select(): every ready fd's handler is served with the wake-up's shared WorkBudget
-(device/host/budget.py), the guest's queue work last, so it never delays a monitor
+(device/vmm/budget.py), the guest's queue work last, so it never delays a monitor
 answer; its CPU time is measured (getrusage, this thread), because a wake-up's CPU
 time is how long the monitor may have to wait. The fuzzer (fuzz/) drives this same
 code, one wake-up at a time, and checks every wake-up against its bound: the bound is
@@ -22,9 +22,9 @@ import selectors
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from device.host.balloon_device import BalloonDevice
-from device.host.budget import WorkBudget, cpu_time
-from device.host.control_peer import ControlService, DeviceChannel
+from device.vmm.balloon_device import BalloonDevice
+from device.vmm.budget import WorkBudget, cpu_time
+from device.vmm.control_peer import ControlService, DeviceChannel
 
 SLOW_WAKEUP_S = 0.010         # counted in the VMM's `loop.wakeups_over_10ms_cpu`
 

@@ -34,7 +34,7 @@ from device.virtio.metric_decl import COUNTER, Metric, MetricSet, declared_by
 PARTIAL_TRACKING = ("full", "qemu")
 
 # HostPageTracker.snapshot(): what the tracker holds and did (huge backings only).
-HOST_PAGE_METRICS = MetricSet("device/host/host_pages.py HOST_PAGE_METRICS", [
+HOST_PAGE_METRICS = MetricSet("device/vmm/huge_pages.py HOST_PAGE_METRICS", [
     Metric("discarded_host_pages", COUNTER, "", "host pages the device chose to discard"),
     Metric("completed_requests", COUNTER, "", "requests that completed at least one host page"),
     Metric("dropped_partials", COUNTER, "", "qemu tracking: partial bitmaps given up on"),

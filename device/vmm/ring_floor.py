@@ -1,6 +1,6 @@
 """The ring's floor on this machine: what the lab's own machinery cannot go below.
 
-    python -m device.host.ring_floor [--round-trips N] [--guest-mib M] [--json]
+    python -m device.vmm.ring_floor [--round-trips N] [--guest-mib M] [--json]
 
 Two figures, measured now, in the processes the lab runs (this one is the VMM's kind,
 the peer it spawns the guest's: `python -m device.guest.ring_peer`, same interpreter,
@@ -103,7 +103,7 @@ def measure(round_trips: int = ROUND_TRIPS, guest_mib: int = 2048) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="device.host.ring_floor", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="device.vmm.ring_floor", description=__doc__.splitlines()[0])
     p.add_argument("--round-trips", type=int, default=ROUND_TRIPS)
     p.add_argument("--guest-mib", type=int, default=2048, help="the guest whose region table translates")
     p.add_argument("--json", action="store_true", help="print one JSON object")
