@@ -25,7 +25,7 @@ from lab.trials.experiment import run_experiment
 from lab.trials.arm_trial import trial_fn
 from lab.trials.spec import BALLOON_ARMS, ExperimentSpec
 from lab.store.store import Store
-from probes.session import CONCERNS, ProbeSession
+from probes.session import CONCERNS, DEFAULT_CONCERNS, ProbeSession
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,15 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=5, help="twin pairs per arm and probe set")
     ap.add_argument("--arms", default=",".join(BALLOON_ARMS))
     ap.add_argument("--workload", default="aged")
-    ap.add_argument("--sets", default=",".join(CONCERNS) + ",all",
-                    help="probe sets to measure: concern names and/or 'all'")
+    ap.add_argument("--sets", default=",".join(DEFAULT_CONCERNS) + ",pagefree,default,all",
+                    help="probe sets to measure: concern names (syscall-time goes with madvise), 'default' "
+                         "(the default set) and/or 'all' (the opt-in ones too)")
     ap.add_argument("--db", type=Path, default=None, help="keep the runs in this database")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     sets = [s.strip() for s in a.sets.split(",") if s.strip()]
-    unknown = [s for s in sets if s != "all" and s not in CONCERNS]
+    unknown = [s for s in sets if s not in ("all", "default") and s not in CONCERNS]
     if unknown:
-        print(f"error: unknown probe set(s) {unknown}: choose from {', '.join(CONCERNS)}, all", file=sys.stderr)
+        print(f"error: unknown probe set(s) {unknown}: choose from {', '.join(CONCERNS)}, default, all",
+              file=sys.stderr)
         return 2
     tmp = tempfile.TemporaryDirectory(prefix="probe-overhead-") if a.db is None else None
     db = a.db or Path(tmp.name) / "overhead.db"
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     load0 = environment.loadavg()
     with Store(db) as store:
         for name in sets:
-            concerns = CONCERNS if name == "all" else (name,)
+            concerns = {"all": CONCERNS, "default": DEFAULT_CONCERNS,
+                        "syscall-time": ("madvise", "syscall-time")}.get(name, (name,))
             spec = ExperimentSpec(name=f"probe-overhead-{name}", arms=a.arms.split(","), guest_mib=a.guest_mib,
                                   inflate_mib=a.inflate_mib, workload=a.workload, trials=a.pairs, warmups=0,
                                   probes=True, twins=True)

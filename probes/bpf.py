@@ -2,19 +2,29 @@
 
 One module per session: common.h plus each concern's C file, compiled once by BCC
 (clang costs 1-3 s per compile on the lab's machines), reused across trials. The
-concerns share the target-pid map, and the stage probe shares its per-thread stage
-stack with the madvise probe, which is why they are one module and not four.
+concerns share the target-pid map, the madvise and kicks probes share one program on
+the system-call exit (syscalls.c), and the stage probe shares its per-thread stage
+stack with the madvise probe, which is why they are one module and not several.
+Every program is a raw tracepoint (or the stage probe's uprobe): `suspend()` detaches
+them all, `resume()` attaches them again, and `program_stats()` reads what the kernel
+measured of each (probes/bpf_stats.py).
 """
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib
 import sys
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from probes.bpf_stats import ProgStats, prog_stats
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from system.signals import signals_deferred
 
@@ -136,13 +146,14 @@ class Concern:
     name: str = ""
     c_file: str = ""
     order: int = 0            # composition order: stages.c must come before madvise.c
+    syscalls: bool = False    # served by syscalls.c's program on the system-call exit
 
     def cflags(self) -> list[str]:
         """-D flags for this kernel; raises ConcernUnavailable if the probe cannot be built."""
         return []
 
     def source(self) -> str:
-        return (PROBES_DIR / self.c_file).read_text()
+        return (PROBES_DIR / self.c_file).read_text() if self.c_file else ""
 
     def read(self, bpf: Any, targets: list[int]) -> Any:
         """Counters since the last clear; targets[i] is the pid of target slot i (0 = free)."""
@@ -153,7 +164,24 @@ class Concern:
 
 
 LAB_MAX_TARGETS = 8             # common.h
-COLLISIONS = ("syscall", "read", "stage")
+COLLISIONS = ("syscall", "stage")
+# syscalls.c reads the arguments from x86-64's saved registers; the numbers are its ABI's.
+SYSCALL_NUMBERS = {"x86_64": {"NR_READ": 0, "NR_WRITE": 1, "NR_MADVISE": 28, "NR_FALLOCATE": 285}}
+
+
+def syscall_cflags() -> list[str]:
+    """-D flags with this machine's syscall numbers for syscalls.c; ConcernUnavailable on
+    another machine or a kernel without the raw_syscalls tracepoints."""
+    from probes.tracefs import tracepoint_exists
+
+    machine = platform.machine()
+    numbers = SYSCALL_NUMBERS.get(machine)
+    if numbers is None:
+        raise ConcernUnavailable(f"the syscall probes read x86-64 registers; this machine is {machine}")
+    for ev in ("sys_enter", "sys_exit"):
+        if not tracepoint_exists("raw_syscalls", ev):
+            raise ConcernUnavailable(f"tracepoint raw_syscalls:{ev} missing")
+    return [f"-D{k}={v}" for k, v in numbers.items()]
 MAX_TID_SLOTS = 1 << 16
 MAX_STAGE_TID_SLOTS = 1 << 14
 
@@ -173,16 +201,24 @@ def tid_slots() -> int:
     return n
 
 
-def array_items(table: Any) -> list[tuple[int, Any]]:
-    """(index, value) of every entry of a BPF array, in one batch syscall where the kernel allows.
+def array_words(table: Any) -> "np.ndarray":
+    """Every entry of a BPF array of u64 words as a (entries, words) uint64 matrix; a per-CPU
+    array's entries summed over the CPUs. One batch syscall where the kernel allows."""
+    import numpy as np      # here, not at the top: probed processes import probes.stages's helpers
 
-    Struct values come as ctypes structs, integer values as plain ints.
-    """
+    percpu = hasattr(table, "total_cpu")
+    leaf = table.sLeaf if percpu else table.Leaf
+    words = ctypes.sizeof(leaf) // 8
+    n = len(table)
     try:
-        items = [(int(k), v) for k, v in table.items_lookup_batch()]
+        raw = b"".join(bytes(v) for _, v in table.items_lookup_batch())
+        if len(raw) != n * ctypes.sizeof(table.Leaf):
+            raise ValueError("short batch")
     except Exception:
-        items = [(k.value, v) for k, v in table.items()]
-    return [(k, v if hasattr(v, "_fields_") else int(getattr(v, "value", v))) for k, v in items]
+        raw = b"".join(bytes(table[table.Key(i)]) if not percpu else bytes(table.getvalue(table.Key(i)))
+                       for i in range(n))
+    m = np.frombuffer(raw, dtype=np.uint64).reshape(n, table.total_cpu if percpu else 1, words)
+    return m.sum(axis=1, dtype=np.uint64)
 
 
 def array_zero(table: Any) -> None:
@@ -198,7 +234,9 @@ def array_zero(table: Any) -> None:
 
 
 class BpfModule:
-    """The compiled, loaded module; tracepoint programs attach at load (BCC autoload)."""
+    """The compiled, loaded module; its raw tracepoint programs attach at load (BCC autoload)."""
+
+    RAW_PREFIX = b"raw_tracepoint__"
 
     def __init__(self, concerns: list[Concern], usdt_text: str = "", debug: int = 0) -> None:
         bcc = import_bcc()
@@ -210,10 +248,14 @@ class BpfModule:
         parts = [(PROBES_DIR / "common.h").read_text()]
         for c in self.concerns:
             cflags += c.cflags()
-            parts.append(f"/* ---- {c.c_file} ---- */\n" + c.source())
+            if c.c_file:
+                parts.append(f"/* ---- {c.c_file} ---- */\n" + c.source())
+        if any(c.syscalls for c in self.concerns):
+            cflags += syscall_cflags()
+            parts.append("/* ---- syscalls.c ---- */\n" + (PROBES_DIR / "syscalls.c").read_text())
         self.text = usdt_text + "\n".join(parts)
         self.bpf = bcc.BPF(text=self.text.encode(), cflags=cflags, debug=debug)
-        self.tracepoints: list[bytes] = list(self.bpf.tracepoint_fds.keys())
+        self.raw_tracepoints: list[bytes] = list(self.bpf.raw_tracepoint_fds.keys())
         self.suspended = False
 
     def set_targets(self, pids: list[int]) -> None:
@@ -232,21 +274,29 @@ class BpfModule:
         array_zero(self.bpf[b"lab_collisions"])
 
     def suspend(self) -> None:
-        """Detach the tracepoint programs (the module stays loaded: resume() costs no compile).
+        """Detach the raw tracepoint programs (the module stays loaded: resume() costs no compile).
         Ctrl-C and SIGTERM wait until BCC's bookkeeping matches the kernel's (system/signals.py)."""
         if not self.suspended:
             with signals_deferred():
-                for tp in self.tracepoints:
-                    self.bpf.detach_tracepoint(tp)
+                for tp in self.raw_tracepoints:
+                    self.bpf.detach_raw_tracepoint(tp)
                 self.suspended = True
 
     def resume(self) -> None:
         if self.suspended:
             with signals_deferred():
-                for tp in self.tracepoints:
-                    cat, ev = tp.split(b":", 1)
-                    self.bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + cat + b"__" + ev)
+                for tp in self.raw_tracepoints:
+                    self.bpf.attach_raw_tracepoint(tp=tp, fn_name=self.RAW_PREFIX + tp)
                 self.suspended = False
+
+    def program_stats(self) -> dict[str, ProgStats]:
+        """The kernel's counters of every loaded program, by the name the lab shows
+        (the tracepoint's, or the function's for the USDT program)."""
+        out = {}
+        for fn, f in self.bpf.funcs.items():
+            name = fn[len(self.RAW_PREFIX):] if fn.startswith(self.RAW_PREFIX) else fn
+            out[name.decode()] = prog_stats(f.fd)
+        return out
 
     def close(self) -> None:
         """Detach and free everything, once: BCC's own atexit hook is taken off, so a

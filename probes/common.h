@@ -1,35 +1,40 @@
 /* common.h: what every balloon-lab probe shares.
  *
  * The loader (probes/bpf.py) composes one BPF module from this header and the
- * concern files (stages.c, madvise.c, kicks.c, pagealloc.c) so that they share the
- * target filter and one clang compile serves all of them. Programs read only
- * tracepoint arguments, USDT arguments and helpers: the kernel headers on the lab's
- * machines do not match the running kernel, so no kernel struct is dereferenced.
+ * concern files (stages.c, madvise.c, kicks.c, pagealloc.c, pagefree.c, then
+ * syscalls.c, the one program on the syscall exit that madvise.c and kicks.c share)
+ * so that they share the target filter and one clang compile serves all of them.
+ * Programs read tracepoint arguments, USDT arguments, the saved user registers of a
+ * system call (struct pt_regs, the ptrace ABI's fixed layout) and helpers: the kernel
+ * headers on the lab's machines do not match the running kernel, so no other kernel
+ * struct is dereferenced.
  *
- * Cost matters on these paths (a madvise per page at GiB scale): hash-map
- * operations cost ~0.2-0.3 us each on the lab's VM, array lookups almost nothing
- * (the verifier inlines them). So targets live in one array entry searched by an
- * unrolled loop, per-target counters are indexed by the target's slot, and
- * per-thread state lives in arrays indexed by tid & (LAB_TID_SLOTS - 1), each entry
- * stamped with its owner tid. LAB_TID_SLOTS is pid_max rounded up to a power of two
- * (capped, see probes/bpf.py): with pid_max <= the slot count two threads can never
- * share an entry; past the cap a clash is counted in lab_collisions, never
- * misattributed.
+ * Cost matters on these paths (a madvise per page at GiB scale, a page free per page
+ * in every arm), and the kernel measures it per program (bpf_stats, probes/bpf_stats.py):
+ * - raw tracepoints, never perf tracepoints: no event record is built per event;
+ * - the target check first, so a process that is not probed leaves at once;
+ * - counters in per-CPU arrays: plain increments, no atomic instruction, no hash;
+ * - targets in one array entry searched by an unrolled loop; per-target counters are
+ *   indexed by the target's slot; per-thread state (only where a pair of events must be
+ *   matched: a syscall's entry and exit for its kernel time, a stage's markers) lives in
+ *   arrays indexed by tid & (LAB_TID_SLOTS - 1), each entry stamped with its owner tid.
+ *   LAB_TID_SLOTS is pid_max rounded up to a power of two (capped, see probes/bpf.py):
+ *   with pid_max <= the slot count two threads can never share an entry; past the cap a
+ *   clash is counted in lab_collisions, never misattributed.
  */
 #include <uapi/linux/ptrace.h>
 
 #define LAB_MAX_TARGETS 8
 
 #define COLL_SYSCALL 0      /* a thread's in-flight madvise/fallocate entry taken by another tid */
-#define COLL_READ    1      /* same for an in-flight eventfd read */
-#define COLL_STAGE   2      /* a thread's open stages taken over by another tid */
+#define COLL_STAGE   1      /* a thread's open stages taken over by another tid */
 
 struct lab_targets {
     u32 pid[LAB_MAX_TARGETS];   /* tgids; 0 = free slot */
 };
 
 BPF_ARRAY(lab_targets, struct lab_targets, 1);
-BPF_ARRAY(lab_collisions, u64, 4);
+BPF_ARRAY(lab_collisions, u64, 2);             /* rare: shared, atomic adds */
 
 /* The slot (0..LAB_MAX_TARGETS-1) of tgid among the targets, or -1. */
 static __always_inline int lab_target_slot(u32 tgid)

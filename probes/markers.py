@@ -4,7 +4,8 @@ Convention: sys.audit("balloon-lab:<stage>:b") when a stage begins and
 sys.audit("balloon-lab:<stage>:e") when it ends, in the same thread, once per batch
 (never per page). <stage> is 1-15 characters of [a-z0-9_-]. Python fires the
 `python:audit` USDT marker only while a probe is attached (USDT semaphore), so an
-unprobed marker costs a function call; a probed one a uprobe trap (~1-3 us).
+unprobed marker costs a function call; a probed one a uprobe trap (measured per session,
+probes/costs.py).
 The format and the `stage` context manager are written once, in device/virtio/stage.py
 (the device and the driver time their stages with it); this module names them for the probes.
 """
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import sys
 
-from device.virtio.stage import NAME_MAX, PREFIX, check_name, event, stage
+from device.virtio.stage import NAME_MAX, PREFIX, chain, check_name, event, stage
 
 STAGES = ("alloc", "encode", "transmit", "translate", "discard", "inflate", "deflate")
-__all__ = ["NAME_MAX", "PREFIX", "STAGES", "begin", "check_name", "end", "event", "prefix_words", "stage"]
+__all__ = ["NAME_MAX", "PREFIX", "STAGES", "begin", "chain", "check_name", "end", "event", "prefix_words", "stage"]
 
 
 def begin(stage: str) -> None:

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from probes.session import CONCERNS, ProbeReading, ProbeSession
+from probes.session import CONCERNS, DEFAULT_CONCERNS, ProbeReading, ProbeSession
 
 PAGE = 4096
 
@@ -179,7 +179,8 @@ def run_benchmarks(pages: int = 262144, repeats: int = 5) -> list[OverheadResult
     """The figures in docs/PROBES.md (one session per probe set: compile once, interleave runs)."""
     out: list[OverheadResult] = []
     loop = MadviseLoop(pages)
-    for concerns in [(c,) for c in CONCERNS] + [CONCERNS]:
+    for concerns in [(c,) for c in DEFAULT_CONCERNS] + [("pagefree",), ("madvise", "syscall-time"), DEFAULT_CONCERNS,
+                                                       CONCERNS]:
         out.append(measure_overhead(loop, repeats, concerns=concerns, ops=pages, setup=loop.populate,
                                     label=f"madvise-loop/{'+'.join(concerns)}"))
     s = ProbeSession(concerns=("kicks",))

@@ -5,6 +5,13 @@ across trials (clear() between them), and never crashes the experiment: when eBP
 is unavailable (not root, no BCC, no headers, no tracefs, a load failure) the
 session runs degraded: backend "none", the reason recorded, a loud banner printed
 to stderr once per process, and every method a no-op whose reading says so.
+
+While its programs are attached the kernel's run-time statistics are on
+(probes/bpf_stats.py), and every reading says what each program cost in its window
+(probes/costs.py). Two concerns are opt-in (OPT_IN): `pagefree` runs once per freed
+page in every arm, `syscall-time` adds a program at every system call's entry and two
+clock reads per madvise/fallocate; the default set (DEFAULT_CONCERNS) keeps within
+the lab's 5 % budget (docs/PROBES.md has the measurements).
 """
 from __future__ import annotations
 
@@ -12,18 +19,26 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
 from system.signals import signals_deferred
-from probes.bpf import LAB_MAX_TARGETS, BpfModule, Concern, ConcernUnavailable, ProbeUnavailable, preflight
+from probes import costs
+from probes.bpf import (LAB_MAX_TARGETS, BpfModule, Concern, ConcernUnavailable, ProbeUnavailable, array_words,
+                        array_zero, preflight)
+from probes.bpf_stats import ProgStats, all_programs, stats_enabled
 from probes.kicks import KINDS, OPS, KicksProbe, KicksReading
 from probes.madvise import MadviseProbe, MadviseReading
-from probes.pagealloc import PageAllocProbe, PageAllocReading
+from probes.markers import STAGES
+from probes.pagealloc import PageAllocProbe
+from probes.pagefree import PageFreeProbe
 from probes.stages import StagesProbe, StagesReading, audit_semaphore, exe_has_audit
 
-CONCERNS = ("madvise", "kicks", "pagealloc", "stages")
+DEFAULT_CONCERNS = ("madvise", "kicks", "pagealloc", "stages")
+OPT_IN = ("pagefree", "syscall-time")
+CONCERNS = DEFAULT_CONCERNS + OPT_IN
 _banner_shown = False
 
 
@@ -78,10 +93,21 @@ PROBE_METRICS = MetricSet("probes/session.py PROBE_METRICS", [
     Metric("eventfd_writes", GAUGE, "", "writes to any registered eventfd"),
     Metric("page_allocs", GAUGE, "", "kmem:mm_page_alloc events of the probed processes"),
     Metric("page_alloc_pages", GAUGE, "", "pages those allocations took (2^order each)"),
-    Metric("page_frees", GAUGE, "", "kmem:mm_page_free events"),
-    Metric("page_free_pages", GAUGE, "", "pages those frees returned"),
-    Metric("page_frees_batched", GAUGE, "", "kmem:mm_page_free_batched events"),
+    Metric("page_frees", GAUGE, "", "kmem:mm_page_free events (opt-in pagefree)"),
+    Metric("page_free_pages", GAUGE, "", "pages those frees returned (opt-in pagefree)"),
+    Metric("page_frees_batched", GAUGE, "", "kmem:mm_page_free_batched events (opt-in pagefree)"),
     Metric("page_faults", GAUGE, "", "user page faults (exceptions:page_fault_user)"),
+    Metric("programs.*.events", GAUGE, "", "runs of this BPF program in the reading's window, every process's "
+           "(bpf_stats run_cnt), or the events a calibrated cost is charged for (syscall_hook: the probed "
+           "processes' syscalls; usdt_trap: stage markers) (probes/costs.py)"),
+    Metric("programs.*.probed_events", GAUGE, "", "of those runs, the probed processes' (the program's own count)"),
+    Metric("programs.*.ns_per_event", TIMING, "ns", "mean cost per event: the program's run time per run "
+           "(bpf_stats), or the session's calibration (syscall_hook, usdt_trap)"),
+    Metric("programs.*.ms", TIMING, "ms", "what this program (or hook, or trap) cost in the window"),
+    Metric("probe_cost_ms", TIMING, "ms", "the probes' measured cost in the window: the sum of programs.*.ms"),
+    Metric("foreign_bpf.programs", GAUGE, "", "other tools' BPF programs on the machine that ran in the window"),
+    Metric("foreign_bpf.events", GAUGE, "", "their runs (every process's; bpf_stats)"),
+    Metric("foreign_bpf.ms", TIMING, "ms", "their run time in the window (not the lab's cost: the machine's)"),
     Metric("advice.*", COUNTER, "", "madvise calls per advice (MADV_REMOVE, ...)"),
     Metric("fallocate_modes.*", COUNTER, "", "fallocate calls per mode"),
     *(_eventfd_metric(kind, op) for kind in KINDS for op in OPS),
@@ -134,6 +160,9 @@ class ProbeReading:
     stage_anomalies: dict[str, int] = field(default_factory=dict)
     collisions: dict[str, int] = field(default_factory=dict)        # per-thread entries lost to a tid clash
     hists: dict[str, Any] = field(default_factory=dict)
+    programs: dict[str, dict[str, float]] = field(default_factory=dict)   # probes/costs.py: {name: {events, ns_per_event, ms}}
+    probe_cost_ms: float | None = None                              # sum of programs' ms (None: bpf_stats unavailable)
+    foreign_bpf: dict[str, float] = field(default_factory=dict)    # other tools' BPF programs: {programs, events, ms}
     missing: dict[str, str] = field(default_factory=dict)          # probe or pid -> why it is not measured
 
     def to_json(self) -> dict[str, Any]:
@@ -144,6 +173,26 @@ class ProbeReading:
 
     def dumps(self, **kw: Any) -> str:
         return json.dumps(self.to_json(), **kw)
+
+
+def check_concerns(concerns: Iterable[str]) -> list[str]:
+    """The concerns in CONCERNS order; ValueError naming the choices for an unknown one."""
+    given = set(concerns)
+    unknown = given - set(CONCERNS)
+    if unknown:
+        raise ValueError(f"unknown probe(s) {sorted(unknown)}: choose from {', '.join(CONCERNS)} "
+                         f"(opt-in: {', '.join(OPT_IN)})")
+    if "syscall-time" in given and "madvise" not in given:
+        raise ValueError("probe syscall-time times the madvise probe's calls: add madvise")
+    return [c for c in CONCERNS if c in given]
+
+
+def _stage_json(s: Any, timed: bool) -> dict[str, Any]:
+    """A stage's totals; its syscalls' kernel ns are None (not measured) without syscall-time."""
+    d = asdict(s)
+    if not timed:
+        d["madvise_kernel_ns"] = d["fallocate_kernel_ns"] = None
+    return d
 
 
 def _pid_list(pids: Iterable[int]) -> list[int]:
@@ -159,11 +208,8 @@ def _pid_list(pids: Iterable[int]) -> list[int]:
 class ProbeSession:
     """All probes, attached to a set of pids; see the module docstring for degraded mode."""
 
-    def __init__(self, enabled: bool = True, concerns: Iterable[str] = CONCERNS, quiet: bool = False) -> None:
-        unknown = set(concerns) - set(CONCERNS)
-        if unknown:
-            raise ValueError(f"unknown probe(s) {sorted(unknown)}: choose from {', '.join(CONCERNS)}")
-        self.wanted = [c for c in CONCERNS if c in set(concerns)]
+    def __init__(self, enabled: bool = True, concerns: Iterable[str] = DEFAULT_CONCERNS, quiet: bool = False) -> None:
+        self.wanted = check_concerns(concerns)
         self.quiet = quiet
         self.backend = "bcc"
         self.reason: str | None = None
@@ -174,6 +220,11 @@ class ProbeSession:
         self.probes: dict[str, Concern] = {}
         self.closed = False
         self._t0 = time.monotonic()
+        self._stats = ExitStack()                 # bpf_stats on while programs are attached
+        self._stats_how: str | None = None
+        self._progs0: dict[str, ProgStats] = {}   # program counters at the window's start
+        self._machine0: dict[int, ProgStats] = {}  # every BPF program's on the machine, likewise
+        self.calibration: costs.Calibration | None = None
         if not enabled:
             self._degrade("probes disabled by the caller (enabled=False)", "", banner=False)
             return
@@ -188,6 +239,7 @@ class ProbeSession:
 
     def _unload(self) -> None:
         """Detach every program and free the BPF module (never raises: teardown)."""
+        self._stats_off()
         if self.module is not None:
             with signals_deferred():
                 try:
@@ -231,10 +283,12 @@ class ProbeSession:
         return bool(self._guard("loading the BPF probes", self._load, usdt_pid))
 
     def _load(self, usdt_pid: int | None) -> bool:
-        factories = {"madvise": MadviseProbe, "kicks": KicksProbe, "pagealloc": PageAllocProbe,
-                     "stages": StagesProbe}
+        factories = {"madvise": lambda: MadviseProbe(timed="syscall-time" in self.wanted), "kicks": KicksProbe,
+                     "pagealloc": PageAllocProbe, "pagefree": PageFreeProbe, "stages": StagesProbe}
         usable: dict[str, Concern] = {}
         for name in self.wanted:
+            if name not in factories:           # syscall-time: a flag of the madvise probe
+                continue
             c = factories[name]()
             try:
                 c.cflags()
@@ -259,8 +313,48 @@ class ProbeSession:
             raise ProbeUnavailable("no probe can be built on this kernel: " + "; ".join(self.missing.values()))
         self.module = BpfModule(list(usable.values()), usdt_text=usdt_text)
         self.probes = usable
+        if isinstance(usable.get("stages"), StagesProbe):
+            usable["stages"].intern(self.module.bpf, STAGES)
+        self._stats_on()
+        self._calibrate()                 # with no process probed
         self.module.set_targets(self.pids)
+        self._progs0, self._machine0 = self._snapshot()
         return True
+
+    # --- what the probes cost ---------------------------------------------------------
+    def _stats_on(self) -> None:
+        """The kernel's run-time statistics on (kept on until suspend() or detach())."""
+        if self._stats_how is None:
+            try:
+                self._stats_how = self._stats.enter_context(stats_enabled())
+                self.missing.pop("bpf_stats", None)
+            except OSError as e:
+                self.missing["bpf_stats"] = f"per-program costs not measured: {e}"
+
+    def _stats_off(self) -> None:
+        self._stats.close()
+        self._stats_how = None
+
+    def _snapshot(self) -> tuple[dict[str, ProgStats], dict[int, ProgStats]]:
+        """This session's programs' counters, and every BPF program's on the machine."""
+        if self.module is None or not self._stats_how:
+            return {}, {}
+        return self.module.program_stats(), all_programs()
+
+    def _calibrate(self) -> None:
+        """Measure the two costs outside the programs' run time, once (probes/costs.py)."""
+        assert self.module is not None
+        if not self._stats_how:
+            return
+        st = self.probes.get("stages")
+        trap = None
+        if isinstance(st, StagesProbe) and exe_has_audit(os.getpid()):
+            try:
+                trap = costs.calibrate_usdt_trap(self.module, st)
+            except Exception as e:       # e.g. this interpreter's markers differ from the targets'
+                self.missing["usdt_trap"] = f"USDT trap cost not calibrated: {e}"
+        self.calibration = costs.Calibration(syscall_hook_ns=costs.calibrate_syscall_hook(self.module),
+                                             usdt_trap_ns=trap)
 
     # --- targets --------------------------------------------------------------------
     def attach(self, pids: list[int]) -> None:
@@ -350,6 +444,7 @@ class ProbeSession:
         assert self.module is not None
         self._stages_detach_all()
         self.module.suspend()
+        self._stats_off()
 
     def resume(self) -> None:
         if self.active and self.module is not None:
@@ -357,6 +452,7 @@ class ProbeSession:
 
     def _resume(self) -> None:
         assert self.module is not None
+        self._stats_on()
         self.module.resume()
         self._stages_attach(self.pids)
 
@@ -372,6 +468,9 @@ class ProbeSession:
         for c in self.probes.values():
             c.clear(self.module.bpf)
         self.module.clear_collisions()
+        if any(c.syscalls for c in self.probes.values()):
+            array_zero(self.module.bpf[b"lab_syscalls"])
+        self._progs0, self._machine0 = self._snapshot()
 
     def read(self) -> ProbeReading:
         if self.active and self.module is not None:
@@ -385,26 +484,28 @@ class ProbeSession:
     def _read(self) -> ProbeReading:
         assert self.module is not None
         bpf = self.module.bpf
+        progs1, machine1 = self._snapshot()
         r = ProbeReading(backend="bcc", pids=list(self.pids), seconds=time.monotonic() - self._t0,
                          missing=dict(self.missing))
         per_pid: dict[int, dict[str, Any]] = {p: {} for p in self.pids}
         m = self.probes.get("madvise")
-        if m is not None:
+        if isinstance(m, MadviseProbe):
             mr: MadviseReading = m.read(bpf, self.module.targets)
             for sc in ("madvise", "fallocate"):
                 t = mr.total(sc)
                 setattr(r, f"{sc}_calls", t.calls)
-                setattr(r, f"{sc}_kernel_ns", t.ns)
+                setattr(r, f"{sc}_kernel_ns", t.ns if mr.timed else None)
                 setattr(r, f"{sc}_errors", t.errors)
                 setattr(r, f"{sc}_bytes", t.bytes)
                 for p in mr.pids() | set(self.pids):
                     tp = mr.total(sc, p)
                     d = per_pid.setdefault(p, {})
-                    d[f"{sc}_calls"], d[f"{sc}_kernel_ns"], d[f"{sc}_errors"] = tp.calls, tp.ns, tp.errors
+                    d[f"{sc}_calls"], d[f"{sc}_errors"] = tp.calls, tp.errors
+                    d[f"{sc}_kernel_ns"] = tp.ns if mr.timed else None
             r.advice, r.fallocate_modes = mr.by_op("madvise"), mr.by_op("fallocate")
             r.hists.update(mr.hists())
         k = self.probes.get("kicks")
-        if k is not None:
+        if isinstance(k, KicksProbe):
             kr: KicksReading = k.read(bpf, self.module.targets)
             r.kicks, r.interrupts, r.config_notifications = kr.kicks, kr.interrupts, kr.config_notifications
             r.device_wakeups, r.interrupt_reads = kr.device_wakeups, kr.interrupt_reads
@@ -418,31 +519,55 @@ class ProbeSession:
                 for kind in KINDS:
                     d[f"{kind}_writes"] = kr.total(kind, "write", p)
                     d[f"{kind}_reads"] = kr.total(kind, "read", p)
-        pa = self.probes.get("pagealloc")
-        if pa is not None:
-            pr: PageAllocReading = pa.read(bpf, self.module.targets)
-            r.page_allocs, r.page_alloc_pages = pr.total("allocs"), pr.total("alloc_pages")
-            r.page_frees, r.page_free_pages = pr.total("frees"), pr.total("free_pages")
-            r.page_frees_batched, r.page_faults = pr.total("frees_batched"), pr.total("faults")
+        self._read_pages(r, per_pid)
+        st = self.probes.get("stages")
+        if isinstance(st, StagesProbe):
+            sr: StagesReading = st.read(bpf, self.module.targets)
+            timed = isinstance(m, MadviseProbe) and m.timed
+            r.stages = {n: _stage_json(s, timed) for n, s in sorted(sr.stages().items())}
+            r.stage_anomalies = sr.anomalies
+            for p, stages in sr.per_pid.items():
+                per_pid.setdefault(p, {})["stages"] = {n: _stage_json(s, timed) for n, s in sorted(stages.items())}
+        r.per_pid = per_pid
+        r.collisions = self.module.collisions()
+        if self._stats_how and self._progs0:
+            r.programs = costs.program_rows(self._progs0, progs1, self._probed_runs(r), self.calibration)
+            r.probe_cost_ms = costs.total_ms(r.programs)
+            ours = {st.prog_id for st in progs1.values()}
+            r.foreign_bpf = costs.foreign_row(self._machine0, machine1, ours)
+        return r
+
+    def _probed_runs(self, r: ProbeReading) -> dict[str, int]:
+        """Per program, its runs for the probed processes, from the programs' own counts."""
+        assert self.module is not None
+        out: dict[str, int] = {}
+        if any(c.syscalls for c in self.probes.values()):
+            out["syscalls"] = int(array_words(self.module.bpf[b"lab_syscalls"])[:, 0].sum())
+        for name, v in (("mm_page_alloc", r.page_allocs), ("page_fault_user", r.page_faults),
+                        ("mm_page_free", r.page_frees), ("mm_page_free_batched", r.page_frees_batched)):
+            if v is not None:
+                out[name] = v
+        return out
+
+    def _read_pages(self, r: ProbeReading, per_pid: dict[int, dict[str, Any]]) -> None:
+        """Allocations and faults (pagealloc), frees (opt-in pagefree): None where not loaded."""
+        assert self.module is not None
+        readings = [(name, c.read(self.module.bpf, self.module.targets)) for name, c in self.probes.items()
+                    if isinstance(c, (PageAllocProbe, PageFreeProbe))]
+        fields = {"pagealloc": ("allocs", "alloc_pages", "faults"), "pagefree": ("frees", "free_pages", "frees_batched")}
+        for name, pr in readings:
+            for f in fields[name]:
+                setattr(r, "page_faults" if f == "faults" else f"page_{f}", pr.total(f))
             for p in set(pr.per_pid) | set(self.pids):
                 ev = pr.per_pid.get(p)
                 d = per_pid.setdefault(p, {})
-                for f in ("allocs", "alloc_pages", "frees", "free_pages", "frees_batched", "faults"):
-                    d[f"page_{f}"] = getattr(ev, f) if ev else 0
-            r.hists["page_alloc_order"] = {"unit": "order", "buckets": [
-                {"lo": o, "hi": o, "count": n} for o, n in sorted(pr.alloc_orders.items())]}
+                for f in fields[name]:
+                    d["page_faults" if f == "faults" else f"page_{f}"] = getattr(ev, f) if ev else 0
+            if name == "pagealloc":
+                r.hists["page_alloc_order"] = {"unit": "order", "buckets": [
+                    {"lo": o, "hi": o, "count": n} for o, n in sorted(pr.alloc_orders.items())]}
             for tp in pr.missing:
                 r.missing[tp] = "tracepoint not on this kernel"
-        st = self.probes.get("stages")
-        if st is not None:
-            sr: StagesReading = st.read(bpf, self.module.targets)
-            r.stages = {n: asdict(s) for n, s in sorted(sr.stages().items())}
-            r.stage_anomalies = sr.anomalies
-            for p, stages in sr.per_pid.items():
-                per_pid.setdefault(p, {})["stages"] = {n: asdict(s) for n, s in sorted(stages.items())}
-        r.per_pid = per_pid
-        r.collisions = self.module.collisions()
-        return r
 
     # --- teardown -----------------------------------------------------------------
     def detach(self) -> None:

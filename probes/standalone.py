@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+from probes.costs import cost_lines, foreign_line
 from probes.kicks import KINDS, eventfds_of
-from probes.session import CONCERNS, ProbeReading, ProbeSession
+from probes.session import DEFAULT_CONCERNS, ProbeReading, ProbeSession
 from fmt.numbers import fmt_bytes, fmt_count, fmt_ns
 
 
@@ -60,7 +61,7 @@ def process_name(pid: int) -> str:
         raise NoSuchProcess(f"no process with pid {pid}") from None
 
 
-def probe_pid(pid: int, duration: float, concerns: Iterable[str] = CONCERNS,
+def probe_pid(pid: int, duration: float, concerns: Iterable[str] = DEFAULT_CONCERNS,
               eventfds: list[EventfdSpec] | None = None, quiet: bool = False) -> ProbeReading:
     """Attach to `pid`, count for `duration` seconds (or until it exits), return the reading."""
     if duration <= 0:
@@ -68,7 +69,7 @@ def probe_pid(pid: int, duration: float, concerns: Iterable[str] = CONCERNS,
     return next(probe_intervals(pid, duration, 1, concerns, eventfds, quiet))
 
 
-def probe_intervals(pid: int, interval: float | None, count: int | None, concerns: Iterable[str] = CONCERNS,
+def probe_intervals(pid: int, interval: float | None, count: int | None, concerns: Iterable[str] = DEFAULT_CONCERNS,
                     eventfds: list[EventfdSpec] | None = None, quiet: bool = False,
                     on_attached: Callable[[], None] | None = None) -> Iterator[ProbeReading]:
     """BCC's interval convention (`biolatency 1 10`): attach once, then yield one reading
@@ -151,8 +152,9 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
         if calls is None:
             continue
         ns = getattr(r, f"{sc}_kernel_ns")
-        per = f" ({fmt_ns(ns / calls)}/call)" if calls else ""
-        lines.append(f"  {sc:<10} calls {fmt_count(calls)}  kernel {_ms(ns)}{per}  "
+        per = f" ({fmt_ns(ns / calls)}/call)" if calls and ns is not None else ""
+        kernel = "not timed (--programs ...,syscall-time)" if ns is None else _ms(ns)
+        lines.append(f"  {sc:<10} calls {fmt_count(calls)}  kernel {kernel}{per}  "
                      f"errors {fmt_count(getattr(r, f'{sc}_errors'))}  length {fmt_bytes(getattr(r, f'{sc}_bytes'))}")
         ops = r.advice if sc == "madvise" else r.fallocate_modes
         if ops:
@@ -160,8 +162,9 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
         if calls:
             lines.append("    length:")
             lines += _hist_lines(r.hists.get(f"{sc}_len_log2", {}))
-            lines.append("    kernel time:")
-            lines += _hist_lines(r.hists.get(f"{sc}_ns_log2", {}))
+            if ns is not None:
+                lines.append("    kernel time:")
+                lines += _hist_lines(r.hists.get(f"{sc}_ns_log2", {}))
     if r.eventfd_writes is not None:
         lines.append(f"  eventfds   writes {fmt_count(r.eventfd_writes)} (kicks {fmt_count(r.kicks)}, interrupts "
                      f"{fmt_count(r.interrupts)}, config {fmt_count(r.config_notifications)}), device wake-ups "
@@ -172,10 +175,14 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
         lines.append(f"    registered fds: {fds or 'none (the process had no eventfd open)'}")
         for q, counts in r.per_queue.items():
             lines.append(f"    queue {q}: " + ", ".join(f"{k} {fmt_count(v)}" for k, v in sorted(counts.items())))
-    if r.page_allocs is not None:
-        lines.append(f"  pages      allocs {fmt_count(r.page_allocs)} ({fmt_count(r.page_alloc_pages)} pages), frees "
-                     f"{fmt_count(r.page_frees)} ({fmt_count(r.page_free_pages)} pages), batched frees "
-                     f"{fmt_count(r.page_frees_batched)}, user faults {fmt_count(r.page_faults)}")
+    if r.page_allocs is not None or r.page_frees is not None:
+        frees = ("frees not counted (--programs ...,pagefree)" if r.page_frees is None else
+                 f"frees {fmt_count(r.page_frees)} ({fmt_count(r.page_free_pages)} pages), batched frees "
+                 f"{fmt_count(r.page_frees_batched)}")
+        allocs = ("" if r.page_allocs is None else
+                  f"allocs {fmt_count(r.page_allocs)} ({fmt_count(r.page_alloc_pages)} pages), "
+                  f"user faults {fmt_count(r.page_faults)}, ")
+        lines.append(f"  pages      {allocs}{frees}")
         lines += _hist_lines(r.hists.get("page_alloc_order", {}))
     if r.stages:
         lines.append(f"  {'stage':<16}{'count':>8}{'total':>14}{'mean':>12}{'madvise':>10}{'madvise kernel':>16}")
@@ -184,6 +191,13 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
             lines.append(f"  {name:<16}{fmt_count(s['count']):>8}{_ms(s['ns']):>14}{mean:>12}"
                          f"{fmt_count(s['madvise_calls']):>10}"
                          f"{_ms(s['madvise_kernel_ns']):>16}")
+    if r.programs:
+        lines.append(f"  what the probes cost in these {r.seconds:.2f} s (measured: each program's run time from "
+                     f"bpf_stats, every process's runs, `probed` of them this process's; the syscall hook and the "
+                     f"USDT trap calibrated at load):")
+        lines += ["    " + line for line in cost_lines(r.programs)]
+        if foreign_line(r.foreign_bpf):
+            lines.append("    " + foreign_line(r.foreign_bpf))
     for what, why in r.missing.items():
         lines.append(f"  note: {what}: {why}")
     return "\n".join(lines)

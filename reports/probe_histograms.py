@@ -44,6 +44,38 @@ def _overhead_table(d: ReportData) -> str:
                    "histograms). Medians with 95 % bootstrap CIs."))
 
 
+def _cost_tables(d: ReportData) -> str:
+    """Per arm, what each probe program cost per inflate, measured in the probed trials: the
+    OVERHEAD section of a BCC tool's man page, measured (d.probe_costs(): lab/trials/probe_costs.py);
+    "" without costs."""
+    out = []
+    for c in d.probe_costs():
+        rows = []
+        for name in sorted(c.rows, key=d.probe_row_order):
+            r = c.rows[name]
+            share = f"{100 * r['ms'] / c.inflate_ms:.2f} %" if c.inflate_ms else "–"
+            probed = sig(r["probed_events"]) if "probed_events" in r else ""
+            rows.append([f"<code>{esc(name)}</code>", esc(d.PROBE_ROW_DOCS.get(name, "")), sig(r["events"]), probed,
+                         f"{r['ns_per_event']:.0f} ns", f"{r['ms']:.2f} ms", share])
+        share = f"{100 * c.total_ms / c.inflate_ms:.2f} %" if c.inflate_ms else "–"
+        rows.append(["<b>total</b>", "median of the trials' sums", "", "", "", f"<b>{c.total_ms:.2f} ms</b>", share])
+        out.append(f'<h3 id="probe-cost-{esc(c.arm)}">Probe cost: {chip(c.arm, d.colors)} '
+                   f'<span class="muted">({c.trials} probed trials)</span></h3>')
+        out.append(table(["program", "hooks", "events per inflate", "of them the trial's", "per event",
+                          "per inflate", "of the inflate"], rows, "probes small"))
+        v = d.probe_cost_verdict(c)
+        if v:
+            out.append(note(esc(v) + "."))
+    if not out:
+        return ""
+    return "".join(out) + note(
+        "Like the OVERHEAD section of a BCC tool's man page, but measured in this run: each program's own run time "
+        "from the kernel's bpf_stats (run_cnt, run_time_ns: every process's runs, so for the trial an upper bound; "
+        "the programs count the trial's own runs); the syscall hook and the uprobe trap of the stage markers, which "
+        "no program's run time holds, calibrated when the probes loaded. Medians per inflate over the probed "
+        "trials; the share is of the inflate's median total.")
+
+
 def probes_section(d: ReportData) -> Section:
     body, charts, missing = [], [], []
     phase = "migration" if d.kind == "migrate" else "inflate"
@@ -58,7 +90,8 @@ def probes_section(d: ReportData) -> Section:
          "contiguous pages, so their calls are few and long.", False),
         (f"probes.hists.{syscall}_ns_log2", "plot-madvise-ns", f"kernel time per {syscall} call (log2 buckets)",
          f"{syscall} calls", report_charts.ns_tick, f"{syscall} latency during {phase}",
-         "Time in the kernel per call, from syscall entry to exit (BCC tracepoints on the VMM). Many short calls "
+         "Time in the kernel per call, from syscall entry to exit (the opt-in syscall-time probe on the VMM: raw "
+         "syscall tracepoints). Many short calls "
          "(pfn) against few long ones (ranges): the total is in the comparison table as probes.madvise_kernel_ns.",
          False),
         ("probes.hists.page_alloc_order", "plot-page-alloc-order", "allocation order n (blocks of 2ⁿ pages of 4 KiB)",
@@ -91,12 +124,18 @@ def probes_section(d: ReportData) -> Section:
                             "Add the arm <code>qemu-pfn</code> to measure a real QEMU + Linux guest the same way "
                             "beside them.")))
     body.append(_overhead_table(d))
+    body.append(_cost_tables(d))
+    untimed = "syscall-time" not in (d.run.spec.get("extra_probes") or [])
     for name, cid, xlabel, what, tick, title, caption, linear in specs:
         hists, trials = hist_totals(d, name)
         if not hists:
+            why = reason
+            if name.endswith("_ns_log2") and untimed and d.run.spec.get("probes") is not False:
+                why = ("kernel time per call is the opt-in probe syscall-time (<code>--extra-probes "
+                       "syscall-time</code>: a program at every syscall's entry), off in this run")
             body.append(f'<div class="plot-missing" id="{cid}-missing">' + nodata(f"{esc(title)}: no probe data: "
-                                                                                   f"{reason}.") + "</div>")
-            missing.append(f"{cid}: {_plain(reason)}")
+                                                                                   f"{why}.") + "</div>")
+            missing.append(f"{cid}: {_plain(why)}")
             continue
         ch = report_charts.render(report_charts.log2_histogram(hists, d.arms, d.colors, trials=trials, what=what,
                                                                xlabel=xlabel, tick=tick, title=title,

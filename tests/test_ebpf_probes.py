@@ -104,12 +104,13 @@ def children():
 
 @pytest.fixture(scope="module")
 def session():
-    from probes.session import ProbeSession
+    """Every probe, the opt-in ones too (pagefree, syscall-time): each count below is exact."""
+    from probes.session import CONCERNS, ProbeSession
 
-    s = ProbeSession()
+    s = ProbeSession(concerns=CONCERNS)
     assert s.backend == "bcc", s.reason
     assert s.load(), s.reason               # compile once for the module
-    assert s.backend == "bcc" and set(s.probes) == {"madvise", "kicks", "pagealloc", "stages"}, s.missing
+    assert s.backend == "bcc" and set(s.probes) == {"madvise", "kicks", "pagealloc", "pagefree", "stages"}, s.missing
     yield s
     s.detach()
 
@@ -344,7 +345,8 @@ def test_usdt_stages_count_time_and_attribute_madvise(session, children):
     # the probe's clock sits inside the child's (markers are inside its timer)
     ratio = st["discard"]["ns"] / out["own_ns"]
     assert 0.8 < ratio <= 1.0, (st["discard"]["ns"], out["own_ns"])
-    assert r.stage_anomalies == {"unmatched_end": 1, "unclosed": 0, "too_deep": 0, "malformed": 1}
+    assert r.stage_anomalies == {"unmatched_end": 1, "unclosed": 0, "too_deep": 0, "malformed": 1,
+                                 "too_many_names": 0, "name_race": 0}
     assert r.per_pid[c.pid]["stages"]["discard"]["count"] == n
 
 

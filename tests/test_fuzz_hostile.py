@@ -60,8 +60,8 @@ def test_control_oracle_sees_a_discard_nobody_named(monkeypatch):
     assert _session(case)[0] is None
     real = BalloonDevice._discard
 
-    def one_more(self, ctr, offsets, lengths):      # discards the page after each named one too
-        real(self, ctr, list(offsets) + [o + 4096 for o in offsets], lengths)
+    def one_more(self, ctr, offsets, lengths, *stages):   # discards the page after each named one too
+        real(self, ctr, list(offsets) + [o + 4096 for o in offsets], lengths, *stages)
     monkeypatch.setattr(BalloonDevice, "_discard", one_more)
     failure, detail, _ = _session(case)
     assert failure == "oob-discard" and "142" in detail

@@ -34,7 +34,8 @@ def test_qemu_pfn_beside_the_lab_pfn_arm_in_one_compare(tmp_path):
     per page exactly as on the lab's VMM; QEMU's trace counts one request per 256 pages."""
     db, report = tmp_path / "lab.db", tmp_path / "report.html"
     p = cli("compare", "--arms", "pfn,qemu-pfn", "--guest-mib", "256", "--inflate-mib", "37", "--trials", "1",
-            "--warmups", "0", "--workload", "idle", "--quiet", "--report", str(report), db=db)
+            "--warmups", "0", "--workload", "idle", "--quiet", "--report", str(report),
+            "--extra-probes", "syscall-time", db=db)
     assert p.returncode == 0, p.stderr[-3000:]
     pages = 37 * 256
     with Store(db, create=False) as store:

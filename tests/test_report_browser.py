@@ -32,13 +32,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.ebpf]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """The README's default comparison (pfn, bitmap, chunks; 10 trials + 1 warm-up each,
-    probes on), on small guests so it takes about a minute."""
-    from probes.session import ProbeSession
+    probes on, with the opt-in kernel time so every chart has data), on small guests so it
+    takes about a minute."""
+    from probes.session import DEFAULT_CONCERNS, ProbeSession
 
     tmp = tmp_path_factory.mktemp("browser")
     spec = ExperimentSpec(arms=["pfn", "bitmap", "chunks"], guest_mib=128, inflate_mib=64, trials=10, warmups=1,
-                          probes=True)
-    session = ProbeSession(enabled=True)
+                          probes=True, extra_probes=["syscall-time"])
+    session = ProbeSession(enabled=True, concerns=DEFAULT_CONCERNS + ("syscall-time",))
     try:
         with Store(tmp / "lab.db") as store:
             run_id = run_experiment(spec, lambda s, arm, rnd: run_trial(s, arm, session), store, progress=False,
@@ -159,4 +160,8 @@ def test_report_content_matches_the_run(report):
     # the pfn arm's probe-counted madvise calls: one per 4 KiB page, 256 per MiB, as QEMU
     assert ">256</td>" in html.replace(" ", "")
     assert rep.missing == []                            # a balloon run with probes: nothing left out
+    # what the probes cost each arm, measured: one table per arm, the syscall program and the trap in it
+    for arm in ("pfn", "bitmap", "chunks"):
+        table = html.split(f'id="probe-cost-{arm}"', 1)[1].split("</table>", 1)[0]
+        assert "<code>sys_exit</code>" in table and "<code>usdt_trap</code>" in table and "total" in table
     assert '<section id="migration">' not in html

@@ -50,7 +50,7 @@ from device.virtio.protocols import (MAX_CHUNKS_PER_REQUEST, PFN_WIRE, WireForma
 from device.virtio.driver_queue import DriverQueue
 from device.virtio.metric_decl import COUNTER, GAUGE, TIMING, Metric, MetricSet, declared_by
 from device.virtio.split_ring import ring_area_bytes, ring_layout
-from device.virtio.stage import stage
+from device.virtio.stage import chain, stage
 
 log = logging.getLogger("balloon-lab.driver")
 _now = time.perf_counter_ns
@@ -397,19 +397,21 @@ class BalloonDriver:
                 requests = fmt.encode(group, batch_pages=self.batch_pages, inflate=inflate,
                                       req_id_start=rep.requests, page_shift=page_shift)
             for request in requests:
-                bufs = request.descriptors
-                if request.payload is not None:
-                    with stage("encode", rep):
+                with chain() as c:           # encode then transmit: one marker between them
+                    bufs = request.descriptors
+                    if request.payload is not None:
+                        c.next("encode", rep)
                         bufs = fmt.place(self.ram, self.req_gpa, request.payload)
-                self._transmit(q, bufs, rep, request.pages, inflate)
+                    self._transmit(q, bufs, rep, request.pages, inflate, c)
 
     def _transmit(self, q: DriverQueue, bufs: list[tuple[int, int]], rep: DriverOpReport, pages: np.ndarray,
-                  inflate: bool) -> None:
-        with stage("transmit", rep, "wait_ns"):
-            kicks0 = q.kicks
-            q.add_buf(bufs, [], rep.requests)
-            q.kick_if_needed()
-            self._wait_used(q, rep)
+                  inflate: bool, c: chain) -> None:
+        c.next("transmit", rep, "wait_ns")
+        kicks0 = q.kicks
+        q.add_buf(bufs, [], rep.requests)
+        q.kick_if_needed()
+        self._wait_used(q, rep)
+        c.end()
         rep.kicks += q.kicks - kicks0
         rep.requests += 1
         rep.descriptors += len(bufs)

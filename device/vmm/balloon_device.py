@@ -30,7 +30,7 @@ from device.virtio.ram import GuestRAM
 from device.vmm.huge_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
 from device.vmm.balloon_metrics import DeviceOpCounters
-from device.virtio.stage import stage
+from device.virtio.stage import chain as stage_chain
 from device.virtio.transport import DeviceListener, VirtioTransport, notify
 from device.virtio.device_queue import DescChain
 from device.virtio.split_ring import RingError
@@ -291,7 +291,8 @@ class BalloonDevice(VirtioTransport):
         ~50 us per request here: the lab's cost, not the protocol's); the discard stays
         one system call per page, in request order."""
         want, expect = (IN_BALLOON, IN_GUEST) if inflate else (IN_GUEST, IN_BALLOON)
-        with stage("translate", ctr):
+        with stage_chain() as c:             # translate then discard: one marker between them
+            c.next("translate", ctr)
             pfns = pfns.astype(np.int64)
             offs, ok = self.layout.translate_pfns(pfns)
             n = pfns.size
@@ -303,11 +304,11 @@ class BalloonDevice(VirtioTransport):
             else:
                 accepted, hvas, bad, first_bad = self._pfns_checked(pfns, offs, ok, state, inflate)
             self.ballooned_np[accepted] = want
+            if self.host_pages is None and inflate and hvas.size:
+                self._discard(ctr, hvas.tolist(), PAGE_SIZE, c)
         ctr.translations += n
         if self.host_pages is not None:
             self._host_page_update(ctr, hvas.astype(np.int64) >> PAGE_SHIFT, inflate)
-        elif inflate and hvas.size:
-            self._discard(ctr, hvas.tolist(), PAGE_SIZE)
         ctr.pages += int(accepted.size)
         if accepted.size:
             ctr.add_pfn_batch(accepted)
@@ -347,7 +348,8 @@ class BalloonDevice(VirtioTransport):
         lengths = np.asarray(lengths, dtype=np.int64)
         if starts.size == 0:
             return
-        with stage("translate", ctr):
+        with stage_chain() as c:             # translate then discard: one marker between them
+            c.next("translate", ctr)
             pfns = wire.runs_to_pfns(starts, lengths)
             ok = self.layout.ram_pfn_mask(pfns)
             bad: Counter[str] = Counter()
@@ -370,11 +372,11 @@ class BalloonDevice(VirtioTransport):
             # Translation per run (numpy over all runs at once), split where a run crosses
             # a region edge.
             offs, lens = self.layout.runs_to_offsets(gstarts, glens)
+            if self.host_pages is None and inflate and offs.size:
+                self._discard(ctr, offs.tolist(), lens.tolist(), c)
         ctr.translations += int(offs.size)
         if self.host_pages is not None:
             self._host_page_update(ctr, self.layout.pfn_to_offset(good) >> PAGE_SHIFT, inflate)
-        elif inflate and offs.size:
-            self._discard(ctr, offs.tolist(), lens.tolist())
         ctr.pages += int(good.size)
         ctr.add_runs(glens)
         if not inflate:
@@ -396,11 +398,13 @@ class BalloonDevice(VirtioTransport):
             offs, lens = host_page_runs(done, self.ram.host_page_shift)
             self._discard(ctr, offs.tolist(), lens.tolist())
 
-    def _discard(self, ctr: DeviceOpCounters, offsets: list[int], lengths: list[int] | int) -> None:
+    def _discard(self, ctr: DeviceOpCounters, offsets: list[int], lengths: list[int] | int,
+                 stages: stage_chain | None = None) -> None:
         """The discard stage: one system call per piece of memfd, per page on the PFN
         path (`lengths` is then the page size), per run on the range paths. Under a
         wake-up budget, what does not fit is left in self._carry for a later wake-up
-        (the request is returned used only when all of it is done)."""
+        (the request is returned used only when all of it is done). `stages`: the
+        caller's chain, whose open stage (translate) ends where discard begins."""
         allowed = self._budget.discards if self._budget is not None else len(offsets)
         if allowed < len(offsets):
             allowed = max(allowed, 0)
@@ -411,7 +415,8 @@ class BalloonDevice(VirtioTransport):
             if not offsets:
                 return
         cpu0 = _cpu_now()
-        with stage("discard", ctr):
+        with stages if stages is not None else stage_chain() as c:
+            c.next("discard", ctr)
             discard_runs(self.ram, self.discard_method, offsets, lengths)
         ctr.discard_cpu_ns += _cpu_now() - cpu0
         ctr.discard_calls += len(offsets)

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 
 from lab.analysis import stats
+from lab.trials.probe_costs import arm_costs, verdict as cost_verdict
 from lab.analysis.host_views import host_comparisons, host_summaries
 from lab.analysis.stats import Comparison
 from lab.gate.history import history
@@ -31,6 +32,7 @@ from lab.trials.backends import is_qemu_arm
 from lab.trials.experiment import load_comparison
 from lab.trials.qemu import side_by_side
 from lab.trials.spec import NO_PROBES_SUFFIX, ExperimentSpec, format_bandwidth, toml_value
+from probes.costs import ROW_DOCS, row_order
 
 
 @dataclass
@@ -163,6 +165,15 @@ class ReportData:
     def probe_overheads(self) -> list:
         """The probes' own cost per arm, from the run's twin pairs (lab/trials/twins.py)."""
         return twins.arm_overheads(self.measured())
+
+    def probe_costs(self) -> list:
+        """What each probe program cost per inflate, per arm, measured in the probed trials
+        (lab/trials/probe_costs.py)."""
+        return arm_costs(self.measured())
+
+    PROBE_ROW_DOCS: ClassVar[dict] = ROW_DOCS
+    probe_row_order = staticmethod(row_order)
+    probe_cost_verdict = staticmethod(cost_verdict)
 
     def timing_design_text(self) -> str:
         """How this run's timings were taken (twins or not), in words."""

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from lab.trials.backends import is_qemu_arm
 from lab.trials.qemu.side_by_side import arm_title
+from probes.costs import cost_lines, foreign_line
 from fmt.text_width import fold
 from fmt.numbers import fmt_count, fmt_fixed
 
@@ -50,6 +51,7 @@ def format_result(r: Mapping[str, Any]) -> str:
         lines += [_operation_line(op, st, qemu) for op, st in r["stages_ns"].items()]
         lines += [_lab_cost_line(op, c, r["floors"]) for op, c in (r.get("lab_cost") or {}).items() if c]
     lines.append(_probes_line(r.get("probes") or {}, qemu))
+    lines += _probe_cost_lines(r)
     if r["errors"]:
         lines.append(f"  device refused: {r['errors']}")
     return fold("\n".join(lines))
@@ -91,13 +93,31 @@ def _operation_line(op: str, st: Mapping[str, int], qemu: bool) -> str:
 def _probes_line(p: Mapping[str, Any], qemu: bool) -> str:
     if p.get("backend") != "bcc":
         return f"  probes: none ({p.get('reason', 'unavailable')})"
+    kns = p.get("madvise_kernel_ns")
+    kernel = "not timed (opt-in: --extra-probes syscall-time)" if kns is None else _ms(kns)
     if qemu:
         return (f"  probes (bcc, QEMU pid): madvise calls {fmt_count(p.get('madvise_calls'))} ({p.get('advice')}), "
-                f"bytes {fmt_count(p.get('madvise_bytes'))}, kernel {_ms(p.get('madvise_kernel_ns', 0))}; "
+                f"bytes {fmt_count(p.get('madvise_bytes'))}, kernel {kernel}; "
                 f"fallocate calls {fmt_count(p.get('fallocate_calls'))}")
-    return (f"  probes (bcc): madvise calls {fmt_count(p.get('madvise_calls'))}, kernel time "
-            f"{_ms(p.get('madvise_kernel_ns', 0))}, kicks {fmt_count(p.get('kicks'))}, "
-            f"interrupts {fmt_count(p.get('interrupts'))}, page faults {fmt_count(p.get('page_faults'))}")
+    return (f"  probes (bcc): madvise calls {fmt_count(p.get('madvise_calls'))}, kernel time {kernel}, "
+            f"kicks {fmt_count(p.get('kicks'))}, interrupts {fmt_count(p.get('interrupts'))}, "
+            f"page faults {fmt_count(p.get('page_faults'))}")
+
+
+def _probe_cost_lines(r: Mapping[str, Any]) -> list[str]:
+    """How much of the inflate's time is the probes: their measured cost (probes/costs.py)."""
+    p = r.get("probes") or {}
+    cost = p.get("probe_cost_ms")
+    if p.get("backend") != "bcc":
+        return []
+    if cost is None:
+        return [f"  probe cost: not measured ({p.get('missing', {}).get('bpf_stats', 'no bpf_stats')})"]
+    total = r["stages_ns"]["inflate"]["total"] / 1e6
+    return ([f"  probe cost in the inflate: {cost:.1f} ms of its {total:.1f} ms ({100 * cost / total:.1f} %), "
+             f"measured (each BPF program's run time from bpf_stats, every process's runs: an upper bound; "
+             f"the syscall hook and the USDT trap calibrated at load); the timings above include it:"]
+            + ["    " + line for line in cost_lines(p.get("programs") or {}, total, docs=False)]
+            + ([f"    {line}"] if (line := foreign_line(p.get("foreign_bpf"))) else []))
 
 
 def _ms(ns: float) -> str:

@@ -114,9 +114,9 @@ def check_tracepoint_program() -> Check:
                if pid == os.getpid() and sc == "madvise" and op == mmap.MADV_REMOVE)
     if seen != MADVISE_CALLS:
         return Check(name, False, f"made {MADVISE_CALLS} madvise(MADV_REMOVE) calls, the probe counted {seen}",
-                     "the kernel's syscall tracepoints do not report every call; check "
-                     "/sys/kernel/tracing/events/syscalls/sys_enter_madvise exists and is not filtered")
-    return Check(name, True, f"syscalls:sys_enter/exit_madvise program loaded in {load_s:.1f} s and counted "
+                     "the kernel's raw syscall tracepoint does not report every call; check "
+                     "/sys/kernel/tracing/events/raw_syscalls/sys_exit exists")
+    return Check(name, True, f"raw_syscalls:sys_exit program loaded in {load_s:.1f} s and counted "
                              f"{seen} of {MADVISE_CALLS} madvise calls exactly")
 
 

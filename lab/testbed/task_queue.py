@@ -150,6 +150,7 @@ class WorkerState:
     name: str
     trial_fn: Callable[[ExperimentSpec, str, int, Any], Any] | None = None
     probe_session: Any = None
+    probe_extras: list[str] = field(default_factory=list)   # the session's opt-in probes
     store: Store | None = None
     ran: list[tuple[str, int, str]] = field(default_factory=list)  # (run, idx, status) stored by this worker
 
@@ -203,10 +204,15 @@ def _trial_job(context: Any, *, run_id: str, idx: int, round: int, label: str, h
 
 
 def _probes(st: WorkerState, spec: ExperimentSpec) -> Any:
-    """The worker's probe session, opened on the first trial that wants probes."""
+    """The worker's probe session, opened on the first trial that wants probes (again when
+    a run asks for other opt-in probes)."""
+    from lab.trials.probing import open_probes
+    if spec.probes and st.probe_session is not None and st.probe_extras != spec.extra_probes:
+        st.probe_session.detach()                # another run's opt-in probes: a session of its own
+        st.probe_session = None
     if spec.probes and st.probe_session is None:
-        from lab.trials.probing import open_probes
-        st.probe_session = open_probes(True)
+        st.probe_session = open_probes(True, spec.extra_probes)
+        st.probe_extras = list(spec.extra_probes)
     return st.probe_session if spec.probes else None
 
 

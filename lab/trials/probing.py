@@ -18,9 +18,10 @@ def probe_summary(readings: dict, probes) -> dict:
     return out
 
 
-def open_probes(enabled: bool):
-    """A probe session, or None when probes are off. Degrades (backend none) without eBPF."""
+def open_probes(enabled: bool, extra: list[str] | tuple[str, ...] = ()):
+    """A probe session (the default probes and the opt-in `extra` ones), or None when
+    probes are off. Degrades (backend none) without eBPF."""
     if not enabled:
         return None
-    from probes.session import ProbeSession
-    return ProbeSession(enabled=True)
+    from probes.session import DEFAULT_CONCERNS, ProbeSession
+    return ProbeSession(enabled=True, concerns=DEFAULT_CONCERNS + tuple(extra))

@@ -26,6 +26,7 @@ from device.api import DISCARD_METHOD_NAMES
 from device.api import HINT_DESIGNS
 from device.api import PROTOCOL_NAMES, PROTOCOLS, max_batch_of
 from lab.trials.backends import QEMU_BALLOON_ARMS, QEMU_MIGRATE_ARMS, check_qemu_spec
+from probes.session import OPT_IN
 
 KINDS = ("balloon", "migrate")
 BALLOON_ARMS = PROTOCOL_NAMES
@@ -158,9 +159,12 @@ class ExperimentSpec:
     alloc_policy: str = "linux"
     guest_init_on_alloc: bool = False  # the lab's guest zeroes balloon pages (docs/REAL_STACK.md)
     twins: bool = True  # with probes: timings from unprobed twin trials, counts from probed ones (lab.trials.twins)
+    extra_probes: list[str] = field(default_factory=list)  # opt-in probes (probes.session.OPT_IN)
 
     def __post_init__(self) -> None:
         self.bandwidth = parse_bandwidth(self.bandwidth)
+        if isinstance(self.extra_probes, str):   # from the command line: "pagefree,syscall-time"
+            self.extra_probes = [p.strip() for p in self.extra_probes.split(",") if p.strip()]
         if isinstance(self.arms, str):       # from the command line: given, so it must name arms
             text = self.arms
             self.arms = [a.strip() for a in text.split(",") if a.strip()]
@@ -205,6 +209,11 @@ class ExperimentSpec:
         _check_bool("twins", self.twins)
         if self.probe_overhead and not self.probes:
             raise SpecError("probe_overhead", "measuring probe overhead needs probes = true")
+        if not isinstance(self.extra_probes, list):
+            raise SpecError("extra_probes", f"must be a list of probe names, got {self.extra_probes!r}", OPT_IN)
+        for name in self.extra_probes:
+            if name not in OPT_IN:
+                raise SpecError("extra_probes", f"{name!r} is not an opt-in probe", OPT_IN)
         if self.batch_pages is not None:
             limit = max_batch_of(self.arms)     # the pfn wire format's 256, if an arm uses it
             _check_int("batch_pages", self.batch_pages, 1, limit)
@@ -377,6 +386,10 @@ FIELDS: tuple[Field, ...] = (
     Field("guest_init_on_alloc", "--guest-init-on-alloc",
           "The lab's guest zeroes each page it allocates for the balloon, as Linux's init_on_alloc.",
           is_flag_pair=True),
+    Field("extra_probes", "--extra-probes", "Opt-in probes beside the default set, comma-separated: pagefree "
+          "(kmem page frees, one event per freed page in every arm), syscall-time (kernel time of each "
+          "madvise/fallocate: a program at every syscall's entry). Each costs the probed trials more "
+          "(docs/PROBES.md).", to_text=lambda v: [",".join(v)] if v else []),
     Field("twins", "--twins", "With probes on, run every trial twice: timings from the twin with the probes "
           "detached, counts and kernel shares from the probed twin (default on; --no-twins times the probed "
           "trials, which the probes slow).", is_flag_pair=True),

@@ -16,8 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.bpf import Concern, ConcernUnavailable
-from probes.tracefs import pick_field, tracepoint_exists
+from probes.bpf import Concern, syscall_cflags
 
 KINDS = ("kick", "call", "config", "other")
 ALIASES = {"wakeup": "kick"}
@@ -94,17 +93,11 @@ class KicksProbe(Concern):
     name = "kicks"
     c_file = "kicks.c"
     order = 30
+    syscalls = True
 
     def cflags(self) -> list[str]:
-        flags = []
-        for macro, ev in (("WRITE_FD_FIELD", "sys_enter_write"), ("READ_FD_FIELD", "sys_enter_read")):
-            f = pick_field("syscalls", ev, ("fd",))
-            if f is None:
-                raise ConcernUnavailable(f"tracepoint syscalls:{ev} missing or has no fd field")
-            flags.append(f"-D{macro}={f}")
-        if not tracepoint_exists("syscalls", "sys_exit_read"):
-            raise ConcernUnavailable("tracepoint syscalls:sys_exit_read missing")
-        return flags
+        syscall_cflags()                   # this machine and kernel can run syscalls.c
+        return []
 
     @staticmethod
     def check(pid: int, fd: int, queue: int | None, kind: str) -> str:

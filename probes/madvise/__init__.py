@@ -1,4 +1,5 @@
-"""Loader for madvise.c: madvise(2)/fallocate(2) calls, advice, lengths, kernel time.
+"""Loader for madvise.c: madvise(2)/fallocate(2) calls, advice, lengths, and (with the
+opt-in syscall-time concern) kernel time.
 
 Standalone: `python -m probes.madvise -p PID [-d SECONDS] [--json]`.
 """
@@ -7,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.bpf import Concern, ConcernUnavailable, array_items, array_zero, log2_buckets
-from probes.tracefs import pick_field, tracepoint_exists
+import numpy as np
+
+from probes.bpf import Concern, array_words, array_zero, log2_buckets, syscall_cflags
 
 SC_MADVISE, SC_FALLOCATE = 0, 1
 SYSCALLS = {SC_MADVISE: "madvise", SC_FALLOCATE: "fallocate"}
@@ -61,6 +63,7 @@ class MadviseReading:
     """stats[(pid, syscall, op)] where op is the advice (madvise) or mode (fallocate)."""
 
     stats: dict[tuple[int, str, int], SyscallStats] = field(default_factory=dict)
+    timed: bool = False               # kernel time measured (syscall-time); else every ns is 0, not measured
     len_hist: dict[str, dict[int, int]] = field(default_factory=dict)
     ns_hist: dict[str, dict[int, int]] = field(default_factory=dict)
 
@@ -87,51 +90,43 @@ class MadviseReading:
         out: dict[str, Any] = {}
         for sc in SYSCALLS.values():
             out[f"{sc}_len_log2"] = {"unit": "bytes", "buckets": log2_buckets(self.len_hist.get(sc, {}))}
-            out[f"{sc}_ns_log2"] = {"unit": "ns", "buckets": log2_buckets(self.ns_hist.get(sc, {}))}
+            if self.timed:
+                out[f"{sc}_ns_log2"] = {"unit": "ns", "buckets": log2_buckets(self.ns_hist.get(sc, {}))}
         return out
 
 
 class MadviseProbe(Concern):
+    """`timed`: the opt-in syscall-time concern is on (an entry program and two clock reads per call)."""
+
     name = "madvise"
     c_file = "madvise.c"
     order = 20
+    syscalls = True
+
+    def __init__(self, timed: bool = False) -> None:
+        self.timed = timed
 
     def cflags(self) -> list[str]:
-        need = {
-            "MADV_LEN_FIELD": ("syscalls", "sys_enter_madvise", ("len_in", "len")),
-            "MADV_ADVICE_FIELD": ("syscalls", "sys_enter_madvise", ("behavior", "advice")),
-            "FALLOC_LEN_FIELD": ("syscalls", "sys_enter_fallocate", ("len",)),
-            "FALLOC_MODE_FIELD": ("syscalls", "sys_enter_fallocate", ("mode",)),
-        }
-        flags = []
-        for macro, (cat, ev, names) in need.items():
-            f = pick_field(cat, ev, names)
-            if f is None:
-                raise ConcernUnavailable(f"tracepoint {cat}:{ev} missing or has none of the fields {names}")
-            flags.append(f"-D{macro}={f}")
-        for ev in ("sys_exit_madvise", "sys_exit_fallocate"):
-            if not tracepoint_exists("syscalls", ev):
-                raise ConcernUnavailable(f"tracepoint syscalls:{ev} missing")
-        return flags
+        syscall_cflags()                   # this machine and kernel can run syscalls.c
+        return ["-DLAB_SYSCALL_TIME"] if self.timed else []
 
     def read(self, bpf: Any, targets: list[int]) -> MadviseReading:
-        r = MadviseReading()
-        for idx, v in array_items(bpf[b"sc_stats"]):
-            if not v.calls:
-                continue
+        r = MadviseReading(timed=self.timed)
+        stats = array_words(bpf[b"sc_stats"])            # calls, ns, errors, bytes
+        for idx in np.flatnonzero(stats[:, 0]).tolist():
             slot_kind, op = divmod(idx, SC_OPS)
             slot, kind = divmod(slot_kind, 2)
             pid = targets[slot] if slot < len(targets) else 0
             if pid:
-                r.stats[(pid, SYSCALLS[kind], op)] = SyscallStats(v.calls, v.ns, v.errors, v.bytes)
-        for table, dest in ((b"sc_len_hist", r.len_hist), (b"sc_ns_hist", r.ns_hist)):
-            for idx, n in array_items(bpf[table]):
-                if n:
-                    kind, slot = divmod(idx, HIST_SLOTS)
-                    dest.setdefault(SYSCALLS[kind], {})[slot] = n
+                r.stats[(pid, SYSCALLS[kind], op)] = SyscallStats(*(int(x) for x in stats[idx]))
+        tables = [(b"sc_len_hist", r.len_hist)] + ([(b"sc_ns_hist", r.ns_hist)] if self.timed else [])
+        for table, dest in tables:
+            counts = array_words(bpf[table])[:, 0]
+            for idx in np.flatnonzero(counts).tolist():
+                kind, slot = divmod(idx, HIST_SLOTS)
+                dest.setdefault(SYSCALLS[kind], {})[slot] = int(counts[idx])
         return r
 
     def clear(self, bpf: Any) -> None:
-        for t in (b"sc_stats", b"sc_len_hist", b"sc_ns_hist"):
+        for t in (b"sc_stats", b"sc_len_hist") + ((b"sc_ns_hist",) if self.timed else ()):
             array_zero(bpf[t])
-

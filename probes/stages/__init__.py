@@ -14,13 +14,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.bpf import Concern, array_zero, import_bcc
+from probes.bpf import Concern, array_words, array_zero, import_bcc
 from probes.elfnotes import ET_EXEC, elf_type, has_marker, usdt_notes
 from probes.markers import prefix_words
 
 USDT_PROBE = "python:audit"
 FN_NAME = "on_audit"
-ANOMALIES = ("unmatched_end", "unclosed", "too_deep", "malformed")
+ANOMALIES = ("unmatched_end", "unclosed", "too_deep", "malformed", "too_many_names", "name_race")  # stages.c ANOM_*
+STAGE_NAMES = 32                     # stages.c: distinct names per session
 
 
 def exe_has_audit(pid: int) -> bool:
@@ -190,19 +191,47 @@ class StagesProbe(Concern):
         for pid in list(self.attached):
             self.detach(bpf, pid)
 
-    def read(self, bpf: Any, targets: list[int] | None = None) -> StagesReading:
+    def intern(self, bpf: Any, names: tuple[str, ...]) -> None:
+        """Enter these stage names in stages.c's table before any marker fires (the lab's
+        own names: the probe never has to enter them itself, see stages.c)."""
+        table = bpf[b"stage_names"]
+        t = table[0]
+        known = set(self.names(bpf))
+        for name in names:
+            if name in known or t.count >= STAGE_NAMES:
+                continue
+            raw = name.encode().ljust(16, b"\0")
+            t.n[t.count].w[0] = int.from_bytes(raw[:8], "little")
+            t.n[t.count].w[1] = int.from_bytes(raw[8:], "little")
+            t.count += 1
+        table[0] = t
+
+    def names(self, bpf: Any) -> list[str]:
+        """The interned stage names, by index (stages.c's stage_names; "" for a slot being written)."""
+        t = bpf[b"stage_names"][0]
+        out = []
+        for i in range(min(t.count, STAGE_NAMES)):
+            raw = t.n[i].w[0].to_bytes(8, "little") + t.n[i].w[1].to_bytes(8, "little")
+            out.append(raw.rstrip(b"\0").decode(errors="replace"))
+        return out
+
+    def read(self, bpf: Any, targets: list[int]) -> StagesReading:
         r = StagesReading()
-        for k, v in bpf[b"stage_stats"].items():
-            name = bytes(k.name.w[0].to_bytes(8, "little") + k.name.w[1].to_bytes(8, "little"))
-            name_s = name.rstrip(b"\0").decode(errors="replace")
-            r.per_pid.setdefault(k.tgid, {})[name_s] = StageStats(
-                v.count, v.ns, v.sc_calls[0], v.sc_ns[0], v.sc_calls[1], v.sc_ns[1])
-        table = bpf[b"stage_anomalies"]
-        for i, n in enumerate(ANOMALIES):
-            r.anomalies[n] = table[table.Key(i)].value
+        names = self.names(bpf)
+        stats = array_words(bpf[b"stage_stats"])       # count, ns, sc_calls[2], sc_ns[2]
+        for idx in stats[:, 0].nonzero()[0].tolist():
+            slot, i = divmod(idx, STAGE_NAMES)
+            pid = targets[slot] if slot < len(targets) else 0
+            if not pid or i >= len(names) or not names[i]:
+                continue
+            v = [int(x) for x in stats[idx]]
+            s = StageStats(v[0], v[1], v[2], v[4], v[3], v[5])
+            r.per_pid.setdefault(pid, {}).setdefault(names[i], StageStats()).add(s)   # a name interned twice
+        anomalies = array_words(bpf[b"stage_anomalies"])[:, 0]
+        r.anomalies = {n: int(anomalies[i]) for i, n in enumerate(ANOMALIES)}
         return r
 
     def clear(self, bpf: Any) -> None:
-        bpf[b"stage_stats"].clear()
+        """Zero the totals (the interned names stay: frames in flight point at them)."""
+        array_zero(bpf[b"stage_stats"])
         array_zero(bpf[b"stage_anomalies"])
-

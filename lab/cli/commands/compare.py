@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from lab.trials import probe_costs
 from lab.trials import twins
 from lab.trials.qemu.side_by_side import side_by_side
 from lab.cli.checks import checked, fits_in_memory, memory_option, refuse, writable_file
@@ -134,7 +135,7 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
     if report_path is not None:
         writable_file("compare", "--report", report_path)
     from lab.trials.probing import open_probes
-    session = open_probes(spec.probes)
+    session = open_probes(spec.probes, spec.extra_probes)
     path = db_path or default_db_path()
     try:
         with Store(path) as store:
@@ -154,7 +155,8 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 out.update(timing_design=design, arms_without_ok_trial=empty, warnings=warnings,
                            probe_overhead=[{"arm": o.arm, "pairs": o.pairs, "unprobed_ms": o.unprobed_ms,
                                             "probed_ms": o.probed_ms, "ratio": o.ratio}
-                                           for o in twins.arm_overheads(trials)])
+                                           for o in twins.arm_overheads(trials)],
+                           probe_cost=probe_costs.costs_json(trials))
                 click.echo(json.dumps(out, default=float))
             else:
                 click.echo(f"run {run_id}: " + fold_command(spec.command_line(), first=len(f"run {run_id}: ")))
@@ -177,9 +179,9 @@ def command(db_path, report_path: Path | None, as_json: bool, quiet: bool, **kwa
                 click.echo(render_table(comp, keep))
                 for n in comp.notes:
                     click.echo(fold(f"note: {n}"))
-                overhead = twins.overhead_table(trials)
-                if overhead:
-                    click.echo("\n" + overhead)
+                for table in (twins.overhead_table(trials), probe_costs.cost_table(trials)):
+                    if table:
+                        click.echo("\n" + table)
                 for n in twins.stage_notes(trials) + twins.mismatch_notes(trials)[:5]:
                     click.echo(fold(f"note: {n}"))
             if report_path is not None:

@@ -17,6 +17,7 @@ examples:
     balloon-lab probe --pid 1234 5          # a summary every 5 s until Ctrl-C
     balloon-lab probe --pid 1234 --duration 3 --json   # one JSON reading after 3 s
     balloon-lab probe --pid $(pgrep -f qemu-system) --programs madvise,kicks
+    balloon-lab probe --pid 1234 --programs madvise,syscall-time,pagefree   # with the opt-in programs
     balloon-lab probe --pid 1234 --eventfd 17:0:kick --eventfd 18:0:call 1
 
 \b
@@ -36,27 +37,33 @@ Exit status: 0 with a reading (also after Ctrl-C), 1 when eBPF is unavailable,
               help="Count write/read on this eventfd as QUEUE's KIND (kick, call, config, other). Repeatable. "
                    "Default: every eventfd the process has open, as kind 'other'.")
 @click.option("--programs", "concerns", default="madvise,kicks,pagealloc,stages", show_default=True,
-              help="Comma-separated BCC programs to load (probes/: one per concern).")
+              help="Comma-separated BCC programs to load (probes/: one per concern); add the opt-in pagefree "
+                   "(kmem page frees) or syscall-time (madvise/fallocate kernel time), which cost more "
+                   "(docs/PROBES.md).")
 @click.option("--probes", "old_probes", default=None, hidden=True, expose_value=True)
 @click.option("-T", "--timestamp", is_flag=True, help="Include a wall-clock time on each interval's header.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the ProbeReading) per reading, "
                                                       "one per line with INTERVAL.")
 def command(interval: float | None, count: int | None, pid: int, duration: float | None,
             eventfds: tuple[str, ...], concerns: str, old_probes: str | None, timestamp: bool, as_json: bool) -> None:
-    """Count madvise/fallocate calls (advice, length and kernel-time histograms), eventfd writes and
-    reads, page allocations, frees and user faults of PID, and the lab's stages if PID is a lab
-    process. Without INTERVAL: until Ctrl-C or the process exits, then one reading. With INTERVAL:
-    a summary every INTERVAL seconds, COUNT times (default: until Ctrl-C)."""
-    from probes.session import CONCERNS
+    """Count madvise/fallocate calls (advice, length histogram), eventfd writes and reads, page
+    allocations and user faults of PID, and the lab's stages if PID is a lab process (opt-in: kernel
+    time per call, page frees). Each reading ends with what every probe program cost, measured.
+    Without INTERVAL: until Ctrl-C or the process exits, then one reading. With INTERVAL: a summary
+    every INTERVAL seconds, COUNT times (default: until Ctrl-C)."""
+    from probes.session import CONCERNS, check_concerns
     from probes.standalone import NoSuchProcess, format_summary, parse_eventfd, probe_intervals, process_name
 
     if old_probes is not None:       # `run`/`compare` use --probes/--no-probes for on/off: one meaning only
         raise click.UsageError(f"--probes {old_probes}: the programs to load are now --programs {old_probes} "
                                "(--probes/--no-probes turns the probes on or off in run and compare)")
     names = tuple(c.strip() for c in concerns.split(",") if c.strip())
-    unknown = [c for c in names if c not in CONCERNS]
-    if unknown or not names:
+    if not names:
         raise click.BadParameter(f"{concerns!r}: choose from {', '.join(CONCERNS)}", param_hint="--programs")
+    try:
+        check_concerns(names)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--programs") from None
     if duration is not None and interval is not None:
         raise click.UsageError("--duration and INTERVAL exclude each other (INTERVAL 1 COUNT 5 counts 5 s)")
     try:

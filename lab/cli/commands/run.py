@@ -19,7 +19,7 @@ from lab.trials.probing import open_probes
 
 # The spec fields `run` takes (with compare's names, aliases and defaults).
 RUN_FIELDS = ("guest_mib", "inflate_mib", "workload", "workload_params", "seed", "batch_pages", "discard", "probes",
-              "backing", "partial_tracking", "alloc_policy", "guest_init_on_alloc")
+              "extra_probes", "backing", "partial_tracking", "alloc_policy", "guest_init_on_alloc")
 
 
 class RunSpec(ExperimentSpec):
@@ -110,7 +110,7 @@ def run_and_print(run_fn, trial, failure: type[Exception], spec: ExperimentSpec,
                   db_path=None, flags: tuple[str, ...] = ()) -> None:
     """Run one trial with the probes, print it (text or JSON) and exit 0 only if verified;
     with a store, the trial is recorded there as a run (as `compare` records its trials)."""
-    session = open_probes(spec.probes)
+    session = open_probes(spec.probes, spec.extra_probes)
     try:
         if db_path is None:
             try:

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from lab.trials import probe_costs
 from lab.cli.checks import refuse
 from lab.results import metrics as lab_metrics
 from lab.trials import twins
@@ -121,9 +122,9 @@ def describe_stats(comp: Comparison | None, computed_now: bool, metrics: tuple[s
         out.append(render_table(comp, metrics or None, differing_only=differing))
     out += [f"note: {n}" for n in comp.notes]
     if measured:
-        overhead = twins.overhead_table(measured)
-        if overhead:
-            out.append("\n" + overhead)
+        for table in (twins.overhead_table(measured), probe_costs.cost_table(measured)):
+            if table:
+                out.append("\n" + table)
         out += [f"note: {n}" for n in twins.stage_notes(measured) + twins.mismatch_notes(measured)[:5]]
     return out
 

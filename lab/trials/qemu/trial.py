@@ -101,9 +101,10 @@ def _discard_calls(reading: dict | None) -> int | None:
 
 
 def _kernel_ns(reading: dict | None) -> int | None:
-    if not reading or reading.get("backend") != "bcc":
+    """The discard calls' kernel time: measured only with the opt-in syscall-time probe."""
+    if not reading or reading.get("backend") != "bcc" or reading.get("madvise_kernel_ns") is None:
         return None
-    return (reading.get("madvise_kernel_ns") or 0) + (reading.get("fallocate_kernel_ns") or 0)
+    return reading["madvise_kernel_ns"] + (reading.get("fallocate_kernel_ns") or 0)
 
 
 def balloon_op(q: QemuProcess, reader: TraceReader, probes, kind: str, target_pages: int, pages_moved: int,
@@ -135,8 +136,9 @@ def balloon_op(q: QemuProcess, reader: TraceReader, probes, kind: str, target_pa
     calls = _discard_calls(reading)
     if calls is not None:
         out["discard_calls"] = calls
-        if kind == "inflate":   # on deflate QEMU's calls are MADV_WILLNEED hints, not discards
-            out["stages_ns"]["discard"] = _kernel_ns(reading)
+        kernel = _kernel_ns(reading)
+        if kind == "inflate" and kernel is not None:   # on deflate QEMU's calls are MADV_WILLNEED hints
+            out["stages_ns"]["discard"] = kernel
     if memfd0 is not None and memfd1 is not None:
         out["memfd_bytes_before"], out["memfd_bytes_after"] = memfd0, memfd1
     return out
