@@ -22,6 +22,7 @@ from probes.costs import cost_lines, foreign_line
 from probes.kicks import KINDS, eventfds_of
 from probes.session import DEFAULT_CONCERNS, ProbeReading, ProbeSession
 from fmt.numbers import fmt_bytes, fmt_count, fmt_ns
+from fmt.text_width import fold
 
 
 class NoSuchProcess(LookupError):
@@ -200,7 +201,7 @@ def format_summary(r: ProbeReading, title: str = "") -> str:
             lines.append("    " + foreign_line(r.foreign_bpf))
     for what, why in r.missing.items():
         lines.append(f"  note: {what}: {why}")
-    return "\n".join(lines)
+    return fold("\n".join(lines))
 
 
 def main(concerns: list[str], argv: list[str] | None = None) -> int:

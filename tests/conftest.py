@@ -120,7 +120,7 @@ class LabStore:
 # The README's three arms at the smallest size that still has probes (twin trials) and a
 # comparison: about half a minute here.
 LAB_STORE_COMPARE = ("compare", "--arms", "pfn,bitmap,chunks", "--guest-mib", "256", "--inflate-mib", "128",
-                     "--trials", "2", "--warmups", "0")
+                     "--trials", "2", "--warmups", "0", "--extra-probes", "syscall-time")
 
 
 @pytest.fixture(scope="session")

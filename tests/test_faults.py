@@ -9,6 +9,7 @@ VMM or guest hits a timeout (made short here) with a message that says which pee
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -144,9 +145,11 @@ def test_kill_vmm_mid_inflate_records_a_failed_trial_and_nothing_half_written(tm
         bad, good = trials
         k = killers[0]
         assert k.fired.is_set(), k.error
-        # the runner names the dead peer; the guest driver saw the hang-up, not a timeout
+        # the runner names the dead peer; the guest either saw the hang-up or died with its
+        # VMM (guests die with their VMM: system/signals.py die_with_parent), never a timeout
         assert f"VMM process {k.pid} died (killed by SIGKILL)" in bad.error, bad.error
-        assert "the VMM closed the control socket while the inflate request was in flight" in bad.error
+        assert ("the VMM closed the control socket while the inflate request was in flight" in bad.error
+                or re.search(r"guest process \d+ died", bad.error)), bad.error
         assert time.monotonic() - t0 < 120          # detected at once, not after the 20 s device timeout x N
         assert bad.result is None
         n_metrics = store.db.execute("SELECT COUNT(*) FROM metrics WHERE trial_id=?", (bad.id,)).fetchone()[0]

@@ -123,12 +123,14 @@ def hugepages() -> int:
     return int(Path("/proc/sys/vm/nr_hugepages").read_text())
 
 
-def hugetlb_run(tmp_free_pages: int) -> list[str]:
+def hugetlb_run(tmp_free_pages: int, cycles: int = 1) -> list[str]:
     """A hugetlb `run` whose guest needs 128 huge pages more than the pool has free now
-    (another process on this shared machine may hold a pool of its own)."""
+    (another process on this shared machine may hold a pool of its own). A trial to be
+    signalled mid-way runs many inflate/deflate cycles: one cycle of this small guest
+    ends within the second the test waits on a quiet machine."""
     mib = (tmp_free_pages + 128) * 2
     return ["run", "--backing", "hugetlb", "--guest-mib", str(mib), "--inflate-mib", "128", "--no-probes",
-            "--workload", "idle"]
+            "--workload", "aged" if cycles > 1 else "idle", "--cycles", str(cycles)]
 
 
 def free_huge_pages() -> int:
@@ -149,7 +151,7 @@ def test_hugetlb_pool_is_restored_on_exit_sigterm_and_after_sigkill(tmp_path):
     # SIGTERM mid-trial
     err = tmp_path / "err"
     before, free = hugepages(), free_huge_pages()
-    p = start(hugetlb_run(free), err)
+    p = start(hugetlb_run(free, cycles=100), err)
     wait_for(err, "nr_hugepages from")
     time.sleep(1.5)
     assert hugepages() == before + 128
@@ -158,7 +160,7 @@ def test_hugetlb_pool_is_restored_on_exit_sigterm_and_after_sigkill(tmp_path):
     assert hugepages() == before, err.read_text()
     # SIGKILL mid-trial: nothing can run in the killed process; the next command restores
     before, free = hugepages(), free_huge_pages()
-    p = start(hugetlb_run(free), err)
+    p = start(hugetlb_run(free, cycles=100), err)
     wait_for(err, "nr_hugepages from")
     time.sleep(1.0)
     dirs = scratch_dirs_of(descendants(p.pid))

@@ -16,6 +16,7 @@ import numpy as np
 
 from lab.analysis import stats
 from lab.trials import twins
+from fmt.text_width import fold
 from probes.costs import cost_lines, median_rows
 
 INFLATE_TOTAL = ("stages_ns", "inflate", "total")
@@ -120,7 +121,7 @@ def cost_table(trials: list[Any]) -> str:
         v = verdict(c)
         if v:
             out.append("  " + v)
-    return "\n".join(out)
+    return fold("\n".join(out))
 
 
 def costs_json(trials: list[Any]) -> list[dict[str, Any]]:
