@@ -16,7 +16,8 @@ knob, either may end first, either may be killed. So:
 - a holder killed with SIGKILL cannot restore anything: the next lab process that
   touches the knob, or calls `restore_left_behind()` (every `balloon-lab` command does
   at start), finds its pid gone and restores for it. When raising, the holder's change
-  sentence also gives the exact command that restores the knob by hand;
+  sentence also gives the exact command that takes this holder's share back by hand
+  (the value the knob had without it: other lab processes may hold it too);
 - a restore the kernel refuses (not root any more, a pool still in use) is reported
   with that exact command, never silently dropped.
 
@@ -203,6 +204,7 @@ def raise_knob(knob: Knob, value: int | str, note: str = "") -> KnobHold | None:
                 return None
             state["original"] = current
         hold = KnobHold(knob, value, state["original"])
+        undo = _target(knob, state)                     # the value without this hold (others may hold it too)
         state["holders"].append({"pid": hold.pid, "start": _start_time(hold.pid), "id": id(hold), "share": value})
         want = _target(knob, state)
         try:
@@ -215,7 +217,7 @@ def raise_knob(knob: Knob, value: int | str, note: str = "") -> KnobHold | None:
         atexit.register(restore_all)
     _HELD.append(hold)
     hold.change = (f"set {knob.name} from {current} to {want}{f' ({note})' if note else ''} until this command "
-                   f"ends; if it is killed: `{knob.restore_command(state['original'])}`")
+                   f"ends; if it is killed: `{knob.restore_command(undo)}`")
     return hold
 
 

@@ -7,14 +7,23 @@ import time
 
 import pytest
 
-from device.virtio.backing import NR_HUGEPAGES, BackingError, ensure_backing, hugetlb_pool
+from device.virtio.backing import BackingError, ensure_backing, hugetlb_pool
 from device.guest.page_reporting_driver import ReportingParams
 from lab.trials.model.reclaim import ReclaimTrial, run_reclaim
 from lab.trials.model.balloon_trial import BalloonTrial
 from lab.trials.model.processes import LabProcesses
 from lab.trials.model.runner import run_balloon
+from system import knobs
 
 MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _give_knobs_back():
+    """The knobs `_needs` raises are held by this pytest process: give them back after
+    each test (through the holders registry, so the next lab command sees them gone)."""
+    yield
+    knobs.restore_all()
 
 
 def _needs(backing: str, mib: int) -> None:
@@ -40,16 +49,14 @@ def test_thp_bitmap_with_whole_host_pages_frees_exactly_the_ballooned_bytes():
 @pytest.mark.slow
 def test_hugetlb_guest_balloons_whole_pages_and_verifies():
     before = hugetlb_pool().total
-    try:
-        _needs("hugetlb", 256)
-        r = run_balloon(BalloonTrial(protocol="chunks", guest_mib=256, inflate_mib=128, backing="hugetlb",
-                                     alloc_policy="hugepage-aware", workload_params={"used_share": 0.2}))
-        assert r["verified"], r["verification"]
-        assert r["memfd_freed_bytes"] == 128 * MiB
-        assert r["verification"]["after_inflate"]["whole_host_pages"] == 64
-    finally:
-        with open(NR_HUGEPAGES, "w") as f:          # give the machine its pool back
-            f.write(str(before))
+    _needs("hugetlb", 256)
+    r = run_balloon(BalloonTrial(protocol="chunks", guest_mib=256, inflate_mib=128, backing="hugetlb",
+                                 alloc_policy="hugepage-aware", workload_params={"used_share": 0.2}))
+    assert r["verified"], r["verification"]
+    assert r["memfd_freed_bytes"] == 128 * MiB
+    assert r["verification"]["after_inflate"]["whole_host_pages"] == 64
+    knobs.restore_all()
+    assert hugetlb_pool().total == before           # the machine has its pool back
 
 
 @pytest.mark.slow

@@ -209,7 +209,7 @@ HOLDER = textwrap.dedent("""
     import sys, time
     from system import knobs
     hold = knobs.raise_knob(knobs.HUGETLB_POOL, int(sys.argv[1]))
-    print("held", flush=True)
+    print("held", hold.change, flush=True)
     sys.stdin.readline()          # hold until told
 """)
 
@@ -221,12 +221,17 @@ def test_two_holders_of_one_knob_keep_it_until_the_last_is_gone(tmp_path, monkey
     monkeypatch.setenv("BALLOON_LAB_KNOBS_DIR", str(tmp_path / "knobs"))
     monkeypatch.setattr(knobs, "REGISTRY", tmp_path / "knobs")
     before = hugepages()
-    procs = []
+    procs, said = [], []
     for share in (1, 2):
         p = subprocess.Popen([sys.executable, "-c", HOLDER, str(share)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert p.stdout.readline().strip() == "held"
+        said.append(p.stdout.readline().strip())
+        assert said[-1].startswith("held ")
         procs.append(p)
+    # each holder's by-hand command takes back its own share only, not the other's
+    assert said[0].endswith(f"if it is killed: `sysctl -w vm.nr_hugepages={before}`"), said
+    assert said[1].startswith(f"held set vm.nr_hugepages from {before + 1} to {before + 3} "), said
+    assert said[1].endswith(f"if it is killed: `sysctl -w vm.nr_hugepages={before + 1}`"), said
     assert hugepages() == before + 3
     a, b = procs
     a.stdin.write("\n")
