@@ -34,7 +34,11 @@ from probes.bpf import REQUIRE_ENV, essentials_missing
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-BALLOON_LAB = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "balloon-lab")
+# The command line under test: this checkout's, or another install's when
+# BALLOON_LAB_UNDER_TEST names one (e.g. an older revision's, to see a CLI-level test
+# fail where that revision lacks the fix).
+BALLOON_LAB = os.environ.get("BALLOON_LAB_UNDER_TEST") or str(Path(__file__).resolve().parents[1] / ".venv" / "bin"
+                                                               / "balloon-lab")
 
 # device_rig's queues: rings at these guest-physical addresses
 DEVICE_RIG_RINGS = {0: 0x10000, 1: 0x11000}

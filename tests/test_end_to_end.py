@@ -13,7 +13,8 @@ from lab.trials.model.balloon_trial import BalloonTrial
 from lab.trials.model.runner import run_balloon
 
 ROOT = Path(__file__).resolve().parents[1]
-BALLOON_LAB = [str(ROOT / ".venv" / "bin" / "balloon-lab")]
+from conftest import BALLOON_LAB as _CLI  # noqa: E402
+BALLOON_LAB = [_CLI]
 
 
 def cli_json(*args: str, timeout: float = 600) -> dict:

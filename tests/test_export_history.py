@@ -19,7 +19,7 @@ from lab.store.store import Store
 from test_gate import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
-BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")
+from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 
 
 def cli(*args: str):

@@ -26,7 +26,7 @@ from system import knobs
 from lab.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")
+from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 NOISE = ("Traceback", "ioctl(", "Exception ignored", "Failed to detach", "KeyboardInterrupt", "close perf event")
 
 

@@ -22,7 +22,7 @@ from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.processes import LabProcesses
 
 ROOT = Path(__file__).resolve().parents[1]
-BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")
+from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 
 
 def too_big_mib() -> int:

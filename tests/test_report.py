@@ -21,7 +21,7 @@ from lab.trials.spec import NO_PROBES_SUFFIX
 from reports.section_parts import vfmt
 
 ROOT = Path(__file__).resolve().parents[1]
-BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")
+from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 
 
 @pytest.fixture(scope="module")

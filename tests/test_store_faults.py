@@ -29,7 +29,7 @@ import pytest
 from lab.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-BALLOON_LAB = str(ROOT / ".venv" / "bin" / "balloon-lab")
+from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 SMALL = ["--guest-mib", "128", "--inflate-mib", "64", "--no-probes", "--warmups", "0"]
 
 # every command that opens a store, with the arguments it needs beside --db
