@@ -296,6 +296,43 @@ def test_found_cases_fail_without_their_fix(monkeypatch):
     assert all(o.failure == "crash" and "hint device marked pages" in o.detail for _, o in bad)
 
 
+def _watch_the_devices_own_kick_fds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo the event loop's old-kick-eventfd fix: QueueKicks watches the device's own kick
+    fds again (no duplicates), so a fd the device closed before telling the loop stays in
+    epoll while the guest holds its eventfd."""
+    from device.vmm.event_loop import EventHandler, QueueKicks
+
+    def rearm(self: QueueKicks) -> None:
+        for idx, (fd, _) in list(self.registered.items()):
+            if self.device.kick_fds.get(idx) != fd:
+                self._drop(idx, fd)
+        for idx, fd in self.device.kick_fds.items():
+            if idx not in self.registered:
+                self.loop.watch(fd, EventHandler(lambda mask, budget, idx=idx, fd=fd: self._ready(idx, fd, budget),
+                                                 queue_work=True))
+                self.registered[idx] = (fd, fd)
+
+    def drop(self: QueueKicks, idx: int, fd: int) -> None:
+        self.loop.unwatch(fd)                 # the device closed it (or will): not ours to close
+        del self.registered[idx]
+
+    monkeypatch.setattr(QueueKicks, "rearm", rearm)
+    monkeypatch.setattr(QueueKicks, "_drop", drop)
+
+
+def test_the_runs_unexplained_hang_is_the_old_kick_eventfd_bug(monkeypatch):
+    """The one hang of the 1,000,000-execution run (seed 1011) did not replay because its
+    chunk ran with the loop's fix undone in the working tree. With that loop again it hangs
+    the same way: the guest's old queue-2 kick eventfd, written after a reset, stays in epoll
+    under the number the new queue 1 eventfd got, so every wake-up reads queue 1's empty
+    eventfd and the loop never goes idle. With the fix the case is served and goes quiet."""
+    cases = corpus.load_corpus(CORPUS / "found" / "control-old-kick-eventfd-number-reused.jsonl")
+    assert len(cases) == 1 and not engine.replay(cases)
+    _watch_the_devices_own_kick_fds(monkeypatch)
+    bad = engine.replay(cases)
+    assert [(o.failure, o.detail) for _, o in bad] == [("hang", cases[0]["detail_then"].split(": ", 1)[1])]
+
+
 def test_fuzz_command_json_and_replay(tmp_path):
     out = subprocess.run([CLI, "fuzz", "--execs", "1500", "--seed", "5", "--workers", "2",
                           "--json", "--quiet", "--save-corpus", str(tmp_path)],
