@@ -7,13 +7,16 @@ import json
 import math
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lab.gate.ab import rounds as ab_rounds
 from lab.gate.ab.paired import decide, min_signed_rank_p, minimum_detectable_effect
-from lab.gate.ab.sides import SideError, resolve_commit
+from lab.gate.ab.sides import Side, SideError, resolve_commit
 from lab.gate.ab.verdict import check_counters
 from lab.gate.ci_summary import report_to_github
 
@@ -171,3 +174,37 @@ def test_head_against_itself_in_two_worktrees_is_paced_and_leaves_nothing_behind
     lines = (tmp_path / "t.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(len(json.loads(x)["cycles"]) == 2 for x in lines)
     assert abs_worktrees() == before
+
+
+# --- a side that dies mid-trial ------------------------------------------------------------------
+PACED_SIDE = """
+import json, sys
+print(json.dumps({"waiting": 1}), flush=True)
+sys.stdin.readline()
+if sys.argv[1] == "dies":
+    sys.exit(3)                    # killed mid-cycle (e.g. by the OOM killer): no answer, no result
+print(json.dumps({"cycle": 1}), flush=True)
+print(json.dumps({"verified": True, "stages_ns": {"inflate": {"total": 1}}}), flush=True)
+"""
+
+
+class ScriptSide(Side):
+    """A side whose paced `run` is a small script: it answers one cycle, or dies in it."""
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", PACED_SIDE, self.ref]
+
+
+def test_a_side_that_dies_mid_cycle_ends_the_round_at_once(tmp_path, monkeypatch):
+    """The round ends as soon as the dead side's output has ended: its end of output is
+    not waited for a second time (that wait was a whole trial timeout, 15 minutes)."""
+    monkeypatch.setattr(ab_rounds, "TRIAL_TIMEOUT_S", 20)
+    base = ScriptSide("base", "answers", tmp_path, None)
+    cand = ScriptSide("candidate", "dies", tmp_path, None)
+    plan = ab_rounds.Plan(arms=("pfn",), guest_mib=64, inflate_mib=8, workload="idle", params=(), cycles=1,
+                          rounds=1, max_rounds=1)
+    t0 = time.monotonic()
+    trials = ab_rounds.run_paced_pair(base, cand, "pfn", 1, plan)
+    assert time.monotonic() - t0 < 10
+    b, c = trials
+    assert c.error.startswith("exit 3") and b.error.startswith(ab_rounds.STOPPED_WITH_CANDIDATE)

@@ -125,6 +125,7 @@ class _Paced:
                                      stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
+        self.at_end = False           # the end of its output was read: nothing more will come
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
 
     def _read(self, stream: IO[str]) -> None:
@@ -133,12 +134,16 @@ class _Paced:
         self.lines.put(None)
 
     def next(self, timeout: float) -> dict | None:
-        """The next JSON line, or None at the end of the output (or after `timeout`)."""
+        """The next JSON line, or None at the end of the output (or after `timeout`). Once
+        the end was read, None at once: a side that died is not waited for again."""
+        if self.at_end:
+            return None
         try:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
             return None
         if line is None:
+            self.at_end = True
             return None
         self.seen.append(line)
         try:
