@@ -21,6 +21,7 @@ a real memfd and real eventfds (device/rig.py's DeviceRig). The pieces, one job 
   time_limit.py          the per-exec time limit (hangs)
   corpus.py              case files (JSON), choosing the corpus to keep
   engine.py              the loop, the process pool, replay
+  provenance.py          which code a run executed (a digest of its sources), stamped on its cases
 
 tests/fuzz_corpus/ keeps found and representative cases; tests replay them
 (engine.replay). lab/cli/commands/fuzz.py is the CLI. This package imports device/ and

@@ -71,10 +71,16 @@ def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, re
     --exec-timeout), slow wake-ups (one event-loop wake-up over the 50 ms CPU bound, on any target)
     and out-of-range discards (a page lost its data, per SEEK_DATA on the memfd, although the guest
     never named it)."""
-    from fuzz import corpus, engine
+    from fuzz import corpus, engine, provenance
 
+    here = provenance.source_digest()
     if replay is not None:
         cases = corpus.load_corpus(replay)
+        elsewhere = provenance.found_elsewhere(cases, here)
+        if elsewhere:
+            click.echo(f"balloon-lab fuzz: {sum(c.get('source_digest') in elsewhere for c in cases)} of {len(cases)} "
+                       f"case(s) were found by other code (source digest {', '.join(elsewhere)}; here {here}): a "
+                       "failure that does not replay here may be that code's", err=True)
         t0 = time.perf_counter()
         bad = engine.replay(cases, exec_timeout)
         res = {"replayed": len(cases), "failed": len(bad), "seconds": round(time.perf_counter() - t0, 2),
@@ -93,10 +99,18 @@ def command(execs, seed, workers, exec_timeout, out, save_corpus, corpus_max, re
     report["target"] = family
     report["command"] = (f"balloon-lab fuzz --execs {execs} --seed {seed} --target {family}"
                          + (f" --workers {res.workers}" if workers else "") + " --json")
+    report["source_digest"] = here
+    after = provenance.source_digest()
+    if after != here:
+        report["source_digest_at_end"] = after
+        click.echo(f"balloon-lab fuzz: the fuzzed sources changed while this run ran (source digest {here} at the "
+                   f"start, {after} at the end): its cases may not replay; run from a checkout nobody edits "
+                   "(a git worktree of the commit)", err=True)
     if res.failures:
         d = out or out_dir() / "fuzz"
         path = _write_cases(d, f"failures-{family}-seed{seed}.jsonl",
-                            [dict(f["case"], failure=f["kind"], detail=f["detail"]) for f in res.failures])
+                            [dict(f["case"], failure=f["kind"], detail=f["detail"], source_digest=here)
+                             for f in res.failures])
         report["failures_file"] = str(path)
     report["failures"] = [{"kind": f["kind"], "detail": f["detail"]} for f in res.failures[:20]]
     if save_corpus is not None:
