@@ -27,10 +27,13 @@ from lab.cli.checks import writable_file
 DEFAULT_ARMS = "pfn,bitmap,chunks"
 DEFAULT_GUEST_MIB, DEFAULT_INFLATE_MIB = 512, 384
 # 10 rounds, not the 7 that can first reach p < 0.01: at 7 one round the other way
-# (p = 2/128) already hides a 10 % regression, at 10 up to two small ones do not. Two
-# cycles per trial: more rounds buy more than more cycles per round (a trial's start
-# and guest preparation cost as much as two cycles, and the round is the unit).
-DEFAULT_CYCLES, DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 2, 10, 16
+# (p = 2/128) already hides a 10 % regression, at 10 up to two small ones do not. Four
+# cycles per trial: most of a round's spread is its cycles' own (per-round log-ratio sd of
+# discard_cpu_ns measured at CI's size: bitmap 0.114 -> 0.074, chunks 0.105 -> 0.078, pfn
+# 0.058 -> 0.027 from 2 to 4 cycles), and a round of 4 costs 1.5 rounds of 2 (a trial's
+# start and guest preparation cost about two cycles): more power in the same time
+# (docs/BENCHMARKS.md, "The A/B gate at CI's size").
+DEFAULT_CYCLES, DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 4, 10, 16
 
 
 def _fraction(text: str, what: str) -> float:
