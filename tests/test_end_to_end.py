@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from lab.trials.model.balloon_trial import BalloonTrial
 from lab.trials.model.runner import run_balloon
 
-ROOT = Path(__file__).resolve().parents[1]
 from conftest import BALLOON_LAB as _CLI  # noqa: E402
 BALLOON_LAB = [_CLI]
 

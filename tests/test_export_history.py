@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,7 +17,6 @@ from lab.trials.spec import ExperimentSpec
 from lab.store.store import Store
 from test_gate import make_run
 
-ROOT = Path(__file__).resolve().parents[1]
 from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 
 

@@ -21,7 +21,6 @@ from lab.machine import memory
 from lab.trials.model.balloon_trial import BalloonTrial, TrialFailed
 from lab.trials.model.processes import LabProcesses
 
-ROOT = Path(__file__).resolve().parents[1]
 from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 
 

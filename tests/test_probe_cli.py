@@ -13,7 +13,6 @@ import pytest
 
 from test_ebpf_probes import EBPF
 
-ROOT = Path(__file__).resolve().parents[1]
 from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 BUSY = r"""
 import mmap, os, time

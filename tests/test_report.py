@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,6 @@ from reports.palette import ARM_COLORS, arm_colors
 from lab.trials.spec import NO_PROBES_SUFFIX
 from reports.section_parts import vfmt
 
-ROOT = Path(__file__).resolve().parents[1]
 from conftest import BALLOON_LAB  # noqa: E402  (this checkout's CLI, or BALLOON_LAB_UNDER_TEST)
 
 
