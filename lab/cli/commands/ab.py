@@ -26,8 +26,8 @@ from lab.cli.checks import writable_file
 # discard on every arm (docs/STATISTICS.md, docs/BENCHMARKS.md).
 DEFAULT_ARMS = "pfn,bitmap,chunks"
 DEFAULT_GUEST_MIB, DEFAULT_INFLATE_MIB = 512, 384
-# 10 rounds, not the 7 that can first reach p < 0.01: at 7 one round the other way
-# (p = 2/128) already hides a 10 % regression, at 10 up to two small ones do not. Four
+# 10 rounds: the fewest whose p (1/1024), Holm-corrected over the nine default timings,
+# can be below 0.01. Four
 # cycles per trial: most of a round's spread is its cycles' own (per-round log-ratio sd of
 # discard_cpu_ns measured at CI's size: bitmap 0.114 -> 0.074, chunks 0.105 -> 0.078, pfn
 # 0.058 -> 0.027 from 2 to 4 cycles), and a round of 4 costs 1.5 rounds of 2 (a trial's
@@ -95,7 +95,8 @@ examples:
 @click.option("--min-effect", default=f"{MIN_EFFECT:.0%}", show_default=True,
               help="Smallest change that counts as a regression (or an improvement).")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=ALPHA,
-              show_default=True, help="Significance level of the signed-rank test.")
+              show_default=True, help="Significance level for the whole run: each timing's signed-rank p is "
+              "Holm-corrected over all the timings gated.")
 @click.option("--ignore", "ignored", multiple=True, metavar="PATTERN",
               help="A counter (glob) not to compare, e.g. one removed on purpose (repeatable).")
 @click.option("--trials-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -107,8 +108,8 @@ def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cyc
     """Gate CANDIDATE (default: the working tree) against BASE, each a git revision of this
     repository or the path of a checkout. Both run in one job, interleaved round by round
     (and cycle by cycle when both can), every trial with its own revision's code and this
-    interpreter; each timing is decided on paired ratios (signed-rank p < alpha and worse
-    than the minimum effect), exact counters must be equal in every pair. Exit 0 no
+    interpreter; each timing is decided on paired ratios (signed-rank p, Holm-corrected over
+    the run's timings, < alpha and worse than the minimum effect), exact counters must be equal in every pair. Exit 0 no
     regression, 1 regression, 3 inconclusive, 2 unusable input."""
     arm_list = tuple(a.strip() for a in arms.split(",") if a.strip())
     bad = [a for a in arm_list if a not in PROTOCOL_NAMES]

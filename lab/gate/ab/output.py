@@ -29,19 +29,19 @@ def _pct(x: float | None) -> str:
 def _row(t: PairedResult) -> list[str]:
     fmt = value_formatter(t.metric, [t.base_median, t.candidate_median])
     ci = f"[{t.ci_low:.3f}, {t.ci_high:.3f}]" if t.ci_low is not None else ""
-    p = "-" if t.p is None else f"{t.p:.2g}"
+    p = "-" if t.p is None or t.p_holm is None else f"{t.p:.2g}" if t.checks == 1 else f"{t.p:.2g} ({t.p_holm:.2g})"
     return [t.arm, t.metric, f"{t.n}/{t.pairs}", fmt(t.base_median), fmt(t.candidate_median),
             f"{t.ratio:.3f} {ci}".strip(), p, _pct(t.mde), f"{t.verdict}: {t.why}"]
 
 
-HEADER = ["arm", "metric", "rounds/pairs", "base", "candidate", "cand/base [95% CI]", "p", "MDE", "verdict"]
+HEADER = ["arm", "metric", "rounds/pairs", "base", "candidate", "cand/base [95% CI]", "p (Holm)", "MDE", "verdict"]
 
 
 def render_text(r: ABResult, *, verbose: bool = False) -> str:
     lines = [headline(r), f"  base:      {r.base.describe()}", f"  candidate: {r.candidate.describe()}",
-             f"  {r.mode} mode, {r.cycles} cycle(s) per trial, {_rounds(r)}; {r.seconds / 60:.1f} min; "
-             f"regression = worse than the minimum effect and p < {r.alpha:g} (signed-rank over the rounds' "
-             "ratios, one-sided)"]
+             f"  {r.mode} mode, {r.cycles} cycle(s) per trial, {_rounds(r)}; {r.seconds / 60:.1f} min",
+             f"  regression = worse than the minimum effect and p < {r.alpha:g} (signed-rank over the rounds' "
+             f"ratios, one-sided; Holm over the run's {len(r.timings)} timings)"]
     if r.timings:
         lines.append(_indent(format_columns(HEADER, [_row(t) for t in r.timings], right={2})))
     bad_trials = [t for t in r.trials if t.status == "regression"]

@@ -16,6 +16,13 @@ arm, with n rounds:
   80 % power at this n and the spread seen (normal approximation of the signed-rank
   test, efficiency 3/pi); infinite while n rounds cannot reach p < alpha.
 
+A run gates several timings at once (3 arms x 3 metrics by default), and any one of
+them fails it: the verdict therefore uses p after **Holm's correction over every timing
+of the run** (`holm_decide`), which keeps the chance that identical code fails on any
+timing below alpha. Without it each timing had its own 1 % chance and nine of them
+about 5 %: 1 false alarm in 13 A/A runs at CI's size (chunks 1.070, p = 0.0065 at
+16 rounds, identical code). The MDE is computed at alpha / checks (Holm's first step).
+
 The verdict needs both a significant p and an effect of at least `min_effect` in the
 metric's worse direction (Firecracker's ab_test does the same: p alone flags 0.5 %
 shifts, an effect alone flags noise):
@@ -40,7 +47,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sst
 
-from lab.analysis.stats import median_ci
+from lab.analysis.stats import holm, median_ci
 
 ALPHA = 0.01
 MIN_EFFECT = 0.05
@@ -64,6 +71,8 @@ class PairedResult:
     ci_low: float | None
     ci_high: float | None
     p: float | None              # one-sided, in the direction of the estimate
+    p_holm: float | None         # p after Holm over the run's `checks` timings: what the verdict uses
+    checks: int                  # timings gated in the run (Holm's family)
     mde: float                   # relative, e.g. 0.07; inf while n cannot reach alpha
     min_effect: float
     verdict: str
@@ -94,6 +103,12 @@ def signed_rank_p(log_ratios: np.ndarray, alternative: str) -> float | None:
     return float(res.pvalue)
 
 
+def directional_p(round_ratios: np.ndarray) -> float | None:
+    """The one-sided signed-rank p in the direction the estimate (median ratio) points."""
+    ratios = np.asarray(round_ratios, dtype=float)
+    return signed_rank_p(np.log(ratios), "greater" if float(np.median(ratios)) > 1.0 else "less")
+
+
 def minimum_detectable_effect(log_ratios: np.ndarray, alpha: float = ALPHA, power: float = POWER) -> float:
     """The relative change the one-sided signed-rank test finds with `power` at this n
     and spread (robust spread: 1.4826 x MAD of the log ratios, not below half the
@@ -109,36 +124,67 @@ def minimum_detectable_effect(log_ratios: np.ndarray, alpha: float = ALPHA, powe
 
 def decide(arm: str, metric: str, unit: str, better: str, round_ratios: np.ndarray, *, pairs: int,
            base_median: float, candidate_median: float, alpha: float = ALPHA,
-           min_effect: float = MIN_EFFECT) -> PairedResult:
-    """The verdict of one metric from its per-round ratios candidate/base."""
+           min_effect: float = MIN_EFFECT, p_holm: float | None = None, checks: int = 1) -> PairedResult:
+    """The verdict of one metric from its per-round ratios candidate/base. `p_holm` is
+    its p after Holm over the run's `checks` timings (holm_decide); alone (checks = 1)
+    it is the metric's own p."""
     ratios = np.asarray(round_ratios, dtype=float)
     if ratios.size == 0 or np.any(ratios <= 0) or not np.all(np.isfinite(ratios)):
         raise ValueError(f"{arm} {metric}: per-round ratios must be positive numbers")
     logs = np.log(ratios)
     ratio, lo, hi = median_ci(ratios)
     worse = ratio - 1.0 if better == LOWER else 1.0 / ratio - 1.0     # > 0: the candidate is worse
-    up = (worse > 0) == (better == LOWER)                             # the estimate points above 1
-    p = signed_rank_p(logs, "greater" if up else "less")
-    mde = minimum_detectable_effect(logs, alpha)
-    significant = p is not None and p < alpha
+    p = directional_p(ratios)
+    if checks == 1:
+        p_holm = p
+    mde = minimum_detectable_effect(logs, alpha / checks)
+    significant = p_holm is not None and p_holm < alpha
     n = ratios.size
+    shown = f"p = {_p(p)}" if checks == 1 else f"Holm p = {_p(p_holm)}"
     if significant and worse > min_effect:
-        verdict, why = "regression", f"worse by {worse:.1%} (> {min_effect:.0%}), p = {p:.2g} < {alpha:g}"
+        verdict, why = "regression", f"worse by {worse:.1%} (> {min_effect:.0%}), {shown} < {alpha:g}"
     elif significant and -worse > min_effect:
-        verdict, why = "improvement", f"better by {-worse:.1%} (> {min_effect:.0%}), p = {p:.2g} < {alpha:g}"
+        verdict, why = "improvement", f"better by {-worse:.1%} (> {min_effect:.0%}), {shown} < {alpha:g}"
     elif significant:
         verdict, why = "same", f"changed by {abs(worse):.1%}, less than the {min_effect:.0%} minimum effect"
-    elif worse > min_effect:
-        verdict, why = "unclear", f"looks {worse:.1%} worse but p = {_p(p)} >= {alpha:g} at n = {n}"
     elif math.isinf(mde):
-        verdict, why = "unclear", f"{n} round(s) cannot reach p < {alpha:g} (it takes {_rounds_needed(alpha)})"
+        need = _rounds_needed(alpha / checks)
+        verdict, why = "unclear", (f"{n} round(s) cannot reach p < {alpha:g}"
+                                   + (f" over {checks} timings" if checks > 1 else "") + f" (it takes {need})")
+    elif worse > min_effect:
+        verdict, why = "unclear", f"looks {worse:.1%} worse but {shown} >= {alpha:g} at n = {n}"
     else:
-        verdict, why = "same", (f"no significant change (p = {_p(p)}); a change of {mde:.1%} would have been "
+        verdict, why = "same", (f"no significant change ({shown}); a change of {mde:.1%} would have been "
                                 f"seen (80 %) at n = {n}")
     return PairedResult(arm=arm, metric=metric, unit=unit, better=better, n=int(n), pairs=pairs,
                         base_median=base_median, candidate_median=candidate_median, ratio=ratio, ci_low=lo,
-                        ci_high=hi, p=p, mde=mde, min_effect=min_effect, verdict=verdict, why=why,
-                        round_ratios=ratios.tolist())
+                        ci_high=hi, p=p, p_holm=p_holm, checks=checks, mde=mde, min_effect=min_effect,
+                        verdict=verdict, why=why, round_ratios=ratios.tolist())
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One gated timing of one arm, ready to decide: its per-round ratios and medians."""
+
+    arm: str
+    metric: str
+    unit: str
+    better: str
+    round_ratios: np.ndarray
+    pairs: int
+    base_median: float
+    candidate_median: float
+    min_effect: float
+
+
+def holm_decide(timings: list[Timing], alpha: float = ALPHA) -> list[PairedResult]:
+    """Every timing of a run decided together: each p Holm-adjusted over all of them, so
+    the run's chance of failing identical code on any timing stays below alpha."""
+    adjusted = holm([directional_p(t.round_ratios) for t in timings])
+    return [decide(t.arm, t.metric, t.unit, t.better, t.round_ratios, pairs=t.pairs, base_median=t.base_median,
+                   candidate_median=t.candidate_median, alpha=alpha, min_effect=t.min_effect, p_holm=ph,
+                   checks=len(timings))
+            for t, ph in zip(timings, adjusted)]
 
 
 def round_ratio(base: np.ndarray, candidate: np.ndarray) -> float:

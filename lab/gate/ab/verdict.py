@@ -5,7 +5,8 @@ Three kinds of check per arm:
 - counters: every exact counter (pages, requests, discard calls, runs...) and every
   must-be-zero figure the base reports must be in the candidate's result and equal in
   every pair, unless ignored by name; a counter only the candidate has is noted;
-- timings: each gated metric decided on its paired ratios (lab/gate/ab/paired.py).
+- timings: each gated metric decided on its paired ratios, all of the run's timings
+  together (Holm: lab/gate/ab/paired.py).
 
 Verdict: "regression" (exit 1) if any check regressed; else "inconclusive" (exit 3)
 if any timing is still unclear after the extra rounds, or an arm had no timing both
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lab.results import metrics as lab_metrics
-from lab.gate.ab.paired import ALPHA, PairedResult, decide, round_ratio
+from lab.gate.ab.paired import ALPHA, PairedResult, Timing, holm_decide, round_ratio
 from lab.gate.ab.rounds import Rounds
 
 EXIT_PASS, EXIT_REGRESSION, EXIT_UNUSABLE, EXIT_INCONCLUSIVE = 0, 1, 2, 3
@@ -210,7 +211,7 @@ def check_trials(arm: str, rounds: Rounds) -> ArmTrials:
 def judge(rounds: Rounds, arms: Sequence[str], rules: Sequence[MetricRule], *, base, candidate, mode: str,
           cycles: int, ignored: Sequence[str] = DEFAULT_IGNORED, alpha: float = ALPHA) -> ABResult:
     """Every check of every arm from the trials so far."""
-    timings: list[PairedResult] = []
+    timings: list[Timing] = []
     counters: list[CounterCheck] = []
     trials: list[ArmTrials] = []
     notes: list[str] = []
@@ -243,12 +244,12 @@ def judge(rounds: Rounds, arms: Sequence[str], rules: Sequence[MetricRule], *, b
                 continue
             b_all = np.concatenate([b for b, _c in per_round])
             c_all = np.concatenate([c for _b, c in per_round])
-            timings.append(decide(arm, name, lab_metrics.unit(name), lab_metrics.better(name),
+            timings.append(Timing(arm, name, lab_metrics.unit(name), lab_metrics.better(name),
                                   np.array([round_ratio(b, c) for b, c in per_round]), pairs=int(b_all.size),
                                   base_median=float(np.median(b_all)), candidate_median=float(np.median(c_all)),
-                                  alpha=alpha, min_effect=rule.min_effect))
+                                  min_effect=rule.min_effect))
     return ABResult(base=base, candidate=candidate, mode=mode, cycles=cycles, alpha=alpha,
-                    timings=timings, counters=counters, trials=trials, notes=notes)
+                    timings=holm_decide(timings, alpha), counters=counters, trials=trials, notes=notes)
 
 
 def to_dict(result: ABResult) -> dict[str, Any]:
