@@ -17,7 +17,7 @@ import pytest
 from lab.gate.ab import rounds as ab_rounds
 from lab.gate.ab.paired import Timing, decide, holm_decide, min_signed_rank_p, minimum_detectable_effect
 from lab.gate.ab.sides import Side, SideError, resolve_commit
-from lab.gate.ab.verdict import check_counters
+from lab.gate.ab.verdict import ABResult, check_counters
 from lab.gate.ci_summary import report_to_github
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +113,30 @@ def test_too_few_rounds_for_the_runs_checks_is_unclear_and_says_how_many():
     eleven = holm_decide([_timing("pfn", f"m{i}", all_up) for i in range(11)])
     assert all(r.verdict == "regression" for r in nine)
     assert all(r.verdict == "unclear" and "it takes 11" in r.why for r in eleven)
+
+
+def _look(verdicts: dict[tuple[str, str], str]) -> ABResult:
+    """A look of a run with these timing verdicts (what open_arms reads)."""
+    timings = [decide(a, m, "ns", "lower", _ratios(1.0, 0.03, 10), pairs=40, base_median=1.0, candidate_median=1.0)
+               for a, m in verdicts]
+    for t, v in zip(timings, verdicts.values()):
+        t.verdict = v
+    return ABResult(base=None, candidate=None, mode="paced", cycles=4, alpha=0.01, timings=timings, counters=[],
+                    trials=[])
+
+
+def test_an_arm_is_done_once_its_regression_held_at_two_looks_and_the_rest_get_the_rounds():
+    first = _look({("pfn", "discard_cpu_ns"): "regression", ("pfn", "cpu_ns.guest"): "unclear",
+                   ("bitmap", "discard_cpu_ns"): "unclear", ("chunks", "discard_cpu_ns"): "same"})
+    assert first.open_arms() == ["bitmap", "pfn"]          # a first regression is never final
+    second = _look({("pfn", "discard_cpu_ns"): "regression", ("pfn", "cpu_ns.guest"): "unclear",
+                    ("bitmap", "discard_cpu_ns"): "regression", ("chunks", "discard_cpu_ns"): "same"})
+    # pfn's regression held (its unclear guest time cannot change that pfn regressed);
+    # bitmap's is new: one more look
+    assert second.open_arms(first) == ["bitmap"]
+    third = _look({("pfn", "discard_cpu_ns"): "regression", ("pfn", "cpu_ns.guest"): "unclear",
+                   ("bitmap", "discard_cpu_ns"): "regression", ("chunks", "discard_cpu_ns"): "same"})
+    assert third.open_arms(second) == [] and third.verdict == "regression"
 
 
 def test_the_declared_direction_decides_what_is_worse():

@@ -4,7 +4,9 @@ by --max-rounds and --budget), decide again, and remove the worktrees it made.
 
 A flagged regression is never final after the first rounds: its arm gets more rounds
 first, as Firecracker retries a failed A/B test in swapped order before it fails, and
-the verdict is taken on every round.
+the verdict is taken on every round. An arm is done when none of its timings is
+unclear and each of its regressions held at two looks in a row; the rest of the budget
+goes to the arms still open.
 """
 from __future__ import annotations
 
@@ -81,8 +83,9 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
         if exact:       # an exact check failed: no timing can change that answer
             notes.append(f"stopped after round {rnd}: an exact check failed, timings need not be decided")
             break
-    while not exact and done < plan.max_rounds and result.open_arms():
-        arms = [a for a in plan.arms if a in result.open_arms()]
+    before = None
+    while not exact and done < plan.max_rounds and result.open_arms(before):
+        arms = [a for a in plan.arms if a in result.open_arms(before)]
         step = min(plan.step, plan.max_rounds - done)
         per_round = rounds.seconds_per_round(arms)
         if settings.budget_s is not None and time.monotonic() - t0 + step * per_round > settings.budget_s:
@@ -94,7 +97,7 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
         run_rounds(base, candidate, plan, arms, range(done + 1, done + step + 1), rounds, swapped=True,
                    progress=progress)
         done += step
-        result = decide()
+        before, result = result, decide()
     result.notes = notes + result.notes
     result.seconds = time.monotonic() - t0
     result.raw = rounds

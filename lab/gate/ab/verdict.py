@@ -112,10 +112,16 @@ class ABResult:
     def exit_code(self) -> int:
         return {"regression": EXIT_REGRESSION, "inconclusive": EXIT_INCONCLUSIVE, "pass": EXIT_PASS}[self.verdict]
 
-    def open_arms(self) -> list[str]:
-        """Arms whose timing answer is not final: a regression not yet confirmed by
-        extra rounds, or unclear."""
-        return sorted({r.arm for r in self.timings if r.verdict in ("regression", "unclear")})
+    def open_arms(self, before: "ABResult | None" = None) -> list[str]:
+        """Arms whose answer is not final: a regression not yet confirmed, or a timing still
+        unclear. A regression is confirmed when it was one at the look `before` this one
+        too (the second after extra rounds in swapped order): its arm has regressed, and
+        more rounds for its other timings cannot change that, so the budget goes to the
+        arms still open."""
+        held = {(r.arm, r.metric) for r in before.timings if r.verdict == "regression"} if before else set()
+        confirmed = {r.arm for r in self.timings if r.verdict == "regression" and (r.arm, r.metric) in held}
+        return sorted({r.arm for r in self.timings
+                       if r.verdict in ("regression", "unclear") and r.arm not in confirmed})
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
