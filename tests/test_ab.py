@@ -17,7 +17,7 @@ import pytest
 from lab.gate.ab import rounds as ab_rounds
 from lab.gate.ab.paired import Timing, decide, holm_decide, min_signed_rank_p, minimum_detectable_effect
 from lab.gate.ab.sides import Side, SideError, resolve_commit
-from lab.gate.ab.verdict import ABResult, check_counters
+from lab.gate.ab.verdict import ABResult, check_counters, track_flags
 from lab.gate.ci_summary import report_to_github
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,28 +115,39 @@ def test_too_few_rounds_for_the_runs_checks_is_unclear_and_says_how_many():
     assert all(r.verdict == "unclear" and "it takes 11" in r.why for r in eleven)
 
 
-def _look(verdicts: dict[tuple[str, str], str]) -> ABResult:
-    """A look of a run with these timing verdicts (what open_arms reads)."""
-    timings = [decide(a, m, "ns", "lower", _ratios(1.0, 0.03, 10), pairs=40, base_median=1.0, candidate_median=1.0)
-               for a, m in verdicts]
-    for t, v in zip(timings, verdicts.values()):
-        t.verdict = v
+def _look(verdicts: dict[tuple[str, str], tuple[str, int]]) -> ABResult:
+    """A look of a run with these timing verdicts and rounds (what open_arms reads)."""
+    timings = []
+    for (arm, metric), (verdict, n) in verdicts.items():
+        t = decide(arm, metric, "ns", "lower", _ratios(1.0, 0.03, n), pairs=4 * n, base_median=1.0,
+                   candidate_median=1.0)
+        t.verdict = verdict
+        timings.append(t)
     return ABResult(base=None, candidate=None, mode="paced", cycles=4, alpha=0.01, timings=timings, counters=[],
                     trials=[])
 
 
-def test_an_arm_is_done_once_its_regression_held_at_two_looks_and_the_rest_get_the_rounds():
-    first = _look({("pfn", "discard_cpu_ns"): "regression", ("pfn", "cpu_ns.guest"): "unclear",
-                   ("bitmap", "discard_cpu_ns"): "unclear", ("chunks", "discard_cpu_ns"): "same"})
-    assert first.open_arms() == ["bitmap", "pfn"]          # a first regression is never final
-    second = _look({("pfn", "discard_cpu_ns"): "regression", ("pfn", "cpu_ns.guest"): "unclear",
-                    ("bitmap", "discard_cpu_ns"): "regression", ("chunks", "discard_cpu_ns"): "same"})
-    # pfn's regression held (its unclear guest time cannot change that pfn regressed);
-    # bitmap's is new: one more look
-    assert second.open_arms(first) == ["bitmap"]
-    third = _look({("pfn", "discard_cpu_ns"): "regression", ("pfn", "cpu_ns.guest"): "unclear",
-                   ("bitmap", "discard_cpu_ns"): "regression", ("chunks", "discard_cpu_ns"): "same"})
-    assert third.open_arms(second) == [] and third.verdict == "regression"
+def test_a_regression_is_confirmed_only_by_more_rounds_and_undecided_arms_come_first():
+    flagged: dict = {}
+    first = _look({("pfn", "discard_cpu_ns"): ("regression", 10), ("pfn", "cpu_ns.guest"): ("unclear", 10),
+                   ("bitmap", "discard_cpu_ns"): ("unclear", 10), ("chunks", "discard_cpu_ns"): ("same", 10)})
+    track_flags(first, flagged)
+    # pfn has regressed at alpha (its unclear guest time does not matter), not yet confirmed;
+    # bitmap is undecided
+    assert first.open_arms(flagged) == (["bitmap"], ["pfn"])
+    # bitmap got two more rounds, pfn none: pfn's regression is not confirmed by the same data
+    second = _look({("pfn", "discard_cpu_ns"): ("regression", 10), ("pfn", "cpu_ns.guest"): ("unclear", 10),
+                    ("bitmap", "discard_cpu_ns"): ("regression", 12), ("chunks", "discard_cpu_ns"): ("same", 10)})
+    track_flags(second, flagged)
+    assert second.open_arms(flagged) == ([], ["bitmap", "pfn"])
+    third = _look({("pfn", "discard_cpu_ns"): ("regression", 12), ("pfn", "cpu_ns.guest"): ("unclear", 12),
+                   ("bitmap", "discard_cpu_ns"): ("regression", 14), ("chunks", "discard_cpu_ns"): ("same", 10)})
+    track_flags(third, flagged)
+    assert third.open_arms(flagged) == ([], []) and third.confirmed_arms(flagged) == {"pfn", "bitmap"}
+    # a streak that breaks starts again
+    fourth = _look({("pfn", "discard_cpu_ns"): ("same", 14), ("bitmap", "discard_cpu_ns"): ("regression", 16)})
+    track_flags(fourth, flagged)
+    assert ("pfn", "discard_cpu_ns") not in flagged and fourth.confirmed_arms(flagged) == {"bitmap"}
 
 
 def test_the_declared_direction_decides_what_is_worse():

@@ -5,8 +5,10 @@ by --max-rounds and --budget), decide again, and remove the worktrees it made.
 A flagged regression is never final after the first rounds: its arm gets more rounds
 first, as Firecracker retries a failed A/B test in swapped order before it fails, and
 the verdict is taken on every round. An arm is done when none of its timings is
-unclear and each of its regressions held at two looks in a row; the rest of the budget
-goes to the arms still open.
+unclear, or when a regression of it held after more rounds (confirmed). Under a time
+box (--budget) the arms still undecided get the extra rounds first, and regressions
+their confirming rounds only when no arm is undecided: a regression is already a
+decision at alpha (Holm), the confirmation a second look when there is time for it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from lab.gate.ab.paired import ALPHA
 from lab.gate.ab.rounds import PACED, Plan, Rounds, mode_of, run_rounds
 from lab.gate.ab.sides import Side, prepare_side, remove_side, resolve_commit, workdir
 from lab.paths import REPO_ROOT
-from lab.gate.ab.verdict import ABResult, MetricRule, judge
+from lab.gate.ab.verdict import ABResult, MetricRule, judge, track_flags
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,16 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
         if exact:       # an exact check failed: no timing can change that answer
             notes.append(f"stopped after round {rnd}: an exact check failed, timings need not be decided")
             break
-    before = None
-    while not exact and done < plan.max_rounds and result.open_arms(before):
-        arms = [a for a in plan.arms if a in result.open_arms(before)]
+    flagged: dict[tuple[str, str], int] = {}
+    track_flags(result, flagged)
+    while not exact and done < plan.max_rounds:
+        undecided, unconfirmed = result.open_arms(flagged)
+        # Under a time box the undecided arms come first: a regression is already a
+        # decision at alpha, its confirming rounds wait until no arm is unclear.
+        wanted = set(undecided) if settings.budget_s is not None and undecided else set(undecided + unconfirmed)
+        arms = [a for a in plan.arms if a in wanted]
+        if not arms:
+            break
         step = min(plan.step, plan.max_rounds - done)
         per_round = rounds.seconds_per_round(arms)
         if settings.budget_s is not None and time.monotonic() - t0 + step * per_round > settings.budget_s:
@@ -97,7 +106,12 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
         run_rounds(base, candidate, plan, arms, range(done + 1, done + step + 1), rounds, swapped=True,
                    progress=progress)
         done += step
-        before, result = result, decide()
+        result = decide()
+        track_flags(result, flagged)
+    unconfirmed = result.open_arms(flagged)[1]
+    if unconfirmed and not exact:
+        notes.append(f"{', '.join(unconfirmed)}: regression seen at one look only (no rounds were left to see "
+                     "it again); it stands, decided at alpha")
     result.notes = notes + result.notes
     result.seconds = time.monotonic() - t0
     result.raw = rounds

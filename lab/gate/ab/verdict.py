@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -112,16 +112,29 @@ class ABResult:
     def exit_code(self) -> int:
         return {"regression": EXIT_REGRESSION, "inconclusive": EXIT_INCONCLUSIVE, "pass": EXIT_PASS}[self.verdict]
 
-    def open_arms(self, before: "ABResult | None" = None) -> list[str]:
-        """Arms whose answer is not final: a regression not yet confirmed, or a timing still
-        unclear. A regression is confirmed when it was one at the look `before` this one
-        too (the second after extra rounds in swapped order): its arm has regressed, and
-        more rounds for its other timings cannot change that, so the budget goes to the
-        arms still open."""
-        held = {(r.arm, r.metric) for r in before.timings if r.verdict == "regression"} if before else set()
-        confirmed = {r.arm for r in self.timings if r.verdict == "regression" and (r.arm, r.metric) in held}
-        return sorted({r.arm for r in self.timings
-                       if r.verdict in ("regression", "unclear") and r.arm not in confirmed})
+    def confirmed_arms(self, flagged: Mapping[tuple[str, str], int]) -> set[str]:
+        """Arms with a confirmed regression: a timing that is a regression now and was one
+        already with fewer of its rounds (`flagged`: the rounds at which each regression
+        was first seen, in its current streak). More rounds for such an arm's other
+        timings cannot change that it regressed."""
+        return {r.arm for r in self.timings if r.verdict == "regression" and flagged.get((r.arm, r.metric), r.n) < r.n}
+
+    def open_arms(self, flagged: Mapping[tuple[str, str], int] | None = None) -> tuple[list[str], list[str]]:
+        """Arms whose answer is not final, in two lists: undecided (a timing unclear, no
+        regression) and unconfirmed (a regression not yet seen again after more rounds)."""
+        confirmed = self.confirmed_arms(flagged or {})
+        regressed = {r.arm for r in self.timings if r.verdict == "regression"}
+        undecided = {r.arm for r in self.timings if r.verdict == "unclear" and r.arm not in regressed}
+        return sorted(undecided), sorted(regressed - confirmed)
+
+
+def track_flags(result: ABResult, flagged: dict[tuple[str, str], int]) -> None:
+    """Keep, per timing, the rounds at which its current streak of regression verdicts began."""
+    for r in result.timings:
+        if r.verdict == "regression":
+            flagged.setdefault((r.arm, r.metric), r.n)
+        else:
+            flagged.pop((r.arm, r.metric), None)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
