@@ -1,5 +1,5 @@
 """How wide the lab's text output may be: 120 columns, as a terminal beside an editor shows
-without wrapping. Tables fit by layout (lab.stats.format_columns); this module folds the
+without wrapping. Tables fit by layout (fmt/columns.py); this module folds the
 prose lines around them, and command lines so they still paste into a shell."""
 from __future__ import annotations
 

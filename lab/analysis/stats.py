@@ -22,11 +22,18 @@ from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy import stats as sst
 
 from fmt.numbers import sig
-from fmt.text_width import LINE_WIDTH
+from fmt.columns import format_columns
 from lab.results import metrics as lab_metrics
+
+
+def scipy_stats() -> Any:
+    """scipy.stats, imported on first use: it takes ~0.5 s, and most commands that import
+    this module (`run`, every `ab` trial) print a table and compute no statistic."""
+    from scipy import stats
+    return stats
+
 
 ALPHA = 0.05
 CONFIDENCE = 0.95
@@ -54,7 +61,7 @@ def median_ci(x: Sequence[float], *, confidence: float = CONFIDENCE, n_resamples
         return med, None, None
     if np.ptp(x) == 0:
         return med, med, med
-    res = sst.bootstrap((x,), np.median, vectorized=True, axis=-1, method="percentile",
+    res = scipy_stats().bootstrap((x,), np.median, vectorized=True, axis=-1, method="percentile",
                         n_resamples=n_resamples, confidence_level=confidence, rng=_rng(seed))
     return med, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -83,7 +90,7 @@ def ratio_ci(base: Sequence[float], other: Sequence[float], *, confidence: float
     def stat(bb: np.ndarray, oo: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.median(oo, axis=axis) / np.median(bb, axis=axis)
 
-    res = sst.bootstrap((b, o), stat, vectorized=True, axis=-1, paired=False, method="percentile",
+    res = scipy_stats().bootstrap((b, o), stat, vectorized=True, axis=-1, paired=False, method="percentile",
                         n_resamples=n_resamples, confidence_level=confidence, rng=_rng(seed))
     return ratio, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -99,7 +106,7 @@ def mann_whitney(base: Sequence[float], other: Sequence[float]) -> tuple[float |
     b, o = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
     if b.size == 0 or o.size == 0:
         return None, None, None
-    res = sst.mannwhitneyu(o, b, alternative="two-sided", method="auto")
+    res = scipy_stats().mannwhitneyu(o, b, alternative="two-sided", method="auto")
     u_other = float(res.statistic)  # pairs with other > base, ties counting one half
     frac_above = u_other / (b.size * o.size)
     delta = 2.0 * frac_above - 1.0
@@ -502,30 +509,6 @@ def render_table(comp: Comparison, metrics: Sequence[str] | None = None, *, diff
             rows.append((m if first else "", arm, str(s.n), med, ratio, p, effect, verdict_))
             first = False
     return format_columns(header, rows, right={2})
-
-
-def format_columns(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset(),
-                   width: int = LINE_WIDTH) -> str:
-    """Left-aligned (or, for columns in `right`, right-aligned) text columns under a header
-    rule. A table wider than `width` puts its first column on a line of its own above the
-    rest of its row (a row whose first cell is empty continues the one above)."""
-    def render(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int], indent: str = "") -> list[str]:
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-        def line(r: Sequence[str]) -> str:
-            cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
-            return (indent + "  ".join(cells)).rstrip()
-
-        return [line(header), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-
-    out = render(header, rows, right)
-    if max(map(len, out)) <= width or len(header) < 3:
-        return "\n".join(out)
-    inner = render(header[1:], [r[1:] for r in rows], {i - 1 for i in right if i}, "  ")
-    folded = [str(header[0])] + inner[:2]
-    for r, text in zip(rows, inner[2:]):
-        folded += ([str(r[0])] if r[0] else []) + [text]
-    return "\n".join(folded)
 
 
 def render_summaries(comp: Comparison, metrics: Sequence[str] | None = None) -> str:

@@ -21,7 +21,8 @@ from lab.store.db_path import db_option, default_db_path, next_command
 from lab.results.ring_cost import lab_cost_table
 from lab.trials.arm_trial import trial_fn
 from lab.trials.spec import spec_from_cli, spec_options
-from lab.analysis.stats import Comparison, format_columns, render_table
+from fmt.columns import format_columns
+from lab.analysis.stats import Comparison, render_table
 from lab.store.store import Store
 from fmt.text_width import fold, fold_command
 from fmt.numbers import fmt_count, fmt_fixed, sig

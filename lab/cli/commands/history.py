@@ -11,7 +11,8 @@ from lab.results import metrics as lab_metrics
 from lab.cli.checks import refuse
 from lab.cli.commands.runs import local_time
 from lab.store.db_path import db_option, default_db_path
-from lab.analysis.stats import format_columns, value_formatter
+from fmt.columns import format_columns
+from lab.analysis.stats import value_formatter
 from lab.store.store import Store, StoreError
 from fmt.text_width import fold
 from fmt.numbers import plural

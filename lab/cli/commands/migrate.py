@@ -27,7 +27,7 @@ from lab.trials.model.migrate_runner import HINTS, run_trial
 from lab.store.db_path import db_option, default_db_path
 from lab.cli.checks import checked, fits_in_memory, memory_option, refuse
 from lab.trials.spec import DEFAULT_BANDWIDTH, ExperimentSpec, format_bandwidth, load_spec, toml_value
-from lab.analysis.stats import format_columns
+from fmt.columns import format_columns
 from lab.store.store import Store
 from fmt.text_width import fold
 from fmt.numbers import row_formatter, sig

@@ -21,7 +21,7 @@ from device.api import ReportingParams
 from lab.cli.checks import refuse, writable_file
 from lab.trials.model.reclaim import RECLAIM_ARMS, ReclaimTrial, run_reclaim
 from lab.trials.model.balloon_trial import TrialFailed
-from lab.analysis.stats import format_columns
+from fmt.columns import format_columns
 from fmt.numbers import fmt_fixed
 
 

@@ -9,7 +9,7 @@ import click
 
 from lab.cli.checks import refuse
 from lab.store.db_path import db_option, default_db_path
-from lab.analysis.stats import format_columns
+from fmt.columns import format_columns
 from lab.store.store import Store, StoreError
 
 

@@ -7,7 +7,8 @@ import math
 
 from lab.gate.ab.paired import PairedResult
 from lab.gate.ab.verdict import ABResult
-from lab.analysis.stats import format_columns, value_formatter
+from fmt.columns import format_columns
+from lab.analysis.stats import value_formatter
 
 _HEAD = {"pass": "PASS", "regression": "REGRESSION", "inconclusive": "INCONCLUSIVE"}
 

@@ -45,9 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats as sst
-
-from lab.analysis.stats import holm, median_ci
+from lab.analysis.stats import holm, median_ci, scipy_stats
 
 ALPHA = 0.01
 MIN_EFFECT = 0.05
@@ -99,7 +97,7 @@ def signed_rank_p(log_ratios: np.ndarray, alternative: str) -> float | None:
     if not np.any(d):
         return 1.0
     exact = d.size <= 50 and np.all(d) and np.unique(np.abs(d)).size == d.size
-    res = sst.wilcoxon(d, zero_method="zsplit", alternative=alternative, method="exact" if exact else "approx")
+    res = scipy_stats().wilcoxon(d, zero_method="zsplit", alternative=alternative, method="exact" if exact else "approx")
     return float(res.pvalue)
 
 
@@ -118,7 +116,7 @@ def minimum_detectable_effect(log_ratios: np.ndarray, alpha: float = ALPHA, powe
     if n < 2 or min_signed_rank_p(n) >= alpha:
         return math.inf
     spread = max(1.4826 * float(np.median(np.abs(d - np.median(d)))), 0.5 * float(np.std(d, ddof=1)))
-    z = sst.norm.ppf(1 - alpha) + sst.norm.ppf(power)
+    z = scipy_stats().norm.ppf(1 - alpha) + scipy_stats().norm.ppf(power)
     return math.expm1(z * spread * math.sqrt(math.pi / 3) / math.sqrt(n))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lab.trials.backends import is_qemu_arm
-from lab.analysis.stats import format_columns
+from fmt.columns import format_columns
 from fmt.text_width import fold
 from fmt.numbers import fmt_count, sig
 
