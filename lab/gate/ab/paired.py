@@ -11,7 +11,8 @@ arm, with n rounds:
 - the estimate is the median of the per-round ratios, with a 95 % bootstrap CI;
 - p is the one-sided Wilcoxon signed-rank test of the log ratios (exact for small n),
   in the direction the estimate points: is the candidate consistently worse (or
-  better) than the base? n rounds can reach p = 1/2**n, so a verdict needs n >= 7;
+  better) than the base? n rounds can reach p = 1/2**n, so a verdict needs n >= 7 alone,
+  n >= 10 among nine timings (Holm, below);
 - the minimum detectable effect (MDE) is the smallest change this test finds with
   80 % power at this n and the spread seen (normal approximation of the signed-rank
   test, efficiency 3/pi); infinite while n rounds cannot reach p < alpha.
@@ -122,17 +123,19 @@ def minimum_detectable_effect(log_ratios: np.ndarray, alpha: float = ALPHA, powe
 
 def decide(arm: str, metric: str, unit: str, better: str, round_ratios: np.ndarray, *, pairs: int,
            base_median: float, candidate_median: float, alpha: float = ALPHA,
-           min_effect: float = MIN_EFFECT, p_holm: float | None = None, checks: int = 1) -> PairedResult:
-    """The verdict of one metric from its per-round ratios candidate/base. `p_holm` is
-    its p after Holm over the run's `checks` timings (holm_decide); alone (checks = 1)
-    it is the metric's own p."""
+           min_effect: float = MIN_EFFECT, p: float | None = None, p_holm: float | None = None,
+           checks: int = 1) -> PairedResult:
+    """The verdict of one metric from its per-round ratios candidate/base. `p` is its
+    directional p when the caller has it already (holm_decide), `p_holm` that p after
+    Holm over the run's `checks` timings; alone (checks = 1) it is the metric's own p."""
     ratios = np.asarray(round_ratios, dtype=float)
     if ratios.size == 0 or np.any(ratios <= 0) or not np.all(np.isfinite(ratios)):
         raise ValueError(f"{arm} {metric}: per-round ratios must be positive numbers")
     logs = np.log(ratios)
     ratio, lo, hi = median_ci(ratios)
     worse = ratio - 1.0 if better == LOWER else 1.0 / ratio - 1.0     # > 0: the candidate is worse
-    p = directional_p(ratios)
+    if p is None:
+        p = directional_p(ratios)
     if checks == 1:
         p_holm = p
     mde = minimum_detectable_effect(logs, alpha / checks)
@@ -178,11 +181,11 @@ class Timing:
 def holm_decide(timings: list[Timing], alpha: float = ALPHA) -> list[PairedResult]:
     """Every timing of a run decided together: each p Holm-adjusted over all of them, so
     the run's chance of failing identical code on any timing stays below alpha."""
-    adjusted = holm([directional_p(t.round_ratios) for t in timings])
+    ps = [directional_p(t.round_ratios) for t in timings]
     return [decide(t.arm, t.metric, t.unit, t.better, t.round_ratios, pairs=t.pairs, base_median=t.base_median,
-                   candidate_median=t.candidate_median, alpha=alpha, min_effect=t.min_effect, p_holm=ph,
+                   candidate_median=t.candidate_median, alpha=alpha, min_effect=t.min_effect, p=p, p_holm=ph,
                    checks=len(timings))
-            for t, ph in zip(timings, adjusted)]
+            for t, p, ph in zip(timings, ps, holm(ps))]
 
 
 def round_ratio(base: np.ndarray, candidate: np.ndarray) -> float:
