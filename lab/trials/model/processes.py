@@ -122,7 +122,9 @@ class LabProcesses:
         while True:
             vmm = _proc_fate(self.vmm.pid, self.vmm)
             guest = _proc_fate(gp) if gp else None
-            if vmm or guest or time.monotonic() >= deadline:
+            # a guest dies with its VMM (system/signals.py die_with_parent) a moment after it:
+            # once the VMM is gone, wait for the guest too, so both are named
+            if (guest or (vmm and not gp)) or time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
         if vmm:
