@@ -262,7 +262,8 @@ def run_example(scene: Scene, ex: Example) -> None:
     stdout, stderr = "".join(got["out"]), "".join(got["err"])
     errors = [ln for ln in stderr.splitlines() if "error" in ln.lower()][:10]
     answered = (0, 1, 3) if ex.name == "ab" else (0,)       # ab: no regression, regression, inconclusive
-    assert proc.returncode in answered, (ex.where, script, errors, stderr[-3000:])
+    assert proc.returncode in answered or (proc.returncode == 1 and real_stack_crash(ex, stdout)), (
+        ex.where, script, errors, stderr[-3000:])
     made = [scene.cwd / f for f in files_named(script)]
     printed = stdout.strip() or any(p.is_file() and p.stat().st_size for p in made) or (
         ex.name in STDERR_REPORTERS and stderr.strip())
@@ -270,6 +271,16 @@ def run_example(scene: Scene, ex: Example) -> None:
     if not re.search(r"--json|--format|\| jq", ex.command) and ex.name not in OWN_OUTPUT:
         wide = [ln for ln in stdout.splitlines() if len(ln) > 120]
         assert not wide, (ex.where, "lines over 120 columns", wide[:3])
+
+
+def real_stack_crash(ex: Example, stdout: str) -> bool:
+    """Exit 1 of a real-stack migration whose only failed trials are hinted migrations after
+    which the destination guest crashed: an outcome of QEMU and Linux that the lab reports
+    (docs/REAL_STACK.md, 'A destination guest that crashes'), not the example failing."""
+    failed = [ln for ln in stdout.splitlines() if ln.startswith("failed trial (")]
+    return ex.name == "migrate" and "qemu" in ex.command and bool(failed) and all(
+        ln.startswith("failed trial (qemu-upstream,") and "the guest crashed on the destination after the "
+        "migration completed (free-page hinting on)" in ln for ln in failed)
 
 
 def notebook(code: str) -> str:

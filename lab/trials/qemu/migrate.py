@@ -64,9 +64,14 @@ def run_qemu_migration(hint: str, guest_mib: int, bandwidth_bits: int, workload:
         phase = "verifying on the destination"
         status = _wait_running(dst, 60)
         agent = dst.attach_agent(timeout=30)
-        after = agent.run("/bin/sh /lab/workload.sh checksum", timeout=120)[-1]
+        after = agent.run("/bin/sh /lab/workload.sh checksum", timeout=120, alive=dst.guest_up)[-1]
         rss = {"source_before": rss_src0, "source": src.rss_bytes(), "destination": dst.rss_bytes()}
     except (MonitorError, AgentError, QemuError, OSError) as e:
+        crash = dst.guest_crash() if dst is not None and phase == "verifying on the destination" else None
+        if crash is not None:        # the real stack's outcome, not the lab's: say so first
+            raise QemuTrialFailed(f"the guest crashed on the destination after the migration completed "
+                                  f"({'free-page hinting on' if hinted else 'no hinting'}): {crash.describe()}; "
+                                  f"the agent: {e} (docs/REAL_STACK.md, 'A destination guest that crashes')") from e
         why = "".join(q.why_dead() for q in (src, dst) if q is not None)
         raise QemuTrialFailed(f"{phase} failed: {e}{why}") from e
     finally:

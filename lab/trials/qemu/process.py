@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from lab.machine import memory
 from lab.trials.qemu.agent import AgentError, GuestAgent
+from lab.trials.qemu.guest_crash import GuestCrash, read_crash
 from lab.trials.qemu.image import GuestImage
 from lab.trials.monitor_client import MonitorError, QMPClient, wait_for_socket
 from lab.trials.orphans import remove_scratch, scratch_dir, spawn, wait_or_kill
@@ -118,6 +119,9 @@ class QemuProcess:
 
     def why_dead(self) -> str:
         if self.alive():
+            crash = self.guest_crash()
+            if crash is not None:
+                return f"; the guest's kernel crashed: {crash.describe()}"
             return f"; console tail: {self.console_tail()!r}"
         err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
         return f"; QEMU exited with status {self.proc.returncode}: {err[-500:]}"
@@ -130,10 +134,18 @@ class QemuProcess:
         except OSError:
             return ""
 
+    def guest_up(self) -> bool:
+        """QEMU runs and its guest's kernel has not oopsed: worth waiting for the agent."""
+        return self.alive() and self.guest_crash() is None
+
+    def guest_crash(self) -> GuestCrash | None:
+        """The guest kernel's first oops on this QEMU's console, if it had one."""
+        return read_crash(self.console_tail(1 << 20))
+
     def attach_agent(self, timeout: float | None = None) -> GuestAgent:
         """The agent of a guest that arrived by migration (its serial port is this QEMU's)."""
         self.agent = GuestAgent(os.path.join(self.dir, "agent.sock"), timeout or self.cfg.boot_timeout_s,
-                                self.alive, booting=False)
+                                self.guest_up, booting=False)
         return self.agent
 
     def rss_bytes(self) -> int:
