@@ -162,3 +162,10 @@ def test_scipy_floor_in_pyproject_has_the_bootstrap_api_the_code_calls():
     assert floor is not None and (int(floor[1]), int(floor[2])) >= (1, 15), deps
     assert "rng" in inspect.signature(scipy.stats.bootstrap).parameters
     assert "rng=_rng(seed)" in inspect.getsource(stats.median_ci)     # what the floor is for
+
+
+def test_a_huge_ratio_prints_without_meaningless_decimals():
+    """CI on 6323aad: a probe figure 580x its baseline printed '580.000' (read as a tiny ratio's '0.000')."""
+    from lab.analysis.stats import _fmt_ratio
+    assert _fmt_ratio(580.0) == "580" and _fmt_ratio(123456.0) == "123 456"
+    assert _fmt_ratio(99.5) == "99.500" and _fmt_ratio(1.2345) == "1.234"

@@ -421,6 +421,8 @@ def _fmt_ratio(r: float | None, kind: str | None = None) -> str:
         if kind is None:
             return sig(r)
         return f"{sig(1 / r)}x {'less' if lab_metrics.is_statistical(kind) else 'fewer'}"
+    if r >= 1 / TINY_RATIO:      # a huge one: three decimals say nothing ("580", not "580.000")
+        return sig(r)
     return f"{r:.3f}"
 
 
