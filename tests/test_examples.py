@@ -277,7 +277,8 @@ def real_stack_crash(ex: Example, stdout: str) -> bool:
     """Exit 1 of a real-stack migration whose only failed trials are hinted migrations after
     which the destination guest crashed: an outcome of QEMU and Linux that the lab reports
     (docs/REAL_STACK.md, 'A destination guest that crashes'), not the example failing."""
-    failed = [ln for ln in stdout.splitlines() if ln.startswith("failed trial (")]
+    unfolded = stdout.replace("\n    ", " ")          # a long line is folded with a 4-space hang
+    failed = [ln for ln in unfolded.splitlines() if ln.startswith("failed trial (")]
     return ex.name == "migrate" and "qemu" in ex.command and bool(failed) and all(
         ln.startswith("failed trial (qemu-upstream,") and "the guest crashed on the destination after the "
         "migration completed (free-page hinting on)" in ln for ln in failed)

@@ -280,7 +280,8 @@ def command(spec_path, guest_mib, hints, bandwidth, workload, params, trials, wa
                 click.echo(published_lines(by_arm, spec.guest_mib, spec.bandwidth, spec.workload))
                 for t in recs:
                     if t.status != "ok":
-                        click.echo(f"\nfailed trial ({t.arm}, round {t.round}): {(t.error or '').splitlines()[0]}")
+                        click.echo("\n" + fold(f"failed trial ({t.arm}, round {t.round}): "
+                                                f"{(t.error or '').splitlines()[0]}", hang="    "))
                 if comp is not None and len(by_arm) > 1:
                     from lab.analysis.stats import render_table
                     click.echo("\n" + render_table(comp, ["total_ms", "downtime_ms", "bytes_sent", "pages_sent",
