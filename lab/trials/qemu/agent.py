@@ -53,7 +53,8 @@ class GuestAgent:
                     return lines
             left = deadline - time.monotonic()
             if left <= 0 or not alive():
-                why = "did not answer within the timeout" if left <= 0 else "stopped (QEMU exited or its kernel crashed)"
+                why = ("did not answer within the timeout" if left <= 0
+                       else "stopped (QEMU exited or its kernel crashed)")
                 raise AgentError(f"the guest {why}; last output: {lines[-3:]!r}")
             self.sock.settimeout(min(left, 1.0))
             try:

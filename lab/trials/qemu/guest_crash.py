@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import groupby
 
 _STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s?")
 _HEADER = re.compile(r"(BUG: .*|kernel BUG at .*|Oops: .*|general protection fault.*|list_\w+ corruption\..*"
@@ -28,7 +29,8 @@ class GuestCrash:
     def describe(self, inner: int = 4, outer: int = 7) -> str:
         """One line; a long trace keeps its innermost and outermost frames (where it failed,
         and which task or interrupt got there), repeated frames counted once."""
-        t = [f if n == 1 else f"{f} x{n}" for f, n in _runs(self.trace)]
+        runs = [(f, len(list(same))) for f, same in groupby(self.trace)]
+        t = [f if n == 1 else f"{f} x{n}" for f, n in runs]
         shown = " < ".join(t if len(t) <= inner + outer else t[:inner] + ["..."] + t[-outer:])
         return (f"{self.header}" + (f"; call trace: {shown}" if shown else "")
                 + (f"; {self.panic}" if self.panic and self.panic != self.header else ""))
@@ -57,12 +59,3 @@ def read_crash(console: str) -> GuestCrash | None:
                   if m), None)
     return GuestCrash(header, tuple(trace), panic)
 
-
-def _runs(frames: tuple[str, ...]) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
-    for f in frames:
-        if out and out[-1][0] == f:
-            out[-1] = (f, out[-1][1] + 1)
-        else:
-            out.append((f, 1))
-    return out
