@@ -122,6 +122,18 @@ class FtraceCount:
         self.dir.rmdir()
 
 
+def _wait_blocked(pid: int, timeout: float = 5.0) -> None:
+    """Until the child sleeps (state S twice, 10 ms apart): after it prints its result it
+    still runs into sys.stdin.read(), and a page it frees on the way would fall between the
+    two counts (CI on e2beed5: mm_page_free 3001 by BPF, 3002 by ftrace read a moment later)."""
+    import time
+    deadline, asleep = time.monotonic() + timeout, 0
+    while asleep < 2 and time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        asleep = asleep + 1 if state == "S" else 0
+        time.sleep(0.01)
+
+
 @EBPF
 def test_raw_tracepoints_count_every_firing(session, children):
     """The probes moved from perf tracepoints to raw ones (no event record built, the
@@ -137,6 +149,7 @@ def test_raw_tracepoints_count_every_firing(session, children):
         session.attach([c.pid])
         session.clear()
         c.go()
+        _wait_blocked(c.pid)    # both counts read with the child asleep in its last read()
         r = session.read()
         counts = ref.counts()
     finally:
