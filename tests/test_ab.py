@@ -123,7 +123,7 @@ def _look(verdicts: dict[tuple[str, str], tuple[str, int]]) -> ABResult:
                    candidate_median=1.0)
         t.verdict = verdict
         timings.append(t)
-    return ABResult(base=None, candidate=None, mode="paced", cycles=4, alpha=0.01, timings=timings, counters=[],
+    return ABResult(base=None, candidate=None, mode="paced", cycles={"pfn": 4}, alpha=0.01, timings=timings, counters=[],
                     trials=[])
 
 
@@ -260,7 +260,8 @@ def test_head_against_itself_in_two_worktrees_is_paced_and_leaves_nothing_behind
             "--trials-out", str(tmp_path / "t.jsonl"))
     assert p.returncode in (0, 3), p.stderr[-3000:]   # 2 rounds cannot reach p < 0.01: unclear, never a pass
     d = json.loads(p.stdout)
-    assert d["verdict"] == "inconclusive" and d["mode"] == "paced" and d["cycles_per_trial"] == 2
+    assert d["verdict"] == "inconclusive" and d["mode"] == "paced" and d["cycles_per_trial"] == {"bitmap": 2}
+    assert d["base"]["retouch_apart"] and d["candidate"]["retouch_apart"]
     assert {t["metric"] for t in d["timings"]} == {"discard_cpu_ns", "cpu_ns.vmm", "cpu_ns.guest"}
     t = d["timings"][0]
     assert t["base_median"]["unit"] == "ns" and t["ratio"]["unit"] == "candidate/base" and t["pairs"] == 4
@@ -295,10 +296,96 @@ def test_a_side_that_dies_mid_cycle_ends_the_round_at_once(tmp_path, monkeypatch
     monkeypatch.setattr(ab_rounds, "TRIAL_TIMEOUT_S", 20)
     base = ScriptSide("base", "answers", tmp_path, None)
     cand = ScriptSide("candidate", "dies", tmp_path, None)
-    plan = ab_rounds.Plan(arms=("pfn",), guest_mib=64, inflate_mib=8, workload="idle", params=(), cycles=1,
-                          rounds=1, max_rounds=1)
+    plan = ab_rounds.Plan(arms=("pfn",), guest_mib=64, inflate_mib=8, workload="idle", params=(),
+                          cycles=(("pfn", 1),), rounds=1, max_rounds=1)
     t0 = time.monotonic()
     trials = ab_rounds.run_paced_pair(base, cand, "pfn", 1, plan)
     assert time.monotonic() - t0 < 10
     b, c = trials
     assert c.error.startswith("exit 3") and b.error.startswith(ab_rounds.STOPPED_WITH_CANDIDATE)
+
+
+# --- the retouch between cycles, apart from the turns ------------------------------------------
+TWO_CYCLE_SIDE = """
+import json, sys, time
+log = open(sys.argv[2], "a")
+def say(d):
+    print(json.dumps(d), flush=True)
+apart = "--pace-retouch" in sys.argv
+for c in (1, 2):
+    if c > 1 and apart:
+        say({"retouch": c}); sys.stdin.readline(); log.write(f"{sys.argv[1]} retouch {c}\\n"); log.flush()
+    say({"waiting": c}); sys.stdin.readline()
+    if c > 1 and not apart:
+        log.write(f"{sys.argv[1]} retouch {c}\\n"); log.flush()
+    log.write(f"{sys.argv[1]} cycle {c}\\n"); log.flush()
+    say({"cycle": c})
+say({"verified": True, "stages_ns": {"inflate": {"total": 1}}})
+"""
+
+
+class TwoCycleSide(Side):
+    """A side whose paced `run` is a script of two cycles; it logs where its retouch ran."""
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", TWO_CYCLE_SIDE, self.label, str(self.path / "log"), *args]
+
+
+@pytest.mark.parametrize("base_can", [True, False])
+def test_sides_that_can_retouch_apart_do_it_together_before_the_turns_and_an_old_side_in_its_turn(tmp_path,
+                                                                                                 base_can):
+    """The retouch is no part of any measured turn when a side can pace it: both sides'
+    retouches come before either's cycle 2; an old side (no --pace-retouch) still runs,
+    its retouch inside its own turn."""
+    old = {"--cycles", "--paced"}
+    base = TwoCycleSide("base", "b", tmp_path, None, options=frozenset(old | ({"--pace-retouch"} if base_can else set())))
+    cand = TwoCycleSide("candidate", "c", tmp_path, None, options=frozenset(old | {"--pace-retouch"}))
+    plan = ab_rounds.Plan(arms=("bitmap",), guest_mib=64, inflate_mib=8, workload="aged", params=(),
+                          cycles=(("bitmap", 2),), rounds=1, max_rounds=1)
+    b, c = ab_rounds.run_paced_pair(base, cand, "bitmap", 1, plan)
+    assert b.error is None and c.error is None
+    log = (tmp_path / "log").read_text().splitlines()
+    # cycle 2's order is second, first: the candidate goes first
+    if base_can:
+        assert set(log[2:4]) == {"base retouch 2", "candidate retouch 2"}
+        assert log[4:] == ["candidate cycle 2", "base cycle 2"]
+    else:
+        assert log[2:] == ["candidate retouch 2", "candidate cycle 2", "base retouch 2", "base cycle 2"]
+
+
+def test_run_paces_the_retouch_apart_and_each_cycle_frees_as_much_as_the_first():
+    """The real `run --paced --pace-retouch`: its lines in order, and the retouch (done
+    in its own step) gave deflated memory back, so cycle 3 frees what cycle 1 freed."""
+    p = subprocess.Popen([LAB, "run", "--protocol", "bitmap", "--guest-mib", "128", "--inflate-mib", "64",
+                          "--workload", "aged", "--cycles", "3", "--paced", "--pace-retouch", "--json", "--no-probes"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for _ in range(8):
+        line = json.loads(p.stdout.readline())
+        seen.append(next(k for k in ("waiting", "retouch", "cycle") if k in line) + f" {line[next(iter(line))]}")
+        if "cycle" not in line:
+            p.stdin.write("\n")
+            p.stdin.flush()
+    result = json.loads(p.stdout.readline())
+    assert p.wait(timeout=60) == 0, p.stderr.read()[-2000:]
+    assert seen == ["waiting 1", "cycle 1", "retouch 2", "waiting 2", "cycle 2", "retouch 3", "waiting 3", "cycle 3"]
+    assert result["verified"] and len(result["cycles"]) == 2
+    assert result["memfd_freed_bytes"] == 64 << 20
+    assert all(c["memfd_bytes_before"] - c["memfd_bytes_after"] == 64 << 20 for c in result["cycles"])
+
+
+def test_run_refuses_pace_retouch_without_paced():
+    p = subprocess.run([LAB, "run", "--protocol", "bitmap", "--pace-retouch", "--json"], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "--pace-retouch paces the retouch of --paced cycles: add --paced" in p.stderr
+
+
+def test_cycles_per_arm_override_the_defaults_in_order_and_bad_ones_are_refused():
+    from lab.cli.commands.ab import DEFAULT_CYCLES, _cycles
+    arms = ("pfn", "bitmap", "chunks")
+    assert dict(_cycles((), arms)) == DEFAULT_CYCLES
+    assert dict(_cycles(("2", "bitmap=8"), arms)) == {"pfn": 2, "bitmap": 8, "chunks": 2}
+    assert dict(_cycles(("chunks=3",), ("chunks",))) == {"chunks": 3}
+    for bad, why in (("bitmap=0", "from 1 to 100"), ("x=4", "'x' is not a lab arm"), ("four", "from 1 to 100")):
+        p = subprocess.run([LAB, "ab", "HEAD", "--cycles", bad], capture_output=True, text=True)
+        assert p.returncode == 2 and why in p.stderr, p.stderr

@@ -27,16 +27,17 @@ from lab.cli.checks import writable_file
 DEFAULT_ARMS = "pfn,bitmap,chunks"
 DEFAULT_GUEST_MIB, DEFAULT_INFLATE_MIB = 512, 384
 # 10 rounds: the fewest whose p (1/1024), Holm-corrected over the nine default timings,
-# can be below 0.01. Four
-# cycles per trial: most of a round's spread is its cycles' own (per-round log-ratio sd of
-# discard_cpu_ns measured at CI's size: bitmap 0.114 -> 0.074, chunks 0.105 -> 0.078, pfn
-# 0.058 -> 0.027 from 2 to 4 cycles), and a round of 4 costs 1.5 rounds of 2 (a trial's
-# start and guest preparation cost about two cycles): more power in the same time
+# can be below 0.01. Cycles per trial, per arm: most of a round's spread is its cycles'
+# own (per-round log-ratio sd of discard_cpu_ns over the 20 A/A runs at CI's size,
+# bitmap: 0.145 from one cycle, 0.081 from 4; chunks 0.145, 0.077), so a round of K
+# cycles is worth nearly K rounds of one. A bitmap or chunks cycle costs ~0.4 s beside
+# ~1.5 s to start and prepare a trial (~0.25 s with the retouch apart): 16 cycles put
+# the spread at about half of 4's for twice the time. pfn's cycle costs ~0.5 s of
+# inflate alone and 4 already see a 10 % slower discard (20 of 20 runs).
 # (docs/BENCHMARKS.md, "The A/B gate at CI's size").
-# Up to 24 rounds: an arm still undecided at 16 (at CI's size chunks' 10 % slower discard,
-# p = 0.0026 at 16 rounds, Holm p 0.013: power 308) costs ~6 s a round; --budget is the
-# bound that matters in CI.
-DEFAULT_CYCLES, DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 4, 10, 24
+# Up to 24 rounds: --budget is the bound that matters in CI.
+DEFAULT_CYCLES: dict[str, int] = {"pfn": 4, "bitmap": 16, "chunks": 16}
+DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 10, 24
 
 
 def _fraction(text: str, what: str) -> float:
@@ -48,6 +49,31 @@ def _fraction(text: str, what: str) -> float:
     if not 0 < v < 1:
         raise click.BadParameter(f"{what}: {text!r} must be between 0 and 100 %")
     return v
+
+
+def _cycles_text(cycles: dict[str, int]) -> str:
+    return ", ".join(f"{a}={k}" for a, k in cycles.items())
+
+
+def _cycles(items: tuple[str, ...], arms: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """--cycles K / ARM=K, applied in order over the defaults: cycles per trial per arm."""
+    out = {a: DEFAULT_CYCLES.get(a, 4) for a in arms}
+    for item in items:
+        name, sep, k = item.rpartition("=")
+        name = name.strip()
+        if sep and name not in PROTOCOL_NAMES:
+            raise click.BadParameter(f"{item!r}: {name!r} is not a lab arm ({', '.join(PROTOCOL_NAMES)})",
+                                     param_hint="--cycles")
+        try:
+            n = int(k)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 100:
+            raise click.BadParameter(f"{item!r}: cycles must be a whole number from 1 to 100", param_hint="--cycles")
+        for a in ([name] if sep else arms):
+            if a in out:
+                out[a] = n
+    return tuple(out.items())
 
 
 def _rules(items: tuple[str, ...], min_effect: float) -> tuple[MetricRule, ...]:
@@ -84,8 +110,9 @@ examples:
 @click.option("--workload", default="aged", show_default=True,
               help="Guest workload; paced cycles need one that can repeat them (aged).")
 @click.option("--workload-param", "--param", "params", multiple=True, metavar="KEY=VALUE")
-@click.option("--cycles", type=click.IntRange(1, 100), default=DEFAULT_CYCLES, show_default=True,
-              help="Inflate/deflate cycles per trial when both sides are paced (each one pair).")
+@click.option("--cycles", "cycle_items", multiple=True, metavar="[ARM=]K",
+              help="Inflate/deflate cycles per trial when both sides are paced (each one pair): K for every arm, "
+                   "or ARM=K for one (repeatable). Default: " + _cycles_text(DEFAULT_CYCLES) + ".")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=DEFAULT_ROUNDS, show_default=True,
               help="Rounds before the first decision (7 is the fewest whose signed-rank test can reach p < 0.01).")
 @click.option("--max-rounds", type=click.IntRange(1, 1000), default=DEFAULT_MAX_ROUNDS, show_default=True,
@@ -106,7 +133,7 @@ examples:
               help="Write every trial (each cycle's metrics) to this file, one JSON object a line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON on stdout (the text goes to stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Also list ignored and new counters.")
-def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cycles, rounds, max_rounds, budget,
+def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cycle_items, rounds, max_rounds, budget,
             metric_items, min_effect, alpha, ignored, trials_out, as_json, verbose) -> None:
     """Gate CANDIDATE (default: the working tree) against BASE, each a git revision of this
     repository or the path of a checkout. Both run in one job, interleaved round by round
@@ -127,7 +154,7 @@ def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cyc
         raise click.BadParameter(f"{max_rounds} is below --rounds {rounds}", param_hint="--max-rounds")
     settings = Settings(
         plan=Plan(arms=arm_list, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
-                  params=tuple(params), cycles=cycles, rounds=rounds, max_rounds=max_rounds),
+                  params=tuple(params), cycles=_cycles(cycle_items, arm_list), rounds=rounds, max_rounds=max_rounds),
         rules=_rules(metric_items, _fraction(min_effect, "--min-effect")),
         ignored=DEFAULT_IGNORED + tuple(ignored), alpha=alpha, budget_s=budget)
     try:

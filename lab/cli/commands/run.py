@@ -54,10 +54,14 @@ examples:
 @click.option("--paced", is_flag=True,
               help="Start each cycle when a line arrives on stdin and print its record as one JSON line when it "
                    "ends (`balloon-lab ab` runs two revisions' cycles in turn); the result follows as the last line.")
+@click.option("--pace-retouch", is_flag=True,
+              help="With --paced: before each cycle after the first, print {\"retouch\": c} and give deflated "
+                   "memory its contents back when a line arrives, then wait for the cycle's own line (`ab` has "
+                   "both sides do it at once, outside the measured turns).")
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @memory_option
-def command(protocol, no_deflate, cycles, paced, db_path, as_json, **kwargs) -> None:
+def command(protocol, no_deflate, cycles, paced, pace_retouch, db_path, as_json, **kwargs) -> None:
     """Start a VMM and its guest, inflate, verify, deflate, verify, and print the result.
     Parameters are checked (as `compare` checks them) before any process starts. With
     --db the trial is also stored as a run of one trial, for `show`, `export` and `report`."""
@@ -68,25 +72,43 @@ def command(protocol, no_deflate, cycles, paced, db_path, as_json, **kwargs) -> 
         check_cycles("run", cycles, no_deflate, spec.workload, is_qemu_arm(arm))
     if paced and (not as_json or is_qemu_arm(arm)):
         refuse("run", "--paced needs --json and a lab arm (its cycles print JSON lines)")
+    if pace_retouch and not paced:
+        refuse("run", "--pace-retouch paces the retouch of --paced cycles: add --paced")
     fits_in_memory("run", spec)
     flags = (("--no-deflate",) if no_deflate else ()) + (("--cycles", str(cycles)) if cycles > 1 else ())
     if is_qemu_arm(arm):
         run_qemu(arm, spec, no_deflate, as_json, db_path, flags)
     trial = BalloonTrial.from_spec(spec, arm, deflate=not no_deflate, cycles=cycles)
-    run_fn = functools.partial(run_balloon, pace=StdioPace()) if paced else run_balloon
+    run_fn = functools.partial(run_balloon, pace=StdioPace(pace_retouch)) if paced else run_balloon
     run_and_print(run_fn, trial, TrialFailed, spec, as_json, db_path, flags)
 
 
 class StdioPace:
     """`--paced`: before each cycle a line {"waiting": c} on stdout (the processes are
     ready, nothing runs); the cycle starts when a line arrives on stdin; its record goes
-    to stdout as one JSON line ({"cycle": c, ...}). Every line is flushed at once."""
+    to stdout as one JSON line ({"cycle": c, ...}). Every line is flushed at once.
+    With `retouch_apart` (--pace-retouch) the retouch before a cycle has its own step:
+    {"retouch": c}, a line on stdin, the retouch, then {"waiting": c}; without it the
+    retouch runs in the cycle's turn."""
 
-    def before(self, cycle: int) -> None:
-        sys.stdout.write(json.dumps({"waiting": cycle}) + "\n")
+    def __init__(self, retouch_apart: bool = False) -> None:
+        self.retouch_apart = retouch_apart
+
+    def before(self, cycle: int, retouch=None) -> None:
+        if retouch is not None and self.retouch_apart:
+            self._wait({"retouch": cycle}, f"the retouch before cycle {cycle}")
+            retouch()
+            retouch = None
+        self._wait({"waiting": cycle}, f"cycle {cycle}")
+        if retouch is not None:
+            retouch()
+
+    @staticmethod
+    def _wait(line: dict, what: str) -> None:
+        sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         if not sys.stdin.readline():
-            raise TrialFailed(f"--paced: stdin closed before cycle {cycle}")
+            raise TrialFailed(f"--paced: stdin closed before {what}")
 
     def after(self, cycle: int, record: dict) -> None:
         sys.stdout.write(json.dumps({"cycle": cycle, **record}) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from lab.gate.ab.paired import PairedResult
+from lab.gate.ab.rounds import describe_cycles
 from lab.gate.ab.verdict import ABResult
 from fmt.columns import format_columns
 from lab.analysis.stats import value_formatter
@@ -40,7 +41,7 @@ HEADER = ["arm", "metric", "rounds/pairs", "base", "candidate", "cand/base [95% 
 
 def render_text(r: ABResult, *, verbose: bool = False) -> str:
     lines = [headline(r), f"  base:      {r.base.describe()}", f"  candidate: {r.candidate.describe()}",
-             f"  {r.mode} mode, {r.cycles} cycle(s) per trial, {_rounds(r)}; {r.seconds / 60:.1f} min",
+             f"  {r.mode} mode, {describe_cycles(r.cycles)}, {_rounds(r)}; {r.seconds / 60:.1f} min",
              f"  regression = worse than the minimum effect and p < {r.alpha:g} (signed-rank over the rounds' "
              f"ratios, one-sided; Holm over the run's {len(r.timings)} timings)"]
     if r.timings:
@@ -75,7 +76,7 @@ def render_markdown(r: ABResult) -> str:
     icon = {"pass": "✅", "regression": "❌", "inconclusive": "⚠️"}[r.verdict]
     out = [f"### {icon} balloon-lab ab: {_HEAD[r.verdict]} (exit {r.exit_code})", "",
            f"base `{r.base.describe()}` · candidate `{r.candidate.describe()}` · {r.mode} mode, "
-           f"{r.cycles} cycle(s) per trial, {_rounds(r)}, {r.seconds / 60:.1f} min", ""]
+           f"{describe_cycles(r.cycles)}, {_rounds(r)}, {r.seconds / 60:.1f} min", ""]
     if r.timings:
         out += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in _row(t)) + " |" for t in r.timings]

@@ -8,7 +8,10 @@ can do (lab/gate/ab/sides.py reads it from their help):
   guests at once, then their K inflate/deflate cycles run in turn, A B B A A B ...,
   each side idle while the other is measured. A cycle of the base and the same cycle
   of the candidate are seconds apart: a busy neighbour or the kernel's drift hits
-  both. Each cycle is one pair.
+  both. Each cycle is one pair. Between cycles the workload gives deflated memory its
+  contents back (the retouch: two thirds of a bitmap cycle's time at CI's size); sides
+  that can (`--pace-retouch`) do it both at once, before the turns, not inside them.
+  K is per arm: an arm whose cycles are cheap next to its processes' start gets more.
 - trials (an old side: `run --json` only): the two trials of a round run back to back,
   one cycle each, the order alternating by round and by arm (base first in round 1 for
   the first arm, candidate first for the second...). Each round is one pair.
@@ -44,19 +47,33 @@ class Plan:
     inflate_mib: float
     workload: str
     params: tuple[str, ...]          # KEY=VALUE, as `run --param` takes them
-    cycles: int                      # per trial, when both sides are paced
+    cycles: tuple[tuple[str, int], ...]   # per trial, per arm, when both sides are paced
     rounds: int                      # the first batch
     max_rounds: int                  # at most, with the extra rounds
     step: int = 2                    # extra rounds at a time (even: the order stays balanced)
 
-    def run_args(self, arm: str, seed: int, cycles: int, paced: bool) -> list[str]:
+    def cycles_of(self, arm: str) -> int:
+        return dict(self.cycles)[arm]
+
+    def run_args(self, arm: str, seed: int, side: Side | None = None) -> list[str]:
+        """`run`'s arguments for one trial: paced cycles when `side` is given (a paced
+        pair), one cycle otherwise."""
         args = ["run", "--protocol", arm, "--guest-mib", str(self.guest_mib), "--inflate-mib", f"{self.inflate_mib:g}",
                 "--workload", self.workload, "--seed", str(seed), "--no-probes", "--json"]
         for p in self.params:
             args += ["--param", p]
-        if paced:
-            args += ["--cycles", str(cycles), "--paced"]
+        if side is not None:
+            args += ["--cycles", str(self.cycles_of(arm)), "--paced"]
+            if side.retouch_apart:
+                args.append("--pace-retouch")
         return args
+
+
+def describe_cycles(cycles: dict[str, int]) -> str:
+    """'4 cycle(s) per trial', or per arm when they differ."""
+    if len(set(cycles.values())) == 1:
+        return f"{next(iter(cycles.values()))} cycle(s) per trial"
+    return "cycles per trial " + ", ".join(f"{a} {k}" for a, k in cycles.items())
 
 
 def mode_of(base: Side, candidate: Side) -> str:
@@ -107,7 +124,7 @@ def run_trial(side: Side, arm: str, rnd: int, plan: Plan) -> Trial:
     """One `balloon-lab run --json` of `side`'s code, one cycle."""
     t0, wall0 = time.perf_counter(), time.time()
     try:
-        p = subprocess.run(side.command(*plan.run_args(arm, rnd, 1, False)), cwd=side.path, env=side.env(),
+        p = subprocess.run(side.command(*plan.run_args(arm, rnd)), cwd=side.path, env=side.env(),
                            capture_output=True, text=True, timeout=TRIAL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return Trial(side.label, arm, rnd, [], time.perf_counter() - t0, wall0, f"timed out after {TRIAL_TIMEOUT_S} s")
@@ -120,6 +137,7 @@ class _Paced:
 
     def __init__(self, side: Side, args: list[str]) -> None:
         self.side = side
+        self.retouch_apart = "--pace-retouch" in args
         self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(side.command(*args), cwd=side.path, env=side.env(), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1)
@@ -178,10 +196,16 @@ def run_paced_pair(first: Side, second: Side, arm: str, rnd: int, plan: Plan) ->
     """Both sides' trials of `arm` in round `rnd`, their cycles in turn (first, second,
     second, first, ...). A side that fails ends both trials; its Trial says why."""
     t0, wall0 = time.perf_counter(), time.time()
-    args = plan.run_args(arm, rnd, plan.cycles, True)
-    sides = [_Paced(first, args), _Paced(second, args)]
+    sides = [_Paced(first, plan.run_args(arm, rnd, first)), _Paced(second, plan.run_args(arm, rnd, second))]
     try:
-        for c in range(1, plan.cycles + 1):
+        for c in range(1, plan.cycles_of(arm) + 1):
+            apart = [s for s in sides if s.retouch_apart and c > 1]
+            for s in apart:                       # both retouch at once, neither is measured
+                line = s.next(TRIAL_TIMEOUT_S)
+                if not line or line.get("retouch") != c:
+                    return _ended(sides, s, rnd, arm, t0, wall0)
+            for s in apart:
+                s.go()
             for s in sides:                       # both prepared (or done with the last cycle)
                 line = s.next(TRIAL_TIMEOUT_S)
                 if not line or line.get("waiting") != c:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from lab.gate.ab.paired import ALPHA
-from lab.gate.ab.rounds import PACED, Plan, Rounds, mode_of, run_rounds
+from lab.gate.ab.rounds import PACED, Plan, Rounds, describe_cycles, mode_of, run_rounds
 from lab.gate.ab.sides import Side, prepare_side, remove_side, resolve_commit, workdir
 from lab.paths import REPO_ROOT
 from lab.gate.ab.verdict import ABResult, MetricRule, judge, track_flags
@@ -61,14 +61,14 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
              progress: Callable[[str], None] | None) -> ABResult:
     plan = settings.plan
     mode = mode_of(base, candidate)
-    cycles = plan.cycles if mode == PACED else 1
+    cycles = dict(plan.cycles) if mode == PACED else {a: 1 for a in plan.arms}
     notes = []
     if mode != PACED:
         old = [s.describe() for s in (base, candidate) if not s.paced]
         notes.append(f"trials mode, one cycle per trial: no `run --cycles --paced` in {'; '.join(old)}")
     rounds = Rounds()
     if progress:
-        progress(f"ab: {mode} mode, {cycles} cycle(s) per trial, arms {', '.join(plan.arms)}, "
+        progress(f"ab: {mode} mode, {describe_cycles(cycles)}, arms {', '.join(plan.arms)}, "
                  f"{plan.rounds} rounds (up to {plan.max_rounds})")
 
     def decide() -> ABResult:

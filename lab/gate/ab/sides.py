@@ -54,6 +54,12 @@ class Side:
         processes, each started by a line on stdin (`--cycles K --paced`)."""
         return {"--cycles", "--paced"} <= self.options
 
+    @property
+    def retouch_apart(self) -> bool:
+        """True if the side's paced `run` can give memory back between cycles in a step of
+        its own (`--pace-retouch`), so both sides do it at once, outside the turns."""
+        return self.paced and "--pace-retouch" in self.options
+
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-c", CLI, *args]
 
@@ -67,7 +73,8 @@ class Side:
 
     def to_dict(self) -> dict:
         return {"label": self.label, "ref": self.ref, "path": str(self.path), "commit": self.commit,
-                "dirty": self.dirty, "paced": self.paced}
+                "dirty": self.dirty, "paced": self.paced,
+                "retouch_apart": self.retouch_apart}
 
 
 def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -77,7 +77,7 @@ class ABResult:
     base: Any                        # Side
     candidate: Any                   # Side
     mode: str                        # paced | trials
-    cycles: int                      # cycles per trial
+    cycles: dict[str, int]           # cycles per trial, per arm
     alpha: float
     timings: list[PairedResult]
     counters: list[CounterCheck]
@@ -228,7 +228,7 @@ def check_trials(arm: str, rounds: Rounds) -> ArmTrials:
 
 
 def judge(rounds: Rounds, arms: Sequence[str], rules: Sequence[MetricRule], *, base, candidate, mode: str,
-          cycles: int, ignored: Sequence[str] = DEFAULT_IGNORED, alpha: float = ALPHA) -> ABResult:
+          cycles: dict[str, int], ignored: Sequence[str] = DEFAULT_IGNORED, alpha: float = ALPHA) -> ABResult:
     """Every check of every arm from the trials so far."""
     timings: list[Timing] = []
     counters: list[CounterCheck] = []

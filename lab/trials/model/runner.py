@@ -11,8 +11,9 @@ the target.
 """
 from __future__ import annotations
 
+import functools
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 from lab.results.ring_cost import lab_cost
 from lab.results.trial_result import OpResult, TrialResult
@@ -29,7 +30,9 @@ class Pace(Protocol):
     """Who decides when each cycle starts (`run --paced`: `balloon-lab ab` runs the two
     sides' cycles in turn), and hears each cycle's record when it ends."""
 
-    def before(self, cycle: int) -> None: ...
+    def before(self, cycle: int, retouch: Callable[[], object] | None) -> None:
+        """Start cycle `cycle` when its turn comes; `retouch` (cycles after the first)
+        gives deflated memory its contents back, before the turn or inside it."""
 
     def after(self, cycle: int, record: dict) -> None: ...
 
@@ -68,11 +71,14 @@ def run_balloon_trial(t: BalloonTrial, probes=None, on_started=None, pace: Pace 
         target = t.target_pages
         done = []
         for c in range(1, t.cycles + 1):
-            if pace is not None:
-                pace.before(c)
+            retouch = None
             if c > 1:
                 phase = f"cycle {c}: workload-retouch"
-                lp.agent.execute("workload-retouch")
+                retouch = functools.partial(lp.agent.execute, "workload-retouch")
+            if pace is not None:
+                pace.before(c, retouch)
+            elif retouch is not None:
+                retouch()
             phase = "inflate" if c == 1 else f"cycle {c}: inflate"
             inflate = balloon_op(lp, "inflate", target, probes if c == 1 else None)
             v_inflate = verify(lp, target)
