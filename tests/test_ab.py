@@ -286,7 +286,7 @@ print(json.dumps({"verified": True, "stages_ns": {"inflate": {"total": 1}}}), fl
 class ScriptSide(Side):
     """A side whose paced `run` is a small script: it answers one cycle, or dies in it."""
 
-    def command(self, *args: str) -> list[str]:
+    def command(self, *args: str, cpu: int | None = None) -> list[str]:
         return [sys.executable, "-c", PACED_SIDE, self.ref]
 
 
@@ -327,7 +327,7 @@ say({"verified": True, "stages_ns": {"inflate": {"total": 1}}})
 class TwoCycleSide(Side):
     """A side whose paced `run` is a script of two cycles; it logs where its retouch ran."""
 
-    def command(self, *args: str) -> list[str]:
+    def command(self, *args: str, cpu: int | None = None) -> list[str]:
         return [sys.executable, "-c", TWO_CYCLE_SIDE, self.label, str(self.path / "log"), *args]
 
 
@@ -389,3 +389,33 @@ def test_cycles_per_arm_override_the_defaults_in_order_and_bad_ones_are_refused(
     for bad, why in (("bitmap=0", "from 1 to 100"), ("x=4", "'x' is not a lab arm"), ("four", "from 1 to 100")):
         p = subprocess.run([LAB, "ab", "HEAD", "--cycles", bad], capture_output=True, text=True)
         assert p.returncode == 2 and why in p.stderr, p.stderr
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin to")
+def test_a_pinned_side_runs_its_vmm_and_guest_on_that_cpu_only():
+    """--pin-cpu: the real paced `run`, its VMM and its guest all on the one CPU, from
+    before the guest is prepared (the first 'waiting' line)."""
+    cpu = min(os.sched_getaffinity(0))            # not the default (the last): it must be the one asked for
+    side = Side("base", "working tree", ROOT, None, options=frozenset({"--cycles", "--paced", "--pace-retouch"}))
+    plan = ab_rounds.Plan(arms=("bitmap",), guest_mib=128, inflate_mib=64, workload="aged", params=(),
+                          cycles=(("bitmap", 2),), rounds=1, max_rounds=1, pin_cpu=cpu)
+    p = ab_rounds._Paced(side, plan.run_args("bitmap", 1, side), plan.pin_cpu)
+    try:
+        assert p.next(120) == {"waiting": 1}
+        procs = _tree(p.proc.pid)
+        cmdlines = [Path(f"/proc/{q}/cmdline").read_bytes() for q in procs]
+        assert any(b"device.vmm.process" in c for c in cmdlines) and len(procs) >= 3, cmdlines
+        allowed = {q: Path(f"/proc/{q}/status").read_text().split("Cpus_allowed_list:")[1].split()[0] for q in procs}
+        assert set(allowed.values()) == {str(cpu)}, allowed
+    finally:
+        p.stop()

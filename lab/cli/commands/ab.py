@@ -6,6 +6,7 @@ answer on stdout; under GitHub Actions a step summary and annotations are writte
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lab.gate.ab.output import render_markdown, render_text
 from lab.gate.ab.paired import ALPHA, MIN_EFFECT
 from lab.gate.ab.rounds import BaseFailed, Plan
 from lab.gate.ab.session import Settings, run_ab
+from lab.gate.ab.pinning import default_cpu
 from lab.gate.ab.sides import SideError
 from lab.gate.ab.verdict import DEFAULT_IGNORED, DEFAULT_METRICS, EXIT_UNUSABLE, MetricRule, to_dict
 from lab.gate.ci_summary import report_to_github
@@ -27,16 +29,14 @@ from lab.cli.checks import writable_file
 DEFAULT_ARMS = "pfn,bitmap,chunks"
 DEFAULT_GUEST_MIB, DEFAULT_INFLATE_MIB = 512, 384
 # 10 rounds: the fewest whose p (1/1024), Holm-corrected over the nine default timings,
-# can be below 0.01. Cycles per trial, per arm: most of a round's spread is its cycles'
-# own (per-round log-ratio sd of discard_cpu_ns over the 20 A/A runs at CI's size,
-# bitmap: 0.145 from one cycle, 0.081 from 4; chunks 0.145, 0.077), so a round of K
-# cycles is worth nearly K rounds of one. A bitmap or chunks cycle costs ~0.4 s beside
-# ~1.5 s to start and prepare a trial (~0.25 s with the retouch apart): 16 cycles put
-# the spread at about half of 4's for twice the time. pfn's cycle costs ~0.5 s of
-# inflate alone and 4 already see a 10 % slower discard (20 of 20 runs).
-# (docs/BENCHMARKS.md, "The A/B gate at CI's size").
+# can be below 0.01. Cycles per trial, per arm: at CI's size a bitmap or chunks cycle
+# costs ~0.8 s (one CPU, both sides' retouch and turns) beside ~3 s to start and prepare
+# both sides, and with both sides pinned to one CPU the per-round spread of
+# discard_cpu_ns keeps falling with cycles (log ratio: 0.045 at 4, 0.030 at 6, 0.025 at 8;
+# unpinned it stopped at 0.05-0.07). pfn's cycle costs ~1.2 s and 4 see a 10 % slower
+# discard at 10 rounds (docs/BENCHMARKS.md, "The A/B gate at CI's size").
 # Up to 24 rounds: --budget is the bound that matters in CI.
-DEFAULT_CYCLES: dict[str, int] = {"pfn": 4, "bitmap": 16, "chunks": 16}
+DEFAULT_CYCLES: dict[str, int] = {"pfn": 4, "bitmap": 6, "chunks": 6}
 DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 10, 24
 
 
@@ -76,6 +76,19 @@ def _cycles(items: tuple[str, ...], arms: tuple[str, ...]) -> tuple[tuple[str, i
     return tuple(out.items())
 
 
+def _pin_cpu(text: str) -> int | None:
+    t = text.strip().lower()
+    if t == "none":
+        return None
+    if t == "auto":
+        return default_cpu()
+    allowed = sorted(os.sched_getaffinity(0))
+    if not t.isdigit() or int(t) not in allowed:
+        raise click.BadParameter(f"{text!r}: a CPU this process may use ({', '.join(map(str, allowed))}), "
+                                 "auto or none", param_hint="--pin-cpu")
+    return int(t)
+
+
 def _rules(items: tuple[str, ...], min_effect: float) -> tuple[MetricRule, ...]:
     out = []
     for item in items or DEFAULT_METRICS:
@@ -113,6 +126,9 @@ examples:
 @click.option("--cycles", "cycle_items", multiple=True, metavar="[ARM=]K",
               help="Inflate/deflate cycles per trial when both sides are paced (each one pair): K for every arm, "
                    "or ARM=K for one (repeatable). Default: " + _cycles_text(DEFAULT_CYCLES) + ".")
+@click.option("--pin-cpu", default="auto", show_default=True, metavar="CPU|auto|none",
+              help="Run both sides' paced trials (their VMMs and guests) on this CPU only (auto: the last CPU this "
+                   "process may use; none: leave them to the scheduler).")
 @click.option("--rounds", type=click.IntRange(1, 1000), default=DEFAULT_ROUNDS, show_default=True,
               help="Rounds before the first decision (7 is the fewest whose signed-rank test can reach p < 0.01).")
 @click.option("--max-rounds", type=click.IntRange(1, 1000), default=DEFAULT_MAX_ROUNDS, show_default=True,
@@ -133,7 +149,7 @@ examples:
               help="Write every trial (each cycle's metrics) to this file, one JSON object a line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON on stdout (the text goes to stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Also list ignored and new counters.")
-def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cycle_items, rounds, max_rounds, budget,
+def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cycle_items, pin_cpu, rounds, max_rounds, budget,
             metric_items, min_effect, alpha, ignored, trials_out, as_json, verbose) -> None:
     """Gate CANDIDATE (default: the working tree) against BASE, each a git revision of this
     repository or the path of a checkout. Both run in one job, interleaved round by round
@@ -154,7 +170,7 @@ def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cyc
         raise click.BadParameter(f"{max_rounds} is below --rounds {rounds}", param_hint="--max-rounds")
     settings = Settings(
         plan=Plan(arms=arm_list, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
-                  params=tuple(params), cycles=_cycles(cycle_items, arm_list), rounds=rounds, max_rounds=max_rounds),
+                  params=tuple(params), cycles=_cycles(cycle_items, arm_list), pin_cpu=_pin_cpu(pin_cpu), rounds=rounds, max_rounds=max_rounds),
         rules=_rules(metric_items, _fraction(min_effect, "--min-effect")),
         ignored=DEFAULT_IGNORED + tuple(ignored), alpha=alpha, budget_s=budget)
     try:

@@ -22,6 +22,10 @@ def headline(r: ABResult) -> str:
     return f"ab: {_HEAD[r.verdict]} (exit {r.exit_code}): {what}"
 
 
+def _pinned(r: ABResult) -> str:
+    return "" if r.pin_cpu is None else f" on CPU {r.pin_cpu}"
+
+
 def _pct(x: float | None) -> str:
     if x is None:
         return "-"
@@ -41,7 +45,7 @@ HEADER = ["arm", "metric", "rounds/pairs", "base", "candidate", "cand/base [95% 
 
 def render_text(r: ABResult, *, verbose: bool = False) -> str:
     lines = [headline(r), f"  base:      {r.base.describe()}", f"  candidate: {r.candidate.describe()}",
-             f"  {r.mode} mode, {describe_cycles(r.cycles)}, {_rounds(r)}; {r.seconds / 60:.1f} min",
+             f"  {r.mode} mode, {describe_cycles(r.cycles)}{_pinned(r)}, {_rounds(r)}; {r.seconds / 60:.1f} min",
              f"  regression = worse than the minimum effect and p < {r.alpha:g} (signed-rank over the rounds' "
              f"ratios, one-sided; Holm over the run's {len(r.timings)} timings)"]
     if r.timings:
@@ -76,7 +80,7 @@ def render_markdown(r: ABResult) -> str:
     icon = {"pass": "✅", "regression": "❌", "inconclusive": "⚠️"}[r.verdict]
     out = [f"### {icon} balloon-lab ab: {_HEAD[r.verdict]} (exit {r.exit_code})", "",
            f"base `{r.base.describe()}` · candidate `{r.candidate.describe()}` · {r.mode} mode, "
-           f"{describe_cycles(r.cycles)}, {_rounds(r)}, {r.seconds / 60:.1f} min", ""]
+           f"{describe_cycles(r.cycles)}{_pinned(r)}, {_rounds(r)}, {r.seconds / 60:.1f} min", ""]
     if r.timings:
         out += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in _row(t)) + " |" for t in r.timings]

@@ -12,6 +12,8 @@ can do (lab/gate/ab/sides.py reads it from their help):
   contents back (the retouch: two thirds of a bitmap cycle's time at CI's size); sides
   that can (`--pace-retouch`) do it both at once, before the turns, not inside them.
   K is per arm: an arm whose cycles are cheap next to its processes' start gets more.
+  Both sides' processes run on one CPU (Plan.pin_cpu, lab/gate/ab/pinning.py): which
+  CPU a process landed on no longer differs by side.
 - trials (an old side: `run --json` only): the two trials of a round run back to back,
   one cycle each, the order alternating by round and by arm (base first in round 1 for
   the first arm, candidate first for the second...). Each round is one pair.
@@ -51,6 +53,7 @@ class Plan:
     rounds: int                      # the first batch
     max_rounds: int                  # at most, with the extra rounds
     step: int = 2                    # extra rounds at a time (even: the order stays balanced)
+    pin_cpu: int | None = None       # paced cycles of both sides on this CPU (lab/gate/ab/pinning.py)
 
     def cycles_of(self, arm: str) -> int:
         return dict(self.cycles)[arm]
@@ -135,11 +138,12 @@ class _Paced:
     """One side's `run --paced` process: lines from its stdout through a queue, so a
     side that dies or stalls is noticed with a timeout, never a hang."""
 
-    def __init__(self, side: Side, args: list[str]) -> None:
+    def __init__(self, side: Side, args: list[str], cpu: int | None = None) -> None:
         self.side = side
         self.retouch_apart = "--pace-retouch" in args
         self.err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(side.command(*args), cwd=side.path, env=side.env(), stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(side.command(*args, cpu=cpu), cwd=side.path, env=side.env(),
+                                     stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
@@ -196,7 +200,7 @@ def run_paced_pair(first: Side, second: Side, arm: str, rnd: int, plan: Plan) ->
     """Both sides' trials of `arm` in round `rnd`, their cycles in turn (first, second,
     second, first, ...). A side that fails ends both trials; its Trial says why."""
     t0, wall0 = time.perf_counter(), time.time()
-    sides = [_Paced(first, plan.run_args(arm, rnd, first)), _Paced(second, plan.run_args(arm, rnd, second))]
+    sides = [_Paced(s, plan.run_args(arm, rnd, s), plan.pin_cpu) for s in (first, second)]
     try:
         for c in range(1, plan.cycles_of(arm) + 1):
             apart = [s for s in sides if s.retouch_apart and c > 1]

@@ -68,7 +68,8 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
         notes.append(f"trials mode, one cycle per trial: no `run --cycles --paced` in {'; '.join(old)}")
     rounds = Rounds()
     if progress:
-        progress(f"ab: {mode} mode, {describe_cycles(cycles)}, arms {', '.join(plan.arms)}, "
+        pinned = f", pinned to CPU {plan.pin_cpu}" if mode == PACED and plan.pin_cpu is not None else ""
+        progress(f"ab: {mode} mode, {describe_cycles(cycles)}{pinned}, arms {', '.join(plan.arms)}, "
                  f"{plan.rounds} rounds (up to {plan.max_rounds})")
 
     def decide() -> ABResult:
@@ -114,5 +115,6 @@ def _compare(base: Side, candidate: Side, settings: Settings, t0: float,
                      "it again); it stands, decided at alpha")
     result.notes = notes + result.notes
     result.seconds = time.monotonic() - t0
+    result.pin_cpu = plan.pin_cpu if mode == PACED else None
     result.raw = rounds
     return result

@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab.gate.ab.pinning import pinned_program
 from lab.paths import REPO_ROOT
 
 # How a side's `balloon-lab` is started: its own lab.cli under this interpreter (a
@@ -60,8 +61,10 @@ class Side:
         its own (`--pace-retouch`), so both sides do it at once, outside the turns."""
         return self.paced and "--pace-retouch" in self.options
 
-    def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-c", CLI, *args]
+    def command(self, *args: str, cpu: int | None = None) -> list[str]:
+        """`balloon-lab ARGS` with this side's code (its path on PYTHONPATH: env()), on
+        `cpu` only if given (lab/gate/ab/pinning.py)."""
+        return [sys.executable, "-c", pinned_program(CLI, cpu), *args]
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, PYTHONPATH=str(self.path))

@@ -84,6 +84,7 @@ class ABResult:
     trials: list[ArmTrials]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    pin_cpu: int | None = None       # both sides' paced cycles ran on this CPU
     raw: Rounds | None = None        # every trial, for --trials-out
 
     @property
@@ -290,6 +291,7 @@ def to_dict(result: ABResult) -> dict[str, Any]:
         "candidate": result.candidate.to_dict(),
         "mode": result.mode,
         "cycles_per_trial": result.cycles,
+        "pin_cpu": result.pin_cpu,
         "alpha": result.alpha,
         "seconds": {"value": round(result.seconds, 1), "unit": "s"},
         "regressions": result.regressions,
