@@ -332,11 +332,11 @@ class TwoCycleSide(Side):
 
 
 @pytest.mark.parametrize("base_can", [True, False])
-def test_sides_that_can_retouch_apart_do_it_together_before_the_turns_and_an_old_side_in_its_turn(tmp_path,
-                                                                                                 base_can):
-    """The retouch is no part of any measured turn when a side can pace it: both sides'
-    retouches come before either's cycle 2; an old side (no --pace-retouch) still runs,
-    its retouch inside its own turn."""
+def test_sides_that_can_retouch_apart_do_it_together_before_the_turns_and_beside_an_old_side_in_their_turn(
+        tmp_path, base_can):
+    """The retouch is no part of any measured turn when both sides can pace it: both
+    sides' retouches come before either's cycle 2. Beside an old side (no --pace-retouch)
+    both retouch inside their own turns: the two sides are always treated alike."""
     old = {"--cycles", "--paced"}
     base = TwoCycleSide("base", "b", tmp_path, None, options=frozenset(old | ({"--pace-retouch"} if base_can else set())))
     cand = TwoCycleSide("candidate", "c", tmp_path, None, options=frozenset(old | {"--pace-retouch"}))
@@ -409,7 +409,7 @@ def test_a_pinned_side_runs_its_vmm_and_guest_on_that_cpu_only():
     side = Side("base", "working tree", ROOT, None, options=frozenset({"--cycles", "--paced", "--pace-retouch"}))
     plan = ab_rounds.Plan(arms=("bitmap",), guest_mib=128, inflate_mib=64, workload="aged", params=(),
                           cycles=(("bitmap", 2),), rounds=1, max_rounds=1, pin_cpu=cpu)
-    p = ab_rounds._Paced(side, plan.run_args("bitmap", 1, side), plan.pin_cpu)
+    p = ab_rounds._Paced(side, plan.run_args("bitmap", 1, True, True), plan.pin_cpu)
     try:
         assert p.next(120) == {"waiting": 1}
         procs = _tree(p.proc.pid)

@@ -9,8 +9,9 @@ can do (lab/gate/ab/sides.py reads it from their help):
   each side idle while the other is measured. A cycle of the base and the same cycle
   of the candidate are seconds apart: a busy neighbour or the kernel's drift hits
   both. Each cycle is one pair. Between cycles the workload gives deflated memory its
-  contents back (the retouch: two thirds of a bitmap cycle's time at CI's size); sides
-  that can (`--pace-retouch`) do it both at once, before the turns, not inside them.
+  contents back (the retouch: two thirds of a bitmap cycle's time at CI's size); when
+  both sides can (`--pace-retouch`) they do it at once, before the turns, not inside
+  them; against an older side both do it inside their turns, so the two are alike.
   K is per arm: an arm whose cycles are cheap next to its processes' start gets more.
   Both sides' processes run on one CPU (Plan.pin_cpu, lab/gate/ab/pinning.py): which
   CPU a process landed on no longer differs by side.
@@ -58,17 +59,15 @@ class Plan:
     def cycles_of(self, arm: str) -> int:
         return dict(self.cycles)[arm]
 
-    def run_args(self, arm: str, seed: int, side: Side | None = None) -> list[str]:
-        """`run`'s arguments for one trial: paced cycles when `side` is given (a paced
-        pair), one cycle otherwise."""
+    def run_args(self, arm: str, seed: int, paced: bool = False, retouch_apart: bool = False) -> list[str]:
+        """`run`'s arguments for one trial: paced cycles for a paced pair (the retouch
+        apart when both sides can: the two are always treated alike), else one cycle."""
         args = ["run", "--protocol", arm, "--guest-mib", str(self.guest_mib), "--inflate-mib", f"{self.inflate_mib:g}",
                 "--workload", self.workload, "--seed", str(seed), "--no-probes", "--json"]
         for p in self.params:
             args += ["--param", p]
-        if side is not None:
-            args += ["--cycles", str(self.cycles_of(arm)), "--paced"]
-            if side.retouch_apart:
-                args.append("--pace-retouch")
+        if paced:
+            args += ["--cycles", str(self.cycles_of(arm)), "--paced"] + (["--pace-retouch"] if retouch_apart else [])
         return args
 
 
@@ -200,7 +199,8 @@ def run_paced_pair(first: Side, second: Side, arm: str, rnd: int, plan: Plan) ->
     """Both sides' trials of `arm` in round `rnd`, their cycles in turn (first, second,
     second, first, ...). A side that fails ends both trials; its Trial says why."""
     t0, wall0 = time.perf_counter(), time.time()
-    sides = [_Paced(s, plan.run_args(arm, rnd, s), plan.pin_cpu) for s in (first, second)]
+    args = plan.run_args(arm, rnd, True, first.retouch_apart and second.retouch_apart)
+    sides = [_Paced(s, args, plan.pin_cpu) for s in (first, second)]
     try:
         for c in range(1, plan.cycles_of(arm) + 1):
             apart = [s for s in sides if s.retouch_apart and c > 1]
