@@ -123,8 +123,8 @@ def _look(verdicts: dict[tuple[str, str], tuple[str, int]]) -> ABResult:
                    candidate_median=1.0)
         t.verdict = verdict
         timings.append(t)
-    return ABResult(base=None, candidate=None, mode="paced", cycles={"pfn": 4}, alpha=0.01, timings=timings, counters=[],
-                    trials=[])
+    return ABResult(base=None, candidate=None, mode="paced", cycles={"pfn": 4}, alpha=0.01, timings=timings,
+                    counters=[], trials=[])
 
 
 def test_a_regression_is_confirmed_only_by_more_rounds_and_undecided_arms_come_first():
@@ -338,7 +338,8 @@ def test_sides_that_can_retouch_apart_do_it_together_before_the_turns_and_beside
     sides' retouches come before either's cycle 2. Beside an old side (no --pace-retouch)
     both retouch inside their own turns: the two sides are always treated alike."""
     old = {"--cycles", "--paced"}
-    base = TwoCycleSide("base", "b", tmp_path, None, options=frozenset(old | ({"--pace-retouch"} if base_can else set())))
+    base = TwoCycleSide("base", "b", tmp_path, None,
+                        options=frozenset(old | ({"--pace-retouch"} if base_can else set())))
     cand = TwoCycleSide("candidate", "c", tmp_path, None, options=frozenset(old | {"--pace-retouch"}))
     plan = ab_rounds.Plan(arms=("bitmap",), guest_mib=64, inflate_mib=8, workload="aged", params=(),
                           cycles=(("bitmap", 2),), rounds=1, max_rounds=1)

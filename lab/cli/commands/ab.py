@@ -149,8 +149,8 @@ examples:
               help="Write every trial (each cycle's metrics) to this file, one JSON object a line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON on stdout (the text goes to stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Also list ignored and new counters.")
-def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cycle_items, pin_cpu, rounds, max_rounds, budget,
-            metric_items, min_effect, alpha, ignored, trials_out, as_json, verbose) -> None:
+def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cycle_items, pin_cpu, rounds,
+            max_rounds, budget, metric_items, min_effect, alpha, ignored, trials_out, as_json, verbose) -> None:
     """Gate CANDIDATE (default: the working tree) against BASE, each a git revision of this
     repository or the path of a checkout. Both run in one job, interleaved round by round
     (and cycle by cycle when both can), every trial with its own revision's code and this
@@ -170,7 +170,8 @@ def command(base, candidate, arms, guest_mib, inflate_mib, workload, params, cyc
         raise click.BadParameter(f"{max_rounds} is below --rounds {rounds}", param_hint="--max-rounds")
     settings = Settings(
         plan=Plan(arms=arm_list, guest_mib=guest_mib, inflate_mib=inflate_mib, workload=workload,
-                  params=tuple(params), cycles=_cycles(cycle_items, arm_list), pin_cpu=_pin_cpu(pin_cpu), rounds=rounds, max_rounds=max_rounds),
+                  params=tuple(params), cycles=_cycles(cycle_items, arm_list), pin_cpu=_pin_cpu(pin_cpu),
+                  rounds=rounds, max_rounds=max_rounds),
         rules=_rules(metric_items, _fraction(min_effect, "--min-effect")),
         ignored=DEFAULT_IGNORED + tuple(ignored), alpha=alpha, budget_s=budget)
     try:

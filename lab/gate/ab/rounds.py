@@ -139,7 +139,6 @@ class _Paced:
 
     def __init__(self, side: Side, args: list[str], cpu: int | None = None) -> None:
         self.side = side
-        self.retouch_apart = "--pace-retouch" in args
         self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(side.command(*args, cpu=cpu), cwd=side.path, env=side.env(),
                                      stdin=subprocess.PIPE,
@@ -199,17 +198,18 @@ def run_paced_pair(first: Side, second: Side, arm: str, rnd: int, plan: Plan) ->
     """Both sides' trials of `arm` in round `rnd`, their cycles in turn (first, second,
     second, first, ...). A side that fails ends both trials; its Trial says why."""
     t0, wall0 = time.perf_counter(), time.time()
-    args = plan.run_args(arm, rnd, True, first.retouch_apart and second.retouch_apart)
+    apart = first.retouch_apart and second.retouch_apart
+    args = plan.run_args(arm, rnd, True, apart)
     sides = [_Paced(s, args, plan.pin_cpu) for s in (first, second)]
     try:
         for c in range(1, plan.cycles_of(arm) + 1):
-            apart = [s for s in sides if s.retouch_apart and c > 1]
-            for s in apart:                       # both retouch at once, neither is measured
-                line = s.next(TRIAL_TIMEOUT_S)
-                if not line or line.get("retouch") != c:
-                    return _ended(sides, s, rnd, arm, t0, wall0)
-            for s in apart:
-                s.go()
+            if apart and c > 1:                   # both retouch at once, neither is measured
+                for s in sides:
+                    line = s.next(TRIAL_TIMEOUT_S)
+                    if not line or line.get("retouch") != c:
+                        return _ended(sides, s, rnd, arm, t0, wall0)
+                for s in sides:
+                    s.go()
             for s in sides:                       # both prepared (or done with the last cycle)
                 line = s.next(TRIAL_TIMEOUT_S)
                 if not line or line.get("waiting") != c:
