@@ -12,10 +12,15 @@ Three parts, each measured, none quoted:
   count them);
 - **the system-call hook**: while a program is attached to the system-call path, every
   system call of every process takes the kernel's slow path and dispatches to it; that
-  cost is outside any program's run time. It is measured once per session
-  (`calibrate_syscall_hook`: a cheap system call timed with the programs attached and
-  detached, interleaved, less the programs' own run time) and charged per system call of
-  the targets (syscalls.c counts them);
+  cost is outside any program's run time. It is measured once per session, timed with
+  the programs attached and detached, interleaved, less the programs' own run time, on
+  two system calls, because it is not the same on both: on a cheap one (getppid,
+  `calibrate_syscall_hook`) and on the pfn arm's discard, madvise(MADV_REMOVE) of one
+  resident page of a memfd (`calibrate_discard_hook`), where it costs about twice as
+  much here (the slow path beside a call that itself walks page tables, frees a page and
+  flushes a TLB; docs/PROBES.md). The targets' discard calls (madvise and fallocate, the
+  madvise probe counts them) are charged at the second figure (`syscall_hook_discard`),
+  their other system calls (syscalls.c counts all of them) at the first;
 - **the USDT trap**: a stage marker is a uprobe, a trap into the kernel before the
   program runs; measured once per session the same way (`calibrate_usdt_trap`, with the
   stage program attached to this process and detached) and charged per marker fired.
@@ -32,6 +37,7 @@ sum of the rows' ms.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import statistics
 import sys
@@ -41,7 +47,11 @@ from typing import Any, Callable, Mapping
 
 from probes.bpf_stats import ProgStats
 
+PAGE = mmap.PAGESIZE
+MADV_POPULATE_WRITE = 23          # linux/mman-common.h (Linux 5.14); Python's mmap names it from 3.12 only
+
 SYSCALL_HOOK = "syscall_hook"
+SYSCALL_HOOK_DISCARD = "syscall_hook_discard"
 USDT_TRAP = "usdt_trap"
 SYSCALL_PROGRAMS = ("sys_exit", "sys_enter")
 USDT_PROGRAM = "on_audit"
@@ -54,7 +64,8 @@ ROW_DOCS = {
     "mm_page_free": "kmem:mm_page_free (pagefree)",
     "mm_page_free_batched": "kmem:mm_page_free_batched (pagefree)",
     USDT_PROGRAM: "USDT python:audit: the stage markers",
-    SYSCALL_HOOK: "the syscall path with a hook on, per syscall (calibrated)",
+    SYSCALL_HOOK: "the syscall path with a hook on, per syscall but the discards (calibrated on getppid)",
+    SYSCALL_HOOK_DISCARD: "the syscall path with a hook on, per madvise/fallocate (calibrated on a page's MADV_REMOVE)",
     USDT_TRAP: "the uprobe trap, per marker (calibrated)",
 }
 
@@ -65,14 +76,18 @@ class Calibration:
     probed (ns per event)."""
 
     syscall_hook_ns: float | None = None    # per system call, with the syscall programs attached
+    syscall_hook_discard_ns: float | None = None   # the same, per madvise(MADV_REMOVE) of a resident page
     usdt_trap_ns: float | None = None       # per stage marker, with the stage program attached
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _ns_per_call(loop: Callable[[int], None], n: int) -> float:
-    """This thread's CPU time (user + kernel: a trap and a hook are both in it) per call."""
+def _ns_per_call(loop: Callable[[int], None], n: int, prepare: Callable[[], None] | None = None) -> float:
+    """This thread's CPU time (user + kernel: a trap and a hook are both in it) per call;
+    `prepare` runs first, outside the timing."""
+    if prepare is not None:
+        prepare()
     t0 = time.thread_time_ns()
     loop(n)
     return (time.thread_time_ns() - t0) / n
@@ -89,16 +104,17 @@ def _body_ns(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats], na
 
 
 def _calibrate(detach: Callable[[], None], attach: Callable[[], None], stats: Callable[[], Mapping[str, ProgStats]],
-               loop: Callable[[int], None], programs: tuple[str, ...], calls: int, rounds: int) -> float:
+               loop: Callable[[int], None], programs: tuple[str, ...], calls: int, rounds: int,
+               prepare: Callable[[], None] | None = None) -> float:
     """Per call: the fastest round attached minus the fastest detached (the minimum is what
     a busy machine disturbs least), less the programs' own run time per call."""
     off, on, body = [], [], []
     for _ in range(rounds):
         detach()
-        off.append(_ns_per_call(loop, calls))
+        off.append(_ns_per_call(loop, calls, prepare))
         attach()
         s0 = stats()
-        on.append(_ns_per_call(loop, calls))
+        on.append(_ns_per_call(loop, calls, prepare))
         body.append(_body_ns(s0, stats(), programs))
     return max(0.0, min(on) - min(off) - statistics.median(body))
 
@@ -116,6 +132,31 @@ def calibrate_syscall_hook(module: Any, calls: int = 20000, rounds: int = 5) -> 
     if not programs:
         return None
     return _calibrate(module.suspend, module.resume, module.program_stats, _getppid_loop, programs, calls, rounds)
+
+
+def calibrate_discard_hook(module: Any, pages: int = 8192, rounds: int = 5) -> float | None:
+    """ns a madvise(MADV_REMOVE) of one resident page of a memfd (the pfn arm's discard,
+    page by page as the device makes it) costs with syscalls.c's programs attached, beyond
+    their run time; None when no syscall program is loaded. The pages are made resident
+    (MADV_POPULATE_WRITE, one call) before each timed pass, outside its timing."""
+    programs = tuple(p for p in SYSCALL_PROGRAMS if p.encode() in module.raw_tracepoints)
+    if not programs:
+        return None
+    fd = os.memfd_create("balloon-lab-calibration")
+    try:
+        os.ftruncate(fd, pages * PAGE)
+        with mmap.mmap(fd, pages * PAGE) as m:
+            def populate() -> None:
+                m.madvise(MADV_POPULATE_WRITE, 0, pages * PAGE)
+
+            def loop(n: int) -> None:
+                discard, remove = m.madvise, mmap.MADV_REMOVE
+                for off in range(0, n * PAGE, PAGE):
+                    discard(remove, off, PAGE)
+            return _calibrate(module.suspend, module.resume, module.program_stats, loop, programs, pages, rounds,
+                              populate)
+    finally:
+        os.close(fd)
 
 
 def calibrate_usdt_trap(module: Any, stages: Any, calls: int = 2000, rounds: int = 5) -> float | None:
@@ -160,7 +201,10 @@ def program_rows(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats]
             out[name]["probed_events"] = min(int(mine), int(out[name]["events"]))
     syscalls = probed.get("syscalls")
     if cal is not None and cal.syscall_hook_ns is not None and syscalls is not None:
-        out[SYSCALL_HOOK] = row(syscalls, syscalls * cal.syscall_hook_ns)
+        discards = min(probed.get("discards", 0), syscalls) if cal.syscall_hook_discard_ns is not None else 0
+        out[SYSCALL_HOOK] = row(syscalls - discards, (syscalls - discards) * cal.syscall_hook_ns)
+        if cal.syscall_hook_discard_ns is not None and "discards" in probed:
+            out[SYSCALL_HOOK_DISCARD] = row(discards, discards * cal.syscall_hook_discard_ns)
     if cal is not None and cal.usdt_trap_ns is not None and USDT_PROGRAM in out:
         markers = int(out[USDT_PROGRAM]["events"])
         out[USDT_TRAP] = row(markers, markers * cal.usdt_trap_ns)
@@ -221,7 +265,7 @@ def cost_lines(rows: Mapping[str, Mapping[str, float]], op_ms: float | None = No
     cells = []
     for name in sorted(rows, key=row_order):
         r = rows[name]
-        probed = r.get("probed_events", r["events"] if name in (SYSCALL_HOOK, USDT_TRAP) else None)
+        probed = r.get("probed_events", r["events"] if name in (SYSCALL_HOOK, SYSCALL_HOOK_DISCARD, USDT_TRAP) else None)
         c = [name, _count(r["events"]), "" if probed is None else _count(probed), f"{r['ns_per_event']:.0f}",
              f"{r['ms']:.2f}"]
         if op_ms:

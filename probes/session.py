@@ -99,10 +99,11 @@ PROBE_METRICS = MetricSet("probes/session.py PROBE_METRICS", [
     Metric("page_faults", GAUGE, "", "user page faults (exceptions:page_fault_user)"),
     Metric("programs.*.events", GAUGE, "", "runs of this BPF program in the reading's window, every process's "
            "(bpf_stats run_cnt), or the events a calibrated cost is charged for (syscall_hook: the probed "
-           "processes' syscalls; usdt_trap: stage markers) (probes/costs.py)"),
+           "processes' syscalls but their discards; syscall_hook_discard: their madvise and fallocate calls; "
+           "usdt_trap: stage markers) (probes/costs.py)"),
     Metric("programs.*.probed_events", GAUGE, "", "of those runs, the probed processes' (the program's own count)"),
     Metric("programs.*.ns_per_event", TIMING, "ns", "mean cost per event: the program's run time per run "
-           "(bpf_stats), or the session's calibration (syscall_hook, usdt_trap)"),
+           "(bpf_stats), or the session's calibration (syscall_hook, syscall_hook_discard, usdt_trap)"),
     Metric("programs.*.ms", TIMING, "ms", "what this program (or hook, or trap) cost in the window"),
     Metric("probe_cost_ms", TIMING, "ms", "the probes' measured cost in the window: the sum of programs.*.ms"),
     Metric("foreign_bpf.programs", GAUGE, "", "other tools' BPF programs on the machine that ran in the window"),
@@ -353,8 +354,9 @@ class ProbeSession:
                 trap = costs.calibrate_usdt_trap(self.module, st)
             except Exception as e:       # e.g. this interpreter's markers differ from the targets'
                 self.missing["usdt_trap"] = f"USDT trap cost not calibrated: {e}"
+        discard = costs.calibrate_discard_hook(self.module) if "madvise" in self.probes else None
         self.calibration = costs.Calibration(syscall_hook_ns=costs.calibrate_syscall_hook(self.module),
-                                             usdt_trap_ns=trap)
+                                             syscall_hook_discard_ns=discard, usdt_trap_ns=trap)
 
     # --- targets --------------------------------------------------------------------
     def attach(self, pids: list[int]) -> None:
@@ -543,6 +545,8 @@ class ProbeSession:
         out: dict[str, int] = {}
         if any(c.syscalls for c in self.probes.values()):
             out["syscalls"] = int(array_words(self.module.bpf[b"lab_syscalls"])[:, 0].sum())
+        if r.madvise_calls is not None:
+            out["discards"] = r.madvise_calls + (r.fallocate_calls or 0)
         for name, v in (("mm_page_alloc", r.page_allocs), ("page_fault_user", r.page_faults),
                         ("mm_page_free", r.page_frees), ("mm_page_free_batched", r.page_frees_batched)):
             if v is not None:

@@ -169,14 +169,17 @@ def test_reading_says_what_each_program_cost(session, children):
     c.go()
     r = session.read()
     cal = session.calibration
-    assert cal.syscall_hook_ns > 0 and cal.usdt_trap_ns > 0
+    assert cal.syscall_hook_ns > 0 and cal.usdt_trap_ns > 0 and cal.syscall_hook_discard_ns > 0
     progs = r.programs
     # the kernel's runs of each program, and the programs' own count of those for the probed process
     assert progs["page_fault_user"]["probed_events"] == r.page_faults
     assert progs["mm_page_free"]["probed_events"] == r.page_frees
     assert progs["sys_exit"]["probed_events"] >= r.madvise_calls == 2000
     assert progs["sys_enter"]["probed_events"] == progs["sys_exit"]["probed_events"]   # both run for every syscall
-    assert progs["syscall_hook"]["events"] == progs["sys_exit"]["probed_events"]
+    # every syscall of the probed process charged once: its 2000 discards at the discard calibration
+    assert progs["syscall_hook_discard"]["events"] == r.madvise_calls == 2000
+    assert progs["syscall_hook"]["events"] + 2000 == progs["sys_exit"]["probed_events"]
+    assert progs["syscall_hook_discard"]["ns_per_event"] == pytest.approx(cal.syscall_hook_discard_ns)
     for name in ("sys_exit", "sys_enter", "page_fault_user", "mm_page_free", "mm_page_alloc"):
         assert progs[name]["events"] >= progs[name]["probed_events"] > 0
         assert progs[name]["ms"] > 0
