@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from lab.results.ring_cost import round_trip_floor
 from lab.trials.backends import is_qemu_arm
 from lab.trials.qemu.side_by_side import arm_title
 from probes.costs import cost_lines, foreign_line
@@ -60,7 +61,10 @@ def format_result(r: Mapping[str, Any]) -> str:
 def _lab_cost_line(op: str, c: Mapping[str, float], floors: Mapping[str, float]) -> str:
     """The operation's transmit and translate against the floors measured with the trial
     (lab/results/ring_cost.py): what the lab itself spent, beyond what the protocol needs."""
-    return (f"  {op} against the ring's floor (round trip {floors['round_trip_ns'] / 1e3:.1f} us, translate "
+    rt = round_trip_floor(floors)
+    held = (f"held round trip {rt / 1e3:.1f} us (hot {floors['round_trip_ns'] / 1e3:.1f})"
+            if floors.get("held_round_trip_ns") else f"round trip {rt / 1e3:.1f} us")
+    return (f"  {op} against the ring's floor ({held}, translate "
             f"{floors['translate_ns'] / 1e3:.1f} us, measured now): transmit "
             f"{c['transmit_per_request_ns'] / 1e3:.1f} us/request = {c['transmit_over_floor']:.2f}x, translate "
             f"{c['translate_per_request_ns'] / 1e3:.1f} us/request = {c['translate_over_floor']:.2f}x; the lab's "
