@@ -99,6 +99,6 @@ def lab_cost_table(comp, op: str = "inflate") -> str:
     head = (f"{'arm':<14}{'requests':>9}{'transmit':>11}{'floor':>9}{'':>9}{'translate':>11}{'floor':>9}{'':>9}"
             f"{'own ms':>10}{'share':>9}")
     return "\n".join([f"{op}: the lab's own cost against the ring's floor (medians; us per request; floors "
-                      "measured with each trial; the round trip's is the held one: the device side holding each "
-                      "request as long as a PFN request's discards take, the guest's CPU idle meanwhile):",
-                      head, *rows])
+                      "measured with each trial;",
+                      "    the round trip held: the device side holds each request as long as a PFN request's "
+                      "discards take):", head, *rows])
