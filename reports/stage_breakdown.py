@@ -116,7 +116,7 @@ def _lab_cost_table(d: ReportData) -> str:
                      f"{m['translate_over_floor']:.2f}×", fmt_ns(m["own_ns"]), pct(m["own_share"])])
     if not rows:
         return ""
-    header = ["arm", "requests", "transmit<br>per request", "round-trip<br>floor", "in floors",
+    header = ["arm", "requests", "transmit<br>per request", "held round-trip<br>floor", "in floors",
               "translate<br>per request", "translate<br>floor", "in floors", "the lab's own<br>cost", "of the inflate"]
     return ("<h3>The lab's own cost against the ring's floor</h3>"
             + note("Each trial first measures the floor on this machine: an eventfd round trip between a "
