@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import statistics
 import sys
@@ -41,9 +40,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from device.virtio.discard import ResidentPages  # noqa: E402
 from probes.bpf import BpfModule  # noqa: E402
 from probes.bpf_stats import stats_enabled  # noqa: E402
-from probes.costs import MADV_POPULATE_WRITE, PAGE  # noqa: E402
 from probes.kicks import KicksProbe  # noqa: E402
 from probes.madvise import MadviseProbe  # noqa: E402
 
@@ -79,16 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bcc import BPF
 
-    fd = os.memfd_create("syscall-hook-floor")
-    os.ftruncate(fd, a.pages * PAGE)
-    m = mmap.mmap(fd, a.pages * PAGE)
+    rp = ResidentPages(a.pages, "syscall-hook-floor")
 
     def discard() -> float:
-        m.madvise(MADV_POPULATE_WRITE, 0, a.pages * PAGE)
-        remove, advise = mmap.MADV_REMOVE, m.madvise
+        rp.populate()
         t0 = time.thread_time_ns()
-        for off in range(0, a.pages * PAGE, PAGE):    # per page, as the protocol is
-            advise(remove, off, PAGE)
+        rp.discard_each()                                # per page, as the protocol is
         return (time.thread_time_ns() - t0) / a.pages
 
     def getppid() -> float:
@@ -126,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         empty.cleanup()
         lab.close()
-        m.close()
-        os.close(fd)
+        rp.close()
 
     med = {s: {k: statistics.median(v) for k, v in d.items()} for s, d in res.items()}
     hooks = cheaper_hooks()

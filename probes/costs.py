@@ -37,7 +37,6 @@ sum of the rows' ms.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import statistics
 import sys
@@ -45,10 +44,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
+from device.virtio.discard import ResidentPages
 from probes.bpf_stats import ProgStats
-
-PAGE = mmap.PAGESIZE
-MADV_POPULATE_WRITE = 23          # linux/mman-common.h (Linux 5.14); Python's mmap names it from 3.12 only
 
 SYSCALL_HOOK = "syscall_hook"
 SYSCALL_HOOK_DISCARD = "syscall_hook_discard"
@@ -142,21 +139,9 @@ def calibrate_discard_hook(module: Any, pages: int = 8192, rounds: int = 5) -> f
     programs = tuple(p for p in SYSCALL_PROGRAMS if p.encode() in module.raw_tracepoints)
     if not programs:
         return None
-    fd = os.memfd_create("balloon-lab-calibration")
-    try:
-        os.ftruncate(fd, pages * PAGE)
-        with mmap.mmap(fd, pages * PAGE) as m:
-            def populate() -> None:
-                m.madvise(MADV_POPULATE_WRITE, 0, pages * PAGE)
-
-            def loop(n: int) -> None:
-                discard, remove = m.madvise, mmap.MADV_REMOVE
-                for off in range(0, n * PAGE, PAGE):
-                    discard(remove, off, PAGE)
-            return _calibrate(module.suspend, module.resume, module.program_stats, loop, programs, pages, rounds,
-                              populate)
-    finally:
-        os.close(fd)
+    with ResidentPages(pages, "balloon-lab-calibration") as rp:
+        return _calibrate(module.suspend, module.resume, module.program_stats, rp.discard_each, programs, pages,
+                          rounds, rp.populate)
 
 
 def calibrate_usdt_trap(module: Any, stages: Any, calls: int = 2000, rounds: int = 5) -> float | None:
@@ -201,9 +186,10 @@ def program_rows(before: Mapping[str, ProgStats], after: Mapping[str, ProgStats]
             out[name]["probed_events"] = min(int(mine), int(out[name]["events"]))
     syscalls = probed.get("syscalls")
     if cal is not None and cal.syscall_hook_ns is not None and syscalls is not None:
-        discards = min(probed.get("discards", 0), syscalls) if cal.syscall_hook_discard_ns is not None else 0
+        split = cal.syscall_hook_discard_ns is not None and "discards" in probed
+        discards = min(probed["discards"], syscalls) if split else 0
         out[SYSCALL_HOOK] = row(syscalls - discards, (syscalls - discards) * cal.syscall_hook_ns)
-        if cal.syscall_hook_discard_ns is not None and "discards" in probed:
+        if split:
             out[SYSCALL_HOOK_DISCARD] = row(discards, discards * cal.syscall_hook_discard_ns)
     if cal is not None and cal.usdt_trap_ns is not None and USDT_PROGRAM in out:
         markers = int(out[USDT_PROGRAM]["events"])

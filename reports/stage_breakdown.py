@@ -107,6 +107,8 @@ def _lab_cost_table(d: ReportData) -> str:
         m = {k: d.median(a, f"lab_cost.inflate.{k}") for k in ("transmit_per_request_ns", "transmit_over_floor",
                                                                "translate_per_request_ns", "translate_over_floor",
                                                                "own_ns", "own_share")}
+        # the held floor, or for trials stored before it was measured, the hot one (the
+        # rule of lab/results/ring_cost.py's round_trip_floor; the report imports no lab code)
         rt = d.median(a, "floors.held_round_trip_ns") or d.median(a, "floors.round_trip_ns")
         tr, req = d.median(a, "floors.translate_ns"), d.median(a, "requests")
         if any(v is None for v in (*m.values(), rt, tr, req)):

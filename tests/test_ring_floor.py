@@ -38,7 +38,7 @@ def test_transmit_is_held_to_the_held_floor_and_older_trials_to_the_hot_one():
     stages = {"transmit": 100_000_000, "translate": 40_000_000, "total": 2_000_000_000}
     floors = {"round_trip_ns": 10_000.0, "held_round_trip_ns": 50_000.0, "translate_ns": 5_000.0}
     c = lab_cost(stages, 1000, floors)
-    assert round_trip_floor(floors) == 50_000.0
+    assert round_trip_floor(floors.get) == 50_000.0
     assert c["transmit_over_floor"] == pytest.approx(2.0) and c["transmit_over_hot_floor"] == pytest.approx(10.0)
     assert c["own_ns"] == pytest.approx((100e6 - 50e6) + (40e6 - 5e6))
     old = {k: v for k, v in floors.items() if k != "held_round_trip_ns"}

@@ -7,8 +7,9 @@ every mapping (the guest's too) and shows in the memfd's st_blocks:
               memfd: ram_block_discard_range)
   punch-hole  fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) on the memfd
 
-`discard_runs` is the only loop that makes these calls; the balloon device, GuestRAM
-and the VMM's bare per-page baseline all go through it.
+`discard_runs` is the only loop that makes these calls; the balloon device, GuestRAM,
+the VMM's bare per-page baseline and `ResidentPages` (the lab's bare discards outside a
+guest: the probes' hook calibration, the ring floor's hold, benchmarks) all go through it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Callable, Sequence
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)    # Linux 5.14; Python 3.11 lacks the name
+PAGE = mmap.PAGESIZE
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -82,3 +85,38 @@ def discard_runs(ram, method: str, offsets: Sequence[int], lengths: Sequence[int
     cost (as in QEMU), not something to batch away here. `ram` is a GuestRAM (its
     mapping `mm` and memfd `fd`)."""
     discard_method(method).free(ram, offsets, lengths)
+
+
+class ResidentPages:
+    """A memfd of `pages` pages mapped in this process: the pfn arm's discard with no
+    guest and no protocol around it. `populate()` makes every page resident (one
+    MADV_POPULATE_WRITE); `discard_each(n)` frees the first n page by page through
+    `discard_runs`, the device's own loop. Use it as a context manager (the memfd is
+    closed on leaving)."""
+
+    def __init__(self, pages: int, name: str = "balloon-lab-resident") -> None:
+        self.pages = pages
+        self.fd = os.memfd_create(name)
+        try:
+            os.ftruncate(self.fd, pages * PAGE)
+            self.mm = mmap.mmap(self.fd, pages * PAGE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def populate(self) -> None:
+        self.mm.madvise(MADV_POPULATE_WRITE, 0, self.pages * PAGE)
+
+    def discard_each(self, n: int | None = None) -> None:
+        # per page on purpose: this is the bare per-page syscall cost
+        discard_runs(self, "madvise", range(0, (self.pages if n is None else n) * PAGE, PAGE), PAGE)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+    def __enter__(self) -> "ResidentPages":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

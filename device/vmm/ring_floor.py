@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import time
 
 import numpy as np
 
+from device.virtio.discard import ResidentPages
 from device.virtio.layout import GuestLayout
 
 ROUND_TRIPS = 5000          # ~0.1 s here (the hot round trip is 8-20 us)
@@ -79,21 +79,13 @@ def discard_hold_ns(pages: int = PFNS_PER_REQUEST, repeats: int = HOLD_REPEATS) 
     """A PFN request's discards, bare: `pages` single-page madvise(MADV_REMOVE) of
     resident pages of a memfd, timed in this process (median of `repeats`; the pages are
     made resident before each, outside the timing)."""
-    page = mmap.PAGESIZE
-    fd = os.memfd_create("ring-floor-hold")
-    try:
-        os.ftruncate(fd, pages * page)
-        with mmap.mmap(fd, pages * page) as m:
-            times = []
-            for _ in range(repeats):
-                for off in range(0, pages * page, page):
-                    m[off] = 1
-                t0 = time.perf_counter_ns()
-                for off in range(0, pages * page, page):
-                    m.madvise(mmap.MADV_REMOVE, off, page)
-                times.append(time.perf_counter_ns() - t0)
-    finally:
-        os.close(fd)
+    times = []
+    with ResidentPages(pages, "ring-floor-hold") as rp:
+        for _ in range(repeats):
+            rp.populate()
+            t0 = time.perf_counter_ns()
+            rp.discard_each()
+            times.append(time.perf_counter_ns() - t0)
     return int(sorted(times)[len(times) // 2])
 
 

@@ -61,7 +61,7 @@ def format_result(r: Mapping[str, Any]) -> str:
 def _lab_cost_line(op: str, c: Mapping[str, float], floors: Mapping[str, float]) -> str:
     """The operation's transmit and translate against the floors measured with the trial
     (lab/results/ring_cost.py): what the lab itself spent, beyond what the protocol needs."""
-    rt = round_trip_floor(floors)
+    rt = round_trip_floor(floors.get)
     held = (f"held round trip {rt / 1e3:.1f} us (hot {floors['round_trip_ns'] / 1e3:.1f})"
             if floors.get("held_round_trip_ns") else f"round trip {rt / 1e3:.1f} us")
     return (f"  {op} against the ring's floor ({held}, translate "

@@ -25,7 +25,7 @@ states, per operation:
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from device.api import COUNTER, GAUGE, TIMING, Metric
 
@@ -56,18 +56,25 @@ FLOOR_METRICS = [
 ]
 
 
-def round_trip_floor(floors: Mapping[str, float]) -> float:
-    """The round trip a request's transmit is held to: the held floor, or for a trial
-    stored before it was measured, the hot one."""
-    held = floors.get("held_round_trip_ns")
-    return held if held else floors["round_trip_ns"]
+ROUND_TRIP_FLOORS = ("held_round_trip_ns", "round_trip_ns")
+
+
+def round_trip_floor(get: Callable[[str], Any]) -> Any:
+    """The round trip a request's transmit is held to, by `get(name)` of each floor's
+    name under `floors.` (a trial's floors dict's .get, or a median over trials): the
+    held floor, or for trials stored before it was measured, the hot one."""
+    for name in ROUND_TRIP_FLOORS:
+        v = get(name)
+        if v:
+            return v
+    return None
 
 
 def lab_cost(stages_ns: Mapping[str, int], requests: int, floors: Mapping[str, float]) -> dict[str, float]:
     """One operation's own cost against the floors (the module doc names each figure)."""
     if not requests or not floors:
         return {}
-    rt, tr = round_trip_floor(floors), floors["translate_ns"]
+    rt, tr = round_trip_floor(floors.get), floors["translate_ns"]
     transmit, translate = stages_ns["transmit"], stages_ns["translate"]
     own = max(0.0, transmit - requests * rt) + max(0.0, translate - requests * tr)
     return {"transmit_per_request_ns": transmit / requests, "transmit_over_floor": transmit / requests / rt,
@@ -84,7 +91,7 @@ def lab_cost_table(comp, op: str = "inflate") -> str:
         m = {k: comp.summary(arm, f"lab_cost.{op}.{k}") for k in ("transmit_per_request_ns", "transmit_over_floor",
                                                                    "translate_per_request_ns", "translate_over_floor",
                                                                    "own_ns", "own_share")}
-        rt = comp.summary(arm, "floors.held_round_trip_ns") or comp.summary(arm, "floors.round_trip_ns")
+        rt = round_trip_floor(lambda name: comp.summary(arm, f"floors.{name}"))
         tr, req = (comp.summary(arm, "floors.translate_ns"),
                    comp.summary(arm, "requests" if op == "inflate" else "deflate.requests"))
         if any(v is None for v in (*m.values(), rt, tr, req)):
