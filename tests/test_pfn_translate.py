@@ -67,6 +67,7 @@ def test_numpy_translation_takes_what_the_page_by_page_loop_takes(device: Balloo
         accepted, offsets, bad = page_by_page(ref_state, layout, pfns.tolist(), inflate)
         errors_before = Counter(dev.errors)
         dev._pfns_per_page(pfns, dev.deflate if not inflate else dev.inflate, inflate)
+        dev._settle()                  # the counters, as process_queue settles them once the request is used
         ctr = dev.inflate if inflate else dev.deflate
         assert ctr.pfns().tolist() == accepted                       # the same pages, in request order
         assert bytes(dev.ballooned) == bytes(ref_state)
@@ -84,3 +85,47 @@ def test_offsets_of_both_regions_are_the_page_by_page_ones(device: BalloonDevice
     _, ref, bad = page_by_page(bytearray(layout.max_pfn), layout, pfns.tolist(), True)
     assert ok.tolist() == [True] * 5 + [False] and bad == {"pfn-not-ram": 1}
     assert offs[ok].tolist() == ref
+
+
+def one_region_request(rng: np.random.Generator, layout: GuestLayout, region: int) -> np.ndarray:
+    """256 PFNs inside one RAM region (the device's two-call span path), some named twice."""
+    r = layout.regions[region]
+    lo = int(rng.integers(r.first_pfn, r.end_pfn - 600))
+    return rng.choice(np.arange(lo, lo + 600), 256).astype(np.uint32)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_request_inside_one_region_takes_what_the_page_by_page_loop_takes(device: BalloonDevice,
+                                                                            seed: int) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    dev, layout = device, device.layout
+    dev.ballooned_np[:] = IN_GUEST
+    for inflate in (True, False, True, True):
+        dev.reset_counters()
+        pfns = one_region_request(rng, layout, seed % 2)
+        if seed % 4 == 0:                              # no page named twice: every page taken
+            pfns = rng.permutation(np.unique(pfns))
+        if seed % 5 == 1:
+            dev.ballooned_np[int(pfns[7])] = QUEUE_MEMORY
+        ref_state = bytearray(dev.ballooned)
+        accepted, offsets, bad = page_by_page(ref_state, layout, pfns.tolist(), inflate)
+        errors_before = Counter(dev.errors)
+        dev._pfns_per_page(pfns, dev.inflate if inflate else dev.deflate, inflate)
+        dev._settle()
+        ctr = dev.inflate if inflate else dev.deflate
+        assert ctr.pfns().tolist() == accepted
+        assert bytes(dev.ballooned) == bytes(ref_state)
+        assert Counter(dev.errors) - errors_before == bad
+        assert ctr.translations == pfns.size and ctr.discard_calls == (len(offsets) if inflate else 0)
+
+
+def test_the_span_path_translates_only_what_one_region_holds(device: BalloonDevice) -> None:
+    layout = device.layout
+    r0, r1 = layout.regions
+    inside = np.array([r1.first_pfn + 5, r1.first_pfn, layout.max_pfn - 1], dtype=np.int64)
+    offs = layout.translate_pfn_span(inside, int(inside.min()), int(inside.max()))
+    assert offs is not None and offs.tolist() == layout.translate_pfns(inside)[0].tolist()
+    crossing = np.array([r0.end_pfn - 1, r1.first_pfn], dtype=np.int64)
+    assert layout.translate_pfn_span(crossing, int(crossing.min()), int(crossing.max())) is None
+    assert layout.translate_pfn_span(inside, r0.end_pfn, r1.first_pfn) is None           # starts in the hole
+    assert layout.translate_pfn_span(inside, r1.first_pfn, layout.max_pfn) is None       # ends beyond RAM

@@ -71,6 +71,15 @@ class DescChain:
             ks = [k for k in range(self.n_readable) if el[k][1]]
         return [mem[off[k] : off[k] + el[k][1]] for k in ks]
 
+    def readable_array(self, dtype: np.dtype) -> np.ndarray | None:
+        """The one device-readable buffer as a numpy view of live guest memory (copy it
+        before checking it), or None unless the chain is one readable buffer whose
+        length is a positive multiple of dtype's size."""
+        n = self.readable_bytes
+        if self.n_readable != 1 or not n or n % dtype.itemsize:
+            return None
+        return np.frombuffer(self._mem, dtype, n // dtype.itemsize, self.offsets[0])
+
     def writable(self) -> list[memoryview]:
         mem, el, off = self._mem, self.elements, self.offsets
         return [mem[off[k] : off[k] + el[k][1]] for k in range(self.n_readable, len(el))]

@@ -157,6 +157,19 @@ class GuestLayout:
             offs = np.where(inside, (pfns << PAGE_SHIFT) + (r.offset - r.gpa), offs)
         return offs, ok
 
+    def translate_pfn_span(self, pfns: np.ndarray, lo: int, hi: int) -> np.ndarray | None:
+        """translate_pfns for PFNs whose least is lo and greatest hi, when one RAM region
+        holds all of [lo, hi] (every request of an unfragmented guest): each page is
+        still translated on its own, in two numpy calls; None when the span is not
+        inside one region (the caller then takes translate_pfns, which says which pages
+        are not RAM)."""
+        i = self.region_index(lo << PAGE_SHIFT)
+        if i < 0 or hi >= self.regions[i].end_pfn:
+            return None
+        r = self.regions[i]
+        shift = r.offset - r.gpa             # 0 for the first region: one numpy call
+        return pfns << PAGE_SHIFT if not shift else (pfns << PAGE_SHIFT) + shift
+
     def split_runs(self, start_pfn: int, npages: int) -> list[tuple[int, int]]:
         """Split a PFN run at region edges into (memfd_offset, length) pieces.
         Raises BadAddress if any page of the run is not RAM."""

@@ -94,6 +94,8 @@ class BalloonDevice(VirtioTransport):
         self.budget_yields = 0                   # wake-ups that ended with work left (re-kicked)
         self._budget: WorkBudget | None = None   # of the wake-up being served
         self._carry = None                       # discards of the current request left for later
+        self._unsettled: tuple | None = None     # (settle, *args): a served request's counters, left
+                                                 # until it is returned used (_settle)
         self._held: dict[int, tuple] = {}        # queue -> (head, written, discards left)
         self._queue_handlers: dict[int, ChainHandler] = {}
         self.register_queue(Q_INFLATE, self._inflate_chain)
@@ -166,8 +168,13 @@ class BalloonDevice(VirtioTransport):
             return
         handler = self._queue_handlers.get(index, _unserved)
         ctr = {Q_INFLATE: self.inflate, Q_DEFLATE: self.deflate}.get(index)
-        cpu0 = _cpu_now()
-        budget = budget if budget is not None else WorkBudget.unlimited()
+        if budget is None:
+            budget = WorkBudget.unlimited()
+        cpu0 = budget.woke_cpu_ns           # the loop's clock when it woke for this queue alone
+        if cpu0 is None:
+            cpu0 = _cpu_now()
+        else:
+            budget.woke_cpu_ns = None
         self._budget = budget
         # A guest that keeps adding chains, or adds expensive ones, must not keep the VMM
         # in this loop (its monitor would starve): once the budget is spent, kick ourselves
@@ -199,27 +206,36 @@ class BalloonDevice(VirtioTransport):
                         continue
                     break
                 written = handler(chain)
+                if self._carry is None and written is not None:
+                    # Done: returned used and the guest called at once, as QEMU's
+                    # virtqueue_push + virtio_notify; the counters are settled while it wakes.
+                    q.push_used(chain.head, written)
+                    if q.need_call():
+                        self.signal_call(index)
+                self._settle()
                 budget.charge(0, min(chain.readable_bytes + chain.writable_bytes, MAX_REQUEST_BYTES),
                               self._discard_calls() - discards)
                 if self._carry is not None:   # its discards did not fit the budget: finish them later
                     self._held[index] = (chain.head, written or 0, self._carry)
                     self._carry = None
-                    continue
-                if written is None:          # held (stats buffer): not used yet
-                    continue
-                q.push_used(chain.head, written)
-                if q.need_call():
-                    self.signal_call(index)
         except RingError as e:
             self.needs_reset(f"ring-{e.reason}", e.message)      # e.message names the queue
         except Exception as e:  # a bug in the lab's own code: never let guest input kill the VMM
             log.exception("internal error serving queue %d", index)
             self.needs_reset("device-internal", f"queue {index}: internal error {type(e).__name__}: {e}")
         finally:
+            self._settle()
             self._budget = None
             self._carry = None
             if ctr is not None:
                 ctr.cpu_ns += _cpu_now() - cpu0
+
+    def _settle(self) -> None:
+        """The counters of the request just served (left by its handler), once it is used."""
+        if self._unsettled is not None:
+            settle, *args = self._unsettled
+            self._unsettled = None
+            settle(*args)
 
     def _discard_calls(self) -> int:
         return self.inflate.discard_calls + self.deflate.discard_calls
@@ -289,30 +305,47 @@ class BalloonDevice(VirtioTransport):
         merged into runs), then one discard per page. The translation and the checks
         are a few numpy calls over the request (a Python loop of 256 bisects cost
         ~50 us per request here: the lab's cost, not the protocol's); the discard stays
-        one system call per page, in request order."""
+        one system call per page, in request order. The counters are settled after the
+        request is returned used (_settle): the guest is waking meanwhile."""
         want, expect = (IN_BALLOON, IN_GUEST) if inflate else (IN_GUEST, IN_BALLOON)
         with stage_chain() as c:             # translate then discard: one marker between them
             c.next("translate", ctr)
-            pfns = pfns.astype(np.int64)
-            offs, ok = self.layout.translate_pfns(pfns)
+            pfns = pfns.astype(np.int64, copy=False)
             n = pfns.size
-            state = self.ballooned_np[pfns if np.count_nonzero(ok) == n else np.where(ok, pfns, 0)]
+            # One sort finds the request's span (when one RAM region holds it, one or two
+            # numpy calls translate every page) and the pages named twice: few numpy calls,
+            # since this runs cache-cold after the last request's discards.
             in_order = np.sort(pfns)
-            if (np.count_nonzero(ok) == n and np.count_nonzero(state != expect) == 0
-                    and np.count_nonzero(in_order[1:] == in_order[:-1]) == 0):
-                accepted, hvas, bad, first_bad = pfns, offs, Counter(), None      # every page taken
+            offs = self.layout.translate_pfn_span(pfns, int(in_order[0]), int(in_order[-1]))
+            if offs is None:
+                offs, ok = self.layout.translate_pfns(pfns)
+                all_ok = bool(ok.all())
+                state = self.ballooned_np[pfns if all_ok else np.where(ok, pfns, 0)]
             else:
-                accepted, hvas, bad, first_bad = self._pfns_checked(pfns, offs, ok, state, inflate)
+                ok, all_ok = None, True
+                state = self.ballooned_np[pfns]
+            # (IN_GUEST is 0: a page in the guest is a zero in `state`)
+            if (all_ok and not np.count_nonzero(state if expect == IN_GUEST else state != expect)
+                    and not np.count_nonzero(in_order[1:] == in_order[:-1])):
+                accepted, hvas, bad, first_bad = pfns, offs, None, None      # every page taken
+            else:
+                accepted, hvas, bad, first_bad = self._pfns_checked(
+                    pfns, offs, ok if ok is not None else np.ones(n, dtype=bool), state, inflate)
             self.ballooned_np[accepted] = want
             if self.host_pages is None and inflate and hvas.size:
                 self._discard(ctr, hvas.tolist(), PAGE_SIZE, c)
-        ctr.translations += n
-        if self.host_pages is not None:
+        if self.host_pages is not None:      # its discards belong to the request: before it is used
             self._host_page_update(ctr, hvas.astype(np.int64) >> PAGE_SHIFT, inflate)
+        self._unsettled = (self._pfns_settle, ctr, n, accepted, bad, first_bad)
+
+    def _pfns_settle(self, ctr: DeviceOpCounters, n: int, accepted: np.ndarray, bad: Counter | None,
+                     first_bad: int | None) -> None:
+        ctr.translations += n
         ctr.pages += int(accepted.size)
         if accepted.size:
             ctr.add_pfn_batch(accepted)
-        self._report_bad(bad, first_bad, ctr)
+        if bad:
+            self._report_bad(bad, first_bad, ctr)
 
     @staticmethod
     def _pfns_checked(pfns: np.ndarray, offs: np.ndarray, ok: np.ndarray, state: np.ndarray,

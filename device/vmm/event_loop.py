@@ -18,12 +18,13 @@ checked on the code the VMM runs, not on a model of it.
 from __future__ import annotations
 
 import os
+import select
 import selectors
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from device.vmm.balloon_device import BalloonDevice
-from device.vmm.budget import WorkBudget, cpu_time
+from device.vmm.budget import WorkBudget, cpu_ns
 from device.vmm.control_peer import ControlService, DeviceChannel
 
 SLOW_WAKEUP_S = 0.010         # counted in the VMM's `loop.wakeups_over_10ms_cpu`
@@ -41,51 +42,65 @@ class EventHandler:
 
 class EventLoop:
     """The fd -> handler table and one wake-up at a time; each wake-up's CPU time kept
-    (the worst, the count over SLOW_WAKEUP_S, and `on_wakeup(cpu_s)` if given)."""
+    (the worst, the count over SLOW_WAKEUP_S, and `on_wakeup(cpu_s)` if given).
+
+    It waits on an epoll object itself rather than through `selectors`, whose select()
+    costs 3-4 us more on a request's round trip (cache-cold after the request's
+    discards, docs/BENCHMARKS.md); handlers still get selectors' masks (EVENT_READ,
+    EVENT_WRITE), and a file object closed before it is unwatched is unwatched by the
+    number it was watched under, as selectors does."""
 
     def __init__(self, on_wakeup: Callable[[float], None] | None = None) -> None:
-        self.sel = selectors.DefaultSelector()
+        self.ep = select.epoll()
         self.handlers: dict[int, EventHandler] = {}
+        self._fds: dict[Any, int] = {}    # file object (or fd) as watched -> its fd
         self.on_wakeup = on_wakeup
         self.wakeups = 0                  # wake-ups that served something
         self.max_wakeup_cpu_s = 0.0       # CPU time of the costliest one
         self.wakeups_over_10ms = 0
 
     def watch(self, fileobj: Any, handler: EventHandler, events: int = selectors.EVENT_READ) -> None:
-        key = self.sel.register(fileobj, events)
-        self.handlers[key.fd] = handler
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fileobj in self._fds or fd in self.handlers:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is already watched")
+        self.ep.register(fd, _epoll_mask(events))
+        self._fds[fileobj] = fd
+        self.handlers[fd] = handler
 
     def unwatch(self, fileobj: Any) -> None:
         """Stop waiting on fileobj (gone already: nothing to do)."""
-        try:
-            key = self.sel.unregister(fileobj)
-        except (KeyError, ValueError):
+        fd = self._fds.pop(fileobj, None)
+        if fd is None:
             return
-        self.handlers.pop(key.fd, None)
+        self.handlers.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except OSError:                   # closed already: epoll dropped it with its last reference
+            pass
 
     def modify(self, fileobj: Any, events: int) -> None:
-        self.sel.modify(fileobj, events)
+        self.ep.modify(self._fds[fileobj], _epoll_mask(events))
 
     def wakeup(self, timeout: float | None) -> bool:
         """Wait up to `timeout` s (0: only what is ready now) and serve what woke the loop.
         False when nothing did."""
-        events = self.sel.select(timeout=timeout)
+        events = self.ep.poll(-1 if timeout is None else timeout, len(self.handlers) or 1)
         if not events:
             return False
-        t_cpu = cpu_time()
-        budget = WorkBudget()             # shared by every queue served in this wake-up
-        # Handlers are looked up once, at wake-up, as the selector reported the fds.
+        t_cpu = cpu_ns()
+        # Handlers are looked up once, at wake-up, as epoll reported the fds.
         if len(events) == 1:              # the usual wake-up on the PFN path: one kick
-            key, mask = events[0]
-            handler = self.handlers.get(key.fd)
+            fd, ev = events[0]
+            handler = self.handlers.get(fd)
             if handler is not None:
-                handler.serve(mask, budget)
+                handler.serve(_selector_mask(ev), WorkBudget(woke_cpu_ns=t_cpu))
         else:
-            ready = sorted(((self.handlers[key.fd], mask) for key, mask in events if key.fd in self.handlers),
+            budget = WorkBudget()         # shared by every queue served in this wake-up
+            ready = sorted(((self.handlers[fd], _selector_mask(ev)) for fd, ev in events if fd in self.handlers),
                            key=lambda r: r[0].queue_work)
             for handler, mask in ready:
                 handler.serve(mask, budget)
-        spent = cpu_time() - t_cpu
+        spent = (cpu_ns() - t_cpu) / 1e9
         self.wakeups += 1
         self.max_wakeup_cpu_s = max(self.max_wakeup_cpu_s, spent)
         self.wakeups_over_10ms += spent > SLOW_WAKEUP_S
@@ -94,7 +109,19 @@ class EventLoop:
         return True
 
     def close(self) -> None:
-        self.sel.close()
+        self.ep.close()
+
+
+def _epoll_mask(events: int) -> int:
+    return (select.EPOLLIN if events & selectors.EVENT_READ else 0) | \
+        (select.EPOLLOUT if events & selectors.EVENT_WRITE else 0)
+
+
+def _selector_mask(ev: int) -> int:
+    """epoll's events as selectors reports them: an error or hang-up is both readable
+    and writable, so whoever waits for either hears of it."""
+    return (selectors.EVENT_WRITE if ev & ~select.EPOLLIN else 0) | \
+        (selectors.EVENT_READ if ev & ~select.EPOLLOUT else 0)
 
 
 class QueueKicks:
