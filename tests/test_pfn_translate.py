@@ -12,7 +12,7 @@ import pytest
 
 from device.vmm.balloon_device import IN_BALLOON, IN_GUEST, QUEUE_MEMORY, BalloonDevice, _refusal
 from device.virtio.layout import PAGE_SHIFT, GuestLayout
-from device.virtio.protocols import protocol_device_features
+from device.virtio.protocols import DecodedRequest, protocol_device_features
 from device.virtio.ram import GuestRAM
 
 
@@ -34,6 +34,12 @@ def page_by_page(ballooned: bytearray, layout: GuestLayout, pfns: list[int], inf
         accepted.append(pfn)
         offsets.append(t.offsets[i] + gpa - t.starts[i])
     return accepted, offsets, bad
+
+
+def as_request(pfns: np.ndarray) -> DecodedRequest:
+    """A PFN request as the decoder hands it to the device."""
+    raw = pfns.astype("<u4").tobytes()
+    return DecodedRequest(len(raw), pfn_bytes=raw)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,7 @@ def test_numpy_translation_takes_what_the_page_by_page_loop_takes(device: Balloo
         ref_state = bytearray(dev.ballooned)
         accepted, offsets, bad = page_by_page(ref_state, layout, pfns.tolist(), inflate)
         errors_before = Counter(dev.errors)
-        dev._pfns_per_page(pfns, dev.deflate if not inflate else dev.inflate, inflate)
+        dev._pfns_per_page(as_request(pfns), dev.deflate if not inflate else dev.inflate, inflate)
         dev._settle()                  # the counters, as process_queue settles them once the request is used
         ctr = dev.inflate if inflate else dev.deflate
         assert ctr.pfns().tolist() == accepted                       # the same pages, in request order
@@ -110,7 +116,7 @@ def test_a_request_inside_one_region_takes_what_the_page_by_page_loop_takes(devi
         ref_state = bytearray(dev.ballooned)
         accepted, offsets, bad = page_by_page(ref_state, layout, pfns.tolist(), inflate)
         errors_before = Counter(dev.errors)
-        dev._pfns_per_page(pfns, dev.inflate if inflate else dev.deflate, inflate)
+        dev._pfns_per_page(as_request(pfns), dev.inflate if inflate else dev.deflate, inflate)
         dev._settle()
         ctr = dev.inflate if inflate else dev.deflate
         assert ctr.pfns().tolist() == accepted

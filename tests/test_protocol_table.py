@@ -129,7 +129,7 @@ def test_encode_decode_round_trip_and_bytes(rigs, name, raw_pfns, blocks, batch,
             chain, done = _on_ring(r, bufs)
             decoded = fmt.decode(chain, max_pfn=lay.max_pfn, copy_limit=COPY_LIMIT)
             done()
-            got = decoded.pfns.astype(np.int64) if decoded.runs is None else wire.runs_to_pfns(*decoded.runs)
+            got = decoded.pfns().astype(np.int64) if decoded.runs is None else wire.runs_to_pfns(*decoded.runs)
             if decoded.runs is None:        # the PFN array arrives in the order sent
                 np.testing.assert_array_equal(got, request.pages)
             np.testing.assert_array_equal(np.sort(got), np.sort(request.pages))
@@ -165,7 +165,7 @@ def test_golden_bytes_on_the_ring(rigs, case):
         chain, done = _on_ring(r, bufs)
         decoded = fmt.decode(chain, max_pfn=r.layout.max_pfn, copy_limit=COPY_LIMIT)
         done()
-        back = decoded.pfns.astype(np.int64) if decoded.runs is None else wire.runs_to_pfns(*decoded.runs)
+        back = decoded.pfns().astype(np.int64) if decoded.runs is None else wire.runs_to_pfns(*decoded.runs)
         assert sorted(back.tolist()) == sorted(want["pages"])
 
 

@@ -71,14 +71,14 @@ class DescChain:
             ks = [k for k in range(self.n_readable) if el[k][1]]
         return [mem[off[k] : off[k] + el[k][1]] for k in ks]
 
-    def readable_array(self, dtype: np.dtype) -> np.ndarray | None:
-        """The one device-readable buffer as a numpy view of live guest memory (copy it
-        before checking it), or None unless the chain is one readable buffer whose
-        length is a positive multiple of dtype's size."""
-        n = self.readable_bytes
-        if self.n_readable != 1 or not n or n % dtype.itemsize:
+    def single_readable(self) -> bytes | None:
+        """A copy of the chain's one device-readable buffer (the guest cannot change it
+        afterwards), or None unless the chain is one readable buffer of 1 byte or more:
+        the usual request, copied in one slice."""
+        if self.n_readable != 1 or not self.readable_bytes:
             return None
-        return np.frombuffer(self._mem, dtype, n // dtype.itemsize, self.offsets[0])
+        off = self.offsets[0]
+        return bytes(self._mem[off:off + self.readable_bytes])
 
     def writable(self) -> list[memoryview]:
         mem, el, off = self._mem, self.elements, self.offsets
@@ -194,8 +194,11 @@ class DeviceQueue:
             self.descriptors += 1
             self.walked += 1
             w = bool(fl & VIRTQ_DESC_F_WRITE)
-            offsets = self._translate_few(head, [addr], [ln])
-            return DescChain(head, [(addr, ln, w)], offsets, 0 if w else 1, 0 if w else ln, ln if w else 0, False,
+            try:
+                offset = self.layout.translate(addr, ln)
+            except BadAddress as e:
+                raise self._not_ram(head, addr, ln, e) from None
+            return DescChain(head, [(addr, ln, w)], [offset], 0 if w else 1, 0 if w else ln, ln if w else 0, False,
                              mem)
         max_chain = self.max_chain
         addrs: list[int] = []
@@ -320,8 +323,11 @@ class DeviceQueue:
             try:
                 out.append(tr(a, ln))
             except BadAddress as e:
-                raise self._fail("buffer-not-ram", f"chain {head}: buffer {a:#x}+{ln:#x} is not inside one RAM region ({e})") from None
+                raise self._not_ram(head, a, ln, e) from None
         return out
+
+    def _not_ram(self, head: int, addr: int, ln: int, e: BadAddress) -> RingError:
+        return self._fail("buffer-not-ram", f"chain {head}: buffer {addr:#x}+{ln:#x} is not inside one RAM region ({e})")
 
     def _translate_many(self, head: int, a: np.ndarray, ln: np.ndarray) -> list[int]:
         """Vectorized _translate_few for long (chunk) chains: the layout's translate_many."""

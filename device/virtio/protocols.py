@@ -53,14 +53,21 @@ class WireRequest:
     descriptors: Any = None
 
 
+_LE32 = np.dtype("<u4")
+
+
 @dataclass(slots=True)
 class DecodedRequest:
     """What the device read from one chain: `ring_bytes` (what the request put on the
     ring, for the counters) and either the PFNs (pfn, in request order) or the runs."""
 
     ring_bytes: int
-    pfns: np.ndarray | None = None
+    pfn_bytes: bytes | None = None       # pfn: the le32 PFN array, a private copy of the request
     runs: tuple[np.ndarray, np.ndarray] | None = None
+
+    def pfns(self) -> np.ndarray:
+        """The PFN array as uint32, in request order (a view of pfn_bytes)."""
+        return np.frombuffer(self.pfn_bytes, _LE32)
 
 
 class Refusal(Exception):
@@ -85,7 +92,7 @@ class Chain(Protocol):
 
     def gather(self, limit: int) -> bytes: ...
 
-    def readable_array(self, dtype: np.dtype) -> np.ndarray | None: ...
+    def single_readable(self) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -168,8 +175,6 @@ def _encode_pfns(pages: np.ndarray, *, batch_pages: int, **_: Any) -> list[WireR
     return [WireRequest(part, part) for part in (pages[i:i + batch_pages] for i in range(0, pages.size, batch_pages))]
 
 
-_LE32 = np.dtype("<u4")
-
 
 def _place_pfns(ram, gpa: int, pfns: np.ndarray) -> list[tuple[int, int]]:
     nbytes = 4 * pfns.size
@@ -178,17 +183,17 @@ def _place_pfns(ram, gpa: int, pfns: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _decode_pfns(chain: Chain, *, max_pfn: int, copy_limit: int) -> DecodedRequest:
-    """The PFN array, copied off the ring as the guest wrote it: the device checks each
-    PFN (RAM, balloon state, named twice) in its translate stage."""
+    """The PFN array, copied off the ring as the guest wrote it (its length checked):
+    the device checks each PFN (RAM, balloon state, named twice) in its translate
+    stage. The usual request, one buffer (Linux's pfns array), is one slice copied: no
+    numpy here, since this runs on the request's round trip, cache-cold after the last
+    request's discards, where numpy's first call costs 5 us (docs/BENCHMARKS.md)."""
     if chain.readable_bytes > 4 * PFN_BATCH_MAX:     # refuse before copying anything
         raise Refusal("pfn-array-too-long", f"{chain.readable_bytes} bytes of PFNs in one request "
                                             f"(max {PFN_BATCH_MAX} PFNs)")
-    live = chain.readable_array(_LE32)
-    if live is not None:
-        # The usual request, one buffer of PFNs (Linux's pfns array): its private copy
-        # is taken straight out of guest memory as int64, in one numpy call (cache-cold
-        # after the last request's discards, each costs 3-12 us: docs/BENCHMARKS.md).
-        return DecodedRequest(chain.readable_bytes, pfns=live.astype(np.int64))
+    raw = chain.single_readable()
+    if raw is not None and not len(raw) % 4:
+        return DecodedRequest(len(raw), pfn_bytes=raw)
     raw = chain.gather(copy_limit)
     try:
         pfns = wire.decode_pfns(raw)
@@ -196,7 +201,7 @@ def _decode_pfns(chain: Chain, *, max_pfn: int, copy_limit: int) -> DecodedReque
         raise Refusal(f"pfn-{e.reason}", str(e), len(raw)) from None
     if len(pfns) > PFN_BATCH_MAX:
         raise Refusal("pfn-array-too-long", f"{len(pfns)} PFNs in one request (max {PFN_BATCH_MAX})", len(raw))
-    return DecodedRequest(len(raw), pfns=pfns)
+    return DecodedRequest(len(raw), pfn_bytes=raw)
 
 
 # ======================================================================================

@@ -58,10 +58,12 @@ class DeviceListener:
 _notify_failures = 0
 
 
-def notify(fd: int | None, what: str) -> None:
+def notify(fd: int | None, what: str, queue: int | None = None) -> None:
     """One eventfd notification (a real write(2)); a broken fd is logged, never fatal.
     Rate-limited like refusals: a guest can make every write fail (it may write
-    0xfffffffffffffffe into its own eventfd) and must not flood the VMM's log."""
+    0xfffffffffffffffe into its own eventfd) and must not flood the VMM's log. `what`
+    names the eventfd, "%d" standing for `queue` (formatted only for the log: a call
+    is on every request's round trip)."""
     global _notify_failures
     if fd is not None:
         try:
@@ -69,7 +71,8 @@ def notify(fd: int | None, what: str) -> None:
         except OSError as e:
             _notify_failures += 1
             if _notify_failures <= 20 or _notify_failures % 10000 == 0:
-                log.warning("%s write failed (%d so far): %s", what, _notify_failures, e)
+                log.warning("%s write failed (%d so far): %s", what % queue if queue is not None else what,
+                            _notify_failures, e)
 
 
 class VirtioTransport:
@@ -135,7 +138,7 @@ class VirtioTransport:
 
     # --- notifications -----------------------------------------------------------------
     def signal_call(self, index: int) -> None:
-        notify(self.call_fds.get(index), f"call eventfd of queue {index}")
+        notify(self.call_fds.get(index), "call eventfd of queue %d", index)
 
     def signal_config(self) -> None:
         notify(self.config_call_fd, "config eventfd")

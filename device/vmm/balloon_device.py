@@ -25,7 +25,7 @@ from device.vmm.budget import WorkBudget
 from device.virtio.features import (CFG_NUM_PAGES, Q_DEFLATE, Q_INFLATE, Q_STATS, S_DRIVER_OK, STAT_ENTRY, STAT_TAGS,
                                      BalloonConfig)
 from device.virtio.discard import discard_runs
-from device.virtio.protocols import Refusal, negotiated_wire_format
+from device.virtio.protocols import DecodedRequest, Refusal, negotiated_wire_format
 from device.virtio.ram import GuestRAM
 from device.vmm.huge_pages import HostPageTracker, host_page_runs
 from device.virtio.layout import PAGE_SHIFT, PAGE_SIZE
@@ -257,7 +257,7 @@ class BalloonDevice(VirtioTransport):
         return True
 
     def _rekick(self, index: int) -> None:
-        notify(self.kick_fds.get(index), f"re-kick of queue {index}")
+        notify(self.kick_fds.get(index), "re-kick of queue %d", index)
 
     def register_queue(self, index: int, handler: ChainHandler) -> None:
         """Serve queue `index`'s chains with `handler` from now on (each queue has one
@@ -293,14 +293,14 @@ class BalloonDevice(VirtioTransport):
         runs = request.runs
         if runs is None:                 # a PFN array: per page, or merged into runs (pfn-ranges)
             if self.merge_runs:
-                runs = wire.pfns_to_runs(request.pfns.astype(np.int64))
+                runs = wire.pfns_to_runs(request.pfns().astype(np.int64))
             else:
-                self._pfns_per_page(request.pfns, ctr, inflate)
+                self._pfns_per_page(request, ctr, inflate)
                 return 0
         self._runs(runs[0], runs[1], ctr, inflate)
         return 0
 
-    def _pfns_per_page(self, pfns: np.ndarray, ctr: DeviceOpCounters, inflate: bool) -> None:
+    def _pfns_per_page(self, request: DecodedRequest, ctr: DeviceOpCounters, inflate: bool) -> None:
         """The PFN protocol as QEMU serves it: every page translated on its own (never
         merged into runs), then one discard per page. The translation and the checks
         are a few numpy calls over the request (a Python loop of 256 bisects cost
@@ -310,7 +310,7 @@ class BalloonDevice(VirtioTransport):
         want, expect = (IN_BALLOON, IN_GUEST) if inflate else (IN_GUEST, IN_BALLOON)
         with stage_chain() as c:             # translate then discard: one marker between them
             c.next("translate", ctr)
-            pfns = pfns.astype(np.int64, copy=False)
+            pfns = request.pfns().astype(np.int64)
             n = pfns.size
             # One sort finds the request's span (when one RAM region holds it, one or two
             # numpy calls translate every page) and the pages named twice: few numpy calls,
@@ -451,7 +451,7 @@ class BalloonDevice(VirtioTransport):
         with stages if stages is not None else stage_chain() as c:
             c.next("discard", ctr)
             discard_runs(self.ram, self.discard_method, offsets, lengths)
-        ctr.discard_cpu_ns += _cpu_now() - cpu0
+            ctr.discard_cpu_ns += _cpu_now() - cpu0     # each stage holds one of the two clock reads
         ctr.discard_calls += len(offsets)
 
     def _report_bad(self, bad: Counter, first_bad: int | None, ctr: DeviceOpCounters) -> None:

@@ -158,20 +158,18 @@ class QueueKicks:
         del self.registered[idx]
 
     def _ready(self, idx: int, fd: int, budget: WorkBudget) -> None:
-        """The loop saw queue idx's kick: serve it, unless a request served earlier in this
-        wake-up replaced or closed its fd (it is then watched anew, or not at all)."""
-        if self.registered.get(idx, (None, None))[0] == fd:
-            self.serve(fd, idx, budget)
-
-    def serve(self, fd: int, index: int, budget: WorkBudget) -> None:
-        """Read the device's own kick fd (the probes count reads of that fd as device
-        wake-ups), then serve the queue within the wake-up's budget."""
+        """The loop saw queue idx's kick: read the device's own kick fd (the probes count
+        reads of that fd as device wake-ups), then serve the queue within the wake-up's
+        budget; unless a request served earlier in this wake-up replaced or closed its fd
+        (it is then watched anew, or not at all)."""
+        if self.registered.get(idx, (None, None))[0] != fd:
+            return
         try:
             os.eventfd_read(fd)
             self.reads += 1        # a wake-up is a read that returned data, as the probe counts it
         except BlockingIOError:
             pass                   # emptied meanwhile (the guest holds the same eventfd): look anyway
-        self.device.process_queue(index, budget)
+        self.device.process_queue(idx, budget)
 
     def clear(self) -> None:
         for idx, (_fd, dup) in list(self.registered.items()):
