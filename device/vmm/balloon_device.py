@@ -96,6 +96,7 @@ class BalloonDevice(VirtioTransport):
         self._carry = None                       # discards of the current request left for later
         self._unsettled: tuple | None = None     # (settle, *args): a served request's counters, left
                                                  # until it is returned used (_settle)
+        self._wire = (0, negotiated_wire_format(0))   # (driver features, the wire format they select)
         self._held: dict[int, tuple] = {}        # queue -> (head, written, discards left)
         self._queue_handlers: dict[int, ChainHandler] = {}
         self.register_queue(Q_INFLATE, self._inflate_chain)
@@ -282,9 +283,10 @@ class BalloonDevice(VirtioTransport):
         if chain.n_readable < len(chain.elements):     # a writable buffer (they come last)
             self.refuse("writable-buffer", "inflate/deflate buffers must be device-readable")
             return 0
+        if self._wire[0] != self.driver_features:    # looked up once per negotiation, not per request
+            self._wire = (self.driver_features, negotiated_wire_format(self.driver_features))
         try:   # the negotiated wire format's decoder (device/virtio/protocols.py)
-            request = negotiated_wire_format(self.driver_features).decode(
-                chain, max_pfn=self.layout.max_pfn, copy_limit=MAX_REQUEST_BYTES)
+            request = self._wire[1].decode(chain, max_pfn=self.layout.max_pfn, copy_limit=MAX_REQUEST_BYTES)
         except Refusal as e:
             ctr.bytes_on_ring += e.ring_bytes
             self.refuse(e.reason, e.message)
