@@ -118,3 +118,32 @@ def vmm_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_loop_reports_selectors_masks_and_unwatches_a_closed_socket():
+    """The loop waits on epoll itself: its handlers still get selectors' masks (readable,
+    writable once asked for, both on a hang-up), and a socket closed before it is
+    unwatched is unwatched all the same, as selectors does."""
+    import selectors
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    seen: list[int] = []
+    try:
+        loop.watch(a, EventHandler(lambda mask, budget: seen.append(mask)))
+        assert not loop.wakeup(0)                       # nothing to read yet
+        b.send(b"x")
+        assert loop.wakeup(0) and seen[-1] == selectors.EVENT_READ
+        a.recv(1)
+        loop.modify(a, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        assert loop.wakeup(0) and seen[-1] == selectors.EVENT_WRITE
+        loop.modify(a, selectors.EVENT_READ)
+        b.close()                                       # the peer hangs up
+        assert loop.wakeup(0) and seen[-1] == selectors.EVENT_READ | selectors.EVENT_WRITE
+        a.close()
+        loop.unwatch(a)                                 # closed first: no error, and it is gone
+        assert not loop.handlers and not loop.wakeup(0)
+        loop.unwatch(a)                                 # twice: nothing to do
+    finally:
+        a.close()
+        b.close()
+        loop.close()

@@ -8,7 +8,8 @@ Each trial therefore measures the floor first (lab/trials/model/ring_floor.py ru
 `python -m device.vmm.ring_floor`: an eventfd round trip between a VMM-kind and a
 guest-kind process, hot (back to back) and held (the device side holding each request
 as long as a PFN request's discards take, so the guest's CPU goes idle as it does in a
-real request), and one numpy pass of the region table over a request's 256 PFNs) and
+real request), and the least translation of a request's 256 PFNs: the sort that finds
+their span and the span's translation) and
 states, per operation:
 
   transmit_per_request_ns   the transmit stage over the requests sent
@@ -42,8 +43,9 @@ FLOOR_METRICS = [
     Metric("floors.held_round_trips", COUNTER, "", "held round trips the floor was measured over"),
     Metric("floors.hold_ns", TIMING, "ns", "the held floor's hold: 256 single-page madvise(MADV_REMOVE) of "
                                            "resident memfd pages, timed bare before (median of 5)"),
-    Metric("floors.translate_ns", TIMING, "ns", "the translate floor: one numpy pass of the region table over "
-                                                "a request's PFNs (device/vmm/ring_floor.py), median"),
+    Metric("floors.translate_ns", TIMING, "ns", "the translate floor: the least translation of a request's PFNs "
+                                                "(the sort that finds their span, and the span's translation: "
+                                                "device/vmm/ring_floor.py), median"),
     Metric("floors.translate_pfns", COUNTER, "", "PFNs in the translate floor's request"),
     Metric("lab_cost.*.transmit_per_request_ns", TIMING, "ns", "transmit stage per request sent"),
     Metric("lab_cost.*.transmit_over_floor", GAUGE, "", "transmit per request in held round-trip floors"),
