@@ -150,7 +150,7 @@ class BalloonDriver:
         self.queues: dict[int, DriverQueue] = {}
         self.kick_fds: dict[int, int] = {}
         self.call_fds: dict[int, int] = {}
-        self._pollers: dict[int, select.poll] = {}   # queue -> what _wait_used sleeps in
+        self._pollers: dict[int, select.epoll] = {}  # queue -> what _wait_used sleeps in
         self.config_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.balloon: list[np.ndarray] = []      # pages in the balloon, one array per request
         self.actual = 0
@@ -455,8 +455,8 @@ class BalloonDriver:
             if deadline is None:
                 deadline = time.monotonic() + self.opts.timeout_s
             left = deadline - time.monotonic()
-            ready = dict(self._poller(q.index).poll(left * 1000)) if left > 0 else {}
-            if ready.get(self.chan.sock.fileno(), 0) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+            ready = dict(self._poller(q.index).poll(left)) if left > 0 else {}
+            if ready.get(self.chan.sock.fileno(), 0) & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
                 raise PeerGone(f"the VMM closed the control socket while the {QUEUE_NAMES[q.index]} request "
                                f"was in flight (it died)")
             if fd not in ready:
@@ -477,14 +477,16 @@ class BalloonDriver:
         rep.interrupts += 1
         return True
 
-    def _poller(self, index: int) -> select.poll:
-        """The poll object a wait on queue `index` sleeps in: its call eventfd, and the
-        control socket for a hang-up. Made once per queue (not once per request)."""
+    def _poller(self, index: int) -> select.epoll:
+        """The epoll object a wait on queue `index` sleeps in: its call eventfd, and the
+        control socket for a hang-up. Made once per queue (not once per request); epoll,
+        not poll, so a call's wake-up takes the ready fd off epoll's list instead of
+        polling both again (the VMM and the ring's floor wait in epoll too)."""
         p = self._pollers.get(index)
         if p is None:
-            p = self._pollers[index] = select.poll()
-            p.register(self.call_fds[index], select.POLLIN)
-            p.register(self.chan.sock, select.POLLRDHUP)
+            p = self._pollers[index] = select.epoll()
+            p.register(self.call_fds[index], select.EPOLLIN)
+            p.register(self.chan.sock.fileno(), select.EPOLLRDHUP)
         return p
 
     # --- stats -----------------------------------------------------------------------------------
