@@ -43,3 +43,21 @@ def test_transmit_is_held_to_the_held_floor_and_older_trials_to_the_hot_one():
     assert c["own_ns"] == pytest.approx((100e6 - 50e6) + (40e6 - 5e6))
     old = {k: v for k, v in floors.items() if k != "held_round_trip_ns"}
     assert lab_cost(stages, 1000, old)["transmit_over_floor"] == pytest.approx(10.0)
+
+
+@pytest.mark.slow
+def test_bench_pfn_madvise_states_the_ratio_a_device_at_the_floor_would_reach():
+    """`bench pfn-madvise`, small and real: beside the inflate's ratio to the bare loop it
+    states what a device at the ring's floor would reach in the same run (the discard stage
+    and one held round trip per request, over the bare loop), from the figures it measured."""
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "balloon-lab"), "bench", "pfn-madvise",
+                          "--guest-mib", "256", "--inflate-mib", "32", "--no-real-stack", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    held = r["floors"]["held_round_trip_ns"]
+    assert r["requests"] == 32 and held > 0 and r["bare_loop_pages"] == r["pages"] == 32 * 256
+    assert r["at_floor_ns"] == pytest.approx(r["inflate_discard_ns"] + r["requests"] * held)
+    assert r["ratio_at_floor"] == pytest.approx(r["at_floor_ns"] / r["bare_loop_ns"])
+    # the inflate pays at least its discard stage
+    assert r["inflate_total_ns"] > r["inflate_discard_ns"] > 0
