@@ -172,10 +172,11 @@ class BalloonDevice(VirtioTransport):
         if budget is None:
             budget = WorkBudget.unlimited()
         cpu0 = budget.woke_cpu_ns           # the loop's clock when it woke for this queue alone
-        if cpu0 is None:
-            cpu0 = _cpu_now()
-        else:
+        alone = cpu0 is not None                  # served alone in its wake-up: the loop's clock is ours
+        if alone:
             budget.woke_cpu_ns = None
+        else:
+            cpu0 = _cpu_now()
         self._budget = budget
         # A guest that keeps adding chains, or adds expensive ones, must not keep the VMM
         # in this loop (its monitor would starve): once the budget is spent, kick ourselves
@@ -228,8 +229,12 @@ class BalloonDevice(VirtioTransport):
             self._settle()
             self._budget = None
             self._carry = None
-            if ctr is not None:
-                ctr.cpu_ns += _cpu_now() - cpu0
+            if ctr is not None or alone:
+                done = _cpu_now()
+                if ctr is not None:
+                    ctr.cpu_ns += done - cpu0
+                if alone:
+                    budget.served_cpu_ns = done
 
     def _settle(self) -> None:
         """The counters of the request just served (left by its handler), once it is used."""

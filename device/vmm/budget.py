@@ -31,8 +31,10 @@ class WorkBudget:
     bytes: int = BYTES_PER_WAKEUP
     discards: int = DISCARDS_PER_WAKEUP
     # cpu_ns() when the loop woke for one fd alone: the queue it serves starts its own
-    # CPU time there (one clock read fewer on a request's round trip), and takes it.
+    # CPU time there (one clock read fewer on a request's round trip), and takes it; and
+    # cpu_ns() when that queue was done, which ends the wake-up's CPU time (one more).
     woke_cpu_ns: int | None = None
+    served_cpu_ns: int | None = None
 
     @classmethod
     def unlimited(cls) -> "WorkBudget":

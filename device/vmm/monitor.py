@@ -181,7 +181,10 @@ class Monitor:
         self._broadcast(name, data, t)
 
     def flush_throttled(self) -> None:
-        """Send held throttled events whose window has ended (called from the VMM loop)."""
+        """Send held throttled events whose window has ended (called from the VMM loop, after
+        every wake-up: with none held, it returns at once)."""
+        if not self._held:
+            return
         t = time.time()
         for name, (data, due) in list(self._held.items()):
             if t >= due:
