@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from device.virtio.discard import ResidentPages
+from device.virtio.layout import PAGE_SIZE as PAGE
 from probes.session import CONCERNS, DEFAULT_CONCERNS, ProbeReading, ProbeSession
-
-PAGE = 4096
 
 
 @dataclass
@@ -113,21 +113,20 @@ def measure_overhead(fn: Callable[[], None], repeats: int = 5, session: ProbeSes
 
 # --- the standard loops --------------------------------------------------------------
 class MadviseLoop:
-    """N single-page madvise(MADV_REMOVE) calls on a populated memfd (a PFN-mode discard)."""
+    """N single-page madvise(MADV_REMOVE) calls on a populated memfd (a PFN-mode discard),
+    through the lab's bare-discard rig (device/virtio/discard.py ResidentPages). Populated
+    with fallocate, so the pages are in the memfd but not mapped: the discard's own cost,
+    without the zap of a mapping."""
 
     def __init__(self, pages: int) -> None:
         self.pages = pages
-        self.fd = os.memfd_create("balloon-lab-overhead", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, pages * PAGE)
-        self.mm = mmap.mmap(self.fd, pages * PAGE)
+        self.rp = ResidentPages(pages, "balloon-lab-overhead")
 
     def populate(self) -> None:
-        os.posix_fallocate(self.fd, 0, self.pages * PAGE)
+        os.posix_fallocate(self.rp.fd, 0, self.pages * PAGE)
 
     def __call__(self) -> None:
-        madvise, remove, mm = self.mm.madvise, mmap.MADV_REMOVE, self.mm
-        for off in range(0, self.pages * PAGE, PAGE):     # per page on purpose: the PFN protocol's cost
-            madvise(remove, off, PAGE)
+        self.rp.discard_each()           # per page on purpose: the PFN protocol's cost
 
 
 class EventfdLoop:

@@ -129,9 +129,14 @@ def test_the_span_path_translates_only_what_one_region_holds(device: BalloonDevi
     layout = device.layout
     r0, r1 = layout.regions
     inside = np.array([r1.first_pfn + 5, r1.first_pfn, layout.max_pfn - 1], dtype=np.int64)
-    offs = layout.translate_pfn_span(inside, int(inside.min()), int(inside.max()))
+    in_order, offs = layout.translate_pfn_span(inside)
+    assert in_order.tolist() == sorted(inside.tolist())
     assert offs is not None and offs.tolist() == layout.translate_pfns(inside)[0].tolist()
+    low = np.array([7, 0, r0.end_pfn - 1], dtype=np.int64)          # the first region: offsets are gpas
+    assert layout.translate_pfn_span(low)[1].tolist() == (low << PAGE_SHIFT).tolist()
     crossing = np.array([r0.end_pfn - 1, r1.first_pfn], dtype=np.int64)
-    assert layout.translate_pfn_span(crossing, int(crossing.min()), int(crossing.max())) is None
-    assert layout.translate_pfn_span(inside, r0.end_pfn, r1.first_pfn) is None           # starts in the hole
-    assert layout.translate_pfn_span(inside, r1.first_pfn, layout.max_pfn) is None       # ends beyond RAM
+    assert layout.translate_pfn_span(crossing)[1] is None
+    in_hole = np.array([r0.end_pfn, r1.first_pfn + 1], dtype=np.int64)    # starts in the hole
+    assert layout.translate_pfn_span(in_hole)[1] is None
+    beyond = np.array([r1.first_pfn, layout.max_pfn], dtype=np.int64)     # ends beyond RAM
+    assert layout.translate_pfn_span(beyond)[1] is None

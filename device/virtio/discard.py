@@ -20,10 +20,11 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from device.virtio.layout import PAGE_SIZE
+
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)    # Linux 5.14; Python 3.11 lacks the name
-PAGE = mmap.PAGESIZE
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -98,18 +99,18 @@ class ResidentPages:
         self.pages = pages
         self.fd = os.memfd_create(name)
         try:
-            os.ftruncate(self.fd, pages * PAGE)
-            self.mm = mmap.mmap(self.fd, pages * PAGE)
+            os.ftruncate(self.fd, pages * PAGE_SIZE)
+            self.mm = mmap.mmap(self.fd, pages * PAGE_SIZE)
         except BaseException:
             os.close(self.fd)
             raise
 
     def populate(self) -> None:
-        self.mm.madvise(MADV_POPULATE_WRITE, 0, self.pages * PAGE)
+        self.mm.madvise(MADV_POPULATE_WRITE, 0, self.pages * PAGE_SIZE)
 
     def discard_each(self, n: int | None = None) -> None:
         # per page on purpose: this is the bare per-page syscall cost
-        discard_runs(self, "madvise", range(0, (self.pages if n is None else n) * PAGE, PAGE), PAGE)
+        discard_runs(self, "madvise", range(0, (self.pages if n is None else n) * PAGE_SIZE, PAGE_SIZE), PAGE_SIZE)
 
     def close(self) -> None:
         self.mm.close()

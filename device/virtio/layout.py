@@ -157,18 +157,20 @@ class GuestLayout:
             offs = np.where(inside, (pfns << PAGE_SHIFT) + (r.offset - r.gpa), offs)
         return offs, ok
 
-    def translate_pfn_span(self, pfns: np.ndarray, lo: int, hi: int) -> np.ndarray | None:
-        """translate_pfns for PFNs whose least is lo and greatest hi, when one RAM region
-        holds all of [lo, hi] (every request of an unfragmented guest): each page is
-        still translated on its own, in two numpy calls; None when the span is not
-        inside one region (the caller then takes translate_pfns, which says which pages
-        are not RAM)."""
+    def translate_pfn_span(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A request's PFNs (int64) sorted, and translate_pfns' offsets when one RAM region
+        holds their whole span (every request of an unfragmented guest): each page still
+        translated on its own, in one or two numpy calls after the sort (which the caller
+        reuses: it also shows the pages named twice). The offsets are None when the span
+        is not inside one region; translate_pfns then says which pages are not RAM."""
+        in_order = np.sort(pfns)
+        lo, hi = int(in_order[0]), int(in_order[-1])
         i = self.region_index(lo << PAGE_SHIFT)
         if i < 0 or hi >= self.regions[i].end_pfn:
-            return None
+            return in_order, None
         r = self.regions[i]
         shift = r.offset - r.gpa             # 0 for the first region: one numpy call
-        return pfns << PAGE_SHIFT if not shift else (pfns << PAGE_SHIFT) + shift
+        return in_order, (pfns << PAGE_SHIFT if not shift else (pfns << PAGE_SHIFT) + shift)
 
     def split_runs(self, start_pfn: int, npages: int) -> list[tuple[int, int]]:
         """Split a PFN run at region edges into (memfd_offset, length) pieces.

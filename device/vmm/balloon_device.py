@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from device.virtio import wire
-from device.vmm.budget import WorkBudget
+from device.vmm.budget import WorkBudget, cpu_ns
 from device.virtio.features import (CFG_NUM_PAGES, Q_DEFLATE, Q_INFLATE, Q_STATS, S_DRIVER_OK, STAT_ENTRY, STAT_TAGS,
                                      BalloonConfig)
 from device.virtio.discard import discard_runs
@@ -42,7 +42,6 @@ log = logging.getLogger("balloon-lab.device")
 ChainHandler = Callable[[DescChain], "int | None"]
 
 _now = time.perf_counter_ns
-_cpu_now = time.thread_time_ns   # CPU time of this thread: the discard stage's quieter measure
 
 # Upper bound on what one request may make the device copy out of guest RAM.
 MAX_REQUEST_BYTES = 16 << 20
@@ -176,7 +175,7 @@ class BalloonDevice(VirtioTransport):
         if alone:
             budget.woke_cpu_ns = None
         else:
-            cpu0 = _cpu_now()
+            cpu0 = cpu_ns()
         self._budget = budget
         # A guest that keeps adding chains, or adds expensive ones, must not keep the VMM
         # in this loop (its monitor would starve): once the budget is spent, kick ourselves
@@ -230,7 +229,7 @@ class BalloonDevice(VirtioTransport):
             self._budget = None
             self._carry = None
             if ctr is not None or alone:
-                done = _cpu_now()
+                done = cpu_ns()
                 if ctr is not None:
                     ctr.cpu_ns += done - cpu0
                 if alone:
@@ -322,8 +321,7 @@ class BalloonDevice(VirtioTransport):
             # One sort finds the request's span (when one RAM region holds it, one or two
             # numpy calls translate every page) and the pages named twice: few numpy calls,
             # since this runs cache-cold after the last request's discards.
-            in_order = np.sort(pfns)
-            offs = self.layout.translate_pfn_span(pfns, int(in_order[0]), int(in_order[-1]))
+            in_order, offs = self.layout.translate_pfn_span(pfns)
             if offs is None:
                 offs, ok = self.layout.translate_pfns(pfns)
                 all_ok = bool(ok.all())
@@ -454,11 +452,11 @@ class BalloonDevice(VirtioTransport):
             lengths = lengths if isinstance(lengths, int) else lengths[:allowed]
             if not offsets:
                 return
-        cpu0 = _cpu_now()
+        cpu0 = cpu_ns()
         with stages if stages is not None else stage_chain() as c:
             c.next("discard", ctr)
             discard_runs(self.ram, self.discard_method, offsets, lengths)
-            ctr.discard_cpu_ns += _cpu_now() - cpu0     # each stage holds one of the two clock reads
+            ctr.discard_cpu_ns += cpu_ns() - cpu0     # each stage holds one of the two clock reads
         ctr.discard_calls += len(offsets)
 
     def _report_bad(self, bad: Counter, first_bad: int | None, ctr: DeviceOpCounters) -> None:
